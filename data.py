@@ -1,0 +1,520 @@
+"""Data: mini-ImageNet (hub, save_to_disk folder or ImageFolder tree), the synthetic stand-in, views and samplers.
+
+Every training view is a pure function of (seed, epoch, index): its augmentation record (crop box, flip, jitter
+factors and order) is drawn from `np.random.default_rng([seed, index, epoch, ...])`. So data loading carries no
+hidden RNG state, resume is exact, worker count does not change the numbers, and the cached-teacher mode can
+store a record and replay exactly the view the teacher scored.
+
+Images leave the workers as uint8 CHW tensors; `normalize_batch` turns them into normalised floats on the device.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, UnidentifiedImageError
+
+from utils import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "validation", "test")
+MINI_IMAGENET_HUB_ID = "timm/mini-imagenet"
+
+# Layout of one augmentation record (float32): crop box, flip, ColorJitter factors, ColorJitter order.
+AUG_FIELDS = ("top", "left", "height", "width", "flip", "brightness", "contrast", "saturation",
+              "order0", "order1", "order2")
+AUG_RECORD_LEN = len(AUG_FIELDS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image sources: index -> PIL image, plus labels and class names.
+# ----------------------------------------------------------------------------------------------------------------
+class ImageSource:
+    """One split of an image-classification dataset."""
+
+    labels: np.ndarray          # int64 [N]
+    class_names: list[str]
+    fingerprint: str
+    difficulty: np.ndarray | None = None  # float32 [N], ground truth (synthetic data only)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _open(self, fp, index: int) -> Image.Image:
+        try:
+            img = Image.open(fp)
+            img.load()
+            return img.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise UserError(f"cannot read image {self.describe(index)}: {exc}. "
+                            "Remove or replace the file (and its dataset row) and run again") from None
+
+
+class HFImageSource(ImageSource):
+    """A split of a Hugging Face dataset with an `image` column and a ClassLabel `label` column."""
+
+    def __init__(self, ds, split: str, origin: str):
+        from datasets import Image as HFImage
+        missing = {"image", "label"} - set(ds.column_names)
+        if missing:
+            raise UserError(f"{origin} split '{split}' lacks column(s) {sorted(missing)}; "
+                            f"it has {ds.column_names}. Expected an `image` and a ClassLabel `label` column")
+        self.split, self.origin = split, origin
+        self.class_names = list(ds.features["label"].names)
+        self.labels = np.asarray(ds["label"], dtype=np.int64)
+        self.difficulty = np.asarray(ds["difficulty"], dtype=np.float32) if "difficulty" in ds.column_names else None
+        # Decode ourselves so a corrupt file is reported by name instead of deep inside `datasets`.
+        self.ds = ds.cast_column("image", HFImage(decode=False)).select_columns(["image"])
+        self.fingerprint = getattr(ds, "_fingerprint", None) or f"{origin}:{split}:{len(ds)}"
+
+    def describe(self, index: int) -> str:
+        path = self.ds[int(index)]["image"].get("path")
+        return f"{self.origin} split '{self.split}' row {index}" + (f" ({path})" if path else "")
+
+    def load(self, index: int) -> Image.Image:
+        cell = self.ds[int(index)]["image"]
+        fp = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell.get("path")
+        return self._open(fp, index)
+
+
+class FolderImageSource(ImageSource):
+    """A split stored as an ImageFolder tree: `<root>/<class>/<image>`."""
+
+    def __init__(self, root: Path, class_names: list[str]):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+        self.root, self.class_names = root, class_names
+        items = make_dataset(str(root), {c: i for i, c in enumerate(class_names)}, IMG_EXTENSIONS,
+                             allow_empty=True)
+        if not items:
+            raise UserError(f"{root} holds no images (expected <class>/<image>.jpg below it)")
+        self.paths = [p for p, _ in items]
+        self.labels = np.asarray([y for _, y in items], dtype=np.int64)
+        listing = "\n".join(f"{Path(p).relative_to(root)}:{Path(p).stat().st_size}" for p in self.paths)
+        self.fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+    def describe(self, index: int) -> str:
+        return self.paths[int(index)]
+
+    def load(self, index: int) -> Image.Image:
+        return self._open(self.paths[int(index)], index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a dataset by config.
+# ----------------------------------------------------------------------------------------------------------------
+def load_splits(data_cfg) -> dict[str, ImageSource]:
+    """The train / validation / test splits named by `data.name` and `data.path`."""
+    if data_cfg.name == "synthetic":
+        ds = make_synthetic_dataset(num_classes=data_cfg.synthetic.num_classes,
+                                    images_per_class=data_cfg.synthetic.images_per_class,
+                                    image_size=data_cfg.synthetic.image_size, seed=data_cfg.synthetic.seed,
+                                    eval_images_per_class=data_cfg.synthetic.eval_images_per_class or None)
+        return {s: HFImageSource(ds[s], s, "synthetic") for s in SPLITS}
+    if data_cfg.path:
+        return load_local(Path(data_cfg.path))
+    return load_hub(data_cfg.name)
+
+
+def load_hub(name: str) -> dict[str, ImageSource]:
+    import datasets
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as exc:  # network, auth, missing repo: many exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot load dataset '{name}' from the Hugging Face hub ({type(exc).__name__}: {first[:300]}). "
+            f"Offline? On a machine with internet run `python -c \"import datasets; "
+            f"datasets.load_dataset('{name}').save_to_disk('mini-imagenet')\"`, copy the folder here and pass "
+            "data.path=mini-imagenet (an ImageFolder tree <split>/<synset>/<image> works too), "
+            "or try the pipeline offline with data.name=synthetic") from None
+    return _hf_splits(ds, f"hub dataset {name}")
+
+
+def _hf_splits(ds, origin: str) -> dict[str, ImageSource]:
+    names = {"train": ["train"], "validation": ["validation", "val", "valid"], "test": ["test"]}
+    out = {}
+    for split, candidates in names.items():
+        found = next((c for c in candidates if c in ds), None)
+        if found is None:
+            raise UserError(f"{origin} has splits {list(ds.keys())}; need train, validation and test")
+        out[split] = HFImageSource(ds[found], split, origin)
+    return out
+
+
+def load_local(path: Path) -> dict[str, ImageSource]:
+    """A `save_to_disk` DatasetDict folder, or an ImageFolder tree `<path>/{train,validation,test}/<class>/<img>`."""
+    if not path.exists():
+        raise UserError(f"data.path={path} does not exist")
+    if (path / "dataset_dict.json").is_file():
+        import datasets
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise UserError(f"data.path={path} looks like a save_to_disk folder but cannot be read: {exc}") from None
+        return _hf_splits(ds, f"dataset at {path}")
+    split_dirs = {}
+    for split, candidates in {"train": ["train"], "validation": ["validation", "val"], "test": ["test"]}.items():
+        split_dirs[split] = next((path / c for c in candidates if (path / c).is_dir()), None)
+    if any(d is None for d in split_dirs.values()):
+        raise UserError(f"data.path={path} is not a dataset: expected a `save_to_disk` folder (with "
+                        "dataset_dict.json) or an ImageFolder tree with train/, validation/ (or val/) and test/ "
+                        "folders of <class>/<image> files")
+    class_names = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir())
+    return {s: FolderImageSource(d, class_names) for s, d in split_dirs.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Label alignment: dataset label k -> ImageNet-1k output index, from the lists timm ships.
+# ----------------------------------------------------------------------------------------------------------------
+def _timm_info(name: str) -> list[str]:
+    import timm.data
+    path = Path(timm.data.__file__).parent / "_info" / name
+    return path.read_text().split()
+
+
+def mini_imagenet_synsets() -> list[str]:
+    return _timm_info("mini_imagenet_synsets.txt")
+
+
+def imagenet_class_index(class_names: list[str]) -> list[int]:
+    """ImageNet-1k logit index of each dataset label, checked against timm's mini-ImageNet synset and index lists.
+
+    Dataset label k must be named timm's k-th mini-ImageNet synset (or `<synset>_<anything>`); then it maps to the
+    k-th entry of `mini_imagenet_indices.txt`. Any other naming or order raises UserError at start-up."""
+    synsets = mini_imagenet_synsets()
+    indices = [int(i) for i in _timm_info("mini_imagenet_indices.txt")]
+    imagenet = _timm_info("imagenet_synsets.txt")
+    if len(class_names) > len(synsets):
+        raise UserError(f"the dataset has {len(class_names)} classes; a 1000-way ImageNet teacher can only be "
+                        f"restricted to (a prefix of) the {len(synsets)} mini-ImageNet classes")
+    for k, name in enumerate(class_names):
+        if name.split("_")[0] != synsets[k]:
+            raise UserError(f"label alignment failed: dataset label {k} is named '{name}' but timm's mini-ImageNet "
+                            f"list has '{synsets[k]}' at position {k}. The teacher's ImageNet logits would be "
+                            "read for the wrong classes: use the timm/mini-imagenet label order (synsets sorted)")
+        assert imagenet[indices[k]] == synsets[k], "timm's mini-ImageNet index file disagrees with its synsets"
+    return indices[: len(class_names)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic data: learnable classes (shape x colour x texture), nuisance driven by a stored per-sample difficulty.
+# ----------------------------------------------------------------------------------------------------------------
+_SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond", "hbar", "vbar")
+_COLOURS = ((230, 40, 40), (40, 200, 60), (50, 90, 235), (240, 210, 30), (200, 50, 220), (30, 210, 220))
+_TEXTURES = ("solid", "stripes", "checker", "dots")
+
+
+def synthetic_class_attributes(num_classes: int) -> list[tuple[int, int, int]]:
+    """(shape, colour, texture) per class. The first 24 classes differ in all three where possible."""
+    total = len(_SHAPES) * len(_COLOURS) * len(_TEXTURES)
+    if not 2 <= num_classes <= min(total, 100):
+        raise UserError(f"data.synthetic.num_classes={num_classes}: must be between 2 and 100")
+    combos = [(c % 8, c % 6, c % 4) for c in range(24)]
+    combos += [t for t in np.ndindex(8, 6, 4) if t not in combos]
+    return [tuple(int(v) for v in t) for t in combos[:num_classes]]
+
+
+def _shape_mask(shape: int, size: int, cx: float, cy: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dx, dy = xx - cx, yy - cy
+    name = _SHAPES[shape]
+    if name == "disc":
+        return dx**2 + dy**2 <= r**2
+    if name == "square":
+        return (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
+    if name == "triangle":
+        return (dy <= 0.8 * r) & (dy >= -r + 2 * np.abs(dx))
+    if name == "cross":
+        w = 0.33 * r
+        return ((np.abs(dx) <= w) & (np.abs(dy) <= r)) | ((np.abs(dy) <= w) & (np.abs(dx) <= r))
+    if name == "ring":
+        d2 = dx**2 + dy**2
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    if name == "diamond":
+        return np.abs(dx) + np.abs(dy) <= 1.1 * r
+    if name == "hbar":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= 0.35 * r)
+    return (np.abs(dy) <= r) & (np.abs(dx) <= 0.35 * r)  # vbar
+
+
+def _texture(texture: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Multiplicative brightness pattern in [0.45, 1]."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    period = max(3.0, size / 6.0)
+    phase = rng.uniform(0, period)
+    name = _TEXTURES[texture]
+    if name == "solid":
+        return np.ones((size, size), np.float32)
+    if name == "stripes":
+        return np.where(((xx + yy + phase) // (period / 2)) % 2 == 0, 1.0, 0.45).astype(np.float32)
+    if name == "checker":
+        return np.where(((xx + phase) // (period / 2) + (yy + phase) // (period / 2)) % 2 == 0, 1.0, 0.45
+                        ).astype(np.float32)
+    return np.where(((xx + phase) % period - period / 2) ** 2 + ((yy + phase) % period - period / 2) ** 2
+                    <= (period / 3.2) ** 2, 0.45, 1.0).astype(np.float32)  # dots
+
+
+def render_synthetic_image(attrs: tuple[int, int, int], difficulty: float, size: int,
+                           rng: np.random.Generator) -> np.ndarray:
+    """One uint8 [size, size, 3] image of a class. Difficulty d in [0, 1] scales every nuisance:
+    object scale (shrinks), position offset, background clutter, contrast loss, pixel noise and occlusion."""
+    shape, colour, texture = attrs
+    d = float(difficulty)
+    bg = rng.uniform(70, 150, size=3).astype(np.float32)
+    img = np.broadcast_to(bg, (size, size, 3)).copy()
+    # background clutter: a few soft random blobs, stronger with difficulty
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for _ in range(int(round(1 + 4 * d))):
+        bx, by, bs = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0.08, 0.25) * size
+        blob = np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * bs**2))[..., None]
+        img += blob * rng.uniform(-60, 60, size=3) * (0.3 + d)
+    r = size * (0.34 - 0.16 * d) * rng.uniform(0.9, 1.1)
+    max_off = (size / 2 - r) * (0.15 + 0.85 * d)
+    cx, cy = size / 2 + rng.uniform(-max_off, max_off), size / 2 + rng.uniform(-max_off, max_off)
+    mask = _shape_mask(shape, size, cx, cy, r)
+    col = np.asarray(_COLOURS[colour], np.float32)
+    col = (1 - 0.55 * d) * col + 0.55 * d * bg  # contrast loss towards the background
+    obj = col[None, None, :] * _texture(texture, size, rng)[..., None]
+    img[mask] = obj[mask]
+    if d > 0.05:  # occluder: a grey patch over part of the object
+        side = max(1, int(round(size * 0.45 * d * rng.uniform(0.7, 1.0))))
+        ox = int(np.clip(cx + rng.uniform(-r, r) - side / 2, 0, size - side))
+        oy = int(np.clip(cy + rng.uniform(-r, r) - side / 2, 0, size - side))
+        img[oy:oy + side, ox:ox + side] = rng.uniform(60, 180)
+    img += rng.normal(0, 40 * d, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_synthetic_dataset(num_classes: int = 10, images_per_class: int = 100, image_size: int = 32,
+                           seed: int = 0, eval_images_per_class: int | None = None):
+    """A `datasets.DatasetDict` with train / validation / test splits, columns image, label (ClassLabel) and
+    difficulty (float, the true difficulty in [0, 1] that drove each image's nuisance). Deterministic in its
+    arguments. Class names are the first `num_classes` mini-ImageNet synsets, so a 1000-way ImageNet teacher can
+    be restricted to them exactly as on the real data."""
+    import datasets
+    if images_per_class < 1 or image_size < 16:
+        raise UserError("data.synthetic needs images_per_class >= 1 and image_size >= 16")
+    attrs = synthetic_class_attributes(num_classes)
+    per_split = {"train": images_per_class,
+                 "validation": eval_images_per_class or max(1, images_per_class // 4),
+                 "test": eval_images_per_class or max(1, images_per_class // 4)}
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=mini_imagenet_synsets()[:num_classes]),
+                                  "difficulty": datasets.Value("float32")})
+    out = {}
+    for split_id, (split, n) in enumerate(per_split.items()):
+        rng = np.random.default_rng([seed, split_id])
+        labels = np.repeat(np.arange(num_classes), n)
+        rng.shuffle(labels)
+        difficulty = rng.uniform(0, 1, size=len(labels)).astype(np.float32)
+        images = []
+        for y, d in zip(labels, difficulty):
+            arr = render_synthetic_image(attrs[y], d, image_size, rng)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+            images.append({"bytes": buf.getvalue(), "path": None})
+        out[split] = datasets.Dataset.from_dict(
+            {"image": images, "label": labels.tolist(), "difficulty": difficulty.tolist()}, features=features)
+        fp = hashlib.sha256(json.dumps(["synthetic-v1", num_classes, images_per_class, image_size, seed, split,
+                                        per_split[split]]).encode()).hexdigest()[:16]
+        out[split]._fingerprint = fp
+    return datasets.DatasetDict(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Views: recordable training augmentation, deterministic evaluation view.
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AugSpec:
+    """RandomResizedCrop(size, scale, ratio) + horizontal flip + ColorJitter(b, c, s), as torchvision defines them."""
+    image_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    jitter: tuple[float, float, float] = (0.2, 0.2, 0.2)
+    eval_crop_ratio: float = 0.875  # Resize(size / 0.875) + CenterCrop(size): 256 -> 224
+
+    @classmethod
+    def from_cfg(cls, data_cfg) -> "AugSpec":
+        return cls(image_size=data_cfg.image_size, scale=(data_cfg.crop_scale_min, 1.0),
+                   flip=data_cfg.hflip, jitter=tuple(data_cfg.color_jitter), eval_crop_ratio=data_cfg.eval_crop_ratio)
+
+
+def sample_aug_record(rng: np.random.Generator, width: int, height: int, spec: AugSpec) -> np.ndarray:
+    """Draw one augmentation record (see AUG_FIELDS) for an image of the given size.
+
+    The crop follows RandomResizedCrop's rule: up to 10 tries of area ~ U(scale) * area and log-uniform aspect
+    ratio; failing that, the largest centred crop whose ratio lies within `ratio`."""
+    area = width * height
+    box = None
+    log_ratio = (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*spec.scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            box = (int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w)
+            break
+    if box is None:
+        in_ratio = width / height
+        if in_ratio < spec.ratio[0]:
+            w, h = width, int(round(width / spec.ratio[0]))
+        elif in_ratio > spec.ratio[1]:
+            h, w = height, int(round(height * spec.ratio[1]))
+        else:
+            w, h = width, height
+        box = ((height - h) // 2, (width - w) // 2, h, w)
+    flip = float(spec.flip and rng.uniform() < 0.5)
+    factors = [rng.uniform(max(0.0, 1 - j), 1 + j) if j > 0 else 1.0 for j in spec.jitter]
+    order = rng.permutation(3)
+    return np.asarray([*box, flip, *factors, *order], dtype=np.float32)
+
+
+def apply_aug_record(img: Image.Image, record: np.ndarray, spec: AugSpec) -> torch.Tensor:
+    """The uint8 [3, S, S] training view that `record` describes."""
+    top, left, h, w = (int(v) for v in record[:4])
+    out = TF.resized_crop(img, top, left, h, w, [spec.image_size, spec.image_size], antialias=True)
+    if record[4] > 0.5:
+        out = TF.hflip(out)
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for k in record[8:11].astype(int):
+        if record[5 + k] != 1.0:
+            out = adjust[k](out, float(record[5 + k]))
+    return TF.pil_to_tensor(out)
+
+
+def eval_view(img: Image.Image, spec: AugSpec) -> torch.Tensor:
+    """Resize the short side to size / eval_crop_ratio (256 for 224), centre-crop size: uint8 [3, S, S]."""
+    resize = int(round(spec.image_size / spec.eval_crop_ratio))
+    out = TF.center_crop(TF.resize(img, resize, antialias=True), [spec.image_size, spec.image_size])
+    return TF.pil_to_tensor(out)
+
+
+def train_record_rng(seed: int, index: int, epoch: int) -> np.random.Generator:
+    """The RNG behind the fresh (uncached) training view of `index` at `epoch`."""
+    return np.random.default_rng([seed, index, epoch, 0])
+
+
+def cache_record_rng(seed: int, index: int, view: int) -> np.random.Generator:
+    """The RNG behind cached view `view` of `index`."""
+    return np.random.default_rng([seed, index, view, 1])
+
+
+def replay_view_index(seed: int, index: int, epoch: int, num_views: int) -> int:
+    """Which of the K cached views `index` replays at `epoch`: each view once per K epochs, in a seeded order."""
+    cycle, pos = divmod(epoch, num_views)
+    return int(np.random.default_rng([seed, index, cycle, 2]).permutation(num_views)[pos])
+
+
+def normalize_batch(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 normalised with ImageNet mean and std, on `device`."""
+    x = images.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return (x.float() - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Torch datasets. Training items are addressed by (index, epoch) so persistent workers need no epoch state.
+# ----------------------------------------------------------------------------------------------------------------
+class TrainViews(torch.utils.data.Dataset):
+    """Training views. With `cache` (a TeacherCache), each item replays one of the K cached views and carries the
+    teacher logits computed on exactly that view; without, the view is drawn fresh from (seed, index, epoch)."""
+
+    def __init__(self, source: ImageSource, spec: AugSpec, seed: int, cache=None):
+        self.source, self.spec, self.seed, self.cache = source, spec, seed, cache
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        img = self.source.load(index)
+        item = {"label": int(self.source.labels[index]), "index": index}
+        if self.cache is None:
+            record = sample_aug_record(train_record_rng(self.seed, index, epoch), img.width, img.height, self.spec)
+        else:
+            view = replay_view_index(self.seed, index, epoch, self.cache.num_views)
+            record, item["teacher_logits"] = self.cache.train_view(index, view)
+        item["image"] = apply_aug_record(img, record, self.spec)
+        return item
+
+
+class EvalViews(torch.utils.data.Dataset):
+    """Evaluation views (resize + centre crop)."""
+
+    def __init__(self, source: ImageSource, spec: AugSpec):
+        self.source, self.spec = source, spec
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": eval_view(self.source.load(index), self.spec),
+                "label": int(self.source.labels[index]), "index": index}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled (index, epoch) pairs, sharded over ranks like DistributedSampler: every rank derives the same
+    permutation from (seed, epoch), pads it by wrapping to a multiple of the world size and takes every
+    `num_replicas`-th entry from `rank`. Call `set_epoch` before each epoch."""
+
+    def __init__(self, size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, shuffle: bool = True):
+        self.size, self.seed, self.num_replicas, self.rank, self.shuffle = size, seed, num_replicas, rank, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.size)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=g).numpy()
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.num_replicas)
+
+    def __iter__(self):
+        order = self.global_order()
+        total = len(self) * self.num_replicas
+        order = np.concatenate([order, order[: total - len(order)]]) if total > len(order) else order
+        for i in order[self.rank:total:self.num_replicas]:
+            yield int(i), self.epoch
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices rank, rank + W, rank + 2W, ...: over all ranks every sample exactly once (no padding)."""
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, size, num_replicas))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def make_loader(dataset, sampler, batch_size: int, workers: int, device: torch.device, drop_last: bool = False):
+    """A DataLoader whose workers persist across epochs (samplers carry the epoch, the dataset has no state)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=drop_last,
+        prefetch_factor=4 if workers > 0 else None)

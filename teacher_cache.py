@@ -1,0 +1,178 @@
+"""The cached teacher: run the frozen teacher once, before training, and never during it.
+
+For every training image the cache holds K augmentation records and the teacher's fp16 logits on exactly those
+views; the training loader replays one record per image per epoch (`data.replay_view_index`), so the student sees
+the view the teacher scored. It also holds the teacher's logits on the evaluation view of every train, validation
+and test image (for difficulty scores and the teacher's reported accuracy).
+
+Layout: `<cache_dir>/<fingerprint>/<split>.npy`, one memory-mapped structured array per split, plus `meta.json`,
+written last as the completion mark. The fingerprint hashes the teacher weights and class restriction, the
+dataset, the view recipe, K and the seed, so a changed input lands in a new directory; a directory whose meta or
+shapes disagree is rebuilt, never reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import (AUG_RECORD_LEN, SPLITS, AugSpec, ImageSource, ShardSampler, apply_aug_record, cache_record_rng,
+                  eval_view, make_loader, normalize_batch, sample_aug_record)
+from utils import DistInfo, barrier, broadcast_object, write_json
+
+CACHE_VERSION = 1
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 over every tensor of the module's state dict (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cache_fingerprint(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int) -> dict:
+    class_index = teacher.class_index.tolist() if getattr(teacher, "restrict", False) else None
+    fingerprint = {"version": CACHE_VERSION, "teacher": weights_digest(teacher.model), "class_index": class_index,
+                   "data": {s: [src.fingerprint, len(src)] for s, src in sources.items()},
+                   "spec": asdict(spec), "num_views": num_views, "seed": seed}
+    return json.loads(json.dumps(fingerprint))  # the form it has after a round trip through meta.json
+
+
+def split_dtype(split: str, num_views: int, num_classes: int) -> np.dtype:
+    fields = [("eval_logits", np.float16, (num_classes,))]
+    if split == "train":
+        fields += [("view_logits", np.float16, (num_views, num_classes)),
+                   ("view_records", np.float32, (num_views, AUG_RECORD_LEN))]
+    return np.dtype(fields)
+
+
+class CacheViews(torch.utils.data.Dataset):
+    """For cache building: image `index` as uint8 [V, 3, S, S], V = K training views + the eval view (train), or
+    just the eval view (other splits), with the K records."""
+
+    def __init__(self, source: ImageSource, spec: AugSpec, seed: int, num_views: int):
+        self.source, self.spec, self.seed, self.num_views = source, spec, seed, num_views
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        img = self.source.load(index)
+        records = np.stack([sample_aug_record(cache_record_rng(self.seed, index, v), img.width, img.height, self.spec)
+                            for v in range(self.num_views)]) if self.num_views else np.zeros((0, AUG_RECORD_LEN),
+                                                                                             np.float32)
+        views = [apply_aug_record(img, r, self.spec) for r in records] + [eval_view(img, self.spec)]
+        return {"images": torch.stack(views), "records": torch.from_numpy(records), "index": index}
+
+
+class TeacherCache:
+    """Read access to a built cache. Memory maps open lazily, once per process (DataLoader workers included)."""
+
+    def __init__(self, root: Path, meta: dict):
+        self.root, self.meta = Path(root), meta
+        self.num_views, self.num_classes = meta["num_views"], meta["num_classes"]
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def array(self, split: str) -> np.ndarray:
+        if split not in self._arrays:
+            self._arrays[split] = np.load(self.root / f"{split}.npy", mmap_mode="r")
+        return self._arrays[split]
+
+    def __getstate__(self):  # memory maps are reopened in each worker, not pickled
+        return {"root": self.root, "meta": self.meta}
+
+    def __setstate__(self, state):
+        self.__init__(state["root"], state["meta"])
+
+    def train_view(self, index: int, view: int) -> tuple[np.ndarray, torch.Tensor]:
+        """(augmentation record float32 [R], teacher logits float16 [C]) of training view `view` of `index`."""
+        row = self.array("train")[index]
+        return np.array(row["view_records"][view]), torch.from_numpy(np.array(row["view_logits"][view]))
+
+    def eval_logits(self, split: str) -> np.ndarray:
+        """Teacher logits on the evaluation view of every image of `split`: float16 [N, C]."""
+        return self.array(split)["eval_logits"]
+
+
+def _valid(root: Path, fingerprint: dict, sources: dict[str, ImageSource], num_classes: int) -> dict | None:
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("fingerprint") != fingerprint or meta.get("num_classes") != num_classes:
+        return None
+    for split, src in sources.items():
+        try:
+            arr = np.load(root / f"{split}.npy", mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        if arr.shape != (len(src),) or arr.dtype != split_dtype(split, fingerprint["num_views"], num_classes):
+            return None
+    return meta
+
+
+def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int,
+                        cache_dir: Path, dist: DistInfo, batch_size: int, workers: int,
+                        autocast) -> tuple[TeacherCache, dict]:
+    """The cache for this teacher and data, built now if missing or stale. Returns (cache, info) where info says
+    whether it was built and how long that took. Building is sharded over ranks; rank 0 writes the metadata."""
+    import time
+    num_classes = len(sources["train"].class_names)
+    fingerprint = cache_fingerprint(teacher, sources, spec, num_views, seed)
+    digest = broadcast_object(hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20])
+    root = Path(cache_dir) / digest
+    meta = _valid(root, fingerprint, sources, num_classes) if dist.is_main else None
+    meta = broadcast_object(meta)
+    if meta is not None:
+        return TeacherCache(root, meta), {"built": False, "path": str(root), "build_s": 0.0}
+
+    start = time.perf_counter()
+    if dist.is_main:
+        if root.exists():
+            shutil.rmtree(root)  # stale or incomplete: rebuilt, never reused
+        root.mkdir(parents=True)
+        for split, src in sources.items():
+            np.lib.format.open_memmap(root / f"{split}.npy", mode="w+", dtype=split_dtype(split, num_views, num_classes),
+                                      shape=(len(src),)).flush()
+    barrier()
+    device = dist.device
+    for split in SPLITS:
+        src = sources[split]
+        k = num_views if split == "train" else 0
+        out = np.load(root / f"{split}.npy", mmap_mode="r+")
+        loader = make_loader(CacheViews(src, spec, seed, k), ShardSampler(len(src), dist.world_size, dist.rank),
+                             max(1, batch_size // (k + 1)), workers, device)
+        for batch in tqdm(loader, desc=f"teacher cache [{split}]", disable=not dist.is_main, dynamic_ncols=True):
+            images = batch["images"]  # [B, V, 3, S, S]
+            b, v = images.shape[:2]
+            with autocast():
+                logits = teacher(normalize_batch(images.flatten(0, 1), device, channels_last=True))
+            logits = logits.float().view(b, v, -1).cpu().numpy().astype(np.float16)
+            idx = batch["index"].numpy()
+            out["eval_logits"][idx] = logits[:, -1]
+            if k:
+                out["view_logits"][idx] = logits[:, :k]
+                out["view_records"][idx] = batch["records"].numpy()
+        out.flush()
+        del out
+    barrier()
+    build_s = time.perf_counter() - start
+    meta = {"fingerprint": fingerprint, "num_views": num_views, "num_classes": num_classes, "build_s": build_s}
+    if dist.is_main:
+        cache = TeacherCache(root, meta)
+        for split in SPLITS:  # the teacher's accuracy on each split's evaluation view, for the record
+            pred = np.asarray(cache.eval_logits(split), dtype=np.float32).argmax(1)
+            meta[f"teacher/{split}_acc1"] = float((pred == sources[split].labels).mean() * 100)
+        write_json(root / "meta.json", meta)
+    barrier()
+    meta = broadcast_object(meta)
+    return TeacherCache(root, meta), {"built": True, "path": str(root), "build_s": build_s}

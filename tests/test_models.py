@@ -1,0 +1,98 @@
+"""Teacher and student construction, logit restriction, the frozen teacher, weight files."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import data
+from conftest import TINY, assert_clean_error, run_script
+from models import FrozenTeacher, create_student, create_teacher, load_state_file
+from train_student import Config, save_student_safetensors
+from utils import UserError, load_config
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def test_real_defaults_build_and_run_at_64px():
+    cfg = load_config(Config, None, ["teacher.pretrained=false"])
+    assert cfg.teacher.name == "resnet152.tv_in1k" and cfg.student.name == "mobilenetv2_100"
+    names = data.mini_imagenet_synsets()
+    teacher = create_teacher(cfg, names)
+    student = create_student(cfg, len(names))
+    x = torch.randn(2, 3, 64, 64)
+    t_logits, s_logits = teacher(x), student(x)
+    assert t_logits.shape == (2, 100) and s_logits.shape == (2, 100)
+    full = teacher.model(x)
+    assert full.shape == (2, 1000)
+    index = [int(i) for i in data._timm_info("mini_imagenet_indices.txt")]
+    assert torch.equal(t_logits, full[:, index])  # label k reads ImageNet logit index[k]
+    assert sum(p.numel() for p in teacher.model.parameters()) > 50e6  # really ResNet-152
+    assert sum(p.numel() for p in student.parameters()) < 3e6  # MobileNetV2 with a 100-way head
+
+
+def test_teacher_stays_frozen_in_eval_mode():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(5))
+    model(torch.randn(2, 3, 8, 8))
+    teacher = FrozenTeacher(model, class_index=[4, 0])
+    wrapper = torch.nn.ModuleDict({"t": teacher})
+    wrapper.train()
+    teacher.train(True)
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    running = model[1].running_mean.clone()
+    out = teacher(torch.randn(3, 3, 8, 8))
+    assert out.shape == (3, 2) and not out.requires_grad
+    assert torch.equal(running, model[1].running_mean)  # BatchNorm statistics untouched
+
+
+def test_teacher_checkpoint_from_this_repository(tmp_path):
+    cfg = load_config(Config, None, ["teacher.name=resnet10t", "student.name=resnet10t"])
+    student = create_student(cfg, 4)
+    save_student_safetensors(student, tmp_path / "student.safetensors")
+    cfg.teacher.checkpoint = str(tmp_path / "student.safetensors")
+    teacher = create_teacher(cfg, data.mini_imagenet_synsets()[:4])
+    assert not teacher.restrict  # 4 outputs for 4 classes: used as is
+    x = torch.randn(2, 3, 32, 32)
+    student.eval()
+    assert torch.allclose(teacher(x), student(x))
+    # the same file under the wrong architecture
+    cfg.teacher.name = "resnet18"
+    with pytest.raises(UserError, match="does not match the model"):
+        create_teacher(cfg, data.mini_imagenet_synsets()[:4])
+
+
+def test_wrong_number_of_teacher_outputs(tmp_path):
+    cfg = load_config(Config, None, ["student.name=resnet10t", "teacher.name=resnet10t"])
+    save_student_safetensors(create_student(cfg, 7), tmp_path / "t.safetensors")
+    cfg.teacher.checkpoint = str(tmp_path / "t.safetensors")
+    with pytest.raises(UserError, match="7 outputs but the dataset has 4 classes"):
+        create_teacher(cfg, data.mini_imagenet_synsets()[:4])
+
+
+def test_student_safetensors_loads_with_timm(tmp_path):
+    import timm
+    cfg = load_config(Config, None, ["student.name=mobilenetv2_035"])
+    student = create_student(cfg, 10).eval()
+    path = tmp_path / "student.safetensors"
+    save_student_safetensors(student, path)
+    loaded = timm.create_model("mobilenetv2_035", num_classes=10, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path), num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), student(x))
+    assert set(load_state_file(path)) == set(student.state_dict())
+
+
+def test_unknown_model_name():
+    cfg = load_config(Config, None, ["student.name=not_a_model_xyz"])
+    with pytest.raises(UserError, match="not a timm model"):
+        create_student(cfg, 3)
+
+
+def test_unreachable_hub_weights_and_dataset(tmp_path):
+    proc = run_script("train_student.py", *TINY, "teacher.pretrained=true", f"run.out_dir={tmp_path}",
+                      env=OFFLINE)
+    assert_clean_error(proc, "cannot get pretrained weights for teacher 'resnet10t'", "teacher.checkpoint=PATH")
+    proc = run_script("train_student.py", "data.name=timm/mini-imagenet", f"run.out_dir={tmp_path}", env=OFFLINE)
+    assert_clean_error(proc, "cannot load dataset 'timm/mini-imagenet'", "data.path=")
+    proc = run_script("train_student.py", f"data.path={tmp_path}", f"run.out_dir={tmp_path}")
+    assert_clean_error(proc, "is not a dataset")

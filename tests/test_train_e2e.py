@@ -1,0 +1,154 @@
+"""train_student.py end to end, as a user runs it: every teacher mode, resume after SIGKILL, DDP, bad input."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, assert_clean_error, read_metrics, run_script
+
+TIME_KEYS = ("time/",)
+
+
+def _files_ok(run_dir, with_teacher: bool):
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt", "results.json",
+                 "student.safetensors", "curves.png"):
+        assert (run_dir / name).is_file(), name
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    for key in ("epoch", "train/loss", "val/acc1", "val/acc5", "lr", "time/epoch_s"):
+        assert key in metrics[0], key
+    results = json.loads((run_dir / "results.json").read_text())
+    for key in ("test/acc1", "test/acc5", "test/acc1_last", "val/acc1_best", "params/student"):
+        assert key in results, key
+    assert ("teacher/test_acc1" in results) == with_teacher and ("params/teacher" in results) == with_teacher
+    assert 0 <= results["test/acc1"] <= 100 and results["test/n"] == 12  # 4 classes x 3 test images
+    return metrics, results
+
+
+@pytest.mark.parametrize("mode", ["cached", "online", "labels"])
+def test_tiny_run_in_each_teacher_mode(tmp_path, mode):
+    extra = ["kd.alpha=1"] if mode == "labels" else [f"teacher.mode={mode}", "kd.alpha=0.5"]
+    proc = run_script("train_student.py", *TINY, *extra, f"run.out_dir={tmp_path}", "run.name=r",
+                      "log.tensorboard=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics, results = _files_ok(tmp_path / "r", with_teacher=mode != "labels")
+    assert ("teacher cache built" in proc.stdout) == (mode == "cached")
+    if mode == "labels":
+        assert all(m["train/loss_kd"] == 0 for m in metrics)
+        assert "teacher cache" not in proc.stdout and results["teacher/mode"] == "none"
+    else:
+        assert all(m["train/loss_kd"] > 0 for m in metrics)
+        assert results["compression_ratio"] > 1
+    assert list((tmp_path / "r" / "tensorboard").iterdir())
+
+
+def _strip_time(records):
+    return [{k: v for k, v in r.items() if not k.startswith(TIME_KEYS)} for r in records]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    args = [*TINY, "data.synthetic.images_per_class=40", "train.epochs=4", "teacher.cache_views=2",
+            f"run.out_dir={tmp_path}", "teacher.mode=cached", "kd.alpha=0.3"]
+    full = run_script("train_student.py", *args, "run.name=full")
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    cmd = [sys.executable, str(ROOT / "train_student.py"), *args, "run.name=killed"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(metrics.read_text().splitlines())
+    assert done_before < 4
+
+    resumed = run_script("train_student.py", *args, "run.name=killed", "run.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "killed")
+    assert [r["epoch"] for r in b] == [0, 1, 2, 3]
+    assert _strip_time(a) == _strip_time(b)
+    ra = json.loads((tmp_path / "full" / "results.json").read_text())
+    rb = json.loads((tmp_path / "killed" / "results.json").read_text())
+    for key in ("test/acc1", "test/acc5", "test/acc1_last", "val/acc1_best", "test/loss"):
+        assert ra[key] == rb[key], key
+
+
+def test_two_process_torchrun_matches_single_process_evaluation(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = run_script("train_student.py", *TINY, "data.synthetic.num_classes=5", "data.synthetic.images_per_class=9",
+                      "teacher.mode=cached", "kd.alpha=0.5", f"run.out_dir={tmp_path}", "run.name=ddp",
+                      launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "ddp"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["test/n"] == 10  # 5 classes x 2 test images, each counted once across the 2 ranks
+    single = run_script("train_student.py", "--config", str(run_dir / "config.yaml"),
+                        f"eval.checkpoint={run_dir / 'checkpoints' / 'best.pt'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    evaluated = json.loads(single.stdout.strip().splitlines()[-1])
+    assert evaluated["test/n"] == 10
+    assert evaluated["test/acc1"] == results["test/acc1"] and evaluated["test/acc5"] == results["test/acc5"]
+
+
+def test_label_only_baseline_side_by_side(tmp_path):
+    proc = run_script("train_student.py", *TINY, "train.epochs=1", "kd.alpha=0.5", "kd.baseline=true",
+                      f"run.out_dir={tmp_path}", "run.name=kd")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "kd" / "label_only" / "results.json").is_file()
+    assert "| label-only student |" in proc.stdout and "KD vs labels only" in proc.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import torch
+
+    import train_student
+    from utils import DistInfo, MetricLogger, UserError, load_config, prepare_run_dir
+
+    cfg = load_config(train_student.Config, None, [*TINY, "kd.alpha=0.5", "train.epochs=1", f"run.out_dir={tmp_path}",
+                                                   "run.name=nan", "log.every_steps=1"])
+    run_dir, _ = prepare_run_dir(cfg.run.out_dir, cfg.run.name, "", DistInfo())
+    trainer = train_student.Trainer(cfg, DistInfo(), run_dir)
+    logger = MetricLogger(run_dir / "metrics.jsonl", True)
+    trainer.fit(logger)
+    last = (run_dir / "checkpoints" / "last.pt").read_bytes()
+
+    real_terms = train_student.kd_loss_terms
+
+    def nan_terms(*args, **kwargs):
+        terms = real_terms(*args, **kwargs)
+        terms["loss"] = terms["loss"] * torch.tensor(float("nan"))
+        return terms
+
+    monkeypatch.setattr(train_student, "kd_loss_terms", nan_terms)
+    cfg.train.epochs, trainer.start_epoch = 2, 1
+    with pytest.raises(UserError, match=r"non-finite \(nan\) at epoch 2, step 1.*last good checkpoint is kept"):
+        trainer.fit(logger)
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == last
+    assert len(read_metrics(run_dir)) == 1
+
+
+def test_checkpoint_from_a_different_model(tmp_path):
+    ok = run_script("train_student.py", *TINY, "kd.alpha=1", "train.epochs=1", f"run.out_dir={tmp_path}", "run.name=a")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    ckpt = tmp_path / "a" / "checkpoints" / "last.pt"
+    proc = run_script("train_student.py", *TINY, "kd.alpha=1", "student.name=resnet10t", f"run.out_dir={tmp_path}",
+                      "run.name=b", f"run.resume={ckpt}")
+    assert_clean_error(proc, "does not match the model")
+
+
+def test_fresh_run_never_overwrites(tmp_path):
+    ok = run_script("train_student.py", *TINY, "kd.alpha=1", "train.epochs=1", f"run.out_dir={tmp_path}", "run.name=a")
+    assert ok.returncode == 0
+    before = (tmp_path / "a" / "metrics.jsonl").read_text()
+    proc = run_script("train_student.py", *TINY, "kd.alpha=1", f"run.out_dir={tmp_path}", "run.name=a")
+    assert_clean_error(proc, "already holds a run")
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == before

@@ -1,0 +1,594 @@
+"""Distil an ImageNet-pretrained teacher into a student trained from scratch on mini-ImageNet.
+
+    # the reference recipe: ResNet-152 (torchvision V1 weights) -> MobileNetV2, teacher run once and cached
+    python train_student.py
+    python train_student.py --config configs/mini_imagenet_kd.yaml kd.temperature=2 train.epochs=5
+    python train_student.py kd.alpha=1                       # label-only baseline: no teacher is built or run
+    python train_student.py teacher.mode=online              # run the teacher on every batch (slow, for comparison)
+    python train_student.py run.name=my_run run.resume=auto  # continue a killed run
+    torchrun --nproc_per_node=4 train_student.py             # DDP: NCCL on GPU, gloo on CPU
+
+    # offline quickstart on generated data (under 3 minutes on a 2-core CPU)
+    python train_student.py --config configs/quickstart_teacher.yaml
+    python train_student.py --config configs/quickstart_student.yaml
+
+Loss: alpha * CE(z_s, y) + (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))  (models.kd_loss).
+Outputs in <run.out_dir>/<run.name>/: config.yaml, metrics.jsonl, checkpoints/{last,best}.pt, results.json,
+student.safetensors, curves.png, tensorboard/ (log.tensorboard=true).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from data import (SPLITS, AugSpec, EpochSampler, EvalViews, ShardSampler, TrainViews, load_splits, make_loader,
+                  normalize_batch)
+from models import count_params, create_student, create_teacher, kd_loss_terms
+from utils import (DistInfo, MetricLogger, UserError, all_reduce_sum, barrier, broadcast_module, broadcast_object,
+                   check, cleanup_distributed, default_run_name, load_checkpoint, load_state_strict, opt,
+                   parse_config, plot_curves, prepare_run_dir, read_jsonl, rng_state, run_cli, save_checkpoint,
+                   save_config, section, seed_everything, set_rng_state, setup_distributed, to_plain, write_json)
+
+
+# ================================================================================================================
+# Config schema: every key, its default and its meaning (`--help` prints this table).
+# ================================================================================================================
+@dataclass
+class SyntheticConfig:
+    num_classes: int = opt(10, "synthetic data: number of classes (2-100; named after the first mini-ImageNet synsets)")
+    images_per_class: int = opt(100, "synthetic data: training images per class (validation and test get 1/4 each)")
+    eval_images_per_class: int = opt(0, "synthetic data: validation and test images per class "
+                                        "(0 = a quarter of images_per_class)")
+    image_size: int = opt(32, "synthetic data: side of the generated images in pixels")
+    seed: int = opt(0, "synthetic data: generator seed (the data are a pure function of these five keys)")
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("timm/mini-imagenet", "Hugging Face hub dataset id, or 'synthetic' for generated offline data")
+    path: str = opt("", "local copy instead of the hub: a save_to_disk folder or an ImageFolder tree "
+                        "<split>/<class>/<image> with train, validation (or val) and test")
+    image_size: int = opt(224, "side of the training and evaluation views")
+    crop_scale_min: float = opt(0.08, "RandomResizedCrop lower area bound (upper is 1)")
+    hflip: bool = opt(True, "random horizontal flip of training views")
+    color_jitter: list[float] = opt([0.2, 0.2, 0.2], "ColorJitter brightness, contrast, saturation")
+    eval_crop_ratio: float = opt(0.875, "evaluation view: resize to image_size / ratio, centre-crop image_size")
+    workers: int = opt(8, "DataLoader worker processes per rank (0 loads in the main process)")
+    synthetic: SyntheticConfig = section(SyntheticConfig)
+
+
+@dataclass
+class TeacherConfig:
+    name: str = opt("resnet152.tv_in1k", "timm teacher; resnet152.tv_in1k = torchvision V1 weights, "
+                                         "resnet152.tv2_in1k = V2")
+    pretrained: bool = opt(True, "load the hub weights of teacher.name (ignored when teacher.checkpoint is set)")
+    checkpoint: str = opt("", "local teacher weights (.pt, .pth or .safetensors; e.g. student.safetensors of a "
+                              "kd.alpha=1 run) used instead of hub weights")
+    mode: str = opt("cached", "'cached': run the teacher once before training and replay its views; "
+                              "'online': run it on every training batch")
+    cache_views: int = opt(10, "K: augmented views per training image stored in the teacher cache")
+    cache_dir: str = opt("", "teacher cache location (default <run.out_dir>/teacher_cache)")
+    batch_size: int = opt(256, "images per teacher forward while building the cache")
+
+
+@dataclass
+class StudentConfig:
+    name: str = opt("mobilenetv2_100", "timm student model")
+    pretrained: bool = opt(False, "start the student from hub weights (the reference trains from scratch)")
+
+
+@dataclass
+class KDConfig:
+    alpha: float = opt(0.0, "weight of the label cross-entropy; 1 - alpha weighs the distillation term "
+                            "(0 = teacher only, 1 = labels only: no teacher is built)")
+    temperature: float = opt(4.0, "distillation temperature T")
+    baseline: bool = opt(False, "also train a label-only student (kd.alpha=1) with the same budget and seed into "
+                                "<run>/label_only/ and print both side by side")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = opt(100, "training epochs")
+    batch_size: int = opt(128, "training batch size per rank")
+    eval_batch_size: int = opt(256, "evaluation batch size per rank")
+    optimizer: str = opt("adam", "adam (L2 weight decay, as the reference), adamw or sgd (Nesterov)")
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr: float = opt(1e-6, "learning rate at the end of the cosine schedule")
+    warmup_epochs: float = opt(0.0, "linear warm-up before the cosine decay, in epochs")
+    weight_decay: float = opt(1e-4, "weight decay")
+    momentum: float = opt(0.9, "SGD momentum")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
+    seed: int = opt(0, "seed for weights, shuffling and augmentation (the same seed gives the same numbers on CPU)")
+    device: str = opt("auto", "auto (CUDA if available), cuda or cpu")
+    amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16 or off")
+    channels_last: bool = opt(True, "channels_last memory format for the student and its inputs")
+    compile: bool = opt(False, "torch.compile the student")
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = opt("", "evaluate this checkpoint on the test split, print the result as JSON and exit")
+    latency: bool = opt(True, "measure the student's inference latency at batch 1 and 128 in the final report")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = opt("runs", "parent directory of run directories")
+    name: str = opt("", "run directory name (default train_student__<data>__s<seed>__<time>)")
+    resume: str = opt("", "'auto' continues <out_dir>/<name> from checkpoints/last.pt; or a checkpoint path")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = opt(False, "also write TensorBoard logs to <run>/tensorboard")
+    every_steps: int = opt(20, "progress-bar refresh and non-finite loss check interval, in steps")
+
+
+@dataclass
+class Config:
+    data: DataConfig = section(DataConfig)
+    teacher: TeacherConfig = section(TeacherConfig)
+    student: StudentConfig = section(StudentConfig)
+    kd: KDConfig = section(KDConfig)
+    train: TrainingConfig = section(TrainingConfig)
+    eval: EvalConfig = section(EvalConfig)
+    run: RunConfig = section(RunConfig)
+    log: LogConfig = section(LogConfig)
+
+
+def validate(cfg) -> None:
+    """Range checks the schema's types cannot express."""
+    check(0.0 <= cfg.kd.alpha <= 1.0, f"kd.alpha={cfg.kd.alpha} must lie in [0, 1] (1 = labels only)")
+    check(cfg.kd.temperature > 0, f"kd.temperature={cfg.kd.temperature} must be > 0")
+    check(cfg.train.batch_size > 0, f"train.batch_size={cfg.train.batch_size} must be > 0")
+    check(cfg.train.eval_batch_size > 0, f"train.eval_batch_size={cfg.train.eval_batch_size} must be > 0")
+    check(cfg.train.epochs >= 0, f"train.epochs={cfg.train.epochs} must be >= 0")
+    check(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be > 0")
+    check(cfg.teacher.cache_views >= 1, f"teacher.cache_views={cfg.teacher.cache_views} must be >= 1")
+    check(cfg.teacher.batch_size >= 1, f"teacher.batch_size={cfg.teacher.batch_size} must be >= 1")
+    check(cfg.teacher.mode in ("cached", "online"), f"teacher.mode={cfg.teacher.mode}: use 'cached' or 'online'")
+    check(cfg.train.optimizer in ("adam", "adamw", "sgd"), f"train.optimizer={cfg.train.optimizer}: adam, adamw or sgd")
+    check(cfg.train.amp in ("auto", "bf16", "fp16", "off"), f"train.amp={cfg.train.amp}: auto, bf16, fp16 or off")
+    check(cfg.train.device in ("auto", "cuda", "cpu"), f"train.device={cfg.train.device}: auto, cuda or cpu")
+    check(cfg.data.image_size >= 16, f"data.image_size={cfg.data.image_size} must be >= 16")
+    check(0 < cfg.data.crop_scale_min <= 1, f"data.crop_scale_min={cfg.data.crop_scale_min} must lie in (0, 1]")
+    check(0 < cfg.data.eval_crop_ratio <= 1, f"data.eval_crop_ratio={cfg.data.eval_crop_ratio} must lie in (0, 1]")
+    check(len(cfg.data.color_jitter) == 3, "data.color_jitter takes three numbers: brightness, contrast, saturation")
+    check(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
+    check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
+
+
+# ================================================================================================================
+# Pieces of the engine.
+# ================================================================================================================
+def autocast_for(amp: str, device: torch.device):
+    """A zero-argument factory of the autocast context for `train.amp` (bf16 on CUDA under 'auto')."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if amp == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, nesterov=True, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Multiplier of the peak lr at `step`: linear warm-up, then cosine from lr to min_lr over the rest."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device, channels_last: bool, autocast, num_classes: int) -> dict:
+    """Top-1, top-5 and mean CE over the loader, each sample counted once across ranks (ShardSampler + all-reduce).
+    Returns {"acc1", "acc5", "loss", "n"}."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
+    k = min(5, num_classes)
+    for batch in loader:
+        x = normalize_batch(batch["image"], device, channels_last)
+        y = batch["label"].to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)
+        logits = logits.float()
+        top = logits.topk(k, dim=1).indices
+        sums[0] += (top[:, 0] == y).sum()
+        sums[1] += (top == y[:, None]).any(dim=1).sum()
+        sums[2] += nn.functional.cross_entropy(logits, y, reduction="sum")
+        sums[3] += y.numel()
+    all_reduce_sum(sums)
+    model.train(was_training)
+    n = max(sums[3].item(), 1)
+    return {"acc1": 100 * sums[0].item() / n, "acc5": 100 * sums[1].item() / n, "loss": sums[2].item() / n,
+            "n": int(sums[3].item())}
+
+
+def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float((np.asarray(logits, dtype=np.float32).argmax(1) == labels).mean() * 100)
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, batch_size: int, image_size: int, device, channels_last: bool, autocast,
+                    repeats: int = 5) -> float:
+    """Median wall time (ms) of one eval-mode forward at this batch size, after one warm-up pass."""
+    model.eval()
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast():
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
+
+
+def save_student_safetensors(model: nn.Module, path: Path) -> None:
+    """Weights loadable with timm.create_model(name, num_classes=C, pretrained=True,
+    pretrained_cfg_overlay=dict(file=path, num_classes=C)). The overlay's num_classes matters: without it timm
+    assumes the 1000-way ImageNet head and silently drops our classifier weights."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+# ================================================================================================================
+# The trainer: data, student, teacher (or its cache), optimiser and the epoch loop. train_student_rl.py extends it.
+# ================================================================================================================
+class Trainer:
+    """Owns everything one run needs. Subclasses hook in through `build_train_sampler`, `before_epoch`,
+    `after_epoch`, `extra_state` and `load_extra_state`."""
+
+    script = "train_student"
+
+    def __init__(self, cfg, dist: DistInfo, run_dir: Path | None):
+        self.cfg, self.dist, self.run_dir = cfg, dist, run_dir
+        self.device = dist.device
+        self.autocast = autocast_for(cfg.train.amp, self.device)
+        self.channels_last = cfg.train.channels_last
+        self.alpha, self.temperature = cfg.kd.alpha, cfg.kd.temperature
+        seed_everything(cfg.train.seed, dist.rank)
+
+        # ---- data ----------------------------------------------------------------------------------------------
+        self.splits = load_splits(cfg.data)
+        self.class_names = self.splits["train"].class_names
+        self.num_classes = len(self.class_names)
+        self.spec = AugSpec.from_cfg(cfg.data)
+
+        # ---- models --------------------------------------------------------------------------------------------
+        self.student = create_student(cfg, self.num_classes).to(self.device)
+        if self.channels_last:
+            self.student = self.student.to(memory_format=torch.channels_last)
+        self.teacher = None
+        self.cache, self.cache_info = None, {}
+        if self.uses_teacher:
+            self.teacher = create_teacher(cfg, self.class_names).to(self.device)
+            broadcast_module(self.teacher)  # identical teachers on all ranks, even randomly initialised ones
+            if self.channels_last:
+                self.teacher = self.teacher.to(memory_format=torch.channels_last)
+            if cfg.teacher.mode == "cached":
+                self.build_cache()
+
+        # ---- loaders: built once; samplers carry the epoch, so workers persist ----------------------------------
+        w, r = dist.world_size, dist.rank
+        self.train_sampler = self.build_train_sampler()
+        self.train_loader = make_loader(TrainViews(self.splits["train"], self.spec, cfg.train.seed, self.cache),
+                                        self.train_sampler, cfg.train.batch_size, cfg.data.workers, self.device,
+                                        drop_last=len(self.train_sampler) >= cfg.train.batch_size)
+        self.eval_loaders = {s: make_loader(EvalViews(self.splits[s], self.spec), ShardSampler(len(self.splits[s]), w, r),
+                                            cfg.train.eval_batch_size, cfg.data.workers, self.device)
+                             for s in ("validation", "test")}
+
+        # ---- optimisation ---------------------------------------------------------------------------------------
+        self.optimizer = build_optimizer(self.student.parameters(), cfg)
+        self.steps_per_epoch = len(self.train_loader)
+        total = max(1, cfg.train.epochs * self.steps_per_epoch)
+        warmup = int(cfg.train.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, total, warmup, cfg.train.lr, cfg.train.min_lr))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        self.model: nn.Module = self.student
+        if dist.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        self.start_epoch, self.best_acc1, self.best_epoch = 0, -1.0, -1
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def uses_teacher(self) -> bool:
+        return self.alpha < 1.0
+
+    def build_train_sampler(self):
+        return EpochSampler(len(self.splits["train"]), self.cfg.train.seed, self.dist.world_size, self.dist.rank)
+
+    def build_cache(self) -> None:
+        from teacher_cache import build_or_load_cache
+        cfg = self.cfg
+        cache_dir = Path(cfg.teacher.cache_dir or Path(cfg.run.out_dir) / "teacher_cache")
+        self.cache, self.cache_info = build_or_load_cache(
+            self.teacher, self.splits, self.spec, cfg.teacher.cache_views, cfg.train.seed, cache_dir, self.dist,
+            cfg.teacher.batch_size, cfg.data.workers, self.autocast)
+        if self.dist.is_main:
+            verb = f"built in {self.cache_info['build_s']:.1f}s" if self.cache_info["built"] else "reused"
+            print(f"teacher cache {verb}: {self.cache_info['path']}")
+
+    def before_epoch(self, epoch: int) -> None:
+        """Hook: runs before each training epoch (the curriculum sets its sampler and temperature here)."""
+
+    def after_epoch(self, epoch: int, record: dict) -> None:
+        """Hook: runs after validation, before the metrics line is written; may add keys to `record`."""
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # ---- one epoch ---------------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict:
+        cfg, device = self.cfg, self.device
+        self.model.train()
+        self.train_sampler.set_epoch(epoch)
+        online = self.uses_teacher and cfg.teacher.mode == "online"
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, kd, correct, count
+        data_s, start = 0.0, time.perf_counter()
+        bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                   disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
+        it = iter(self.train_loader)
+        for step in range(len(self.train_loader)):
+            t0 = time.perf_counter()
+            batch = next(it)  # time blocked here is the data wait
+            data_s += time.perf_counter() - t0
+            x = normalize_batch(batch["image"], device, self.channels_last)
+            y = batch["label"].to(device, non_blocking=True)
+            with self.autocast():
+                student_logits = self.model(x)
+                teacher_logits = self.teacher(x) if online else batch.get("teacher_logits")
+            if teacher_logits is not None:
+                teacher_logits = teacher_logits.to(device, non_blocking=True)
+            terms = kd_loss_terms(student_logits, teacher_logits, y, self.alpha, self.temperature)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(terms["loss"]).backward()
+            if cfg.train.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.student.parameters(), cfg.train.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            with torch.no_grad():
+                n = y.numel()
+                sums += torch.stack([terms["loss"].detach() * n, terms["ce"].detach() * n, terms["kd"].detach() * n,
+                                     (student_logits.argmax(1) == y).sum().double(),
+                                     torch.tensor(n, device=device, dtype=torch.float64)]).double()
+            bar.update(1)
+            if (step + 1) % cfg.log.every_steps == 0 or step + 1 == len(self.train_loader):
+                running = sums[0].item() / sums[4].item()  # one host sync per interval, not per step
+                if not math.isfinite(running):
+                    raise UserError(
+                        f"the training loss became non-finite ({running}) at epoch {epoch + 1}, step {step + 1}. "
+                        "Stopped without saving; the last good checkpoint is kept in "
+                        f"{self.run_dir / 'checkpoints' if self.run_dir else 'the run directory'}. "
+                        "Lower train.lr or set train.grad_clip, then continue with run.resume=auto")
+                bar.set_postfix(loss=f"{running:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        bar.close()
+        all_reduce_sum(sums)
+        n = sums[4].item()
+        return {"train/loss": sums[0].item() / n, "train/loss_ce": sums[1].item() / n,
+                "train/loss_kd": sums[2].item() / n, "train/acc1": 100 * sums[3].item() / n,
+                "time/data_s": data_s, "time/epoch_s": time.perf_counter() - start}
+
+    def evaluate(self, split: str) -> dict:
+        return evaluate(self.student, self.eval_loaders[split], self.device, self.channels_last, self.autocast,
+                        self.num_classes)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self, next_epoch: int) -> dict:
+        return {"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": next_epoch, "best_acc1": self.best_acc1, "best_epoch": self.best_epoch,
+                "rng": rng_state(), "sampler": {"epoch": self.train_sampler.epoch},
+                "temperature": self.temperature, "config": to_plain(self.cfg), "extra": self.extra_state()}
+
+    def load_state(self, ckpt: dict, path: Path) -> None:
+        for key in ("model", "optimizer", "scheduler", "scaler", "epoch"):
+            if key not in ckpt:
+                raise UserError(f"{path} is not a training checkpoint of {self.script}.py (no '{key}' entry)")
+        load_state_strict(self.student, ckpt["model"], f"checkpoint {path}")
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"the optimizer state in {path} does not fit train.optimizer="
+                            f"{self.cfg.train.optimizer}: {exc}") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch, self.best_acc1, self.best_epoch = ckpt["epoch"], ckpt["best_acc1"], ckpt["best_epoch"]
+        self.train_sampler.set_epoch(ckpt["sampler"]["epoch"])
+        self.temperature = ckpt.get("temperature", self.temperature)
+        if self.dist.is_main:
+            set_rng_state(ckpt["rng"])
+        else:  # only rank 0's RNG state is saved; other ranks get a fresh, still deterministic, stream
+            seed_everything(self.cfg.train.seed + 7919 * self.start_epoch, self.dist.rank)
+        self.load_extra_state(ckpt.get("extra", {}))
+
+    def checkpoint(self, epoch: int, improved: bool) -> None:
+        if not self.dist.is_main:
+            return
+        ckpt_dir = self.run_dir / "checkpoints"
+        if improved:
+            save_checkpoint({"model": self.student.state_dict(), "epoch": epoch, "val/acc1": self.best_acc1,
+                             "config": to_plain(self.cfg)}, ckpt_dir / "best.pt")
+        save_checkpoint(self.state_dict(epoch + 1), ckpt_dir / "last.pt")
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def fit(self, logger: MetricLogger) -> None:
+        for epoch in range(self.start_epoch, self.cfg.train.epochs):
+            self.before_epoch(epoch)
+            record = {"epoch": epoch, **self.train_epoch(epoch)}
+            val = self.evaluate("validation")
+            record.update({"val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/loss": val["loss"],
+                           "lr": self.scheduler.get_last_lr()[0], "kd/temperature": self.temperature})
+            improved = val["acc1"] > self.best_acc1
+            if improved:
+                self.best_acc1, self.best_epoch = val["acc1"], epoch
+            self.after_epoch(epoch, record)
+            logger.log(record)
+            self.checkpoint(epoch, improved)
+            if self.dist.is_main:
+                tqdm.write(f"epoch {epoch + 1}/{self.cfg.train.epochs}  loss {record['train/loss']:.4f}  "
+                           f"val acc1 {val['acc1']:.2f}  acc5 {val['acc5']:.2f}  ({record['time/epoch_s']:.1f}s)")
+            barrier()
+
+    # ---- final report ------------------------------------------------------------------------------------------
+    def teacher_accuracy(self) -> dict:
+        if not self.uses_teacher:
+            return {}
+        if self.cache is not None:
+            return {f"teacher/{s}_acc1": self.cache.meta[f"teacher/{s}_acc1"] for s in ("validation", "test")}
+        return {f"teacher/{s}_acc1": evaluate(self.teacher, self.eval_loaders[s], self.device, self.channels_last,
+                                              self.autocast, self.num_classes)["acc1"] for s in ("validation", "test")}
+
+    def final_report(self) -> dict:
+        cfg = self.cfg
+        last_state = copy.deepcopy(self.student.state_dict())
+        last = self.evaluate("test")
+        best_path = self.run_dir / "checkpoints" / "best.pt"
+        best_ckpt = load_checkpoint(best_path) if best_path.exists() else {"model": last_state, "epoch": -1}
+        load_state_strict(self.student, best_ckpt["model"], f"checkpoint {best_path}")
+        best = self.evaluate("test")
+        results = {"test/acc1": best["acc1"], "test/acc5": best["acc5"], "test/loss": best["loss"],
+                   "test/acc1_last": last["acc1"], "test/acc5_last": last["acc5"], "test/n": best["n"],
+                   "val/acc1_best": self.best_acc1, "best_epoch": best_ckpt["epoch"],
+                   "params/student": count_params(self.student), "kd/alpha": self.alpha,
+                   "teacher/mode": cfg.teacher.mode if self.uses_teacher else "none", **self.teacher_accuracy()}
+        if self.teacher is not None:
+            results["params/teacher"] = count_params(self.teacher.model)
+            results["compression_ratio"] = results["params/teacher"] / results["params/student"]
+        if self.cache_info:
+            results["time/teacher_cache_build_s"] = self.cache_info["build_s"]
+        if cfg.eval.latency and self.dist.is_main:
+            for bs in (1, 128):
+                results[f"latency_ms/batch{bs}"] = measure_latency(self.student, bs, cfg.data.image_size, self.device,
+                                                                   self.channels_last, self.autocast)
+            results["latency_device"] = str(self.device)
+        if self.dist.is_main:
+            write_json(self.run_dir / "results.json", results)
+            save_student_safetensors(self.student, self.run_dir / "student.safetensors")
+        return results
+
+
+# ================================================================================================================
+# Entry points.
+# ================================================================================================================
+def plot_run(run_dir: Path) -> None:
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    if records:
+        plot_curves(records, run_dir / "curves.png",
+                    [("loss", ["train/loss", "train/loss_ce", "train/loss_kd", "val/loss"]),
+                     ("accuracy (%)", ["train/acc1", "val/acc1", "val/acc5"])])
+
+
+def run_training(cfg, dist: DistInfo, trainer_cls=Trainer) -> dict:
+    """Train one student as configured, write its run directory, return results.json's content."""
+    if not cfg.run.name:
+        cfg.run.name = broadcast_object(default_run_name(trainer_cls.script, cfg.data.name.split("/")[-1],
+                                                         cfg.train.seed))
+    run_dir, resume_from = prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, dist)
+    trainer = trainer_cls(cfg, dist, run_dir)
+    if resume_from is not None:
+        trainer.load_state(load_checkpoint(resume_from), resume_from)
+        if dist.is_main:
+            print(f"resumed from {resume_from} at epoch {trainer.start_epoch}")
+    if dist.is_main:
+        save_config(cfg, run_dir)
+    logger = MetricLogger(run_dir / "metrics.jsonl", dist.is_main,
+                          run_dir / "tensorboard" if cfg.log.tensorboard else None)
+    logger.truncate_after(trainer.start_epoch)
+    trainer.fit(logger)
+    results = trainer.final_report()
+    logger.close()
+    if dist.is_main:
+        plot_run(run_dir)
+        print_results(f"{trainer.script}: {run_dir}", {"student": results})
+    return results
+
+
+def print_results(title: str, rows: dict[str, dict]) -> None:
+    keys = ["test/acc1", "test/acc5", "test/acc1_last", "val/acc1_best", "teacher/test_acc1", "params/student"]
+    print(f"\n{title}\n| run | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
+    for name, res in rows.items():
+        cells = [f"{res[k]:.2f}" if isinstance(res.get(k), float) else str(res.get(k, "-")) for k in keys]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def evaluate_checkpoint(cfg, dist: DistInfo) -> dict:
+    """`eval.checkpoint=PATH`: test-split accuracy of a saved student (best.pt, last.pt or .safetensors)."""
+    from models import load_state_file
+    splits = load_splits(cfg.data)
+    student = create_student(cfg, len(splits["train"].class_names)).to(dist.device)
+    load_state_strict(student, load_state_file(Path(cfg.eval.checkpoint)), f"eval.checkpoint={cfg.eval.checkpoint}")
+    loader = make_loader(EvalViews(splits["test"], AugSpec.from_cfg(cfg.data)),
+                         ShardSampler(len(splits["test"]), dist.world_size, dist.rank), cfg.train.eval_batch_size,
+                         cfg.data.workers, dist.device)
+    res = evaluate(student, loader, dist.device, False, autocast_for(cfg.train.amp, dist.device),
+                   len(splits["train"].class_names))
+    out = {"test/acc1": res["acc1"], "test/acc5": res["acc5"], "test/n": res["n"], "checkpoint": cfg.eval.checkpoint}
+    if dist.is_main:
+        print(json.dumps(out))
+    return out
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_config(Config, argv, prog="train_student.py", doc=__doc__)
+    validate(cfg)
+    dist = setup_distributed(cfg.train.device)
+    if cfg.eval.checkpoint:
+        evaluate_checkpoint(cfg, dist)
+        return cleanup_distributed()
+    results = {"student": run_training(cfg, dist)}
+    if cfg.kd.baseline and cfg.kd.alpha < 1:
+        base = copy.deepcopy(cfg)
+        run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        base.kd.alpha, base.kd.baseline = 1.0, False
+        base.run.out_dir, base.run.name = str(run_dir), "label_only"
+        base.run.resume = "auto" if cfg.run.resume and (run_dir / "label_only/checkpoints/last.pt").exists() else ""
+        results["label-only student"] = run_training(base, dist)
+        if dist.is_main:
+            print_results("same budget, same seed: KD vs labels only", results)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,432 @@
+"""Shared plumbing for every script: config, errors, run directory, checkpoints, distributed set-up, logging.
+
+Nothing here knows about distillation. `train_student.py`, `train_student_rl.py` and `gan_vae/` all build on it:
+
+    cfg = parse_config(TrainConfig, argv, prog="train_student.py", doc=__doc__)   # defaults < --config < a.b=c
+    dist = setup_distributed()                # no process group unless launched by torchrun (RANK set)
+    seed_everything(cfg.train.seed, dist.rank)
+    run_dir = prepare_run_dir(cfg, "train_student", dist)
+    ...
+    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")   # temp file + rename
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors the user can fix: a one-paragraph message and exit code 2, never a traceback.
+# ----------------------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """An error caused by the user's input (config, data, checkpoint). Printed as `error: <message>`, exit 2."""
+
+
+def user_error_message(exc: BaseException) -> str:
+    """The user-facing text of a UserError, also when a DataLoader worker re-raised it with its traceback glued on."""
+    text = str(exc)
+    marker = "UserError: "
+    if "Traceback" in text and marker in text:  # re-raised from a worker: keep only the original message
+        text = text[text.rindex(marker) + len(marker):]
+    return text.strip()
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """Run `main(argv)` as a command-line program: UserError becomes a short message and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except UserError as exc:
+        print(f"error: {user_error_message(exc)}", file=sys.stderr)
+        cleanup_distributed()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept and `run.resume=auto` continues from it", file=sys.stderr)
+        cleanup_distributed()
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: dataclass schema -> OmegaConf structured config. Defaults < YAML (--config) < dotted overrides.
+# ----------------------------------------------------------------------------------------------------------------
+def opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call site
+    """A config field with its one-line description (shown by --help and in the README)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def section(cls: type) -> Any:
+    """A nested config section."""
+    return dataclasses.field(default_factory=cls)
+
+
+def iter_schema(schema: type, prefix: str = ""):
+    """Yield (dotted key, type name, default, help) for every leaf field of a dataclass schema."""
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            yield from iter_schema(f.type, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            yield from iter_schema(type(default), key + ".")
+            continue
+        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        yield key, type_name, default, f.metadata.get("help", "")
+
+
+def config_help(schema: type, prog: str, doc: str | None) -> str:
+    lines = [(doc or "").strip(), "", f"usage: {prog} [--config FILE.yaml] [key=value ...]", "",
+             "Values come from the defaults below, then --config FILE.yaml, then key=value overrides.",
+             "", "keys (type = default: description):"]
+    for key, type_name, default, text in iter_schema(schema):
+        lines.append(f"  {key} ({type_name}) = {json.dumps(default)}\n      {text}")
+    return "\n".join(lines)
+
+
+def config_markdown(schema: type) -> str:
+    """The configuration reference as a markdown table (pasted into the README; a test keeps them in sync)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, type_name, default, text in iter_schema(schema):
+        text = text.replace("<", "\\<").replace("|", "\\|")  # markdown would read <split> as an HTML tag
+        rows.append(f"| `{key}` | {type_name} | `{json.dumps(default)}` | {text} |")
+    return "\n".join(rows)
+
+
+def _config_error(exc: OmegaConfBaseException, source: str) -> UserError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        return UserError(f"unknown config key '{key}' ({source}); run with --help to list every key")
+    return UserError(f"bad value for config key '{key}' ({source}): {msg}")
+
+
+def load_config(schema: type, config_file: str | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Build the config: schema defaults, then the YAML file, then dotted `key=value` overrides.
+
+    Unknown keys and values of the wrong type raise UserError naming the key."""
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors have many types
+            raise UserError(f"config file {path} is not valid YAML: {exc}") from None
+        try:
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, f"in {path}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"cannot parse argument '{item}': overrides look like key=value, e.g. kd.temperature=2")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, f"override '{item}'") from None
+    return cfg
+
+
+def parse_config(schema: type, argv: list[str], prog: str, doc: str | None = None) -> DictConfig:
+    """Command-line front end of `load_config`: handles --help, --config FILE and key=value overrides."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_help(schema, prog, doc))
+        sys.exit(0)
+    config_file, overrides, it = None, [], iter(argv)
+    for arg in it:
+        if arg == "--config":
+            config_file = next(it, None)
+            if config_file is None:
+                raise UserError("--config needs a YAML file")
+        elif arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise UserError(f"unknown option '{arg}'; options are --help and --config FILE, the rest is key=value")
+        else:
+            overrides.append(arg)
+    return load_config(schema, config_file, overrides)
+
+
+def check(condition: bool, message: str) -> None:
+    """Validate a config value: raise UserError(message) when the condition does not hold."""
+    if not condition:
+        raise UserError(message)
+
+
+def to_plain(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed: one code path for `python script.py` (no process group) and `torchrun` (RANK in the environment).
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Initialise DDP when launched by torchrun (NCCL on GPU, gloo on CPU); otherwise a single process, no group."""
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if "RANK" not in os.environ:
+        return DistInfo(device=torch.device("cuda" if want_cuda else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if want_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if want_cuda else "gloo",
+                                      timeout=datetime.timedelta(minutes=60))
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def cleanup_distributed() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def _dist_on() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def barrier() -> None:
+    if _dist_on():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks, in place; a no-op in a single process."""
+    if _dist_on():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s value of a picklable object, on every rank."""
+    if not _dist_on():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s parameters and buffers into every rank's module (a no-op in a single process)."""
+    if _dist_on():
+        for tensor in module.state_dict().values():
+            torch_dist.broadcast(tensor, src=src)
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's value of a picklable object, in rank order."""
+    if not _dist_on():
+        return [obj]
+    out: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeds and RNG state.
+# ----------------------------------------------------------------------------------------------------------------
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed Python, NumPy and torch; each rank gets its own stream (seed + rank)."""
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run directory.
+# ----------------------------------------------------------------------------------------------------------------
+def default_run_name(script: str, tag: str, seed: int) -> str:
+    return f"{script}__{tag}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(out_dir: str, name: str, resume: str, dist: DistInfo) -> tuple[Path, Path | None]:
+    """Create `<out_dir>/<name>/` and find what to resume from.
+
+    `resume` is "" (fresh run: the directory must not hold a run yet, so nothing is overwritten), "auto" (continue
+    from `checkpoints/last.pt`, an error when there is none) or a checkpoint path. Returns (run_dir, checkpoint)."""
+    run_dir = Path(out_dir) / name
+    ckpt: Path | None = None
+    if resume == "auto":
+        ckpt = run_dir / "checkpoints" / "last.pt"
+        if not ckpt.is_file():
+            raise UserError(f"run.resume=auto but {ckpt} does not exist: nothing to resume. "
+                            "Check run.out_dir and run.name, or drop run.resume to start a new run")
+    elif resume:
+        ckpt = Path(resume)
+        if not ckpt.is_file():
+            raise UserError(f"run.resume={resume}: no such checkpoint file")
+    elif (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints" / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run. Continue it with run.resume=auto, "
+                        "or pick another run.name so nothing is overwritten")
+    if dist.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    barrier()
+    return run_dir, ckpt
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved config, re-runnable with --config (run.resume is cleared so a re-run starts afresh)."""
+    plain = to_plain(cfg)
+    write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temp file, fsynced, renamed; loaded strictly.
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Atomically write `state` with torch.save: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+
+
+def load_state_strict(module: torch.nn.Module, state_dict: dict, what: str) -> None:
+    """`module.load_state_dict(state_dict, strict=True)`, with a short message naming the mismatch."""
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        text = str(exc)
+        missing = re.findall(r'Missing key\(s\) in state_dict: (.*?)(?:\.\s|$)', text)
+        detail = text.splitlines()[1].strip() if len(text.splitlines()) > 1 else text
+        hint = f" (missing: {missing[0][:200]})" if missing else ""
+        raise UserError(f"{what} does not match the model built from the config: {detail[:400]}{hint}. "
+                        "Was it saved from a different model or number of classes?") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics: one JSON line per epoch, TensorBoard behind a flag.
+# ----------------------------------------------------------------------------------------------------------------
+class MetricLogger:
+    """Appends one JSON object per line to `metrics.jsonl` (main rank only) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Path | None = None):
+        self.path, self.enabled, self.writer = Path(path), enabled, None
+        if enabled and tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def truncate_after(self, epoch: int) -> None:
+        """Keep only lines with `epoch` < the given one: a resumed run re-does epochs past its checkpoint."""
+        if not (self.enabled and self.path.exists()):
+            return
+        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < epoch]
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, record["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def plot_curves(records: list[dict], path: Path, panels: list[tuple[str, list[str]]]) -> None:
+    """One PNG with a panel per (title, [metric keys]) against epoch; keys absent from the records are skipped."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    epochs = [r["epoch"] + 1 for r in records]
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            if any(key in r for r in records):
+                ax.plot(epochs, [r.get(key, float("nan")) for r in records], marker="o", ms=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
