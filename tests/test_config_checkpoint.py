@@ -114,3 +114,10 @@ def test_strict_load_names_the_mismatch():
 def test_resume_auto_with_nothing_to_resume(tmp_path):
     proc = run_script("train_student.py", *TINY, f"run.out_dir={tmp_path}", "run.name=nothing", "run.resume=auto")
     assert_clean_error(proc, "nothing to resume")
+
+
+def test_readme_documents_every_key_and_the_ci_runs_its_test_command():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert utils.config_markdown(Config) in readme  # regenerate the table when the schema changes
+    assert "python -m pytest -q" in readme and "python -m pytest -q" in (root / ".ci" / "run").read_text()
