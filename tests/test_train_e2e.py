@@ -152,3 +152,18 @@ def test_fresh_run_never_overwrites(tmp_path):
     proc = run_script("train_student.py", *TINY, "kd.alpha=1", f"run.out_dir={tmp_path}", "run.name=a")
     assert_clean_error(proc, "already holds a run")
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == before
+
+
+def test_corrupt_image_in_a_worker_is_named_without_traceback(tmp_path):
+    from PIL import Image
+    for split in ("train", "validation", "test"):
+        for k, synset in enumerate(("n01532829", "n01558993")):
+            folder = tmp_path / "ds" / split / synset
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), (200 * k, 50, 100 + 20 * i)).save(folder / f"img{i}.png")
+    (tmp_path / "ds" / "train" / "n01558993" / "img2.png").write_bytes(b"\x89PNG truncated")
+    proc = run_script("train_student.py", "data.path=" + str(tmp_path / "ds"), "data.image_size=32", "kd.alpha=1",
+                      "student.name=test_resnet", "data.workers=1", "train.batch_size=4", "train.epochs=1",
+                      "eval.latency=false", f"run.out_dir={tmp_path}", "run.name=bad")
+    assert_clean_error(proc, "cannot read image", "img2.png")
