@@ -5,6 +5,7 @@ of tensors with the formula in the docstring.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -163,3 +164,248 @@ def create_teacher(cfg, class_names: list[str]) -> FrozenTeacher:
         raise UserError(f"the teacher has {num_outputs} outputs but the dataset has {len(class_names)} classes; "
                         "use a teacher trained on this dataset or a 1000-way ImageNet teacher")
     return FrozenTeacher(model, class_index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-sample difficulty (curriculum).
+# ----------------------------------------------------------------------------------------------------------------
+def difficulty_score(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Difficulty of each sample in [0, 1] from the teacher's and the student's logits (both at temperature 1).
+
+    With p_t = softmax(teacher_logits), p_s = softmax(student_logits) and C classes:
+        D_conf    = 1 - max_i p_t(i)
+        D_entropy = (- sum_i p_t(i) log p_t(i)) / log C
+        D_kl      = min(KL(p_t || p_s) / 5, 1),  KL(p_t || p_s) = sum_i p_t(i) log(p_t(i) / p_s(i))
+        D         = 0.3 D_conf + 0.3 D_entropy + 0.4 D_kl
+
+    Computed in float32 from log_softmax, with 0 log 0 = 0 (a class with p_t(i) = 0 adds nothing).
+    Shapes: teacher_logits, student_logits [B, C] -> D [B]."""
+    t, s = teacher_logits.float(), student_logits.float()
+    num_classes = t.shape[1]
+    log_p_t, log_p_s = F.log_softmax(t, dim=1), F.log_softmax(s, dim=1)
+    p_t = log_p_t.exp()
+    # p * log p with the 0 log 0 = 0 convention: where p_t underflows to 0 the product is defined as 0.
+    plogp = torch.where(p_t > 0, p_t * log_p_t, torch.zeros_like(p_t))
+    d_conf = 1.0 - p_t.max(dim=1).values
+    d_entropy = -plogp.sum(dim=1) / math.log(num_classes)
+    kl = (plogp - torch.where(p_t > 0, p_t * log_p_s, torch.zeros_like(p_t))).sum(dim=1)
+    d_kl = (kl.clamp(min=0.0) / 5.0).clamp(max=1.0)
+    return (0.3 * d_conf + 0.3 * d_entropy + 0.4 * d_kl).clamp(0.0, 1.0)
+
+
+# ================================================================================================================
+# Continual generative learning (gan_vae/): WGAN-GP expert networks and the beta-VAE student.
+# ================================================================================================================
+class SelfAttention(nn.Module):
+    """SAGAN self-attention (Zhang et al., 2019): x + gamma * softmax(Q^T K) V, gamma starting at 0.
+    x [B, C, H, W] -> [B, C, H, W]."""
+
+    def __init__(self, channels: int, spectral: bool = False):
+        super().__init__()
+        wrap = nn.utils.parametrizations.spectral_norm if spectral else (lambda m: m)
+        self.query = wrap(nn.Conv2d(channels, max(channels // 8, 1), 1))
+        self.key = wrap(nn.Conv2d(channels, max(channels // 8, 1), 1))
+        self.value = wrap(nn.Conv2d(channels, channels, 1))
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q = self.query(x).flatten(2).transpose(1, 2)  # [B, HW, C']
+        k = self.key(x).flatten(2)  # [B, C', HW]
+        attn = torch.softmax(q @ k, dim=-1)  # [B, HW, HW]
+        v = self.value(x).flatten(2)  # [B, C, HW]
+        return x + self.gamma * (v @ attn.transpose(1, 2)).view(b, c, h, w)
+
+
+class Generator(nn.Module):
+    """DCGAN-style generator with spectral norm on every layer: z [B, z_dim] -> image [B, C, 32, 32] in [-1, 1].
+    4x4 -> 8x8 -> 16x16 (optional self-attention) -> 32x32."""
+
+    def __init__(self, z_dim: int = 64, channels: int = 1, width: int = 64, attention: bool = False):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        self.z_dim = z_dim
+        self.project = sn(nn.Linear(z_dim, 4 * 4 * 4 * width))
+        self.width = width
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(4 * width), nn.ReLU(True),
+            sn(nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1)), nn.BatchNorm2d(2 * width), nn.ReLU(True),
+            sn(nn.ConvTranspose2d(2 * width, width, 4, 2, 1)), nn.BatchNorm2d(width), nn.ReLU(True),
+            SelfAttention(width, spectral=True) if attention else nn.Identity(),
+            sn(nn.ConvTranspose2d(width, channels, 4, 2, 1)), nn.Tanh())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.project(z).view(-1, 4 * self.width, 4, 4))
+
+
+class Critic(nn.Module):
+    """WGAN critic without batch norm: image [B, C, 32, 32] -> score [B]. `features(x)` is the penultimate,
+    flattened activation [B, 4 * width * 16] used for feature-level distillation."""
+
+    def __init__(self, channels: int = 1, width: int = 64, attention: bool = False):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True),  # 16x16
+            SelfAttention(width) if attention else nn.Identity(),
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.LeakyReLU(0.2, True),  # 8x8
+            nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.LeakyReLU(0.2, True))  # 4x4
+        self.head = nn.Linear(4 * width * 16, 1)
+        self.feature_dim = 4 * width * 16
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)).squeeze(1)
+
+
+def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, weight: float = 10.0,
+                     eps: torch.Tensor | None = None) -> torch.Tensor:
+    """WGAN-GP gradient penalty (Gulrajani et al., 2017), a scalar:
+
+        GP = weight * mean_b ( || grad_x critic(x_hat_b) ||_2 - 1 )^2,   x_hat = eps * real + (1 - eps) * fake
+
+    with eps ~ U(0, 1) per sample (or given, shape [B, 1, 1, 1]) and the norm of each sample's flattened gradient.
+    real, fake: [B, C, H, W]."""
+    if eps is None:
+        eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    x_hat = (eps * real + (1 - eps) * fake.detach()).requires_grad_(True)
+    scores = critic(x_hat)
+    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+    return weight * ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR, Chen et al., 2020) between two views a, b [B, D] of the same B samples, a scalar.
+
+    With the 2B vectors v = normalize(cat(a, b)) and s_ij = v_i . v_j / temperature, the loss of anchor i is
+    -log( exp(s_{i,p(i)}) / sum_{k != i} exp(s_ik) ), p(i) its other view; averaged over the 2B anchors."""
+    v = F.normalize(torch.cat([a, b]).float(), dim=1)
+    n = a.shape[0]
+    sim = v @ v.t() / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=sim.device), float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(sim.device)
+    return F.cross_entropy(sim, positives)
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | float = 0.0,
+                prior_logvar: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """KL( N(mu, diag exp(logvar)) || N(prior_mu, diag exp(prior_logvar)) ), summed over the last dimension:
+
+        0.5 * sum_d [ prior_logvar - logvar + (exp(logvar) + (mu - prior_mu)^2) / exp(prior_logvar) - 1 ]
+
+    mu, logvar [B, D]; the prior broadcasts ([D], [B, D] or a number). Returns [B]."""
+    prior_mu = torch.as_tensor(prior_mu, dtype=mu.dtype, device=mu.device)
+    prior_logvar = torch.as_tensor(prior_logvar, dtype=mu.dtype, device=mu.device)
+    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu) ** 2) / prior_logvar.exp() - 1).sum(-1)
+
+
+def relational_kd(teacher_features: torch.Tensor, student_features: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Relational distillation: KL( softmax(S_t / T) || softmax(S_s / T) ) averaged over rows, where S_t and S_s
+    are the batch cosine-similarity matrices [B, B] of the teacher's and the student's features (the diagonal,
+    always 1, is left out)."""
+    def sims(f):
+        f = F.normalize(f.float(), dim=1)
+        s = f @ f.t()
+        return s.masked_fill(torch.eye(len(f), dtype=torch.bool, device=f.device), float("-inf"))
+
+    log_p_t = F.log_softmax(sims(teacher_features) / temperature, dim=1)
+    log_p_s = F.log_softmax(sims(student_features) / temperature, dim=1)
+    p_t = log_p_t.exp()
+    mask = torch.isfinite(log_p_t)
+    return torch.where(mask, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t)).sum(1).mean()
+
+
+class TaskVAE(nn.Module):
+    """beta-VAE student with a shared latent z ~ N(0, I) and a domain latent u with a learned task-conditional
+    prior p(u | t) = N(mu_t, diag sigma_t^2), one per task, added by `add_task()`. Decoder p(x | z, u) gives
+    Bernoulli logits over pixels in [0, 1] (images live in [-1, 1]; x01 = (x + 1) / 2).
+
+    encode(x [B, C, 32, 32]) -> h [B, F] (encoder features), (mu_z, logvar_z) [B, Z], (mu_u, logvar_u) [B, U]."""
+
+    def __init__(self, channels: int = 1, z_dim: int = 16, u_dim: int = 8, width: int = 32):
+        super().__init__()
+        self.z_dim, self.u_dim, self.channels = z_dim, u_dim, channels
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(2 * width, 4 * width, 4, 2, 1), nn.BatchNorm2d(4 * width), nn.LeakyReLU(0.2, True),
+            nn.Flatten(), nn.Linear(4 * width * 16, 256), nn.LeakyReLU(0.2, True))
+        self.feature_dim = 256
+        self.to_z = nn.Linear(256, 2 * z_dim)
+        self.to_u = nn.Linear(256, 2 * u_dim)
+        self.decoder_in = nn.Linear(z_dim + u_dim, 4 * width * 16)
+        self.decoder = nn.Sequential(
+            nn.BatchNorm2d(4 * width), nn.ReLU(True),
+            nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1), nn.BatchNorm2d(2 * width), nn.ReLU(True),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.BatchNorm2d(width), nn.ReLU(True),
+            nn.ConvTranspose2d(width, channels, 4, 2, 1))
+        self.width = width
+        self.prior_mu = nn.ParameterList()
+        self.prior_logvar = nn.ParameterList()
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.prior_mu)
+
+    def add_task(self) -> int:
+        """A new task prior p(u | t), initialised apart from the others (mean drawn from N(0, I))."""
+        device = self.to_u.weight.device
+        self.prior_mu.append(nn.Parameter(torch.randn(self.u_dim, device=device)))
+        self.prior_logvar.append(nn.Parameter(torch.zeros(self.u_dim, device=device)))
+        return self.num_tasks - 1
+
+    def task_prior(self, tasks: torch.Tensor, mix: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """(mu_t, logvar_t) [B, U] for task ids [B]; with mix = (other task ids [B], lam [B]) the prior of a mixed
+        sample is interpolated: mu = lam mu_t + (1 - lam) mu_o, sigma^2 likewise."""
+        mu, logvar = torch.stack(list(self.prior_mu)), torch.stack(list(self.prior_logvar))
+        m, lv = mu[tasks], logvar[tasks]
+        if mix is not None:
+            other, lam = mix
+            lam = lam.view(-1, 1)
+            m = lam * m + (1 - lam) * mu[other]
+            lv = torch.log(lam * lv.exp() + (1 - lam) * logvar[other].exp())
+        return m, lv
+
+    def encode(self, x: torch.Tensor):
+        h = self.encoder(x)
+        mu_z, logvar_z = self.to_z(h).chunk(2, dim=1)
+        mu_u, logvar_u = self.to_u(h).chunk(2, dim=1)
+        return h, (mu_z, logvar_z.clamp(-10, 10)), (mu_u, logvar_u.clamp(-10, 10))
+
+    def decode_logits(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.decoder_in(torch.cat([z, u], dim=1)).view(-1, 4 * self.width, 4, 4))
+
+    @staticmethod
+    def to_image(logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) * 2 - 1
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior-mean reconstruction in [-1, 1]."""
+        _, (mu_z, _), (mu_u, _) = self.encode(x)
+        return self.to_image(self.decode_logits(mu_z, mu_u))
+
+    def sample(self, tasks: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images of the given task ids: z ~ N(0, I), u ~ p(u | t)."""
+        device = self.to_u.weight.device
+        z = torch.randn(len(tasks), self.z_dim, generator=generator, device=device)
+        mu, logvar = self.task_prior(tasks)
+        u = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator, device=device)
+        return self.to_image(self.decode_logits(z, u))
+
+
+def vae_loss_terms(model: TaskVAE, x: torch.Tensor, tasks: torch.Tensor, beta: float,
+                   mix: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample beta-VAE terms for images x [B, C, H, W] in [-1, 1] of tasks [B]:
+        recon = sum over pixels of BCE(decoder logits, (x + 1) / 2)
+        kl_z  = KL(q(z | x) || N(0, I)),  kl_u = KL(q(u | x) || p(u | t)), each summed over latent dimensions
+        loss  = recon + beta * (kl_z + kl_u)
+    Returns a dict of [B] tensors plus "h" (encoder features) and "mu_z"."""
+    h, (mu_z, lv_z), (mu_u, lv_u) = model.encode(x)
+    z = mu_z + (0.5 * lv_z).exp() * torch.randn_like(mu_z)
+    u = mu_u + (0.5 * lv_u).exp() * torch.randn_like(mu_u)
+    logits = model.decode_logits(z, u)
+    recon = F.binary_cross_entropy_with_logits(logits, (x + 1) / 2, reduction="none").flatten(1).sum(1)
+    kl_z = gaussian_kl(mu_z, lv_z)
+    kl_u = gaussian_kl(mu_u, lv_u, *model.task_prior(tasks, mix))
+    return {"recon": recon, "kl_z": kl_z, "kl_u": kl_u, "loss": recon + beta * (kl_z + kl_u), "h": h, "mu_z": mu_z}

@@ -141,8 +141,8 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
             shutil.rmtree(root)  # stale or incomplete: rebuilt, never reused
         root.mkdir(parents=True)
         for split, src in sources.items():
-            np.lib.format.open_memmap(root / f"{split}.npy", mode="w+", dtype=split_dtype(split, num_views, num_classes),
-                                      shape=(len(src),)).flush()
+            dtype = split_dtype(split, num_views, num_classes)
+            np.lib.format.open_memmap(root / f"{split}.npy", mode="w+", dtype=dtype, shape=(len(src),)).flush()
     barrier()
     device = dist.device
     for split in SPLITS:

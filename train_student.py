@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from data import (SPLITS, AugSpec, EpochSampler, EvalViews, ShardSampler, TrainViews, load_splits, make_loader,
+from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainViews, load_splits, make_loader,
                   normalize_batch)
 from models import count_params, create_student, create_teacher, kd_loss_terms
 from utils import (DistInfo, MetricLogger, UserError, all_reduce_sum, barrier, broadcast_module, broadcast_object,
@@ -192,12 +190,38 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     return cls(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
-    """Multiplier of the peak lr at `step`: linear warm-up, then cosine from lr to min_lr over the rest."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
+def lr_at(progress: float, epochs: float, warmup_epochs: float, lr: float, min_lr: float) -> float:
+    """Learning rate after `progress` epochs (fractional): linear warm-up to lr over warmup_epochs, then cosine
+    from lr to min_lr at `epochs`. A function of progress in epochs rather than of a step counter, so that epochs
+    of different lengths (curriculum subsets) still follow one schedule."""
+    if progress < warmup_epochs:
+        return lr * progress / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    t = min(1.0, (progress - warmup_epochs) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+
+
+class CosineSchedule:
+    """Sets the optimizer's learning rate from training progress (see `lr_at`); its state is that progress."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, train_cfg):
+        self.optimizer, self.cfg, self.progress = optimizer, train_cfg, 0.0
+        self.set_progress(0.0)
+
+    def set_progress(self, progress: float) -> None:
+        self.progress = progress
+        lr = lr_at(progress, self.cfg.epochs, self.cfg.warmup_epochs, self.cfg.lr, self.cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"progress": self.progress}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_progress(state["progress"])
 
 
 @torch.no_grad()
@@ -267,8 +291,9 @@ def save_student_safetensors(model: nn.Module, path: Path) -> None:
 # The trainer: data, student, teacher (or its cache), optimiser and the epoch loop. train_student_rl.py extends it.
 # ================================================================================================================
 class Trainer:
-    """Owns everything one run needs. Subclasses hook in through `build_train_sampler`, `before_epoch`,
-    `after_epoch`, `extra_state` and `load_extra_state`."""
+    """Owns everything one run needs. `fit` runs `train_and_validate` then `finish_epoch` per epoch; subclasses
+    (train_student_rl.py) drive those two themselves and hook in through `build_train_sampler`, `extra_state` and
+    `load_extra_state`."""
 
     script = "train_student"
 
@@ -306,17 +331,14 @@ class Trainer:
         self.train_loader = make_loader(TrainViews(self.splits["train"], self.spec, cfg.train.seed, self.cache),
                                         self.train_sampler, cfg.train.batch_size, cfg.data.workers, self.device,
                                         drop_last=len(self.train_sampler) >= cfg.train.batch_size)
-        self.eval_loaders = {s: make_loader(EvalViews(self.splits[s], self.spec), ShardSampler(len(self.splits[s]), w, r),
-                                            cfg.train.eval_batch_size, cfg.data.workers, self.device)
+        self.eval_loaders = {s: make_loader(EvalViews(self.splits[s], self.spec),
+                                            ShardSampler(len(self.splits[s]), w, r), cfg.train.eval_batch_size,
+                                            cfg.data.workers, self.device)
                              for s in ("validation", "test")}
 
         # ---- optimisation ---------------------------------------------------------------------------------------
         self.optimizer = build_optimizer(self.student.parameters(), cfg)
-        self.steps_per_epoch = len(self.train_loader)
-        total = max(1, cfg.train.epochs * self.steps_per_epoch)
-        warmup = int(cfg.train.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, total, warmup, cfg.train.lr, cfg.train.min_lr))
+        self.scheduler = CosineSchedule(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         self.model: nn.Module = self.student
         if dist.distributed:
@@ -345,12 +367,6 @@ class Trainer:
             verb = f"built in {self.cache_info['build_s']:.1f}s" if self.cache_info["built"] else "reused"
             print(f"teacher cache {verb}: {self.cache_info['path']}")
 
-    def before_epoch(self, epoch: int) -> None:
-        """Hook: runs before each training epoch (the curriculum sets its sampler and temperature here)."""
-
-    def after_epoch(self, epoch: int, record: dict) -> None:
-        """Hook: runs after validation, before the metrics line is written; may add keys to `record`."""
-
     def extra_state(self) -> dict:
         return {}
 
@@ -368,7 +384,9 @@ class Trainer:
         bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
         it = iter(self.train_loader)
-        for step in range(len(self.train_loader)):
+        steps = len(self.train_loader)
+        for step in range(steps):
+            self.scheduler.set_progress(epoch + step / steps)
             t0 = time.perf_counter()
             batch = next(it)  # time blocked here is the data wait
             data_s += time.perf_counter() - t0
@@ -387,14 +405,13 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.student.parameters(), cfg.train.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.scheduler.step()
             with torch.no_grad():
                 n = y.numel()
                 sums += torch.stack([terms["loss"].detach() * n, terms["ce"].detach() * n, terms["kd"].detach() * n,
                                      (student_logits.argmax(1) == y).sum().double(),
                                      torch.tensor(n, device=device, dtype=torch.float64)]).double()
             bar.update(1)
-            if (step + 1) % cfg.log.every_steps == 0 or step + 1 == len(self.train_loader):
+            if (step + 1) % cfg.log.every_steps == 0 or step + 1 == steps:
                 running = sums[0].item() / sums[4].item()  # one host sync per interval, not per step
                 if not math.isfinite(running):
                     raise UserError(
@@ -453,23 +470,31 @@ class Trainer:
         save_checkpoint(self.state_dict(epoch + 1), ckpt_dir / "last.pt")
 
     # ---- the loop ----------------------------------------------------------------------------------------------
+    def train_and_validate(self, epoch: int) -> tuple[dict, bool]:
+        """Train epoch `epoch`, then validate. Returns (metrics record, whether val/acc1 improved on the best)."""
+        record = {"epoch": epoch, **self.train_epoch(epoch)}
+        val = self.evaluate("validation")
+        record.update({"val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/loss": val["loss"],
+                       "lr": self.scheduler.get_last_lr()[0], "kd/temperature": self.temperature})
+        improved = val["acc1"] > self.best_acc1
+        if improved:
+            self.best_acc1, self.best_epoch = val["acc1"], epoch
+        return record, improved
+
+    def finish_epoch(self, epoch: int, record: dict, improved: bool, logger: MetricLogger) -> None:
+        """Write the metrics line, then the checkpoints (so a resumed run re-does any epoch past its checkpoint)."""
+        logger.log(record)
+        self.checkpoint(epoch, improved)
+        if self.dist.is_main:
+            tqdm.write(f"epoch {epoch + 1}/{self.cfg.train.epochs}  loss {record['train/loss']:.4f}  "
+                       f"val acc1 {record['val/acc1']:.2f}  acc5 {record['val/acc5']:.2f}  "
+                       f"({record['time/epoch_s']:.1f}s)")
+        barrier()
+
     def fit(self, logger: MetricLogger) -> None:
         for epoch in range(self.start_epoch, self.cfg.train.epochs):
-            self.before_epoch(epoch)
-            record = {"epoch": epoch, **self.train_epoch(epoch)}
-            val = self.evaluate("validation")
-            record.update({"val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/loss": val["loss"],
-                           "lr": self.scheduler.get_last_lr()[0], "kd/temperature": self.temperature})
-            improved = val["acc1"] > self.best_acc1
-            if improved:
-                self.best_acc1, self.best_epoch = val["acc1"], epoch
-            self.after_epoch(epoch, record)
-            logger.log(record)
-            self.checkpoint(epoch, improved)
-            if self.dist.is_main:
-                tqdm.write(f"epoch {epoch + 1}/{self.cfg.train.epochs}  loss {record['train/loss']:.4f}  "
-                           f"val acc1 {val['acc1']:.2f}  acc5 {val['acc5']:.2f}  ({record['time/epoch_s']:.1f}s)")
-            barrier()
+            record, improved = self.train_and_validate(epoch)
+            self.finish_epoch(epoch, record, improved, logger)
 
     # ---- final report ------------------------------------------------------------------------------------------
     def teacher_accuracy(self) -> dict:

@@ -100,10 +100,14 @@ def config_help(schema: type, prog: str, doc: str | None) -> str:
     return "\n".join(lines)
 
 
-def config_markdown(schema: type) -> str:
-    """The configuration reference as a markdown table (pasted into the README; a test keeps them in sync)."""
+def config_markdown(schema: type, base: type | None = None) -> str:
+    """The configuration reference as a markdown table (pasted into the README; a test keeps them in sync).
+    With `base`, only the keys the schema adds to it."""
+    skip = {key for key, *_ in iter_schema(base)} if base is not None else set()
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, type_name, default, text in iter_schema(schema):
+        if key in skip:
+            continue
         text = text.replace("<", "\\<").replace("|", "\\|")  # markdown would read <split> as an HTML tag
         rows.append(f"| `{key}` | {type_name} | `{json.dumps(default)}` | {text} |")
     return "\n".join(rows)

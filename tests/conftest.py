@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +24,30 @@ TINY = ["data.name=synthetic", "data.synthetic.num_classes=4", "data.synthetic.i
 
 def run_script(script: str, *args: str, timeout: float = 300, env: dict | None = None,
                launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + [str(ROOT / script), *args]
+    """Run `python <script> args...` (or `python -m <module> args...` with script="-m", module first in args)."""
+    target = [script] if script == "-m" else [str(ROOT / script)]
+    cmd = (launcher or [sys.executable]) + target + list(args)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_and_sigkill(script: str, *args: str, watch: Path, after_lines: int, settle: float = 0.3,
+                    module: str | None = None, env: dict | None = None) -> int:
+    """Start a script (or `python -m module` with script="-m"), wait until `watch` has `after_lines` lines, let it
+    run `settle` seconds more, then SIGKILL it. Returns the number of lines `watch` had at the kill."""
+    target = ["-m", module] if script == "-m" else [str(ROOT / script)]
+    proc = subprocess.Popen([sys.executable, *target, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if watch.exists() and len(watch.read_text().splitlines()) >= after_lines:
+            break
+        time.sleep(0.05)
+    time.sleep(settle)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(watch.read_text().splitlines())
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

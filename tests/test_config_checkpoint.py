@@ -119,5 +119,9 @@ def test_resume_auto_with_nothing_to_resume(tmp_path):
 def test_readme_documents_every_key_and_the_ci_runs_its_test_command():
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    assert utils.config_markdown(Config) in readme  # regenerate the table when the schema changes
+    from train_student_rl import RLConfig
+    assert utils.config_markdown(Config) in readme  # regenerate the tables when a schema changes
+    assert utils.config_markdown(RLConfig, base=Config) in readme
+    from gan_vae.continual import ContinualConfig
+    assert utils.config_markdown(ContinualConfig) in readme
     assert "python -m pytest -q" in readme and "python -m pytest -q" in (root / ".ci" / "run").read_text()

@@ -1,7 +1,6 @@
 """Teacher and student construction, logit restriction, the frozen teacher, weight files."""
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import data
 from conftest import TINY, assert_clean_error, run_script

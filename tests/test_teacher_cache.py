@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-import data
 from data import AugSpec, EvalViews, TrainViews, load_splits, normalize_batch, replay_view_index
 from models import create_teacher
 from teacher_cache import build_or_load_cache

@@ -1,13 +1,10 @@
 """train_student.py end to end, as a user runs it: every teacher mode, resume after SIGKILL, DDP, bad input."""
 import json
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import ROOT, TINY, assert_clean_error, read_metrics, run_script
+from conftest import TINY, assert_clean_error, read_metrics, run_and_sigkill, run_script
 
 TIME_KEYS = ("time/",)
 
@@ -55,19 +52,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     full = run_script("train_student.py", *args, "run.name=full")
     assert full.returncode == 0, full.stderr[-3000:]
 
-    cmd = [sys.executable, str(ROOT / "train_student.py"), *args, "run.name=killed"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the next epoch
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = len(metrics.read_text().splitlines())
+    done_before = run_and_sigkill("train_student.py", *args, "run.name=killed",
+                                  watch=tmp_path / "killed" / "metrics.jsonl", after_lines=2)
     assert done_before < 4
 
     resumed = run_script("train_student.py", *args, "run.name=killed", "run.resume=auto")

@@ -1,0 +1,356 @@
+"""Curriculum: difficulty score, reward, sampler, Gymnasium environment, agents, train_student_rl.py end to end."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, assert_clean_error, read_metrics, run_and_sigkill, run_script
+from curriculum_dataloader import STRATEGIES, CurriculumSampler, allocate, pacing_fraction
+from models import difficulty_score
+from rl_curriculum_env import curriculum_reward, curriculum_reward_terms, decode_action
+from utils import UserError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# difficulty_score
+# ---------------------------------------------------------------------------------------------------------------
+def test_difficulty_hand_computed():
+    # C = 2, p_t = (0.75, 0.25), p_s = (0.5, 0.5)
+    teacher = torch.tensor([[math.log(3.0), 0.0]])
+    student = torch.tensor([[0.0, 0.0]])
+    d_conf = 0.25
+    d_ent = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(2)
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    expected = 0.3 * d_conf + 0.3 * d_ent + 0.4 * min(kl / 5, 1)
+    assert difficulty_score(teacher, student).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_uniform_teacher_has_entropy_one():
+    c = 7
+    d = difficulty_score(torch.zeros(3, c), torch.zeros(3, c))  # agreeing uniform student: KL = 0
+    assert torch.allclose(d, torch.full((3,), 0.3 * (1 - 1 / c) + 0.3 * 1.0), atol=1e-6)
+
+
+def test_one_hot_teacher_with_agreeing_student_is_easy():
+    t = torch.tensor([[60.0, 0.0, 0.0, 0.0]])  # p_t = one-hot up to e^-60: exp underflows, 0 log 0 must be 0
+    d = difficulty_score(t, t.clone())
+    assert torch.isfinite(d).all() and d.item() == pytest.approx(0.0, abs=1e-6)
+    t = torch.tensor([[1000.0, 0.0, 0.0]])  # p_t exactly one-hot in float32
+    assert difficulty_score(t, t.clone()).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_above_five_is_clipped():
+    t = torch.tensor([[50.0, 0.0]])
+    s = torch.tensor([[0.0, 50.0]])  # KL ~ 50 > 5
+    assert difficulty_score(t, s).item() == pytest.approx(0.4, abs=1e-5)
+
+
+def test_difficulty_lies_in_unit_interval():
+    g = torch.Generator().manual_seed(0)
+    d = difficulty_score(torch.randn(500, 10, generator=g) * 5, torch.randn(500, 10, generator=g) * 5)
+    assert d.shape == (500,) and d.min() >= 0 and d.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# curriculum_reward
+# ---------------------------------------------------------------------------------------------------------------
+def test_reward_first_step():
+    assert curriculum_reward(50.0, 0.0, 1.0, math.inf, 0, 10) == 0.0
+
+
+def test_reward_accuracy_and_loss_decrease():
+    t = curriculum_reward_terms(55.0, 50.0, 0.9, 1.0, 5, 10)
+    assert t == {"acc": 10.0, "loss": 0.0, "early": 0.0, "abs": 0.0}
+    assert curriculum_reward(45.0, 50.0, 0.9, 1.0, 5, 10) == pytest.approx(-10.0)
+
+
+def test_reward_loss_increase_and_its_cap():
+    assert curriculum_reward_terms(50.0, 50.0, 1.1, 1.0, 5, 10)["loss"] == pytest.approx(-0.5)
+    assert curriculum_reward_terms(50.0, 50.0, 9.0, 1.0, 5, 10)["loss"] == -5.0
+
+
+def test_reward_early_bonus_on_both_sides_of_03E():
+    assert curriculum_reward_terms(61.0, 0.0, 1.0, math.inf, 2, 10)["early"] == 2.0  # e = 2 < 3
+    assert curriculum_reward_terms(61.0, 0.0, 1.0, math.inf, 3, 10)["early"] == 0.0  # e = 3 = 0.3 E
+    assert curriculum_reward_terms(60.0, 0.0, 1.0, math.inf, 0, 10)["early"] == 0.0  # a_t must exceed 60
+
+
+def test_reward_absolute_bonus_and_sum():
+    t = curriculum_reward_terms(80.0, 75.0, 0.5, 0.4, 9, 10)
+    assert t["abs"] == pytest.approx(1.0) and t["acc"] == pytest.approx(10.0) and t["loss"] == pytest.approx(-0.5)
+    assert curriculum_reward(80.0, 75.0, 0.5, 0.4, 9, 10) == pytest.approx(10.5)
+
+
+def test_decode_action_clips_temperature():
+    assert decode_action([0, 0], 2.0) == (0.0, 2.0)
+    assert decode_action([4, 2], 8.0) == (1.0, 8.0)
+    assert decode_action([2, 2], 4.0) == (0.5, 4.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CurriculumSampler
+# ---------------------------------------------------------------------------------------------------------------
+N = 103
+DIFF = np.random.default_rng(0).random(N)
+
+
+def _chosen(sampler):
+    return sampler.select()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("target", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_sampler_size_and_membership(strategy, target):
+    s = CurriculumSampler(DIFF, strategy, fraction=0.7, target=target, seed=3, start_fraction=0.4, pacing_epochs=10)
+    s.set_epoch(2)
+    chosen = _chosen(s)
+    assert len(set(chosen.tolist())) == len(chosen)  # no duplicates
+    m = math.ceil(0.7 * N)
+    if strategy == "all":
+        assert sorted(chosen) == list(range(N))
+    elif strategy in ("random_subset", "adaptive", "mixed"):
+        assert len(chosen) == m
+    else:
+        g = pacing_fraction(2, 0.4, 10)
+        assert len(chosen) == math.ceil(g * N)
+    if strategy == "adaptive":  # the m nearest to the target
+        dist = np.abs(DIFF - target)
+        assert dist[chosen].max() <= np.sort(dist)[m - 1] + 1e-12
+    if strategy == "easy_to_hard":
+        assert DIFF[chosen].max() <= np.sort(DIFF)[len(chosen) - 1]
+    if strategy == "hard_to_easy":
+        assert DIFF[chosen].min() >= np.sort(DIFF)[::-1][len(chosen) - 1]
+    if strategy == "mixed":
+        groups = s.quintiles()
+        q = s.target_quintile(groups)
+        per_group = [len(set(chosen) & set(g.tolist())) for g in groups]
+        assert per_group[q] == max(per_group)
+
+
+def test_mixed_weights_and_shortfall():
+    s = CurriculumSampler(DIFF, "mixed", fraction=0.5, target=0.0, seed=0)
+    groups = s.quintiles()
+    per_group = [len(set(s.select()) & set(g.tolist())) for g in groups]
+    assert sum(per_group) == math.ceil(0.5 * N)
+    assert per_group == sorted(per_group, reverse=True)  # weights 5, 3, 2, 1, 1 from the easiest quintile
+    # the target's quintile (weight 5/12 of 94 = 39) holds only 21: the shortfall goes to the others
+    s = CurriculumSampler(DIFF, "mixed", fraction=0.9, target=1.0, seed=0)
+    per_group = [len(set(s.select()) & set(g.tolist())) for g in s.quintiles()]
+    assert sum(per_group) == math.ceil(0.9 * N) and per_group[4] == len(s.quintiles()[4])
+    assert list(allocate(10, np.array([5.0, 3, 2, 1, 1]), np.array([2, 10, 10, 10, 10]))) == [2, 4, 2, 1, 1]
+
+
+def test_pacing_grows_linearly():
+    assert pacing_fraction(0, 0.4, 10) == pytest.approx(0.4)
+    assert pacing_fraction(5, 0.4, 10) == pytest.approx(0.7)
+    assert pacing_fraction(12, 0.4, 10) == 1.0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sampler_shards(strategy, world):
+    shards = []
+    for rank in range(world):
+        s = CurriculumSampler(DIFF, strategy, fraction=0.7, target=0.25, seed=5, num_replicas=world, rank=rank)
+        s.set_epoch(1)
+        items = list(s)
+        assert all(e == 1 for _, e in items) and len(items) == len(s)
+        shards.append([i for i, _ in items])
+    assert len({len(sh) for sh in shards}) == 1  # equal length
+    ref = CurriculumSampler(DIFF, strategy, fraction=0.7, target=0.25, seed=5)
+    ref.set_epoch(1)
+    chosen = set(ref.select().tolist())
+    flat = [i for sh in shards for i in sh]
+    assert set(flat) == chosen  # covering, nothing dropped
+    assert len(flat) - len(chosen) < world  # disjoint up to the < world padding items
+    if len(chosen) % world == 0:
+        assert len(flat) == len(chosen)  # exactly disjoint
+
+
+def test_sampler_is_deterministic_and_reshuffles():
+    a = CurriculumSampler(DIFF, "adaptive", seed=1)
+    b = CurriculumSampler(DIFF, "adaptive", seed=1)
+    assert list(a) == list(b)
+    first = [i for i, _ in a]
+    a.set_epoch(1)
+    second = [i for i, _ in a]
+    assert first != second and sorted(first) == sorted(second)  # same set (same target), new order
+
+
+def test_sampler_bad_input():
+    with pytest.raises(UserError, match="unknown curriculum strategy 'hardest'"):
+        CurriculumSampler(DIFF, "hardest")
+    with pytest.raises(UserError, match="fraction"):
+        CurriculumSampler(DIFF, "adaptive", fraction=0.0)
+    with pytest.raises(UserError, match="fraction"):
+        CurriculumSampler(DIFF, "adaptive", fraction=1.5)
+    s = CurriculumSampler(DIFF, "adaptive")
+    with pytest.raises(UserError, match="target difficulty"):
+        s.set_target(1.2)
+    with pytest.raises(UserError, match="103 samples"):
+        s.update_difficulty(np.zeros(5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The environment on a tiny trainer
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_trainer(tmp_path):
+    from train_student_rl import CurriculumTrainer, RLConfig
+    from utils import DistInfo, load_config
+    cfg = load_config(RLConfig, None, [*TINY, "kd.alpha=0.5", "train.epochs=4", "difficulty.warmup_epochs=1",
+                                       "difficulty.refresh_every=1", "agent.name=random",
+                                       f"teacher.cache_dir={tmp_path / 'cache'}"])
+    return CurriculumTrainer(cfg, DistInfo(), None)
+
+
+def test_env_passes_gymnasium_checker(tiny_trainer):
+    from gymnasium.utils.env_checker import check_env
+    check_env(tiny_trainer.env, skip_render_check=True)
+
+
+def test_step_t_trains_with_action_t(tiny_trainer, monkeypatch):
+    env, trainer = tiny_trainer.env, tiny_trainer
+    env.reset(seed=0)
+    seen = []
+    real = trainer.train_epoch
+
+    def spy(epoch):
+        seen.append((epoch, trainer.train_sampler.target, trainer.temperature))
+        return real(epoch)
+
+    monkeypatch.setattr(trainer, "train_epoch", spy)
+    actions = [np.array([4, 2]), np.array([0, 0]), np.array([1, 2])]
+    temperature = trainer.temperature
+    for t, action in enumerate(actions):
+        target, temperature = decode_action(action, temperature)
+        obs, reward, terminated, truncated, info = env.step(action)
+        assert seen[-1] == (t, target, temperature)  # the epoch step t trained used action t
+        assert env.last_record["kd/temperature"] == temperature and info["target"] == target
+        assert info["epoch"] == t and set(info["reward_terms"]) == {"acc", "loss", "early", "abs"}
+        assert obs[10] == pytest.approx(target)  # the observation reports the action's target
+    assert not terminated
+    env.step(np.array([2, 1]))
+    assert env.epoch == 4
+
+
+def test_student_back_in_train_mode_after_refresh(tiny_trainer):
+    trainer = tiny_trainer
+    trainer.student.train()
+    trainer.refresh_difficulty(1)
+    assert trainer.student.training
+    assert all(m.training for m in trainer.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert trainer.difficulty.shape == (len(trainer.splits["train"]),)
+    assert not trainer.train_sampler.use_all
+    # and it was scored in eval mode: the same as a direct eval-mode forward over the evaluation views
+    trainer.student.eval()
+    logits = trainer.student_train_logits()
+    trainer.student.train()
+    assert np.allclose(logits, trainer.student_train_logits())
+
+
+def test_agents_round_trip_their_state(tiny_trainer):
+    from omegaconf import OmegaConf
+
+    from train_student_rl import BanditAgent, PPOAgent, RandomAgent
+    obs, _ = tiny_trainer.env.reset(seed=0)
+    bandit = BanditAgent(OmegaConf.create({"discount": 0.9, "reward_std": 5.0, "prior_std": 10.0}), seed=0)
+    for agent in (bandit, RandomAgent(0)):
+        a = agent.act(obs)
+        agent.observe(obs, a, 1.0, obs, False)
+        state = agent.state_dict()
+        next_a = agent.act(obs)
+        agent.load_state_dict(state)
+        assert np.array_equal(agent.act(obs), next_a)
+    ppo = PPOAgent(tiny_trainer.env, OmegaConf.create({"n_steps": 2, "batch_size": 2, "n_epochs": 1, "lr": 3e-4,
+                                                       "gamma": 0.99, "gae_lambda": 0.95, "clip_range": 0.2,
+                                                       "vf_coef": 1.0, "ent_coef": 0.01}), seed=0)
+    before = [p.clone() for p in ppo.policy.parameters()]
+    for _ in range(2):
+        a = ppo.act(obs)
+        assert tiny_trainer.env.action_space.contains(a)
+        ppo.observe(obs, a, 3.0, obs, False)
+    assert ppo.updates == 1 and any(not torch.equal(b, p) for b, p in zip(before, ppo.policy.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_student_rl.py end to end
+# ---------------------------------------------------------------------------------------------------------------
+RL_TINY = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refresh_every=1", "train.epochs=3",
+           "agent.ppo.n_steps=2", "agent.ppo.batch_size=2"]
+
+
+@pytest.mark.parametrize("agent", ["ppo", "bandit"])
+def test_tiny_agent_runs(tmp_path, agent):
+    proc = run_script("train_student_rl.py", *RL_TINY, f"agent.name={agent}", f"run.out_dir={tmp_path}", "run.name=r")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "r"
+    for name in ("curriculum.jsonl", "curriculum.png", "metrics.jsonl", "results.json", "checkpoints/last.pt",
+                 "difficulty/epoch_001.npy", "difficulty/epoch_001.png", "difficulty/epoch_002.npy"):
+        assert (run / name).is_file(), name
+    lines = [json.loads(x) for x in (run / "curriculum.jsonl").read_text().splitlines()]
+    assert [ln["epoch"] for ln in lines] == [0, 1, 2]
+    for ln in lines:
+        for key in ("action", "target", "temperature", "strategy", "num_samples", "reward", "reward_acc",
+                    "reward_loss", "reward_early", "reward_abs", "difficulty_mean", "difficulty_std"):
+            assert key in ln
+        assert ln["reward"] == pytest.approx(ln["reward_acc"] + ln["reward_loss"] + ln["reward_early"]
+                                             + ln["reward_abs"])
+    assert lines[0]["num_samples"] == 48  # whole set before the first refresh
+    assert lines[1]["num_samples"] == math.ceil(0.7 * 48)
+    metrics = read_metrics(run)
+    assert [m["rl/reward"] for m in metrics] == [ln["reward"] for ln in lines]
+
+
+def test_rl_resume_after_kill_matches_uninterrupted(tmp_path):
+    args = [*RL_TINY, "data.synthetic.images_per_class=40", "train.epochs=5", "agent.name=ppo",
+            f"run.out_dir={tmp_path}"]
+    full = run_script("train_student_rl.py", *args, "run.name=full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    log = tmp_path / "killed" / "curriculum.jsonl"
+    run_and_sigkill("train_student_rl.py", *args, "run.name=killed", watch=log, after_lines=3, settle=0.2)
+    resumed = run_script("train_student_rl.py", *args, "run.name=killed", "run.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+    a = [json.loads(x) for x in (tmp_path / "full" / "curriculum.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in log.read_text().splitlines()]
+    assert a == b  # same actions, rewards, targets, temperatures: the agent resumed where it stopped
+    assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(tmp_path / "killed"))
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("curriculum.strategy=hardest", "unknown curriculum.strategy 'hardest'"),
+    ("agent.name=sarsa", "unknown agent.name 'sarsa'"),
+    ("curriculum.fraction=0", "curriculum.fraction=0.0 must lie in (0, 1]"),
+    ("curriculum.fraction=1.2", "must lie in (0, 1]"),
+    ("curriculum.target=-0.5", "curriculum.target=-0.5 must lie in [0, 1]"),
+    ("teacher.mode=online", "teacher.mode=online does not build"),
+])
+def test_rl_bad_input(override, fragment):
+    assert_clean_error(run_script("train_student_rl.py", *RL_TINY, override), fragment)
+
+
+def test_difficulty_tracks_the_true_difficulty(tmp_path):
+    """With a trained teacher, difficulty_score ranks the synthetic images like their stored true difficulty."""
+    from scipy.stats import spearmanr
+
+    from data import make_synthetic_dataset
+    data = ["data.name=synthetic", "data.synthetic.num_classes=6", "data.image_size=32", "data.crop_scale_min=0.35",
+            "data.workers=0", "train.batch_size=32", "eval.latency=false", f"run.out_dir={tmp_path}"]
+    teacher = run_script("train_student.py", *data, "data.synthetic.images_per_class=150", "data.synthetic.seed=1",
+                         "student.name=resnet10t", "kd.alpha=1", "train.epochs=4", "run.name=teacher")
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    rl = run_script("train_student_rl.py", *data, "data.synthetic.images_per_class=50", "teacher.name=resnet10t",
+                    f"teacher.checkpoint={tmp_path / 'teacher' / 'student.safetensors'}", "student.name=test_resnet",
+                    "kd.alpha=0", "train.epochs=3", "difficulty.warmup_epochs=2", "agent.name=fixed", "run.name=rl")
+    assert rl.returncode == 0, rl.stderr[-3000:]
+    scores = np.load(tmp_path / "rl" / "difficulty" / "epoch_002.npy")
+    truth = np.asarray(make_synthetic_dataset(6, 50, 32, 0)["train"]["difficulty"])
+    rho = spearmanr(scores, truth).statistic
+    print(f"Spearman(difficulty_score, true difficulty) = {rho:.3f}")
+    assert rho >= 0.5
