@@ -567,9 +567,13 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"task file {path} does not exist")
     try:
         arrays = np.load(path)
+        missing = [k for k in ("images", "labels") if k not in arrays.files]
+        if missing:
+            raise UserError(f"{path} lacks the array(s) {missing} (it has {arrays.files}); it needs `images` uint8 "
+                            "[N, 28, 28] and `labels` [N]")
         images, labels = arrays["images"], arrays["labels"]
-    except KeyError as exc:
-        raise UserError(f"{path} lacks the array {exc}; it needs `images` uint8 [N, 28, 28] and `labels` [N]") from None
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"cannot read {path}: {exc}") from None
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:

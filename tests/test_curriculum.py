@@ -325,14 +325,26 @@ def test_rl_resume_after_kill_matches_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("override,fragment", [
     ("curriculum.strategy=hardest", "unknown curriculum.strategy 'hardest'"),
+    ("teacher.mode=online", "teacher.mode=online does not build"),
+])
+def test_rl_bad_input_on_the_command_line(override, fragment):
+    assert_clean_error(run_script("train_student_rl.py", *RL_TINY, override), fragment)
+
+
+@pytest.mark.parametrize("override,fragment", [
     ("agent.name=sarsa", "unknown agent.name 'sarsa'"),
     ("curriculum.fraction=0", "curriculum.fraction=0.0 must lie in (0, 1]"),
     ("curriculum.fraction=1.2", "must lie in (0, 1]"),
     ("curriculum.target=-0.5", "curriculum.target=-0.5 must lie in [0, 1]"),
-    ("teacher.mode=online", "teacher.mode=online does not build"),
+    ("kd.alpha=1", "needs a teacher"),
+    ("agent.fixed_actions=[[5,1]]", "agent.fixed_actions entry [5, 1]"),
 ])
 def test_rl_bad_input(override, fragment):
-    assert_clean_error(run_script("train_student_rl.py", *RL_TINY, override), fragment)
+    from train_student_rl import RLConfig, validate_rl
+    from utils import load_config
+    with pytest.raises(UserError) as err:
+        validate_rl(load_config(RLConfig, None, [*RL_TINY, override]))
+    assert fragment in str(err.value)
 
 
 def test_difficulty_tracks_the_true_difficulty(tmp_path):

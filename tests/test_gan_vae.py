@@ -244,29 +244,46 @@ def test_repeated_domain_reuses_expert_and_new_domain_adds_one(domains, tmp_path
     assert again.returncode == 0, again.stderr[-3000:]
     re_res = json.loads((run / "results.json").read_text())
     for key in ("teacher_fid", "recon_mse"):
-        assert np.allclose(np.array(re_res[key], dtype=float), np.array(other_res[key], dtype=float), rtol=1e-4)
+        assert np.allclose(np.array(re_res[key], dtype=float), np.array(other_res[key], dtype=float), rtol=1e-4,
+                           equal_nan=True)  # None (not yet seen) on both sides
 
 
 @pytest.mark.parametrize("override,fragment", [
     ("data.tasks=[mnistt]", "unknown task 'mnistt'"),
-    ("data.tasks=[DOM/wrong_keys.npz]", "lacks the array 'images'"),
-    ("data.tasks=[DOM/wrong_shape.npz]", "expected uint8 [N, 28, 28]"),
-    ("data.tasks=[DOM/discs.npz:classes=]", "class subset is empty"),
-    ("data.tasks=[DOM/discs.npz:classes=7]", "no images of classes [7]"),
-    ("teacher.fid_threshold=0", "teacher.fid_threshold=0.0 must be > 0"),
-    ("teacher.max_experts=0", "teacher.max_experts=0 must be >= 1"),
-    ("fid.samples=2", "fid.samples=2"),
+    ("data.tasks=[DOM/wrong_keys.npz]", "lacks the array(s) ['images']"),
 ])
-def test_continual_bad_input(domains, tmp_path, override, fragment):
+def test_continual_bad_input_on_the_command_line(domains, tmp_path, override, fragment):
     proc = run_script("-m", "gan_vae.continual", *_args(domains, tmp_path, ["discs"]),
                       override.replace("DOM", str(domains)), "run.name=bad")
     assert_clean_error(proc, fragment)
 
 
+@pytest.mark.parametrize("override,fragment", [
+    ("data.tasks=[DOM/wrong_shape.npz]", "expected uint8 [N, 28, 28]"),
+    ("data.tasks=[DOM/discs.npz:classes=]", "class subset is empty"),
+    ("data.tasks=[DOM/discs.npz:classes=7]", "no images of classes [7]"),
+    ("data.tasks=[DOM/discs.npz:blur]", "cannot read 'blur'"),
+    ("teacher.fid_threshold=0", "teacher.fid_threshold=0.0 must be > 0"),
+    ("teacher.max_experts=0", "teacher.max_experts=0 must be >= 1"),
+    ("fid.samples=2", "fid.samples=2"),
+])
+def test_continual_bad_input(domains, tmp_path, override, fragment):
+    from data import load_task
+    from gan_vae.continual import ContinualConfig, validate
+    from utils import UserError, load_config
+    cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]), override.replace("DOM",
+                                                                                                     str(domains))])
+    with pytest.raises(UserError) as err:
+        validate(cfg)
+        for spec in cfg.data.tasks:
+            load_task(spec, cfg.data.root, 0)
+    assert fragment in str(err.value)
+
+
 def test_real_data_run_on_shared_arrays(shared_data, tmp_path):
     """The offline config on the real MNIST / Fashion-MNIST arrays, with a short budget."""
-    proc = run_script("-m", "gan_vae.continual", "--config", "configs/gan_vae_shared_data.yaml", "teacher.steps=100",
-                      "student.steps=40", "fid.samples=300", "fid.classifier_epochs=1", "log.sample_every=100",
+    proc = run_script("-m", "gan_vae.continual", "--config", "configs/gan_vae_shared_data.yaml", "teacher.steps=40",
+                      "student.steps=30", "fid.samples=300", "fid.classifier_epochs=1", "log.sample_every=100",
                       f"run.out_dir={tmp_path}", "run.name=real", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "real" / "results.json").read_text())
