@@ -1,15 +1,22 @@
-"""Measure what the distillation modes cost, side by side in one process, as ratios to label-only training.
+"""Measure what this repository's work costs, side by side in one process, as ratios to a floor.
 
     python bench.py                 # default teacher-student pair (ResNet-152 -> MobileNetV2) at 64 px
-    python bench.py --quick         # fewer images and repeats (about a minute on a 2-core CPU)
-    python bench.py --image-size 224 --images-per-class 50 --out bench_gpu
+    python bench.py --quick         # fewer images and repeats: under 2 minutes on a 2-core CPU
+    python bench.py --image-size 224 --images-per-class 50 --workers 8 --out bench_gpu
 
-It builds one synthetic dataset and three trainers on it (label-only, cached teacher, online teacher), all with
-untrained weights (speed does not depend on them), then runs their training epochs interleaved (L C O L C O ...)
-so that machine noise hits each alike. It reports the median and spread of the epoch times after a warm-up epoch,
-each divided by the label-only median (the floor), and the teacher-cache build time in label-only epochs. Then it
-times train_student_rl.py epochs (ppo and bandit agents, difficulty refresh every 5 epochs) against plain KD epochs
-over one refresh cycle, interleaved. Writes <out>.json and <out>.md.
+Every item runs its alternatives interleaved (A B A B ...), after one warm-up round, so that machine noise hits
+each alike; it reports the median and the spread (min-max) of the repeats and each median's ratio to its floor:
+1. KD epoch: teacher.mode=online, teacher.mode=cached and label-only (kd.alpha=1, the floor), synthetic data.
+2. Teacher-cache build time, in label-only epochs.
+3. Difficulty refresh (train_student_rl.py: student pass over the training set + score) / one cached-KD epoch.
+4. Curriculum RL epoch (agent + environment step, incl. validation and a refresh every --refresh-every epochs)
+   / plain KD epoch with validation, for the ppo and bandit agents.
+5. Input pipeline alone, in images per second / the student's training throughput (forward + backward + step on
+   ready batches, the floor): decoding full-resolution JPEGs (4:3, --jpeg-height) in the loader, the pre-decoded
+   copy (data.preprocessed=true) augmented in the loader, and the pre-decoded copy augmented on the device.
+6. gan_vae: WGAN-GP teacher steps and beta-VAE student steps per second, and one FID evaluation against cached
+   real statistics (in teacher steps).
+Writes <out>.json and <out>.md (machine, torch version and device in the header).
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from train_student import Config, Trainer
@@ -40,118 +48,291 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__, "device": dev}
 
 
-def build_trainers(args, cache_dir: str) -> dict[str, Trainer]:
-    base = ["data.name=synthetic", f"data.synthetic.num_classes={args.classes}",
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def common_overrides(args, cache_dir: str) -> list[str]:
+    return ["data.name=synthetic", f"data.synthetic.num_classes={args.classes}",
             f"data.synthetic.images_per_class={args.images_per_class}",
             f"data.synthetic.image_size={args.image_size}", f"data.image_size={args.image_size}",
             f"data.workers={args.workers}", f"train.batch_size={args.batch_size}", "teacher.pretrained=false",
             f"teacher.name={args.teacher}", f"student.name={args.student}", f"teacher.cache_views={args.cache_views}",
-            f"teacher.cache_dir={cache_dir}", "train.epochs=1000", "eval.latency=false"]
+            f"teacher.cache_dir={cache_dir}", "eval.latency=false", f"run.out_dir={cache_dir}"]
+
+
+def interleaved(alternatives: dict, repeats: int, label: str) -> dict[str, list[float]]:
+    """Run each alternative (name -> callable returning seconds) once per round, in turn, for 1 + `repeats`
+    rounds; the first round is the warm-up. Returns name -> timed seconds."""
+    out: dict[str, list[float]] = {name: [] for name in alternatives}
+    for rep in range(repeats + 1):
+        for name, fn in alternatives.items():
+            seconds = fn(rep)
+            if rep:
+                out[name].append(seconds)
+            print(f"{label} round {rep} {name}: {seconds:.3f}s", flush=True)
+    return out
+
+
+def row(item: str, values: list[float], unit: str, floor_value: float | None, floor: str,
+        higher_is_better: bool = False) -> dict:
+    """One table row: median, min, max, and the median's ratio to the floor's median."""
+    med = statistics.median(values)
+    ratio = None if floor_value is None else (med / floor_value)
+    return {"item": item, "unit": unit, "median": med, "min": min(values), "max": max(values), "n": len(values),
+            "ratio": ratio, "floor": floor, "higher_is_better": higher_is_better}
+
+
+# ---- 1, 2: KD epochs and the teacher cache -----------------------------------------------------------------------
+def bench_kd(args, cache_dir: str) -> tuple[list[dict], dict[str, Trainer]]:
+    base = common_overrides(args, cache_dir) + ["train.epochs=1000"]
     modes = {"label-only": ["kd.alpha=1"], "cached": ["kd.alpha=0", "teacher.mode=cached"],
              "online": ["kd.alpha=0", "teacher.mode=online"]}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return {name: Trainer(load_config(Config, None, base + extra), DistInfo(device=device), None)
-            for name, extra in modes.items()}
+    trainers = {name: Trainer(load_config(Config, None, base + extra), DistInfo(device=device()), None)
+                for name, extra in modes.items()}
+    epochs = interleaved({name: (lambda rep, t=t: t.train_epoch(rep)["time/epoch_s"]) for name, t in trainers.items()},
+                         args.repeats, "KD epoch")
+    floor = statistics.median(epochs["label-only"])
+    rows = [row(f"KD epoch, {name}", v, "s", floor, "label-only epoch") for name, v in epochs.items()]
+    build_s = trainers["cached"].cache_info["build_s"]
+    rows.append({**row("teacher-cache build", [build_s], "s", floor, "label-only epoch"), "note": "one build"})
+    return rows, trainers
 
 
-def bench_curriculum(args, cache_dir: str) -> dict:
-    """Wall time of a train_student_rl.py epoch (agent + environment step: curriculum, training, validation and,
-    every `refresh_every` epochs, the difficulty refresh) over a plain KD epoch (training + validation), for each
-    agent, with the same samples per epoch (strategy all) and interleaved epochs. Returns seconds per mode."""
+# ---- 3, 4: difficulty refresh and curriculum RL epochs -----------------------------------------------------------
+def bench_curriculum(args, cache_dir: str) -> list[dict]:
+    """train_student_rl.py epochs (agent + environment step: curriculum, training, validation and, every
+    `refresh_every` epochs, the difficulty refresh) against plain KD epochs (training + validation), same samples per
+    epoch (strategy all), interleaved; then the difficulty refresh alone against a training epoch."""
     from train_student_rl import CurriculumTrainer, RLConfig
-    base = ["data.name=synthetic", f"data.synthetic.num_classes={args.classes}",
-            f"data.synthetic.images_per_class={args.images_per_class}",
-            f"data.synthetic.image_size={args.image_size}", f"data.image_size={args.image_size}",
-            f"data.workers={args.workers}", f"train.batch_size={args.batch_size}", "teacher.pretrained=false",
-            f"teacher.name={args.teacher}", f"student.name={args.student}", f"teacher.cache_views={args.cache_views}",
-            f"teacher.cache_dir={cache_dir}", "kd.alpha=0", "eval.latency=false", "curriculum.strategy=all",
-            f"difficulty.refresh_every={args.refresh_every}", "difficulty.warmup_epochs=0",
-            f"train.epochs={args.refresh_every * args.rl_cycles + 1}"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    plain = Trainer(load_config(RLConfig, None, base), DistInfo(device=device), None)
-    rl = {a: CurriculumTrainer(load_config(RLConfig, None, base + [f"agent.name={a}"]), DistInfo(device=device), None)
-          for a in ("ppo", "bandit")}
+    epochs = args.refresh_every * args.rl_cycles + 1
+    base = common_overrides(args, cache_dir) + [
+        "kd.alpha=0", "curriculum.strategy=all", f"difficulty.refresh_every={args.refresh_every}",
+        "difficulty.warmup_epochs=0", f"train.epochs={epochs}"]
+    plain = Trainer(load_config(RLConfig, None, base), DistInfo(device=device()), None)
+    rl = {a: CurriculumTrainer(load_config(RLConfig, None, base + [f"agent.name={a}"]), DistInfo(device=device()),
+                               None) for a in ("ppo", "bandit")}
     obs = {a: t.env.reset(seed=0)[0] for a, t in rl.items()}
-    seconds: dict[str, list[float]] = {"plain KD": [], **{f"RL {a}": [] for a in rl}}
-    for epoch in range(args.refresh_every * args.rl_cycles + 1):
+
+    def timed(fn):
         start = time.perf_counter()
-        plain.train_and_validate(epoch)
-        if epoch:  # epoch 0 is the warm-up (its difficulty refresh happened in reset, outside the timing)
-            seconds["plain KD"].append(time.perf_counter() - start)
-        for a, t in rl.items():
-            start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def rl_epoch(a: str, epoch: int) -> float:
+        def step():
+            t = rl[a]
             action = t.agent.act(obs[a])
             next_obs, reward, done, _, _ = t.env.step(action)
             t.agent.observe(obs[a], action, reward, next_obs, done)
             obs[a] = next_obs
-            if epoch:
-                seconds[f"RL {a}"].append(time.perf_counter() - start)
-        print(f"curriculum epoch {epoch}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in seconds.items() if v),
-              flush=True)
-    return seconds
+        return timed(step)
+
+    # every epoch of the cycle is timed (epoch 0, the warm-up, had its refresh in reset, outside the timing)
+    seconds = interleaved({"plain KD": lambda e: timed(lambda: plain.train_and_validate(e)),
+                           **{f"RL {a}": (lambda e, a=a: rl_epoch(a, e)) for a in rl}}, epochs - 1, "curriculum")
+    floor = sum(seconds["plain KD"])
+    rows = [{**row(f"curriculum epoch, {name}", v, "s", None, "plain KD epoch"),
+             "ratio": sum(v) / floor, "note": f"ratio of totals over {len(v)} epochs"}
+            for name, v in seconds.items()]
+    trainer = rl["bandit"]
+    refresh = interleaved({"training epoch": lambda e: trainer.train_epoch(epochs + e)["time/epoch_s"],
+                           "difficulty refresh": lambda e: timed(lambda: trainer.refresh_difficulty(epochs + e))},
+                          args.repeats, "refresh")
+    rows.append(row("difficulty refresh", refresh["difficulty refresh"], "s",
+                    statistics.median(refresh["training epoch"]), "cached-KD training epoch"))
+    return rows
+
+
+# ---- 5: the input pipeline -----------------------------------------------------------------------------------------
+def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
+    """Images per second of the training loader alone (views made, batches delivered, nothing trained) for the
+    JPEG and pre-decoded paths, over the student's training throughput on ready batches."""
+    from data import (AugSpec, EpochSampler, TrainViews, apply_aug_records, load_local, make_loader,
+                      predecode_split, write_synthetic_jpeg_folder)
+    tree = write_synthetic_jpeg_folder(work / "jpeg", args.classes, args.images_per_class, args.jpeg_height)
+    jpeg = load_local(tree)["train"]
+    start = time.perf_counter()
+    pre = predecode_split(jpeg, args.preprocess_size, work / "predecoded", "train", args.workers)
+    predecode_s = time.perf_counter() - start
+    spec = AugSpec(image_size=args.image_size)
+    dev = device()
+    loaders = {
+        "JPEG decode + augment in loader": make_loader(TrainViews(jpeg, spec, 0), EpochSampler(len(jpeg)),
+                                                       args.batch_size, args.workers, dev),
+        "pre-decoded, augment in loader": make_loader(TrainViews(pre, spec, 0), EpochSampler(len(pre)),
+                                                      args.batch_size, args.workers, dev),
+        "pre-decoded, augment on device": make_loader(TrainViews(pre, spec, 0, device_aug=True),
+                                                      EpochSampler(len(pre)), args.batch_size, args.workers, dev)}
+
+    def pass_over(loader, epoch: int) -> float:
+        loader.sampler.set_epoch(epoch)
+        start, n = time.perf_counter(), 0
+        for batch in loader:
+            if "raw" in batch:
+                x = apply_aug_records([r.to(dev, non_blocking=True) for r in batch["raw"]], batch["record"], spec)
+            else:
+                x = batch["image"].to(dev, non_blocking=True)
+            n += len(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - start)
+
+    # the student's training throughput on ready batches: forward, backward and optimiser step, no loader
+    t = student_trainer
+    x = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
+    y = torch.randint(0, t.num_classes, (args.batch_size,))
+    steps = max(2, len(jpeg) // args.batch_size)
+
+    def student_rate(_: int) -> float:
+        from models import kd_loss_terms
+        from data import normalize_batch
+        t.model.train()
+        start = time.perf_counter()
+        for _ in range(steps):
+            with t.autocast():
+                logits = t.model(normalize_batch(x, dev, t.channels_last))
+            loss = kd_loss_terms(logits, None, y.to(dev), 1.0, 1.0)["loss"]
+            t.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            t.optimizer.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * args.batch_size / (time.perf_counter() - start)
+
+    rates = interleaved({"student training": student_rate,
+                         **{name: (lambda e, ld=ld: pass_over(ld, e)) for name, ld in loaders.items()}},
+                        args.repeats, "pipeline")
+    student = rates.pop("student training")
+    floor = statistics.median(student)
+    rows = [{**row("student training throughput", student, "img/s", floor, "itself", True),
+             "note": f"{args.student}, batch {args.batch_size}, {args.image_size} px, forward + backward + step"}]
+    for name, v in rates.items():
+        rows.append({**row(f"input pipeline, {name}", v, "img/s", floor, "student training throughput", True),
+                     "note": f"{args.workers} workers, JPEG {int(round(args.jpeg_height * 4 / 3))}x{args.jpeg_height}"
+                             f", pre-decoded short side {args.preprocess_size}"})
+    rows.append({**row("pre-decoding (one-time)", [predecode_s], "s", None, "-"),
+                 "note": f"{len(jpeg)} JPEGs -> short side {args.preprocess_size}"})
+    return rows
+
+
+# ---- 6: gan_vae ----------------------------------------------------------------------------------------------------
+def bench_gan_vae(args, work: Path) -> list[dict]:
+    from data import synthetic_class_attributes, render_synthetic_image
+    from gan_vae.continual import ContinualConfig, ContinualRun
+    rng = np.random.default_rng(0)
+    attrs = synthetic_class_attributes(10)
+    labels = np.arange(args.gan_images) % 10
+    images = np.stack([render_synthetic_image(attrs[c], float(rng.uniform(0, 0.5)), 28, rng).mean(2)
+                       for c in labels]).astype(np.uint8)
+    np.savez(work / "shapes.npz", images=images, labels=labels)
+    cfg = load_config(ContinualConfig, None, [
+        f"data.tasks=[{work / 'shapes.npz'}]", "teacher.steps=100000", "student.steps=100000",
+        "fid.classifier_epochs=1", f"fid.samples={args.fid_samples}", f"fid.cache_dir={work / 'fid'}",
+        f"train.device={device().type}"])
+    run = ContinualRun(cfg, None, device())
+    run.build_fid()
+    run.decide(0)
+    expert = run.experts[0]
+    counter = {"teacher": 0, "student": 0}
+
+    def teacher_chunk(_: int) -> float:
+        expert.unfreeze()
+        start = time.perf_counter()
+        for _ in range(args.gan_steps):
+            run.teacher_step(0, counter["teacher"], expert, run.train_x[0], 0)
+            counter["teacher"] += 1
+        expert.freeze()
+        return args.gan_steps / (time.perf_counter() - start)
+
+    def student_chunk(_: int) -> float:
+        start = time.perf_counter()
+        first = counter["student"]
+        run.cfg.student.steps = first + args.gan_steps  # train_student runs [first, steps)
+        run.train_student(0, first)
+        counter["student"] = first + args.gan_steps
+        return args.gan_steps / (time.perf_counter() - start)
+
+    def fid_eval(_: int) -> float:
+        g = torch.Generator().manual_seed(1)
+        start = time.perf_counter()
+        run.evaluator.fid("test0", run.batches(lambda n: expert.sample(n, g), args.fid_samples))
+        return time.perf_counter() - start
+
+    out = interleaved({"teacher": teacher_chunk, "student": student_chunk, "fid": fid_eval}, args.repeats, "gan_vae")
+    teacher_rate = statistics.median(out["teacher"])
+    return [{**row("gan_vae teacher (WGAN-GP) steps", out["teacher"], "steps/s", None, "-", True),
+             "note": "batch 64, 5 critic steps per generator step"},
+            {**row("gan_vae student (beta-VAE + distillation) steps", out["student"], "steps/s", None, "-", True),
+             "note": "batch 64, two contrastive views"},
+            {**row("gan_vae FID evaluation", out["fid"], "s", 1 / teacher_rate, "teacher step"),
+             "note": f"{args.fid_samples} generated samples vs the cached statistics of {len(run.test_x[0])} real "
+                     "test images, domain-classifier features"}]
+
+
+def markdown(result: dict) -> str:
+    m, a = result["machine"], result["args"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} threads, torch {m['torch']}, device {m['device']}. "
+             f"{a['teacher']} -> {a['student']}, {a['classes'] * a['images_per_class']} training images at "
+             f"{a['image_size']} px, batch {a['batch_size']}, K = {a['cache_views']}, {a['repeats']} timed rounds "
+             f"per item after a warm-up, alternatives interleaved.", "",
+             "| item | median | spread (min-max) | ratio | floor | notes |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}" if r["ratio"] < 10 else f"{r['ratio']:.1f}"
+        unit = f" {r['unit']}"
+        lines.append(f"| {r['item']} | {r['median']:.3g}{unit} | {r['min']:.3g}-{r['max']:.3g}{unit} | {ratio} | "
+                     f"{r['floor']} | {r.get('note', '')} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer images and repeats")
-    parser.add_argument("--image-size", type=int, default=64, help="image side (reduced from 224 to fit a CPU)")
+    parser.add_argument("--quick", action="store_true", help="fewer images, steps and repeats (< 2 min on 2 cores)")
+    parser.add_argument("--image-size", type=int, default=64, help="view side (reduced from 224 to fit a CPU)")
     parser.add_argument("--classes", type=int, default=10, help="synthetic classes")
     parser.add_argument("--images-per-class", type=int, default=32, help="training images per class")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--cache-views", type=int, default=4, help="teacher.cache_views (K)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per mode, after one warm-up epoch")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per item, after one warm-up round")
     parser.add_argument("--teacher", default="resnet152.tv_in1k", help="teacher model")
     parser.add_argument("--student", default="mobilenetv2_100", help="student model")
     parser.add_argument("--refresh-every", type=int, default=5, help="difficulty refresh interval for the RL item")
     parser.add_argument("--rl-cycles", type=int, default=1, help="refresh cycles timed in the RL item")
+    parser.add_argument("--jpeg-height", type=int, default=375, help="height of the 4:3 JPEGs of the pipeline item")
+    parser.add_argument("--preprocess-size", type=int, default=256, help="data.preprocess_size of the pipeline item")
+    parser.add_argument("--gan-images", type=int, default=1000, help="28x28 images of the gan_vae task")
+    parser.add_argument("--gan-steps", type=int, default=10, help="teacher and student steps per timed round")
+    parser.add_argument("--fid-samples", type=int, default=2000, help="samples of the timed FID evaluation")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["kd", "curriculum", "pipeline", "gan_vae"],
+                        help="items to leave out")
     parser.add_argument("--out", default="bench", help="output prefix for .json and .md")
     args = parser.parse_args()
     if args.quick:
-        args.images_per_class, args.repeats = 16, 2
+        args.images_per_class, args.repeats, args.refresh_every = 12, 2, 2
+        args.gan_images, args.gan_steps, args.fid_samples = 500, 4, 1000
+    if "kd" in args.skip and "pipeline" not in args.skip:
+        parser.error("the pipeline item measures against the label-only student of the kd item: do not skip kd")
 
-    with tempfile.TemporaryDirectory() as cache_dir:
-        trainers = build_trainers(args, cache_dir)
-        epoch_s: dict[str, list[float]] = {name: [] for name in trainers}
-        for rep in range(args.repeats + 1):
-            for name, trainer in trainers.items():
-                seconds = trainer.train_epoch(rep)["time/epoch_s"]
-                if rep:  # the first round is the warm-up
-                    epoch_s[name].append(seconds)
-                print(f"round {rep} {name:>10}: {seconds:.2f}s", flush=True)
-        build_s = trainers["cached"].cache_info["build_s"]
-        rl_seconds = bench_curriculum(args, cache_dir)
-
-    floor = statistics.median(epoch_s["label-only"])
-    rows = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
-                   "ratio_to_label_only": statistics.median(t) / floor} for name, t in epoch_s.items()}
-    rl_floor = sum(rl_seconds["plain KD"])
-    rl_rows = {name: {"total_s": sum(t), "epochs": len(t), "ratio_to_plain_kd": sum(t) / rl_floor}
-               for name, t in rl_seconds.items()}
-    result = {"machine": machine(), "args": vars(args), "epoch_time": rows,
-              "teacher_cache_build_s": build_s, "teacher_cache_build_in_label_only_epochs": build_s / floor,
-              "curriculum_epoch_time": rl_rows}
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        trainers = {}
+        if "kd" not in args.skip:
+            kd_rows, trainers = bench_kd(args, str(work / "cache"))
+            rows += kd_rows
+        if "curriculum" not in args.skip:
+            rows += bench_curriculum(args, str(work / "cache"))
+        if "pipeline" not in args.skip:
+            rows += bench_pipeline(args, work, trainers["label-only"])
+        if "gan_vae" not in args.skip:
+            rows += bench_gan_vae(args, work)
+    result = {"machine": machine(), "args": vars(args), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
-    m = result["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} threads, torch {m['torch']}, device {m['device']}. "
-             f"{args.teacher} -> {args.student}, {args.classes * args.images_per_class} training images at "
-             f"{args.image_size} px, batch {args.batch_size}, K = {args.cache_views}, {args.repeats} timed epochs "
-             "per mode, interleaved.", "",
-             "| measurement | median | spread (min-max) | ratio to label-only |", "|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| KD epoch, {name} | {r['median_s']:.2f} s | {r['min_s']:.2f}-{r['max_s']:.2f} s | "
-                     f"{r['ratio_to_label_only']:.2f} |")
-    lines.append(f"| teacher-cache build | {build_s:.2f} s | one run | "
-                 f"{result['teacher_cache_build_in_label_only_epochs']:.2f} label-only epochs |")
-    lines += ["", f"Curriculum (train_student_rl.py) epochs against plain KD epochs (train_student.py), both with "
-              f"validation, same samples per epoch (strategy all), difficulty refreshed every {args.refresh_every} "
-              f"epochs, {len(rl_seconds['plain KD'])} interleaved epochs each:", "",
-              "| measurement | total | ratio to plain KD |", "|---|---|---|"]
-    for name, r in rl_rows.items():
-        lines.append(f"| {name} epoch | {r['total_s']:.2f} s over {r['epochs']} epochs | "
-                     f"{r['ratio_to_plain_kd']:.3f} |")
-    Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = markdown(result)
+    Path(f"{args.out}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -335,6 +335,27 @@ def make_synthetic_dataset(num_classes: int = 10, images_per_class: int = 100, i
     return datasets.DatasetDict(out)
 
 
+def write_synthetic_jpeg_folder(root: Path, num_classes: int = 10, images_per_class: int = 20, height: int = 375,
+                                seed: int = 0, quality: int = 90) -> Path:
+    """An ImageFolder tree `<root>/{train,validation,test}/<synset>/<n>.JPEG` of synthetic images stored as
+    full-resolution 4:3 JPEGs (height x 4/3 height, like mini-ImageNet's 500 x 375 photos), for measuring the
+    JPEG-decoding input path offline. Validation and test get a quarter of `images_per_class` each."""
+    root = Path(root)
+    attrs = synthetic_class_attributes(num_classes)
+    names = mini_imagenet_synsets()[:num_classes]
+    width = int(round(height * 4 / 3))
+    for split_id, (split, n) in enumerate({"train": images_per_class, "validation": max(1, images_per_class // 4),
+                                           "test": max(1, images_per_class // 4)}.items()):
+        rng = np.random.default_rng([seed, split_id, 7])
+        for c, name in enumerate(names):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = render_synthetic_image(attrs[c], float(rng.uniform()), height, rng)
+                Image.fromarray(arr).resize((width, height), Image.BILINEAR).save(
+                    root / split / name / f"{name}_{i:05d}.JPEG", quality=quality)
+    return root
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Views: recordable training augmentation, deterministic evaluation view.
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,28 +452,193 @@ def normalize_batch(images: torch.Tensor, device: torch.device, channels_last: b
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Pre-decoded splits (data.preprocessed=true): every image decoded and resized once into one uint8 memory map.
+# ----------------------------------------------------------------------------------------------------------------
+PREDECODE_VERSION = "predecoded-v1"
+
+
+def predecoded_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) stored for an image: short side `size` (aspect kept, as torchvision's Resize(size) rounds),
+    or the image as it is when its short side is already <= size (never upscaled)."""
+    short, long_ = min(width, height), max(width, height)
+    if short <= size:
+        return width, height
+    new_long = int(size * long_ / short)
+    return (size, new_long) if width <= height else (new_long, size)
+
+
+class PredecodedSource(ImageSource):
+    """A split whose images were decoded and resized once (`predecode_split`): rows of `pixels.u8` (uint8 HWC,
+    back to back) addressed by `index.npy` ([N, 3] int64: byte offset, height, width). Opening is lazy, so the
+    memory map is opened once per DataLoader worker rather than pickled."""
+
+    def __init__(self, base: ImageSource, folder: Path, fingerprint: str):
+        self.labels, self.class_names, self.difficulty = base.labels, base.class_names, base.difficulty
+        self.base, self.folder, self.fingerprint = base, Path(folder), fingerprint
+        self.rows = np.load(self.folder / "index.npy")
+        self._pixels = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pixels": None}
+
+    def array(self, index: int) -> np.ndarray:
+        """uint8 [H, W, 3] (a view into the memory map)."""
+        if self._pixels is None:
+            self._pixels = np.memmap(self.folder / "pixels.u8", dtype=np.uint8, mode="r")
+        offset, h, w = (int(v) for v in self.rows[int(index)])
+        return self._pixels[offset:offset + h * w * 3].reshape(h, w, 3)
+
+    def tensor(self, index: int) -> torch.Tensor:
+        """uint8 [3, H, W], a copy (safe to send to a device or across processes)."""
+        return torch.from_numpy(np.array(self.array(index))).permute(2, 0, 1)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.array(index))
+
+    def describe(self, index: int) -> str:
+        return f"{self.base.describe(index)} (pre-decoded in {self.folder})"
+
+
+class _DecodeResize(torch.utils.data.Dataset):
+    def __init__(self, source: ImageSource, size: int):
+        self.source, self.size = source, size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        img = self.source.load(index)
+        w, h = predecoded_size(img.width, img.height, self.size)
+        if (w, h) != img.size:
+            img = TF.resize(img, [h, w], antialias=True)
+        return np.array(img, dtype=np.uint8)  # writable: the loader turns it into a tensor
+
+
+def predecode_split(source: ImageSource, size: int, cache_dir: Path, split: str, workers: int = 0,
+                    show_progress: bool = True) -> PredecodedSource:
+    """Decode and resize every image of `source` once (short side `size`) into `<cache_dir>/<split>-<digest>/`.
+    The digest covers the source's fingerprint, its length and `size`, so a changed dataset or size gets a new
+    folder; a folder whose files do not match its meta.json (an interrupted or damaged build) is rebuilt.
+    meta.json, written last, records the count, byte size, smallest and largest stored shape and build time."""
+    import shutil
+    import time
+
+    from tqdm import tqdm
+    fingerprint = {"version": PREDECODE_VERSION, "data": source.fingerprint, "count": len(source), "size": size}
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / f"{split}-{digest}"
+    if _predecoded_valid(folder, fingerprint):
+        return PredecodedSource(source, folder, f"{source.fingerprint}:predecoded{size}")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.perf_counter()
+    rows = np.zeros((len(source), 3), dtype=np.int64)
+    loader = torch.utils.data.DataLoader(_DecodeResize(source, size), batch_size=None, num_workers=workers,
+                                         prefetch_factor=8 if workers > 0 else None)
+    offset = 0
+    with open(tmp / "pixels.u8", "wb") as f:
+        for i, arr in enumerate(tqdm(loader, total=len(source), desc=f"pre-decoding {split} (short side {size})",
+                                     disable=not show_progress, dynamic_ncols=True, leave=False)):
+            arr = np.asarray(arr, dtype=np.uint8)
+            rows[i] = (offset, arr.shape[0], arr.shape[1])
+            f.write(np.ascontiguousarray(arr).tobytes())
+            offset += arr.size
+    np.save(tmp / "index.npy", rows)
+    meta = {"fingerprint": fingerprint, "images": len(source), "bytes": offset,
+            "min_hw": rows[:, 1:].min(0).tolist() if len(rows) else [0, 0],
+            "max_hw": rows[:, 1:].max(0).tolist() if len(rows) else [0, 0],
+            "build_s": time.perf_counter() - start}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.rename(folder)
+    return PredecodedSource(source, folder, f"{source.fingerprint}:predecoded{size}")
+
+
+def _predecoded_valid(folder: Path, fingerprint: dict) -> bool:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        rows = np.load(folder / "index.npy")
+        size = (folder / "pixels.u8").stat().st_size
+    except (OSError, ValueError):
+        return False
+    if meta.get("fingerprint") != fingerprint or rows.shape != (fingerprint["count"], 3) or size != meta["bytes"]:
+        return False
+    return bool(len(rows) == 0 or rows[-1, 0] + rows[-1, 1] * rows[-1, 2] * 3 == size)
+
+
+def predecode_splits(sources: dict[str, ImageSource], size: int, cache_dir: Path, dist, workers: int = 0
+                     ) -> dict[str, PredecodedSource]:
+    """Every split pre-decoded: the main rank builds what is missing, the others wait and then open it."""
+    from utils import barrier
+    if dist.is_main:
+        for split, src in sources.items():
+            predecode_split(src, size, cache_dir, split, workers)
+    barrier()
+    return {split: predecode_split(src, size, cache_dir, split, workers, show_progress=False)
+            for split, src in sources.items()}
+
+
+def apply_aug_records(images: list[torch.Tensor], records: torch.Tensor, spec: AugSpec) -> torch.Tensor:
+    """`apply_aug_record` on uint8 [3, H, W] tensors (on any device, e.g. the GPU): crop + resize (antialiased
+    bilinear), flip and the jitter in the record's order. Returns uint8 [B, 3, S, S] on the images' device."""
+    records = records.cpu().numpy()
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    out = []
+    for img, record in zip(images, records):
+        top, left, h, w = (int(v) for v in record[:4])
+        view = TF.resized_crop(img, top, left, h, w, [spec.image_size, spec.image_size], antialias=True)
+        if record[4] > 0.5:
+            view = TF.hflip(view)
+        for k in record[8:11].astype(int):
+            if record[5 + k] != 1.0:
+                view = adjust[k](view, float(record[5 + k]))
+        out.append(view)
+    return torch.stack(out)
+
+
+def collate_views(items: list[dict]) -> dict:
+    """default_collate, except that `raw` images (different sizes, augmented later on the device) stay a list."""
+    raw = [item.pop("raw") for item in items] if items and "raw" in items[0] else None
+    batch = torch.utils.data.default_collate(items)
+    if raw is not None:
+        batch["raw"] = raw
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Torch datasets. Training items are addressed by (index, epoch) so persistent workers need no epoch state.
 # ----------------------------------------------------------------------------------------------------------------
 class TrainViews(torch.utils.data.Dataset):
     """Training views. With `cache` (a TeacherCache), each item replays one of the K cached views and carries the
-    teacher logits computed on exactly that view; without, the view is drawn fresh from (seed, index, epoch)."""
+    teacher logits computed on exactly that view; without, the view is drawn fresh from (seed, index, epoch).
 
-    def __init__(self, source: ImageSource, spec: AugSpec, seed: int, cache=None):
-        self.source, self.spec, self.seed, self.cache = source, spec, seed, cache
+    With `device_aug` (a PredecodedSource only), an item carries the stored image (`raw`, uint8 [3, H, W]) and its
+    augmentation `record` instead of the view; the trainer applies the record on its device (`apply_aug_records`),
+    replayed cached-teacher views included."""
+
+    def __init__(self, source: ImageSource, spec: AugSpec, seed: int, cache=None, device_aug: bool = False):
+        if device_aug and not isinstance(source, PredecodedSource):
+            raise UserError("augmentation on the device needs the pre-decoded data path: set data.preprocessed=true")
+        self.source, self.spec, self.seed, self.cache, self.device_aug = source, spec, seed, cache, device_aug
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, epoch = key
-        img = self.source.load(index)
+        img = self.source.tensor(index) if self.device_aug else self.source.load(index)
         item = {"label": int(self.source.labels[index]), "index": index}
         if self.cache is None:
-            record = sample_aug_record(train_record_rng(self.seed, index, epoch), img.width, img.height, self.spec)
+            height, width = (img.shape[1], img.shape[2]) if self.device_aug else (img.height, img.width)
+            record = sample_aug_record(train_record_rng(self.seed, index, epoch), width, height, self.spec)
         else:
             view = replay_view_index(self.seed, index, epoch, self.cache.num_views)
             record, item["teacher_logits"] = self.cache.train_view(index, view)
-        item["image"] = apply_aug_record(img, record, self.spec)
+        if self.device_aug:
+            item["raw"], item["record"] = img, torch.as_tensor(np.asarray(record, dtype=np.float32))
+        else:
+            item["image"] = apply_aug_record(img, record, self.spec)
         return item
 
 
@@ -515,7 +701,7 @@ class ShardSampler(torch.utils.data.Sampler):
 def make_loader(dataset, sampler, batch_size: int, workers: int, device: torch.device, drop_last: bool = False):
     """A DataLoader whose workers persist across epochs (samplers carry the epoch, the dataset has no state)."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_views,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=drop_last,
         prefetch_factor=4 if workers > 0 else None)
 

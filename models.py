@@ -300,6 +300,18 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor |
     return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu) ** 2) / prior_logvar.exp() - 1).sum(-1)
 
 
+def bernoulli_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL( Bern(sigmoid(logits_p)) || Bern(sigmoid(logits_q)) ) summed over all but the first dimension:
+
+        sum_pixels [ p (log p - log q) + (1 - p) (log(1 - p) - log(1 - q)) ],  p = sigmoid(logits_p), ...
+
+    computed from log-sigmoids for stability. Returns [B]."""
+    p = torch.sigmoid(logits_p)
+    kl = p * (F.logsigmoid(logits_p) - F.logsigmoid(logits_q)) + \
+        (1 - p) * (F.logsigmoid(-logits_p) - F.logsigmoid(-logits_q))
+    return kl.flatten(1).sum(1)
+
+
 def relational_kd(teacher_features: torch.Tensor, student_features: torch.Tensor, temperature: float) -> torch.Tensor:
     """Relational distillation: KL( softmax(S_t / T) || softmax(S_s / T) ) averaged over rows, where S_t and S_s
     are the batch cosine-similarity matrices [B, B] of the teacher's and the student's features (the diagonal,
@@ -400,7 +412,7 @@ def vae_loss_terms(model: TaskVAE, x: torch.Tensor, tasks: torch.Tensor, beta: f
         recon = sum over pixels of BCE(decoder logits, (x + 1) / 2)
         kl_z  = KL(q(z | x) || N(0, I)),  kl_u = KL(q(u | x) || p(u | t)), each summed over latent dimensions
         loss  = recon + beta * (kl_z + kl_u)
-    Returns a dict of [B] tensors plus "h" (encoder features) and "mu_z"."""
+    Returns a dict of [B] tensors plus "h" (encoder features), "mu_z" and "mu_u" (posterior means)."""
     h, (mu_z, lv_z), (mu_u, lv_u) = model.encode(x)
     z = mu_z + (0.5 * lv_z).exp() * torch.randn_like(mu_z)
     u = mu_u + (0.5 * lv_u).exp() * torch.randn_like(mu_u)
@@ -408,4 +420,5 @@ def vae_loss_terms(model: TaskVAE, x: torch.Tensor, tasks: torch.Tensor, beta: f
     recon = F.binary_cross_entropy_with_logits(logits, (x + 1) / 2, reduction="none").flatten(1).sum(1)
     kl_z = gaussian_kl(mu_z, lv_z)
     kl_u = gaussian_kl(mu_u, lv_u, *model.task_prior(tasks, mix))
-    return {"recon": recon, "kl_z": kl_z, "kl_u": kl_u, "loss": recon + beta * (kl_z + kl_u), "h": h, "mu_z": mu_z}
+    return {"recon": recon, "kl_z": kl_z, "kl_u": kl_u, "loss": recon + beta * (kl_z + kl_u), "h": h, "mu_z": mu_z,
+            "mu_u": mu_u}

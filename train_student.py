@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainViews, load_splits, make_loader,
-                  normalize_batch)
+from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainViews, apply_aug_records, load_splits,
+                  make_loader, normalize_batch, predecode_splits)
 from models import count_params, create_student, create_teacher, kd_loss_terms
 from utils import (DistInfo, MetricLogger, UserError, all_reduce_sum, barrier, broadcast_module, broadcast_object,
                    check, cleanup_distributed, default_run_name, load_checkpoint, load_state_strict, opt,
@@ -65,6 +65,12 @@ class DataConfig:
     color_jitter: list[float] = opt([0.2, 0.2, 0.2], "ColorJitter brightness, contrast, saturation")
     eval_crop_ratio: float = opt(0.875, "evaluation view: resize to image_size / ratio, centre-crop image_size")
     workers: int = opt(8, "DataLoader worker processes per rank (0 loads in the main process)")
+    preprocessed: bool = opt(False, "decode and resize every image once (short side data.preprocess_size) into a "
+                                    "uint8 memory map per split, instead of decoding JPEGs every epoch")
+    preprocess_size: int = opt(256, "short side of pre-decoded images (smaller images are stored as they are)")
+    preprocess_dir: str = opt("", "where pre-decoded splits live (default <run.out_dir>/predecoded)")
+    augment_on: str = opt("auto", "where training crops, flips and jitter run: workers, device (needs "
+                                  "data.preprocessed=true), or auto (device when pre-decoded on CUDA, else workers)")
     synthetic: SyntheticConfig = section(SyntheticConfig)
 
 
@@ -114,6 +120,8 @@ class TrainingConfig:
     amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16 or off")
     channels_last: bool = opt(True, "channels_last memory format for the student and its inputs")
     compile: bool = opt(False, "torch.compile the student")
+    profile: bool = opt(False, "write a torch.profiler trace of training steps 3-7 of the first epoch to "
+                               "<run>/profile/ (TensorBoard / chrome://tracing / Perfetto)")
 
 
 @dataclass
@@ -166,6 +174,12 @@ def validate(cfg) -> None:
     check(0 < cfg.data.eval_crop_ratio <= 1, f"data.eval_crop_ratio={cfg.data.eval_crop_ratio} must lie in (0, 1]")
     check(len(cfg.data.color_jitter) == 3, "data.color_jitter takes three numbers: brightness, contrast, saturation")
     check(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
+    check(cfg.data.preprocess_size >= cfg.data.image_size,
+          f"data.preprocess_size={cfg.data.preprocess_size} must be >= data.image_size={cfg.data.image_size}")
+    check(cfg.data.augment_on in ("auto", "workers", "device"),
+          f"data.augment_on={cfg.data.augment_on}: auto, workers or device")
+    check(cfg.data.augment_on != "device" or cfg.data.preprocessed,
+          "data.augment_on=device needs data.preprocessed=true (JPEGs are decoded in the workers)")
     check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
 
 
@@ -290,6 +304,43 @@ def save_student_safetensors(model: nn.Module, path: Path) -> None:
 # ================================================================================================================
 # The trainer: data, student, teacher (or its cache), optimiser and the epoch loop. train_student_rl.py extends it.
 # ================================================================================================================
+class StepTimer:
+    """Splits an epoch into data wait (blocked on the loader), compute (forward, backward, optimiser step) and the
+    rest. On CUDA, compute is the GPU time between events recorded around each step, read once at the end of the
+    epoch (no per-step synchronisation); on CPU it is wall time."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.data_s, self.compute_wall_s, self._t0 = 0.0, 0.0, 0.0
+        self.events: list[tuple] = []
+
+    @contextlib.contextmanager
+    def data_wait(self):
+        t0 = time.perf_counter()
+        yield
+        self.data_s += time.perf_counter() - t0
+
+    def compute_begins(self) -> None:
+        if self.cuda:
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def compute_ends(self) -> None:
+        if self.cuda:
+            self.events[-1][1].record()
+        else:
+            self.compute_wall_s += time.perf_counter() - self._t0
+
+    def totals(self) -> tuple[float, float]:
+        """(data wait s, compute s)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return self.data_s, sum(a.elapsed_time(b) for a, b in self.events) / 1000
+        return self.data_s, self.compute_wall_s
+
+
 class Trainer:
     """Owns everything one run needs. `fit` runs `train_and_validate` then `finish_epoch` per epoch; subclasses
     (train_student_rl.py) drive those two themselves and hook in through `build_train_sampler`, `extra_state` and
@@ -307,6 +358,12 @@ class Trainer:
 
         # ---- data ----------------------------------------------------------------------------------------------
         self.splits = load_splits(cfg.data)
+        if cfg.data.preprocessed:
+            self.splits = predecode_splits(self.splits, cfg.data.preprocess_size,
+                                           Path(cfg.data.preprocess_dir or Path(cfg.run.out_dir) / "predecoded"),
+                                           dist, cfg.data.workers)
+        self.device_aug = cfg.data.augment_on == "device" or (
+            cfg.data.augment_on == "auto" and cfg.data.preprocessed and self.device.type == "cuda")
         self.class_names = self.splits["train"].class_names
         self.num_classes = len(self.class_names)
         self.spec = AugSpec.from_cfg(cfg.data)
@@ -328,7 +385,8 @@ class Trainer:
         # ---- loaders: built once; samplers carry the epoch, so workers persist ----------------------------------
         w, r = dist.world_size, dist.rank
         self.train_sampler = self.build_train_sampler()
-        self.train_loader = make_loader(TrainViews(self.splits["train"], self.spec, cfg.train.seed, self.cache),
+        self.train_loader = make_loader(TrainViews(self.splits["train"], self.spec, cfg.train.seed, self.cache,
+                                                   self.device_aug),
                                         self.train_sampler, cfg.train.batch_size, cfg.data.workers, self.device,
                                         drop_last=len(self.train_sampler) >= cfg.train.batch_size)
         self.eval_loaders = {s: make_loader(EvalViews(self.splits[s], self.spec),
@@ -380,18 +438,20 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         online = self.uses_teacher and cfg.teacher.mode == "online"
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, kd, correct, count
-        data_s, start = 0.0, time.perf_counter()
+        timer = StepTimer(device)
+        profiler = self.start_profiler() if cfg.train.profile and epoch == self.start_epoch else None
+        start = time.perf_counter()
         bar = tqdm(total=len(self.train_loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not self.dist.is_main, dynamic_ncols=True, leave=False)
         it = iter(self.train_loader)
         steps = len(self.train_loader)
         for step in range(steps):
             self.scheduler.set_progress(epoch + step / steps)
-            t0 = time.perf_counter()
-            batch = next(it)  # time blocked here is the data wait
-            data_s += time.perf_counter() - t0
-            x = normalize_batch(batch["image"], device, self.channels_last)
+            with timer.data_wait():  # only the time blocked on the loader
+                batch = next(it)
+            x = self.batch_images(batch)
             y = batch["label"].to(device, non_blocking=True)
+            timer.compute_begins()
             with self.autocast():
                 student_logits = self.model(x)
                 teacher_logits = self.teacher(x) if online else batch.get("teacher_logits")
@@ -405,6 +465,9 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.student.parameters(), cfg.train.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            timer.compute_ends()
+            if profiler is not None:
+                profiler.step()
             with torch.no_grad():
                 n = y.numel()
                 sums += torch.stack([terms["loss"].detach() * n, terms["ce"].detach() * n, terms["kd"].detach() * n,
@@ -421,11 +484,38 @@ class Trainer:
                         "Lower train.lr or set train.grad_clip, then continue with run.resume=auto")
                 bar.set_postfix(loss=f"{running:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         bar.close()
+        if profiler is not None:
+            profiler.stop()
         all_reduce_sum(sums)
         n = sums[4].item()
+        epoch_s = time.perf_counter() - start
+        data_s, compute_s = timer.totals()
         return {"train/loss": sums[0].item() / n, "train/loss_ce": sums[1].item() / n,
                 "train/loss_kd": sums[2].item() / n, "train/acc1": 100 * sums[3].item() / n,
-                "time/data_s": data_s, "time/epoch_s": time.perf_counter() - start}
+                "time/data_s": data_s, "time/compute_s": compute_s,
+                "time/other_s": max(epoch_s - data_s - compute_s, 0.0), "time/epoch_s": epoch_s}
+
+    def batch_images(self, batch: dict) -> torch.Tensor:
+        """The batch's training views as normalised floats on the device (augmented here when data.augment_on
+        resolves to device)."""
+        if "raw" in batch:
+            raw = [img.to(self.device, non_blocking=True) for img in batch["raw"]]
+            return normalize_batch(apply_aug_records(raw, batch["record"], self.spec), self.device,
+                                   self.channels_last)
+        return normalize_batch(batch["image"], self.device, self.channels_last)
+
+    def start_profiler(self):
+        """torch.profiler over training steps 3-7 (1 skipped, 1 warm-up, 5 recorded), trace in <run>/profile/."""
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+        folder = (self.run_dir or Path(self.cfg.run.out_dir)) / "profile"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        prof = profile(activities=activities, schedule=schedule(skip_first=1, wait=0, warmup=1, active=5, repeat=1),
+                       on_trace_ready=tensorboard_trace_handler(str(folder), worker_name=f"rank{self.dist.rank}"),
+                       record_shapes=False, with_stack=False)
+        prof.start()
+        if self.dist.is_main:
+            tqdm.write(f"profiling training steps 3-7 into {folder}")
+        return prof
 
     def evaluate(self, split: str) -> dict:
         return evaluate(self.student, self.eval_loaders[split], self.device, self.channels_last, self.autocast,
@@ -488,7 +578,8 @@ class Trainer:
         if self.dist.is_main:
             tqdm.write(f"epoch {epoch + 1}/{self.cfg.train.epochs}  loss {record['train/loss']:.4f}  "
                        f"val acc1 {record['val/acc1']:.2f}  acc5 {record['val/acc5']:.2f}  "
-                       f"({record['time/epoch_s']:.1f}s)")
+                       f"({record['time/epoch_s']:.1f}s: data wait {record['time/data_s']:.1f}, "
+                       f"fwd/bwd {record['time/compute_s']:.1f}, other {record['time/other_s']:.1f})")
         barrier()
 
     def fit(self, logger: MetricLogger) -> None:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from data import domain_tensor, load_task
 from gan_vae import forgetting
 from gan_vae.fid import FeatureModule, FeaturesOf, FIDEvaluator, inception_features, train_domain_classifier
-from models import Critic, Generator, TaskVAE, gradient_penalty, nt_xent, relational_kd, vae_loss_terms
+from models import Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, nt_xent, relational_kd, vae_loss_terms
 from utils import (MetricLogger, UserError, check, load_checkpoint, opt, parse_config, plot_curves,
                    prepare_run_dir, read_jsonl, rng_state, run_cli, save_checkpoint, save_config, section,
                    seed_everything, set_rng_state, setup_distributed, to_plain, write_json)
@@ -94,6 +94,9 @@ class KDConfig:
     temperature_max: float = opt(4.0, "relational temperature at the start of each task")
     temperature_min: float = opt(1.0, "relational temperature at the end of each task")
     temperature_fid_gain: float = opt(0.5, "T is multiplied by 1 + gain * clip(FID / fid_threshold - 1, 0, 1)")
+    previous_weight: float = opt(8.0, "self-distillation on replayed images from the student's frozen copy taken "
+                                      "before the task: Bernoulli KL of its mean reconstruction plus squared "
+                                      "distance of its posterior means (0: off)")
     weight_floor: float = opt(0.3, "lowest replay/distillation weight of an expert")
     weight_ceiling: float = opt(1.0, "highest replay/distillation weight of an expert")
 
@@ -266,6 +269,7 @@ class ContinualRun:
         self.matrices = {k: [] for k in ("teacher_fid", "student_fid", "recon_mse", "recon_fid")}
         self.progress = {"task": 0, "phase": "decide", "step": 0}
         self.frozen: Generator | None = None
+        self.previous: TaskVAE | None = None  # the student as it was before the current task (self-distillation)
         self.fid_info: dict = {}
         self.evaluator: FIDEvaluator | None = None
         self.logger: MetricLogger | None = None
@@ -346,42 +350,7 @@ class ContinualRun:
         bar = tqdm(range(start_step, tc.steps), desc=f"task {t} teacher (expert {self.task_to_expert[t]})",
                    dynamic_ncols=True, initial=start_step, total=tc.steps)
         for step in bar:
-            g = torch.Generator().manual_seed(step_seed(cfg.train.seed, t, 0, step))
-
-            def real_batch():
-                # current task plus replay of the expert's earlier tasks from its frozen copy, equal shares
-                n_cur = tc.batch_size // (n_old + 1) if self.frozen is not None else tc.batch_size
-                idx = torch.randint(0, len(x_real), (n_cur,), generator=g)
-                parts = [x_real[idx].to(self.device)]
-                if self.frozen is not None:
-                    with torch.no_grad():
-                        z = torch.randn(tc.batch_size - n_cur, tc.z_dim, generator=g).to(self.device)
-                        parts.append(self.frozen(z))
-                return torch.cat(parts)
-
-            for _ in range(tc.n_critic):
-                real = real_batch()
-                fake = expert.generator(torch.randn(len(real), tc.z_dim, generator=g).to(self.device)).detach()
-                eps = torch.rand(len(real), 1, 1, 1, generator=g).to(self.device)
-                gp = gradient_penalty(expert.critic, real, fake, tc.gp_weight, eps)
-                wdist = expert.critic(real).mean() - expert.critic(fake).mean()
-                loss_d = -wdist + gp
-                expert.opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                expert.opt_d.step()
-            for p in expert.critic.parameters():
-                p.requires_grad_(False)
-            loss_g = -expert.critic(expert.generator(torch.randn(tc.batch_size, tc.z_dim, generator=g)
-                                                     .to(self.device))).mean()
-            expert.opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            expert.opt_g.step()
-            for p in expert.critic.parameters():
-                p.requires_grad_(True)
-            self.after_step(t, "teacher", step, tc.steps, {"teacher/loss_d": loss_d.item(),
-                                                           "teacher/loss_g": loss_g.item(),
-                                                           "teacher/wasserstein": wdist.item(),
-                                                           "teacher/gp": gp.item()})
+            self.after_step(t, "teacher", step, tc.steps, self.teacher_step(t, step, expert, x_real, n_old))
         expert.freeze()
         if t not in expert.tasks:
             expert.tasks.append(t)
@@ -389,9 +358,49 @@ class ContinualRun:
         g = torch.Generator().manual_seed(cfg.train.seed * 1000 + 500 + t)
         expert.latest_fid = self.fid_of(f"test{t}", lambda n: expert.sample(n, g), len(self.test_x[t]))["fid"]
 
+    def teacher_step(self, t: int, step: int, expert: Expert, x_real: torch.Tensor, n_old: int) -> dict:
+        """One WGAN-GP generator step of `expert` on task t (n_critic critic steps first); returns the losses."""
+        tc = self.cfg.teacher
+        g = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, t, 0, step))
+
+        def real_batch():
+            # current task plus replay of the expert's earlier tasks from its frozen copy, equal shares
+            n_cur = tc.batch_size // (n_old + 1) if self.frozen is not None else tc.batch_size
+            idx = torch.randint(0, len(x_real), (n_cur,), generator=g)
+            parts = [x_real[idx].to(self.device)]
+            if self.frozen is not None:
+                with torch.no_grad():
+                    z = torch.randn(tc.batch_size - n_cur, tc.z_dim, generator=g).to(self.device)
+                    parts.append(self.frozen(z))
+            return torch.cat(parts)
+
+        for _ in range(tc.n_critic):
+            real = real_batch()
+            fake = expert.generator(torch.randn(len(real), tc.z_dim, generator=g).to(self.device)).detach()
+            eps = torch.rand(len(real), 1, 1, 1, generator=g).to(self.device)
+            gp = gradient_penalty(expert.critic, real, fake, tc.gp_weight, eps)
+            wdist = expert.critic(real).mean() - expert.critic(fake).mean()
+            loss_d = -wdist + gp
+            expert.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            expert.opt_d.step()
+        for p in expert.critic.parameters():
+            p.requires_grad_(False)
+        loss_g = -expert.critic(expert.generator(torch.randn(tc.batch_size, tc.z_dim, generator=g)
+                                                 .to(self.device))).mean()
+        expert.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        expert.opt_g.step()
+        for p in expert.critic.parameters():
+            p.requires_grad_(True)
+        return {"teacher/loss_d": loss_d.item(), "teacher/loss_g": loss_g.item(), "teacher/wasserstein": wdist.item(),
+                "teacher/gp": gp.item()}
+
     def train_student(self, t: int, start_step: int) -> None:
         cfg, sc, kd = self.cfg, self.cfg.student, self.cfg.kd
         if self.student.num_tasks <= t:  # a new task prior; each task starts a fresh optimiser
+            self.previous = self._frozen_copy(self.student) if t > 0 and sc.replay and kd.previous_weight > 0 \
+                else None
             while self.student.num_tasks <= t:
                 self.student.add_task()
             self.opt_s = self._student_optimizer()
@@ -442,6 +451,9 @@ class ContinualRun:
             loss_rel = relational_kd(critic_feats, terms["mu_z"], temperature)
             loss = loss_vae + sc.contrastive_weight * loss_con + kd.feature_weight * loss_feat + \
                 kd.relational_weight * loss_rel
+            loss_prev = self.previous_kd(x, task_ids != t, terms) if self.previous is not None else None
+            if loss_prev is not None:
+                loss = loss + kd.previous_weight * (weight * loss_prev).mean()
             self.opt_s.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_s.step()
@@ -451,10 +463,31 @@ class ContinualRun:
                       "student/kl_z": terms["kl_z"].mean().item(), "student/kl_u": terms["kl_u"].mean().item(),
                       "student/contrastive": loss_con.item(), "student/feature_kd": loss_feat.item(),
                       "student/relational_kd": loss_rel.item(), "kd/temperature": temperature}
+            if loss_prev is not None:
+                record["student/previous_kd"] = loss_prev[task_ids != t].mean().item()
             for j in seen:
                 if j != t:
                     record[f"kd/weight_task{j}"] = float(weights[seen.index(j)][0])
             self.after_step(t, "student", step, sc.steps, record)
+
+    @staticmethod
+    def _frozen_copy(model: nn.Module) -> nn.Module:
+        copy_ = copy.deepcopy(model).eval()
+        for p in copy_.parameters():
+            p.requires_grad_(False)
+        return copy_
+
+    def previous_kd(self, x: torch.Tensor, replayed: torch.Tensor, terms: dict) -> torch.Tensor:
+        """Per-sample self-distillation [B] (zero on current-task rows): on replayed images, the student's mean
+        reconstruction is matched to that of its frozen copy from before the task (Bernoulli KL summed over pixels,
+        the scale of the reconstruction term) and its posterior means to the copy's (squared distance)."""
+        with torch.no_grad():
+            _, (p_mu_z, _), (p_mu_u, _) = self.previous.encode(x)
+            p_logits = self.previous.decode_logits(p_mu_z, p_mu_u)
+        logits = self.student.decode_logits(terms["mu_z"], terms["mu_u"])
+        per = bernoulli_kl(p_logits, logits) + (terms["mu_z"] - p_mu_z).pow(2).sum(1) + \
+            (terms["mu_u"] - p_mu_u).pow(2).sum(1)
+        return per * replayed.float()
 
     # ---- evaluation --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -523,6 +556,8 @@ class ContinualRun:
                 "num_student_tasks": self.student.num_tasks, "projection": self.projection.state_dict(),
                 "opt_s": self.opt_s.state_dict(), "matrices": self.matrices, "progress": self.progress,
                 "frozen": self.frozen.state_dict() if self.frozen is not None else None,
+                "previous": self.previous.state_dict() if self.previous is not None else None,
+                "previous_tasks": self.previous.num_tasks if self.previous is not None else 0,
                 "tasks": list(self.cfg.data.tasks), "rng": rng_state(), "config": to_plain(self.cfg),
                 "fid_info": self.fid_info}
 
@@ -549,6 +584,13 @@ class ContinualRun:
             expert = self.experts[self.task_to_expert[self.progress["task"]]]
             self.frozen = copy.deepcopy(expert.generator).eval()
             self.frozen.load_state_dict(ckpt["frozen"])
+        if ckpt.get("previous") is not None:
+            cfg = self.cfg.student
+            previous = TaskVAE(self.cfg.data.channels, cfg.z_dim, cfg.u_dim, cfg.width).to(self.device)
+            while previous.num_tasks < ckpt["previous_tasks"]:
+                previous.add_task()
+            previous.load_state_dict(ckpt["previous"])
+            self.previous = self._frozen_copy(previous)
         set_rng_state(ckpt["rng"])
 
     # ---- the task loop -----------------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ def test_rejects_unknown_keys_in_yaml(tmp_path):
     ("kd.alpha=1.5", "kd.alpha"), ("kd.alpha=-0.1", "kd.alpha"), ("kd.temperature=0", "kd.temperature"),
     ("train.batch_size=0", "train.batch_size"), ("teacher.cache_views=0", "teacher.cache_views"),
     ("teacher.mode=sometimes", "teacher.mode"),
+    ("data.augment_on=device", "needs data.preprocessed=true"), ("data.augment_on=gpu", "data.augment_on"),
+    ("data.preprocess_size=100", "data.preprocess_size=100 must be >= data.image_size=224"),
 ])
 def test_rejects_out_of_range_values(override, fragment):
     with pytest.raises(UserError, match=fragment):

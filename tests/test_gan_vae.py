@@ -10,7 +10,8 @@ from conftest import assert_clean_error, run_and_sigkill, run_script
 from gan_vae import forgetting
 from gan_vae.continual import decide_expert, dynamic_temperature, expert_weight
 from gan_vae.fid import FeatureModule, FIDEvaluator
-from models import Critic, Generator, TaskVAE, gaussian_kl, gradient_penalty, nt_xent, relational_kd
+from models import (Critic, Generator, TaskVAE, bernoulli_kl, gaussian_kl, gradient_penalty, nt_xent, relational_kd,
+                    vae_loss_terms)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -45,6 +46,41 @@ def test_nt_xent_on_a_hand_made_batch():
     expected = -math.log(math.exp(2) / (math.exp(0) + math.exp(2) + math.exp(0)))
     assert nt_xent(a, b, tau).item() == pytest.approx(expected, rel=1e-6)  # all 4 anchors are alike
     assert nt_xent(a, b, tau).item() < nt_xent(a, b.flip(0), tau).item()  # swapped positives cost more
+
+
+def test_bernoulli_kl_by_hand():
+    # p = sigmoid(0) = 1/2, q = sigmoid(log 3) = 3/4: KL = 1/2 log(2/3) + 1/2 log(2) = 1/2 log(4/3) per pixel
+    p = torch.zeros(2, 1, 2, 2)
+    q = torch.full((2, 1, 2, 2), math.log(3.0))
+    assert torch.allclose(bernoulli_kl(p, q), torch.full((2,), 4 * 0.5 * math.log(4 / 3)), atol=1e-6)
+    assert torch.allclose(bernoulli_kl(q, q), torch.zeros(2), atol=1e-6)
+    far = torch.full((1, 3), 30.0)  # saturated logits stay finite
+    assert bernoulli_kl(far, -far).item() == pytest.approx(90, rel=1e-3)
+
+
+def test_previous_student_distillation_acts_on_replayed_rows_only():
+    """kd.previous_weight: on replayed images the student is pulled to its frozen copy from before the task
+    (reconstruction Bernoulli KL + posterior-mean distances); current-task rows contribute nothing."""
+    from gan_vae.continual import ContinualRun
+    torch.manual_seed(0)
+    student = TaskVAE(1, 4, 2, 8)
+    student.add_task()
+    run = ContinualRun.__new__(ContinualRun)
+    run.student, run.previous = student, ContinualRun._frozen_copy(student)
+    student.add_task()
+    assert not any(p.requires_grad for p in run.previous.parameters()) and not run.previous.training
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    tasks = torch.tensor([0, 0, 0, 1, 1, 1])
+    student.eval()  # same mode as the frozen copy: identical networks give zero
+    terms = vae_loss_terms(student, x, tasks, 1.0)
+    assert torch.allclose(run.previous_kd(x, tasks != 1, terms), torch.zeros(6), atol=1e-4)
+    with torch.no_grad():
+        student.decoder[-1].weight.add_(0.5)  # the student drifts
+    terms = vae_loss_terms(student, x, tasks, 1.0)
+    per = run.previous_kd(x, tasks != 1, terms)
+    assert (per[:3] > 0).all() and (per[3:] == 0).all()
+    per.sum().backward()
+    assert student.decoder[-1].weight.grad.abs().sum() > 0
 
 
 def test_kl_to_task_prior_matches_closed_form():
