@@ -170,7 +170,7 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
         start, n = time.perf_counter(), 0
         for batch in loader:
             if "raw" in batch:
-                x = apply_aug_records([r.to(dev, non_blocking=True) for r in batch["raw"]], batch["record"], spec)
+                x = apply_aug_records(batch["raw"].to(dev, non_blocking=True), batch["record"], spec)
             else:
                 x = batch["image"].to(dev, non_blocking=True)
             n += len(x)

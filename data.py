@@ -579,30 +579,61 @@ def predecode_splits(sources: dict[str, ImageSource], size: int, cache_dir: Path
             for split, src in sources.items()}
 
 
-def apply_aug_records(images: list[torch.Tensor], records: torch.Tensor, spec: AugSpec) -> torch.Tensor:
-    """`apply_aug_record` on uint8 [3, H, W] tensors (on any device, e.g. the GPU): crop + resize (antialiased
-    bilinear), flip and the jitter in the record's order. Returns uint8 [B, 3, S, S] on the images' device."""
-    records = records.cpu().numpy()
-    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-    out = []
-    for img, record in zip(images, records):
-        top, left, h, w = (int(v) for v in record[:4])
-        view = TF.resized_crop(img, top, left, h, w, [spec.image_size, spec.image_size], antialias=True)
-        if record[4] > 0.5:
-            view = TF.hflip(view)
-        for k in record[8:11].astype(int):
-            if record[5 + k] != 1.0:
-                view = adjust[k](view, float(record[5 + k]))
-        out.append(view)
-    return torch.stack(out)
+def pad_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 [3, H_i, W_i] images -> one uint8 [B, 3, max H, max W] batch, each image at the top left and its last
+    row and column repeated into the padding (so that sampling at an image's edge never blends in a border)."""
+    h = max(img.shape[1] for img in images)
+    w = max(img.shape[2] for img in images)
+    out = torch.empty((len(images), images[0].shape[0], h, w), dtype=images[0].dtype, device=images[0].device)
+    for i, img in enumerate(images):
+        ih, iw = img.shape[1:]
+        out[i, :, :ih, :iw] = img
+        out[i, :, :ih, iw:] = img[:, :, iw - 1:iw]
+        out[i, :, ih:, :] = out[i, :, ih - 1:ih, :]
+    return out
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def apply_aug_records(images: torch.Tensor | list[torch.Tensor], records: torch.Tensor, spec: AugSpec
+                      ) -> torch.Tensor:
+    """`apply_aug_record` for a batch, on the images' device (e.g. the GPU). `images` is a padded uint8 batch
+    [B, 3, H, W] (`pad_images`) or a list of uint8 [3, H_i, W_i]; `records` [B, 11]. Returns uint8 [B, 3, S, S].
+
+    Crop + resize: torchvision's antialiased bilinear `resized_crop` per image (boxes differ in size). Then, for
+    the whole batch at once, the flip, then brightness, contrast and saturation in each record's own order, with
+    torchvision's formulas (blend with black, with the mean grey level, with the grey image), truncated to
+    integers after each step as torchvision does on uint8. Matches the PIL path up to resampling differences
+    (under one grey level on average)."""
+    if isinstance(images, (list, tuple)):
+        images = pad_images(list(images))
+    device, size = images.device, spec.image_size
+    rec = records.to(device=device, dtype=torch.float32)
+    boxes = records.detach().cpu().numpy().astype(int)[:, :4]
+    x = torch.stack([TF.resized_crop(img, int(t), int(le), int(h), int(w), [size, size], antialias=True)
+                     for img, (t, le, h, w) in zip(images, boxes)]).float()
+    flip = rec[:, 4] > 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    rows = torch.arange(len(rec), device=device)
+    for k in range(3):  # the k-th jitter of each sample: op order[k] with its factor
+        op = rec[:, 8 + k].long()
+        f = rec[rows, 5 + op].view(-1, 1, 1, 1)
+        op = op.view(-1, 1, 1, 1)
+        mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+        other = torch.where(op == 0, torch.zeros_like(mean), torch.where(op == 1, mean, _grey(x)))
+        x = torch.where(f == 1.0, x, (x * f + other * (1 - f)).clamp_(0, 255).floor_())
+    return x.to(torch.uint8)
 
 
 def collate_views(items: list[dict]) -> dict:
-    """default_collate, except that `raw` images (different sizes, augmented later on the device) stay a list."""
+    """default_collate, except that `raw` images (different sizes, augmented later on the device) are padded into
+    one uint8 batch (`pad_images`): a single tensor to move between processes and to the device."""
     raw = [item.pop("raw") for item in items] if items and "raw" in items[0] else None
     batch = torch.utils.data.default_collate(items)
     if raw is not None:
-        batch["raw"] = raw
+        batch["raw"] = pad_images(raw)
     return batch
 
 

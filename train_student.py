@@ -499,7 +499,7 @@ class Trainer:
         """The batch's training views as normalised floats on the device (augmented here when data.augment_on
         resolves to device)."""
         if "raw" in batch:
-            raw = [img.to(self.device, non_blocking=True) for img in batch["raw"]]
+            raw = batch["raw"].to(self.device, non_blocking=True)
             return normalize_batch(apply_aug_records(raw, batch["record"], self.spec), self.device,
                                    self.channels_last)
         return normalize_batch(batch["image"], self.device, self.channels_last)

@@ -79,7 +79,9 @@ def test_device_augmentation_matches_the_pil_path(jpeg_tree, tmp_path):
     # the dataset hands the stored image and its record to the device path; collate keeps raw images as a list
     items = [TrainViews(pre, spec, seed=0, device_aug=True)[(i, 0)] for i in range(3)]
     batch = collate_views(items)
-    assert isinstance(batch["raw"], list) and batch["record"].shape == (3, 11)
+    assert batch["raw"].dtype == torch.uint8 and batch["raw"].shape[0] == 3 and batch["record"].shape == (3, 11)
+    first = items_shape = pre.tensor(0).shape
+    assert torch.equal(batch["raw"][0, :, :first[1], :first[2]], pre.tensor(0)) and items_shape[0] == 3
     again = apply_aug_records(batch["raw"], batch["record"], spec)
     fresh = torch.stack([TrainViews(pre, spec, seed=0)[(i, 0)]["image"] for i in range(3)])
     assert _diff(again, fresh)[0] < 3.0
