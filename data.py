@@ -452,23 +452,30 @@ def normalize_batch(images: torch.Tensor, device: torch.device, channels_last: b
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pre-decoded splits (data.preprocessed=true): every image decoded and resized once into one uint8 memory map.
+# Pre-decoded splits (data.preprocessed=true): every image decoded once into one uint8 memory map.
 # ----------------------------------------------------------------------------------------------------------------
 PREDECODE_VERSION = "predecoded-v1"
 
 
+def predecoded_fingerprint(source: ImageSource, size: int) -> str:
+    """The data fingerprint of a pre-decoded copy. Stored as decoded (size 0) it holds the very pixels the JPEG
+    path decodes, so it keeps the source's fingerprint and shares its teacher cache; a downscaled copy does not."""
+    return source.fingerprint if size == 0 else f"{source.fingerprint}:predecoded{size}"
+
+
 def predecoded_size(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) stored for an image: short side `size` (aspect kept, as torchvision's Resize(size) rounds),
-    or the image as it is when its short side is already <= size (never upscaled)."""
+    """(width, height) stored for an image. `size` 0: as decoded. Otherwise short side `size` (aspect kept, as
+    torchvision's Resize(size) rounds), or the image as it is when its short side is already <= size (never
+    upscaled)."""
     short, long_ = min(width, height), max(width, height)
-    if short <= size:
+    if size == 0 or short <= size:
         return width, height
     new_long = int(size * long_ / short)
     return (size, new_long) if width <= height else (new_long, size)
 
 
 class PredecodedSource(ImageSource):
-    """A split whose images were decoded and resized once (`predecode_split`): rows of `pixels.u8` (uint8 HWC,
+    """A split whose images were decoded (and, with a size, resized) once (`predecode_split`): rows of `pixels.u8` (uint8 HWC,
     back to back) addressed by `index.npy` ([N, 3] int64: byte offset, height, width). Opening is lazy, so the
     memory map is opened once per DataLoader worker rather than pickled."""
 
@@ -516,10 +523,12 @@ class _DecodeResize(torch.utils.data.Dataset):
 
 def predecode_split(source: ImageSource, size: int, cache_dir: Path, split: str, workers: int = 0,
                     show_progress: bool = True) -> PredecodedSource:
-    """Decode and resize every image of `source` once (short side `size`) into `<cache_dir>/<split>-<digest>/`.
-    The digest covers the source's fingerprint, its length and `size`, so a changed dataset or size gets a new
-    folder; a folder whose files do not match its meta.json (an interrupted or damaged build) is rebuilt.
-    meta.json, written last, records the count, byte size, smallest and largest stored shape and build time."""
+    """Decode every image of `source` once into `<cache_dir>/<split>-<digest>/`: as decoded when `size` is 0 (the
+    JPEG path's pixels, so the same training and evaluation views), else resized to short side `size` (a smaller
+    copy whose random crops differ from the JPEG path's). The digest covers the source's fingerprint, its length
+    and `size`, so a changed dataset or size gets a new folder; a folder whose files do not match its meta.json
+    (an interrupted or damaged build) is rebuilt. meta.json, written last, records the count, byte size, smallest
+    and largest stored shape and build time."""
     import shutil
     import time
 
@@ -528,7 +537,7 @@ def predecode_split(source: ImageSource, size: int, cache_dir: Path, split: str,
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"{split}-{digest}"
     if _predecoded_valid(folder, fingerprint):
-        return PredecodedSource(source, folder, f"{source.fingerprint}:predecoded{size}")
+        return PredecodedSource(source, folder, predecoded_fingerprint(source, size))
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
@@ -538,8 +547,9 @@ def predecode_split(source: ImageSource, size: int, cache_dir: Path, split: str,
     loader = torch.utils.data.DataLoader(_DecodeResize(source, size), batch_size=None, num_workers=workers,
                                          prefetch_factor=8 if workers > 0 else None)
     offset = 0
+    how = f"short side {size}" if size else "as decoded"
     with open(tmp / "pixels.u8", "wb") as f:
-        for i, arr in enumerate(tqdm(loader, total=len(source), desc=f"pre-decoding {split} (short side {size})",
+        for i, arr in enumerate(tqdm(loader, total=len(source), desc=f"pre-decoding {split} ({how})",
                                      disable=not show_progress, dynamic_ncols=True, leave=False)):
             arr = np.asarray(arr, dtype=np.uint8)
             rows[i] = (offset, arr.shape[0], arr.shape[1])
@@ -552,7 +562,7 @@ def predecode_split(source: ImageSource, size: int, cache_dir: Path, split: str,
             "build_s": time.perf_counter() - start}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     tmp.rename(folder)
-    return PredecodedSource(source, folder, f"{source.fingerprint}:predecoded{size}")
+    return PredecodedSource(source, folder, predecoded_fingerprint(source, size))
 
 
 def _predecoded_valid(folder: Path, fingerprint: dict) -> bool:
@@ -597,23 +607,38 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
+def _grey_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean grey level per image, float32 [B, 1, 1, 1]. Summed in float64, where it is exact (each grey value is 0 or
+    a float32 >= 0.1, so a multiple of 2^-27, and a sum of up to 512 x 512 of them fits in 53 bits): the result does
+    not depend on the summation order, so an image gets the same contrast jitter whatever batch it is in. That is
+    what lets the teacher cache score exactly the pixels the student later trains on (`teacher_cache`)."""
+    grey = _grey(x).double()
+    return (grey.sum(dim=(1, 2, 3), keepdim=True) / grey[0].numel()).float()
+
+
 def apply_aug_records(images: torch.Tensor | list[torch.Tensor], records: torch.Tensor, spec: AugSpec
                       ) -> torch.Tensor:
     """`apply_aug_record` for a batch, on the images' device (e.g. the GPU). `images` is a padded uint8 batch
-    [B, 3, H, W] (`pad_images`) or a list of uint8 [3, H_i, W_i]; `records` [B, 11]. Returns uint8 [B, 3, S, S].
+    [B, 3, H, W] (`pad_images`) or a list of uint8 [3, H_i, W_i]; `records` [B, 11], or [B, K, 11] for K views of
+    each image. Returns uint8 [B, 3, S, S] (or [B, K, 3, S, S]).
 
-    Crop + resize: torchvision's antialiased bilinear `resized_crop` per image (boxes differ in size). Then, for
+    Crop + resize: torchvision's antialiased bilinear `resized_crop` per view (boxes differ in size). Then, for
     the whole batch at once, the flip, then brightness, contrast and saturation in each record's own order, with
     torchvision's formulas (blend with black, with the mean grey level, with the grey image), truncated to
     integers after each step as torchvision does on uint8. Matches the PIL path up to resampling differences
-    (under one grey level on average)."""
+    (under one grey level on average). Every view depends only on its image and record, never on the rest of the
+    batch, so on one device the same record gives the same pixels in any batch."""
     if isinstance(images, (list, tuple)):
         images = pad_images(list(images))
+    views = records.shape[1] if records.dim() == 3 else None
+    records = records.reshape(-1, records.shape[-1])
+    owner = torch.arange(len(images)).repeat_interleave(views) if views else torch.arange(len(images))
     device, size = images.device, spec.image_size
     rec = records.to(device=device, dtype=torch.float32)
     boxes = records.detach().cpu().numpy().astype(int)[:, :4]
-    x = torch.stack([TF.resized_crop(img, int(t), int(le), int(h), int(w), [size, size], antialias=True)
-                     for img, (t, le, h, w) in zip(images, boxes)]).float()
+    # the box lies inside its image, so the padding around a smaller image is never read
+    x = torch.stack([TF.resized_crop(images[i], int(t), int(le), int(h), int(w), [size, size], antialias=True)
+                     for i, (t, le, h, w) in zip(owner.tolist(), boxes)]).float()
     flip = rec[:, 4] > 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     rows = torch.arange(len(rec), device=device)
@@ -621,10 +646,11 @@ def apply_aug_records(images: torch.Tensor | list[torch.Tensor], records: torch.
         op = rec[:, 8 + k].long()
         f = rec[rows, 5 + op].view(-1, 1, 1, 1)
         op = op.view(-1, 1, 1, 1)
-        mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+        mean = _grey_mean(x)
         other = torch.where(op == 0, torch.zeros_like(mean), torch.where(op == 1, mean, _grey(x)))
         x = torch.where(f == 1.0, x, (x * f + other * (1 - f)).clamp_(0, 255).floor_())
-    return x.to(torch.uint8)
+    x = x.to(torch.uint8)
+    return x.view(len(images), views, *x.shape[1:]) if views else x
 
 
 def collate_views(items: list[dict]) -> dict:

@@ -2,13 +2,17 @@
 
 For every training image the cache holds K augmentation records and the teacher's fp16 logits on exactly those
 views; the training loader replays one record per image per epoch (`data.replay_view_index`), so the student sees
-the view the teacher scored. It also holds the teacher's logits on the evaluation view of every train, validation
-and test image (for difficulty scores and the teacher's reported accuracy).
+the view the teacher scored. The views are made the way the run makes the student's: with PIL in the loader, or,
+when the run augments on the device (`data.augment_on`), with the same tensor operations on the same device
+(`data.apply_aug_records`), so teacher and student see identical pixels either way. It also holds the teacher's
+logits on the evaluation view of every train, validation and test image (for difficulty scores and the teacher's
+reported accuracy).
 
 Layout: `<cache_dir>/<fingerprint>/<split>.npy`, one memory-mapped structured array per split, plus `meta.json`,
 written last as the completion mark. The fingerprint hashes the teacher weights and class restriction, the
-dataset, the view recipe, K and the seed, so a changed input lands in a new directory; a directory whose meta or
-shapes disagree is rebuilt, never reused.
+dataset, the view recipe and where views are made, K, the seed and the numerics the teacher ran in (device type,
+autocast dtype, TF32), so a changed input lands in a new directory; a directory whose meta or shapes disagree is
+rebuilt, never reused.
 """
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import (AUG_RECORD_LEN, SPLITS, AugSpec, ImageSource, ShardSampler, apply_aug_record, cache_record_rng,
-                  eval_view, make_loader, normalize_batch, sample_aug_record)
-from utils import DistInfo, barrier, broadcast_object, write_json
+from data import (AUG_RECORD_LEN, SPLITS, AugSpec, ImageSource, PredecodedSource, ShardSampler, apply_aug_record,
+                  apply_aug_records, cache_record_rng, eval_view, make_loader, normalize_batch, sample_aug_record)
+from utils import DistInfo, UserError, barrier, broadcast_object, write_json
 
 CACHE_VERSION = 1
 
@@ -39,11 +43,26 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_fingerprint(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int) -> dict:
+def teacher_numerics(autocast, device: torch.device) -> dict:
+    """What sets the rounding of the teacher's logits: the device type, the dtype autocast actually gives a
+    convolution (float32 when off), and on CUDA whether float32 convolutions and matmuls may run in TF32."""
+    probe = torch.ones(1, 1, 1, 1, device=device)
+    with torch.no_grad(), autocast():
+        dtype = torch.nn.functional.conv2d(probe, probe).dtype
+    numerics = {"device": device.type, "autocast": str(dtype).removeprefix("torch.")}
+    if device.type == "cuda":
+        numerics["tf32"] = {"conv": bool(torch.backends.cudnn.allow_tf32),
+                            "matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
+    return numerics
+
+
+def cache_fingerprint(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int,
+                      numerics: dict, device_aug: bool = False) -> dict:
     class_index = teacher.class_index.tolist() if getattr(teacher, "restrict", False) else None
     fingerprint = {"version": CACHE_VERSION, "teacher": weights_digest(teacher.model), "class_index": class_index,
                    "data": {s: [src.fingerprint, len(src)] for s, src in sources.items()},
-                   "spec": asdict(spec), "num_views": num_views, "seed": seed}
+                   "spec": asdict(spec), "views_on": "device" if device_aug else "loader", "num_views": num_views,
+                   "seed": seed, "numerics": numerics}
     return json.loads(json.dumps(fingerprint))  # the form it has after a round trip through meta.json
 
 
@@ -56,11 +75,12 @@ def split_dtype(split: str, num_views: int, num_classes: int) -> np.dtype:
 
 
 class CacheViews(torch.utils.data.Dataset):
-    """For cache building: image `index` as uint8 [V, 3, S, S], V = K training views + the eval view (train), or
-    just the eval view (other splits), with the K records."""
+    """For cache building: image `index` with its K records and its eval view (uint8 [3, S, S]). The K training
+    views come made (`views`, uint8 [K, 3, S, S], PIL as in `data.TrainViews`), or, with `device_aug`, as the stored
+    image (`raw`, uint8 [3, H, W]) for `batch_views` to augment on the device as the trainer does."""
 
-    def __init__(self, source: ImageSource, spec: AugSpec, seed: int, num_views: int):
-        self.source, self.spec, self.seed, self.num_views = source, spec, seed, num_views
+    def __init__(self, source: ImageSource, spec: AugSpec, seed: int, num_views: int, device_aug: bool = False):
+        self.source, self.spec, self.seed, self.num_views, self.device_aug = source, spec, seed, num_views, device_aug
 
     def __len__(self) -> int:
         return len(self.source)
@@ -70,8 +90,26 @@ class CacheViews(torch.utils.data.Dataset):
         records = np.stack([sample_aug_record(cache_record_rng(self.seed, index, v), img.width, img.height, self.spec)
                             for v in range(self.num_views)]) if self.num_views else np.zeros((0, AUG_RECORD_LEN),
                                                                                              np.float32)
-        views = [apply_aug_record(img, r, self.spec) for r in records] + [eval_view(img, self.spec)]
-        return {"images": torch.stack(views), "records": torch.from_numpy(records), "index": index}
+        item = {"eval": eval_view(img, self.spec), "records": torch.from_numpy(records), "index": index}
+        if self.num_views and self.device_aug:
+            item["raw"] = self.source.tensor(index)
+        elif self.num_views:
+            item["views"] = torch.stack([apply_aug_record(img, r, self.spec) for r in records])
+        return item
+
+
+def batch_views(batch: dict, spec: AugSpec, device: torch.device) -> torch.Tensor:
+    """The views the teacher scores for a batch of `CacheViews` items: uint8 [B, V, 3, S, S] on `device`, V = K
+    training views then the eval view. Device-side views come from `apply_aug_records` on `device`, the function
+    and device the trainer uses, so they equal the student's views pixel for pixel."""
+    eval_views = batch["eval"].to(device, non_blocking=True)[:, None]
+    if "raw" in batch:
+        train_views = apply_aug_records(batch["raw"].to(device, non_blocking=True), batch["records"], spec)
+    elif "views" in batch:
+        train_views = batch["views"].to(device, non_blocking=True)
+    else:
+        return eval_views
+    return torch.cat([train_views, eval_views], dim=1)
 
 
 class TeacherCache:
@@ -122,12 +160,16 @@ def _valid(root: Path, fingerprint: dict, sources: dict[str, ImageSource], num_c
 
 def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int,
                         cache_dir: Path, dist: DistInfo, batch_size: int, workers: int,
-                        autocast) -> tuple[TeacherCache, dict]:
+                        autocast, device_aug: bool = False) -> tuple[TeacherCache, dict]:
     """The cache for this teacher and data, built now if missing or stale. Returns (cache, info) where info says
-    whether it was built and how long that took. Building is sharded over ranks; rank 0 writes the metadata."""
+    whether it was built and how long that took. Building is sharded over ranks; rank 0 writes the metadata.
+    `device_aug`: the run augments on its device (`data.TrainViews`), so the training views are made there too."""
     import time
+    if device_aug and not isinstance(sources["train"], PredecodedSource):
+        raise UserError("augmentation on the device needs the pre-decoded data path: set data.preprocessed=true")
     num_classes = len(sources["train"].class_names)
-    fingerprint = cache_fingerprint(teacher, sources, spec, num_views, seed)
+    fingerprint = cache_fingerprint(teacher, sources, spec, num_views, seed, teacher_numerics(autocast, dist.device),
+                                    device_aug)
     digest = broadcast_object(hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20])
     root = Path(cache_dir) / digest
     meta = _valid(root, fingerprint, sources, num_classes) if dist.is_main else None
@@ -149,10 +191,11 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
         src = sources[split]
         k = num_views if split == "train" else 0
         out = np.load(root / f"{split}.npy", mmap_mode="r+")
-        loader = make_loader(CacheViews(src, spec, seed, k), ShardSampler(len(src), dist.world_size, dist.rank),
-                             max(1, batch_size // (k + 1)), workers, device)
+        views = CacheViews(src, spec, seed, k, device_aug)
+        loader = make_loader(views, ShardSampler(len(src), dist.world_size, dist.rank), max(1, batch_size // (k + 1)),
+                             workers, device)
         for batch in tqdm(loader, desc=f"teacher cache [{split}]", disable=not dist.is_main, dynamic_ncols=True):
-            images = batch["images"]  # [B, V, 3, S, S]
+            images = batch_views(batch, spec, device)  # [B, V, 3, S, S]
             b, v = images.shape[:2]
             with autocast():
                 logits = teacher(normalize_batch(images.flatten(0, 1), device, channels_last=True))

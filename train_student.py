@@ -65,9 +65,14 @@ class DataConfig:
     color_jitter: list[float] = opt([0.2, 0.2, 0.2], "ColorJitter brightness, contrast, saturation")
     eval_crop_ratio: float = opt(0.875, "evaluation view: resize to image_size / ratio, centre-crop image_size")
     workers: int = opt(8, "DataLoader worker processes per rank (0 loads in the main process)")
-    preprocessed: bool = opt(False, "decode and resize every image once (short side data.preprocess_size) into a "
-                                    "uint8 memory map per split, instead of decoding JPEGs every epoch")
-    preprocess_size: int = opt(256, "short side of pre-decoded images (smaller images are stored as they are)")
+    preprocessed: bool = opt(False, "decode every image once into a uint8 memory map per split (see "
+                                    "data.preprocess_size) instead of decoding JPEGs every epoch")
+    preprocess_size: int = opt(0, "0: store images as decoded, so training, evaluation and teacher views equal the "
+                                  "JPEG path's (disk: height x width x 3 bytes per image, about 40 GB for "
+                                  "mini-ImageNet, an estimate). N > 0: store a copy downscaled to short side N "
+                                  "(smaller, e.g. about 17 GB at 256), which changes the recipe: random crops come "
+                                  "from the downscaled copy, so training views and teacher-cache views differ from "
+                                  "the reference (more crops are upscaled)")
     preprocess_dir: str = opt("", "where pre-decoded splits live (default <run.out_dir>/predecoded)")
     augment_on: str = opt("auto", "where training crops, flips and jitter run: workers, device (needs "
                                   "data.preprocessed=true), or auto (device when pre-decoded on CUDA, else workers)")
@@ -174,8 +179,9 @@ def validate(cfg) -> None:
     check(0 < cfg.data.eval_crop_ratio <= 1, f"data.eval_crop_ratio={cfg.data.eval_crop_ratio} must lie in (0, 1]")
     check(len(cfg.data.color_jitter) == 3, "data.color_jitter takes three numbers: brightness, contrast, saturation")
     check(cfg.data.workers >= 0, f"data.workers={cfg.data.workers} must be >= 0")
-    check(cfg.data.preprocess_size >= cfg.data.image_size,
-          f"data.preprocess_size={cfg.data.preprocess_size} must be >= data.image_size={cfg.data.image_size}")
+    check(cfg.data.preprocess_size == 0 or cfg.data.preprocess_size >= cfg.data.image_size,
+          f"data.preprocess_size={cfg.data.preprocess_size} must be >= data.image_size={cfg.data.image_size}, "
+          "or 0 (store images as decoded)")
     check(cfg.data.augment_on in ("auto", "workers", "device"),
           f"data.augment_on={cfg.data.augment_on}: auto, workers or device")
     check(cfg.data.augment_on != "device" or cfg.data.preprocessed,
@@ -420,7 +426,7 @@ class Trainer:
         cache_dir = Path(cfg.teacher.cache_dir or Path(cfg.run.out_dir) / "teacher_cache")
         self.cache, self.cache_info = build_or_load_cache(
             self.teacher, self.splits, self.spec, cfg.teacher.cache_views, cfg.train.seed, cache_dir, self.dist,
-            cfg.teacher.batch_size, cfg.data.workers, self.autocast)
+            cfg.teacher.batch_size, cfg.data.workers, self.autocast, self.device_aug)
         if self.dist.is_main:
             verb = f"built in {self.cache_info['build_s']:.1f}s" if self.cache_info["built"] else "reused"
             print(f"teacher cache {verb}: {self.cache_info['path']}")

@@ -1,5 +1,6 @@
-"""The pre-decoded data path (data.preprocessed=true): same evaluation views as decoding the JPEGs, augmentation on
-uint8 tensors (the device path) matching the PIL path, stale and damaged copies rebuilt."""
+"""The pre-decoded data path (data.preprocessed=true): by default the same training and evaluation views as
+decoding the JPEGs, augmentation on uint8 tensors (the device path) matching the PIL path, stale and damaged copies
+rebuilt."""
 import json
 from pathlib import Path
 
@@ -8,8 +9,11 @@ import pytest
 import torch
 
 from data import (AugSpec, EvalViews, PredecodedSource, TrainViews, apply_aug_record, apply_aug_records,
-                  collate_views, load_local, predecode_split, predecoded_size, sample_aug_record,
+                  collate_views, load_local, predecode_split, predecoded_size, sample_aug_record, train_record_rng,
                   write_synthetic_jpeg_folder)
+from teacher_cache import CacheViews
+from train_student import Config
+from utils import load_config
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +27,47 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
     return d.float().mean().item(), d.max().item()
 
 
+def real_jpeg_tree(root: Path, shared_data: Path, count: int | None = None) -> Path:
+    """An ImageFolder tree of the real mini-ImageNet JPEGs (one per class, original size), the same in every split."""
+    files = sorted((shared_data / "mini_imagenet_samples").glob("*.JPEG"))[:count]
+    for split in ("train", "validation", "test"):
+        for f in files:
+            (root / split / f.name.split("_")[0]).mkdir(parents=True, exist_ok=True)
+            (root / split / f.name.split("_")[0] / f.name).symlink_to(f.resolve())
+    return root
+
+
 def test_predecoded_size_keeps_aspect_and_never_upscales():
     assert predecoded_size(500, 375, 256) == (341, 256)  # torchvision Resize(256): int(256 * 500 / 375)
     assert predecoded_size(375, 500, 256) == (256, 341)
     assert predecoded_size(200, 150, 256) == (200, 150)
+    assert predecoded_size(500, 375, 0) == (500, 375)  # 0: as decoded
+
+
+def test_training_crops_equal_the_jpeg_path_at_the_defaults(tmp_path, shared_data):
+    """The recommended fast path trains on the reference recipe: at the real defaults (224 px, crop scale 0.08-1,
+    flip, jitter, data.preprocess_size as configured by default) on the real JPEGs, every training crop, every
+    replayed teacher-cache view and every evaluation view of the pre-decoded copy equals the JPEG path's."""
+    cfg = load_config(Config, None, [])
+    spec = AugSpec.from_cfg(cfg.data)
+    assert spec == AugSpec(image_size=224, scale=(0.08, 1.0), flip=True, jitter=(0.2, 0.2, 0.2))
+    src = load_local(real_jpeg_tree(tmp_path / "mini", shared_data))["train"]
+    pre = predecode_split(src, cfg.data.preprocess_size, tmp_path / "pre", "train", show_progress=False)
+    jpeg_views, pre_views = TrainViews(src, spec, seed=0), TrainViews(pre, spec, seed=0)
+    for i in range(len(src)):
+        a, b = jpeg_views[(i, 0)]["image"], pre_views[(i, 0)]["image"]
+        assert torch.equal(a, b), (src.describe(i), _diff(a, b))
+        img = src.load(i)
+        assert np.array_equal(pre.array(i), np.asarray(img))  # stored as decoded
+        # the JPEG path's record, replayed on the stored copy, gives the JPEG path's crop
+        record = sample_aug_record(train_record_rng(0, i, 0), img.width, img.height, spec)
+        assert torch.equal(apply_aug_record(pre.load(i), record, spec), a)
+    jpeg_cache, pre_cache = CacheViews(src, spec, 0, 2), CacheViews(pre, spec, 0, 2)
+    for i in range(0, len(src), 7):  # the views the teacher cache scores
+        a, b = jpeg_cache[i], pre_cache[i]
+        assert torch.equal(a["records"], b["records"]) and torch.equal(a["views"], b["views"])
+        assert torch.equal(a["eval"], b["eval"])
+    assert pre.fingerprint == src.fingerprint  # so a JPEG run's teacher cache is reused, and vice versa
 
 
 def test_eval_views_equal_the_jpeg_path(jpeg_tree, tmp_path):
@@ -45,15 +86,10 @@ def test_eval_views_equal_the_jpeg_path(jpeg_tree, tmp_path):
     assert max(m for m, _ in diffs) < 2.0, diffs
 
 
-def test_real_jpegs_default_resolution(tmp_path, shared_data):
-    """The real mini-ImageNet JPEGs at the real defaults (224 px views, pre-decoded short side 256)."""
-    tree = tmp_path / "mini"
-    files = sorted((shared_data / "mini_imagenet_samples").glob("*.JPEG"))[:12]
-    for split in ("train", "validation", "test"):
-        for f in files:
-            (tree / split / f.name.split("_")[0]).mkdir(parents=True, exist_ok=True)
-            (tree / split / f.name.split("_")[0] / f.name).symlink_to(f)
-    src = load_local(tree)["test"]
+def test_real_jpegs_downscaled_copy_keeps_eval_views(tmp_path, shared_data):
+    """The real mini-ImageNet JPEGs, 224 px views, the explicit lossy copy (short side 256): evaluation views stay
+    those of the JPEG path (the one resize to 256 happens either way)."""
+    src = load_local(real_jpeg_tree(tmp_path / "mini", shared_data, 12))["test"]
     pre = predecode_split(src, 256, tmp_path / "pre", "test", show_progress=False)
     for i in range(len(src)):  # stored at short side 256, aspect kept (never upscaled)
         w, h = src.load(i).size

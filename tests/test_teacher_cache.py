@@ -1,14 +1,18 @@
-"""The cached teacher serves exactly what a fresh teacher computes on the replayed view; stale caches rebuild."""
+"""The cached teacher serves exactly what a fresh teacher computes on the replayed view, on exactly the pixels the
+student trains on (device augmentation included); stale caches, and caches built in another precision, rebuild."""
+import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from data import AugSpec, EvalViews, TrainViews, load_splits, normalize_batch, replay_view_index
+from data import (AugSpec, EvalViews, TrainViews, apply_aug_record, apply_aug_records, collate_views, load_local,
+                  load_splits, mini_imagenet_synsets, normalize_batch, predecode_split, replay_view_index)
 from models import create_teacher
 from teacher_cache import build_or_load_cache
-from train_student import Config
+from train_student import Config, autocast_for
 from utils import DistInfo, load_config
 
 ARGS = ["data.name=synthetic", "data.synthetic.num_classes=4", "data.synthetic.images_per_class=6",
@@ -24,11 +28,10 @@ def setup():
     return cfg, splits, teacher, AugSpec.from_cfg(cfg.data)
 
 
-def _build(setup, tmp, views=3, seed=0):
+def _build(setup, tmp, views=3, seed=0, autocast=contextlib.nullcontext):
     cfg, splits, teacher, spec = setup
-    import contextlib
     return build_or_load_cache(teacher, splits, spec, views, seed, tmp, DistInfo(), batch_size=8, workers=0,
-                               autocast=contextlib.nullcontext)
+                               autocast=autocast)
 
 
 def test_cached_logits_equal_fresh_teacher_on_replayed_view(setup, tmp_path):
@@ -92,3 +95,61 @@ def test_changed_teacher_weights_change_the_key(setup, tmp_path):
         with torch.no_grad():
             p.sub_(1.0)
     assert info["built"] and changed.root != cache.root
+
+
+def test_precision_is_part_of_the_key(setup, tmp_path):
+    """A cache built in one precision is never served to a run in another: train.amp=off and train.amp=bf16 (which
+    CPU autocast supports) differ only in the numerics the teacher ran in, and get separate caches."""
+    cpu = torch.device("cpu")
+    fp32, info = _build(setup, tmp_path, autocast=autocast_for("off", cpu))
+    assert info["built"]
+    bf16, info = _build(setup, tmp_path, autocast=autocast_for("bf16", cpu))
+    assert info["built"] and bf16.root != fp32.root
+    assert fp32.meta["fingerprint"]["numerics"] == {"device": "cpu", "autocast": "float32"}
+    assert bf16.meta["fingerprint"]["numerics"] == {"device": "cpu", "autocast": "bfloat16"}
+    logits = [np.asarray(c.eval_logits("test"), dtype=np.float32) for c in (fp32, bf16)]
+    assert not np.array_equal(*logits)  # the reason: bf16 logits are not the fp32 ones
+    again, info = _build(setup, tmp_path, autocast=autocast_for("auto", cpu))  # auto on CPU: fp32, reused
+    assert not info["built"] and again.root == fp32.root
+
+
+def test_device_augmented_run_gets_teacher_views_equal_to_the_students(setup, tmp_path):
+    """data.augment_on=device: the cache is built from the same tensor augmentation on the same device, so every
+    replayed view the student trains on is, pixel for pixel, the view the teacher scored, whatever the batch
+    (images of different sizes, padded differently, in another order and batch size)."""
+    cfg, _, teacher, _ = setup
+    rng = np.random.default_rng(0)
+    sizes = [(40, 60), (75, 50), (64, 64), (90, 45), (52, 70), (48, 48), (66, 40)]
+    for split in ("train", "validation", "test"):
+        for i, (w, h) in enumerate(sizes):
+            folder = tmp_path / "tree" / split / mini_imagenet_synsets()[i % 4]  # the teacher's 4 classes
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    splits = {s: predecode_split(src, 0, tmp_path / "pre", s, show_progress=False)
+              for s, src in load_local(tmp_path / "tree").items()}
+    spec, k = AugSpec(image_size=32, scale=(0.25, 1.0)), 3
+    scored = []
+    hook = teacher.register_forward_pre_hook(lambda module, args: scored.append(args[0].clone()))
+    try:
+        cache, _ = build_or_load_cache(teacher, splits, spec, k, 0, tmp_path / "cache", DistInfo(), batch_size=8,
+                                       workers=0, autocast=contextlib.nullcontext, device_aug=True)
+    finally:
+        hook.remove()
+    n = len(sizes)
+    teacher_views = torch.cat(scored)[: n * (k + 1)].view(n, k + 1, 3, 32, 32)  # train split, index order
+    views = TrainViews(splits["train"], spec, seed=0, cache=cache, device_aug=True)
+    pil_differs = False
+    for epoch in range(k):  # every cached view replayed once
+        order = np.random.default_rng(epoch).permutation(n).tolist()
+        for start in range(0, n, 3):
+            batch = collate_views([views[(i, epoch)] for i in order[start:start + 3]])
+            student = normalize_batch(apply_aug_records(batch["raw"], batch["record"], spec), torch.device("cpu"),
+                                      channels_last=True)  # what Trainer.batch_images computes
+            for row, i in enumerate(batch["index"].tolist()):
+                view = replay_view_index(0, i, epoch, k)
+                assert torch.equal(student[row], teacher_views[i, view]), (i, epoch, view)
+                pil = apply_aug_record(splits["train"].load(i), batch["record"][row].numpy(), spec)
+                pil_differs |= not torch.equal(normalize_batch(pil[None], torch.device("cpu"), True)[0],
+                                               student[row])
+    assert pil_differs  # the PIL views (what the cache held before) are not the pixels the student sees
+    assert cache.meta["fingerprint"]["views_on"] == "device"
