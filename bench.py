@@ -149,7 +149,7 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
     """Images per second of the training loader alone (views made, batches delivered, nothing trained) for the
     JPEG and pre-decoded paths, over the student's training throughput on ready batches."""
     from data import (AugSpec, EpochSampler, TrainViews, apply_aug_records, load_local, make_loader,
-                      predecode_split, write_synthetic_jpeg_folder)
+                      predecode_split, unpack_raw, write_synthetic_jpeg_folder)
     tree = write_synthetic_jpeg_folder(work / "jpeg", args.classes, args.images_per_class, args.jpeg_height)
     jpeg = load_local(tree)["train"]
     start = time.perf_counter()
@@ -170,7 +170,7 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
         start, n = time.perf_counter(), 0
         for batch in loader:
             if "raw" in batch:
-                x = apply_aug_records(batch["raw"].to(dev, non_blocking=True), batch["record"], spec)
+                x = apply_aug_records(unpack_raw(batch, dev), batch["record"], spec)
             else:
                 x = batch["image"].to(dev, non_blocking=True)
             n += len(x)
@@ -205,14 +205,15 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
                         args.repeats, "pipeline")
     student = rates.pop("student training")
     floor = statistics.median(student)
+    stored = f"short side {args.preprocess_size}" if args.preprocess_size else "as decoded"
     rows = [{**row("student training throughput", student, "img/s", floor, "itself", True),
              "note": f"{args.student}, batch {args.batch_size}, {args.image_size} px, forward + backward + step"}]
     for name, v in rates.items():
         rows.append({**row(f"input pipeline, {name}", v, "img/s", floor, "student training throughput", True),
                      "note": f"{args.workers} workers, JPEG {int(round(args.jpeg_height * 4 / 3))}x{args.jpeg_height}"
-                             f", pre-decoded short side {args.preprocess_size}"})
+                             f", pre-decoded {stored}"})
     rows.append({**row("pre-decoding (one-time)", [predecode_s], "s", None, "-"),
-                 "note": f"{len(jpeg)} JPEGs -> short side {args.preprocess_size}"})
+                 "note": f"{len(jpeg)} JPEGs -> {stored}"})
     return rows
 
 
@@ -300,7 +301,8 @@ def main() -> None:
     parser.add_argument("--refresh-every", type=int, default=5, help="difficulty refresh interval for the RL item")
     parser.add_argument("--rl-cycles", type=int, default=1, help="refresh cycles timed in the RL item")
     parser.add_argument("--jpeg-height", type=int, default=375, help="height of the 4:3 JPEGs of the pipeline item")
-    parser.add_argument("--preprocess-size", type=int, default=256, help="data.preprocess_size of the pipeline item")
+    parser.add_argument("--preprocess-size", type=int, default=0,
+                        help="data.preprocess_size of the pipeline item (0, the default: stored as decoded)")
     parser.add_argument("--gan-images", type=int, default=1000, help="28x28 images of the gan_vae task")
     parser.add_argument("--gan-steps", type=int, default=10, help="teacher and student steps per timed round")
     parser.add_argument("--fid-samples", type=int, default=2000, help="samples of the timed FID evaluation")

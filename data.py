@@ -475,9 +475,9 @@ def predecoded_size(width: int, height: int, size: int) -> tuple[int, int]:
 
 
 class PredecodedSource(ImageSource):
-    """A split whose images were decoded (and, with a size, resized) once (`predecode_split`): rows of `pixels.u8` (uint8 HWC,
-    back to back) addressed by `index.npy` ([N, 3] int64: byte offset, height, width). Opening is lazy, so the
-    memory map is opened once per DataLoader worker rather than pickled."""
+    """A split whose images were decoded (and, with a size, resized) once (`predecode_split`): rows of `pixels.u8`
+    (uint8 HWC, back to back) addressed by `index.npy` ([N, 3] int64: byte offset, height, width). Opening is lazy,
+    so the memory map is opened once per DataLoader worker rather than pickled."""
 
     def __init__(self, base: ImageSource, folder: Path, fingerprint: str):
         self.labels, self.class_names, self.difficulty = base.labels, base.class_names, base.difficulty
@@ -589,20 +589,6 @@ def predecode_splits(sources: dict[str, ImageSource], size: int, cache_dir: Path
             for split, src in sources.items()}
 
 
-def pad_images(images: list[torch.Tensor]) -> torch.Tensor:
-    """uint8 [3, H_i, W_i] images -> one uint8 [B, 3, max H, max W] batch, each image at the top left and its last
-    row and column repeated into the padding (so that sampling at an image's edge never blends in a border)."""
-    h = max(img.shape[1] for img in images)
-    w = max(img.shape[2] for img in images)
-    out = torch.empty((len(images), images[0].shape[0], h, w), dtype=images[0].dtype, device=images[0].device)
-    for i, img in enumerate(images):
-        ih, iw = img.shape[1:]
-        out[i, :, :ih, :iw] = img
-        out[i, :, :ih, iw:] = img[:, :, iw - 1:iw]
-        out[i, :, ih:, :] = out[i, :, ih - 1:ih, :]
-    return out
-
-
 def _grey(x: torch.Tensor) -> torch.Tensor:
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
@@ -618,8 +604,8 @@ def _grey_mean(x: torch.Tensor) -> torch.Tensor:
 
 def apply_aug_records(images: torch.Tensor | list[torch.Tensor], records: torch.Tensor, spec: AugSpec
                       ) -> torch.Tensor:
-    """`apply_aug_record` for a batch, on the images' device (e.g. the GPU). `images` is a padded uint8 batch
-    [B, 3, H, W] (`pad_images`) or a list of uint8 [3, H_i, W_i]; `records` [B, 11], or [B, K, 11] for K views of
+    """`apply_aug_record` for a batch, on the images' device (e.g. the GPU). `images` is a list of uint8
+    [3, H_i, W_i] (`unpack_raw`) or a uint8 batch [B, 3, H, W]; `records` [B, 11], or [B, K, 11] for K views of
     each image. Returns uint8 [B, 3, S, S] (or [B, K, 3, S, S]).
 
     Crop + resize: torchvision's antialiased bilinear `resized_crop` per view (boxes differ in size). Then, for
@@ -628,15 +614,12 @@ def apply_aug_records(images: torch.Tensor | list[torch.Tensor], records: torch.
     integers after each step as torchvision does on uint8. Matches the PIL path up to resampling differences
     (under one grey level on average). Every view depends only on its image and record, never on the rest of the
     batch, so on one device the same record gives the same pixels in any batch."""
-    if isinstance(images, (list, tuple)):
-        images = pad_images(list(images))
     views = records.shape[1] if records.dim() == 3 else None
     records = records.reshape(-1, records.shape[-1])
     owner = torch.arange(len(images)).repeat_interleave(views) if views else torch.arange(len(images))
-    device, size = images.device, spec.image_size
+    device, size = images[0].device, spec.image_size
     rec = records.to(device=device, dtype=torch.float32)
     boxes = records.detach().cpu().numpy().astype(int)[:, :4]
-    # the box lies inside its image, so the padding around a smaller image is never read
     x = torch.stack([TF.resized_crop(images[i], int(t), int(le), int(h), int(w), [size, size], antialias=True)
                      for i, (t, le, h, w) in zip(owner.tolist(), boxes)]).float()
     flip = rec[:, 4] > 0.5
@@ -654,13 +637,26 @@ def apply_aug_records(images: torch.Tensor | list[torch.Tensor], records: torch.
 
 
 def collate_views(items: list[dict]) -> dict:
-    """default_collate, except that `raw` images (different sizes, augmented later on the device) are padded into
-    one uint8 batch (`pad_images`): a single tensor to move between processes and to the device."""
+    """default_collate, except for `raw` images (different sizes, augmented later on the device): their bytes travel
+    back to back in one flat uint8 tensor `raw`, with each image's [C, H, W] in `raw_shape` (int64 [B, 3]). One
+    tensor to move between processes and to the device, and no padding: padded to its largest photo (e.g. one
+    1600 x 1200 among 500 x 375 ones), a batch of originals would weigh several times its images."""
     raw = [item.pop("raw") for item in items] if items and "raw" in items[0] else None
     batch = torch.utils.data.default_collate(items)
     if raw is not None:
-        batch["raw"] = pad_images(raw)
+        batch["raw"] = torch.cat([img.reshape(-1) for img in raw])
+        batch["raw_shape"] = torch.tensor([list(img.shape) for img in raw], dtype=torch.int64)
     return batch
+
+
+def unpack_raw(batch: dict, device: torch.device) -> list[torch.Tensor]:
+    """The `raw` images of a `collate_views` batch as uint8 [C, H_i, W_i] views into one copy on `device`."""
+    flat = batch["raw"].to(device, non_blocking=True)
+    images, offset = [], 0
+    for c, h, w in batch["raw_shape"].tolist():
+        images.append(flat[offset:offset + c * h * w].view(c, h, w))
+        offset += c * h * w
+    return images
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -671,8 +667,8 @@ class TrainViews(torch.utils.data.Dataset):
     teacher logits computed on exactly that view; without, the view is drawn fresh from (seed, index, epoch).
 
     With `device_aug` (a PredecodedSource only), an item carries the stored image (`raw`, uint8 [3, H, W]) and its
-    augmentation `record` instead of the view; the trainer applies the record on its device (`apply_aug_records`),
-    replayed cached-teacher views included."""
+    augmentation `record` instead of the view; the trainer applies the record on its device (`unpack_raw`, then
+    `apply_aug_records`), replayed cached-teacher views included."""
 
     def __init__(self, source: ImageSource, spec: AugSpec, seed: int, cache=None, device_aug: bool = False):
         if device_aug and not isinstance(source, PredecodedSource):

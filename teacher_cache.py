@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from data import (AUG_RECORD_LEN, SPLITS, AugSpec, ImageSource, PredecodedSource, ShardSampler, apply_aug_record,
-                  apply_aug_records, cache_record_rng, eval_view, make_loader, normalize_batch, sample_aug_record)
+                  apply_aug_records, cache_record_rng, eval_view, make_loader, normalize_batch, sample_aug_record,
+                  unpack_raw)
 from utils import DistInfo, UserError, barrier, broadcast_object, write_json
 
 CACHE_VERSION = 1
@@ -104,7 +105,7 @@ def batch_views(batch: dict, spec: AugSpec, device: torch.device) -> torch.Tenso
     and device the trainer uses, so they equal the student's views pixel for pixel."""
     eval_views = batch["eval"].to(device, non_blocking=True)[:, None]
     if "raw" in batch:
-        train_views = apply_aug_records(batch["raw"].to(device, non_blocking=True), batch["records"], spec)
+        train_views = apply_aug_records(unpack_raw(batch, device), batch["records"], spec)
     elif "views" in batch:
         train_views = batch["views"].to(device, non_blocking=True)
     else:

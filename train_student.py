@@ -33,7 +33,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainViews, apply_aug_records, load_splits,
-                  make_loader, normalize_batch, predecode_splits)
+                  make_loader, normalize_batch, predecode_splits, unpack_raw)
 from models import count_params, create_student, create_teacher, kd_loss_terms
 from utils import (DistInfo, MetricLogger, UserError, all_reduce_sum, barrier, broadcast_module, broadcast_object,
                    check, cleanup_distributed, default_run_name, load_checkpoint, load_state_strict, opt,
@@ -505,9 +505,8 @@ class Trainer:
         """The batch's training views as normalised floats on the device (augmented here when data.augment_on
         resolves to device)."""
         if "raw" in batch:
-            raw = batch["raw"].to(self.device, non_blocking=True)
-            return normalize_batch(apply_aug_records(raw, batch["record"], self.spec), self.device,
-                                   self.channels_last)
+            views = apply_aug_records(unpack_raw(batch, self.device), batch["record"], self.spec)
+            return normalize_batch(views, self.device, self.channels_last)
         return normalize_batch(batch["image"], self.device, self.channels_last)
 
     def start_profiler(self):

@@ -10,7 +10,7 @@ import torch
 
 from data import (AugSpec, EvalViews, PredecodedSource, TrainViews, apply_aug_record, apply_aug_records,
                   collate_views, load_local, predecode_split, predecoded_size, sample_aug_record, train_record_rng,
-                  write_synthetic_jpeg_folder)
+                  unpack_raw, write_synthetic_jpeg_folder)
 from teacher_cache import CacheViews
 from train_student import Config
 from utils import load_config
@@ -112,13 +112,14 @@ def test_device_augmentation_matches_the_pil_path(jpeg_tree, tmp_path):
     assert tensor.dtype == torch.uint8 and tensor.shape == pil.shape == (len(pre), 3, 48, 48)
     mean, _ = _diff(pil, tensor)
     assert mean < 3.0, mean  # PIL and tensor resampling round differently; the views are the same
-    # the dataset hands the stored image and its record to the device path; collate keeps raw images as a list
+    # the dataset hands the stored image and its record to the device path; collate packs raw images back to back
     items = [TrainViews(pre, spec, seed=0, device_aug=True)[(i, 0)] for i in range(3)]
     batch = collate_views(items)
-    assert batch["raw"].dtype == torch.uint8 and batch["raw"].shape[0] == 3 and batch["record"].shape == (3, 11)
-    first = items_shape = pre.tensor(0).shape
-    assert torch.equal(batch["raw"][0, :, :first[1], :first[2]], pre.tensor(0)) and items_shape[0] == 3
-    again = apply_aug_records(batch["raw"], batch["record"], spec)
+    assert batch["raw"].dtype == torch.uint8 and batch["raw"].dim() == 1 and batch["record"].shape == (3, 11)
+    assert batch["raw"].numel() == sum(pre.tensor(i).numel() for i in range(3))  # no padding
+    raw = unpack_raw(batch, torch.device("cpu"))
+    assert all(torch.equal(raw[i], pre.tensor(i)) for i in range(3))
+    again = apply_aug_records(raw, batch["record"], spec)
     fresh = torch.stack([TrainViews(pre, spec, seed=0)[(i, 0)]["image"] for i in range(3)])
     assert _diff(again, fresh)[0] < 3.0
 

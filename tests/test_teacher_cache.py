@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from data import (AugSpec, EvalViews, TrainViews, apply_aug_record, apply_aug_records, collate_views, load_local,
-                  load_splits, mini_imagenet_synsets, normalize_batch, predecode_split, replay_view_index)
+                  load_splits, mini_imagenet_synsets, normalize_batch, predecode_split, replay_view_index,
+                  unpack_raw)
 from models import create_teacher
 from teacher_cache import build_or_load_cache
 from train_student import Config, autocast_for
@@ -101,23 +102,26 @@ def test_precision_is_part_of_the_key(setup, tmp_path):
     """A cache built in one precision is never served to a run in another: train.amp=off and train.amp=bf16 (which
     CPU autocast supports) differ only in the numerics the teacher ran in, and get separate caches."""
     cpu = torch.device("cpu")
-    fp32, info = _build(setup, tmp_path, autocast=autocast_for("off", cpu))
+    fp32, info = _build(setup, tmp_path, views=1, autocast=autocast_for("off", cpu))
     assert info["built"]
-    bf16, info = _build(setup, tmp_path, autocast=autocast_for("bf16", cpu))
+    bf16, info = _build(setup, tmp_path, views=1, autocast=autocast_for("bf16", cpu))
     assert info["built"] and bf16.root != fp32.root
     assert fp32.meta["fingerprint"]["numerics"] == {"device": "cpu", "autocast": "float32"}
     assert bf16.meta["fingerprint"]["numerics"] == {"device": "cpu", "autocast": "bfloat16"}
     logits = [np.asarray(c.eval_logits("test"), dtype=np.float32) for c in (fp32, bf16)]
     assert not np.array_equal(*logits)  # the reason: bf16 logits are not the fp32 ones
-    again, info = _build(setup, tmp_path, autocast=autocast_for("auto", cpu))  # auto on CPU: fp32, reused
+    again, info = _build(setup, tmp_path, views=1, autocast=autocast_for("auto", cpu))  # auto on CPU: fp32
     assert not info["built"] and again.root == fp32.root
 
 
-def test_device_augmented_run_gets_teacher_views_equal_to_the_students(setup, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_device_augmented_run_gets_teacher_views_equal_to_the_students(setup, tmp_path, device):
     """data.augment_on=device: the cache is built from the same tensor augmentation on the same device, so every
     replayed view the student trains on is, pixel for pixel, the view the teacher scored, whatever the batch
-    (images of different sizes, padded differently, in another order and batch size)."""
-    cfg, _, teacher, _ = setup
+    (images of different sizes, in another order and batch size)."""
+    import copy
+    teacher, device = copy.deepcopy(setup[2]).to(device), torch.device(device)
     rng = np.random.default_rng(0)
     sizes = [(40, 60), (75, 50), (64, 64), (90, 45), (52, 70), (48, 48), (66, 40)]
     for split in ("train", "validation", "test"):
@@ -131,8 +135,8 @@ def test_device_augmented_run_gets_teacher_views_equal_to_the_students(setup, tm
     scored = []
     hook = teacher.register_forward_pre_hook(lambda module, args: scored.append(args[0].clone()))
     try:
-        cache, _ = build_or_load_cache(teacher, splits, spec, k, 0, tmp_path / "cache", DistInfo(), batch_size=8,
-                                       workers=0, autocast=contextlib.nullcontext, device_aug=True)
+        cache, _ = build_or_load_cache(teacher, splits, spec, k, 0, tmp_path / "cache", DistInfo(device=device),
+                                       batch_size=8, workers=0, autocast=contextlib.nullcontext, device_aug=True)
     finally:
         hook.remove()
     n = len(sizes)
@@ -143,13 +147,12 @@ def test_device_augmented_run_gets_teacher_views_equal_to_the_students(setup, tm
         order = np.random.default_rng(epoch).permutation(n).tolist()
         for start in range(0, n, 3):
             batch = collate_views([views[(i, epoch)] for i in order[start:start + 3]])
-            student = normalize_batch(apply_aug_records(batch["raw"], batch["record"], spec), torch.device("cpu"),
+            student = normalize_batch(apply_aug_records(unpack_raw(batch, device), batch["record"], spec), device,
                                       channels_last=True)  # what Trainer.batch_images computes
             for row, i in enumerate(batch["index"].tolist()):
                 view = replay_view_index(0, i, epoch, k)
                 assert torch.equal(student[row], teacher_views[i, view]), (i, epoch, view)
                 pil = apply_aug_record(splits["train"].load(i), batch["record"][row].numpy(), spec)
-                pil_differs |= not torch.equal(normalize_batch(pil[None], torch.device("cpu"), True)[0],
-                                               student[row])
+                pil_differs |= not torch.equal(normalize_batch(pil[None], device, True)[0], student[row])
     assert pil_differs  # the PIL views (what the cache held before) are not the pixels the student sees
     assert cache.meta["fingerprint"]["views_on"] == "device"
