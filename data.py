@@ -74,6 +74,10 @@ class HFImageSource(ImageSource):
             raise UserError(f"{origin} split '{split}' lacks column(s) {sorted(missing)}; "
                             f"it has {ds.column_names}. Expected an `image` and a ClassLabel `label` column")
         self.split, self.origin = split, origin
+        if not hasattr(ds.features["label"], "names"):
+            raise UserError(f"{origin} split '{split}': the `label` column is {ds.features['label']}, not a "
+                            "ClassLabel, so the class names (needed to align the teacher's outputs) are unknown. "
+                            "Cast it with ds.cast_column('label', datasets.ClassLabel(names=[...]))")
         self.class_names = list(ds.features["label"].names)
         self.labels = np.asarray(ds["label"], dtype=np.int64)
         self.difficulty = np.asarray(ds["difficulty"], dtype=np.float32) if "difficulty" in ds.column_names else None
@@ -151,6 +155,8 @@ def _hf_splits(ds, origin: str) -> dict[str, ImageSource]:
         found = next((c for c in candidates if c in ds), None)
         if found is None:
             raise UserError(f"{origin} has splits {list(ds.keys())}; need train, validation and test")
+        if len(ds[found]) == 0:  # training would divide by zero; evaluation would report 0% of nothing
+            raise UserError(f"{origin} split '{found}' has no rows; every split needs images")
         out[split] = HFImageSource(ds[found], split, origin)
     return out
 
@@ -174,6 +180,11 @@ def load_local(path: Path) -> dict[str, ImageSource]:
                         "dataset_dict.json) or an ImageFolder tree with train/, validation/ (or val/) and test/ "
                         "folders of <class>/<image> files")
     class_names = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir())
+    for split, folder in split_dirs.items():  # images of a class the model does not have would be skipped silently
+        unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in class_names)
+        if unknown:
+            raise UserError(f"{folder} has class folder(s) {unknown[:5]} that {split_dirs['train']} lacks; every "
+                            "split must use the training split's classes")
     return {s: FolderImageSource(d, class_names) for s, d in split_dirs.items()}
 
 

@@ -35,10 +35,11 @@ from tqdm import tqdm
 from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainViews, apply_aug_records, load_splits,
                   make_loader, normalize_batch, predecode_splits, unpack_raw)
 from models import count_params, create_student, create_teacher, kd_loss_terms
-from utils import (DistInfo, MetricLogger, UserError, all_reduce_sum, barrier, broadcast_module, broadcast_object,
-                   check, cleanup_distributed, default_run_name, load_checkpoint, load_state_strict, opt,
-                   parse_config, plot_curves, prepare_run_dir, read_jsonl, rng_state, run_cli, save_checkpoint,
-                   save_config, section, seed_everything, set_rng_state, setup_distributed, to_plain, write_json)
+from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_reduce_sum, barrier, broadcast_module,
+                   broadcast_object, check, check_resume_config, cleanup_distributed, default_run_name,
+                   load_checkpoint, load_state_strict, make_dirs, opt, parse_config, plot_curves, prepare_run_dir,
+                   read_jsonl, read_saved_config, rng_state, run_cli, save_checkpoint, save_config, section,
+                   seed_everything, set_rng_state, setup_distributed, to_plain, write_json)
 
 
 # ================================================================================================================
@@ -166,7 +167,8 @@ def validate(cfg) -> None:
     check(cfg.kd.temperature > 0, f"kd.temperature={cfg.kd.temperature} must be > 0")
     check(cfg.train.batch_size > 0, f"train.batch_size={cfg.train.batch_size} must be > 0")
     check(cfg.train.eval_batch_size > 0, f"train.eval_batch_size={cfg.train.eval_batch_size} must be > 0")
-    check(cfg.train.epochs >= 0, f"train.epochs={cfg.train.epochs} must be >= 0")
+    check(cfg.train.epochs >= 1, f"train.epochs={cfg.train.epochs}: nothing would be trained; use train.epochs >= 1 "
+                                 "(to evaluate a saved student on the test split, use eval.checkpoint=PATH)")
     check(cfg.train.lr > 0, f"train.lr={cfg.train.lr} must be > 0")
     check(cfg.teacher.cache_views >= 1, f"teacher.cache_views={cfg.teacher.cache_views} must be >= 1")
     check(cfg.teacher.batch_size >= 1, f"teacher.batch_size={cfg.teacher.batch_size} must be >= 1")
@@ -641,19 +643,62 @@ def plot_run(run_dir: Path) -> None:
                      ("accuracy (%)", ["train/acc1", "val/acc1", "val/acc5"])])
 
 
+# Keys a resumed run may change: none of them changes a number the run prints. Where files go (run.*, the cache
+# and pre-decoded folders, whose contents are fingerprinted), logging (log.*), loader processes (every view is a
+# pure function of seed, epoch and index), profiling, the latency report and the separate label-only baseline.
+# Everything else (train.epochs included: it sets the cosine schedule; train.device: it sets train.amp=auto) must
+# match the run's config.
+TRAIN_RESUME_SAFE_KEYS = (*RESUME_SAFE_KEYS, "data.workers", "data.preprocess_dir", "teacher.cache_dir",
+                          "train.profile", "eval.*", "kd.baseline")
+
+
+def output_dirs(cfg) -> dict[str, Path]:
+    """The folders outside the run directory that this config writes to, by config key."""
+    dirs = {}
+    if cfg.kd.alpha < 1 and cfg.teacher.mode == "cached":
+        dirs["teacher.cache_dir"] = Path(cfg.teacher.cache_dir or Path(cfg.run.out_dir) / "teacher_cache")
+    if cfg.data.preprocessed:
+        dirs["data.preprocess_dir"] = Path(cfg.data.preprocess_dir or Path(cfg.run.out_dir) / "predecoded")
+    return dirs
+
+
+def check_resumable(ckpt: dict, path: Path, cfg, run_dir: Path, script: str) -> None:
+    """Before anything is built or written: `ckpt` (None when a run that stopped before its first checkpoint is
+    restarted) must be a training checkpoint, and the run's config must match `cfg` up to
+    TRAIN_RESUME_SAFE_KEYS."""
+    if ckpt is not None:
+        for key in ("model", "optimizer", "scheduler", "scaler", "epoch"):
+            if key not in ckpt:
+                raise UserError(f"{path} is not a training checkpoint of {script}.py (no '{key}' entry)")
+    saved = ckpt.get("config") if ckpt is not None else read_saved_config(run_dir)
+    missing = [section for section in to_plain(cfg) if saved is not None and section not in saved]
+    if missing:  # e.g. a train_student.py checkpoint given to train_student_rl.py
+        raise UserError(f"{path if ckpt is not None else run_dir} was made by another script (its config has no "
+                        f"{', '.join(missing)} section); {script}.py can only continue its own runs. Start a new "
+                        "run.name instead")
+    check_resume_config(saved, cfg, str(path if ckpt is not None else run_dir / "config.yaml"),
+                        TRAIN_RESUME_SAFE_KEYS)
+
+
 def run_training(cfg, dist: DistInfo, trainer_cls=Trainer) -> dict:
     """Train one student as configured, write its run directory, return results.json's content."""
     if not cfg.run.name:
         cfg.run.name = broadcast_object(default_run_name(trainer_cls.script, cfg.data.name.split("/")[-1],
                                                          cfg.train.seed))
-    run_dir, resume_from = prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, dist)
+    run_dir, resume_from = prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, dist,
+                                           restart_without_checkpoint=True)
+    ckpt = load_checkpoint(resume_from) if resume_from is not None else None
+    if cfg.run.resume:
+        check_resumable(ckpt, resume_from, cfg, run_dir, trainer_cls.script)
+    make_dirs(output_dirs(cfg), dist)
+    if dist.is_main:  # written now, so a run killed before its first checkpoint can be resumed (and checked)
+        save_config(cfg, run_dir)
     trainer = trainer_cls(cfg, dist, run_dir)
-    if resume_from is not None:
-        trainer.load_state(load_checkpoint(resume_from), resume_from)
+    if ckpt is not None:
+        trainer.load_state(ckpt, resume_from)
+        del ckpt
         if dist.is_main:
             print(f"resumed from {resume_from} at epoch {trainer.start_epoch}")
-    if dist.is_main:
-        save_config(cfg, run_dir)
     logger = MetricLogger(run_dir / "metrics.jsonl", dist.is_main,
                           run_dir / "tensorboard" if cfg.log.tensorboard else None)
     logger.truncate_after(trainer.start_epoch)
@@ -704,7 +749,8 @@ def main(argv: list[str]) -> None:
         run_dir = Path(cfg.run.out_dir) / cfg.run.name
         base.kd.alpha, base.kd.baseline = 1.0, False
         base.run.out_dir, base.run.name = str(run_dir), "label_only"
-        base.run.resume = "auto" if cfg.run.resume and (run_dir / "label_only/checkpoints/last.pt").exists() else ""
+        # continue the baseline too when it had started (even if it stopped before its first checkpoint)
+        base.run.resume = "auto" if cfg.run.resume and (run_dir / "label_only").is_dir() else ""
         results["label-only student"] = run_training(base, dist)
         if dist.is_main:
             print_results("same budget, same seed: KD vs labels only", results)

@@ -359,8 +359,9 @@ class CurriculumTrainer(Trainer):
         return {**self.curriculum_state(), "env": self.env.state_dict(), "agent": self.agent.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
-        if not state:
-            return
+        if not state:  # only train_student.py writes none: its checkpoint has no sampler, agent or environment
+            raise UserError("the checkpoint holds no curriculum or agent state: it was written by train_student.py, "
+                            "and train_student_rl.py can only continue its own runs. Start a new run.name instead")
         self.load_curriculum_state(state)
         if "env" in state and hasattr(self, "env"):
             self.env.load_state_dict(state["env"])

@@ -127,14 +127,31 @@ def load_config(schema: type, config_file: str | None = None, overrides: list[st
     Unknown keys and values of the wrong type raise UserError naming the key."""
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
-    if config_file:
+    if config_file is not None:
         path = Path(config_file)
+        if not str(config_file):
+            raise UserError("--config needs a YAML file")
+        if path.is_dir():
+            raise UserError(f"config file {path} is a directory; --config takes a YAML file, e.g. a run's "
+                            "config.yaml")
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
         try:
             file_cfg = OmegaConf.load(path)
         except Exception as exc:  # yaml errors have many types
-            raise UserError(f"config file {path} is not valid YAML: {exc}") from None
+            detail = " ".join(str(exc).split())
+            if "Invalid loaded object type" in detail:  # OmegaConf's word for a top-level number or boolean
+                raise UserError(f"config file {path} holds a single value at its top level; it must map config "
+                                "keys to values, e.g. `kd: {temperature: 2}`, one key per line") from None
+            raise UserError(f"config file {path} is not valid YAML: {detail}") from None
+        # A file whose top level is a list or a scalar cannot be merged into the keys; an empty file (or one of
+        # comments only) is almost always the wrong file, so it is named rather than silently ignored.
+        if not isinstance(file_cfg, DictConfig):
+            raise UserError(f"config file {path} holds a list at its top level; it must map config keys to values, "
+                            "e.g. `kd: {temperature: 2}`, one key per line")
+        if len(file_cfg) == 0:
+            raise UserError(f"config file {path} is empty: write config keys and values in it (e.g. "
+                            "`kd: {temperature: 2}`), or leave out --config to use the defaults")
         try:
             cfg = OmegaConf.merge(cfg, file_cfg)
         except OmegaConfBaseException as exc:
@@ -296,18 +313,66 @@ def default_run_name(script: str, tag: str, seed: int) -> str:
     return f"{script}__{tag}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(out_dir: str, name: str, resume: str, dist: DistInfo) -> tuple[Path, Path | None]:
+def on_main_rank(fn: Callable[[], Any], dist: DistInfo | None = None) -> Any:
+    """Run `fn()` on the main rank only and give its return value to every rank. A UserError it raises is raised
+    on every rank, so no rank is left waiting at a barrier for a rank that stopped."""
+    dist = dist or DistInfo()
+    outcome: tuple[str, Any] = ("ok", None)
+    if dist.is_main:
+        try:
+            outcome = ("ok", fn())
+        except UserError as exc:
+            outcome = ("error", str(exc))
+    outcome = broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise UserError(outcome[1])
+    return outcome[1]
+
+
+def make_dirs(dirs: dict[str, Path | str], dist: DistInfo | None = None, probe: bool = False) -> None:
+    """Create each directory (parents included) on the main rank. One that cannot be created (a parent is a
+    regular file, no permission, a read-only filesystem) stops every rank with a UserError naming its config key,
+    before anything is computed. With `probe`, a file is also written and removed in each, which catches an
+    existing directory that cannot be written."""
+    def create() -> None:
+        for key, folder in dirs.items():
+            folder = Path(folder)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                if probe:
+                    test = folder / f".write-test-{os.getpid()}"
+                    test.write_bytes(b"")
+                    test.unlink()
+            except OSError as exc:
+                raise UserError(f"cannot write to {folder} ({key}): {exc.strerror or exc}. Set {key} to a folder "
+                                "this user can create and write") from None
+    on_main_rank(create, dist)
+
+
+def prepare_run_dir(out_dir: str, name: str, resume: str, dist: DistInfo,
+                    restart_without_checkpoint: bool = False) -> tuple[Path, Path | None]:
     """Create `<out_dir>/<name>/` and find what to resume from.
 
     `resume` is "" (fresh run: the directory must not hold a run yet, so nothing is overwritten), "auto" (continue
-    from `checkpoints/last.pt`, an error when there is none) or a checkpoint path. Returns (run_dir, checkpoint)."""
+    from `checkpoints/last.pt`) or a checkpoint path. Returns (run_dir, checkpoint).
+
+    With `resume="auto"` and no `last.pt`: when the run directory exists and `restart_without_checkpoint` is set,
+    the run stopped before its first checkpoint, so the checkpoint returned is None and the caller starts it from
+    the beginning (reusing what it finished, such as a teacher cache, and re-doing any epoch it logged);
+    otherwise that is an error ("nothing to resume"). Callers that set it must drop the metrics lines a restarted
+    run logged before."""
     run_dir = Path(out_dir) / name
     ckpt: Path | None = None
     if resume == "auto":
         ckpt = run_dir / "checkpoints" / "last.pt"
         if not ckpt.is_file():
-            raise UserError(f"run.resume=auto but {ckpt} does not exist: nothing to resume. "
-                            "Check run.out_dir and run.name, or drop run.resume to start a new run")
+            if not (restart_without_checkpoint and run_dir.is_dir()):
+                raise UserError(f"run.resume=auto but {ckpt} does not exist: nothing to resume. "
+                                "Check run.out_dir and run.name, or drop run.resume to start a new run")
+            ckpt = None
+            if dist.is_main:
+                print(f"run.resume=auto: {run_dir} has no checkpoint yet (it stopped before its first epoch "
+                      "ended); starting it from the beginning")
     elif resume:
         ckpt = Path(resume)
         if not ckpt.is_file():
@@ -315,10 +380,72 @@ def prepare_run_dir(out_dir: str, name: str, resume: str, dist: DistInfo) -> tup
     elif (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints" / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run. Continue it with run.resume=auto, "
                         "or pick another run.name so nothing is overwritten")
-    if dist.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    make_dirs({"run.out_dir": run_dir / "checkpoints"}, dist, probe=True)
     barrier()
     return run_dir, ckpt
+
+
+def read_saved_config(run_dir: Path) -> dict | None:
+    """The config a run directory was started with (its config.yaml) as a plain dict; None when it has none."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:  # yaml errors have many types
+        raise UserError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+
+
+# Keys that never change a number a run prints: where files go, what is logged, how often. Scripts extend this.
+RESUME_SAFE_KEYS = ("run.*", "log.*")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def config_differences(saved: dict, current: DictConfig | dict, allowed: tuple[str, ...] = RESUME_SAFE_KEYS
+                       ) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every dotted key whose value differs, skipping keys that match a
+    pattern of `allowed` (fnmatch: "log.*", "data.workers"). A key the saved config lacks (one the schema gained
+    since) counts as having the schema's default; a key only the saved config has is ignored."""
+    import fnmatch
+    now = _flatten(to_plain(current) if isinstance(current, (DictConfig, ListConfig)) else current)
+    before = _flatten(saved)
+    schema = OmegaConf.get_type(current) if isinstance(current, DictConfig) else None
+    defaults = ({key: default for key, _, default, _ in iter_schema(schema)}
+                if schema is not None and dataclasses.is_dataclass(schema) else {})
+    diffs = []
+    for key, value in now.items():
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed):
+            continue
+        old = before.get(key, defaults.get(key, "<absent>"))
+        if old != value:
+            diffs.append((key, old, value))
+    return diffs
+
+
+def check_resume_config(saved: dict | None, current: DictConfig, source: str,
+                        allowed: tuple[str, ...] = RESUME_SAFE_KEYS) -> None:
+    """Refuse to continue a run with a config that would change its results: a UserError naming every key whose
+    value differs from the run's (`saved`: the checkpoint's or config.yaml's config; None skips the check), with
+    both values and how to start a new run instead. Keys matching `allowed` may differ."""
+    if saved is None:
+        return
+    diffs = config_differences(saved, current, allowed)
+    if not diffs:
+        return
+    listed = "; ".join(f"{key} = {json.dumps(old)} in the run, {json.dumps(new)} now" for key, old, new in diffs)
+    safe = ", ".join(allowed)
+    raise UserError(f"cannot resume from {source}: the run was made with a different config, and continuing it "
+                    f"with this one would mix two configs in one set of results. Differences: {listed}. Resume "
+                    f"with the run's values (only {safe} may change), or start a new run with the new values: "
+                    "drop run.resume and pick a new run.name")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -330,6 +457,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
     """The resolved config, re-runnable with --config (run.resume is cleared so a re-run starts afresh)."""
     plain = to_plain(cfg)
+    if isinstance(plain.get("run"), dict) and "resume" in plain["run"]:
+        plain["run"]["resume"] = ""
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(plain)))
 
 
