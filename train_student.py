@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +36,12 @@ from tqdm import tqdm
 from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainViews, apply_aug_records, load_splits,
                   make_loader, normalize_batch, predecode_splits, unpack_raw)
 from models import count_params, create_student, create_teacher, kd_loss_terms
-from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_reduce_sum, barrier, broadcast_module,
-                   broadcast_object, check, check_resume_config, cleanup_distributed, default_run_name,
-                   load_checkpoint, load_state_strict, make_dirs, opt, parse_config, plot_curves, prepare_run_dir,
-                   read_jsonl, read_saved_config, rng_state, run_cli, save_checkpoint, save_config, section,
-                   seed_everything, set_rng_state, setup_distributed, to_plain, write_json)
+from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum, barrier,
+                   broadcast_buffers, broadcast_module, broadcast_object, check, check_resume_config,
+                   cleanup_distributed, default_run_name, load_checkpoint, load_state_strict, make_dirs, opt,
+                   parse_config, plot_curves, prepare_run_dir, read_jsonl, read_saved_config, rng_state, run_cli,
+                   save_checkpoint, save_config, section, seed_everything, set_rng_state, setup_distributed,
+                   state_digest, to_plain, trace, trace_dir, write_json)
 
 
 # ================================================================================================================
@@ -525,15 +527,32 @@ class Trainer:
         return prof
 
     def evaluate(self, split: str) -> dict:
+        """Metrics of the current student on `split`, with rank 0's BatchNorm statistics on every rank (DDP syncs
+        buffers only at the start of a training forward, so each rank holds those its own last batch left)."""
+        broadcast_buffers(self.student)
+        self.trace_weights(split)
         return evaluate(self.student, self.eval_loaders[split], self.device, self.channels_last, self.autocast,
                         self.num_classes)
 
+    def trace_weights(self, what: str) -> None:
+        """KD_TRACE_DIR (tests): the digest of the weights this rank evaluates with right now (`what`: validation,
+        test or difficulty); rank 0 also keeps each epoch's validation weights for a single-process re-evaluation."""
+        folder = trace_dir()
+        if folder is None:
+            return
+        state, epoch = self.student.state_dict(), self.train_sampler.epoch
+        trace("weights", {"pass": what, "epoch": epoch, "digest": state_digest(state)})
+        if what == "validation" and self.dist.is_main:
+            torch.save(state, folder / f"weights_validation_e{epoch:03d}.pt")
+
     # ---- checkpoints -------------------------------------------------------------------------------------------
-    def state_dict(self, next_epoch: int) -> dict:
+    def state_dict(self, next_epoch: int, rng_per_rank: list[dict] | None = None) -> dict:
+        """Everything a resume needs. `rng_per_rank`: every rank's RNG state, in rank order (`checkpoint` gathers
+        them); by default this process's alone, which is all a single process has."""
         return {"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": next_epoch, "best_acc1": self.best_acc1, "best_epoch": self.best_epoch,
-                "rng": rng_state(), "sampler": {"epoch": self.train_sampler.epoch},
+                "rng_per_rank": rng_per_rank or [rng_state()], "sampler": {"epoch": self.train_sampler.epoch},
                 "temperature": self.temperature, "config": to_plain(self.cfg), "extra": self.extra_state()}
 
     def load_state(self, ckpt: dict, path: Path) -> None:
@@ -551,20 +570,36 @@ class Trainer:
         self.start_epoch, self.best_acc1, self.best_epoch = ckpt["epoch"], ckpt["best_acc1"], ckpt["best_epoch"]
         self.train_sampler.set_epoch(ckpt["sampler"]["epoch"])
         self.temperature = ckpt.get("temperature", self.temperature)
-        if self.dist.is_main:
-            set_rng_state(ckpt["rng"])
-        else:  # only rank 0's RNG state is saved; other ranks get a fresh, still deterministic, stream
-            seed_everything(self.cfg.train.seed + 7919 * self.start_epoch, self.dist.rank)
+        self.load_rng_states(ckpt.get("rng_per_rank") or [ckpt["rng"]], path)  # "rng": rank 0's, older checkpoints
+        trace("rng_restored", {"epoch": self.start_epoch, "digest": state_digest(rng_state())})
         self.load_extra_state(ckpt.get("extra", {}))
 
+    def load_rng_states(self, per_rank: list[dict], path: Path) -> None:
+        """Each rank continues its own saved random stream. A checkpoint from a different number of processes
+        resumes too: ranks it has a state for restore theirs, the others start a fresh stream seeded from
+        (train.seed, epoch, rank), and rank 0 warns that the run is no longer the uninterrupted one."""
+        rank, world = self.dist.rank, self.dist.world_size
+        if rank < len(per_rank):
+            set_rng_state(per_rank[rank])
+        else:
+            seed_everything(self.cfg.train.seed + 7919 * self.start_epoch, rank)
+        if len(per_rank) != world and self.dist.is_main:
+            print(f"warning: {path} holds the random state of {len(per_rank)} process(es); this run has {world}. "
+                  f"Training continues from epoch {self.start_epoch}; ranks without a saved random state start one "
+                  "seeded from (train.seed, epoch, rank). The global batch (processes x train.batch_size) and the "
+                  "shards change, so the numbers will differ from an uninterrupted run", file=sys.stderr)
+
     def checkpoint(self, epoch: int, improved: bool) -> None:
+        own = rng_state()
+        trace("rng_saved", {"epoch": epoch + 1, "digest": state_digest(own)})
+        rng_per_rank = all_gather_objects(own)  # every rank's stream, written by rank 0 (a collective: all ranks)
         if not self.dist.is_main:
             return
         ckpt_dir = self.run_dir / "checkpoints"
         if improved:
             save_checkpoint({"model": self.student.state_dict(), "epoch": epoch, "val/acc1": self.best_acc1,
                              "config": to_plain(self.cfg)}, ckpt_dir / "best.pt")
-        save_checkpoint(self.state_dict(epoch + 1), ckpt_dir / "last.pt")
+        save_checkpoint(self.state_dict(epoch + 1, rng_per_rank), ckpt_dir / "last.pt")
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def train_and_validate(self, epoch: int) -> tuple[dict, bool]:

@@ -31,8 +31,9 @@ from data import EvalViews, ShardSampler, make_loader, normalize_batch
 from models import difficulty_score
 from rl_curriculum_env import TARGETS, CurriculumEnv
 from train_student import Config, Trainer, run_training, validate
-from utils import (MetricLogger, UserError, all_gather_objects, check, cleanup_distributed, opt, parse_config,
-                   read_jsonl, run_cli, section, setup_distributed)
+from utils import (MetricLogger, UserError, all_gather_objects, broadcast_buffers, broadcast_object, check,
+                   cleanup_distributed, opt, parse_config, read_jsonl, rng_state, run_cli, section, setup_distributed,
+                   state_digest, trace, trace_dir)
 
 AGENTS = ("ppo", "bandit", "fixed", "random")
 
@@ -276,6 +277,7 @@ class CurriculumTrainer(Trainer):
         self.env = CurriculumEnv(self, cfg.train.epochs)
         self.agent = make_agent(cfg, self.env)
         self.resumed = False
+        self.last_action = None
 
     def build_train_sampler(self):
         c = self.cfg.curriculum
@@ -287,8 +289,21 @@ class CurriculumTrainer(Trainer):
 
     # ---- what the environment drives ---------------------------------------------------------------------------
     def apply_curriculum(self, target: float, temperature: float) -> None:
+        # rank 0's values on every rank: the shards must partition one selection, trained at one temperature
+        target, temperature = broadcast_object((target, temperature))
         self.target, self.temperature = target, temperature
         self.train_sampler.set_target(target)
+
+    def train_and_validate(self, epoch: int) -> tuple[dict, bool]:
+        out = super().train_and_validate(epoch)
+        if trace_dir() is not None:  # tests: what this rank trained on, while the sampler still holds this epoch
+            selection = self.train_sampler.select()
+            action = None if self.last_action is None else [int(a) for a in self.last_action]
+            trace("decisions", {"epoch": epoch, "action": action, "target": self.train_sampler.target,
+                                "temperature": self.temperature, "selection": [int(i) for i in selection],
+                                "shard": [int(i) for i in self.train_sampler.shard()],
+                                "difficulty": state_digest(self.train_sampler.difficulty)})
+        return out
 
     def refresh_due(self, epoch: int) -> bool:
         d = self.cfg.difficulty
@@ -304,6 +319,8 @@ class CurriculumTrainer(Trainer):
     def student_train_logits(self) -> np.ndarray:
         """The student's logits on the evaluation view of every training image (eval mode, no grad), computed on
         each rank's shard and gathered: float32 [N, C] on every rank. The student returns to its previous mode."""
+        broadcast_buffers(self.student)  # rank 0's BatchNorm statistics on every shard (see Trainer.evaluate)
+        self.trace_weights("difficulty")
         was_training = self.student.training
         self.student.eval()
         indices, logits = [], []
@@ -323,7 +340,8 @@ class CurriculumTrainer(Trainer):
         start = time.perf_counter()
         teacher = torch.from_numpy(np.asarray(self.cache.eval_logits("train"), dtype=np.float32))
         student = torch.from_numpy(self.student_train_logits())
-        self.difficulty = difficulty_score(teacher, student).numpy()
+        # rank 0's scores on every rank, so that all of them derive the same selection from them
+        self.difficulty = broadcast_object(difficulty_score(teacher, student).numpy())
         self.train_sampler.update_difficulty(self.difficulty)
         self.train_sampler.use_all = False
         self.refreshed_for = epoch
@@ -340,7 +358,8 @@ class CurriculumTrainer(Trainer):
 
     def snapshot(self) -> dict:
         """Everything `restore` needs to put training back where it is now (used by env.reset)."""
-        return copy.deepcopy({"trainer": self.state_dict(self.env.epoch), "curriculum": self.curriculum_state()})
+        return copy.deepcopy({"trainer": self.state_dict(self.env.epoch, all_gather_objects(rng_state())),
+                              "curriculum": self.curriculum_state()})
 
     def restore(self, snap: dict) -> None:
         self.load_state(copy.deepcopy(snap["trainer"]), Path("<snapshot>"))
@@ -368,6 +387,11 @@ class CurriculumTrainer(Trainer):
             self.agent.load_state_dict(state["agent"])
             self.resumed = True
 
+    def decide(self, obs: np.ndarray) -> np.ndarray:
+        """This epoch's action: rank 0's agent acts, every rank gets its action. Agents sample from the process's
+        random streams, which differ between ranks, so letting each rank act would split one run into several."""
+        return broadcast_object(self.agent.act(obs) if self.dist.is_main else None)
+
     # ---- the loop: the agent acts, the environment trains one epoch, the base trainer logs and checkpoints -----
     def fit(self, logger: MetricLogger) -> None:
         curriculum_log = MetricLogger(self.run_dir / "curriculum.jsonl", self.dist.is_main)
@@ -381,9 +405,10 @@ class CurriculumTrainer(Trainer):
             start = time.perf_counter()
             self.last_refresh_s = 0.0
             num_samples, stats = self.train_sampler.selection_size(), self.difficulty_stats()  # what this epoch uses
-            action = self.agent.act(obs)
+            action = self.last_action = self.decide(obs)
             next_obs, reward, terminated, _, info = self.env.step(action)
-            self.agent.observe(obs, action, reward, next_obs, terminated)
+            if self.dist.is_main:  # only rank 0's agent decides, so only it learns; its state is the checkpoint's
+                self.agent.observe(obs, action, reward, next_obs, terminated)
             record = self.env.last_record
             line = {"epoch": epoch, "action": [int(a) for a in action], "target": info["target"],
                     "temperature": info["temperature"], "strategy": self.cfg.curriculum.strategy,

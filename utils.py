@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -278,6 +279,66 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s buffers (BatchNorm running statistics) into every rank's module; a no-op in a single
+    process. DDP broadcasts buffers only at the start of a training forward, so after an epoch each rank still holds
+    the statistics its own last batch left: call this before any evaluation of the unwrapped model."""
+    if _dist_on():
+        for tensor in module.buffers():
+            torch_dist.broadcast(tensor, src=src)
+
+
+# Test instrumentation: with KD_TRACE_DIR=<folder> in the environment, every rank appends what it applied (the
+# curriculum decision and selection of each epoch, digests of the weights it evaluates with, of the RNG states it
+# saved and restored) to <folder>/<kind>.rank<r>.jsonl, so a test can compare ranks. Off (one lookup) otherwise.
+TRACE_ENV = "KD_TRACE_DIR"
+
+
+def trace_dir() -> Path | None:
+    value = os.environ.get(TRACE_ENV, "")
+    return Path(value) if value else None
+
+
+def trace(kind: str, record: dict) -> None:
+    """Append `record` to <KD_TRACE_DIR>/<kind>.rank<r>.jsonl; nothing without KD_TRACE_DIR."""
+    folder = trace_dir()
+    if folder is None:
+        return
+    rank = torch_dist.get_rank() if _dist_on() else 0
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{kind}.rank{rank}.jsonl", "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def state_digest(obj: Any) -> str:
+    """SHA-256 (16 hex digits) of nested dicts, lists and tuples of tensors, arrays and scalars: equal digests mean
+    equal dtypes, shapes and bytes (used to compare weights and RNG states across ranks)."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, dict):
+            for key in sorted(x, key=str):
+                h.update(f"<{key}>".encode())
+                feed(x[key])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for item in x:
+                feed(item)
+            h.update(b"]")
+        elif isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, np.ndarray):
+            h.update(f"{x.dtype}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).tobytes())
+        else:
+            h.update(repr(x).encode())
+
+    feed(obj)
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------

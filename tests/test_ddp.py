@@ -1,0 +1,211 @@
+"""DDP under torchrun (2 CPU processes, gloo): every rank acts on rank 0's curriculum decision and evaluates with
+rank 0's BatchNorm statistics, also across a SIGKILL and `run.resume=auto`.
+
+The scripts record what each rank applied when KD_TRACE_DIR is set (utils.trace): per epoch the agent's action,
+target, temperature, selection and this rank's shard; per evaluation or difficulty pass a digest of the weights;
+per checkpoint and resume a digest of the RNG state."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, read_metrics, run_script
+
+LAUNCHER = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+EPOCHS = 6
+# 80 validation images, so that BatchNorm statistics that differ between ranks show in val/acc1 itself
+RL_DDP = [*TINY, "data.synthetic.eval_images_per_class=20", "student.name=test_resnet", "kd.alpha=0.5",
+          "difficulty.warmup_epochs=1", "difficulty.refresh_every=1", f"train.epochs={EPOCHS}", "agent.name=ppo",
+          "agent.ppo.n_steps=2", "agent.ppo.batch_size=2"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in their own sessions, so a process-group kill
+    would miss them)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def torchrun_and_sigkill(*args: str, env: dict, watch: Path, after_lines: int, log: Path) -> None:
+    """Launch train_student_rl.py under torchrun; once `watch` has `after_lines` lines, SIGKILL the launcher and
+    both workers."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*LAUNCHER, str(ROOT / "train_student_rl.py"), *args], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, **env})
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if watch.exists() and len(watch.read_text().splitlines()) >= after_lines:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + log.read_text()[-3000:]
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+
+def read_trace(folder: Path, kind: str) -> list[list[dict]]:
+    """[rank 0's records, rank 1's records] of one kind."""
+    return [[json.loads(ln) for ln in (folder / f"{kind}.rank{r}.jsonl").read_text().splitlines()] if
+            (folder / f"{kind}.rank{r}.jsonl").exists() else [] for r in (0, 1)]
+
+
+def single_process_evaluator(cfg):
+    """A function (weights file, split) -> `train_student.evaluate` of those weights in this single process."""
+    import torch
+
+    from data import AugSpec, EvalViews, ShardSampler, load_splits, make_loader
+    from models import create_student
+    from train_student import autocast_for, evaluate
+    splits, cpu = load_splits(cfg.data), torch.device("cpu")
+    num_classes = len(splits["train"].class_names)
+    loaders = {s: make_loader(EvalViews(splits[s], AugSpec.from_cfg(cfg.data)), ShardSampler(len(splits[s])),
+                              cfg.train.eval_batch_size, 0, cpu) for s in ("validation", "test")}
+
+    def run(weights: Path, split: str) -> dict:
+        student = create_student(cfg, num_classes)
+        student.load_state_dict(torch.load(weights, map_location="cpu"))
+        if cfg.train.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+        return evaluate(student, loaders[split], cpu, cfg.train.channels_last, autocast_for("off", cpu), num_classes)
+
+    return run
+
+
+def test_ddp_ranks_share_decisions_rng_and_batchnorm_across_sigkill_and_resume(tmp_path):
+    """Issue 9, items 1 and 2: a 2-process PPO curriculum run, SIGKILLed once it has logged two epochs, then
+    resumed with run.resume=auto. Both ranks apply identical actions, targets, temperatures and selections every epoch (their shards partition
+    the selection); each rank gets its own RNG state back on resume; every evaluation and difficulty pass uses
+    identical weights and BatchNorm buffers on both ranks; and every epoch's val/acc1 (and the final
+    test/acc1_last) equals a single-process evaluation of that epoch's weights."""
+    from train_student_rl import RLConfig
+    from utils import load_config
+    args = [*RL_DDP, f"run.out_dir={tmp_path}", "run.name=ddp"]
+    run_dir, before, after = tmp_path / "ddp", tmp_path / "trace_before", tmp_path / "trace_after"
+    # a busy machine may let the run go past epoch 2 before the kill lands: any resume epoch from 1 on will do
+    torchrun_and_sigkill(*args, env={"OMP_NUM_THREADS": "1", "KD_TRACE_DIR": str(before)},
+                         watch=run_dir / "metrics.jsonl", after_lines=2, log=tmp_path / "killed.log")
+    import torch
+    resume_epoch = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["epoch"]
+    assert 1 <= resume_epoch < EPOCHS
+    resumed = run_script("train_student_rl.py", *args, "run.resume=auto", launcher=LAUNCHER,
+                         env={"OMP_NUM_THREADS": "1", "KD_TRACE_DIR": str(after)})
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at epoch {resume_epoch}" in resumed.stdout
+
+    problems = []
+    # ---- item 1: one decision per epoch, the same on both ranks ----------------------------------------------
+    applied = {}  # epoch -> rank 0's decision of the run that produced the final logs
+    for phase, folder, epochs in (("before the kill", before, range(resume_epoch)),
+                                  ("after the resume", after, range(resume_epoch, EPOCHS))):
+        rank0, rank1 = ({d["epoch"]: d for d in records} for records in read_trace(folder, "decisions"))
+        for epoch in epochs:
+            a, b = rank0.get(epoch), rank1.get(epoch)
+            if a is None or b is None:
+                problems.append(f"{phase}: epoch {epoch} missing from a rank's trace")
+                continue
+            applied[epoch] = a
+            for key in ("action", "target", "temperature", "selection", "difficulty"):
+                if a[key] != b[key]:
+                    problems.append(f"{phase}, epoch {epoch}: {key} differs across ranks: {a[key]} vs {b[key]}")
+            if set(a["shard"]) | set(b["shard"]) != set(a["selection"]):
+                problems.append(f"{phase}, epoch {epoch}: the two shards do not partition rank 0's selection")
+    logged = [json.loads(ln) for ln in (run_dir / "curriculum.jsonl").read_text().splitlines()]
+    assert [ln["epoch"] for ln in logged] == list(range(EPOCHS))
+    for ln in logged:  # curriculum.jsonl records what was applied
+        d = applied.get(ln["epoch"])
+        if d is not None and (ln["action"], ln["target"], ln["temperature"]) != (d["action"], d["target"],
+                                                                                d["temperature"]):
+            problems.append(f"curriculum.jsonl epoch {ln['epoch']} logs {ln['action']}, {ln['target']}, "
+                            f"{ln['temperature']} but the ranks applied {d['action']}, {d['target']}, "
+                            f"{d['temperature']}")
+
+    # ---- item 1: every rank's RNG state is saved and restored --------------------------------------------------
+    saved, restored = read_trace(before, "rng_saved"), read_trace(after, "rng_restored")
+    for rank in (0, 1):
+        at_resume = [r["digest"] for r in saved[rank] if r["epoch"] == resume_epoch]
+        got = [r["digest"] for r in restored[rank] if r["epoch"] == resume_epoch]
+        if not at_resume or got != at_resume[-1:]:
+            problems.append(f"rank {rank} resumed at epoch {resume_epoch} with RNG state {got}, saved {at_resume}")
+
+    # ---- item 2: rank 0's weights and BatchNorm buffers in every evaluation and difficulty pass ------------------
+    for phase, folder in (("before the kill", before), ("after the resume", after)):
+        rank0, rank1 = read_trace(folder, "weights")
+        for a, b in zip(rank0, rank1):
+            if a != b:
+                problems.append(f"{phase}: {a['pass']} pass after epoch {a['epoch']} used different weights on "
+                                f"the two ranks ({a['digest']} vs {b['digest']})")
+        passes = {r["pass"] for r in rank0}
+        assert passes >= {"validation", "difficulty"} or phase == "after the resume" and resume_epoch == EPOCHS - 1
+        assert "test" in passes or phase == "before the kill"
+
+    single_process = single_process_evaluator(load_config(RLConfig, str(run_dir / "config.yaml")))
+    for record in read_metrics(run_dir):
+        epoch = record["epoch"]
+        weights = (before if epoch < resume_epoch else after) / f"weights_validation_e{epoch:03d}.pt"
+        single = single_process(weights, "validation")
+        if (single["acc1"], single["acc5"]) != (record["val/acc1"], record["val/acc5"]) or \
+                single["loss"] != pytest.approx(record["val/loss"], rel=1e-5):
+            problems.append(f"epoch {epoch}: val/acc1, acc5, loss under DDP {record['val/acc1']}, "
+                            f"{record['val/acc5']}, {record['val/loss']}; one process on rank 0's weights "
+                            f"{single['acc1']}, {single['acc5']}, {single['loss']}")
+    results = json.loads((run_dir / "results.json").read_text())
+    last = single_process(after / f"weights_validation_e{EPOCHS - 1:03d}.pt", "test")
+    if last["acc1"] != results["test/acc1_last"]:
+        problems.append(f"test/acc1_last under DDP {results['test/acc1_last']}, one process {last['acc1']}")
+    assert not problems, f"resumed at epoch {resume_epoch}:\n" + "\n".join(problems)
+
+
+def test_resume_restores_each_ranks_rng_state_and_warns_on_another_world_size(tmp_path, capsys):
+    """Each rank restores its own saved RNG state; checkpoints from before per-rank states ("rng": rank 0's) still
+    load; with a different number of processes the run continues, ranks without a saved state are reseeded from
+    (train.seed, epoch, rank) and rank 0 warns (README, "run.resume")."""
+    import torch
+
+    from train_student import Config, Trainer
+    from utils import DistInfo, load_config, rng_state, seed_everything
+    cfg = load_config(Config, None, [*TINY, "kd.alpha=1", "train.seed=5"])
+    trainer = Trainer(cfg, DistInfo(), None)
+    states = []
+    for seed in (1, 2):
+        seed_everything(seed)
+        states.append(rng_state())
+    path = tmp_path / "last.pt"
+
+    def restored(ckpt_rng: dict, rank: int = 0, world: int = 1) -> torch.Tensor:
+        trainer.dist = DistInfo(rank=rank, world_size=world)
+        seed_everything(99)
+        ckpt = {k: v for k, v in trainer.state_dict(3).items() if k != "rng_per_rank"}
+        trainer.load_state({**ckpt, **ckpt_rng}, path)
+        return torch.get_rng_state()
+
+    assert torch.equal(restored({"rng_per_rank": [states[0]]}), states[0]["torch"])
+    assert torch.equal(restored({"rng": states[1]}), states[1]["torch"])  # an older checkpoint
+    assert "warning" not in capsys.readouterr().err
+    assert torch.equal(restored({"rng_per_rank": states}, rank=1, world=2), states[1]["torch"])
+    assert torch.equal(restored({"rng_per_rank": states}), states[0]["torch"])  # 2 processes -> 1
+    err = capsys.readouterr().err
+    assert "holds the random state of 2 process(es); this run has 1" in err and "continues from epoch 3" in err
+    seed_everything(5 + 7919 * 3, 1)
+    fresh = torch.get_rng_state()
+    assert torch.equal(restored({"rng_per_rank": states[:1]}, rank=1, world=2), fresh)  # 1 process -> 2
+    assert capsys.readouterr().err == ""  # only rank 0 warns
