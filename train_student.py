@@ -269,6 +269,34 @@ def evaluate(model: nn.Module, loader, device, channels_last: bool, autocast, nu
             "n": int(sums[3].item())}
 
 
+def masked_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+                   valid: torch.Tensor, step_valid: int, world_size: int, alpha: float,
+                   temperature: float) -> tuple[dict, torch.Tensor]:
+    """One rank's KD loss for a training step whose batch may hold padded duplicates (valid[i] = False).
+
+    With V_r this rank's valid samples, n_r = |V_r|, W ranks and n = sum_r n_r the step's valid samples over all
+    ranks (`step_valid`), the loss to backpropagate is
+
+        L_r = (W / n) * sum_{i in V_r} l_i = (n_r W / n) * mean_{i in V_r} l_i,   l_i = the per-sample `kd_loss`,
+
+    so that DDP's gradient average (1/W) sum_r grad L_r = grad (1/n) sum_{i in V} l_i: the mean over the step's
+    valid samples, padding excluded. When every rank's batch is full and valid (always in one process) the factor
+    is 1 and L_r is the plain batch mean. Returns (terms, L_r): `terms` (`models.kd_loss_terms`) are the means over
+    V_r, for logging; a rank with no valid sample gets a zero loss that still reaches every parameter (DDP)."""
+    n_valid = int(valid.sum())
+    scale = n_valid * world_size / step_valid
+    if n_valid == len(valid) and scale == 1.0:
+        terms = kd_loss_terms(student_logits, teacher_logits, labels, alpha, temperature)
+        return terms, terms["loss"]
+    if n_valid == 0:
+        zero = student_logits.float().sum() * 0.0
+        return {"loss": zero, "ce": zero, "kd": zero}, zero
+    keep = valid.to(student_logits.device, non_blocking=True)
+    terms = kd_loss_terms(student_logits[keep], None if teacher_logits is None else teacher_logits[keep],
+                          labels[keep], alpha, temperature)
+    return terms, terms["loss"] * scale
+
+
 def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(logits, dtype=np.float32).argmax(1) == labels).mean() * 100)
 
@@ -466,22 +494,9 @@ class Trainer:
                 teacher_logits = self.teacher(x) if online else batch.get("teacher_logits")
             if teacher_logits is not None:
                 teacher_logits = teacher_logits.to(device, non_blocking=True)
-            # DDP averages the ranks' gradients, so a rank's loss is its valid samples' sum times W / (valid
-            # samples of this step over all ranks): the step's gradient is the mean over its valid samples. When
-            # every rank's batch is full and valid (always in one process) that factor is 1 / batch: the plain mean.
-            n_step = self.train_batches.global_valid(step)
-            scale = n_valid * self.dist.world_size / n_step
-            if n_valid == len(valid) and scale == 1.0:
-                terms = kd_loss_terms(student_logits, teacher_logits, y, self.alpha, self.temperature)
-                loss = terms["loss"]
-            elif n_valid > 0:  # terms: means over this rank's valid samples only
-                keep = valid.to(device, non_blocking=True)
-                terms = kd_loss_terms(student_logits[keep], None if teacher_logits is None else teacher_logits[keep],
-                                      y[keep], self.alpha, self.temperature)
-                loss = terms["loss"] * scale
-            else:  # only padding here: a zero loss that still gives DDP a gradient for every parameter
-                zero = student_logits.float().sum() * 0.0
-                terms, loss = {"loss": zero, "ce": zero, "kd": zero}, zero
+            step_valid = self.train_batches.global_valid(step)  # the same on every rank, no communication
+            terms, loss = masked_kd_loss(student_logits, teacher_logits, y, valid, step_valid, self.dist.world_size,
+                                         self.alpha, self.temperature)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.train.grad_clip > 0:

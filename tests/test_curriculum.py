@@ -429,6 +429,33 @@ def test_ranks_valid_samples_partition_the_selection(strategy, n, world):
         assert min(len(rank[step]) for rank in per_rank) > 1
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_masked_loss_gives_ddp_the_mean_over_valid_samples(alpha):
+    """Two simulated ranks whose last step holds a padded duplicate (and a third with only padding): the average of
+    the ranks' gradients (what DDP applies) equals the gradient of the plain KD loss over the valid samples."""
+    from models import kd_loss
+    from train_student import masked_kd_loss
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 4, generator=g, requires_grad=True)
+    feats = [torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)]
+    teacher = [torch.randn(3, 4, generator=g) for _ in feats]
+    labels = [torch.randint(0, 4, (3,), generator=g) for _ in feats]
+    valid = [torch.tensor([True, True, True]), torch.tensor([True, True, False]), torch.tensor([False] * 3)]
+    n = int(sum(v.sum() for v in valid))
+    grads, logged = [], 0.0
+    for x, t, y, v in zip(feats, teacher, labels, valid):
+        terms, loss = masked_kd_loss(x @ w, t, y, v, n, len(feats), alpha, 4.0)
+        grads.append(torch.autograd.grad(loss, w)[0])
+        logged += terms["loss"].item() * int(v.sum())
+    keep = torch.cat(valid)
+    ref_loss = kd_loss(torch.cat(feats)[keep] @ w, torch.cat(teacher)[keep], torch.cat(labels)[keep], alpha, 4.0)
+    assert torch.allclose(sum(grads) / len(feats), torch.autograd.grad(ref_loss, w)[0], atol=1e-6)
+    assert logged / n == pytest.approx(ref_loss.item(), rel=1e-5)  # the logged train/loss: the same mean
+    # a full batch in one process: exactly the plain mean (the numbers of a run without padding do not change)
+    terms, loss = masked_kd_loss(feats[0] @ w, teacher[0], labels[0], valid[0], 3, 1, alpha, 4.0)
+    assert torch.equal(loss, kd_loss(feats[0] @ w, teacher[0], labels[0], alpha, 4.0))
+
+
 def _tiny_student(cfg, num_classes):
     # BatchNorm1d on [B, 8]: a training batch of one sample raises, so a last batch of 1 must not reach it
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8), torch.nn.BatchNorm1d(8),
