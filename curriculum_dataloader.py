@@ -2,7 +2,10 @@
 
 `CurriculumSampler` is a torch Sampler for `data.TrainViews` (it yields (index, epoch) pairs). Every rank derives
 the same global order from (seed, epoch, difficulty, target) and takes an equal-length shard of it, so changing the
-target or the difficulty between epochs needs no new DataLoader: persistent workers keep running.
+target or the difficulty between epochs needs no new DataLoader: persistent workers keep running. The trainer
+batches it with `data.TrainBatchSampler`, which marks the padded duplicates of the shards invalid: every selected
+sample reaches the loss exactly once per epoch, so the samples trained in an epoch are exactly
+`selection_size()` (summed over ranks).
 
 Strategies, with N the dataset size and f the fraction (M = ceil(f * N)):
 - all:           every sample, reshuffled each epoch (no curriculum).
@@ -20,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from data import pad_and_shard
 from utils import UserError
 
 STRATEGIES = ("all", "random_subset", "adaptive", "easy_to_hard", "hard_to_easy", "mixed")
@@ -74,7 +78,9 @@ class CurriculumSampler(torch.utils.data.Sampler):
     """Yields (index, epoch) pairs of the samples chosen for this epoch, sharded over ranks.
 
     The chosen set (before sharding) has exactly `selection_size()` samples; it is padded by wrapping to a multiple
-    of num_replicas (never truncated), so every rank gets the same number of items and no sample is dropped."""
+    of num_replicas (never truncated, `data.pad_and_shard`), so every rank gets the same number of items and no
+    sample is dropped. The padded items are the last shard position of some ranks; `data.TrainBatchSampler` marks
+    them invalid so that they are not counted or trained on twice."""
 
     def __init__(self, difficulty, strategy: str, fraction: float = 0.7, target: float = 0.5, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0, start_fraction: float = 0.4, pacing_epochs: int = 10):
@@ -127,6 +133,10 @@ class CurriculumSampler(torch.utils.data.Sampler):
             return math.ceil(pacing_fraction(self.epoch, self.start_fraction, self.pacing_epochs) * n)
         return math.ceil(self.fraction * n)
 
+    def num_selected(self) -> int:
+        """Distinct samples this epoch trains on over all ranks (padding excluded); see `selection_size`."""
+        return self.selection_size()
+
     def _rng(self) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, 7])
 
@@ -170,11 +180,7 @@ class CurriculumSampler(torch.utils.data.Sampler):
         return math.ceil(self.selection_size() / self.num_replicas)
 
     def shard(self) -> np.ndarray:
-        order = self.select()
-        total = len(self) * self.num_replicas
-        if total > len(order):  # pad by wrapping so every rank has the same length; nothing is dropped
-            order = np.concatenate([order, np.resize(order, total - len(order))])
-        return order[self.rank:total:self.num_replicas]
+        return pad_and_shard(self.select(), self.num_replicas, self.rank)
 
     def __iter__(self):
         for i in self.shard():

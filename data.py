@@ -126,7 +126,8 @@ def load_splits(data_cfg) -> dict[str, ImageSource]:
         ds = make_synthetic_dataset(num_classes=data_cfg.synthetic.num_classes,
                                     images_per_class=data_cfg.synthetic.images_per_class,
                                     image_size=data_cfg.synthetic.image_size, seed=data_cfg.synthetic.seed,
-                                    eval_images_per_class=data_cfg.synthetic.eval_images_per_class or None)
+                                    eval_images_per_class=data_cfg.synthetic.eval_images_per_class or None,
+                                    label_noise=data_cfg.synthetic.label_noise)
         return {s: HFImageSource(ds[s], s, "synthetic") for s in SPLITS}
     if data_cfg.path:
         return load_local(Path(data_cfg.path))
@@ -311,20 +312,32 @@ def render_synthetic_image(attrs: tuple[int, int, int], difficulty: float, size:
 
 
 def make_synthetic_dataset(num_classes: int = 10, images_per_class: int = 100, image_size: int = 32,
-                           seed: int = 0, eval_images_per_class: int | None = None):
-    """A `datasets.DatasetDict` with train / validation / test splits, columns image, label (ClassLabel) and
-    difficulty (float, the true difficulty in [0, 1] that drove each image's nuisance). Deterministic in its
-    arguments. Class names are the first `num_classes` mini-ImageNet synsets, so a 1000-way ImageNet teacher can
-    be restricted to them exactly as on the real data."""
+                           seed: int = 0, eval_images_per_class: int | None = None, label_noise: float = 0.0):
+    """A `datasets.DatasetDict` with train / validation / test splits, columns image, label (ClassLabel),
+    clean_label (ClassLabel: the class the image was drawn from) and difficulty (float, the true difficulty in
+    [0, 1] that drove each image's nuisance). Deterministic in its arguments. Class names are the first
+    `num_classes` mini-ImageNet synsets, so a 1000-way ImageNet teacher can be restricted to them exactly as on the
+    real data.
+
+    `label_noise` = eta in [0, 1): symmetric label noise on the TRAINING split only (validation and test stay
+    clean). Exactly round(eta * N) training samples, chosen uniformly without replacement, get their label
+    replaced by a different class drawn uniformly from the other C - 1, so that P(label = j | clean = i) =
+    eta / (C - 1) for every j != i (the "symmetric" noise of e.g. Wu, Dyer and Neyshabur, "When do curricula
+    work?", ICLR 2021). The flips come from their own stream, seeded by (seed, split): the images, difficulties
+    and clean labels are those of label_noise = 0."""
     import datasets
     if images_per_class < 1 or image_size < 16:
         raise UserError("data.synthetic needs images_per_class >= 1 and image_size >= 16")
+    if not 0.0 <= label_noise < 1.0:
+        raise UserError(f"data.synthetic.label_noise={label_noise} must lie in [0, 1) (the fraction of training "
+                        "labels replaced by another class; 0 = clean)")
     attrs = synthetic_class_attributes(num_classes)
     per_split = {"train": images_per_class,
                  "validation": eval_images_per_class or max(1, images_per_class // 4),
                  "test": eval_images_per_class or max(1, images_per_class // 4)}
-    features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=mini_imagenet_synsets()[:num_classes]),
+    names = mini_imagenet_synsets()[:num_classes]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names),
+                                  "clean_label": datasets.ClassLabel(names=names),
                                   "difficulty": datasets.Value("float32")})
     out = {}
     for split_id, (split, n) in enumerate(per_split.items()):
@@ -338,12 +351,27 @@ def make_synthetic_dataset(num_classes: int = 10, images_per_class: int = 100, i
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
             images.append({"bytes": buf.getvalue(), "path": None})
+        noisy = flip_labels(labels, label_noise, num_classes, np.random.default_rng([seed, split_id, 1009])) \
+            if split == "train" and label_noise > 0 else labels
         out[split] = datasets.Dataset.from_dict(
-            {"image": images, "label": labels.tolist(), "difficulty": difficulty.tolist()}, features=features)
-        fp = hashlib.sha256(json.dumps(["synthetic-v1", num_classes, images_per_class, image_size, seed, split,
-                                        per_split[split]]).encode()).hexdigest()[:16]
+            {"image": images, "label": noisy.tolist(), "clean_label": labels.tolist(),
+             "difficulty": difficulty.tolist()}, features=features)
+        key = ["synthetic-v1", num_classes, images_per_class, image_size, seed, split, per_split[split]]
+        if split == "train" and label_noise > 0:  # clean data keep their fingerprint (and their teacher caches)
+            key.append(label_noise)
+        fp = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
         out[split]._fingerprint = fp
     return datasets.DatasetDict(out)
+
+
+def flip_labels(labels: np.ndarray, fraction: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Symmetric label noise: a copy of `labels` in which exactly round(fraction * N) entries, chosen uniformly
+    without replacement, are moved to a different class drawn uniformly from the other C - 1 (class y + s mod C,
+    s uniform in 1..C-1)."""
+    noisy = np.array(labels, copy=True)
+    flip = rng.choice(len(noisy), size=int(round(fraction * len(noisy))), replace=False)
+    noisy[flip] = (noisy[flip] + rng.integers(1, num_classes, size=len(flip))) % num_classes
+    return noisy
 
 
 def write_synthetic_jpeg_folder(root: Path, num_classes: int = 10, images_per_class: int = 20, height: int = 375,
@@ -689,10 +717,13 @@ class TrainViews(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, epoch = key
+    def __getitem__(self, key: tuple) -> dict:
+        """key: (index, epoch) or (index, epoch, valid) from TrainBatchSampler; `valid` (default True) is False for
+        a padded duplicate that must not reach the loss."""
+        index, epoch = key[0], key[1]
         img = self.source.tensor(index) if self.device_aug else self.source.load(index)
-        item = {"label": int(self.source.labels[index]), "index": index}
+        item = {"label": int(self.source.labels[index]), "index": index,
+                "valid": bool(key[2]) if len(key) > 2 else True}
         if self.cache is None:
             height, width = (img.shape[1], img.shape[2]) if self.device_aug else (img.height, img.width)
             record = sample_aug_record(train_record_rng(self.seed, index, epoch), width, height, self.spec)
@@ -720,10 +751,21 @@ class EvalViews(torch.utils.data.Dataset):
                 "label": int(self.source.labels[index]), "index": index}
 
 
+def pad_and_shard(order: np.ndarray, num_replicas: int, rank: int) -> np.ndarray:
+    """Rank `rank`'s shard of a global order: pad the order by wrapping to a multiple of num_replicas, then take
+    every num_replicas-th entry from `rank`. Shard position j holds global position rank + j * num_replicas, which
+    is a padded duplicate exactly when it is >= len(order): padding (fewer than num_replicas items over all
+    ranks) only ever sits at a shard's end. `TrainBatchSampler` marks those items invalid."""
+    total = math.ceil(len(order) / num_replicas) * num_replicas
+    if total > len(order):
+        order = np.concatenate([order, np.resize(order, total - len(order))])
+    return order[rank:total:num_replicas]
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffled (index, epoch) pairs, sharded over ranks like DistributedSampler: every rank derives the same
     permutation from (seed, epoch), pads it by wrapping to a multiple of the world size and takes every
-    `num_replicas`-th entry from `rank`. Call `set_epoch` before each epoch."""
+    `num_replicas`-th entry from `rank` (`pad_and_shard`). Call `set_epoch` before each epoch."""
 
     def __init__(self, size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0, shuffle: bool = True):
         self.size, self.seed, self.num_replicas, self.rank, self.shuffle = size, seed, num_replicas, rank, shuffle
@@ -738,15 +780,64 @@ class EpochSampler(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.size, generator=g).numpy()
 
+    def num_selected(self) -> int:
+        """Distinct samples this epoch uses over all ranks (padding excluded): the whole set."""
+        return self.size
+
     def __len__(self) -> int:
         return math.ceil(self.size / self.num_replicas)
 
     def __iter__(self):
-        order = self.global_order()
-        total = len(self) * self.num_replicas
-        order = np.concatenate([order, order[: total - len(order)]]) if total > len(order) else order
-        for i in order[self.rank:total:self.num_replicas]:
+        for i in pad_and_shard(self.global_order(), self.num_replicas, self.rank):
             yield int(i), self.epoch
+
+
+class TrainBatchSampler(torch.utils.data.Sampler):
+    """Batches of keys (index, epoch, valid) over one rank's shard of a training sampler (EpochSampler or
+    curriculum_dataloader.CurriculumSampler), so that every selected sample reaches the loss exactly once per epoch:
+
+    - nothing is dropped: the last batch may be smaller than batch_size;
+    - a last batch of ONE item is merged into the previous batch (which then holds batch_size + 1), because
+      BatchNorm in train mode cannot normalise a single sample whose features are 1x1 (and a 1-sample batch
+      statistic is meaningless). A shard of a single item (selection <= world size) gets one masked duplicate;
+    - padded duplicates (`pad_and_shard`: the last shard position of some ranks when the selection size M is not
+      a multiple of the world size W) carry valid = False. The trainer runs them through the forward pass, so
+      every rank takes the same steps with non-empty batches, but masks them out of the loss and of every count.
+
+    Every rank holds the same number of batches with the same bounds. Batch k covers the global positions
+    [a_k W, b_k W) of the padded order (shard positions [a_k, b_k) on every rank), so the number of valid samples
+    in step k over all ranks, `global_valid(k)` = min(b_k W, M) - a_k W, is known without communication."""
+
+    def __init__(self, sampler, batch_size: int):
+        if batch_size < 1:
+            raise UserError(f"batch size {batch_size} must be >= 1")
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def bounds(self) -> list[tuple[int, int]]:
+        """[(a_k, b_k)]: shard positions of each batch this epoch."""
+        n, b = len(self.sampler), self.batch_size
+        out = [(a, min(a + b, n)) for a in range(0, n, b)]
+        if b > 1 and len(out) > 1 and out[-1][1] - out[-1][0] == 1:
+            out[-2:] = [(out[-2][0], n)]
+        return out
+
+    def global_valid(self, step: int) -> int:
+        """Valid samples in batch `step` summed over all ranks."""
+        a, b = self.bounds()[step]
+        w = self.sampler.num_replicas
+        return max(0, min(b * w, self.sampler.num_selected()) - a * w)
+
+    def __len__(self) -> int:
+        return len(self.bounds())
+
+    def __iter__(self):
+        m, w, r = self.sampler.num_selected(), self.sampler.num_replicas, self.sampler.rank
+        keys = [(int(i), int(e), r + j * w < m) for j, (i, e) in enumerate(self.sampler)]
+        for a, b in self.bounds():
+            batch = keys[a:b]
+            if len(batch) == 1 and self.batch_size > 1:
+                batch = batch + [(batch[0][0], batch[0][1], False)]
+            yield batch
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -762,11 +853,13 @@ class ShardSampler(torch.utils.data.Sampler):
         return iter(self.indices)
 
 
-def make_loader(dataset, sampler, batch_size: int, workers: int, device: torch.device, drop_last: bool = False):
-    """A DataLoader whose workers persist across epochs (samplers carry the epoch, the dataset has no state)."""
+def make_loader(dataset, sampler, batch_size: int | None, workers: int, device: torch.device):
+    """A DataLoader whose workers persist across epochs (samplers carry the epoch, the dataset has no state).
+    batch_size=None: `sampler` is a batch sampler (e.g. TrainBatchSampler) that yields whole batches."""
+    batching = {"batch_sampler": sampler} if batch_size is None else {"sampler": sampler, "batch_size": batch_size}
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_views,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=drop_last,
+        dataset, **batching, num_workers=workers, collate_fn=collate_views,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None)
 
 

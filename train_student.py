@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainViews, apply_aug_records, load_splits,
-                  make_loader, normalize_batch, predecode_splits, unpack_raw)
+from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainBatchSampler, TrainViews, apply_aug_records,
+                  load_splits, make_loader, normalize_batch, predecode_splits, unpack_raw)
 from models import count_params, create_student, create_teacher, kd_loss_terms
 from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum, barrier,
                    broadcast_buffers, broadcast_module, broadcast_object, check, check_resume_config,
@@ -54,7 +54,10 @@ class SyntheticConfig:
     eval_images_per_class: int = opt(0, "synthetic data: validation and test images per class "
                                         "(0 = a quarter of images_per_class)")
     image_size: int = opt(32, "synthetic data: side of the generated images in pixels")
-    seed: int = opt(0, "synthetic data: generator seed (the data are a pure function of these five keys)")
+    seed: int = opt(0, "synthetic data: generator seed (the data are a pure function of these six keys)")
+    label_noise: float = opt(0.0, "synthetic data: fraction in [0, 1) of TRAINING labels replaced by a different "
+                                  "class drawn uniformly (validation and test stay clean; the true class is kept "
+                                  "in a clean_label column)")
 
 
 @dataclass
@@ -190,6 +193,8 @@ def validate(cfg) -> None:
           f"data.augment_on={cfg.data.augment_on}: auto, workers or device")
     check(cfg.data.augment_on != "device" or cfg.data.preprocessed,
           "data.augment_on=device needs data.preprocessed=true (JPEGs are decoded in the workers)")
+    check(0.0 <= cfg.data.synthetic.label_noise < 1.0, f"data.synthetic.label_noise={cfg.data.synthetic.label_noise} "
+          "must lie in [0, 1) (the fraction of training labels replaced by another class; 0 = clean)")
     check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
 
 
@@ -272,6 +277,34 @@ def evaluate(model: nn.Module, loader, device, channels_last: bool, autocast, nu
     n = max(sums[3].item(), 1)
     return {"acc1": 100 * sums[0].item() / n, "acc5": 100 * sums[1].item() / n, "loss": sums[2].item() / n,
             "n": int(sums[3].item())}
+
+
+def masked_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+                   valid: torch.Tensor, step_valid: int, world_size: int, alpha: float,
+                   temperature: float) -> tuple[dict, torch.Tensor]:
+    """One rank's KD loss for a training step whose batch may hold padded duplicates (valid[i] = False).
+
+    With V_r this rank's valid samples, n_r = |V_r|, W ranks and n = sum_r n_r the step's valid samples over all
+    ranks (`step_valid`), the loss to backpropagate is
+
+        L_r = (W / n) * sum_{i in V_r} l_i = (n_r W / n) * mean_{i in V_r} l_i,   l_i = the per-sample `kd_loss`,
+
+    so that DDP's gradient average (1/W) sum_r grad L_r = grad (1/n) sum_{i in V} l_i: the mean over the step's
+    valid samples, padding excluded. When every rank's batch is full and valid (always in one process) the factor
+    is 1 and L_r is the plain batch mean. Returns (terms, L_r): `terms` (`models.kd_loss_terms`) are the means over
+    V_r, for logging; a rank with no valid sample gets a zero loss that still reaches every parameter (DDP)."""
+    n_valid = int(valid.sum())
+    scale = n_valid * world_size / step_valid
+    if n_valid == len(valid) and scale == 1.0:
+        terms = kd_loss_terms(student_logits, teacher_logits, labels, alpha, temperature)
+        return terms, terms["loss"]
+    if n_valid == 0:
+        zero = student_logits.float().sum() * 0.0
+        return {"loss": zero, "ce": zero, "kd": zero}, zero
+    keep = valid.to(student_logits.device, non_blocking=True)
+    terms = kd_loss_terms(student_logits[keep], None if teacher_logits is None else teacher_logits[keep],
+                          labels[keep], alpha, temperature)
+    return terms, terms["loss"] * scale
 
 
 def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -395,10 +428,12 @@ class Trainer:
         # ---- loaders: built once; samplers carry the epoch, so workers persist ----------------------------------
         w, r = dist.world_size, dist.rank
         self.train_sampler = self.build_train_sampler()
+        # every selected sample exactly once per epoch: no drop_last, a last batch of 1 merged into the previous
+        # one (BatchNorm), DDP padding marked invalid (see TrainBatchSampler and train_epoch)
+        self.train_batches = TrainBatchSampler(self.train_sampler, cfg.train.batch_size)
         self.train_loader = make_loader(TrainViews(self.splits["train"], self.spec, cfg.train.seed, self.cache,
                                                    self.device_aug),
-                                        self.train_sampler, cfg.train.batch_size, cfg.data.workers, self.device,
-                                        drop_last=len(self.train_sampler) >= cfg.train.batch_size)
+                                        self.train_batches, None, cfg.data.workers, self.device)
         self.eval_loaders = {s: make_loader(EvalViews(self.splits[s], self.spec),
                                             ShardSampler(len(self.splits[s]), w, r), cfg.train.eval_batch_size,
                                             cfg.data.workers, self.device)
@@ -461,15 +496,19 @@ class Trainer:
                 batch = next(it)
             x = self.batch_images(batch)
             y = batch["label"].to(device, non_blocking=True)
+            valid = batch["valid"]  # False marks a DDP padding duplicate (TrainBatchSampler); on the host
+            n_valid = int(valid.sum())
             timer.compute_begins()
             with self.autocast():
                 student_logits = self.model(x)
                 teacher_logits = self.teacher(x) if online else batch.get("teacher_logits")
             if teacher_logits is not None:
                 teacher_logits = teacher_logits.to(device, non_blocking=True)
-            terms = kd_loss_terms(student_logits, teacher_logits, y, self.alpha, self.temperature)
+            step_valid = self.train_batches.global_valid(step)  # the same on every rank, no communication
+            terms, loss = masked_kd_loss(student_logits, teacher_logits, y, valid, step_valid, self.dist.world_size,
+                                         self.alpha, self.temperature)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(terms["loss"]).backward()
+            self.scaler.scale(loss).backward()
             if cfg.train.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.student.parameters(), cfg.train.grad_clip)
@@ -479,13 +518,15 @@ class Trainer:
             if profiler is not None:
                 profiler.step()
             with torch.no_grad():
-                n = y.numel()
+                n = n_valid
+                correct = (student_logits.argmax(1) == y)
+                correct = correct.sum() if n == len(valid) else correct[valid.to(device)].sum()
                 sums += torch.stack([terms["loss"].detach() * n, terms["ce"].detach() * n, terms["kd"].detach() * n,
-                                     (student_logits.argmax(1) == y).sum().double(),
+                                     correct.double(),
                                      torch.tensor(n, device=device, dtype=torch.float64)]).double()
             bar.update(1)
             if (step + 1) % cfg.log.every_steps == 0 or step + 1 == steps:
-                running = sums[0].item() / sums[4].item()  # one host sync per interval, not per step
+                running = sums[0].item() / max(sums[4].item(), 1.0)  # one host sync per interval, not per step
                 if not math.isfinite(running):
                     raise UserError(
                         f"the training loss became non-finite ({running}) at epoch {epoch + 1}, step {step + 1}. "
@@ -498,10 +539,13 @@ class Trainer:
             profiler.stop()
         all_reduce_sum(sums)
         n = sums[4].item()
+        # samples that reached the loss this epoch, over all ranks: exactly the sampler's selection
+        assert round(n) == self.train_sampler.num_selected(), (n, self.train_sampler.num_selected())
         epoch_s = time.perf_counter() - start
         data_s, compute_s = timer.totals()
         return {"train/loss": sums[0].item() / n, "train/loss_ce": sums[1].item() / n,
                 "train/loss_kd": sums[2].item() / n, "train/acc1": 100 * sums[3].item() / n,
+                "train/samples": int(round(n)),
                 "time/data_s": data_s, "time/compute_s": compute_s,
                 "time/other_s": max(epoch_s - data_s - compute_s, 0.0), "time/epoch_s": epoch_s}
 

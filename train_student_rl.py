@@ -404,12 +404,15 @@ class CurriculumTrainer(Trainer):
         for epoch in range(self.start_epoch, self.cfg.train.epochs):
             start = time.perf_counter()
             self.last_refresh_s = 0.0
-            num_samples, stats = self.train_sampler.selection_size(), self.difficulty_stats()  # what this epoch uses
+            stats = self.difficulty_stats()  # the scores this epoch's selection uses
             action = self.last_action = self.decide(obs)
             next_obs, reward, terminated, _, info = self.env.step(action)
             if self.dist.is_main:  # only rank 0's agent decides, so only it learns; its state is the checkpoint's
                 self.agent.observe(obs, action, reward, next_obs, terminated)
             record = self.env.last_record
+            # the samples this epoch trained on (after its set_epoch, before the next refresh): every selected
+            # sample reaches the loss once, so this is the selection size, summed over ranks
+            num_samples = record["train/samples"]
             line = {"epoch": epoch, "action": [int(a) for a in action], "target": info["target"],
                     "temperature": info["temperature"], "strategy": self.cfg.curriculum.strategy,
                     "num_samples": num_samples, "reward": reward,

@@ -366,3 +366,224 @@ def test_difficulty_tracks_the_true_difficulty(tmp_path):
     rho = spearmanr(scores, truth).statistic
     print(f"Spearman(difficulty_score, true difficulty) = {rho:.3f}")
     assert rho >= 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sample accounting: every selected sample reaches the loss exactly once per epoch, and the logs say so
+# ---------------------------------------------------------------------------------------------------------------
+def _expected_size(strategy: str, epoch: int, n: int, fraction: float, start: float, pacing: int,
+                   warmup: int) -> int:
+    """The README's contract: N (all, and before the first difficulty refresh), ceil(g(e) N) (pacing) or
+    ceil(f N) (adaptive, mixed, random_subset)."""
+    if strategy in ("all", "train_student") or (strategy != "random_subset" and epoch < warmup):
+        return n
+    if strategy in ("easy_to_hard", "hard_to_easy"):
+        return math.ceil(pacing_fraction(epoch, start, pacing) * n)
+    return math.ceil(fraction * n)
+
+
+def _batched(strategy, n, fraction, start, world, rank, batch=64, epoch=0):
+    from data import TrainBatchSampler
+    s = CurriculumSampler(np.random.default_rng(1).random(n), strategy, fraction=fraction, target=0.25, seed=5,
+                          num_replicas=world, rank=rank, start_fraction=start, pacing_epochs=15)
+    s.set_epoch(epoch)
+    return s, TrainBatchSampler(s, batch)
+
+
+# (N, fraction = start_fraction): 600 leaves a partial last batch of 64 for every strategy (the issue's case);
+# 513 = 8 * 64 + 1 and ceil(0.8743 * 513) = 449 = 7 * 64 + 1 leave a last batch of exactly one sample.
+SIZES = {"partial": (600, 0.7), "batch_of_1": (513, 0.8743)}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", SIZES)
+def test_batches_hold_the_selection_exactly_once(strategy, case):
+    n, f = SIZES[case]
+    s, batches = _batched(strategy, n, f, f, 1, 0)
+    m = _expected_size(strategy, 0, n, f, f, 15, 0)
+    assert s.num_selected() == m and (m % 64 == 1) == (case == "batch_of_1")
+    got = list(batches)
+    assert len(got) == len(batches) and min(len(b) for b in got) > 1  # the batch of one was merged
+    keys = [k for b in got for k in b]
+    assert all(valid for _, _, valid in keys)  # one process: nothing padded
+    assert [i for i, _, _ in keys] == s.select().tolist()  # the selection, in its order, each sample once
+    assert [batches.global_valid(k) for k in range(len(got))] == [len(b) for b in got]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("n,world", [(600, 2), (601, 2), (513, 2), (103, 3), (129, 4)])
+def test_ranks_valid_samples_partition_the_selection(strategy, n, world):
+    """2-4 ranks at the sampler level (no torchrun): the union of the ranks' valid samples is the selection,
+    each sample exactly once; padded duplicates are marked invalid; every rank takes the same steps."""
+    per_rank = [list(_batched(strategy, n, 0.7, 0.4, world, r, epoch=1)[1]) for r in range(world)]
+    s, batches = _batched(strategy, n, 0.7, 0.4, 1, 0, epoch=1)
+    chosen = s.select().tolist()
+    assert len({len(b) for b in per_rank}) == 1  # same number of steps on every rank
+    valid = [i for rank in per_rank for b in rank for i, _, ok in b if ok]
+    assert sorted(valid) == sorted(chosen) and len(set(valid)) == len(valid)
+    padded = [k for rank in per_rank for b in rank for k in b if not k[2]]
+    assert len(padded) == math.ceil(len(chosen) / world) * world - len(chosen)
+    ranked = _batched(strategy, n, 0.7, 0.4, world, 0, epoch=1)[1]
+    for step in range(len(per_rank[0])):  # the step's valid count over ranks, known to each rank alone
+        assert ranked.global_valid(step) == sum(ok for rank in per_rank for _, _, ok in rank[step])
+        assert min(len(rank[step]) for rank in per_rank) > 1
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_masked_loss_gives_ddp_the_mean_over_valid_samples(alpha):
+    """Two simulated ranks whose last step holds a padded duplicate (and a third with only padding): the average of
+    the ranks' gradients (what DDP applies) equals the gradient of the plain KD loss over the valid samples."""
+    from models import kd_loss
+    from train_student import masked_kd_loss
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 4, generator=g, requires_grad=True)
+    feats = [torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)]
+    teacher = [torch.randn(3, 4, generator=g) for _ in feats]
+    labels = [torch.randint(0, 4, (3,), generator=g) for _ in feats]
+    valid = [torch.tensor([True, True, True]), torch.tensor([True, True, False]), torch.tensor([False] * 3)]
+    n = int(sum(v.sum() for v in valid))
+    grads, logged = [], 0.0
+    for x, t, y, v in zip(feats, teacher, labels, valid):
+        terms, loss = masked_kd_loss(x @ w, t, y, v, n, len(feats), alpha, 4.0)
+        grads.append(torch.autograd.grad(loss, w)[0])
+        logged += terms["loss"].item() * int(v.sum())
+    keep = torch.cat(valid)
+    ref_loss = kd_loss(torch.cat(feats)[keep] @ w, torch.cat(teacher)[keep], torch.cat(labels)[keep], alpha, 4.0)
+    assert torch.allclose(sum(grads) / len(feats), torch.autograd.grad(ref_loss, w)[0], atol=1e-6)
+    assert logged / n == pytest.approx(ref_loss.item(), rel=1e-5)  # the logged train/loss: the same mean
+    # a full batch in one process: exactly the plain mean (the numbers of a run without padding do not change)
+    terms, loss = masked_kd_loss(feats[0] @ w, teacher[0], labels[0], valid[0], 3, 1, alpha, 4.0)
+    assert torch.equal(loss, kd_loss(feats[0] @ w, teacher[0], labels[0], alpha, 4.0))
+
+
+def _tiny_student(cfg, num_classes):
+    # BatchNorm1d on [B, 8]: a training batch of one sample raises, so a last batch of 1 must not reach it
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8), torch.nn.BatchNorm1d(8),
+                               torch.nn.ReLU(), torch.nn.Linear(8, num_classes))
+
+
+@pytest.fixture(scope="module")
+def accounting_cache(tmp_path_factory):
+    """A teacher-cache folder and generated datasets shared by the parametrized runs below."""
+    return tmp_path_factory.mktemp("accounting_cache"), {}
+
+
+@pytest.mark.parametrize("strategy", ("train_student",) + STRATEGIES)
+@pytest.mark.parametrize("case", SIZES)
+def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accounting_cache, strategy, case):
+    """train_student.py / train_student_rl.py in process (a tiny BatchNorm student): the samples that reach the
+    loss each epoch are exactly the selection, each once; metrics.jsonl's train/samples and curriculum.jsonl's
+    num_samples both equal that count and the README's formula. On the old code (drop_last fixed from the full
+    set) 600 images at batch 64 trained 576 per whole-set epoch and 384 of adaptive's 420."""
+    import train_student
+    import train_student_rl
+    from train_student import Config, Trainer, run_training
+    from train_student_rl import CurriculumTrainer, RLConfig
+    from utils import DistInfo, load_config
+    n, f = SIZES[case]
+    cache_dir, datasets = accounting_cache
+    classes, per_class = (10, 60) if n == 600 else (3, 171)
+    epochs, warmup = 2, 1 if case == "partial" else 0
+    args = ["data.name=synthetic", f"data.synthetic.num_classes={classes}",
+            f"data.synthetic.images_per_class={per_class}", "data.synthetic.eval_images_per_class=4",
+            "data.synthetic.image_size=16", "data.image_size=16", "data.workers=0", "teacher.name=test_resnet",
+            "teacher.pretrained=false", "teacher.cache_views=1", f"teacher.cache_dir={cache_dir}",
+            "kd.alpha=0.5", "train.batch_size=64", f"train.epochs={epochs}", "train.channels_last=false",
+            "eval.latency=false", f"run.out_dir={tmp_path}", "run.name=r"]
+    if strategy != "train_student":
+        args += [f"curriculum.strategy={strategy}", f"curriculum.fraction={f}", f"curriculum.start_fraction={f}",
+                 "curriculum.pacing_epochs=15", f"difficulty.warmup_epochs={warmup}", "difficulty.refresh_every=5",
+                 "agent.name=fixed"]
+    cfg = load_config(Config if strategy == "train_student" else RLConfig, None, args)
+    monkeypatch.setattr(train_student, "create_student", _tiny_student)
+    real_load_splits = train_student.load_splits
+
+    def load_splits(data_cfg):  # generated once per size for the whole module
+        if n not in datasets:
+            datasets[n] = real_load_splits(data_cfg)
+        return datasets[n]
+
+    monkeypatch.setattr(train_student, "load_splits", load_splits)
+    for module, name in ((train_student, "plot_run"), (train_student_rl, "plot_curriculum"),
+                         (train_student_rl, "save_difficulty_snapshot")):
+        monkeypatch.setattr(module, name, lambda *a: None)  # figures cost more than this test's training
+    seen: dict[int, list[int]] = {}
+    real_batch_images = Trainer.batch_images
+
+    def spy(self, batch):  # the samples of each step that are meant to reach the loss
+        valid = batch.get("valid", torch.ones(len(batch["index"]), dtype=torch.bool))
+        seen.setdefault(self.train_sampler.epoch, []).extend(batch["index"][valid].tolist())
+        return real_batch_images(self, batch)
+
+    monkeypatch.setattr(Trainer, "batch_images", spy)
+    run_training(cfg, DistInfo(), Trainer if strategy == "train_student" else CurriculumTrainer)
+    expected = [_expected_size(strategy, e, n, f, f, 15, warmup) for e in range(epochs)]
+    trained = [len(seen[e]) for e in range(epochs)]
+    assert trained == expected
+    assert all(len(set(seen[e])) == len(seen[e]) for e in range(epochs))  # each sample once
+    assert [m["train/samples"] for m in read_metrics(tmp_path / "r")] == expected
+    if strategy != "train_student":
+        lines = [json.loads(x) for x in (tmp_path / "r" / "curriculum.jsonl").read_text().splitlines()]
+        assert [ln["num_samples"] for ln in lines] == expected
+        assert [m["curriculum/num_samples"] for m in read_metrics(tmp_path / "r")] == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data.synthetic.label_noise
+# ---------------------------------------------------------------------------------------------------------------
+def test_label_noise_flips_exactly_that_fraction_of_training_labels():
+    from data import make_synthetic_dataset
+    clean = make_synthetic_dataset(num_classes=5, images_per_class=40, image_size=16, seed=3)
+    noisy = make_synthetic_dataset(num_classes=5, images_per_class=40, image_size=16, seed=3, label_noise=0.2)
+    again = make_synthetic_dataset(num_classes=5, images_per_class=40, image_size=16, seed=3, label_noise=0.2)
+    other = make_synthetic_dataset(num_classes=5, images_per_class=40, image_size=16, seed=4, label_noise=0.2)
+    train = noisy["train"]
+    labels, true = np.asarray(train["label"]), np.asarray(train["clean_label"])
+    assert (labels != true).sum() == round(0.2 * 200)  # exactly the fraction, each flip to another class
+    assert np.array_equal(true, clean["train"]["label"]) and np.array_equal(true, clean["train"]["clean_label"])
+    assert set(labels[labels != true] - true[labels != true]) <= {-4, -3, -2, -1, 1, 2, 3, 4}
+    assert len(set(zip(true[labels != true], labels[labels != true]))) > 10  # spread over the other classes
+    assert train["image"] == clean["train"]["image"] and train["difficulty"] == clean["train"]["difficulty"]
+    for split in ("validation", "test"):  # never the evaluation splits
+        assert noisy[split]["label"] == noisy[split]["clean_label"] == clean[split]["label"]
+        assert noisy[split]._fingerprint == clean[split]._fingerprint
+    assert again["train"]["label"] == train["label"]  # a pure function of the keys
+    assert other["train"]["label"] != train["label"]
+    assert noisy["train"]._fingerprint != clean["train"]._fingerprint
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_label_noise_bad_values(value):
+    from data import make_synthetic_dataset
+    from train_student import Config, validate
+    from utils import load_config
+    with pytest.raises(UserError, match="data.synthetic.label_noise"):
+        validate(load_config(Config, None, [*TINY, f"data.synthetic.label_noise={value}"]))
+    with pytest.raises(UserError, match="data.synthetic.label_noise"):
+        make_synthetic_dataset(num_classes=2, images_per_class=2, label_noise=value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# summarize.py: exact sample totals and paired per-seed differences
+# ---------------------------------------------------------------------------------------------------------------
+def test_summarize_sample_totals_and_paired_differences(tmp_path, monkeypatch, capsys):
+    import summarize
+    acc = {"x_ppo": [70.0, 72.0, 71.0], "x_random_subset": [69.0, 70.0, 70.5], "x_all": [71.0, 71.0, 73.0]}
+    samples = {"x_ppo": [600, 420, 420], "x_random_subset": [420, 420, 420], "x_all": [600, 600]}
+    for row, values in acc.items():
+        for seed, value in enumerate(values):
+            run = tmp_path / f"{row}_s{seed}"
+            run.mkdir()
+            (run / "results.json").write_text(json.dumps({"test/acc1": value}))
+            (run / "config.yaml").write_text(f"train:\n  seed: {seed}\n")
+            (run / "metrics.jsonl").write_text("".join(
+                json.dumps({"epoch": e, "val/acc1": 50.0, "train/samples": n}) + "\n"
+                for e, n in enumerate(samples[row])))
+    monkeypatch.setattr("sys.argv", ["summarize.py", *map(str, sorted(tmp_path.iterdir())), "--keys", "test/acc1",
+                                     "--paired", "random_subset", "x_all"])
+    summarize.main()
+    out = capsys.readouterr().out
+    assert "| x_ppo | 3 | 71.00 ± 1.00 | 1440 |" in out and "| x_all | 3 | 71.67 ± 1.15 | 1200 |" in out
+    # ppo - random_subset per seed: +1.0, +2.0, +0.5; ppo - all: -1.0, +1.0, -2.0
+    assert "| x_ppo | +1.17 ± 0.76 (3) | -0.67 ± 1.53 (3) |" in out
+    assert "| x_random_subset | - | -1.83 ± 0.76 (3) |" in out  # -2.0, -1.0, -2.5
