@@ -584,6 +584,17 @@ def test_inception_backend_runs_offline_with_a_local_weights_file(domains, tmp_p
     assert_clean_error(download, "cannot download the FID Inception-v3 weights", "fid.inception_path=PATH")
 
 
+def test_unwritable_directories_are_named(tmp_path):
+    from gan_vae.continual import require_writable_dir
+    from utils import UserError
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="run.out_dir=.*a_file/runs cannot be written"):
+        require_writable_dir(blocker / "runs", "run.out_dir")
+    require_writable_dir(tmp_path / "new" / "runs", "run.out_dir")  # created when it can be
+    assert (tmp_path / "new" / "runs").is_dir() and not any((tmp_path / "new" / "runs").iterdir())
+
+
 def test_real_data_run_on_shared_arrays(shared_data, tmp_path):
     """The offline config on the real MNIST / Fashion-MNIST arrays, with a short budget."""
     proc = run_script("-m", "gan_vae.continual", "--config", "configs/gan_vae_shared_data.yaml", "teacher.steps=40",
