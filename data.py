@@ -871,12 +871,14 @@ DOMAINS = ("mnist", "fashion_mnist")
 
 @dataclass
 class TaskData:
-    """One task: uint8 images [N, 28, 28] and labels [N] for train and test, after subset and transform."""
+    """One task: uint8 images [N, 28, 28] and labels [N] for train and test, after subset and transform.
+    `background` is the grey level of the images' background (0, or 255 after :invert), which pads them."""
     name: str
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    background: int = 0
 
 
 def parse_task(spec: str) -> dict:
@@ -939,6 +941,9 @@ def _load_torchvision(name: str, root: Path, train: bool) -> tuple[np.ndarray, n
     return ds.data.numpy().astype(np.uint8), ds.targets.numpy().astype(np.int64)
 
 
+MIN_TRAIN_IMAGES, MIN_TEST_IMAGES = 1, 3  # a task trains on something and has a test FID (more than 2 images)
+
+
 def load_task(spec: str, root: str, seed: int, test_fraction: float = 0.2) -> TaskData:
     """A task by its spec (see parse_task). npz tasks get a seeded train/test split."""
     t = parse_task(spec)
@@ -953,23 +958,33 @@ def load_task(spec: str, root: str, seed: int, test_fraction: float = 0.2) -> Ta
     tr_x, tr_y, te_x, te_y = splits
     if t["classes"] is not None:
         keep_tr, keep_te = np.isin(tr_y, t["classes"]), np.isin(te_y, t["classes"])
-        if not keep_tr.any() or not keep_te.any():
+        if not (keep_tr.any() or keep_te.any()):
             raise UserError(f"task '{spec}': no images of classes {t['classes']} (labels present: "
-                            f"{sorted(set(tr_y.tolist()))})")
+                            f"{sorted(set(tr_y.tolist()) | set(te_y.tolist()))})")
         tr_x, tr_y, te_x, te_y = tr_x[keep_tr], tr_y[keep_tr], te_x[keep_te], te_y[keep_te]
+
+    if len(tr_x) < MIN_TRAIN_IMAGES or len(te_x) < MIN_TEST_IMAGES:
+        raise UserError(f"task '{spec}' has {len(tr_x)} training and {len(te_x)} test images after its class subset "
+                        f"and the data.test_fraction={test_fraction} split; a task needs at least {MIN_TRAIN_IMAGES} "
+                        f"training and {MIN_TEST_IMAGES} test images (FID needs more than 2). Lower "
+                        "data.test_fraction or widen the class subset")
+    # MNIST-like sources have a black (0) background; inverted, it is white. Rotation fills the corners it uncovers
+    # with that background, and domain_tensor pads with it, so no frame of the other colour appears.
+    background = 255 if t["invert"] else 0
 
     def transform(x: np.ndarray) -> np.ndarray:
         if t["invert"]:
             x = 255 - x
         if t["rotate"]:
-            x = TF.rotate(torch.from_numpy(x)[:, None], t["rotate"]).squeeze(1).numpy()
+            x = TF.rotate(torch.from_numpy(x)[:, None], t["rotate"], fill=[float(background)]).squeeze(1).numpy()
         return np.ascontiguousarray(x)
 
-    return TaskData(str(spec), transform(tr_x), tr_y, transform(te_x), te_y)
+    return TaskData(str(spec), transform(tr_x), tr_y, transform(te_x), te_y, background)
 
 
-def domain_tensor(images: np.ndarray, channels: int = 1) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> float32 [N, channels, 32, 32] in [-1, 1] (zero-padded by 2 pixels: exact, no resize)."""
+def domain_tensor(images: np.ndarray, channels: int = 1, background: int = 0) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, channels, 32, 32] in [-1, 1], padded by 2 pixels of the `background` grey
+    level (exact, no resize)."""
     x = torch.from_numpy(images).float().div_(127.5).sub_(1.0)[:, None]
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=background / 127.5 - 1.0)
     return x.repeat(1, channels, 1, 1) if channels > 1 else x

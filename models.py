@@ -312,20 +312,35 @@ def bernoulli_kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor
     return kl.flatten(1).sum(1)
 
 
-def relational_kd(teacher_features: torch.Tensor, student_features: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Relational distillation: KL( softmax(S_t / T) || softmax(S_s / T) ) averaged over rows, where S_t and S_s
-    are the batch cosine-similarity matrices [B, B] of the teacher's and the student's features (the diagonal,
-    always 1, is left out)."""
-    def sims(f):
-        f = F.normalize(f.float(), dim=1)
-        s = f @ f.t()
-        return s.masked_fill(torch.eye(len(f), dtype=torch.bool, device=f.device), float("-inf"))
+def relational_kd(teacher_features: torch.Tensor, student_features: torch.Tensor, temperature: float,
+                  groups: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Relational distillation (after Park et al., 2019, "Relational Knowledge Distillation", with cosine
+    similarities compared as softmax distributions at temperature T), a scalar:
 
-    log_p_t = F.log_softmax(sims(teacher_features) / temperature, dim=1)
-    log_p_s = F.log_softmax(sims(student_features) / temperature, dim=1)
-    p_t = log_p_t.exp()
-    mask = torch.isfinite(log_p_t)
-    return torch.where(mask, p_t * (log_p_t - log_p_s), torch.zeros_like(p_t)).sum(1).mean()
+        loss = 1/B sum_b w_b KL( softmax_c(S_t[b, c] / T) || softmax_c(S_s[b, c] / T) ),  c != b, g_c = g_b
+
+    S_t and S_s are the cosine similarities [B, B] of the teacher's and the student's features [B, D_t], [B, D_s].
+    Row b compares b only with the other rows of its group (`groups` [B], e.g. the expert that taught each row:
+    similarities between features of different teachers mean nothing); without groups all rows form one group.
+    `weights` [B] (default 1) scales each row's KL; a row alone in its group contributes 0."""
+    n = len(teacher_features)
+    mask = ~torch.eye(n, dtype=torch.bool, device=teacher_features.device)
+    if groups is not None:
+        mask &= groups.view(-1, 1) == groups.view(1, -1)
+    has_pair = mask.any(1, keepdim=True)
+    # a row with no partner keeps finite logits (zeros) so that neither value nor gradient becomes NaN
+    keep = mask | ~has_pair
+
+    def log_probs(f):
+        f = F.normalize(f.float(), dim=1)
+        logits = (f @ f.t() / temperature).masked_fill(~keep, float("-inf"))
+        return F.log_softmax(logits, dim=1).masked_fill(~mask, 0.0)
+
+    log_p_t, log_p_s = log_probs(teacher_features), log_probs(student_features)
+    per_row = (log_p_t.exp() * mask * (log_p_t - log_p_s)).sum(1)
+    if weights is not None:
+        per_row = per_row * weights.to(per_row)
+    return per_row.mean()
 
 
 class TaskVAE(nn.Module):
@@ -400,9 +415,11 @@ class TaskVAE(nn.Module):
     def sample(self, tasks: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images of the given task ids: z ~ N(0, I), u ~ p(u | t)."""
         device = self.to_u.weight.device
-        z = torch.randn(len(tasks), self.z_dim, generator=generator, device=device)
+        # drawn on the generator's own device, then moved: a CPU generator gives the same images on any device
+        draw_on = generator.device if generator is not None else device
+        z = torch.randn(len(tasks), self.z_dim, generator=generator, device=draw_on).to(device)
         mu, logvar = self.task_prior(tasks)
-        u = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator, device=device)
+        u = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=generator, device=draw_on).to(device)
         return self.to_image(self.decode_logits(z, u))
 
 

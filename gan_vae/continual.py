@@ -14,10 +14,14 @@ Per task t:
 2. The expert trains (WGAN-GP: gradient penalty 10, 5 critic steps per generator step, Adam 1e-4, betas 0.5, 0.9).
 3. The beta-VAE student trains on real task-t images plus, for each earlier task, images from that task's expert
    (equal shares per seen task), with output-level (reconstruction of teacher samples under their task id),
-   feature-level (projected encoder features to the expert critic's features) and relational (similarity
-   matrices at a dynamic temperature) distillation, each replayed expert weighted by its latest FID.
+   feature-level (encoder features, through a projection of their own per expert, to the expert critic's features)
+   and relational (similarity matrices within each expert's rows, at a dynamic temperature) distillation, plus
+   self-distillation to the student's copy from before the task. Each replayed expert's weight, from its latest
+   FID, scales its rows in the replay loss and in every distillation term.
 4. Evaluation of every task seen so far: teacher FID, student sample FID, reconstruction MSE and FID, kept as
-   matrices R[i][j] in results.json, with forgetting and backward transfer (forgetting_report.md, heatmaps).
+   matrices R[i][j] in results.json (every FID with its [n_real, n_fake] in <matrix>_samples), with forgetting and
+   backward transfer (forgetting_report.md, heatmaps). Every evaluation draws its samples from a generator seeded
+   by (seed, task, evaluated task), so `python -m gan_vae.evaluate` reproduces the matrices exactly.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import copy
 import json
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +41,10 @@ from tqdm import tqdm
 
 from data import domain_tensor, load_task
 from gan_vae import forgetting
-from gan_vae.fid import FeatureModule, FeaturesOf, FIDEvaluator, inception_features, train_domain_classifier
+from gan_vae.fid import (FeatureModule, FeaturesOf, FIDEvaluator, check_inception_path, inception_features,
+                         train_domain_classifier)
 from models import Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, nt_xent, relational_kd, vae_loss_terms
-from utils import (MetricLogger, UserError, check, load_checkpoint, opt, parse_config, plot_curves,
+from utils import (MetricLogger, UserError, check, iter_schema, load_checkpoint, opt, parse_config, plot_curves,
                    prepare_run_dir, read_jsonl, rng_state, run_cli, save_checkpoint, save_config, section,
                    seed_everything, set_rng_state, setup_distributed, to_plain, write_json)
 
@@ -52,7 +58,8 @@ class DataConfig:
                                                        "optionally with :classes=0-4, :invert, :rotate=DEG")
     root: str = opt("data", "where torchvision downloads MNIST and Fashion-MNIST")
     channels: int = opt(1, "image channels (1, or 3 by repeating the grey channel)")
-    test_fraction: float = opt(0.2, "share of an .npz task held out as its test split (seeded)")
+    test_fraction: float = opt(0.2, "share of an .npz task held out as its test split (seeded; every task keeps "
+                                    "at least 1 training and 3 test images)")
 
 
 @dataclass
@@ -89,24 +96,28 @@ class StudentConfig:
 
 @dataclass
 class KDConfig:
-    feature_weight: float = opt(0.1, "feature-level distillation: projected encoder features vs critic features")
-    relational_weight: float = opt(1.0, "relational distillation weight")
+    feature_weight: float = opt(0.1, "feature-level distillation: encoder features, through a projection of each "
+                                     "expert's own, vs that expert critic's features")
+    relational_weight: float = opt(1.0, "relational distillation weight (similarities among rows of one expert)")
     temperature_max: float = opt(4.0, "relational temperature at the start of each task")
     temperature_min: float = opt(1.0, "relational temperature at the end of each task")
     temperature_fid_gain: float = opt(0.5, "T is multiplied by 1 + gain * clip(FID / fid_threshold - 1, 0, 1)")
     previous_weight: float = opt(8.0, "self-distillation on replayed images from the student's frozen copy taken "
                                       "before the task: Bernoulli KL of its mean reconstruction plus squared "
                                       "distance of its posterior means (0: off)")
-    weight_floor: float = opt(0.3, "lowest replay/distillation weight of an expert")
-    weight_ceiling: float = opt(1.0, "highest replay/distillation weight of an expert")
+    weight_floor: float = opt(0.3, "lowest weight of a replayed expert (scales its rows in the replay loss and in "
+                                   "every distillation term)")
+    weight_ceiling: float = opt(1.0, "highest weight of a replayed expert")
 
 
 @dataclass
 class FIDConfig:
     backend: str = opt("domain", "domain (a classifier trained on the tasks, offline) or inception")
-    samples: int = opt(5000, "samples per FID set (all test images when fewer); written next to every FID")
+    samples: int = opt(5000, "samples per FID set (all test images when fewer); the counts used are written next "
+                             "to every FID")
     classifier_epochs: int = opt(8, "domain classifier training epochs")
-    inception_path: str = opt("", "local FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth)")
+    inception_path: str = opt("", "local FID Inception-v3 weights, torch-fidelity's "
+                                  "weights-inception-2015-12-05-6726825d.pth (empty: download them)")
     cache_dir: str = opt("", "where the domain classifier is cached (default <run.out_dir>/fid_cache)")
 
 
@@ -120,7 +131,8 @@ class TrainConfig:
 class RunConfig:
     out_dir: str = opt("runs", "parent directory of run directories")
     name: str = opt("", "run directory name (default gan_vae__<tasks>__s<seed>__<time>)")
-    resume: str = opt("", "'auto' continues <out_dir>/<name> from checkpoints/last.pt")
+    resume: str = opt("", "'auto' continues <out_dir>/<name> from checkpoints/last.pt; a checkpoint path starts "
+                          "from that file (another run's task_<i>.pt: training keys of later tasks may differ)")
     checkpoint_every: int = opt(500, "also checkpoint every this many steps within a phase")
 
 
@@ -144,10 +156,13 @@ class ContinualConfig:
 
 def validate(cfg) -> None:
     check(len(cfg.data.tasks) >= 1, "data.tasks needs at least one task")
+    check(0 < cfg.data.test_fraction < 1, f"data.test_fraction={cfg.data.test_fraction} must be between 0 and 1")
     check(cfg.teacher.fid_threshold > 0, f"teacher.fid_threshold={cfg.teacher.fid_threshold} must be > 0")
     check(cfg.teacher.max_experts >= 1, f"teacher.max_experts={cfg.teacher.max_experts} must be >= 1")
     check(cfg.fid.samples > 2, f"fid.samples={cfg.fid.samples}: FID needs more than 2 samples per set")
     check(cfg.fid.backend in ("domain", "inception"), f"fid.backend={cfg.fid.backend}: domain or inception")
+    if cfg.fid.backend == "inception":
+        check_inception_path(cfg.fid.inception_path)
     check(cfg.data.channels in (1, 3), f"data.channels={cfg.data.channels}: 1 or 3")
     check(cfg.teacher.steps >= 1 and cfg.student.steps >= 1, "teacher.steps and student.steps must be >= 1")
     check(cfg.teacher.n_critic >= 1, "teacher.n_critic must be >= 1")
@@ -191,13 +206,70 @@ def step_seed(seed: int, task: int, phase: int, step: int) -> int:
     return ((seed * 1_000 + task) * 10 + phase) * 10_000_000 + step
 
 
+def eval_seed(seed: int, task: int, evaluated: int, metric: int) -> int:
+    """The seed of the samples behind R[task][evaluated] of one metric (0: teacher, 1: student): a pure function,
+    so the matrices do not depend on what drew from the global RNG before, and a re-evaluation reproduces them."""
+    return ((seed * 1_000 + task) * 1_000 + evaluated) * 10 + metric + 1
+
+
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A contrastive view: a random translation of up to 3 pixels and a small brightness change, per sample."""
     b = x.shape[0]
     shifts = torch.randint(-3, 4, (b, 2), generator=generator)
     out = torch.stack([torch.roll(img, tuple(s.tolist()), dims=(1, 2)) for img, s in zip(x, shifts)])
     scale = 1 + 0.2 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
-    return ((out + 1) * scale - 1).clamp(-1, 1)
+    return ((out + 1) * scale.to(x.device) - 1).clamp(-1, 1)
+
+
+# Resuming: which config keys may differ from the checkpoint's. (A local check; utils may grow a shared one.)
+RESULT_NEUTRAL_KEYS = {"run.out_dir", "run.name", "run.resume", "run.checkpoint_every", "log.every_steps",
+                       "log.sample_every", "fid.cache_dir", "fid.inception_path", "data.root", "train.device"}
+# what finished tasks were built and measured with: never changes within a run or in a branch of it
+FIXED_KEYS = {"data.tasks", "data.channels", "data.test_fraction", "teacher.z_dim", "teacher.width",
+              "teacher.attention", "student.z_dim", "student.u_dim", "student.width", "fid.backend", "fid.samples",
+              "fid.classifier_epochs", "train.seed"}
+
+
+def changed_config_keys(saved: dict, current: dict, branching: bool) -> list[tuple[str, object, object]]:
+    """(key, saved value, current value) for every config key whose change alters results: any key but the
+    RESULT_NEUTRAL_KEYS when a run continues (run.resume=auto, or a checkpoint of its own), only FIXED_KEYS when a
+    new run branches from another run's task checkpoint (the training keys of later tasks may then differ)."""
+    def value(cfg: dict, key: str):
+        for part in key.split("."):
+            if not isinstance(cfg, dict) or part not in cfg:
+                return "<absent>"
+            cfg = cfg[part]
+        return cfg
+
+    out = []
+    for key, *_ in iter_schema(ContinualConfig):
+        if key in RESULT_NEUTRAL_KEYS or (branching and key not in FIXED_KEYS):
+            continue
+        old, new = value(saved, key), value(current, key)
+        if old != new:
+            out.append((key, old, new))
+    return out
+
+
+def check_resume_config(ckpt: dict, path: Path, cfg, run_dir: Path) -> None:
+    """Refuse a resume whose config differs from the checkpoint's in a key that changes results, naming the key
+    and saying how to start a new run instead."""
+    saved, current = ckpt.get("config", {}), to_plain(cfg)
+    branching = Path(run_dir).resolve() not in Path(path).resolve().parents
+    changed = changed_config_keys(saved, current, branching)
+    if changed:
+        listing = "; ".join(f"{k} = {json.dumps(o)} (this run: {json.dumps(n)})" for k, o, n in changed)
+        why = ("a new run that starts from another run's checkpoint may change only the training keys of later "
+               "tasks (e.g. teacher.steps, student.replay, kd.*)") if branching else \
+            "resuming continues the run exactly as it was configured"
+        raise UserError(f"{path} was made with {listing}. These change results, and {why}. "
+                        "Resume with the checkpoint's values, or start a new run with another run.name (add "
+                        "run.resume=<run>/checkpoints/task_<i>.pt to start it from a finished task)")
+    mid_task = ckpt.get("progress", {}).get("phase") != "decide"
+    if branching and mid_task and changed_config_keys(saved, current, False):
+        raise UserError(f"{path} stopped in the middle of a task, and this run changes its training keys "
+                        f"({', '.join(k for k, *_ in changed_config_keys(saved, current, False))}); a new run may "
+                        "do that only from a finished task: run.resume=<run>/checkpoints/task_<i>.pt")
 
 
 # ================================================================================================================
@@ -252,21 +324,26 @@ class Expert:
         self.freeze()
 
 
+METRICS = ("teacher_fid", "student_fid", "recon_mse", "recon_fid")
+FID_METRICS = ("teacher_fid", "student_fid", "recon_fid")  # each with <key>_samples: [n_real, n_fake] per cell
+
+
 class ContinualRun:
     def __init__(self, cfg, run_dir: Path | None, device: torch.device):
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
         seed_everything(cfg.train.seed)
         self.tasks = [load_task(spec, cfg.data.root, cfg.train.seed, cfg.data.test_fraction) for spec in cfg.data.tasks]
         ch = cfg.data.channels
-        self.train_x = [domain_tensor(t.train_images, ch) for t in self.tasks]
-        self.test_x = [domain_tensor(t.test_images, ch) for t in self.tasks]
+        self.train_x = [domain_tensor(t.train_images, ch, t.background) for t in self.tasks]
+        self.test_x = [domain_tensor(t.test_images, ch, t.background) for t in self.tasks]
         self.experts: list[Expert] = []
         self.task_to_expert: list[int] = []
         self.decisions: list[dict] = []
         self.student = TaskVAE(ch, cfg.student.z_dim, cfg.student.u_dim, cfg.student.width).to(device)
-        self.projection = nn.Linear(self.student.feature_dim, Critic(ch, cfg.teacher.width).feature_dim).to(device)
+        # feature KD: one projection of the encoder features per expert, onto that expert critic's feature space
+        self.projections = nn.ModuleList()
         self.opt_s = self._student_optimizer()
-        self.matrices = {k: [] for k in ("teacher_fid", "student_fid", "recon_mse", "recon_fid")}
+        self.matrices = {k: [] for k in (*METRICS, *(f"{k}_samples" for k in FID_METRICS))}
         self.progress = {"task": 0, "phase": "decide", "step": 0}
         self.frozen: Generator | None = None
         self.previous: TaskVAE | None = None  # the student as it was before the current task (self-distillation)
@@ -275,8 +352,11 @@ class ContinualRun:
         self.logger: MetricLogger | None = None
 
     def _student_optimizer(self):
-        return torch.optim.Adam(list(self.student.parameters()) + list(self.projection.parameters()),
+        return torch.optim.Adam(list(self.student.parameters()) + list(self.projections.parameters()),
                                 lr=self.cfg.student.lr)
+
+    def _projection(self) -> nn.Linear:
+        return nn.Linear(self.student.feature_dim, self.experts[0].critic.feature_dim).to(self.device)
 
     # ---- FID ---------------------------------------------------------------------------------------------------
     def build_fid(self) -> None:
@@ -298,9 +378,10 @@ class ContinualRun:
         self.fid_info["samples"] = cfg.fid.samples
         # reference points for teacher.fid_threshold: real train images of task i against real test images of
         # task j, in the same features (diagonal: in-domain; off-diagonal: cross-domain)
-        self.fid_info["real_train_vs_test"] = [
-            [self.fid_of(f"test{j}", lambda n, i=i, k=[0]: self._take(self.train_x[i], k, n),
-                         len(self.train_x[i]))["fid"] for j in range(len(self.tasks))] for i in range(len(self.tasks))]
+        real = [[self.fid_of(f"test{j}", lambda n, i=i, k=[0]: self._take(self.train_x[i], k, n), len(self.train_x[i]))
+                 for j in range(len(self.tasks))] for i in range(len(self.tasks))]
+        self.fid_info["real_train_vs_test"] = [[r["fid"] for r in row] for row in real]
+        self.fid_info["real_train_vs_test_samples"] = [[[r["n_real"], r["n_fake"]] for r in row] for row in real]
 
     @staticmethod
     def _take(x: torch.Tensor, cursor: list[int], n: int) -> torch.Tensor:
@@ -324,15 +405,16 @@ class ContinualRun:
     def decide(self, t: int) -> None:
         cfg = self.cfg
         g = torch.Generator().manual_seed(cfg.train.seed * 1000 + t)
-        fids = [self.fid_of(f"train{t}", lambda n, e=e: e.sample(n, g), len(self.train_x[t]))["fid"]
-                for e in self.experts]
+        measured = [self.fid_of(f"train{t}", lambda n, e=e: e.sample(n, g), len(self.train_x[t]))
+                    for e in self.experts]
+        fids = [m["fid"] for m in measured]
         action, index = decide_expert(fids, cfg.teacher.fid_threshold, cfg.teacher.max_experts)
         if action == "new":
             self.experts.append(Expert(cfg, cfg.data.channels, self.device))
         self.task_to_expert.append(index)
         self.decisions.append({"task": t, "task_name": cfg.data.tasks[t], "fid_per_expert": fids,
                                "threshold": cfg.teacher.fid_threshold, "action": action, "expert": index,
-                               "fid_samples": min(len(self.train_x[t]), cfg.fid.samples)})
+                               "fid_samples": [[m["n_real"], m["n_fake"]] for m in measured]})
         tqdm.write(f"task {t} ({cfg.data.tasks[t]}): FIDs of existing experts {[round(f, 2) for f in fids]} -> "
                    f"{action} expert {index}")
         if self.run_dir is not None:
@@ -403,84 +485,121 @@ class ContinualRun:
                 else None
             while self.student.num_tasks <= t:
                 self.student.add_task()
+            while len(self.projections) < len(self.experts):  # a new expert brings its own projection
+                self.projections.append(self._projection())
             self.opt_s = self._student_optimizer()
         self.student.train()
         seen = list(range(t + 1)) if sc.replay else [t]
-        share = sc.batch_size // len(seen)
         bar = tqdm(range(start_step, sc.steps), desc=f"task {t} student", dynamic_ncols=True, initial=start_step,
                    total=sc.steps)
         for step in bar:
             g = torch.Generator().manual_seed(step_seed(cfg.train.seed, t, 1, step))
-            xs, tasks, weights, feats = [], [], [], []
-            for j in seen:
-                n = share if j != t else sc.batch_size - share * (len(seen) - 1)
-                expert = self.experts[self.task_to_expert[j]]
-                if j == t:
-                    x = self.train_x[t][torch.randint(0, len(self.train_x[t]), (n,), generator=g)].to(self.device)
-                    w = 1.0
-                else:  # replay: the task's expert generates it (output-level distillation target)
-                    x = expert.sample(n, g)
-                    w = expert_weight(expert.latest_fid, cfg.teacher.fid_threshold, kd.weight_floor,
-                                      kd.weight_ceiling)
-                with torch.no_grad():
-                    feats.append(expert.critic.features(x))
-                xs.append(x)
-                tasks.append(torch.full((n,), j, dtype=torch.long))
-                weights.append(torch.full((n,), w))
-            x, task_ids = torch.cat(xs), torch.cat(tasks).to(self.device)
-            weight, critic_feats = torch.cat(weights).to(self.device), torch.cat(feats)
-            mix = None
-            if sc.mixup and len(seen) > 1:  # mix each real image with a replayed one, and their task priors
-                n_real = len(xs[-1]) if seen[-1] == t else 0
-                perm = torch.randint(0, len(x) - n_real, (len(x),), generator=g).to(self.device)
-                lam = torch.distributions.Beta(0.4, 0.4).sample((len(x),)).to(self.device)
-                lam = torch.where(task_ids == t, lam, torch.ones_like(lam))
-                x = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
-                mix = (task_ids[perm], lam)
-            terms = vae_loss_terms(self.student, x, task_ids, sc.beta, mix)
-            loss_vae = (weight * terms["loss"]).mean()
-            # contrastive: z-means of two augmented views
-            _, (mu1, _), _ = self.student.encode(augment(x, g))
-            _, (mu2, _), _ = self.student.encode(augment(x, g))
-            loss_con = nt_xent(mu1, mu2, sc.contrastive_temperature)
-            # feature-level: projected encoder features vs the expert critics' features on the same images
-            loss_feat = (weight * (self.projection(terms["h"]) - critic_feats).pow(2).mean(1)).mean()
+            x, task_ids, mix = self.student_batch(t, seen, g)
+            weight = self.row_weights(task_ids, t)
             fid_now = float(np.mean([self.experts[self.task_to_expert[j]].latest_fid for j in seen]))
             temperature = dynamic_temperature(step, sc.steps, kd.temperature_max, kd.temperature_min, fid_now,
                                               cfg.teacher.fid_threshold, kd.temperature_fid_gain)
-            loss_rel = relational_kd(critic_feats, terms["mu_z"], temperature)
-            loss = loss_vae + sc.contrastive_weight * loss_con + kd.feature_weight * loss_feat + \
-                kd.relational_weight * loss_rel
-            loss_prev = self.previous_kd(x, task_ids != t, terms) if self.previous is not None else None
-            if loss_prev is not None:
-                loss = loss + kd.previous_weight * (weight * loss_prev).mean()
+            losses = self.student_losses(t, x, task_ids, mix, weight, temperature, g)
             self.opt_s.zero_grad(set_to_none=True)
-            loss.backward()
+            losses["loss"].backward()
             self.opt_s.step()
-            if not math.isfinite(loss.item()):
+            if not math.isfinite(losses["loss"].item()):
                 raise UserError(f"the student loss became non-finite at task {t}, step {step}; lower student.lr")
-            record = {"student/loss": loss.item(), "student/recon": terms["recon"].mean().item(),
-                      "student/kl_z": terms["kl_z"].mean().item(), "student/kl_u": terms["kl_u"].mean().item(),
-                      "student/contrastive": loss_con.item(), "student/feature_kd": loss_feat.item(),
-                      "student/relational_kd": loss_rel.item(), "kd/temperature": temperature}
-            if loss_prev is not None:
-                record["student/previous_kd"] = loss_prev[task_ids != t].mean().item()
+            record = {f"student/{k}": v.item() for k, v in losses.items()}
+            record["kd/temperature"] = temperature
             for j in seen:
                 if j != t:
-                    record[f"kd/weight_task{j}"] = float(weights[seen.index(j)][0])
+                    record[f"kd/weight_task{j}"] = float(weight[task_ids == j][0])
             self.after_step(t, "student", step, sc.steps, record)
+
+    def student_batch(self, t: int, seen: list[int], g: torch.Generator):
+        """One student batch: real task-t images and, for every earlier seen task, images from that task's expert
+        (replay), in equal shares; with student.mixup, each real image mixed with a replayed one. Returns images
+        [B, C, 32, 32], task ids [B] and the mixup pairing (other task ids, lambda) or None."""
+        sc = self.cfg.student
+        share = sc.batch_size // len(seen)
+        xs, tasks = [], []
+        for j in seen:
+            n = share if j != t else sc.batch_size - share * (len(seen) - 1)
+            if j == t:
+                xs.append(self.train_x[t][torch.randint(0, len(self.train_x[t]), (n,), generator=g)].to(self.device))
+            else:  # replay: the task's expert generates it (output-level distillation target)
+                xs.append(self.experts[self.task_to_expert[j]].sample(n, g))
+            tasks.append(torch.full((n,), j, dtype=torch.long))
+        x, task_ids = torch.cat(xs), torch.cat(tasks).to(self.device)
+        mix = None
+        if sc.mixup and len(seen) > 1:  # mix each real image with a replayed one, and their task priors
+            n_real = len(xs[-1]) if seen[-1] == t else 0
+            perm = torch.randint(0, len(x) - n_real, (len(x),), generator=g).to(self.device)
+            lam = torch.distributions.Beta(0.4, 0.4).sample((len(x),)).to(self.device)
+            lam = torch.where(task_ids == t, lam, torch.ones_like(lam))
+            x = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
+            mix = (task_ids[perm], lam)
+        return x, task_ids, mix
+
+    def row_weights(self, task_ids: torch.Tensor, t: int) -> torch.Tensor:
+        """Per-row weight [B]: 1 for the current task, and for a replayed task its expert's adaptive weight
+        (expert_weight of the expert's latest FID)."""
+        kd, w = self.cfg.kd, {}
+        for j in task_ids.unique().tolist():
+            expert = self.experts[self.task_to_expert[j]]
+            w[j] = 1.0 if j == t else expert_weight(expert.latest_fid, self.cfg.teacher.fid_threshold,
+                                                    kd.weight_floor, kd.weight_ceiling)
+        return torch.tensor([w[j] for j in task_ids.tolist()], device=self.device)
+
+    def student_losses(self, t: int, x: torch.Tensor, task_ids: torch.Tensor, mix, weight: torch.Tensor,
+                       temperature: float, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """The student's named losses on batch x and their weighted sum `loss`. Every term but the contrastive one
+        is a mean over rows scaled by the row weights: the VAE loss (replay), feature and relational distillation
+        and self-distillation. Teacher features come from the critic of each row's expert, on exactly the images
+        the student sees (mixed ones included)."""
+        sc, kd = self.cfg.student, self.cfg.kd
+        terms = vae_loss_terms(self.student, x, task_ids, sc.beta, mix)
+        loss_vae = (weight * terms["loss"]).mean()
+        # contrastive: z-means of two augmented views
+        _, (mu1, _), _ = self.student.encode(augment(x, g))
+        _, (mu2, _), _ = self.student.encode(augment(x, g))
+        loss_con = nt_xent(mu1, mu2, sc.contrastive_temperature)
+        # feature level, per expert: that expert's projection of the encoder features vs its critic's features
+        expert_of = torch.tensor([self.task_to_expert[j] for j in task_ids.tolist()], device=self.device)
+        critic_feats = torch.zeros(len(x), self.experts[0].critic.feature_dim, device=self.device)
+        feat_error = torch.zeros(len(x), device=self.device)
+        for e in expert_of.unique().tolist():
+            rows = expert_of == e
+            with torch.no_grad():
+                critic_feats[rows] = self.experts[e].critic.features(x[rows])
+            feat_error[rows] = (self.projections[e](terms["h"][rows]) - critic_feats[rows]).pow(2).mean(1)
+        loss_feat = (weight * feat_error).mean()
+        # relational: similarities among the rows of one expert only (its critic's feature space)
+        loss_rel = relational_kd(critic_feats, terms["mu_z"], temperature, groups=expert_of, weights=weight)
+        loss = loss_vae + sc.contrastive_weight * loss_con + kd.feature_weight * loss_feat + \
+            kd.relational_weight * loss_rel
+        out = {"recon": terms["recon"].mean(), "kl_z": terms["kl_z"].mean(), "kl_u": terms["kl_u"].mean(),
+               "contrastive": loss_con, "feature_kd": loss_feat, "relational_kd": loss_rel}
+        if self.previous is not None:
+            replayed = task_ids != t
+            per = self.previous_kd(x, replayed, terms)
+            loss = loss + kd.previous_weight * (weight * per).mean()
+            out["previous_kd"] = per[replayed].mean()
+        out["loss"] = loss
+        return {k: v.detach() if k != "loss" else v for k, v in out.items()}
 
     @staticmethod
     def _frozen_copy(model: nn.Module) -> nn.Module:
         copy_ = copy.deepcopy(model).eval()
         for p in copy_.parameters():
             p.requires_grad_(False)
+        for m in copy_.modules():  # a forward in train mode (see previous_kd) must not move its running statistics
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0
         return copy_
 
     def previous_kd(self, x: torch.Tensor, replayed: torch.Tensor, terms: dict) -> torch.Tensor:
         """Per-sample self-distillation [B] (zero on current-task rows): on replayed images, the student's mean
         reconstruction is matched to that of its frozen copy from before the task (Bernoulli KL summed over pixels,
-        the scale of the reconstruction term) and its posterior means to the copy's (squared distance)."""
+        the scale of the reconstruction term) and its posterior means to the copy's (squared distance). The copy
+        runs in the student's BatchNorm mode (batch statistics while training), so identical weights give 0."""
+        self.previous.train(self.student.training)
         with torch.no_grad():
             _, (p_mu_z, _), (p_mu_u, _) = self.previous.encode(x)
             p_logits = self.previous.decode_logits(p_mu_z, p_mu_u)
@@ -492,21 +611,28 @@ class ContinualRun:
     # ---- evaluation --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, i: int) -> dict:
-        """Row i of every matrix: each task j <= i."""
+        """Row i of every matrix (each task j <= i), and of every FID's sample counts [n_real, n_fake]. Samples come
+        from generators seeded by (seed, i, j) alone: evaluation neither reads nor advances the global RNG."""
         self.student.eval()
         rows = {k: [] for k in self.matrices}
+        seed = self.cfg.train.seed
+
+        def put(key: str, measured: dict) -> None:
+            rows[key].append(measured["fid"])
+            rows[f"{key}_samples"].append([measured["n_real"], measured["n_fake"]])
+
         for j in range(i + 1):
             x = self.test_x[j][: self.cfg.fid.samples]
             expert = self.experts[self.task_to_expert[j]]
-            g = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + 900 + j)
-            rows["teacher_fid"].append(self.fid_of(f"test{j}", lambda n: expert.sample(n, g), len(x))["fid"])
+            g_teacher = torch.Generator().manual_seed(eval_seed(seed, i, j, 0))
+            put("teacher_fid", self.fid_of(f"test{j}", lambda n: expert.sample(n, g_teacher), len(x)))
+            g_student = torch.Generator().manual_seed(eval_seed(seed, i, j, 1))
             tasks = torch.full((len(x),), j, dtype=torch.long, device=self.device)
-            rows["student_fid"].append(self.fid_of(
-                f"test{j}", lambda n: self.student.sample(tasks[:n], None), len(x))["fid"])
+            put("student_fid", self.fid_of(f"test{j}", lambda n: self.student.sample(tasks[:n], g_student), len(x)))
             recon = torch.cat([self.student.reconstruct(x[k:k + 500].to(self.device)).cpu()
                                for k in range(0, len(x), 500)])
             rows["recon_mse"].append(float(((recon - x) / 2).pow(2).mean()))  # on the [0, 1] pixel scale
-            rows["recon_fid"].append(self.evaluator.fid(f"test{j}", iter([recon]))["fid"])
+            put("recon_fid", self.evaluator.fid(f"test{j}", iter([recon])))
         self.student.train()
         return rows
 
@@ -516,8 +642,8 @@ class ContinualRun:
         out = {**padded, "experts": len(self.experts), "task_to_expert": self.task_to_expert,
                "tasks": list(self.cfg.data.tasks), "tasks_done": t, "fid": self.fid_info,
                "forgetting": {}, "forgetting_percent": {}, "bwt": {}}
-        for k, m in self.matrices.items():
-            square = [row[: t] for row in m]
+        for k in METRICS:
+            square = [row[: t] for row in self.matrices[k]]
             out["forgetting"][k] = forgetting.forgetting(square)
             out["forgetting_percent"][k] = forgetting.forgetting_percent(square)
             out["bwt"][k] = forgetting.backward_transfer(square)
@@ -553,7 +679,8 @@ class ContinualRun:
     def state(self) -> dict:
         return {"experts": [e.state_dict() for e in self.experts], "task_to_expert": self.task_to_expert,
                 "decisions": self.decisions, "student": self.student.state_dict(),
-                "num_student_tasks": self.student.num_tasks, "projection": self.projection.state_dict(),
+                "num_student_tasks": self.student.num_tasks, "projections": self.projections.state_dict(),
+                "num_projections": len(self.projections),
                 "opt_s": self.opt_s.state_dict(), "matrices": self.matrices, "progress": self.progress,
                 "frozen": self.frozen.state_dict() if self.frozen is not None else None,
                 "previous": self.previous.state_dict() if self.previous is not None else None,
@@ -565,6 +692,10 @@ class ContinualRun:
         save_checkpoint(self.state(), self.run_dir / "checkpoints" / name)
 
     def load(self, ckpt: dict, path: Path) -> None:
+        if "projections" not in ckpt:
+            raise UserError(f"{path} was written by an older gan_vae (one projection shared by all experts, no FID "
+                            "sample counts), which this version cannot continue; start a new run with another "
+                            "run.name")
         if ckpt.get("tasks") != list(self.cfg.data.tasks):
             raise UserError(f"{path} was made with data.tasks={ckpt.get('tasks')}, not {list(self.cfg.data.tasks)}; "
                             "resume with the same task list or start a new run.name")
@@ -576,7 +707,9 @@ class ContinualRun:
         while self.student.num_tasks < ckpt["num_student_tasks"]:
             self.student.add_task()
         self.student.load_state_dict(ckpt["student"])
-        self.projection.load_state_dict(ckpt["projection"])
+        while len(self.projections) < ckpt["num_projections"]:
+            self.projections.append(self._projection())
+        self.projections.load_state_dict(ckpt["projections"])
         self.opt_s = self._student_optimizer()
         self.opt_s.load_state_dict(ckpt["opt_s"])
         self.matrices, self.progress = ckpt["matrices"], ckpt["progress"]
@@ -615,7 +748,7 @@ class ContinualRun:
                 self.save(f"task_{t}.pt")
                 self.save("last.pt")
                 write_json(self.run_dir / "results.json", self.results())
-                tqdm.write(f"after task {t}: " + json.dumps({k: [round(v, 4) for v in r] for k, r in rows.items()}))
+                tqdm.write(f"after task {t}: " + json.dumps({k: [round(v, 4) for v in rows[k]] for k in METRICS}))
         return self.results()
 
 
@@ -666,6 +799,18 @@ def finish(run: ContinualRun, run_dir: Path) -> dict:
 PHASES = {"decide": 0, "teacher": 1, "student": 2}
 
 
+def require_writable_dir(path: Path, key: str) -> None:
+    """Create `path` and write a probe file in it, or say which config key names a directory that cannot be
+    written. (A local check; utils may grow a shared one.)"""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{key}={path} cannot be written ({exc.strerror or type(exc).__name__}); choose a "
+                        "directory you can write to") from None
+
+
 def drop_lines_after(path: Path, progress: dict) -> None:
     """Remove metrics lines logged after the checkpoint a run resumes from (they will be logged again)."""
     if not path.exists():
@@ -687,12 +832,20 @@ def main(argv: list[str]) -> None:
     if not cfg.run.name:
         names = "-".join(Path(s.split(":")[0]).stem for s in cfg.data.tasks)
         cfg.run.name = f"gan_vae__{names}__s{cfg.train.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    run = ContinualRun(cfg, None, dist.device)  # loads every task: a task without images fails before any write
+    require_writable_dir(Path(cfg.run.out_dir), "run.out_dir")
+    if cfg.fid.cache_dir:
+        require_writable_dir(Path(cfg.fid.cache_dir), "fid.cache_dir")
     run_dir, resume_from = prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, dist)
-    run = ContinualRun(cfg, run_dir, dist.device)
+    run.run_dir = run_dir
+    ckpt = None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        check_resume_config(ckpt, resume_from, cfg, run_dir)
     start = time.perf_counter()
     run.build_fid()  # before loading a checkpoint: the RNG state it restores must be the last word
-    if resume_from is not None:
-        run.load(load_checkpoint(resume_from), resume_from)
+    if ckpt is not None:
+        run.load(ckpt, resume_from)
         print(f"resumed from {resume_from}: task {run.progress['task']}, {run.progress['phase']} step "
               f"{run.progress['step']}")
     save_config(cfg, run_dir)

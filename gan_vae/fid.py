@@ -4,7 +4,8 @@ Backends (`fid.backend`):
 - domain (offline default): a small CNN trained once on the union of all tasks' training data, one class per
   (domain, label); its penultimate layer (128-d) is the feature. Cached on disk under a fingerprint of the data,
   architecture, epochs and seed, with its test accuracy per task.
-- inception: the standard FID Inception-v3 weights (torch-fidelity's), from `fid.inception_path` or downloaded.
+- inception: the standard FID Inception-v3 weights (torch-fidelity's, `pip install torch-fidelity`), from
+  `fid.inception_path` or downloaded.
 
 The distance itself is torchmetrics' `FrechetInceptionDistance` given the feature module (float64 statistics,
 eigenvalue-based trace of the matrix square root). Real statistics are computed once per task and cached.
@@ -104,7 +105,7 @@ def train_domain_classifier(tasks: list[TaskData], channels: int, epochs: int, s
         t = first[k]
         for arr in (t.train_images, t.train_labels, t.test_images, t.test_labels):
             h.update(np.ascontiguousarray(arr).tobytes())
-    h.update(json.dumps(["domain-clf-v2", keys, channels, epochs, seed]).encode())
+    h.update(json.dumps(["domain-clf-v2", keys, channels, epochs, seed, [first[k].background for k in keys]]).encode())
     path = Path(cache_dir) / f"domain_classifier_{h.hexdigest()[:16]}.pt"
     model = DomainClassifier(channels, n).to(device)
     if path.is_file():
@@ -118,7 +119,7 @@ def train_domain_classifier(tasks: list[TaskData], channels: int, epochs: int, s
             t = first[k]
             images, labels = (t.train_images, t.train_labels) if split == "train" else (t.test_images, t.test_labels)
             lookup = {lab: offsets[k] + i for i, lab in enumerate(label_sets[k])}
-            xs.append(domain_tensor(images, channels))
+            xs.append(domain_tensor(images, channels, t.background))
             ys.append(torch.as_tensor([lookup[int(y)] for y in labels]))
         return torch.cat(xs), torch.cat(ys)
 
@@ -135,7 +136,7 @@ def train_domain_classifier(tasks: list[TaskData], channels: int, epochs: int, s
     with torch.no_grad():
         for k in keys:
             t = first[k]
-            xt = domain_tensor(t.test_images, channels)
+            xt = domain_tensor(t.test_images, channels, t.background)
             lookup = {lab: offsets[k] + i for i, lab in enumerate(label_sets[k])}
             yt = torch.as_tensor([lookup[int(v)] for v in t.test_labels])
             pred = torch.cat([model(xt[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(xt), 512)])
@@ -168,15 +169,38 @@ def _fit_classifier(model: DomainClassifier, x: torch.Tensor, y: torch.Tensor, e
     bar.close()
 
 
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+
+
+def check_inception_path(weights_path: str) -> None:
+    """A given fid.inception_path must be a file (checked before a run writes anything)."""
+    if weights_path and not Path(weights_path).is_file():
+        raise UserError(f"fid.inception_path={weights_path}: no such file. Point it at the FID Inception-v3 weights "
+                        f"file ({INCEPTION_FILE}, {INCEPTION_URL}; copy it from a machine with network access if "
+                        "this one has none), or use fid.backend=domain")
+
+
 def inception_features(weights_path: str, channels: int) -> FeatureModule:
-    """torch-fidelity's FID Inception-v3 (2048-d pool features) on images in [-1, 1]."""
+    """torch-fidelity's FID Inception-v3 (2048-d pool features) on images in [-1, 1], with the weights from
+    `weights_path`, or downloaded (into torch.hub's cache) when it is empty. Each way it can fail says what helps."""
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
+        import torch_fidelity  # noqa: F401 - torchmetrics' Inception is torch-fidelity's network
+    except ImportError:
+        raise UserError("fid.backend=inception needs torch-fidelity: pip install torch-fidelity==0.4.0 (it is in "
+                        "requirements.txt), or use fid.backend=domain") from None
+    check_inception_path(weights_path)
+    try:
         net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                  feature_extractor_weights_path=weights_path or None)
     except Exception as exc:
-        raise UserError(f"cannot load the FID Inception-v3 weights ({type(exc).__name__}: {str(exc)[:200]}). "
-                        "Offline? Download pt_inception-2015-12-05-6726825d.pth once and pass "
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if weights_path:
+            raise UserError(f"fid.inception_path={weights_path} does not hold the FID Inception-v3 weights "
+                            f"({detail}); it must be torch-fidelity's {INCEPTION_FILE}") from None
+        raise UserError(f"cannot download the FID Inception-v3 weights from {INCEPTION_URL} ({detail}). Without "
+                        "network access, copy that file here from a machine that has it and pass "
                         "fid.inception_path=PATH, or use fid.backend=domain") from None
 
     def to_input(x):  # [-1, 1], C channels -> uint8 RGB, resized by the network itself

@@ -1,11 +1,12 @@
 """Forgetting measures over a results matrix R[i][j]: the metric on task j after training on task i (j <= i).
 
-All metrics here are lower-is-better (FID, MSE), so the usual accuracy-based forms are sign-flipped: positive
-forgetting and positive backward transfer both mean the task got worse.
+All metrics here are lower-is-better (FID, MSE). Forgetting therefore takes the best (lowest) earlier value and
+subtracts it from the final one, the mirror image of Chaudhry et al.'s accuracy form, so that positive forgetting
+still means the task got worse. Backward transfer keeps Lopez-Paz and Ranzato's formula unchanged; only its reading
+flips: for these metrics a positive BWT means the task got worse (with accuracy it would mean better).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 
@@ -27,7 +28,8 @@ def forgetting(matrix: list[list[float | None]]) -> list[float | None]:
 
 
 def forgetting_percent(matrix: list[list[float | None]]) -> list[float | None]:
-    """`forgetting` relative to the best value before the last task, in %."""
+    """`forgetting` relative to the best value before the last task, in %; None (JSON null) where that best value
+    is 0, since no percentage of 0 exists."""
     t = len(matrix)
     out: list[float | None] = []
     for j, f in enumerate(forgetting(matrix)):
@@ -35,7 +37,7 @@ def forgetting_percent(matrix: list[list[float | None]]) -> list[float | None]:
             out.append(None)
             continue
         best = min(matrix[i][j] for i in range(j, t - 1))
-        out.append(100.0 * f / best if best else math.inf)
+        out.append(100.0 * f / best if best else None)
     return out
 
 
@@ -82,19 +84,30 @@ def report(results: dict, tasks: list[str], out_dir: Path) -> str:
             "recon_mse": "student reconstruction MSE", "recon_fid": "student reconstruction FID"}
     lines = ["# Forgetting report", "", f"Tasks: {', '.join(tasks)}. Experts: {results['experts']} "
              f"(task -> expert {results['task_to_expert']}). FID features: {results['fid']['backend']}, "
-             f"{results['fid']['samples']} samples per set.", "",
+             f"fid.samples={results['fid']['samples']}; each FID is followed by the numbers of real and generated "
+             "images it used, (n_real/n_fake).", "",
              "R[i][j] is the metric on task j after training task i; all are lower-is-better. Forgetting is "
-             "R[T-1][j] - min over i < T-1 of R[i][j] (Chaudhry et al., sign flipped); BWT is the mean of "
-             "R[T-1][j] - R[j][j] (Lopez-Paz and Ranzato, sign flipped): positive means worse.", ""]
+             "R[T-1][j] - min over i < T-1 of R[i][j] (Chaudhry et al.'s form for a lower-is-better metric); BWT is "
+             "the mean of R[T-1][j] - R[j][j] (Lopez-Paz and Ranzato's formula, unchanged). For both, positive "
+             "means the earlier task got worse.", ""]
+
+    def cell(v, n) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.4g}" if n is None else f"{v:.4g} ({n[0]}/{n[1]})"
+
     for key, title in keys.items():
         m = results[key]
+        counts = results.get(f"{key}_samples")
         lines += [f"## {title}", "", "| after \\ on | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
         for i, row in enumerate(m):
-            lines.append(f"| {tasks[i]} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in row) + " |")
+            lines.append(f"| {tasks[i]} | " + " | ".join(cell(v, counts[i][j] if counts else None)
+                                                         for j, v in enumerate(row)) + " |")
         f, fp, bwt = results["forgetting"][key], results["forgetting_percent"][key], results["bwt"][key]
-        lines += ["", "forgetting: " + ", ".join(f"{tasks[j]} {v:+.4g} ({fp[j]:+.1f}%)" for j, v in enumerate(f)
-                                                 if v is not None) if any(v is not None for v in f) else
-                  "forgetting: - (one task)", f"BWT: {'-' if bwt is None else f'{bwt:+.4g}'}", ""]
+        lines += ["", "forgetting: " + ", ".join(
+            f"{tasks[j]} {v:+.4g} ({'-' if fp[j] is None else f'{fp[j]:+.1f}%'})" for j, v in enumerate(f)
+            if v is not None) if any(v is not None for v in f) else "forgetting: - (one task)",
+            f"BWT: {'-' if bwt is None else f'{bwt:+.4g}'}", ""]
         heatmap(m, tasks, title, out_dir / f"heatmap_{key}.png")
     text = "\n".join(lines) + "\n"
     (out_dir / "forgetting_report.md").write_text(text)

@@ -71,7 +71,7 @@ def test_previous_student_distillation_acts_on_replayed_rows_only():
     assert not any(p.requires_grad for p in run.previous.parameters()) and not run.previous.training
     x = torch.rand(6, 1, 32, 32) * 2 - 1
     tasks = torch.tensor([0, 0, 0, 1, 1, 1])
-    student.eval()  # same mode as the frozen copy: identical networks give zero
+    student.eval()  # the frozen copy follows the student's mode: identical networks give zero
     terms = vae_loss_terms(student, x, tasks, 1.0)
     assert torch.allclose(run.previous_kd(x, tasks != 1, terms), torch.zeros(6), atol=1e-4)
     with torch.no_grad():
@@ -81,6 +81,30 @@ def test_previous_student_distillation_acts_on_replayed_rows_only():
     assert (per[:3] > 0).all() and (per[3:] == 0).all()
     per.sum().backward()
     assert student.decoder[-1].weight.grad.abs().sum() > 0
+
+
+def test_self_distillation_is_exactly_zero_for_identical_weights_in_train_mode():
+    """While training, the student's BatchNorm uses batch statistics; the frozen copy must too (and not its running
+    statistics), or identical weights give a non-zero loss. Its running statistics stay as they were."""
+    from gan_vae.continual import ContinualRun
+    torch.manual_seed(0)
+    student = TaskVAE(1, 4, 2, 8)
+    student.add_task()
+    with torch.no_grad():  # running statistics far from any batch's, as after training on another domain
+        for m in student.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(0.7)
+                m.running_var.fill_(3.0)
+    run = ContinualRun.__new__(ContinualRun)
+    run.student, run.previous = student, ContinualRun._frozen_copy(student)
+    buffers = {k: v.clone() for k, v in run.previous.state_dict().items() if "running" in k}
+    student.train()
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    tasks = torch.tensor([0, 0, 0, 0, 0, 0])
+    terms = vae_loss_terms(student, x, tasks, 1.0)
+    per = run.previous_kd(x, torch.ones(6, dtype=torch.bool), terms)
+    assert torch.equal(per, torch.zeros(6)), per
+    assert all(torch.equal(run.previous.state_dict()[k], v) for k, v in buffers.items())
 
 
 def test_kl_to_task_prior_matches_closed_form():
@@ -98,6 +122,42 @@ def test_relational_kd_is_zero_for_identical_similarities():
     f = torch.randn(6, 10)
     assert relational_kd(f, f * 3.0, 2.0).item() == pytest.approx(0.0, abs=1e-6)  # cosine: scale-free
     assert relational_kd(f, torch.randn(6, 4), 2.0).item() > 0
+
+
+def test_relational_kd_compares_rows_of_the_same_group_only():
+    """Rows taught by different experts live in different critics' feature spaces: a row's similarity distribution
+    covers only the rows of its own group, so changing how the groups sit relative to each other changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(10, 6, generator=g), torch.randn(10, 4, generator=g)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    rotation = torch.linalg.qr(torch.randn(6, 6, generator=g))[0]
+    moved = torch.cat([teacher[:4], teacher[4:] @ rotation])  # group 1 rotated: cosines to group 0 change
+    together = relational_kd(teacher, student, 2.0, groups=groups)
+    assert relational_kd(moved, student, 2.0, groups=groups).item() == pytest.approx(together.item(), rel=1e-5)
+    assert relational_kd(moved, student, 2.0).item() != pytest.approx(relational_kd(teacher, student, 2.0).item(),
+                                                                      rel=1e-3)  # without groups it would change
+    # the mean over all rows of the per-group row KLs (4 rows in group 0, 6 in group 1)
+    parts = 4 * relational_kd(teacher[:4], student[:4], 2.0) + 6 * relational_kd(teacher[4:], student[4:], 2.0)
+    assert together.item() == pytest.approx(parts.item() / 10, rel=1e-5)
+    lonely = relational_kd(teacher, student, 2.0, groups=torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 2]))
+    assert math.isfinite(lonely.item())  # a row alone in its group contributes 0, not NaN
+
+
+def test_relational_kd_weights_scale_each_row():
+    """The adaptive expert weight scales the relational term row by row, like every other distillation term."""
+    g = torch.Generator().manual_seed(1)
+    teacher, student = torch.randn(8, 5, generator=g), torch.randn(8, 3, generator=g, requires_grad=True)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    plain = relational_kd(teacher, student, 1.5, groups=groups)
+    half = relational_kd(teacher, student, 1.5, groups=groups, weights=torch.full((8,), 0.5))
+    assert half.item() == pytest.approx(0.5 * plain.item(), rel=1e-6)
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.3, 0.3, 0.3, 0.3])
+    per_group = 4 * relational_kd(teacher[:4], student[:4], 1.5) + 0.3 * 4 * relational_kd(teacher[4:], student[4:],
+                                                                                          1.5)
+    weighted = relational_kd(teacher, student, 1.5, groups=groups, weights=w)
+    assert weighted.item() == pytest.approx(per_group.item() / 8, rel=1e-5)
+    weighted.backward()
+    assert torch.isfinite(student.grad).all()
 
 
 def test_networks_shapes_and_task_priors():
@@ -173,6 +233,41 @@ def test_adaptive_weight_and_dynamic_temperature():
     assert dynamic_temperature(10, 11, 4.0, 1.0, 99.0, 10.0, 0.5) == pytest.approx(1.5)
 
 
+def test_forgetting_percent_is_null_when_the_best_value_is_zero():
+    r = [[0.0, None], [0.5, 2.0]]
+    assert forgetting.forgetting(r) == [0.5, None]
+    assert forgetting.forgetting_percent(r) == [None, None]  # no percentage of 0: JSON null, never Infinity
+    json.dumps(forgetting.forgetting_percent(r), allow_nan=False)
+
+
+def _hand_results():
+    m = [[10.0, None], [12.0, 20.0]]
+    counts = [[[48, 40], None], [[48, 40], [889, 889]]]
+    out = {"experts": 2, "task_to_expert": [0, 1], "fid": {"backend": "domain", "samples": 2000},
+           "forgetting": {}, "forgetting_percent": {}, "bwt": {}}
+    for key in ("teacher_fid", "student_fid", "recon_mse", "recon_fid"):
+        out[key] = m
+        if key != "recon_mse":
+            out[f"{key}_samples"] = counts
+        out["forgetting"][key] = forgetting.forgetting(m)
+        out["forgetting_percent"][key] = forgetting.forgetting_percent(m)
+        out["bwt"][key] = forgetting.backward_transfer(m)
+    return out
+
+
+def test_report_prints_sample_counts_and_reads_bwt_right(tmp_path):
+    """Every FID cell shows the numbers of real and generated images it used; BWT is Lopez-Paz and Ranzato's formula
+    (not sign flipped), and positive means worse."""
+    text = forgetting.report(_hand_results(), ["a", "b"], tmp_path)
+    assert "| a | 10 (48/40) | - |" in text and "| b | 12 (48/40) | 20 (889/889) |" in text
+    assert "| b | 12 | 20 |" in text  # recon MSE has no sample counts
+    assert "sign flipped" not in text and "positive means the earlier task got worse" in text
+    assert "BWT: +2" in text
+    results = _hand_results()
+    results["forgetting_percent"]["recon_mse"] = [None, None]  # best value 0
+    assert "a +2 (-)" in forgetting.report(results, ["a", "b"], tmp_path)
+
+
 def test_forgetting_and_bwt_on_a_hand_made_matrix():
     r = [[10.0, None, None],
          [12.0, 20.0, None],
@@ -230,6 +325,122 @@ def _args(domains, tmp_path, tasks, *extra):
     return [a.replace("FIDTHR", FID_THRESHOLD) for a in _tiny(domains, tmp_path, tasks, *extra)]
 
 
+def _in_process_run(domains, tmp_path, tasks, *extra, experts=(0, 1), replay_fid=240.0):
+    """A ContinualRun in this process with untrained experts (task j -> experts[j]) and no FID features: enough to
+    run student steps and look inside them. An expert at FID 240 (twice the threshold) gets weight 1/2."""
+    from gan_vae.continual import ContinualConfig, ContinualRun, Expert
+    from utils import load_config
+    cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, tasks), "student.batch_size=16",
+                                              "student.steps=1", *extra])
+    torch.manual_seed(0)
+    run = ContinualRun(cfg, None, torch.device("cpu"))
+    run.experts = [Expert(cfg, 1, run.device) for _ in range(max(experts) + 1)]
+    run.task_to_expert = list(experts)
+    for j, e in enumerate(experts):
+        run.experts[e].tasks.append(j)
+        run.experts[e].latest_fid = replay_fid
+    return run
+
+
+def _toy_fid(run, samples):
+    """A fast FID for in-process tests: features are a fixed random projection of the pixels to 8 dimensions."""
+    features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 8))
+    torch.nn.init.normal_(features[1].weight, generator=torch.Generator().manual_seed(3))
+    run.evaluator = FIDEvaluator(FeatureModule(features, 8), samples)
+    for j, x in enumerate(run.test_x):
+        run.evaluator.add_real(f"test{j}", x)
+
+
+def test_evaluation_draws_from_its_own_seeded_generators(domains, tmp_path):
+    """Evaluation must not depend on (or advance) the global RNG, so that re-evaluation reproduces every matrix,
+    and each FID comes with the numbers of real and generated images it used."""
+    run = _in_process_run(domains, tmp_path, ["discs", "crosses"], "fid.samples=100")
+    _toy_fid(run, 100)
+    run.train_student(1, 0)  # the student has both task priors
+    torch.manual_seed(1)
+    first = run.evaluate(1)
+    state = torch.get_rng_state()
+    torch.manual_seed(2)
+    torch.rand(5)
+    second = run.evaluate(1)
+    assert first == second
+    torch.manual_seed(2)
+    torch.rand(5)
+    run.evaluate(1)
+    assert not torch.equal(state, torch.get_rng_state())  # (the global stream is the caller's, untouched)
+    # 48 test images per task (20% of 240), fewer than fid.samples=100: the counts say what was used
+    for key in ("teacher_fid", "student_fid", "recon_fid"):
+        assert first[f"{key}_samples"] == [[48, 48], [48, 48]], key
+    assert "recon_mse_samples" not in first
+
+
+def test_mixup_pairs_critic_and_student_features_of_the_same_images(domains, tmp_path):
+    """With student.mixup=true, the critic features that feature and relational KD regress onto must describe the
+    mixed images the student encodes, not the images before mixing."""
+    run = _in_process_run(domains, tmp_path, ["discs", "crosses"], "student.mixup=true")
+    seen_by_critic, seen_by_student = [], []
+    for expert in run.experts:
+        features = expert.critic.features
+        expert.critic.features = lambda x, f=features: (seen_by_critic.append(x.detach().clone()), f(x))[1]
+    encode = run.student.encode
+    run.student.encode = lambda x: (seen_by_student.append(x.detach().clone()), encode(x))[1]
+    run.train_student(1, 0)
+    student_x, critic_x = seen_by_student[0], torch.cat(seen_by_critic)  # the first encode is the VAE loss's
+    assert len(critic_x) == len(student_x) == 16
+    current = student_x[8:]  # rows of the current task, mixed with replayed ones
+    assert not any(torch.equal(row, raw) for row in current for raw in run.train_x[1])  # they are mixed
+    for row in critic_x:
+        assert (student_x == row).flatten(1).all(1).any(), "a critic feature of an image the student never saw"
+
+
+def test_each_expert_has_its_own_projection_and_relational_group(domains, tmp_path, monkeypatch):
+    """Two experts: feature KD goes through a projection per expert, relational KD compares only rows taught by
+    the same expert, and the expert weight scales the relational rows like the others. The projections are part
+    of the checkpoint."""
+    import gan_vae.continual as continual
+    calls = []
+    relational_kd_ = continual.relational_kd
+    monkeypatch.setattr(continual, "relational_kd", lambda *a, **k: (calls.append(k), relational_kd_(*a, **k))[1])
+    run = _in_process_run(domains, tmp_path, ["discs", "crosses"])
+    assert len(run.projections) == 0
+    run.train_student(1, 0)
+    assert len(run.projections) == 2 and run.projections[0] is not run.projections[1]
+    # rows 0-7 replay task 0 (expert 0, FID 240 -> weight 0.5), rows 8-15 are task 1 (expert 1, weight 1)
+    assert calls[0]["groups"].tolist() == [0] * 8 + [1] * 8
+    assert calls[0]["weights"].tolist() == [0.5] * 8 + [1.0] * 8
+    params = {id(p) for group in run.opt_s.param_groups for p in group["params"]}
+    assert all(id(p) in params for p in run.projections.parameters())
+
+    restored = _in_process_run(domains, tmp_path, ["discs", "crosses"])
+    restored.load(run.state(), tmp_path / "state.pt")
+    assert len(restored.projections) == 2
+    for k, v in run.projections.state_dict().items():
+        assert torch.equal(restored.projections.state_dict()[k], v), k
+    assert len(restored.opt_s.state_dict()["state"]) == len(run.opt_s.state_dict()["state"])
+
+    calls.clear()
+    reused = _in_process_run(domains, tmp_path, ["discs", "discs"], experts=(0, 0))  # one expert for both tasks
+    reused.train_student(1, 0)
+    assert len(reused.projections) == 1 and calls[0]["groups"].tolist() == [0] * 16
+
+
+def test_tasks_are_padded_with_their_own_background(domains, tmp_path):
+    """An inverted task has a white background: its 2-pixel padding and the corners a rotation uncovers must be
+    white too (no black frame); a plain task stays black."""
+    from gan_vae.continual import ContinualConfig, ContinualRun
+    from utils import load_config
+    specs = [f"{domains / 'discs.npz'}:invert", f"{domains / 'discs.npz'}:invert:rotate=30",
+             f"{domains / 'discs.npz'}:rotate=30"]
+    cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]), f"data.tasks=[{','.join(specs)}]"])
+    run = ContinualRun(cfg, None, torch.device("cpu"))
+    for x, background in zip(run.test_x, (1.0, 1.0, -1.0)):
+        frame = torch.cat([x[..., :2, :].flatten(), x[..., -2:, :].flatten(), x[..., 2:-2, :2].flatten(),
+                           x[..., 2:-2, -2:].flatten()])
+        assert (frame == background).all()
+        assert (x[..., 2, 2] == background).all() and (x[..., -3, -3] == background).all()  # image corners
+    assert (run.test_x[0][..., 16, 16] == -1.0).any()  # the discs are black on white
+
+
 def test_repeated_domain_reuses_expert_and_new_domain_adds_one(domains, tmp_path):
     same = run_script("-m", "gan_vae.continual", *_args(domains, tmp_path, ["discs", "discs"]), "run.name=same",
                       env=ONE_THREAD)
@@ -254,6 +465,10 @@ def test_repeated_domain_reuses_expert_and_new_domain_adds_one(domains, tmp_path
     for key in ("teacher_fid", "student_fid", "recon_mse", "recon_fid"):
         m = other_res[key]
         assert m[0][1] is None and all(v is not None for v in m[1])
+    for key in ("teacher_fid", "student_fid", "recon_fid"):  # 48 test images, 48 generated per FID
+        assert other_res[f"{key}_samples"] == [[[48, 48], None], [[48, 48], [48, 48]]], key
+    assert other_res["fid"]["real_train_vs_test_samples"] == [[[48, 48], [48, 48]], [[48, 48], [48, 48]]]
+    assert "(48/48)" in (run / "forgetting_report.md").read_text()
     assert other_res["forgetting"]["recon_mse"][0] == pytest.approx(
         other_res["recon_mse"][1][0] - other_res["recon_mse"][0][0])
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -274,24 +489,38 @@ def test_repeated_domain_reuses_expert_and_new_domain_adds_one(domains, tmp_path
     refused = run_script("-m", "gan_vae.continual", *_args(domains, tmp_path, ["inverted", "discs"]),
                          "run.name=killed", "run.resume=auto")
     assert_clean_error(refused, "was made with data.tasks")
+    # a key that changes results: named, with the way to a new run; a new run may branch from a finished task
+    # with other training keys, but not with another architecture
+    changed = run_script("-m", "gan_vae.continual", *args, "run.name=killed", "run.resume=auto", "kd.previous_weight=2")
+    assert_clean_error(changed, "was made with kd.previous_weight = 8.0 (this run: 2.0)", "another run.name")
+    task_1 = tmp_path / "killed" / "checkpoints" / "task_1.pt"
+    wider = run_script("-m", "gan_vae.continual", *args, "run.name=wider", f"run.resume={task_1}", "student.width=16")
+    assert_clean_error(wider, "student.width = 8 (this run: 16)")
+    branch = run_script("-m", "gan_vae.continual", *args, "run.name=branch", f"run.resume={task_1}",
+                        "kd.previous_weight=2", env=ONE_THREAD)
+    assert branch.returncode == 0, branch.stderr[-3000:]
 
-    # re-evaluation from the saved task checkpoints reproduces the matrices
+    # re-evaluation from the saved task checkpoints reproduces all four matrices exactly, and keeps the wall time
     again = run_script("-m", "gan_vae.evaluate", str(run), env=ONE_THREAD)
     assert again.returncode == 0, again.stderr[-3000:]
     re_res = json.loads((run / "results.json").read_text())
-    for key in ("teacher_fid", "recon_mse"):
-        assert np.allclose(np.array(re_res[key], dtype=float), np.array(other_res[key], dtype=float), rtol=1e-4,
-                           equal_nan=True)  # None (not yet seen) on both sides
+    for key in ("teacher_fid", "student_fid", "recon_mse", "recon_fid", "teacher_fid_samples", "student_fid_samples",
+                "recon_fid_samples", "forgetting", "bwt"):
+        assert re_res[key] == other_res[key], key
+    assert re_res["time/wall_s"] == other_res["time/wall_s"]
 
 
 @pytest.mark.parametrize("override,fragment", [
     ("data.tasks=[mnistt]", "unknown task 'mnistt'"),
     ("data.tasks=[DOM/wrong_keys.npz]", "lacks the array(s) ['images']"),
+    ("data.test_fraction=0.999", "has 0 training and 240 test images"),
+    ("run.out_dir=DOM/discs.npz/runs", "run.out_dir=DOM/discs.npz/runs cannot be written"),
 ])
 def test_continual_bad_input_on_the_command_line(domains, tmp_path, override, fragment):
     proc = run_script("-m", "gan_vae.continual", *_args(domains, tmp_path, ["discs"]),
                       override.replace("DOM", str(domains)), "run.name=bad")
-    assert_clean_error(proc, fragment)
+    assert_clean_error(proc, fragment.replace("DOM", str(domains)))
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 @pytest.mark.parametrize("override,fragment", [
@@ -302,18 +531,68 @@ def test_continual_bad_input_on_the_command_line(domains, tmp_path, override, fr
     ("teacher.fid_threshold=0", "teacher.fid_threshold=0.0 must be > 0"),
     ("teacher.max_experts=0", "teacher.max_experts=0 must be >= 1"),
     ("fid.samples=2", "fid.samples=2"),
+    ("data.test_fraction=1", "data.test_fraction=1.0 must be between 0 and 1"),
+    ("data.tasks=[DOM/discs.npz:classes=1] data.test_fraction=0.999", "a task needs at least 1 training and 3 test"),
 ])
 def test_continual_bad_input(domains, tmp_path, override, fragment):
     from data import load_task
     from gan_vae.continual import ContinualConfig, validate
     from utils import UserError, load_config
-    cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]), override.replace("DOM",
-                                                                                                     str(domains))])
+    overrides = override.replace("DOM", str(domains)).split(" ")
+    cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]), *overrides])
     with pytest.raises(UserError) as err:
         validate(cfg)
         for spec in cfg.data.tasks:
-            load_task(spec, cfg.data.root, 0)
+            load_task(spec, cfg.data.root, 0, cfg.data.test_fraction)
     assert fragment in str(err.value)
+
+
+def _random_inception_weights(path):
+    """torch-fidelity's FID Inception-v3 with random values, saved in the layout of its weights file (the network
+    is built with loading switched off, then its state_dict written)."""
+    from unittest import mock
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(net.state_dict(), path)
+
+
+def test_inception_backend_runs_offline_with_a_local_weights_file(domains, tmp_path):
+    """fid.backend=inception with fid.inception_path, offline; a missing file or a failed download says what
+    helps (fix the path, copy the file, or use the domain features)."""
+    weights = tmp_path / "inception.pth"
+    _random_inception_weights(weights)
+    proxy = "http://127.0.0.1:9"  # nothing listens there: any download fails at once, as offline
+    offline = {**ONE_THREAD, "TORCH_HOME": str(tmp_path / "torch_home"), "HTTPS_PROXY": proxy, "https_proxy": proxy,
+               "HTTP_PROXY": proxy, "http_proxy": proxy}
+    tiny = [*_args(domains, tmp_path, ["discs"]), "fid.backend=inception", "fid.samples=3", "teacher.steps=2",
+            "student.steps=2"]
+    proc = run_script("-m", "gan_vae.continual", *tiny, f"fid.inception_path={weights}", "run.name=inception",
+                      env=offline)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "inception" / "results.json").read_text())
+    assert res["fid"]["backend"] == "inception" and res["teacher_fid_samples"] == [[[3, 3]]]
+    assert math.isfinite(res["teacher_fid"][0][0])
+
+    missing = run_script("-m", "gan_vae.continual", *tiny, f"fid.inception_path={tmp_path / 'absent.pth'}",
+                         "run.name=missing", env=offline)
+    assert_clean_error(missing, "absent.pth: no such file", "copy it from a machine with network access",
+                       "fid.backend=domain")
+    assert not (tmp_path / "missing").exists()
+    download = run_script("-m", "gan_vae.continual", *tiny, "run.name=download", env=offline)
+    assert_clean_error(download, "cannot download the FID Inception-v3 weights", "fid.inception_path=PATH")
+
+
+def test_unwritable_directories_are_named(tmp_path):
+    from gan_vae.continual import require_writable_dir
+    from utils import UserError
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="run.out_dir=.*a_file/runs cannot be written"):
+        require_writable_dir(blocker / "runs", "run.out_dir")
+    require_writable_dir(tmp_path / "new" / "runs", "run.out_dir")  # created when it can be
+    assert (tmp_path / "new" / "runs").is_dir() and not any((tmp_path / "new" / "runs").iterdir())
 
 
 def test_real_data_run_on_shared_arrays(shared_data, tmp_path):
