@@ -29,7 +29,6 @@ import copy
 import json
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +43,8 @@ from gan_vae import forgetting
 from gan_vae.fid import (FeatureModule, FeaturesOf, FIDEvaluator, check_inception_path, inception_features,
                          train_domain_classifier)
 from models import Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, nt_xent, relational_kd, vae_loss_terms
-from utils import (MetricLogger, UserError, check, iter_schema, load_checkpoint, opt, parse_config, plot_curves,
-                   prepare_run_dir, read_jsonl, rng_state, run_cli, save_checkpoint, save_config, section,
+from utils import (MetricLogger, UserError, check, config_differences, iter_schema, load_checkpoint, make_dirs, opt,
+                   parse_config, plot_curves, prepare_run_dir, read_saved_config, read_jsonl, rng_state, run_cli, save_checkpoint, save_config, section,
                    seed_everything, set_rng_state, setup_distributed, to_plain, write_json)
 
 
@@ -221,40 +220,27 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return ((out + 1) * scale.to(x.device) - 1).clamp(-1, 1)
 
 
-# Resuming: which config keys may differ from the checkpoint's. (A local check; utils may grow a shared one.)
-RESULT_NEUTRAL_KEYS = {"run.out_dir", "run.name", "run.resume", "run.checkpoint_every", "log.every_steps",
-                       "log.sample_every", "fid.cache_dir", "fid.inception_path", "data.root", "train.device"}
+# Resuming: which config keys may differ from the checkpoint's (utils.config_differences compares them).
+RESULT_NEUTRAL_KEYS = ("run.*", "log.*", "fid.cache_dir", "fid.inception_path", "data.root", "train.device")
 # what finished tasks were built and measured with: never changes within a run or in a branch of it
 FIXED_KEYS = {"data.tasks", "data.channels", "data.test_fraction", "teacher.z_dim", "teacher.width",
               "teacher.attention", "student.z_dim", "student.u_dim", "student.width", "fid.backend", "fid.samples",
               "fid.classifier_epochs", "train.seed"}
 
 
-def changed_config_keys(saved: dict, current: dict, branching: bool) -> list[tuple[str, object, object]]:
+def changed_config_keys(saved: dict, current, branching: bool) -> list[tuple[str, object, object]]:
     """(key, saved value, current value) for every config key whose change alters results: any key but the
     RESULT_NEUTRAL_KEYS when a run continues (run.resume=auto, or a checkpoint of its own), only FIXED_KEYS when a
     new run branches from another run's task checkpoint (the training keys of later tasks may then differ)."""
-    def value(cfg: dict, key: str):
-        for part in key.split("."):
-            if not isinstance(cfg, dict) or part not in cfg:
-                return "<absent>"
-            cfg = cfg[part]
-        return cfg
-
-    out = []
-    for key, *_ in iter_schema(ContinualConfig):
-        if key in RESULT_NEUTRAL_KEYS or (branching and key not in FIXED_KEYS):
-            continue
-        old, new = value(saved, key), value(current, key)
-        if old != new:
-            out.append((key, old, new))
-    return out
+    allowed = (tuple(key for key, *_ in iter_schema(ContinualConfig) if key not in FIXED_KEYS) if branching
+               else RESULT_NEUTRAL_KEYS)
+    return config_differences(saved, current, allowed)
 
 
 def check_resume_config(ckpt: dict, path: Path, cfg, run_dir: Path) -> None:
     """Refuse a resume whose config differs from the checkpoint's in a key that changes results, naming the key
     and saying how to start a new run instead."""
-    saved, current = ckpt.get("config", {}), to_plain(cfg)
+    saved, current = ckpt.get("config", {}), cfg
     branching = Path(run_dir).resolve() not in Path(path).resolve().parents
     changed = changed_config_keys(saved, current, branching)
     if changed:
@@ -799,18 +785,6 @@ def finish(run: ContinualRun, run_dir: Path) -> dict:
 PHASES = {"decide": 0, "teacher": 1, "student": 2}
 
 
-def require_writable_dir(path: Path, key: str) -> None:
-    """Create `path` and write a probe file in it, or say which config key names a directory that cannot be
-    written. (A local check; utils may grow a shared one.)"""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise UserError(f"{key}={path} cannot be written ({exc.strerror or type(exc).__name__}); choose a "
-                        "directory you can write to") from None
-
-
 def drop_lines_after(path: Path, progress: dict) -> None:
     """Remove metrics lines logged after the checkpoint a run resumes from (they will be logged again)."""
     if not path.exists():
@@ -833,22 +807,26 @@ def main(argv: list[str]) -> None:
         names = "-".join(Path(s.split(":")[0]).stem for s in cfg.data.tasks)
         cfg.run.name = f"gan_vae__{names}__s{cfg.train.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run = ContinualRun(cfg, None, dist.device)  # loads every task: a task without images fails before any write
-    require_writable_dir(Path(cfg.run.out_dir), "run.out_dir")
-    if cfg.fid.cache_dir:
-        require_writable_dir(Path(cfg.fid.cache_dir), "fid.cache_dir")
-    run_dir, resume_from = prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, dist)
+    make_dirs({"run.out_dir": Path(cfg.run.out_dir), **({"fid.cache_dir": Path(cfg.fid.cache_dir)}
+                                                          if cfg.fid.cache_dir else {})}, dist, probe=True)
+    run_dir, resume_from = prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, dist,
+                                           restart_without_checkpoint=True)
     run.run_dir = run_dir
     ckpt = None
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
         check_resume_config(ckpt, resume_from, cfg, run_dir)
+    elif cfg.run.resume:  # stopped before its first checkpoint: restart it, with the config it was started with
+        check_resume_config({"config": read_saved_config(run_dir) or to_plain(cfg)}, run_dir / "config.yaml", cfg,
+                            run_dir)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    save_config(cfg, run_dir)  # now: a run killed before its first checkpoint can be restarted (and checked)
     start = time.perf_counter()
     run.build_fid()  # before loading a checkpoint: the RNG state it restores must be the last word
     if ckpt is not None:
         run.load(ckpt, resume_from)
         print(f"resumed from {resume_from}: task {run.progress['task']}, {run.progress['phase']} step "
               f"{run.progress['step']}")
-    save_config(cfg, run_dir)
     run.logger = MetricLogger(run_dir / "metrics.jsonl", True)
     if resume_from is not None:
         drop_lines_after(run_dir / "metrics.jsonl", run.progress)

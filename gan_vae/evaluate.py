@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from gan_vae import forgetting
-from gan_vae.continual import ContinualConfig, ContinualRun, require_writable_dir, validate
-from utils import UserError, load_checkpoint, load_config, run_cli, setup_distributed, write_json
+from gan_vae.continual import ContinualConfig, ContinualRun, validate
+from utils import UserError, load_checkpoint, load_config, make_dirs, run_cli, setup_distributed, write_json
 
 
 def main(argv: list[str]) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"{run_dir} is not a gan_vae run directory (no config.yaml)")
     cfg = load_config(ContinualConfig, str(run_dir / "config.yaml"), argv[1:])
     validate(cfg)
-    require_writable_dir(run_dir, "the run directory")  # before the work: it rewrites results.json at the end
+    make_dirs({"the run directory": run_dir}, probe=True)  # before the work: it rewrites results.json at the end
     cfg.run.out_dir = str(run_dir.parent)
     dist = setup_distributed(cfg.train.device)
     checkpoints = sorted(run_dir.glob("checkpoints/task_*.pt"), key=lambda p: int(p.stem.split("_")[1]))

@@ -1,6 +1,7 @@
 """gan_vae: losses against closed forms, FID, expert decisions, forgetting, and the continual script end to end."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -514,7 +515,7 @@ def test_repeated_domain_reuses_expert_and_new_domain_adds_one(domains, tmp_path
     ("data.tasks=[mnistt]", "unknown task 'mnistt'"),
     ("data.tasks=[DOM/wrong_keys.npz]", "lacks the array(s) ['images']"),
     ("data.test_fraction=0.999", "has 0 training and 240 test images"),
-    ("run.out_dir=DOM/discs.npz/runs", "run.out_dir=DOM/discs.npz/runs cannot be written"),
+    ("run.out_dir=DOM/discs.npz/runs", "cannot write to DOM/discs.npz/runs (run.out_dir)"),
 ])
 def test_continual_bad_input_on_the_command_line(domains, tmp_path, override, fragment):
     proc = run_script("-m", "gan_vae.continual", *_args(domains, tmp_path, ["discs"]),
@@ -585,13 +586,12 @@ def test_inception_backend_runs_offline_with_a_local_weights_file(domains, tmp_p
 
 
 def test_unwritable_directories_are_named(tmp_path):
-    from gan_vae.continual import require_writable_dir
-    from utils import UserError
+    from utils import UserError, make_dirs
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(UserError, match="run.out_dir=.*a_file/runs cannot be written"):
-        require_writable_dir(blocker / "runs", "run.out_dir")
-    require_writable_dir(tmp_path / "new" / "runs", "run.out_dir")  # created when it can be
+    with pytest.raises(UserError, match=r"cannot write to .*a_file/runs \(fid.cache_dir\)"):
+        make_dirs({"fid.cache_dir": blocker / "runs"}, probe=True)
+    make_dirs({"run.out_dir": tmp_path / "new" / "runs"}, probe=True)  # created when it can be
     assert (tmp_path / "new" / "runs").is_dir() and not any((tmp_path / "new" / "runs").iterdir())
 
 
@@ -609,3 +609,24 @@ def test_real_data_run_on_shared_arrays(shared_data, tmp_path):
     assert acc[res["tasks"][0]] > 90  # one epoch is enough for a usable digit classifier
     ref = res["fid"]["real_train_vs_test"]
     assert ref[0][0] < ref[0][1] and ref[1][1] < ref[1][0]  # in-domain real FIDs below cross-domain ones
+
+
+def test_run_stopped_before_its_first_checkpoint_restarts_with_its_own_config(domains, tmp_path):
+    """A run killed before its first checkpoint (it holds only config.yaml and some metrics lines) restarts from the
+    beginning with run.resume=auto, dropping the stale lines; a different result-changing key is refused, named."""
+    from gan_vae.continual import ContinualConfig
+    from utils import load_config, save_config
+    args = _args(domains, tmp_path, ["discs"], "teacher.steps=4", "student.steps=4", "log.sample_every=4")
+    cfg = load_config(ContinualConfig, None, [*args, "run.name=stopped"])
+    run_dir = Path(cfg.run.out_dir) / "stopped"
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir)
+    (run_dir / "metrics.jsonl").write_text('{"task": 0, "phase": "teacher", "step": 999, "stale": true}\n')
+    changed = run_script("-m", "gan_vae.continual", *args, "run.name=stopped", "run.resume=auto", "student.lr=0.5")
+    assert_clean_error(changed, "student.lr", "another run.name")
+    again = run_script("-m", "gan_vae.continual", *args, "run.name=stopped", "run.resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "starting it from the beginning" in again.stdout + again.stderr
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines and not any(r.get("stale") for r in lines)
+    assert (run_dir / "results.json").exists()
