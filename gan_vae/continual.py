@@ -806,9 +806,9 @@ def main(argv: list[str]) -> None:
     if not cfg.run.name:
         names = "-".join(Path(s.split(":")[0]).stem for s in cfg.data.tasks)
         cfg.run.name = f"gan_vae__{names}__s{cfg.train.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    run = ContinualRun(cfg, None, dist.device)  # loads every task: a task without images fails before any write
     make_dirs({"run.out_dir": Path(cfg.run.out_dir), **({"fid.cache_dir": Path(cfg.fid.cache_dir)}
                                                           if cfg.fid.cache_dir else {})}, dist, probe=True)
+    run = ContinualRun(cfg, None, dist.device)  # loads every task: a task without images fails before the run dir
     run_dir, resume_from = prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, dist,
                                            restart_without_checkpoint=True)
     run.run_dir = run_dir
