@@ -48,6 +48,12 @@ def pacing_fraction(epoch: int, start_fraction: float, pacing_epochs: int) -> fl
     return min(1.0, start_fraction + (1.0 - start_fraction) * epoch / pacing_epochs)
 
 
+def ceil_share(share: float, n: int) -> int:
+    """ceil(share * n), the size of a selection, without floating-point overshoot: 0.56 * 600 is
+    336.00000000000006 in binary floating point, which a plain ceil would turn into 337."""
+    return math.ceil(round(share * n, 9))
+
+
 def allocate(total: int, weights: np.ndarray, capacity: np.ndarray) -> np.ndarray:
     """Split `total` items over groups in proportion to `weights`, never above a group's `capacity`: a group whose
     share exceeds its capacity is filled, and its shortfall goes to the others, again by weight (water-filling).
@@ -130,8 +136,8 @@ class CurriculumSampler(torch.utils.data.Sampler):
         if self.strategy == "all" or self.use_all:
             return n
         if self.strategy in ("easy_to_hard", "hard_to_easy"):
-            return math.ceil(pacing_fraction(self.epoch, self.start_fraction, self.pacing_epochs) * n)
-        return math.ceil(self.fraction * n)
+            return ceil_share(pacing_fraction(self.epoch, self.start_fraction, self.pacing_epochs), n)
+        return ceil_share(self.fraction, n)
 
     def num_selected(self) -> int:
         """Distinct samples this epoch trains on over all ranks (padding excluded); see `selection_size`."""

@@ -375,11 +375,24 @@ def _expected_size(strategy: str, epoch: int, n: int, fraction: float, start: fl
                    warmup: int) -> int:
     """The README's contract: N (all, and before the first difficulty refresh), ceil(g(e) N) (pacing) or
     ceil(f N) (adaptive, mixed, random_subset)."""
+    from fractions import Fraction
     if strategy in ("all", "train_student") or (strategy != "random_subset" and epoch < warmup):
         return n
-    if strategy in ("easy_to_hard", "hard_to_easy"):
-        return math.ceil(pacing_fraction(epoch, start, pacing) * n)
-    return math.ceil(fraction * n)
+    if strategy in ("easy_to_hard", "hard_to_easy"):  # in exact rational arithmetic
+        s = Fraction(str(start))
+        return math.ceil(min(Fraction(1), s + (1 - s) * Fraction(epoch, pacing)) * n)
+    return math.ceil(Fraction(str(fraction)) * n)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_selection_size_is_the_exact_ceiling(strategy):
+    """ceil(g(e) N) as a mathematician computes it: g(4) = 0.4 + 0.6 * 4 / 15 = 0.56 and 0.56 * 600 = 336, not the
+    337 that a floating-point ceil gives; likewise 0.68 * 600 = 408 and 0.84 * 600 = 504."""
+    for fraction in (0.7, 0.556, 0.6, 0.35):
+        s = CurriculumSampler(np.zeros(600), strategy, fraction=fraction, start_fraction=0.4, pacing_epochs=15)
+        for epoch in range(17):
+            s.set_epoch(epoch)
+            assert s.selection_size() == _expected_size(strategy, epoch, 600, fraction, 0.4, 15, 0), (fraction, epoch)
 
 
 def _batched(strategy, n, fraction, start, world, rank, batch=64, epoch=0):
