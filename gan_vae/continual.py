@@ -540,6 +540,9 @@ class ContinualRun:
         and self-distillation. Teacher features come from the critic of each row's expert, on exactly the images
         the student sees (mixed ones included)."""
         sc, kd = self.cfg.student, self.cfg.kd
+        replayed = task_ids != t
+        # first, while the student's running statistics are those of the copy at a task's first step (exactly 0)
+        per_previous = self.previous_kd(x, replayed) if self.previous is not None else None
         terms = vae_loss_terms(self.student, x, task_ids, sc.beta, mix)
         loss_vae = (weight * terms["loss"]).mean()
         # contrastive: z-means of two augmented views
@@ -562,11 +565,9 @@ class ContinualRun:
             kd.relational_weight * loss_rel
         out = {"recon": terms["recon"].mean(), "kl_z": terms["kl_z"].mean(), "kl_u": terms["kl_u"].mean(),
                "contrastive": loss_con, "feature_kd": loss_feat, "relational_kd": loss_rel}
-        if self.previous is not None:
-            replayed = task_ids != t
-            per = self.previous_kd(x, replayed, terms)
-            loss = loss + kd.previous_weight * (weight * per).mean()
-            out["previous_kd"] = per[replayed].mean()
+        if per_previous is not None:
+            loss = loss + kd.previous_weight * (weight * per_previous).mean()
+            out["previous_kd"] = per_previous[replayed].mean()
         out["loss"] = loss
         return {k: v.detach() if k != "loss" else v for k, v in out.items()}
 
@@ -575,24 +576,31 @@ class ContinualRun:
         copy_ = copy.deepcopy(model).eval()
         for p in copy_.parameters():
             p.requires_grad_(False)
-        for m in copy_.modules():  # a forward in train mode (see previous_kd) must not move its running statistics
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = 0.0
         return copy_
 
-    def previous_kd(self, x: torch.Tensor, replayed: torch.Tensor, terms: dict) -> torch.Tensor:
+    def previous_kd(self, x: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
         """Per-sample self-distillation [B] (zero on current-task rows): on replayed images, the student's mean
         reconstruction is matched to that of its frozen copy from before the task (Bernoulli KL summed over pixels,
-        the scale of the reconstruction term) and its posterior means to the copy's (squared distance). The copy
-        runs in the student's BatchNorm mode (batch statistics while training), so identical weights give 0."""
-        self.previous.train(self.student.training)
+        the scale of the reconstruction term) and its posterior means to the copy's (squared distance).
+
+        Both run in eval mode for this term: the copy as it was (BatchNorm with the running statistics of its own
+        tasks, not the batch statistics of a batch that mixes in the new task) and the student as it is evaluated.
+        Like with like, so identical weights give exactly 0; eval mode is row-wise, so only replayed rows run."""
+        per = torch.zeros(len(x), device=x.device)
+        if not replayed.any():
+            return per
+        old = x[replayed]
+        self.previous.eval()
         with torch.no_grad():
-            _, (p_mu_z, _), (p_mu_u, _) = self.previous.encode(x)
+            _, (p_mu_z, _), (p_mu_u, _) = self.previous.encode(old)
             p_logits = self.previous.decode_logits(p_mu_z, p_mu_u)
-        logits = self.student.decode_logits(terms["mu_z"], terms["mu_u"])
-        per = bernoulli_kl(p_logits, logits) + (terms["mu_z"] - p_mu_z).pow(2).sum(1) + \
-            (terms["mu_u"] - p_mu_u).pow(2).sum(1)
-        return per * replayed.float()
+        was_training = self.student.training
+        self.student.eval()
+        _, (mu_z, _), (mu_u, _) = self.student.encode(old)
+        logits = self.student.decode_logits(mu_z, mu_u)
+        self.student.train(was_training)
+        per[replayed] = bernoulli_kl(p_logits, logits) + (mu_z - p_mu_z).pow(2).sum(1) + (mu_u - p_mu_u).pow(2).sum(1)
+        return per
 
     # ---- evaluation --------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -72,21 +72,20 @@ def test_previous_student_distillation_acts_on_replayed_rows_only():
     assert not any(p.requires_grad for p in run.previous.parameters()) and not run.previous.training
     x = torch.rand(6, 1, 32, 32) * 2 - 1
     tasks = torch.tensor([0, 0, 0, 1, 1, 1])
-    student.eval()  # the frozen copy follows the student's mode: identical networks give zero
-    terms = vae_loss_terms(student, x, tasks, 1.0)
-    assert torch.allclose(run.previous_kd(x, tasks != 1, terms), torch.zeros(6), atol=1e-4)
+    student.eval()
+    assert torch.allclose(run.previous_kd(x, tasks != 1), torch.zeros(6), atol=1e-4)
     with torch.no_grad():
         student.decoder[-1].weight.add_(0.5)  # the student drifts
-    terms = vae_loss_terms(student, x, tasks, 1.0)
-    per = run.previous_kd(x, tasks != 1, terms)
+    per = run.previous_kd(x, tasks != 1)
     assert (per[:3] > 0).all() and (per[3:] == 0).all()
     per.sum().backward()
     assert student.decoder[-1].weight.grad.abs().sum() > 0
 
 
 def test_self_distillation_is_exactly_zero_for_identical_weights_in_train_mode():
-    """While training, the student's BatchNorm uses batch statistics; the frozen copy must too (and not its running
-    statistics), or identical weights give a non-zero loss. Its running statistics stay as they were."""
+    """While training, the student's BatchNorm uses batch statistics and the frozen copy its running statistics;
+    the term must compare the two in the same mode, or identical weights give a non-zero loss. Neither the copy's
+    running statistics nor the student's training mode change."""
     from gan_vae.continual import ContinualRun
     torch.manual_seed(0)
     student = TaskVAE(1, 4, 2, 8)
@@ -98,14 +97,17 @@ def test_self_distillation_is_exactly_zero_for_identical_weights_in_train_mode()
                 m.running_var.fill_(3.0)
     run = ContinualRun.__new__(ContinualRun)
     run.student, run.previous = student, ContinualRun._frozen_copy(student)
-    buffers = {k: v.clone() for k, v in run.previous.state_dict().items() if "running" in k}
-    student.train()
+    student.train()  # as in a training step
     x = torch.rand(6, 1, 32, 32) * 2 - 1
-    tasks = torch.tensor([0, 0, 0, 0, 0, 0])
-    terms = vae_loss_terms(student, x, tasks, 1.0)
-    per = run.previous_kd(x, torch.ones(6, dtype=torch.bool), terms)
+
+    def running_statistics():
+        return [v.clone() for m in (run.previous, student) for k, v in m.state_dict().items() if "running" in k]
+
+    before = running_statistics()
+    per = run.previous_kd(x, torch.ones(6, dtype=torch.bool))
     assert torch.equal(per, torch.zeros(6)), per
-    assert all(torch.equal(run.previous.state_dict()[k], v) for k, v in buffers.items())
+    assert student.training
+    assert all(torch.equal(a, b) for a, b in zip(before, running_statistics()))
 
 
 def test_kl_to_task_prior_matches_closed_form():
@@ -375,7 +377,7 @@ def test_evaluation_draws_from_its_own_seeded_generators(domains, tmp_path):
     assert "recon_mse_samples" not in first
 
 
-def test_mixup_pairs_critic_and_student_features_of_the_same_images(domains, tmp_path):
+def test_mixup_pairs_critic_and_student_features_of_the_same_images(domains, tmp_path, monkeypatch):
     """With student.mixup=true, the critic features that feature and relational KD regress onto must describe the
     mixed images the student encodes, not the images before mixing."""
     run = _in_process_run(domains, tmp_path, ["discs", "crosses"], "student.mixup=true")
@@ -383,10 +385,16 @@ def test_mixup_pairs_critic_and_student_features_of_the_same_images(domains, tmp
     for expert in run.experts:
         features = expert.critic.features
         expert.critic.features = lambda x, f=features: (seen_by_critic.append(x.detach().clone()), f(x))[1]
-    encode = run.student.encode
-    run.student.encode = lambda x: (seen_by_student.append(x.detach().clone()), encode(x))[1]
+    encode = TaskVAE.encode
+
+    def recording_encode(self, x):
+        if self is run.student and self.training:
+            seen_by_student.append(x.detach().clone())
+        return encode(self, x)
+
+    monkeypatch.setattr(TaskVAE, "encode", recording_encode)
     run.train_student(1, 0)
-    student_x, critic_x = seen_by_student[0], torch.cat(seen_by_critic)  # the first encode is the VAE loss's
+    student_x, critic_x = seen_by_student[0], torch.cat(seen_by_critic)  # the first training encode: the VAE loss
     assert len(critic_x) == len(student_x) == 16
     current = student_x[8:]  # rows of the current task, mixed with replayed ones
     assert not any(torch.equal(row, raw) for row in current for raw in run.train_x[1])  # they are mixed
