@@ -729,7 +729,8 @@ class TrainViews(torch.utils.data.Dataset):
             record = sample_aug_record(train_record_rng(self.seed, index, epoch), width, height, self.spec)
         else:
             view = replay_view_index(self.seed, index, epoch, self.cache.num_views)
-            record, item["teacher_logits"] = self.cache.train_view(index, view)
+            record, teacher = self.cache.train_view(index, view)
+            item.update(teacher)  # teacher_logits, and teacher_features when the cache holds them
         if self.device_aug:
             item["raw"], item["record"] = img, torch.as_tensor(np.asarray(record, dtype=np.float32))
         else:

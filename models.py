@@ -19,8 +19,9 @@ from utils import UserError, load_state_strict
 # Knowledge distillation loss (Hinton et al., 2015).
 # ----------------------------------------------------------------------------------------------------------------
 def kd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                  alpha: float, temperature: float) -> dict[str, torch.Tensor]:
-    """The terms of `kd_loss` as a dict: `ce`, `kd` (the T²-scaled KL, zero when alpha = 1) and `loss`."""
+                  alpha: float, temperature: float, logit_standardize: bool = False) -> dict[str, torch.Tensor]:
+    """The terms of `kd_loss` as a dict: `ce`, `kd` (the T²-scaled KL, zero when alpha = 1) and `loss`.
+    `logit_standardize`: the KL term compares `standardize_logits` of both (Sun et al., CVPR 2024); CE is unchanged."""
     s = student_logits.float()
     ce = F.cross_entropy(s, labels)
     if alpha >= 1.0:
@@ -28,6 +29,8 @@ def kd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor | N
     if teacher_logits is None:
         raise ValueError("kd_loss needs teacher_logits when alpha < 1")
     t = teacher_logits.float()
+    if logit_standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
     log_p_s = F.log_softmax(s / temperature, dim=1)
     log_p_t = F.log_softmax(t / temperature, dim=1)
     # KL(p_t || p_s) = sum_i p_t(i) (log p_t(i) - log p_s(i)), summed over classes, averaged over the batch.
@@ -48,6 +51,111 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, l
     Shapes: student_logits, teacher_logits [B, C] (any float dtype, computed in float32), labels int64 [B].
     alpha = 1 is plain cross-entropy and accepts teacher_logits=None."""
     return kd_loss_terms(student_logits, teacher_logits, labels, alpha, temperature)["loss"]
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardisation (Sun et al., "Logit Standardization in Knowledge Distillation", CVPR 2024, Eq. 9-10):
+    each sample's logits z-scored over its C classes before the temperature is applied,
+
+        Z(z)_k = (z_k - mean(z)) / (std(z) + eps),   std with Bessel's correction (divides by C - 1),
+
+    so student and teacher are compared on logit relations, not on their ranges. [B, C] -> [B, C], float32."""
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)
+
+
+def _binary_log_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log [p_target, 1 - p_target] of softmax(logits) per sample, computed stably in log space: [B, C] -> [B, 2]."""
+    log_all = torch.logsumexp(logits, dim=1)
+    non_target = logits.masked_fill(target, float("-inf"))
+    return torch.stack([logits[target] - log_all, torch.logsumexp(non_target, dim=1) - log_all], dim=1)
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities: sum_k p_k (log p_k - log q_k). [B, K] -> [B]."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def dkd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                   temperature: float, logit_standardize: bool = False) -> dict[str, torch.Tensor]:
+    """The two parts of `dkd_loss`, unweighted, each T²-scaled and averaged over the batch: {"tckd", "nckd"}."""
+    s, t = student_logits.float(), teacher_logits.float()
+    if logit_standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
+    s, t = s / temperature, t / temperature
+    target = F.one_hot(labels, s.shape[1]).bool()
+    tckd = _kl_rows(_binary_log_probs(t, target), _binary_log_probs(s, target))
+    b, c = s.shape
+    # the distributions over the C - 1 non-target classes: softmax of the non-target logits alone
+    log_q_t = F.log_softmax(t[~target].view(b, c - 1), dim=1)
+    log_q_s = F.log_softmax(s[~target].view(b, c - 1), dim=1)
+    nckd = _kl_rows(log_q_t, log_q_s)
+    return {"tckd": temperature**2 * tckd.mean(), "nckd": temperature**2 * nckd.mean()}
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
+             beta: float, temperature: float) -> torch.Tensor:
+    """Decoupled knowledge distillation (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, Eq. 7):
+
+        DKD = alpha * TCKD + beta * NCKD
+        TCKD = T^2 * KL(b_t || b_s),   b = [p_y, 1 - p_y],           p = softmax(z / T), y the label
+        NCKD = T^2 * KL(q_t || q_s),   q_k = p_k / (1 - p_y), k != y  (= softmax of the non-target logits / T)
+
+    KL summed over its classes, then averaged over the B samples. TCKD is the target-class knowledge, NCKD the
+    "dark knowledge" among the non-target classes, which classic KD weighs by (1 - p_t,y) and DKD frees. The
+    paper's warm-up of this term's weight is `dkd_warmup`. Shapes: logits [B, C] (C >= 2), labels int64 [B]."""
+    terms = dkd_loss_terms(student_logits, teacher_logits, labels, temperature)
+    return alpha * terms["tckd"] + beta * terms["nckd"]
+
+
+def dkd_warmup(epoch: float, warmup_epochs: float) -> float:
+    """DKD's linear warm-up of its distillation weight (Zhao et al. 2022, Sec. 4; mdistiller's `WARMUP`):
+    min((epoch + 1) / warmup_epochs, 1) for 0-based `epoch`, so the weight is 1 / W in the first epoch and 1 from
+    epoch W - 1 on; 1 throughout when warmup_epochs <= 0."""
+    return 1.0 if warmup_epochs <= 0 else min((epoch + 1) / warmup_epochs, 1.0)
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row pair: the cosine of the mean-centred rows. [B, K] x [B, K] -> [B]."""
+    a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float) -> dict[str, torch.Tensor]:
+    """The two parts of `dist_loss`, unweighted and tau²-scaled: {"inter", "intra"}."""
+    y_s = F.softmax(student_logits.float() / temperature, dim=1)
+    y_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    inter = 1.0 - _pearson_rows(y_s, y_t).mean()
+    intra = 1.0 - _pearson_rows(y_s.t(), y_t.t()).mean()
+    return {"inter": temperature**2 * inter, "intra": temperature**2 * intra}
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, gamma: float,
+              temperature: float) -> torch.Tensor:
+    """DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022, Eq. 6-9): match the
+    relations of the predictions, not their values, with Y = softmax(Z / tau) row-wise,
+
+        inter = 1 - (1/B) sum_i rho(Y_s[i, :], Y_t[i, :])     (per sample, over its classes)
+        intra = 1 - (1/C) sum_j rho(Y_s[:, j], Y_t[:, j])     (per class, over the batch)
+        DIST  = beta * tau^2 * inter + gamma * tau^2 * intra
+
+    with rho the Pearson correlation (cosine of mean-centred vectors, eps 1e-8 in the denominator). Perfectly
+    correlated predictions give 0. The intra term is a statistic of the batch (under DDP: of each rank's valid
+    samples). Shapes: logits [B, C], B >= 2 for a meaningful intra term."""
+    terms = dist_loss_terms(student_logits, teacher_logits, temperature)
+    return beta * terms["inter"] + gamma * terms["intra"]
+
+
+def hint_loss(student_hint: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """FitNets' hint loss (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, Eq. 3), here on pooled
+    penultimate features: the mean squared error between the student's features mapped by the learned regressor r
+    (`student_hint` = r(f_s), [B, D_t]) and the teacher's features f_t [B, D_t],
+
+        L_hint = (1 / (B D_t)) sum_{i,d} (r(f_s)_{i,d} - f_t,{i,d})^2
+
+    (the paper's 1/2 ||.||^2 up to a constant factor absorbed by the weight)."""
+    return F.mse_loss(student_hint.float(), teacher_features.float())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,8 +235,40 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
+        return self.restrict_logits(self.model(x))
+
+    def restrict_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.index_select(1, self.class_index) if self.restrict else logits
+
+    @property
+    def feature_dim(self) -> int | None:
+        """Width of the pooled penultimate features (timm's `num_features`), or None for a model without them."""
+        return pooled_feature_dim(self.model)
+
+    @torch.no_grad()
+    def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, C], pooled penultimate features [B, feature_dim]) from one forward."""
+        logits, features = logits_and_pooled_features(self.model, x)
+        return self.restrict_logits(logits), features
+
+
+def pooled_feature_dim(model: nn.Module) -> int | None:
+    """timm's `num_features` (the width `forward_head(..., pre_logits=True)` returns), None when the model lacks
+    the forward_features / forward_head split."""
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        return None
+    dim = getattr(model, "num_features", 0)
+    return int(dim) if dim else None
+
+
+def logits_and_pooled_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of a timm classifier returning (logits, pooled pre-logit features): forward_features, then
+    forward_head(pre_logits=True), then the classifier, with the head's dropout in training as timm applies it,
+    so the logits are those of `model(x)`."""
+    pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+    drop = float(getattr(model, "drop_rate", 0.0) or 0.0)
+    head_in = F.dropout(pooled, p=drop, training=model.training) if drop > 0 else pooled
+    return model.get_classifier()(head_in), pooled
 
 
 def teacher_output_classes(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:

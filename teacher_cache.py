@@ -58,20 +58,26 @@ def teacher_numerics(autocast, device: torch.device) -> dict:
 
 
 def cache_fingerprint(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int,
-                      numerics: dict, device_aug: bool = False) -> dict:
+                      numerics: dict, device_aug: bool = False, feature_dim: int | None = None) -> dict:
     class_index = teacher.class_index.tolist() if getattr(teacher, "restrict", False) else None
     fingerprint = {"version": CACHE_VERSION, "teacher": weights_digest(teacher.model), "class_index": class_index,
                    "data": {s: [src.fingerprint, len(src)] for s, src in sources.items()},
                    "spec": asdict(spec), "views_on": "device" if device_aug else "loader", "num_views": num_views,
                    "seed": seed, "numerics": numerics}
+    if feature_dim:  # only then, so that a logits-only cache keeps the key it always had
+        fingerprint["features"] = feature_dim
     return json.loads(json.dumps(fingerprint))  # the form it has after a round trip through meta.json
 
 
-def split_dtype(split: str, num_views: int, num_classes: int) -> np.dtype:
+def split_dtype(split: str, num_views: int, num_classes: int, feature_dim: int | None = None) -> np.dtype:
+    """One row per image: the eval view's logits; for train also the K views' logits and records, and with
+    `feature_dim` the K views' pooled teacher features (fp16, feature_dim x 2 bytes per view)."""
     fields = [("eval_logits", np.float16, (num_classes,))]
     if split == "train":
         fields += [("view_logits", np.float16, (num_views, num_classes)),
                    ("view_records", np.float32, (num_views, AUG_RECORD_LEN))]
+        if feature_dim:
+            fields += [("view_features", np.float16, (num_views, feature_dim))]
     return np.dtype(fields)
 
 
@@ -119,6 +125,7 @@ class TeacherCache:
     def __init__(self, root: Path, meta: dict):
         self.root, self.meta = Path(root), meta
         self.num_views, self.num_classes = meta["num_views"], meta["num_classes"]
+        self.feature_dim = meta.get("feature_dim")
         self._arrays: dict[str, np.ndarray] = {}
 
     def array(self, split: str) -> np.ndarray:
@@ -132,17 +139,22 @@ class TeacherCache:
     def __setstate__(self, state):
         self.__init__(state["root"], state["meta"])
 
-    def train_view(self, index: int, view: int) -> tuple[np.ndarray, torch.Tensor]:
-        """(augmentation record float32 [R], teacher logits float16 [C]) of training view `view` of `index`."""
+    def train_view(self, index: int, view: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        """(augmentation record float32 [R], {"teacher_logits": float16 [C]} plus "teacher_features": float16 [D]
+        when the cache holds features) of training view `view` of image `index`."""
         row = self.array("train")[index]
-        return np.array(row["view_records"][view]), torch.from_numpy(np.array(row["view_logits"][view]))
+        teacher = {"teacher_logits": torch.from_numpy(np.array(row["view_logits"][view]))}
+        if self.feature_dim:
+            teacher["teacher_features"] = torch.from_numpy(np.array(row["view_features"][view]))
+        return np.array(row["view_records"][view]), teacher
 
     def eval_logits(self, split: str) -> np.ndarray:
         """Teacher logits on the evaluation view of every image of `split`: float16 [N, C]."""
         return self.array(split)["eval_logits"]
 
 
-def _valid(root: Path, fingerprint: dict, sources: dict[str, ImageSource], num_classes: int) -> dict | None:
+def _valid(root: Path, fingerprint: dict, sources: dict[str, ImageSource], num_classes: int,
+           feature_dim: int | None = None) -> dict | None:
     try:
         meta = json.loads((root / "meta.json").read_text())
     except (OSError, ValueError):
@@ -154,26 +166,32 @@ def _valid(root: Path, fingerprint: dict, sources: dict[str, ImageSource], num_c
             arr = np.load(root / f"{split}.npy", mmap_mode="r")
         except (OSError, ValueError):
             return None
-        if arr.shape != (len(src),) or arr.dtype != split_dtype(split, fingerprint["num_views"], num_classes):
+        if arr.shape != (len(src),) or arr.dtype != split_dtype(split, fingerprint["num_views"], num_classes,
+                                                                feature_dim):
             return None
     return meta
 
 
 def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int,
                         cache_dir: Path, dist: DistInfo, batch_size: int, workers: int,
-                        autocast, device_aug: bool = False) -> tuple[TeacherCache, dict]:
+                        autocast, device_aug: bool = False, with_features: bool = False) -> tuple[TeacherCache, dict]:
     """The cache for this teacher and data, built now if missing or stale. Returns (cache, info) where info says
     whether it was built and how long that took. Building is sharded over ranks; rank 0 writes the metadata.
-    `device_aug`: the run augments on its device (`data.TrainViews`), so the training views are made there too."""
+    `device_aug`: the run augments on its device (`data.TrainViews`), so the training views are made there too.
+    `with_features`: also store the teacher's pooled features of every training view (feature KD methods)."""
     import time
     if device_aug and not isinstance(sources["train"], PredecodedSource):
         raise UserError("augmentation on the device needs the pre-decoded data path: set data.preprocessed=true")
     num_classes = len(sources["train"].class_names)
+    feature_dim = teacher.feature_dim if with_features else None
+    if with_features and not feature_dim:
+        raise UserError("the teacher exposes no pooled features to cache (no forward_features / forward_head / "
+                        "num_features); use a timm classifier as the teacher, or a logit KD method")
     fingerprint = cache_fingerprint(teacher, sources, spec, num_views, seed, teacher_numerics(autocast, dist.device),
-                                    device_aug)
+                                    device_aug, feature_dim)
     digest = broadcast_object(hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20])
     root = Path(cache_dir) / digest
-    meta = _valid(root, fingerprint, sources, num_classes) if dist.is_main else None
+    meta = _valid(root, fingerprint, sources, num_classes, feature_dim) if dist.is_main else None
     meta = broadcast_object(meta)
     if meta is not None:
         return TeacherCache(root, meta), {"built": False, "path": str(root), "build_s": 0.0}
@@ -184,7 +202,7 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
             shutil.rmtree(root)  # stale or incomplete: rebuilt, never reused
         root.mkdir(parents=True)
         for split, src in sources.items():
-            dtype = split_dtype(split, num_views, num_classes)
+            dtype = split_dtype(split, num_views, num_classes, feature_dim)
             np.lib.format.open_memmap(root / f"{split}.npy", mode="w+", dtype=dtype, shape=(len(src),)).flush()
     barrier()
     device = dist.device
@@ -199,18 +217,22 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
             images = batch_views(batch, spec, device)  # [B, V, 3, S, S]
             b, v = images.shape[:2]
             with autocast():
-                logits = teacher(normalize_batch(images.flatten(0, 1), device, channels_last=True))
+                x = normalize_batch(images.flatten(0, 1), device, channels_last=True)
+                logits, features = teacher.logits_and_features(x) if feature_dim and k else (teacher(x), None)
             logits = logits.float().view(b, v, -1).cpu().numpy().astype(np.float16)
             idx = batch["index"].numpy()
             out["eval_logits"][idx] = logits[:, -1]
             if k:
                 out["view_logits"][idx] = logits[:, :k]
                 out["view_records"][idx] = batch["records"].numpy()
+            if features is not None:
+                out["view_features"][idx] = features.float().view(b, v, -1)[:, :k].cpu().numpy().astype(np.float16)
         out.flush()
         del out
     barrier()
     build_s = time.perf_counter() - start
-    meta = {"fingerprint": fingerprint, "num_views": num_views, "num_classes": num_classes, "build_s": build_s}
+    meta = {"fingerprint": fingerprint, "num_views": num_views, "num_classes": num_classes, "build_s": build_s,
+            "feature_dim": feature_dim}
     if dist.is_main:
         cache = TeacherCache(root, meta)
         for split in SPLITS:  # the teacher's accuracy on each split's evaluation view, for the record

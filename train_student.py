@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from tqdm import tqdm
 
 from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainBatchSampler, TrainViews, apply_aug_records,
                   load_splits, make_loader, normalize_batch, predecode_splits, unpack_raw)
+import kd_methods
+from kd_methods import Distiller, LossTerms, build_method
 from models import count_params, create_student, create_teacher, kd_loss_terms
 from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum, barrier,
                    broadcast_buffers, broadcast_module, broadcast_object, check, check_resume_config,
@@ -95,6 +98,8 @@ class TeacherConfig:
     mode: str = opt("cached", "'cached': run the teacher once before training and replay its views; "
                               "'online': run it on every training batch")
     cache_views: int = opt(10, "K: augmented views per training image stored in the teacher cache")
+    cache_features: bool = opt(True, "also store the teacher's pooled features of every cached view (fp16) when "
+                                      "kd.method needs them (fitnet); false refuses such a method")
     cache_dir: str = opt("", "teacher cache location (default <run.out_dir>/teacher_cache)")
     batch_size: int = opt(256, "images per teacher forward while building the cache")
 
@@ -106,10 +111,43 @@ class StudentConfig:
 
 
 @dataclass
+class DKDConfig:
+    alpha: float = opt(1.0, "TCKD weight (target-class term). Defaults: Zhao et al. CVPR 2022 / mdistiller's ImageNet "
+                            "ResNet-50 -> MobileNetV2 setting: alpha 1, beta 2, T 1, warm-up 1 epoch, CE weight 1")
+    beta: float = opt(2.0, "NCKD weight (non-target term; 0.5 for ImageNet ResNet-34 -> ResNet-18), >= 0")
+    temperature: float = opt(1.0, "DKD's temperature T (ImageNet: 1)")
+    warmup_epochs: float = opt(1.0, "linear warm-up of the DKD weight: min((epoch + 1) / W, 1); 0 = off")
+    ce_weight: float = opt(1.0, "weight of the label cross-entropy")
+
+
+@dataclass
+class DISTConfig:
+    beta: float = opt(1.0, "inter-class (per sample) relation weight. Defaults: Huang et al. NeurIPS 2022, "
+                           "ImageNet: beta 1, gamma 1, tau 1, CE weight 1 (CIFAR-100: beta = gamma = 2, tau 4)")
+    gamma: float = opt(1.0, "intra-class (per class, over the batch) relation weight")
+    temperature: float = opt(1.0, "DIST's temperature tau (> 0; ImageNet: 1)")
+    ce_weight: float = opt(1.0, "weight of the label cross-entropy")
+
+
+@dataclass
+class FitNetConfig:
+    weight: float = opt(1.0, "weight of the hint loss (MSE between the regressed student and the teacher pooled "
+                             "features). Romero et al. ICLR 2015 train hints as a separate stage on CIFAR and give no "
+                             "ImageNet setting; 1 keeps the hint on the scale of the KD term here")
+
+
+@dataclass
 class KDConfig:
-    alpha: float = opt(0.0, "weight of the label cross-entropy; 1 - alpha weighs the distillation term "
-                            "(0 = teacher only, 1 = labels only: no teacher is built)")
-    temperature: float = opt(4.0, "distillation temperature T")
+    method: str = opt("kd", "KD method (kd_methods.KD_METHODS): kd (Hinton et al. 2015), dkd (Zhao et al. 2022), "
+                            "dist (Huang et al. 2022), fitnet (kd + a FitNets hint on pooled features)")
+    alpha: float = opt(0.0, "kd / fitnet: weight of the label cross-entropy; 1 - alpha weighs the distillation term "
+                            "(0 = teacher only, 1 = labels only: no teacher is built for kd)")
+    temperature: float = opt(4.0, "kd / fitnet: distillation temperature T")
+    logit_standardize: bool = opt(False, "kd, dkd: z-score each sample's logits before the temperature (Sun et al. "
+                                         "CVPR 2024, logit standardisation)")
+    dkd: DKDConfig = section(DKDConfig)
+    dist: DISTConfig = section(DISTConfig)
+    fitnet: FitNetConfig = section(FitNetConfig)
     baseline: bool = opt(False, "also train a label-only student (kd.alpha=1) with the same budget and seed into "
                                 "<run>/label_only/ and print both side by side")
 
@@ -196,6 +234,7 @@ def validate(cfg) -> None:
     check(0.0 <= cfg.data.synthetic.label_noise < 1.0, f"data.synthetic.label_noise={cfg.data.synthetic.label_noise} "
           "must lie in [0, 1) (the fraction of training labels replaced by another class; 0 = clean)")
     check(cfg.log.every_steps >= 1, f"log.every_steps={cfg.log.every_steps} must be >= 1")
+    kd_methods.validate_method(cfg)
 
 
 # ================================================================================================================
@@ -279,32 +318,57 @@ def evaluate(model: nn.Module, loader, device, channels_last: bool, autocast, nu
             "n": int(sums[3].item())}
 
 
-def masked_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                   valid: torch.Tensor, step_valid: int, world_size: int, alpha: float,
-                   temperature: float) -> tuple[dict, torch.Tensor]:
-    """One rank's KD loss for a training step whose batch may hold padded duplicates (valid[i] = False).
+def weighted_sum(terms: LossTerms) -> torch.Tensor:
+    """sum_k w_k * v_k over a method's (weight, value) terms: the loss it trains on."""
+    return sum(weight * value for weight, value in terms.values())
 
-    With V_r this rank's valid samples, n_r = |V_r|, W ranks and n = sum_r n_r the step's valid samples over all
-    ranks (`step_valid`), the loss to backpropagate is
 
-        L_r = (W / n) * sum_{i in V_r} l_i = (n_r W / n) * mean_{i in V_r} l_i,   l_i = the per-sample `kd_loss`,
+def masked_loss_terms(compute: Callable[[torch.Tensor | None], LossTerms], valid: torch.Tensor, step_valid: int,
+                      world_size: int) -> tuple[LossTerms, torch.Tensor, torch.Tensor]:
+    """One rank's loss for a training step whose batch may hold padded duplicates (valid[i] = False).
+
+    `compute(keep)` returns the method's terms, each a mean over the rows `keep` (None: all rows). With V_r this
+    rank's valid samples, n_r = |V_r|, W ranks and n = sum_r n_r the step's valid samples over all ranks
+    (`step_valid`), the loss to backpropagate is
+
+        L_r = (W / n) * sum_{i in V_r} l_i = (n_r W / n) * mean_{i in V_r} l_i,   l_i = the per-sample loss,
 
     so that DDP's gradient average (1/W) sum_r grad L_r = grad (1/n) sum_{i in V} l_i: the mean over the step's
     valid samples, padding excluded. When every rank's batch is full and valid (always in one process) the factor
-    is 1 and L_r is the plain batch mean. Returns (terms, L_r): `terms` (`models.kd_loss_terms`) are the means over
-    V_r, for logging; a rank with no valid sample gets a zero loss that still reaches every parameter (DDP)."""
+    is 1 and L_r is the plain batch mean. (A term that is a statistic of the batch, such as DIST's intra-class
+    relation, is computed over each rank's valid samples.) Returns (terms, mean loss over V_r for logging, L_r); a
+    rank with no valid sample gets zero terms and a zero loss that still reaches every parameter (DDP)."""
     n_valid = int(valid.sum())
     scale = n_valid * world_size / step_valid
     if n_valid == len(valid) and scale == 1.0:
-        terms = kd_loss_terms(student_logits, teacher_logits, labels, alpha, temperature)
-        return terms, terms["loss"]
+        terms = compute(None)
+        loss = weighted_sum(terms)
+        return terms, loss, loss
     if n_valid == 0:
-        zero = student_logits.float().sum() * 0.0
-        return {"loss": zero, "ce": zero, "kd": zero}, zero
-    keep = valid.to(student_logits.device, non_blocking=True)
-    terms = kd_loss_terms(student_logits[keep], None if teacher_logits is None else teacher_logits[keep],
-                          labels[keep], alpha, temperature)
-    return terms, terms["loss"] * scale
+        terms = compute(None)
+        zero = weighted_sum(terms) * 0.0
+        return {name: (weight, torch.zeros_like(value)) for name, (weight, value) in terms.items()}, zero, zero
+    terms = compute(valid)  # `compute` moves the mask to its tensors' device
+    loss = weighted_sum(terms)
+    return terms, loss, loss * scale
+
+
+def masked_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
+                   valid: torch.Tensor, step_valid: int, world_size: int, alpha: float,
+                   temperature: float) -> tuple[dict, torch.Tensor]:
+    """`masked_loss_terms` for `models.kd_loss`: (terms {"loss", "ce", "kd"}, L_r), the terms means over V_r."""
+    def compute(keep):
+        rows = slice(None) if keep is None else keep.to(student_logits.device, non_blocking=True)
+        t = kd_loss_terms(student_logits[rows], None if teacher_logits is None else teacher_logits[rows],
+                          labels[rows], alpha, temperature)
+        return {"ce": (alpha, t["ce"]), "kd": (1.0 - alpha, t["kd"])}
+    terms, mean_loss, loss = masked_loss_terms(compute, valid, step_valid, world_size)
+    return {"loss": mean_loss, **{name: value for name, (_, value) in terms.items()}}, loss
+
+
+def rows_of(tensors: dict, keep: torch.Tensor) -> dict:
+    """The rows `keep` of every tensor in a dict (None entries stay None)."""
+    return {k: (None if v is None else v[keep]) for k, v in tensors.items()}
 
 
 def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -396,7 +460,8 @@ class Trainer:
         self.device = dist.device
         self.autocast = autocast_for(cfg.train.amp, self.device)
         self.channels_last = cfg.train.channels_last
-        self.alpha, self.temperature = cfg.kd.alpha, cfg.kd.temperature
+        self.alpha = cfg.kd.alpha
+        self.temperature = kd_methods.method_class(cfg).temperature(cfg)
         seed_everything(cfg.train.seed, dist.rank)
 
         # ---- data ----------------------------------------------------------------------------------------------
@@ -424,6 +489,9 @@ class Trainer:
                 self.teacher = self.teacher.to(memory_format=torch.channels_last)
             if cfg.teacher.mode == "cached":
                 self.build_cache()
+        # the KD method and the module that trains (student + the method's own parts: DDP, compile, optimizer)
+        self.method = build_method(cfg, self.student, self.teacher).to(self.device)
+        self.distiller = Distiller(self.student, self.method)
 
         # ---- loaders: built once; samplers carry the epoch, so workers persist ----------------------------------
         w, r = dist.world_size, dist.rank
@@ -440,13 +508,13 @@ class Trainer:
                              for s in ("validation", "test")}
 
         # ---- optimisation ---------------------------------------------------------------------------------------
-        self.optimizer = build_optimizer(self.student.parameters(), cfg)
+        self.optimizer = build_optimizer(self.distiller.parameters(), cfg)
         self.scheduler = CosineSchedule(self.optimizer, cfg.train)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
-        self.model: nn.Module = self.student
+        self.model: nn.Module = self.distiller
         if dist.distributed:
             self.model = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.distiller, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         self.start_epoch, self.best_acc1, self.best_epoch = 0, -1.0, -1
@@ -454,7 +522,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     @property
     def uses_teacher(self) -> bool:
-        return self.alpha < 1.0
+        return kd_methods.uses_teacher(self.cfg)
 
     def build_train_sampler(self):
         return EpochSampler(len(self.splits["train"]), self.cfg.train.seed, self.dist.world_size, self.dist.rank)
@@ -465,7 +533,8 @@ class Trainer:
         cache_dir = Path(cfg.teacher.cache_dir or Path(cfg.run.out_dir) / "teacher_cache")
         self.cache, self.cache_info = build_or_load_cache(
             self.teacher, self.splits, self.spec, cfg.teacher.cache_views, cfg.train.seed, cache_dir, self.dist,
-            cfg.teacher.batch_size, cfg.data.workers, self.autocast, self.device_aug)
+            cfg.teacher.batch_size, cfg.data.workers, self.autocast, self.device_aug,
+            with_features=kd_methods.needs_teacher_features(cfg))
         if self.dist.is_main:
             verb = f"built in {self.cache_info['build_s']:.1f}s" if self.cache_info["built"] else "reused"
             print(f"teacher cache {verb}: {self.cache_info['path']}")
@@ -482,7 +551,7 @@ class Trainer:
         self.model.train()
         self.train_sampler.set_epoch(epoch)
         online = self.uses_teacher and cfg.teacher.mode == "online"
-        sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, kd, correct, count
+        sums, names = None, []  # float64 [loss, one per term, correct, count], created at the first step
         timer = StepTimer(device)
         profiler = self.start_profiler() if cfg.train.profile and epoch == self.start_epoch else None
         start = time.perf_counter()
@@ -500,18 +569,21 @@ class Trainer:
             n_valid = int(valid.sum())
             timer.compute_begins()
             with self.autocast():
-                student_logits = self.model(x)
-                teacher_logits = self.teacher(x) if online else batch.get("teacher_logits")
-            if teacher_logits is not None:
-                teacher_logits = teacher_logits.to(device, non_blocking=True)
+                outputs = self.model(x)
+                teacher = self.teacher_targets(x, batch, online)
             step_valid = self.train_batches.global_valid(step)  # the same on every rank, no communication
-            terms, loss = masked_kd_loss(student_logits, teacher_logits, y, valid, step_valid, self.dist.world_size,
-                                         self.alpha, self.temperature)
+
+            def compute(keep, outputs=outputs, teacher=teacher, y=y):
+                if keep is not None:
+                    keep = keep.to(device, non_blocking=True)
+                    outputs, teacher, y = rows_of(outputs, keep), rows_of(teacher, keep), y[keep]
+                return self.method.loss_terms(outputs, teacher, y, epoch, self.temperature)
+            terms, mean_loss, loss = masked_loss_terms(compute, valid, step_valid, self.dist.world_size)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.train.grad_clip > 0:
                 self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.student.parameters(), cfg.train.grad_clip)
+                nn.utils.clip_grad_norm_(self.distiller.parameters(), cfg.train.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             timer.compute_ends()
@@ -519,14 +591,17 @@ class Trainer:
                 profiler.step()
             with torch.no_grad():
                 n = n_valid
-                correct = (student_logits.argmax(1) == y)
+                correct = (outputs["logits"].argmax(1) == y)
                 correct = correct.sum() if n == len(valid) else correct[valid.to(device)].sum()
-                sums += torch.stack([terms["loss"].detach() * n, terms["ce"].detach() * n, terms["kd"].detach() * n,
+                if sums is None:
+                    names = list(terms)
+                    sums = torch.zeros(len(names) + 3, dtype=torch.float64, device=device)
+                sums += torch.stack([mean_loss.detach() * n, *(terms[k][1].detach() * n for k in names),
                                      correct.double(),
                                      torch.tensor(n, device=device, dtype=torch.float64)]).double()
             bar.update(1)
             if (step + 1) % cfg.log.every_steps == 0 or step + 1 == steps:
-                running = sums[0].item() / max(sums[4].item(), 1.0)  # one host sync per interval, not per step
+                running = sums[0].item() / max(sums[-1].item(), 1.0)  # one host sync per interval, not per step
                 if not math.isfinite(running):
                     raise UserError(
                         f"the training loss became non-finite ({running}) at epoch {epoch + 1}, step {step + 1}. "
@@ -538,16 +613,27 @@ class Trainer:
         if profiler is not None:
             profiler.stop()
         all_reduce_sum(sums)
-        n = sums[4].item()
+        n = sums[-1].item()
         # samples that reached the loss this epoch, over all ranks: exactly the sampler's selection
         assert round(n) == self.train_sampler.num_selected(), (n, self.train_sampler.num_selected())
         epoch_s = time.perf_counter() - start
         data_s, compute_s = timer.totals()
-        return {"train/loss": sums[0].item() / n, "train/loss_ce": sums[1].item() / n,
-                "train/loss_kd": sums[2].item() / n, "train/acc1": 100 * sums[3].item() / n,
-                "train/samples": int(round(n)),
+        return {"train/loss": sums[0].item() / n,
+                **{f"train/loss_{name}": sums[1 + i].item() / n for i, name in enumerate(names)},
+                "train/acc1": 100 * sums[-2].item() / n, "train/samples": int(round(n)),
                 "time/data_s": data_s, "time/compute_s": compute_s,
                 "time/other_s": max(epoch_s - data_s - compute_s, 0.0), "time/epoch_s": epoch_s}
+
+    def teacher_targets(self, x: torch.Tensor, batch: dict, online: bool) -> dict:
+        """What the method reads from the teacher for this batch, on the device: {"logits", "features"} (None
+        where absent): from the cache (replayed with the batch), or from the teacher now (online)."""
+        if online:
+            if "features" in self.method.teacher_outputs:
+                logits, features = self.teacher.logits_and_features(x)
+                return {"logits": logits, "features": features}
+            return {"logits": self.teacher(x), "features": None}
+        return {name: (batch[f"teacher_{name}"].to(self.device, non_blocking=True) if f"teacher_{name}" in batch
+                       else None) for name in kd_methods.TEACHER_OUTPUTS}
 
     def batch_images(self, batch: dict) -> torch.Tensor:
         """The batch's training views as normalised floats on the device (augmented here when data.augment_on
@@ -593,7 +679,8 @@ class Trainer:
     def state_dict(self, next_epoch: int, rng_per_rank: list[dict] | None = None) -> dict:
         """Everything a resume needs. `rng_per_rank`: every rank's RNG state, in rank order (`checkpoint` gathers
         them); by default this process's alone, which is all a single process has."""
-        return {"model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.student.state_dict(), "method": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": next_epoch, "best_acc1": self.best_acc1, "best_epoch": self.best_epoch,
                 "rng_per_rank": rng_per_rank or [rng_state()], "sampler": {"epoch": self.train_sampler.epoch},
@@ -604,6 +691,7 @@ class Trainer:
             if key not in ckpt:
                 raise UserError(f"{path} is not a training checkpoint of {self.script}.py (no '{key}' entry)")
         load_state_strict(self.student, ckpt["model"], f"checkpoint {path}")
+        load_state_strict(self.method, ckpt.get("method", {}), f"checkpoint {path} (kd.method={self.cfg.kd.method})")
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as exc:
@@ -693,7 +781,7 @@ class Trainer:
         results = {"test/acc1": best["acc1"], "test/acc5": best["acc5"], "test/loss": best["loss"],
                    "test/acc1_last": last["acc1"], "test/acc5_last": last["acc5"], "test/n": best["n"],
                    "val/acc1_best": self.best_acc1, "best_epoch": best_ckpt["epoch"],
-                   "params/student": count_params(self.student), "kd/alpha": self.alpha,
+                   "params/student": count_params(self.student), "kd/method": cfg.kd.method, "kd/alpha": self.alpha,
                    "teacher/mode": cfg.teacher.mode if self.uses_teacher else "none", **self.teacher_accuracy()}
         if self.teacher is not None:
             results["params/teacher"] = count_params(self.teacher.model)
@@ -734,7 +822,7 @@ TRAIN_RESUME_SAFE_KEYS = (*RESUME_SAFE_KEYS, "data.workers", "data.preprocess_di
 def output_dirs(cfg) -> dict[str, Path]:
     """The folders outside the run directory that this config writes to, by config key."""
     dirs = {}
-    if cfg.kd.alpha < 1 and cfg.teacher.mode == "cached":
+    if kd_methods.uses_teacher(cfg) and cfg.teacher.mode == "cached":
         dirs["teacher.cache_dir"] = Path(cfg.teacher.cache_dir or Path(cfg.run.out_dir) / "teacher_cache")
     if cfg.data.preprocessed:
         dirs["data.preprocess_dir"] = Path(cfg.data.preprocess_dir or Path(cfg.run.out_dir) / "predecoded")
@@ -823,10 +911,10 @@ def main(argv: list[str]) -> None:
         evaluate_checkpoint(cfg, dist)
         return cleanup_distributed()
     results = {"student": run_training(cfg, dist)}
-    if cfg.kd.baseline and cfg.kd.alpha < 1:
+    if cfg.kd.baseline and kd_methods.uses_teacher(cfg):
         base = copy.deepcopy(cfg)
         run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        base.kd.alpha, base.kd.baseline = 1.0, False
+        base.kd.method, base.kd.alpha, base.kd.baseline = "kd", 1.0, False
         base.run.out_dir, base.run.name = str(run_dir), "label_only"
         # continue the baseline too when it had started (even if it stopped before its first checkpoint)
         base.run.resume = "auto" if cfg.run.resume and (run_dir / "label_only").is_dir() else ""
