@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The KD-method comparison of the README: on the quickstart data and its cached ResNet-10t teacher, the same
+# student (test_resnet), budget (15 epochs) and seeds (0, 1, 2) for six rows, then the summary table (test top-1
+# mean ± sd, paired per-seed differences against `kd`). Epoch-time ratios come from bench.py (side by side in one
+# process, see the README).
+#
+#   bash scripts/compare_kd_methods.sh            # all rows, seeds 0-2
+#   bash scripts/compare_kd_methods.sh 0 1        # chosen seeds
+#
+# Rows: label_only (kd.alpha=1), kd (kd.alpha=0, T=4: the quickstart), dkd, dist (each at its paper's ImageNet
+# defaults), kd_ls (kd + kd.logit_standardize=true), fitnet (kd + a hint on pooled features). Two runs at a time,
+# OMP_NUM_THREADS=1 each; runs whose results.json exists are skipped, so an interrupted comparison continues. Each
+# seed's kd run goes first and builds that seed's logits cache; the fitnet rows build their own (features) cache.
+# Needs runs/quickstart_teacher (python train_student.py --config configs/quickstart_teacher.yaml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+C=configs/quickstart_student.yaml
+SEEDS=${*:-0 1 2}
+[[ -f runs/quickstart_teacher/student.safetensors ]] || {
+  echo "error: runs/quickstart_teacher/student.safetensors is missing; first run:" >&2
+  echo "  python train_student.py --config configs/quickstart_teacher.yaml" >&2; exit 2; }
+row_args() {
+  case $1 in
+    label_only) echo "kd.alpha=1" ;;
+    kd) echo "kd.method=kd" ;;
+    dkd) echo "kd.method=dkd" ;;
+    dist) echo "kd.method=dist" ;;
+    kd_ls) echo "kd.method=kd kd.logit_standardize=true" ;;
+    fitnet) echo "kd.method=fitnet" ;;
+  esac
+}
+jobs_for() {  # rows... -> one command line per run not yet finished
+  for row in "$@"; do
+    for s in $SEEDS; do
+      local name=kdm_${row}_s$s
+      [[ -f runs/$name/results.json ]] && continue
+      rm -rf "runs/$name"
+      echo "python train_student.py --config $C kd.baseline=false $(row_args "$row") train.seed=$s run.name=$name > runs/logs/$name.log 2>&1"
+    done
+  done
+}
+mkdir -p runs/logs
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+start=$(date +%s)
+for rows in kd "label_only dkd dist kd_ls fitnet"; do
+  # shellcheck disable=SC2086
+  jobs_for $rows | xargs -P 2 -I{} bash -c "{}" || {
+    echo "error: a run failed; its log (runs/logs/kdm_*.log) says why:" >&2
+    grep -l -i "error" runs/logs/kdm_*.log | head -3 | xargs -r tail -n 5 >&2; exit 1; }
+done
+echo "== $(( $(date +%s) - start )) s"
+python summarize.py runs/kdm_*_s* --keys test/acc1 test/acc1_last val/acc1_best --paired kdm_kd
