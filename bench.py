@@ -157,8 +157,12 @@ def bench_curriculum(args, cache_dir: str) -> list[dict]:
 def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
     """Images per second of the training loader alone (views made, batches delivered, nothing trained) for the
     JPEG and pre-decoded paths, over the student's training throughput on ready batches."""
-    from data import (AugSpec, EpochSampler, TrainViews, apply_aug_records, load_local, make_loader,
-                      predecode_split, unpack_raw, write_synthetic_jpeg_folder)
+    from augment import AugSpec, apply_aug_records
+    from image_sources import load_local
+    from predecode import predecode_split
+    from samplers import EpochSampler
+    from synthetic_data import write_synthetic_jpeg_folder
+    from views import TrainViews, make_loader, unpack_raw
     tree = write_synthetic_jpeg_folder(work / "jpeg", args.classes, args.images_per_class, args.jpeg_height)
     jpeg = load_local(tree)["train"]
     start = time.perf_counter()
@@ -195,12 +199,12 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
 
     def student_rate(_: int) -> float:
         from models import kd_loss_terms
-        from data import normalize_batch
+        from normalization import input_norm, normalize_batch
         t.model.train()
         start = time.perf_counter()
         for _ in range(steps):
             with t.autocast():
-                logits = t.model(normalize_batch(x, dev, t.channels_last))
+                logits = t.model(normalize_batch(x, dev, t.channels_last, input_norm(t.student)))
             loss = kd_loss_terms(logits, None, y.to(dev), 1.0, 1.0)["loss"]
             t.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -228,7 +232,7 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
 
 # ---- 6: gan_vae ----------------------------------------------------------------------------------------------------
 def bench_gan_vae(args, work: Path) -> list[dict]:
-    from data import synthetic_class_attributes, render_synthetic_image
+    from synthetic_data import render_synthetic_image, synthetic_class_attributes
     from gan_vae.continual import ContinualConfig, ContinualRun
     rng = np.random.default_rng(0)
     attrs = synthetic_class_attributes(10)

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from data import pad_and_shard
+from samplers import pad_and_shard
 from utils import UserError
 
 STRATEGIES = ("all", "random_subset", "adaptive", "easy_to_hard", "hard_to_easy", "mixed")

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from normalization import IMAGENET_NORM, Norm, named_norm, pretrained_norm, renormalize
 from utils import UserError, load_state_strict
 
 
@@ -218,10 +219,15 @@ class FrozenTeacher(nn.Module):
     """A teacher that never trains: no gradients, always in eval mode (BatchNorm uses running statistics) whatever
     `.train()` is called on it. Its logits are restricted to the dataset's classes with one `index_select`.
 
+    Its input is normalised with `input_norm` (the student's mean and std, so one batch serves both); when the
+    teacher's own statistics (`own_norm`, from its timm pretrained_cfg) differ, forward re-expresses the batch in
+    them first (`normalization.renormalize`), so the teacher sees the pixels normalised as its weights expect.
+
     forward(x [B, 3, H, W]) -> logits [B, C], C = len(class_index) or the model's own number of outputs."""
 
-    def __init__(self, model: nn.Module, class_index: list[int] | None):
+    def __init__(self, model: nn.Module, class_index: list[int] | None, input_norm: Norm = IMAGENET_NORM):
         super().__init__()
+        self.input_norm, self.own_norm = input_norm, pretrained_norm(getattr(model, "pretrained_cfg", None))
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -235,7 +241,11 @@ class FrozenTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.restrict_logits(self.model(x))
+        return self.restrict_logits(self.model(self.own_input(x)))
+
+    def own_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch in the teacher's own normalisation (unchanged when it equals the input's)."""
+        return renormalize(x, self.input_norm, self.own_norm) if self.input_norm != self.own_norm else x
 
     def restrict_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.index_select(1, self.class_index) if self.restrict else logits
@@ -248,7 +258,7 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def logits_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B, C], pooled penultimate features [B, feature_dim]) from one forward."""
-        logits, features = logits_and_pooled_features(self.model, x)
+        logits, features = logits_and_pooled_features(self.model, self.own_input(x))
         return self.restrict_logits(logits), features
 
 
@@ -278,14 +288,15 @@ def teacher_output_classes(state: dict[str, torch.Tensor], model: nn.Module) -> 
     return int(weight.shape[0]) if weight is not None else None
 
 
-def create_teacher(cfg, class_names: list[str]) -> FrozenTeacher:
-    """The frozen teacher for a dataset with these class names.
+def create_teacher(cfg, class_names: list[str], input_norm: Norm | None = None) -> FrozenTeacher:
+    """The frozen teacher for a dataset with these class names, fed batches normalised with `input_norm` (default:
+    the mean and std of the student `cfg.student.name`, see FrozenTeacher).
 
     - hub weights (`teacher.pretrained=true`), or a local state dict (`teacher.checkpoint`, e.g. a teacher trained
       by train_student.py with kd.alpha=1), or random weights;
     - a teacher with exactly len(class_names) outputs is used as is; a 1000-way ImageNet teacher is restricted to
       the dataset's classes through timm's mini-ImageNet synset and index lists (checked at start-up)."""
-    from data import imagenet_class_index
+    from label_alignment import imagenet_class_index
     t = cfg.teacher
     if t.checkpoint:
         state = load_state_file(Path(t.checkpoint))
@@ -303,7 +314,7 @@ def create_teacher(cfg, class_names: list[str]) -> FrozenTeacher:
     else:
         raise UserError(f"the teacher has {num_outputs} outputs but the dataset has {len(class_names)} classes; "
                         "use a teacher trained on this dataset or a 1000-way ImageNet teacher")
-    return FrozenTeacher(model, class_index)
+    return FrozenTeacher(model, class_index, input_norm or named_norm(cfg.student.name))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,18 +1,18 @@
 """The cached teacher: run the frozen teacher once, before training, and never during it.
 
 For every training image the cache holds K augmentation records and the teacher's fp16 logits on exactly those
-views; the training loader replays one record per image per epoch (`data.replay_view_index`), so the student sees
+views; the training loader replays one record per image per epoch (`augment.replay_view_index`), so the student sees
 the view the teacher scored. The views are made the way the run makes the student's: with PIL in the loader, or,
 when the run augments on the device (`data.augment_on`), with the same tensor operations on the same device
-(`data.apply_aug_records`), so teacher and student see identical pixels either way. It also holds the teacher's
+(`augment.apply_aug_records`), so teacher and student see identical pixels either way. It also holds the teacher's
 logits on the evaluation view of every train, validation and test image (for difficulty scores and the teacher's
 reported accuracy).
 
 Layout: `<cache_dir>/<fingerprint>/<split>.npy`, one memory-mapped structured array per split, plus `meta.json`,
-written last as the completion mark. The fingerprint hashes the teacher weights and class restriction, the
-dataset, the view recipe and where views are made, K, the seed and the numerics the teacher ran in (device type,
-autocast dtype, TF32), so a changed input lands in a new directory; a directory whose meta or shapes disagree is
-rebuilt, never reused.
+written last as the completion mark. The fingerprint hashes the teacher weights, class restriction and input
+normalisation (its own mean and std, which it sees whatever the student's are), the dataset, the view recipe and
+where views are made, K, the seed and the numerics the teacher ran in (device type, autocast dtype, TF32), so a
+changed input lands in a new directory; a directory whose meta or shapes disagree is rebuilt, never reused.
 """
 from __future__ import annotations
 
@@ -26,10 +26,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import (AUG_RECORD_LEN, SPLITS, AugSpec, ImageSource, PredecodedSource, ShardSampler, apply_aug_record,
-                  apply_aug_records, cache_record_rng, eval_view, make_loader, normalize_batch, sample_aug_record,
-                  unpack_raw)
+from augment import (AUG_RECORD_LEN, AugSpec, apply_aug_record, apply_aug_records, cache_record_rng, eval_view,
+                     sample_aug_record)
+from image_sources import SPLITS, ImageSource
+from normalization import input_norm, normalize_batch
+from predecode import PredecodedSource
+from samplers import ShardSampler
 from utils import DistInfo, UserError, barrier, broadcast_object, write_json
+from views import make_loader, unpack_raw
 
 CACHE_VERSION = 1
 
@@ -60,7 +64,9 @@ def teacher_numerics(autocast, device: torch.device) -> dict:
 def cache_fingerprint(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int,
                       numerics: dict, device_aug: bool = False, feature_dim: int | None = None) -> dict:
     class_index = teacher.class_index.tolist() if getattr(teacher, "restrict", False) else None
+    mean, std = teacher.own_norm  # what the teacher's input is normalised with (FrozenTeacher re-expresses it)
     fingerprint = {"version": CACHE_VERSION, "teacher": weights_digest(teacher.model), "class_index": class_index,
+                   "teacher_norm": {"mean": mean, "std": std},
                    "data": {s: [src.fingerprint, len(src)] for s, src in sources.items()},
                    "spec": asdict(spec), "views_on": "device" if device_aug else "loader", "num_views": num_views,
                    "seed": seed, "numerics": numerics}
@@ -83,7 +89,7 @@ def split_dtype(split: str, num_views: int, num_classes: int, feature_dim: int |
 
 class CacheViews(torch.utils.data.Dataset):
     """For cache building: image `index` with its K records and its eval view (uint8 [3, S, S]). The K training
-    views come made (`views`, uint8 [K, 3, S, S], PIL as in `data.TrainViews`), or, with `device_aug`, as the stored
+    views come made (`views`, uint8 [K, 3, S, S], PIL as in `views.TrainViews`), or, with `device_aug`, as the stored
     image (`raw`, uint8 [3, H, W]) for `batch_views` to augment on the device as the trainer does."""
 
     def __init__(self, source: ImageSource, spec: AugSpec, seed: int, num_views: int, device_aug: bool = False):
@@ -177,7 +183,7 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
                         autocast, device_aug: bool = False, with_features: bool = False) -> tuple[TeacherCache, dict]:
     """The cache for this teacher and data, built now if missing or stale. Returns (cache, info) where info says
     whether it was built and how long that took. Building is sharded over ranks; rank 0 writes the metadata.
-    `device_aug`: the run augments on its device (`data.TrainViews`), so the training views are made there too.
+    `device_aug`: the run augments on its device (`views.TrainViews`), so the training views are made there too.
     `with_features`: also store the teacher's pooled features of every training view (feature KD methods)."""
     import time
     if device_aug and not isinstance(sources["train"], PredecodedSource):
@@ -217,7 +223,7 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
             images = batch_views(batch, spec, device)  # [B, V, 3, S, S]
             b, v = images.shape[:2]
             with autocast():
-                x = normalize_batch(images.flatten(0, 1), device, channels_last=True)
+                x = normalize_batch(images.flatten(0, 1), device, True, input_norm(teacher))
                 logits, features = teacher.logits_and_features(x) if feature_dim and k else (teacher(x), None)
             logits = logits.float().view(b, v, -1).cpu().numpy().astype(np.float16)
             idx = batch["index"].numpy()

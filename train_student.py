@@ -34,10 +34,14 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainBatchSampler, TrainViews, apply_aug_records,
-                  load_splits, make_loader, normalize_batch, predecode_splits, unpack_raw)
 import kd_methods
+from augment import AugSpec, apply_aug_records
+from image_sources import VAL_FRACTION, load_splits
 from kd_methods import Distiller, LossTerms, build_method
+from normalization import input_norm, normalize_batch
+from predecode import predecode_splits
+from samplers import EpochSampler, ShardSampler, TrainBatchSampler
+from views import EvalViews, TrainViews, make_loader, unpack_raw
 from models import count_params, create_student, create_teacher, kd_loss_terms
 from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum, barrier,
                    broadcast_buffers, broadcast_module, broadcast_object, check, check_resume_config,
@@ -67,7 +71,13 @@ class SyntheticConfig:
 class DataConfig:
     name: str = opt("timm/mini-imagenet", "Hugging Face hub dataset id, or 'synthetic' for generated offline data")
     path: str = opt("", "local copy instead of the hub: a save_to_disk folder or an ImageFolder tree "
-                        "<split>/<class>/<image> with train, validation (or val) and test")
+                        "<split>/<class>/<image> with train, test and validation (or val, valid; carved from train "
+                        "when absent, see data.val_fraction)")
+    val_fraction: float = opt(VAL_FRACTION, "for a dataset with train and test splits only: the share of train "
+                                            "carved out as validation (printed at start-up); 0 requires a "
+                                            "validation split")
+    val_seed: int = opt(0, "seed of that carve; apart from train.seed, so every training seed validates on the "
+                           "same images")
     image_size: int = opt(224, "side of the training and evaluation views")
     crop_scale_min: float = opt(0.08, "RandomResizedCrop lower area bound (upper is 1)")
     hflip: bool = opt(True, "random horizontal flip of training views")
@@ -301,7 +311,7 @@ def evaluate(model: nn.Module, loader, device, channels_last: bool, autocast, nu
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss sum, count
     k = min(5, num_classes)
     for batch in loader:
-        x = normalize_batch(batch["image"], device, channels_last)
+        x = normalize_batch(batch["image"], device, channels_last, input_norm(model))
         y = batch["label"].to(device, non_blocking=True)
         with autocast():
             logits = model(x)
@@ -640,8 +650,8 @@ class Trainer:
         resolves to device)."""
         if "raw" in batch:
             views = apply_aug_records(unpack_raw(batch, self.device), batch["record"], self.spec)
-            return normalize_batch(views, self.device, self.channels_last)
-        return normalize_batch(batch["image"], self.device, self.channels_last)
+            return normalize_batch(views, self.device, self.channels_last, input_norm(self.student))
+        return normalize_batch(batch["image"], self.device, self.channels_last, input_norm(self.student))
 
     def start_profiler(self):
         """torch.profiler over training steps 3-7 (1 skipped, 1 warm-up, 5 recorded), trace in <run>/profile/."""

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from curriculum_dataloader import DIFFICULTY_STRATEGIES, STRATEGIES, CurriculumSampler
-from data import EvalViews, ShardSampler, make_loader, normalize_batch
+from normalization import input_norm, normalize_batch
+from samplers import ShardSampler
+from views import EvalViews, make_loader
 from models import difficulty_score
 from rl_curriculum_env import TARGETS, CurriculumEnv
 from train_student import Config, Trainer, run_training, validate
@@ -325,7 +327,7 @@ class CurriculumTrainer(Trainer):
         self.student.eval()
         indices, logits = [], []
         for batch in self.train_eval_loader:
-            x = normalize_batch(batch["image"], self.device, self.channels_last)
+            x = normalize_batch(batch["image"], self.device, self.channels_last, input_norm(self.student))
             with self.autocast():
                 out = self.student(x)
             indices.append(batch["index"].numpy())

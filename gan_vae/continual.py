@@ -38,10 +38,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import domain_tensor, load_task
 from gan_vae import forgetting
 from gan_vae.fid import (FeatureModule, FeaturesOf, FIDEvaluator, check_inception_path, inception_features,
                          train_domain_classifier)
+from gan_vae.tasks import domain_tensor, load_task
 from models import Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, nt_xent, relational_kd, vae_loss_terms
 from utils import (MetricLogger, UserError, check, config_differences, iter_schema, load_checkpoint, make_dirs, opt,
                    parse_config, plot_curves, prepare_run_dir, read_saved_config, read_jsonl, rng_state, run_cli, save_checkpoint, save_config, section,
@@ -809,7 +809,7 @@ def main(argv: list[str]) -> None:
     if dist.distributed:
         raise UserError("gan_vae.continual runs in one process; launch it with python, not torchrun")
     for spec in cfg.data.tasks:  # fail on a bad task before creating anything
-        from data import parse_task
+        from gan_vae.tasks import parse_task
         parse_task(spec)
     if not cfg.run.name:
         names = "-".join(Path(s.split(":")[0]).stem for s in cfg.data.tasks)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
-from data import TaskData, domain_tensor
+from gan_vae.tasks import TaskData, domain_tensor
 from utils import UserError, save_checkpoint
 
 

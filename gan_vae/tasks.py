@@ -1,0 +1,138 @@
+"""Image domains for continual generative learning: tasks over MNIST, Fashion-MNIST or .npz arrays.
+
+A task is a spec `source[:classes=...][:invert][:rotate=DEG]` (`parse_task`) loaded into uint8 arrays
+(`load_task`); `domain_tensor` turns them into the models' [-1, 1] input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from utils import UserError
+
+DOMAINS = ("mnist", "fashion_mnist")
+
+
+@dataclass
+class TaskData:
+    """One task: uint8 images [N, 28, 28] and labels [N] for train and test, after subset and transform.
+    `background` is the grey level of the images' background (0, or 255 after :invert), which pads them."""
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    background: int = 0
+
+
+def parse_task(spec: str) -> dict:
+    """`source[:classes=0-4|0,2,4][:invert][:rotate=DEG]` -> {"source", "classes", "invert", "rotate"}.
+    source is mnist, fashion_mnist or a path to an .npz file with `images` uint8 [N, 28, 28] and `labels`."""
+    parts = str(spec).split(":")
+    out = {"source": parts[0], "classes": None, "invert": False, "rotate": 0.0}
+    if not parts[0].endswith(".npz") and parts[0] not in DOMAINS:
+        raise UserError(f"unknown task '{parts[0]}' in data.tasks: use {', '.join(DOMAINS)} or an .npz file "
+                        "(images uint8 [N, 28, 28], labels [N])")
+    for part in parts[1:]:
+        if part == "invert":
+            out["invert"] = True
+        elif part.startswith("rotate="):
+            out["rotate"] = float(part.split("=", 1)[1])
+        elif part.startswith("classes="):
+            classes: list[int] = []
+            for item in filter(None, part.split("=", 1)[1].split(",")):
+                lo, _, hi = item.partition("-")
+                classes += list(range(int(lo), int(hi or lo) + 1))
+            if not classes:
+                raise UserError(f"task '{spec}': the class subset is empty; write e.g. classes=0-4 or classes=1,3")
+            out["classes"] = sorted(set(classes))
+        else:
+            raise UserError(f"task '{spec}': cannot read '{part}'; options are classes=..., invert, rotate=DEG")
+    return out
+
+
+def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise UserError(f"task file {path} does not exist")
+    try:
+        arrays = np.load(path)
+        missing = [k for k in ("images", "labels") if k not in arrays.files]
+        if missing:
+            raise UserError(f"{path} lacks the array(s) {missing} (it has {arrays.files}); it needs `images` uint8 "
+                            "[N, 28, 28] and `labels` [N]")
+        images, labels = arrays["images"], arrays["labels"]
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+        raise UserError(f"{path}: `images` is {images.dtype} {list(images.shape)}, expected uint8 [N, 28, 28]")
+    if labels.shape != (len(images),):
+        raise UserError(f"{path}: `labels` has shape {list(labels.shape)}, expected [{len(images)}]")
+    return images, labels.astype(np.int64)
+
+
+def _load_torchvision(name: str, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    import torchvision
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[name]
+    try:
+        ds = cls(str(root), train=train, download=True)
+    except Exception as exc:
+        raise UserError(f"cannot download {name} into data.root={root} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Offline? Put the torchvision files "
+                        f"under {root}, or use .npz tasks, e.g. data.tasks=[../shared/data/mnist_test.npz,"
+                        "../shared/data/fashion_mnist_test_part.npz]") from None
+    return ds.data.numpy().astype(np.uint8), ds.targets.numpy().astype(np.int64)
+
+
+MIN_TRAIN_IMAGES, MIN_TEST_IMAGES = 1, 3  # a task trains on something and has a test FID (more than 2 images)
+
+
+def load_task(spec: str, root: str, seed: int, test_fraction: float = 0.2) -> TaskData:
+    """A task by its spec (see parse_task). npz tasks get a seeded train/test split."""
+    t = parse_task(spec)
+    if t["source"].endswith(".npz"):
+        images, labels = _load_npz(Path(t["source"]))
+        order = np.random.default_rng([seed, 17]).permutation(len(images))
+        n_test = max(1, int(round(test_fraction * len(images))))
+        te, tr = order[:n_test], order[n_test:]
+        splits = (images[tr], labels[tr], images[te], labels[te])
+    else:
+        splits = (*_load_torchvision(t["source"], Path(root), True), *_load_torchvision(t["source"], Path(root), False))
+    tr_x, tr_y, te_x, te_y = splits
+    if t["classes"] is not None:
+        keep_tr, keep_te = np.isin(tr_y, t["classes"]), np.isin(te_y, t["classes"])
+        if not (keep_tr.any() or keep_te.any()):
+            raise UserError(f"task '{spec}': no images of classes {t['classes']} (labels present: "
+                            f"{sorted(set(tr_y.tolist()) | set(te_y.tolist()))})")
+        tr_x, tr_y, te_x, te_y = tr_x[keep_tr], tr_y[keep_tr], te_x[keep_te], te_y[keep_te]
+
+    if len(tr_x) < MIN_TRAIN_IMAGES or len(te_x) < MIN_TEST_IMAGES:
+        raise UserError(f"task '{spec}' has {len(tr_x)} training and {len(te_x)} test images after its class subset "
+                        f"and the data.test_fraction={test_fraction} split; a task needs at least {MIN_TRAIN_IMAGES} "
+                        f"training and {MIN_TEST_IMAGES} test images (FID needs more than 2). Lower "
+                        "data.test_fraction or widen the class subset")
+    # MNIST-like sources have a black (0) background; inverted, it is white. Rotation fills the corners it uncovers
+    # with that background, and domain_tensor pads with it, so no frame of the other colour appears.
+    background = 255 if t["invert"] else 0
+
+    def transform(x: np.ndarray) -> np.ndarray:
+        if t["invert"]:
+            x = 255 - x
+        if t["rotate"]:
+            x = TF.rotate(torch.from_numpy(x)[:, None], t["rotate"], fill=[float(background)]).squeeze(1).numpy()
+        return np.ascontiguousarray(x)
+
+    return TaskData(str(spec), transform(tr_x), tr_y, transform(te_x), te_y, background)
+
+
+def domain_tensor(images: np.ndarray, channels: int = 1, background: int = 0) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, channels, 32, 32] in [-1, 1], padded by 2 pixels of the `background` grey
+    level (exact, no resize)."""
+    x = torch.from_numpy(images).float().div_(127.5).sub_(1.0)[:, None]
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=background / 127.5 - 1.0)
+    return x.repeat(1, channels, 1, 1) if channels > 1 else x

@@ -1,0 +1,256 @@
+"""Image sources: where a dataset's images come from (the hub, a `save_to_disk` folder, an ImageFolder tree or the
+synthetic generator), as one `ImageSource` per split: index -> PIL image, plus labels and class names.
+
+Split names: the one table SPLIT_ALIASES says which folder or DatasetDict key serves each split (`validation` is
+also found as `val` or `valid`). A dataset with train and test but no validation split (CIFAR-10 as
+`save_to_disk`, say) gets a validation split carved from its training split by `carve_validation`
+(data.val_fraction, data.val_seed).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from synthetic_data import make_synthetic_dataset
+from utils import UserError
+
+SPLITS = ("train", "validation", "test")
+# The names each split may go by, in order of preference: the one alias rule for DatasetDict keys and folders.
+SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "valid"), "test": ("test",)}
+MINI_IMAGENET_HUB_ID = "timm/mini-imagenet"
+VAL_FRACTION = 0.1  # default data.val_fraction: the share of train carved out when a dataset has no validation
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image sources: index -> PIL image, plus labels and class names.
+# ----------------------------------------------------------------------------------------------------------------
+class ImageSource:
+    """One split of an image-classification dataset."""
+
+    labels: np.ndarray          # int64 [N]
+    class_names: list[str]
+    fingerprint: str
+    difficulty: np.ndarray | None = None  # float32 [N], ground truth (synthetic data only)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _open(self, fp, index: int) -> Image.Image:
+        try:
+            img = Image.open(fp)
+            img.load()
+            return img.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise UserError(f"cannot read image {self.describe(index)}: {exc}. "
+                            "Remove or replace the file (and its dataset row) and run again") from None
+
+
+def _hf_column(ds, preferred: str, kind) -> str | None:
+    """The column named `preferred`, else the only column whose feature is a `kind` (e.g. CIFAR-10's `img`)."""
+    if preferred in ds.column_names:
+        return preferred
+    of_kind = [name for name, feature in ds.features.items() if isinstance(feature, kind)]
+    return of_kind[0] if len(of_kind) == 1 else None
+
+
+class HFImageSource(ImageSource):
+    """A split of a Hugging Face dataset with an image column and a ClassLabel label column: `image` and `label`,
+    or else the only Image and the only ClassLabel column (CIFAR-10's `img` and `label`)."""
+
+    def __init__(self, ds, split: str, origin: str):
+        from datasets import ClassLabel
+        from datasets import Image as HFImage
+        image_col, label_col = _hf_column(ds, "image", HFImage), _hf_column(ds, "label", ClassLabel)
+        missing = [name for name, col in (("image", image_col), ("label", label_col)) if col is None]
+        if missing:
+            raise UserError(f"{origin} split '{split}' lacks column(s) {missing}; it has {ds.column_names}. "
+                            "Expected an `image` (or a single Image-typed) column and a ClassLabel `label` column")
+        self.split, self.origin = split, origin
+        if not hasattr(ds.features[label_col], "names"):
+            raise UserError(f"{origin} split '{split}': the `{label_col}` column is {ds.features[label_col]}, not a "
+                            "ClassLabel, so the class names (needed to align the teacher's outputs) are unknown. "
+                            f"Cast it with ds.cast_column('{label_col}', datasets.ClassLabel(names=[...]))")
+        self.class_names = list(ds.features[label_col].names)
+        self.labels = np.asarray(ds[label_col], dtype=np.int64)
+        self.difficulty = np.asarray(ds["difficulty"], dtype=np.float32) if "difficulty" in ds.column_names else None
+        # Decode ourselves so a corrupt file is reported by name instead of deep inside `datasets`.
+        self.ds = ds.cast_column(image_col, HFImage(decode=False)).select_columns([image_col])
+        self.image_col = image_col
+        self.fingerprint = getattr(ds, "_fingerprint", None) or f"{origin}:{split}:{len(ds)}"
+
+    def describe(self, index: int) -> str:
+        path = self.ds[int(index)][self.image_col].get("path")
+        return f"{self.origin} split '{self.split}' row {index}" + (f" ({path})" if path else "")
+
+    def load(self, index: int) -> Image.Image:
+        cell = self.ds[int(index)][self.image_col]
+        fp = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell.get("path")
+        return self._open(fp, index)
+
+
+class FolderImageSource(ImageSource):
+    """A split stored as an ImageFolder tree: `<root>/<class>/<image>`."""
+
+    def __init__(self, root: Path, class_names: list[str]):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+        self.root, self.class_names = root, class_names
+        items = make_dataset(str(root), {c: i for i, c in enumerate(class_names)}, IMG_EXTENSIONS,
+                             allow_empty=True)
+        if not items:
+            raise UserError(f"{root} holds no images (expected <class>/<image>.jpg below it)")
+        self.paths = [p for p, _ in items]
+        self.labels = np.asarray([y for _, y in items], dtype=np.int64)
+        listing = "\n".join(f"{Path(p).relative_to(root)}:{Path(p).stat().st_size}" for p in self.paths)
+        self.fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+    def describe(self, index: int) -> str:
+        return self.paths[int(index)]
+
+    def load(self, index: int) -> Image.Image:
+        return self._open(self.paths[int(index)], index)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a dataset by config.
+# ----------------------------------------------------------------------------------------------------------------
+def load_splits(data_cfg) -> dict[str, ImageSource]:
+    """The train / validation / test splits named by `data.name` and `data.path`."""
+    if data_cfg.name == "synthetic":
+        ds = make_synthetic_dataset(num_classes=data_cfg.synthetic.num_classes,
+                                    images_per_class=data_cfg.synthetic.images_per_class,
+                                    image_size=data_cfg.synthetic.image_size, seed=data_cfg.synthetic.seed,
+                                    eval_images_per_class=data_cfg.synthetic.eval_images_per_class or None,
+                                    label_noise=data_cfg.synthetic.label_noise)
+        return {s: HFImageSource(ds[s], s, "synthetic") for s in SPLITS}
+    if data_cfg.path:
+        return load_local(Path(data_cfg.path), data_cfg.val_fraction, data_cfg.val_seed)
+    return load_hub(data_cfg.name, data_cfg.val_fraction, data_cfg.val_seed)
+
+
+def load_hub(name: str, val_fraction: float = VAL_FRACTION, val_seed: int = 0) -> dict[str, ImageSource]:
+    import datasets
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as exc:  # network, auth, missing repo: many exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot load dataset '{name}' from the Hugging Face hub ({type(exc).__name__}: {first[:300]}). "
+            f"Offline? On a machine with internet run `python -c \"import datasets; "
+            f"datasets.load_dataset('{name}').save_to_disk('mini-imagenet')\"`, copy the folder here and pass "
+            "data.path=mini-imagenet (an ImageFolder tree <split>/<synset>/<image> works too), "
+            "or try the pipeline offline with data.name=synthetic") from None
+    return _hf_splits(ds, f"hub dataset {name}", val_fraction, val_seed)
+
+
+def find_split(split: str, available) -> str | None:
+    """The name under which `split` appears among `available` (DatasetDict keys or folder names), by
+    SPLIT_ALIASES; None when it is absent."""
+    return next((name for name in SPLIT_ALIASES[split] if name in available), None)
+
+
+def _hf_splits(ds, origin: str, val_fraction: float = VAL_FRACTION, val_seed: int = 0) -> dict[str, ImageSource]:
+    out = {}
+    for split in SPLITS:
+        found = find_split(split, ds)
+        if found is None and split == "validation" and val_fraction > 0:
+            continue  # carved from train below
+        if found is None:
+            raise UserError(f"{origin} has splits {list(ds.keys())}; need train, test and validation (or "
+                            "data.val_fraction > 0 to carve validation from train)")
+        if len(ds[found]) == 0:  # training would divide by zero; evaluation would report 0% of nothing
+            raise UserError(f"{origin} split '{found}' has no rows; every split needs images")
+        out[split] = HFImageSource(ds[found], split, origin)
+    return _with_validation(out, origin, val_fraction, val_seed)
+
+
+def load_local(path: Path, val_fraction: float = VAL_FRACTION, val_seed: int = 0) -> dict[str, ImageSource]:
+    """A `save_to_disk` DatasetDict folder, or an ImageFolder tree `<path>/{train,validation,test}/<class>/<img>`
+    (validation may be named val or valid, or be absent: then it is carved from train, see `carve_validation`)."""
+    if not path.exists():
+        raise UserError(f"data.path={path} does not exist")
+    if (path / "dataset_dict.json").is_file():
+        import datasets
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise UserError(f"data.path={path} looks like a save_to_disk folder but cannot be read: {exc}") from None
+        return _hf_splits(ds, f"dataset at {path}", val_fraction, val_seed)
+    folders = [d.name for d in path.iterdir() if d.is_dir()]
+    split_dirs = {split: path / found for split in SPLITS if (found := find_split(split, folders)) is not None}
+    if "train" not in split_dirs or "test" not in split_dirs or ("validation" not in split_dirs and val_fraction <= 0):
+        raise UserError(f"data.path={path} is not a dataset: expected a `save_to_disk` folder (with "
+                        "dataset_dict.json) or an ImageFolder tree with train/, test/ and validation/ (or val/, "
+                        "valid/; absent, it is carved from train by data.val_fraction) folders of <class>/<image> "
+                        "files")
+    class_names = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir())
+    for split, folder in split_dirs.items():  # images of a class the model does not have would be skipped silently
+        unknown = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in class_names)
+        if unknown:
+            raise UserError(f"{folder} has class folder(s) {unknown[:5]} that {split_dirs['train']} lacks; every "
+                            "split must use the training split's classes")
+    sources = {s: FolderImageSource(d, class_names) for s, d in split_dirs.items()}
+    return _with_validation(sources, f"data.path={path}", val_fraction, val_seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A validation split carved from train, for datasets that ship only train and test.
+# ----------------------------------------------------------------------------------------------------------------
+class SubsetSource(ImageSource):
+    """Rows `indices` (int64 [M], into `base`) of another source, under their own fingerprint."""
+
+    def __init__(self, base: ImageSource, indices: np.ndarray, fingerprint: str):
+        self.base, self.indices, self.fingerprint = base, np.asarray(indices, dtype=np.int64), fingerprint
+        self.labels, self.class_names = base.labels[self.indices], base.class_names
+        self.difficulty = base.difficulty[self.indices] if base.difficulty is not None else None
+
+    def load(self, index: int) -> Image.Image:
+        return self.base.load(int(self.indices[index]))
+
+    def describe(self, index: int) -> str:
+        return self.base.describe(int(self.indices[index]))
+
+
+def carve_validation(train: ImageSource, fraction: float, seed: int) -> tuple[SubsetSource, SubsetSource]:
+    """(remaining train, validation): M = round(fraction * N) of the N training images, drawn uniformly without
+    replacement by a permutation seeded with `seed` alone, form validation; the other N - M stay in train. Both keep
+    the original order and get fingerprints derived from train's, `fraction` and `seed`, so the split, and any
+    teacher cache or pre-decoded copy built on it, is the same on every call and every rank."""
+    if not 0 < fraction < 1:
+        raise UserError(f"data.val_fraction={fraction} must lie in (0, 1) to carve a validation split from train")
+    n = len(train)
+    m = int(round(fraction * n))
+    if not 0 < m < n:
+        raise UserError(f"data.val_fraction={fraction} of {n} training images leaves {m} for validation and "
+                        f"{n - m} for training; both need at least one")
+    order = np.random.default_rng(seed).permutation(n)
+
+    def part(name: str, indices: np.ndarray) -> SubsetSource:
+        key = [train.fingerprint, n, "carved-validation-v1", fraction, seed, name]
+        return SubsetSource(train, np.sort(indices), hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16])
+
+    return part("train", order[m:]), part("validation", order[:m])
+
+
+def _with_validation(sources: dict[str, ImageSource], origin: str, fraction: float, seed: int
+                     ) -> dict[str, ImageSource]:
+    """`sources` in SPLITS order, with validation carved from train (and said so on rank 0) when it is missing."""
+    if "validation" not in sources:
+        sources["train"], sources["validation"] = carve_validation(sources["train"], fraction, seed)
+        if int(os.environ.get("RANK", 0)) == 0:
+            n_val, n_train = len(sources["validation"]), len(sources["train"])
+            print(f"{origin} has no validation split: carved {n_val} of its {n_val + n_train} training images "
+                  f"as validation (data.val_fraction={fraction}, data.val_seed={seed}); training uses the other "
+                  f"{n_train}")
+    return {s: sources[s] for s in SPLITS}
