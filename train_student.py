@@ -22,7 +22,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -36,12 +35,12 @@ from tqdm import tqdm
 from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainBatchSampler, TrainViews, apply_aug_records,
                   load_splits, make_loader, normalize_batch, predecode_splits, unpack_raw)
 from models import count_params, create_student, create_teacher, kd_loss_terms
-from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum, barrier,
-                   broadcast_buffers, broadcast_module, broadcast_object, check, check_resume_config,
-                   cleanup_distributed, default_run_name, load_checkpoint, load_state_strict, make_dirs, opt,
-                   parse_config, plot_curves, prepare_run_dir, read_jsonl, read_saved_config, rng_state, run_cli,
-                   save_checkpoint, save_config, section, seed_everything, set_rng_state, setup_distributed,
-                   state_digest, to_plain, trace, trace_dir, write_json)
+from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum,
+                   atomic_write, barrier, broadcast_buffers, broadcast_module, broadcast_object, check,
+                   check_resume_config, cleanup_distributed, default_run_name, load_checkpoint, load_state_strict,
+                   make_dirs, opt, parse_config, plot_curves, prepare_run_dir, read_jsonl, read_saved_config,
+                   rng_state, run_cli, run_config, save_checkpoint, save_config, section, seed_everything,
+                   set_rng_state, setup_distributed, state_digest, to_plain, trace, trace_dir, write_json)
 
 
 # ================================================================================================================
@@ -141,11 +140,7 @@ class EvalConfig:
     latency: bool = opt(True, "measure the student's inference latency at batch 1 and 128 in the final report")
 
 
-@dataclass
-class RunConfig:
-    out_dir: str = opt("runs", "parent directory of run directories")
-    name: str = opt("", "run directory name (default train_student__<data>__s<seed>__<time>)")
-    resume: str = opt("", "'auto' continues <out_dir>/<name> from checkpoints/last.pt; or a checkpoint path")
+RunConfig = run_config("train_student", "<data>")
 
 
 @dataclass
@@ -337,11 +332,10 @@ def save_student_safetensors(model: nn.Module, path: Path) -> None:
     """Weights loadable with timm.create_model(name, num_classes=C, pretrained=True,
     pretrained_cfg_overlay=dict(file=path, num_classes=C)). The overlay's num_classes matters: without it timm
     assumes the 1000-way ImageNet head and silently drops our classifier weights."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        fh.write(save(state))
 
 
 # ================================================================================================================
