@@ -140,7 +140,9 @@ class EvalConfig:
     latency: bool = opt(True, "measure the student's inference latency at batch 1 and 128 in the final report")
 
 
-RunConfig = run_config("train_student", "<data>")
+@dataclass
+class RunConfig(run_config("train_student", "<data>")):
+    """The shared run.* keys, as a class of this module so that a config pickles (see utils.run_config)."""
 
 
 @dataclass

@@ -81,7 +81,8 @@ def section(cls: type) -> Any:
 def run_config(script: str, tag: str, checkpoint_path: str = "or a checkpoint path") -> type:
     """The `run` section every entry point shares (out_dir, name, resume), with its --help text naming the script's
     default run name, `default_run_name(script, tag, seed)`, and what its run.resume does with a checkpoint path.
-    An entry point with more run.* keys subclasses the returned dataclass."""
+    Subclass it at module level (with more run.* keys, or none): pickle finds a config's dataclass by module and
+    name, which a class made in here does not have."""
 
     @dataclasses.dataclass
     class RunConfig:
