@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normalization import IMAGENET_NORM, Norm, named_norm, pretrained_norm, renormalize
-from utils import UserError, load_state_strict
+from utils import UserError, freeze, load_state_strict
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,9 +228,7 @@ class FrozenTeacher(nn.Module):
     def __init__(self, model: nn.Module, class_index: list[int] | None, input_norm: Norm = IMAGENET_NORM):
         super().__init__()
         self.input_norm, self.own_norm = input_norm, pretrained_norm(getattr(model, "pretrained_cfg", None))
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = freeze(model)
         index = torch.as_tensor(class_index if class_index is not None else [], dtype=torch.long)
         self.register_buffer("class_index", index, persistent=False)
         self.restrict = class_index is not None
@@ -424,6 +422,22 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, weight: flo
     scores = critic(x_hat)
     (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
     return weight * ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def wgan_critic_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """WGAN critic loss (Arjovsky et al., 2017; Gulrajani et al., 2017 add `gradient_penalty` to it), a scalar to
+    minimise: the negated Wasserstein estimate
+
+        L_D = -( mean_b D(x_real_b) - mean_b D(x_fake_b) ),
+
+    so -L_D is the estimate itself. real_scores [B], fake_scores [B'] (critic outputs; B' may differ from B)."""
+    return -(real_scores.mean() - fake_scores.mean())
+
+
+def wgan_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
+    """WGAN generator loss (Arjovsky et al., 2017), a scalar to minimise: L_G = -mean_b D(G(z_b)).
+    fake_scores [B]: the critic's scores of generated images, with the graph back to the generator."""
+    return -fake_scores.mean()
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -43,12 +42,12 @@ from predecode import predecode_splits
 from samplers import EpochSampler, ShardSampler, TrainBatchSampler
 from views import EvalViews, TrainViews, make_loader, unpack_raw
 from models import count_params, create_student, create_teacher, kd_loss_terms
-from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum, barrier,
-                   broadcast_buffers, broadcast_module, broadcast_object, check, check_resume_config,
-                   cleanup_distributed, default_run_name, load_checkpoint, load_state_strict, make_dirs, opt,
-                   parse_config, plot_curves, prepare_run_dir, read_jsonl, read_saved_config, rng_state, run_cli,
-                   save_checkpoint, save_config, section, seed_everything, set_rng_state, setup_distributed,
-                   state_digest, to_plain, trace, trace_dir, write_json)
+from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum,
+                   atomic_write, barrier, broadcast_buffers, broadcast_module, broadcast_object, check,
+                   check_resume_config, cleanup_distributed, default_run_name, load_checkpoint, load_state_strict,
+                   make_dirs, opt, parse_config, plot_curves, prepare_run_dir, read_jsonl, read_saved_config,
+                   rng_state, run_cli, run_config, save_checkpoint, save_config, section, seed_everything,
+                   set_rng_state, setup_distributed, state_digest, to_plain, trace, trace_dir, write_json)
 
 
 # ================================================================================================================
@@ -190,10 +189,8 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
-    out_dir: str = opt("runs", "parent directory of run directories")
-    name: str = opt("", "run directory name (default train_student__<data>__s<seed>__<time>)")
-    resume: str = opt("", "'auto' continues <out_dir>/<name> from checkpoints/last.pt; or a checkpoint path")
+class RunConfig(run_config("train_student", "<data>")):
+    """The shared run.* keys, as a class of this module so that a config pickles (see utils.run_config)."""
 
 
 @dataclass
@@ -411,11 +408,10 @@ def save_student_safetensors(model: nn.Module, path: Path) -> None:
     """Weights loadable with timm.create_model(name, num_classes=C, pretrained=True,
     pretrained_cfg_overlay=dict(file=path, num_classes=C)). The overlay's num_classes matters: without it timm
     assumes the 1000-way ImageNet head and silently drops our classifier weights."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        fh.write(save(state))
 
 
 # ================================================================================================================

@@ -21,8 +21,9 @@ import random
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -75,6 +76,21 @@ def opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at th
 def section(cls: type) -> Any:
     """A nested config section."""
     return dataclasses.field(default_factory=cls)
+
+
+def run_config(script: str, tag: str, checkpoint_path: str = "or a checkpoint path") -> type:
+    """The `run` section every entry point shares (out_dir, name, resume), with its --help text naming the script's
+    default run name, `default_run_name(script, tag, seed)`, and what its run.resume does with a checkpoint path.
+    Subclass it at module level (with more run.* keys, or none): pickle finds a config's dataclass by module and
+    name, which a class made in here does not have."""
+
+    @dataclasses.dataclass
+    class RunConfig:
+        out_dir: str = opt("runs", "parent directory of run directories")
+        name: str = opt("", f"run directory name (default {script}__{tag}__s<seed>__<time>)")
+        resume: str = opt("", f"'auto' continues <out_dir>/<name> from checkpoints/last.pt; {checkpoint_path}")
+
+    return RunConfig
 
 
 def iter_schema(schema: type, prefix: str = ""):
@@ -509,10 +525,28 @@ def check_resume_config(saved: dict | None, current: DictConfig, source: str,
                     "drop run.resume and pick a new run.name")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+@contextmanager
+def atomic_write(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Open `<path>.tmp` for writing (mode "w" or "wb"); on a clean exit flush, fsync and rename it over `path`, so
+    a reader or a crash mid-write finds the old file or the new one, never half of one (os.replace is atomic on
+    POSIX). On an error the temp file is removed and `path` is left as it was. The one atomic writer: checkpoints,
+    JSON, configs, metrics and exported weights all go through it."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_write(path) as fh:
+        fh.write(text)
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -534,16 +568,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
     """Atomically write `state` with torch.save: a crash mid-write leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -567,6 +593,24 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict, what: str) -> N
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Frozen modules: a teacher, a replay generator, a copy kept as a distillation target.
+# ----------------------------------------------------------------------------------------------------------------
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode (BatchNorm on its running statistics, no dropout, no spectral-norm power iteration) and no gradient
+    for any parameter. Returns the module, so `freeze(copy.deepcopy(model))` keeps a fixed copy in one step."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def unfreeze(module: torch.nn.Module) -> torch.nn.Module:
+    """The inverse of `freeze`: training mode and gradients for every parameter."""
+    module.train()
+    module.requires_grad_(True)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Metrics: one JSON line per epoch, TensorBoard behind a flag.
 # ----------------------------------------------------------------------------------------------------------------
 class MetricLogger:
@@ -578,12 +622,17 @@ class MetricLogger:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(tensorboard_dir))
 
-    def truncate_after(self, epoch: int) -> None:
-        """Keep only lines with `epoch` < the given one: a resumed run re-does epochs past its checkpoint."""
+    def keep_where(self, keep: Callable[[dict], bool]) -> None:
+        """Rewrite the file, atomically, with only the lines whose record satisfies `keep` (each kept line as it
+        was written): a resumed run drops what it logged after its checkpoint, since it logs that again."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < epoch]
+        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and keep(json.loads(ln))]
         write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
+
+    def truncate_after(self, epoch: int) -> None:
+        """Keep only lines with `epoch` < the given one: a resumed run re-does epochs past its checkpoint."""
+        self.keep_where(lambda record: record["epoch"] < epoch)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

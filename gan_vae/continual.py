@@ -31,21 +31,26 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from gan_vae import forgetting
 from gan_vae.fid import (FeatureModule, FeaturesOf, FIDEvaluator, check_inception_path, inception_features,
                          train_domain_classifier)
 from gan_vae.tasks import domain_tensor, load_task
-from models import Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, nt_xent, relational_kd, vae_loss_terms
-from utils import (MetricLogger, UserError, check, config_differences, iter_schema, load_checkpoint, make_dirs, opt,
-                   parse_config, plot_curves, prepare_run_dir, read_saved_config, read_jsonl, rng_state, run_cli, save_checkpoint, save_config, section,
-                   seed_everything, set_rng_state, setup_distributed, to_plain, write_json)
+from models import (Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, nt_xent, relational_kd, vae_loss_terms,
+                    wgan_critic_loss, wgan_generator_loss)
+from utils import (MetricLogger, UserError, check, config_differences, default_run_name, freeze, iter_schema,
+                   load_checkpoint, make_dirs, opt, parse_config, plot_curves, prepare_run_dir, read_jsonl,
+                   read_saved_config, rng_state, run_cli, run_config, save_checkpoint, save_config, section,
+                   seed_everything, set_rng_state, setup_distributed, to_plain, unfreeze, write_json)
 
 
 # ================================================================================================================
@@ -127,11 +132,8 @@ class TrainConfig:
 
 
 @dataclass
-class RunConfig:
-    out_dir: str = opt("runs", "parent directory of run directories")
-    name: str = opt("", "run directory name (default gan_vae__<tasks>__s<seed>__<time>)")
-    resume: str = opt("", "'auto' continues <out_dir>/<name> from checkpoints/last.pt; a checkpoint path starts "
-                          "from that file (another run's task_<i>.pt: training keys of later tasks may differ)")
+class RunConfig(run_config("gan_vae", "<tasks>", "a checkpoint path starts from that file (another run's task_<i>.pt: "
+                                                 "training keys of later tasks may differ)")):
     checkpoint_every: int = opt(500, "also checkpoint every this many steps within a phase")
 
 
@@ -169,6 +171,9 @@ def validate(cfg) -> None:
     check(0 < cfg.kd.weight_floor <= cfg.kd.weight_ceiling, "need 0 < kd.weight_floor <= kd.weight_ceiling")
     check(cfg.kd.temperature_min > 0 and cfg.kd.temperature_max >= cfg.kd.temperature_min,
           "need 0 < kd.temperature_min <= kd.temperature_max")
+    for name, entry in STUDENT_LOSSES.items():
+        check(entry.weight is None or isinstance(OmegaConf.select(cfg, entry.weight), (int, float)),
+              f"student loss {name!r} is weighted by {entry.weight}, which is not a number in the config")
 
 
 # ================================================================================================================
@@ -259,6 +264,184 @@ def check_resume_config(ckpt: dict, path: Path, cfg, run_dir: Path) -> None:
 
 
 # ================================================================================================================
+# The student's loss: a table of terms. Adding a term is one STUDENT_LOSSES entry (and a config weight for it).
+# ================================================================================================================
+@dataclass
+class StudentStep:
+    """What a student loss term reads at one training step. Terms only read it: no optimiser step, nothing kept
+    between steps. B rows: the replayed tasks' rows first, the current task's rows last.
+
+    x [B, C, 32, 32]: the images the student sees (mixed ones with student.mixup); task_ids [B]; mix: (partner task
+    ids [B], lambda [B]) or None; replayed [B] bool: the rows of earlier tasks; row_weight [B]: 1 on current-task
+    rows, the replayed expert's adaptive weight on the others (every replay and distillation term scales its rows
+    by it); expert_of [B]: the expert behind each row; temperature: the relational-KD temperature; generator: this
+    step's seeded RNG (augmentations draw from it, in table order). student; previous: its frozen copy from before
+    the task, or None; critics and projections: one per expert; cfg: the run's config."""
+    cfg: Any
+    student: TaskVAE
+    previous: TaskVAE | None
+    critics: list[Critic]
+    projections: nn.ModuleList
+    x: torch.Tensor
+    task_ids: torch.Tensor
+    mix: tuple[torch.Tensor, torch.Tensor] | None
+    replayed: torch.Tensor
+    row_weight: torch.Tensor
+    expert_of: torch.Tensor
+    temperature: float
+    generator: torch.Generator
+
+    @cached_property
+    def vae(self) -> dict[str, torch.Tensor]:
+        """The student's training-mode forward on x, once per step (models.vae_loss_terms): per-row loss, recon,
+        kl_z, kl_u [B], encoder features h [B, H], posterior means mu_z [B, Z] and mu_u [B, U]."""
+        return vae_loss_terms(self.student, self.x, self.task_ids, self.cfg.student.beta, self.mix)
+
+    @cached_property
+    def critic_features(self) -> torch.Tensor:
+        """[B, F]: each row's features from its own expert's critic, on exactly the images the student sees (mixed
+        ones included); no gradient. Once per step."""
+        features = torch.zeros(len(self.x), self.critics[0].feature_dim, device=self.x.device)
+        with torch.no_grad():
+            for e in self.expert_of.unique().tolist():
+                rows = self.expert_of == e
+                features[rows] = self.critics[e].features(self.x[rows])
+        return features
+
+
+class TermValue(NamedTuple):
+    """A student loss term's value: `loss`, a scalar before the entry's weight, and what metrics.jsonl records as
+    student/<key> (None: `loss` itself, under the entry's name)."""
+    loss: torch.Tensor
+    logged: dict[str, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class StudentLoss:
+    """One entry of STUDENT_LOSSES.
+
+    compute(step) -> TermValue | None: the term on this step (None: left out of the sum and the log this step).
+    weight: the dotted config key of its weight in the sum, e.g. "kd.feature_weight"; None adds it with weight 1.
+    prepare(step) -> anything (optional): runs for every entry, in table order, before any compute, so before the
+        student's training-mode forward moves its BatchNorm running statistics; compute is then called as
+        compute(step, prepared)."""
+    compute: Callable[..., TermValue | None]
+    weight: str | None = None
+    prepare: Callable[[StudentStep], Any] | None = None
+
+
+def vae_term(step: StudentStep) -> TermValue:
+    """beta-VAE loss with replay (Kingma and Welling, 2014; Higgins et al., 2017), rows weighted:
+
+        L = mean_b w_b [ recon_b + beta (KL_z,b + KL_u,b) ]      (models.vae_loss_terms; KL_u to p(u | task_b))
+
+    On replayed rows it is output-level distillation: they reconstruct their expert's samples under their task id.
+    Logged: recon, kl_z and kl_u, unweighted row means."""
+    out = step.vae
+    return TermValue((step.row_weight * out["loss"]).mean(),
+                     {"recon": out["recon"].mean(), "kl_z": out["kl_z"].mean(), "kl_u": out["kl_u"].mean()})
+
+
+def contrastive_term(step: StudentStep) -> TermValue:
+    """NT-Xent (SimCLR, Chen et al., 2020; models.nt_xent) between the z-means [B, Z] of two augmented views of x.
+    Not row-weighted: it shapes the student's own encoder and distils no teacher."""
+    _, (mu1, _), _ = step.student.encode(augment(step.x, step.generator))
+    _, (mu2, _), _ = step.student.encode(augment(step.x, step.generator))
+    return TermValue(nt_xent(mu1, mu2, step.cfg.student.contrastive_temperature))
+
+
+def feature_kd_term(step: StudentStep) -> TermValue:
+    """Feature-level distillation (FitNets, Romero et al., 2015), through a projection P_e per expert e:
+
+        L = mean_b w_b mean_d ( P_e(b)(h_b) - phi_e(b)(x_b) )_d^2
+
+    h [B, H]: the student's encoder features; phi_e(b) [F]: the critic features of row b's expert."""
+    h, target = step.vae["h"], step.critic_features
+    error = torch.zeros(len(step.x), device=step.x.device)
+    for e in step.expert_of.unique().tolist():
+        rows = step.expert_of == e
+        error[rows] = (step.projections[e](h[rows]) - target[rows]).pow(2).mean(1)
+    return TermValue((step.row_weight * error).mean())
+
+
+def relational_kd_term(step: StudentStep) -> TermValue:
+    """Relational distillation (after Park et al., 2019; models.relational_kd): each row's similarities to the other
+    rows of its expert, student z-means [B, Z] against that expert critic's features [B, F], compared as softmax
+    distributions at the dynamic temperature; row b's KL scaled by w_b."""
+    return TermValue(relational_kd(step.critic_features, step.vae["mu_z"], step.temperature, groups=step.expert_of,
+                                   weights=step.row_weight))
+
+
+def self_distillation(student: TaskVAE, previous: TaskVAE, x: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
+    """Per-row self-distillation [B] (zero on current-task rows): on replayed images x[replayed], the student's
+    mean reconstruction is matched to that of its frozen copy from before the task and its posterior means to the
+    copy's:
+
+        d_b = KL( Bern(sigmoid(l'_b)) || Bern(sigmoid(l_b)) ) + ||mu_z,b - mu'_z,b||^2 + ||mu_u,b - mu'_u,b||^2
+
+    (the Bernoulli KL summed over pixels, the scale of the reconstruction term; primes: the copy). Both run in eval
+    mode: the copy as it was (BatchNorm with the running statistics of its own tasks, not the batch statistics of a
+    batch that mixes in the new task) and the student as it is evaluated. Like with like, so identical weights give
+    exactly 0; eval mode is row-wise, so only replayed rows run. The student's training mode is left as it was."""
+    per = torch.zeros(len(x), device=x.device)
+    if not replayed.any():
+        return per
+    old = x[replayed]
+    previous.eval()
+    with torch.no_grad():
+        _, (p_mu_z, _), (p_mu_u, _) = previous.encode(old)
+        p_logits = previous.decode_logits(p_mu_z, p_mu_u)
+    was_training = student.training
+    student.eval()
+    _, (mu_z, _), (mu_u, _) = student.encode(old)
+    logits = student.decode_logits(mu_z, mu_u)
+    student.train(was_training)
+    per[replayed] = bernoulli_kl(p_logits, logits) + (mu_z - p_mu_z).pow(2).sum(1) + (mu_u - p_mu_u).pow(2).sum(1)
+    return per
+
+
+def previous_kd_prepare(step: StudentStep) -> torch.Tensor | None:
+    # before the training-mode forward: at a task's first step the student's running statistics are still exactly
+    # the copy's, so the term starts at exactly 0
+    return None if step.previous is None else self_distillation(step.student, step.previous, step.x, step.replayed)
+
+
+def previous_kd_term(step: StudentStep, per_row: torch.Tensor | None) -> TermValue | None:
+    """Self-distillation to the copy from before the task (`self_distillation`, per row d [B]), rows weighted:
+    L = mean_b w_b d_b. Logged: the mean of d over the replayed rows. Off (None) without a copy: on the first task,
+    with student.replay=false or kd.previous_weight=0."""
+    if per_row is None:
+        return None
+    return TermValue((step.row_weight * per_row).mean(), {"previous_kd": per_row[step.replayed].mean()})
+
+
+# Terms are computed and summed in this order: the augmentations draw from the step's generator and the training-
+# mode forwards move BatchNorm statistics in it, and float sums are not associative, so reordering changes results.
+STUDENT_LOSSES: dict[str, StudentLoss] = {
+    "vae": StudentLoss(vae_term),
+    "contrastive": StudentLoss(contrastive_term, weight="student.contrastive_weight"),
+    "feature_kd": StudentLoss(feature_kd_term, weight="kd.feature_weight"),
+    "relational_kd": StudentLoss(relational_kd_term, weight="kd.relational_weight"),
+    "previous_kd": StudentLoss(previous_kd_term, weight="kd.previous_weight", prepare=previous_kd_prepare),
+}
+
+
+def student_loss(step: StudentStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The student's loss, sum_k w_k L_k over the STUDENT_LOSSES entries active this step (w_k: the entry's config
+    weight, 1 without one), a scalar with its graph; and every logged value, detached, by name."""
+    prepared = {name: entry.prepare(step) for name, entry in STUDENT_LOSSES.items() if entry.prepare is not None}
+    total, logged = None, {}
+    for name, entry in STUDENT_LOSSES.items():
+        value = entry.compute(step, prepared[name]) if name in prepared else entry.compute(step)
+        if value is None:
+            continue
+        term = value.loss if entry.weight is None else OmegaConf.select(step.cfg, entry.weight) * value.loss
+        total = term if total is None else total + term
+        logged.update({k: v.detach() for k, v in (value.logged or {name: value.loss}).items()})
+    return total, logged
+
+
+# ================================================================================================================
 # The run
 # ================================================================================================================
 class Expert:
@@ -276,16 +459,12 @@ class Expert:
         self.freeze()
 
     def freeze(self) -> None:
-        for m in (self.generator, self.critic):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
+        freeze(self.generator)
+        freeze(self.critic)
 
     def unfreeze(self) -> None:
-        for m in (self.generator, self.critic):
-            m.train()
-            for p in m.parameters():
-                p.requires_grad_(True)
+        unfreeze(self.generator)
+        unfreeze(self.critic)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -407,7 +586,7 @@ class ContinualRun:
             write_json(self.run_dir / "experts.json", {"decisions": self.decisions,
                                                        "task_to_expert": self.task_to_expert})
         expert = self.experts[index]
-        self.frozen = copy.deepcopy(expert.generator).eval() if expert.tasks else None  # replay of its old tasks
+        self.frozen = freeze(copy.deepcopy(expert.generator)) if expert.tasks else None  # replay of its old tasks
 
     def train_teacher(self, t: int, start_step: int) -> None:
         cfg, tc = self.cfg, self.cfg.teacher
@@ -447,22 +626,21 @@ class ContinualRun:
             fake = expert.generator(torch.randn(len(real), tc.z_dim, generator=g).to(self.device)).detach()
             eps = torch.rand(len(real), 1, 1, 1, generator=g).to(self.device)
             gp = gradient_penalty(expert.critic, real, fake, tc.gp_weight, eps)
-            wdist = expert.critic(real).mean() - expert.critic(fake).mean()
-            loss_d = -wdist + gp
+            loss_w = wgan_critic_loss(expert.critic(real), expert.critic(fake))
+            loss_d = loss_w + gp
             expert.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             expert.opt_d.step()
-        for p in expert.critic.parameters():
-            p.requires_grad_(False)
-        loss_g = -expert.critic(expert.generator(torch.randn(tc.batch_size, tc.z_dim, generator=g)
-                                                 .to(self.device))).mean()
+        # the generator step must not train the critic (its eval mode changes nothing: no BatchNorm, no dropout)
+        freeze(expert.critic)
+        loss_g = wgan_generator_loss(expert.critic(expert.generator(torch.randn(tc.batch_size, tc.z_dim, generator=g)
+                                                                    .to(self.device))))
         expert.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         expert.opt_g.step()
-        for p in expert.critic.parameters():
-            p.requires_grad_(True)
-        return {"teacher/loss_d": loss_d.item(), "teacher/loss_g": loss_g.item(), "teacher/wasserstein": wdist.item(),
-                "teacher/gp": gp.item()}
+        unfreeze(expert.critic)
+        return {"teacher/loss_d": loss_d.item(), "teacher/loss_g": loss_g.item(),
+                "teacher/wasserstein": -loss_w.item(), "teacher/gp": gp.item()}
 
     def train_student(self, t: int, start_step: int) -> None:
         cfg, sc, kd = self.cfg, self.cfg.student, self.cfg.kd
@@ -479,24 +657,35 @@ class ContinualRun:
         bar = tqdm(range(start_step, sc.steps), desc=f"task {t} student", dynamic_ncols=True, initial=start_step,
                    total=sc.steps)
         for step in bar:
-            g = torch.Generator().manual_seed(step_seed(cfg.train.seed, t, 1, step))
-            x, task_ids, mix = self.student_batch(t, seen, g)
-            weight = self.row_weights(task_ids, t)
-            fid_now = float(np.mean([self.experts[self.task_to_expert[j]].latest_fid for j in seen]))
-            temperature = dynamic_temperature(step, sc.steps, kd.temperature_max, kd.temperature_min, fid_now,
-                                              cfg.teacher.fid_threshold, kd.temperature_fid_gain)
-            losses = self.student_losses(t, x, task_ids, mix, weight, temperature, g)
+            batch = self.student_step(t, seen, step)
+            loss, logged = student_loss(batch)
             self.opt_s.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            loss.backward()
             self.opt_s.step()
-            if not math.isfinite(losses["loss"].item()):
+            if not math.isfinite(loss.item()):
                 raise UserError(f"the student loss became non-finite at task {t}, step {step}; lower student.lr")
-            record = {f"student/{k}": v.item() for k, v in losses.items()}
-            record["kd/temperature"] = temperature
+            record = {f"student/{k}": v.item() for k, v in logged.items()}
+            record["student/loss"] = loss.item()
+            record["kd/temperature"] = batch.temperature
             for j in seen:
                 if j != t:
-                    record[f"kd/weight_task{j}"] = float(weight[task_ids == j][0])
+                    record[f"kd/weight_task{j}"] = float(batch.row_weight[batch.task_ids == j][0])
             self.after_step(t, "student", step, sc.steps, record)
+
+    def student_step(self, t: int, seen: list[int], step: int) -> StudentStep:
+        """What the loss terms read at student step `step` of task t: the replay batch (`student_batch`, from this
+        step's seeded generator), its row weights, the relational temperature and the networks."""
+        cfg, kd = self.cfg, self.cfg.kd
+        g = torch.Generator().manual_seed(step_seed(cfg.train.seed, t, 1, step))
+        x, task_ids, mix = self.student_batch(t, seen, g)
+        fid_now = float(np.mean([self.experts[self.task_to_expert[j]].latest_fid for j in seen]))
+        temperature = dynamic_temperature(step, cfg.student.steps, kd.temperature_max, kd.temperature_min, fid_now,
+                                          cfg.teacher.fid_threshold, kd.temperature_fid_gain)
+        expert_of = torch.tensor([self.task_to_expert[j] for j in task_ids.tolist()], device=self.device)
+        return StudentStep(cfg=cfg, student=self.student, previous=self.previous,
+                           critics=[e.critic for e in self.experts], projections=self.projections, x=x,
+                           task_ids=task_ids, mix=mix, replayed=task_ids != t, row_weight=self.row_weights(task_ids, t),
+                           expert_of=expert_of, temperature=temperature, generator=g)
 
     def student_batch(self, t: int, seen: list[int], g: torch.Generator):
         """One student batch: real task-t images and, for every earlier seen task, images from that task's expert
@@ -533,74 +722,13 @@ class ContinualRun:
                                                     kd.weight_floor, kd.weight_ceiling)
         return torch.tensor([w[j] for j in task_ids.tolist()], device=self.device)
 
-    def student_losses(self, t: int, x: torch.Tensor, task_ids: torch.Tensor, mix, weight: torch.Tensor,
-                       temperature: float, g: torch.Generator) -> dict[str, torch.Tensor]:
-        """The student's named losses on batch x and their weighted sum `loss`. Every term but the contrastive one
-        is a mean over rows scaled by the row weights: the VAE loss (replay), feature and relational distillation
-        and self-distillation. Teacher features come from the critic of each row's expert, on exactly the images
-        the student sees (mixed ones included)."""
-        sc, kd = self.cfg.student, self.cfg.kd
-        replayed = task_ids != t
-        # first, while the student's running statistics are those of the copy at a task's first step (exactly 0)
-        per_previous = self.previous_kd(x, replayed) if self.previous is not None else None
-        terms = vae_loss_terms(self.student, x, task_ids, sc.beta, mix)
-        loss_vae = (weight * terms["loss"]).mean()
-        # contrastive: z-means of two augmented views
-        _, (mu1, _), _ = self.student.encode(augment(x, g))
-        _, (mu2, _), _ = self.student.encode(augment(x, g))
-        loss_con = nt_xent(mu1, mu2, sc.contrastive_temperature)
-        # feature level, per expert: that expert's projection of the encoder features vs its critic's features
-        expert_of = torch.tensor([self.task_to_expert[j] for j in task_ids.tolist()], device=self.device)
-        critic_feats = torch.zeros(len(x), self.experts[0].critic.feature_dim, device=self.device)
-        feat_error = torch.zeros(len(x), device=self.device)
-        for e in expert_of.unique().tolist():
-            rows = expert_of == e
-            with torch.no_grad():
-                critic_feats[rows] = self.experts[e].critic.features(x[rows])
-            feat_error[rows] = (self.projections[e](terms["h"][rows]) - critic_feats[rows]).pow(2).mean(1)
-        loss_feat = (weight * feat_error).mean()
-        # relational: similarities among the rows of one expert only (its critic's feature space)
-        loss_rel = relational_kd(critic_feats, terms["mu_z"], temperature, groups=expert_of, weights=weight)
-        loss = loss_vae + sc.contrastive_weight * loss_con + kd.feature_weight * loss_feat + \
-            kd.relational_weight * loss_rel
-        out = {"recon": terms["recon"].mean(), "kl_z": terms["kl_z"].mean(), "kl_u": terms["kl_u"].mean(),
-               "contrastive": loss_con, "feature_kd": loss_feat, "relational_kd": loss_rel}
-        if per_previous is not None:
-            loss = loss + kd.previous_weight * (weight * per_previous).mean()
-            out["previous_kd"] = per_previous[replayed].mean()
-        out["loss"] = loss
-        return {k: v.detach() if k != "loss" else v for k, v in out.items()}
-
     @staticmethod
     def _frozen_copy(model: nn.Module) -> nn.Module:
-        copy_ = copy.deepcopy(model).eval()
-        for p in copy_.parameters():
-            p.requires_grad_(False)
-        return copy_
+        return freeze(copy.deepcopy(model))
 
     def previous_kd(self, x: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
-        """Per-sample self-distillation [B] (zero on current-task rows): on replayed images, the student's mean
-        reconstruction is matched to that of its frozen copy from before the task (Bernoulli KL summed over pixels,
-        the scale of the reconstruction term) and its posterior means to the copy's (squared distance).
-
-        Both run in eval mode for this term: the copy as it was (BatchNorm with the running statistics of its own
-        tasks, not the batch statistics of a batch that mixes in the new task) and the student as it is evaluated.
-        Like with like, so identical weights give exactly 0; eval mode is row-wise, so only replayed rows run."""
-        per = torch.zeros(len(x), device=x.device)
-        if not replayed.any():
-            return per
-        old = x[replayed]
-        self.previous.eval()
-        with torch.no_grad():
-            _, (p_mu_z, _), (p_mu_u, _) = self.previous.encode(old)
-            p_logits = self.previous.decode_logits(p_mu_z, p_mu_u)
-        was_training = self.student.training
-        self.student.eval()
-        _, (mu_z, _), (mu_u, _) = self.student.encode(old)
-        logits = self.student.decode_logits(mu_z, mu_u)
-        self.student.train(was_training)
-        per[replayed] = bernoulli_kl(p_logits, logits) + (mu_z - p_mu_z).pow(2).sum(1) + (mu_u - p_mu_u).pow(2).sum(1)
-        return per
+        """Per-row self-distillation [B] of the student against its copy from before the task (`self_distillation`)."""
+        return self_distillation(self.student, self.previous, x, replayed)
 
     # ---- evaluation --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -709,7 +837,7 @@ class ContinualRun:
         self.matrices, self.progress = ckpt["matrices"], ckpt["progress"]
         if ckpt["frozen"] is not None:
             expert = self.experts[self.task_to_expert[self.progress["task"]]]
-            self.frozen = copy.deepcopy(expert.generator).eval()
+            self.frozen = freeze(copy.deepcopy(expert.generator))
             self.frozen.load_state_dict(ckpt["frozen"])
         if ckpt.get("previous") is not None:
             cfg = self.cfg.student
@@ -793,13 +921,9 @@ def finish(run: ContinualRun, run_dir: Path) -> dict:
 PHASES = {"decide": 0, "teacher": 1, "student": 2}
 
 
-def drop_lines_after(path: Path, progress: dict) -> None:
-    """Remove metrics lines logged after the checkpoint a run resumes from (they will be logged again)."""
-    if not path.exists():
-        return
-    here = (progress["task"], PHASES[progress["phase"]], progress["step"])
-    kept = [r for r in read_jsonl(path) if (r["task"], PHASES[r["phase"]], r["step"]) <= here]
-    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+def progress_order(record: dict) -> tuple[int, int, int]:
+    """Where a progress dict or a metrics line sits in a run: (task, phase, step), ordered as the run goes."""
+    return record["task"], PHASES[record["phase"]], record["step"]
 
 
 def main(argv: list[str]) -> None:
@@ -813,7 +937,7 @@ def main(argv: list[str]) -> None:
         parse_task(spec)
     if not cfg.run.name:
         names = "-".join(Path(s.split(":")[0]).stem for s in cfg.data.tasks)
-        cfg.run.name = f"gan_vae__{names}__s{cfg.train.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg.run.name = default_run_name("gan_vae", names, cfg.train.seed)
     make_dirs({"run.out_dir": Path(cfg.run.out_dir), **({"fid.cache_dir": Path(cfg.fid.cache_dir)}
                                                           if cfg.fid.cache_dir else {})}, dist, probe=True)
     run = ContinualRun(cfg, None, dist.device)  # loads every task: a task without images fails before the run dir
@@ -836,8 +960,9 @@ def main(argv: list[str]) -> None:
         print(f"resumed from {resume_from}: task {run.progress['task']}, {run.progress['phase']} step "
               f"{run.progress['step']}")
     run.logger = MetricLogger(run_dir / "metrics.jsonl", True)
-    if resume_from is not None:
-        drop_lines_after(run_dir / "metrics.jsonl", run.progress)
+    if resume_from is not None:  # lines logged after the checkpoint are logged again
+        here = progress_order(run.progress)
+        run.logger.keep_where(lambda record: progress_order(record) <= here)
     run.run()
     results = finish(run, run_dir)
     results["time/wall_s"] = time.perf_counter() - start

@@ -24,7 +24,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
 from gan_vae.tasks import TaskData, domain_tensor
-from utils import UserError, save_checkpoint
+from utils import UserError, freeze, save_checkpoint
 
 
 class DomainClassifier(nn.Module):
@@ -59,7 +59,7 @@ class FeatureModule(nn.Module):
 
     def __init__(self, extractor: nn.Module, feature_dim: int, to_input=None):
         super().__init__()
-        self.extractor = extractor.eval()
+        self.extractor = freeze(extractor)
         self.num_features = feature_dim
         self.to_input = to_input
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from utils import write_text_atomic
+
 
 def forgetting(matrix: list[list[float | None]]) -> list[float | None]:
     """Chaudhry et al. (2018) forgetting, for lower-is-better metrics: for each task j before the last,
@@ -110,5 +112,5 @@ def report(results: dict, tasks: list[str], out_dir: Path) -> str:
             f"BWT: {'-' if bwt is None else f'{bwt:+.4g}'}", ""]
         heatmap(m, tasks, title, out_dir / f"heatmap_{key}.png")
     text = "\n".join(lines) + "\n"
-    (out_dir / "forgetting_report.md").write_text(text)
+    write_text_atomic(out_dir / "forgetting_report.md", text)
     return text

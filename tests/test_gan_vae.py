@@ -12,7 +12,7 @@ from gan_vae import forgetting
 from gan_vae.continual import decide_expert, dynamic_temperature, expert_weight
 from gan_vae.fid import FeatureModule, FIDEvaluator
 from models import (Critic, Generator, TaskVAE, bernoulli_kl, gaussian_kl, gradient_penalty, nt_xent, relational_kd,
-                    vae_loss_terms)
+                    vae_loss_terms, wgan_critic_loss, wgan_generator_loss)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -37,6 +37,17 @@ def test_gradient_penalty_on_a_linear_critic():
     gp = gradient_penalty(critic, real, fake, 10.0, eps=torch.rand(5, 1, 1, 1))
     gp.backward()  # create_graph: the penalty trains the critic
     assert critic.w.grad is not None and critic.w.grad.abs().sum() > 0
+
+
+def test_wgan_losses_by_hand():
+    real, fake = torch.tensor([1.0, 2.0, 3.0], requires_grad=True), torch.tensor([0.5, 1.5], requires_grad=True)
+    # mean D(real) = 2, mean D(fake) = 1: Wasserstein estimate 1, critic loss -1, generator loss -1
+    loss_d = wgan_critic_loss(real, fake)
+    assert loss_d.item() == pytest.approx(-1.0)
+    loss_d.backward()
+    assert torch.allclose(real.grad, torch.full((3,), -1 / 3)) and torch.allclose(fake.grad, torch.full((2,), 0.5))
+    assert wgan_generator_loss(torch.tensor([0.5, 1.5])).item() == pytest.approx(-1.0)
+    assert wgan_generator_loss(torch.tensor([-2.0, 4.0, 1.0])).item() == pytest.approx(-1.0)
 
 
 def test_nt_xent_on_a_hand_made_batch():
@@ -431,6 +442,71 @@ def test_each_expert_has_its_own_projection_and_relational_group(domains, tmp_pa
     reused = _in_process_run(domains, tmp_path, ["discs", "discs"], experts=(0, 0))  # one expert for both tasks
     reused.train_student(1, 0)
     assert len(reused.projections) == 1 and calls[0]["groups"].tolist() == [0] * 16
+
+
+def test_student_loss_sums_the_table_weighted_in_order(monkeypatch):
+    """student_loss adds every active entry times its config weight (1 without one), in table order; an entry that
+    returns None is neither added nor logged; every prepare runs before the first compute; logged values default
+    to the entry's name."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    import gan_vae.continual as continual
+    from gan_vae.continual import StudentLoss, TermValue
+    calls = []
+
+    def constant(name, value, logged=None):
+        return lambda step: (calls.append(name), TermValue(torch.tensor(value), logged))[1]
+
+    def prepare(step):
+        calls.append("prepare")
+        return torch.tensor(5.0)
+
+    table = {"plain": StudentLoss(constant("plain", 2.0)),
+             "weighted": StudentLoss(constant("weighted", 3.0, {"a": torch.tensor(7.0)}), weight="kd.w"),
+             "off": StudentLoss(lambda step: (calls.append("off"), None)[1], weight="kd.w"),
+             "prepared": StudentLoss(lambda step, early: (calls.append("prepared"), TermValue(early * 2))[1],
+                                     weight="kd.v", prepare=prepare)}
+    monkeypatch.setattr(continual, "STUDENT_LOSSES", table)
+    step = SimpleNamespace(cfg=OmegaConf.create({"kd": {"w": 0.5, "v": 0.25}}))
+    loss, logged = continual.student_loss(step)
+    assert loss.item() == pytest.approx(2.0 + 0.5 * 3.0 + 0.25 * 10.0)
+    assert {k: v.item() for k, v in logged.items()} == {"plain": 2.0, "a": 7.0, "prepared": 10.0}
+    assert calls == ["prepare", "plain", "weighted", "off", "prepared"]
+
+
+def test_a_student_loss_weighted_by_a_missing_key_is_refused(domains, tmp_path, monkeypatch):
+    import gan_vae.continual as continual
+    from utils import UserError, load_config
+    monkeypatch.setitem(continual.STUDENT_LOSSES, "orphan", continual.StudentLoss(lambda step: None,
+                                                                                  weight="kd.orphan_weight"))
+    cfg = load_config(continual.ContinualConfig, None, _args(domains, tmp_path, ["discs"]))
+    with pytest.raises(UserError, match="'orphan' is weighted by kd.orphan_weight"):
+        continual.validate(cfg)
+
+
+def test_a_student_loss_registered_from_a_test_file_trains_and_is_logged(domains, tmp_path, monkeypatch):
+    """The seam: one STUDENT_LOSSES entry, added here and not in the package, takes part in a whole continual run
+    (replay, two experts) and is logged under its name at every logged student step."""
+    import gan_vae.continual as continual
+    seen = []
+
+    def latent_l1(step):
+        """Sparsity of the z-means, rows weighted like a distillation term: mean_b w_b ||mu_z,b||_1."""
+        seen.append(step.row_weight.detach().clone())
+        return continual.TermValue((step.row_weight * step.vae["mu_z"].abs().sum(1)).mean())
+
+    monkeypatch.setitem(continual.STUDENT_LOSSES, "latent_l1", continual.StudentLoss(latent_l1, weight=None))
+    continual.main([*_args(domains, tmp_path, ["discs", "inverted"]), "teacher.steps=4", "student.steps=5",
+                    "log.every_steps=1", "log.sample_every=5", "run.name=seam"])
+    lines = [json.loads(x) for x in (tmp_path / "seam" / "metrics.jsonl").read_text().splitlines()]
+    student = [r for r in lines if r["phase"] == "student"]
+    assert len(student) == 10 and len(seen) == 10  # 5 steps per task, every one logged
+    assert all(r["student/latent_l1"] > 0 and math.isfinite(r["student/latent_l1"]) for r in student)
+    assert all("student/relational_kd" in r for r in student)  # the built-in terms are still there
+    assert all("kd/weight_task0" in r for r in student if r["task"] == 1)  # task 1 replays task 0
+    assert json.loads((tmp_path / "seam" / "results.json").read_text())["tasks_done"] == 2
 
 
 def test_tasks_are_padded_with_their_own_background(domains, tmp_path):
