@@ -388,9 +388,9 @@ class Trainer:
     """Owns everything one run needs. `fit` runs `train_and_validate` then `finish_epoch` per epoch; the
     curriculum run (train_student_rl.CurriculumTrainer) drives those two itself and plugs in without subclassing:
 
-    sampler: builds the training sampler from the training-set size (the data load inside __init__); default
-        EpochSampler, every sample once per epoch.
-    hooks: objects, called in order, with
+    sampler: builds the training sampler from the training-set size (known once __init__ has loaded the data);
+        default EpochSampler, every sample once per epoch.
+    hooks: objects called in order (the list `self.hooks`, which parts built from the trainer append to), with
         name                          their entry in the checkpoint's "extra" dict
         before_epoch(epoch)           in `train_and_validate`, before epoch `epoch` trains
         after_epoch(epoch, record)    after it is validated (record: its metrics), before the checkpoint

@@ -143,34 +143,37 @@ class MedianBand(Strategy):
         return np.lexsort((tie_break, np.abs(pool.difficulty - np.median(pool.difficulty))))[:m]
 
 
-class CycleTargets:
-    """Cycles through every target index, temperature step kept at the middle one; sizes from env.action_space."""
+class TryEachTarget:
+    """Tries every target once, temperature step kept at the middle one, then repeats the target that earned the
+    best reward; the action sizes come from env.action_space."""
 
     def __init__(self, nvec):
-        self.nvec, self.t = [int(n) for n in nvec], 0
+        self.nvec, self.rewards = [int(n) for n in nvec], []
 
     @classmethod
     def from_config(cls, cfg, env):
         return cls(env.action_space.nvec)
 
     def act(self, obs):
-        return np.asarray([self.t % self.nvec[0], self.nvec[1] // 2], dtype=np.int64)
+        untried = len(self.rewards)
+        target = untried if untried < self.nvec[0] else int(np.argmax(self.rewards[: self.nvec[0]]))
+        return np.asarray([target, self.nvec[1] // 2], dtype=np.int64)
 
     def observe(self, obs, action, reward, next_obs, done):
-        self.t += 1
+        self.rewards.append(float(reward))
 
     def state_dict(self):
-        return {"t": self.t}
+        return {"rewards": list(self.rewards)}
 
     def load_state_dict(self, state):
-        self.t = state["t"]
+        self.rewards = list(state["rewards"])
 
 
 @pytest.fixture
 def registered(monkeypatch):
     import agents
     monkeypatch.setitem(STRATEGY_REGISTRY, "median_band", MedianBand())
-    monkeypatch.setitem(agents.AGENT_REGISTRY, "cycle_targets", CycleTargets)
+    monkeypatch.setitem(agents.AGENT_REGISTRY, "try_each_target", TryEachTarget)
 
 
 RL_ARGS = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refresh_every=1", "train.epochs=3",
@@ -180,17 +183,17 @@ RL_ARGS = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refr
 def test_registered_strategy_and_agent_pass_config_validation(registered):
     from train_student_rl import RLConfig, validate_rl
     from utils import load_config
-    validate_rl(load_config(RLConfig, None, [*RL_ARGS, "curriculum.strategy=median_band", "agent.name=cycle_targets"]))
+    validate_rl(load_config(RLConfig, None, [*RL_ARGS, "curriculum.strategy=median_band", "agent.name=try_each_target"]))
     with pytest.raises(UserError, match="choose one of .*median_band"):
         validate_rl(load_config(RLConfig, None, [*RL_ARGS, "curriculum.strategy=median"]))
-    with pytest.raises(UserError, match="choose one of .*cycle_targets"):
-        validate_rl(load_config(RLConfig, None, [*RL_ARGS, "agent.name=cycle"]))
+    with pytest.raises(UserError, match="choose one of .*try_each_target"):
+        validate_rl(load_config(RLConfig, None, [*RL_ARGS, "agent.name=try_each"]))
 
 
 def test_registered_strategy_and_agent_train_end_to_end(registered, tmp_path, monkeypatch):
     import train_student_rl
     monkeypatch.setenv("KD_TRACE_DIR", str(tmp_path / "trace"))
-    train_student_rl.main([*RL_ARGS, "curriculum.strategy=median_band", "agent.name=cycle_targets",
+    train_student_rl.main([*RL_ARGS, "curriculum.strategy=median_band", "agent.name=try_each_target",
                            f"run.out_dir={tmp_path}", "run.name=r"])
     run = tmp_path / "r"
     lines = [json.loads(x) for x in (run / "curriculum.jsonl").read_text().splitlines()]
@@ -206,4 +209,4 @@ def test_registered_strategy_and_agent_train_end_to_end(registered, tmp_path, mo
         assert len(set(chosen)) == math.ceil(0.5 * 48)
         assert distance[chosen].max() <= np.sort(distance)[len(chosen) - 1]
     ckpt = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-    assert ckpt["extra"]["agent"]["agent"] == {"t": 3} and ckpt["extra"]["curriculum"]["refreshed_for"] == 2
+    assert ckpt["extra"]["agent"]["agent"] == {"rewards": [ln["reward"] for ln in lines]} and ckpt["extra"]["curriculum"]["refreshed_for"] == 2
