@@ -1,13 +1,14 @@
 """Curriculum sampling: which training images an epoch uses, chosen by their difficulty.
 
-`CurriculumSampler` is a torch Sampler for `data.TrainViews` (it yields (index, epoch) pairs). Every rank derives
+`CurriculumSampler` is a torch Sampler for `views.TrainViews` (it yields (index, epoch) pairs). Every rank derives
 the same global order from (seed, epoch, difficulty, target) and takes an equal-length shard of it, so changing the
 target or the difficulty between epochs needs no new DataLoader: persistent workers keep running. The trainer
-batches it with `data.TrainBatchSampler`, which marks the padded duplicates of the shards invalid: every selected
+batches it with `samplers.TrainBatchSampler`, which marks the padded duplicates of the shards invalid: every selected
 sample reaches the loss exactly once per epoch, so the samples trained in an epoch are exactly
 `selection_size()` (summed over ranks).
 
-Strategies, with N the dataset size and f the fraction (M = ceil(f * N)):
+Strategies are the entries of STRATEGY_REGISTRY (name -> `Strategy`), each rule in its class's docstring. With N
+the dataset size and f the fraction (M = ceil(f * N)):
 - all:           every sample, reshuffled each epoch (no curriculum).
 - random_subset: a uniformly random M samples each epoch (the control with the same budget).
 - adaptive:      the M samples whose difficulty is nearest the target d, reshuffled each epoch.
@@ -15,10 +16,13 @@ Strategies, with N the dataset size and f the fraction (M = ceil(f * N)):
 - hard_to_easy:  the hardest ceil(g(e) * N) (anti-curriculum).
 - mixed:         M samples from every difficulty quintile, weighted 5, 3, 2, 1, 1 by distance from the quintile
                  that holds d; a quintile's shortfall goes to the others.
+A new strategy is a `Strategy` subclass plus its entry in STRATEGY_REGISTRY (README, "Adding an agent or a
+strategy"); `curriculum.strategy` accepts every key of the registry.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,8 +30,6 @@ import torch
 from samplers import pad_and_shard
 from utils import UserError
 
-STRATEGIES = ("all", "random_subset", "adaptive", "easy_to_hard", "hard_to_easy", "mixed")
-DIFFICULTY_STRATEGIES = ("adaptive", "easy_to_hard", "hard_to_easy", "mixed")
 MIXED_WEIGHTS = (5, 3, 2, 1, 1)  # by distance (0..4) from the target's quintile
 
 
@@ -80,18 +82,136 @@ def allocate(total: int, weights: np.ndarray, capacity: np.ndarray) -> np.ndarra
     return counts
 
 
+def quintiles(difficulty: np.ndarray, tie_break: np.ndarray | None = None) -> list[np.ndarray]:
+    """The sample indices split into 5 equal-count difficulty groups, easiest first (ties broken by tie_break)."""
+    tie = tie_break if tie_break is not None else np.zeros(len(difficulty))
+    return np.array_split(np.lexsort((tie, difficulty)), 5)
+
+
+def target_quintile(difficulty: np.ndarray, groups: list[np.ndarray], target: float) -> int:
+    """The quintile whose difficulty range holds the target: the number of quintile upper bounds below it."""
+    uppers = [difficulty[g].max() for g in groups[:-1] if len(g)]
+    return int(sum(target > u for u in uppers))
+
+
+# ================================================================================================================
+# Strategies: name -> Strategy in STRATEGY_REGISTRY.
+# ================================================================================================================
+@dataclass(frozen=True)
+class EpochPool:
+    """What a strategy chooses from in one epoch: the same on every rank."""
+    difficulty: np.ndarray  # [N] float64 in [0, 1], one score per training sample
+    target: float           # d: the target difficulty in [0, 1]
+    epoch: int              # e, 0-based
+    fraction: float         # f in (0, 1]
+    start_fraction: float   # g(0) of the pacing strategies
+    pacing_epochs: int      # epochs until the pacing strategies use the whole set
+
+
+class Strategy:
+    """A curriculum strategy: `size` samples per epoch, `choose` which. Both are pure functions of their arguments
+    (choose draws only from the rng it is given), so every rank derives the same selection. The sampler shuffles
+    the chosen indices afterwards; `choose` may return them in any order."""
+
+    needs_difficulty = True  # ranks samples by difficulty: the whole set until the first refresh, needs a teacher
+
+    def size(self, pool: EpochPool) -> int:
+        """M = ceil(f N) by default."""
+        return ceil_share(pool.fraction, len(pool.difficulty))
+
+    def choose(self, pool: EpochPool, m: int, rng: np.random.Generator, tie_break: np.ndarray) -> np.ndarray:
+        """m distinct indices into pool.difficulty. tie_break: [N] uniform numbers, drawn from rng first, that give
+        a random order among equal keys (not the index order)."""
+        raise NotImplementedError
+
+
+class AllSamples(Strategy):
+    """all: every sample, reshuffled each epoch (no curriculum); M = N."""
+
+    needs_difficulty = False
+
+    def size(self, pool: EpochPool) -> int:
+        return len(pool.difficulty)
+
+    def choose(self, pool, m, rng, tie_break):
+        return np.arange(len(pool.difficulty))
+
+
+class RandomSubset(Strategy):
+    """random_subset: a uniformly random M = ceil(f N) samples each epoch (the control with the same budget)."""
+
+    needs_difficulty = False
+
+    def choose(self, pool, m, rng, tie_break):
+        return rng.choice(len(pool.difficulty), size=m, replace=False)
+
+
+class Adaptive(Strategy):
+    """adaptive: the M = ceil(f N) samples with the smallest |D_i - d|, ties in random order."""
+
+    def choose(self, pool, m, rng, tie_break):
+        return np.lexsort((tie_break, np.abs(pool.difficulty - pool.target)))[:m]
+
+
+class Pacing(Strategy):
+    """M = ceil(g(e) N) with g(e) = `pacing_fraction` (linear from start_fraction to 1 over pacing_epochs)."""
+
+    def size(self, pool: EpochPool) -> int:
+        return ceil_share(pacing_fraction(pool.epoch, pool.start_fraction, pool.pacing_epochs), len(pool.difficulty))
+
+
+class EasyToHard(Pacing):
+    """easy_to_hard: the M = ceil(g(e) N) samples of smallest D_i (pacing curriculum)."""
+
+    def choose(self, pool, m, rng, tie_break):
+        return np.lexsort((tie_break, pool.difficulty))[:m]
+
+
+class HardToEasy(Pacing):
+    """hard_to_easy: the M = ceil(g(e) N) samples of largest D_i (anti-curriculum)."""
+
+    def choose(self, pool, m, rng, tie_break):
+        return np.lexsort((tie_break, -pool.difficulty))[:m]
+
+
+class Mixed(Strategy):
+    """mixed: M = ceil(f N) samples drawn from all five difficulty quintiles, quintile i weighted
+    MIXED_WEIGHTS[|i - q|] with q the quintile holding d; a full quintile's shortfall goes to the others by weight
+    (`allocate`); uniformly random within a quintile."""
+
+    def choose(self, pool, m, rng, tie_break):
+        groups = quintiles(pool.difficulty, tie_break)
+        q = target_quintile(pool.difficulty, groups, pool.target)
+        weights = np.asarray([MIXED_WEIGHTS[abs(i - q)] for i in range(5)], dtype=np.float64)
+        counts = allocate(m, weights, np.asarray([len(g) for g in groups]))
+        return np.concatenate([rng.choice(g, size=c, replace=False) for g, c in zip(groups, counts)])
+
+
+STRATEGY_REGISTRY: dict[str, Strategy] = {"all": AllSamples(), "random_subset": RandomSubset(),
+                                          "adaptive": Adaptive(), "easy_to_hard": EasyToHard(),
+                                          "hard_to_easy": HardToEasy(), "mixed": Mixed()}
+# the built-in names (for --help and parametrized tests); checks use the live registry, which tests extend
+STRATEGIES = tuple(STRATEGY_REGISTRY)
+DIFFICULTY_STRATEGIES = tuple(name for name, s in STRATEGY_REGISTRY.items() if s.needs_difficulty)
+
+
+def strategy_named(name: str) -> Strategy:
+    if name not in STRATEGY_REGISTRY:
+        raise UserError(f"unknown curriculum strategy '{name}'; choose one of {', '.join(STRATEGY_REGISTRY)}")
+    return STRATEGY_REGISTRY[name]
+
+
 class CurriculumSampler(torch.utils.data.Sampler):
     """Yields (index, epoch) pairs of the samples chosen for this epoch, sharded over ranks.
 
     The chosen set (before sharding) has exactly `selection_size()` samples; it is padded by wrapping to a multiple
-    of num_replicas (never truncated, `data.pad_and_shard`), so every rank gets the same number of items and no
-    sample is dropped. The padded items are the last shard position of some ranks; `data.TrainBatchSampler` marks
+    of num_replicas (never truncated, `samplers.pad_and_shard`), so every rank gets the same number of items and no
+    sample is dropped. The padded items are the last shard position of some ranks; `samplers.TrainBatchSampler` marks
     them invalid so that they are not counted or trained on twice."""
 
     def __init__(self, difficulty, strategy: str, fraction: float = 0.7, target: float = 0.5, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0, start_fraction: float = 0.4, pacing_epochs: int = 10):
-        if strategy not in STRATEGIES:
-            raise UserError(f"unknown curriculum strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
+        self.rule = strategy_named(strategy)
         check_fraction(fraction)
         check_target(target)
         check_fraction(start_fraction)
@@ -131,13 +251,16 @@ class CurriculumSampler(torch.utils.data.Sampler):
     def size(self) -> int:
         return len(self.difficulty)
 
+    def pool(self) -> EpochPool:
+        return EpochPool(self.difficulty, self.target, self.epoch, self.fraction, self.start_fraction,
+                         self.pacing_epochs)
+
+    def active_rule(self) -> Strategy:
+        # before the first difficulty refresh the scores are placeholders: use the whole set
+        return STRATEGY_REGISTRY["all"] if self.use_all else self.rule
+
     def selection_size(self) -> int:
-        n = self.size
-        if self.strategy == "all" or self.use_all:
-            return n
-        if self.strategy in ("easy_to_hard", "hard_to_easy"):
-            return ceil_share(pacing_fraction(self.epoch, self.start_fraction, self.pacing_epochs), n)
-        return ceil_share(self.fraction, n)
+        return self.active_rule().size(self.pool())
 
     def num_selected(self) -> int:
         """Distinct samples this epoch trains on over all ranks (padding excluded); see `selection_size`."""
@@ -148,38 +271,17 @@ class CurriculumSampler(torch.utils.data.Sampler):
 
     def select(self) -> np.ndarray:
         """The chosen indices of this epoch, in their global (shuffled) order; identical on every rank."""
-        rng, n, m, d = self._rng(), self.size, self.selection_size(), self.difficulty
-        tie_break = rng.random(n)  # random among equal distances/difficulties, not by index
-        if self.strategy == "all" or self.use_all:
-            chosen = np.arange(n)
-        elif self.strategy == "random_subset":
-            chosen = rng.choice(n, size=m, replace=False)
-        elif self.strategy == "adaptive":
-            chosen = np.lexsort((tie_break, np.abs(d - self.target)))[:m]
-        elif self.strategy == "easy_to_hard":
-            chosen = np.lexsort((tie_break, d))[:m]
-        elif self.strategy == "hard_to_easy":
-            chosen = np.lexsort((tie_break, -d))[:m]
-        else:
-            chosen = self._select_mixed(rng, tie_break, m)
+        rng, pool, rule = self._rng(), self.pool(), self.active_rule()
+        tie_break = rng.random(self.size)  # drawn for every strategy, so that each keeps its random stream
+        chosen = rule.choose(pool, rule.size(pool), rng, tie_break)
         return chosen[rng.permutation(len(chosen))]
 
     def quintiles(self, tie_break: np.ndarray | None = None) -> list[np.ndarray]:
         """The samples split into 5 equal-count difficulty groups, easiest first."""
-        tie = tie_break if tie_break is not None else np.zeros(self.size)
-        return np.array_split(np.lexsort((tie, self.difficulty)), 5)
+        return quintiles(self.difficulty, tie_break)
 
     def target_quintile(self, groups: list[np.ndarray]) -> int:
-        """The quintile whose difficulty range holds the target: the number of quintile upper bounds below it."""
-        uppers = [self.difficulty[g].max() for g in groups[:-1] if len(g)]
-        return int(sum(self.target > u for u in uppers))
-
-    def _select_mixed(self, rng: np.random.Generator, tie_break: np.ndarray, m: int) -> np.ndarray:
-        groups = self.quintiles(tie_break)
-        q = self.target_quintile(groups)
-        weights = np.asarray([MIXED_WEIGHTS[abs(i - q)] for i in range(5)], dtype=np.float64)
-        counts = allocate(m, weights, np.asarray([len(g) for g in groups]))
-        return np.concatenate([rng.choice(g, size=c, replace=False) for g, c in zip(groups, counts)])
+        return target_quintile(self.difficulty, groups, self.target)
 
     # ---- Sampler -----------------------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -3,13 +3,14 @@
 The action of step t sets the target difficulty and the distillation temperature of the epoch that step t trains;
 the observation and reward step t returns describe that same epoch. The reward is `curriculum_reward`.
 
-    env = CurriculumEnv(trainer, num_epochs)      # trainer: a train_student_rl.CurriculumTrainer
+    env = CurriculumEnv(trainer, num_epochs)      # trainer: a CurriculumTraining (train_student_rl.CurriculumTrainer)
     obs, info = env.reset(seed=0)
     obs, reward, terminated, truncated, info = env.step(np.array([2, 1]))   # target 0.5, temperature unchanged
 """
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 TARGETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TEMPERATURE_STEPS = (-0.5, 0.0, 0.5)
 TEMPERATURE_RANGE = (2.0, 8.0)
+ACTION_NVEC = (len(TARGETS), len(TEMPERATURE_STEPS))  # MultiDiscrete sizes: target index, temperature step
 OBS_KEYS = ("epoch_fraction", "val_acc", "val_acc_change", "train_loss", "train_loss_change", "difficulty_mean",
             "difficulty_std", "difficulty_q25", "difficulty_q50", "difficulty_q75", "target", "temperature")
 
@@ -46,17 +48,42 @@ def curriculum_reward(acc: float, prev_acc: float, loss: float, prev_loss: float
 
 
 def decode_action(action, temperature: float) -> tuple[float, float]:
-    """(target difficulty, new temperature) for a MultiDiscrete([5, 3]) action at the current temperature."""
+    """(target difficulty, new temperature) for a MultiDiscrete(ACTION_NVEC) action at the current temperature."""
     a = np.asarray(action).reshape(-1)
     new_t = float(np.clip(temperature + TEMPERATURE_STEPS[int(a[1])], *TEMPERATURE_RANGE))
     return TARGETS[int(a[0])], new_t
 
 
+class CurriculumTraining(Protocol):
+    """What the environment drives: one training run whose curriculum it sets (train_student_rl.CurriculumTrainer
+    is one). The environment needs nothing else of it."""
+
+    temperature: float  # the distillation temperature of the next epoch
+    target: float       # the curriculum's target difficulty for the next epoch
+    num_classes: int    # C: the observation scales the training loss by log C
+
+    def apply_curriculum(self, target: float, temperature: float) -> None:
+        """The action: target and temperature of the epoch trained next."""
+
+    def train_and_validate(self, epoch: int) -> tuple[dict, bool]:
+        """Train epoch `epoch`, validate, and make the curriculum ready for the next epoch (a difficulty refresh
+        when due). Returns (metrics record with "val/acc1" and "train/loss", whether val/acc1 improved)."""
+
+    def prepare_epoch(self, epoch: int) -> None:
+        """Make the curriculum ready for epoch `epoch` (a difficulty refresh when due) before anything trains."""
+
+    def difficulty_stats(self) -> dict[str, float]:
+        """Mean, std, q25, q50, q75 of the difficulty scores the next epoch selects by (zeros before any)."""
+
+    def snapshot(self) -> dict:
+        """Everything `restore` needs to put training back where it is now."""
+
+    def restore(self, snapshot: dict) -> None:
+        """Put training back where `snapshot` was taken (reset: the episode restarts training)."""
+
+
 class CurriculumEnv(gym.Env):
-    """Gymnasium wrapper of a curriculum trainer (see train_student_rl.CurriculumTrainer), which provides:
-    `apply_curriculum(target, temperature)`, `train_and_validate(epoch) -> (record, improved)`,
-    `prepare_epoch(epoch)` (difficulty refresh when due), `difficulty_stats() -> dict`,
-    `snapshot()` / `restore(snapshot)`, `temperature`, `target`, `num_classes`.
+    """Gymnasium wrapper of a `CurriculumTraining`: one step trains and validates one epoch.
 
     Observation (float32, 12 values, clipped to [-10, 10]): epoch fraction, validation accuracy / 100 and its
     change, training loss / log C and its change, difficulty mean, std and quartiles, target, (T - 2) / 6.
@@ -64,10 +91,10 @@ class CurriculumEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, trainer, num_epochs: int, start_epoch: int = 0):
+    def __init__(self, trainer: CurriculumTraining, num_epochs: int, start_epoch: int = 0):
         super().__init__()
         self.trainer, self.num_epochs = trainer, num_epochs
-        self.action_space = gym.spaces.MultiDiscrete([len(TARGETS), len(TEMPERATURE_STEPS)])
+        self.action_space = gym.spaces.MultiDiscrete(ACTION_NVEC)
         self.observation_space = gym.spaces.Box(low=-10.0, high=10.0, shape=(len(OBS_KEYS),), dtype=np.float32)
         self.epoch, self.prev_acc, self.prev_loss = start_epoch, 0.0, math.inf
         self.last_acc_change, self.last_loss_change = 0.0, 0.0
@@ -113,8 +140,7 @@ class CurriculumEnv(gym.Env):
         self.last_loss_change = loss - self.prev_loss if math.isfinite(self.prev_loss) else 0.0
         self.prev_acc, self.prev_loss = acc, loss
         trained_epoch = self.epoch
-        self.epoch += 1
-        self.trainer.prepare_epoch(self.epoch)  # difficulty refresh due before the next epoch, seen in its obs
+        self.epoch += 1  # train_and_validate has readied the curriculum for it: the observation shows its scores
         # the full record (with its wall-clock timings) stays out of `info`, which must be deterministic
         self.last_record, self.last_improved = record, improved
         info = {"epoch": trained_epoch, "target": target, "temperature": temperature, "reward_terms": terms,

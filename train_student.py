@@ -415,7 +415,7 @@ def save_student_safetensors(model: nn.Module, path: Path) -> None:
 
 
 # ================================================================================================================
-# The trainer: data, student, teacher (or its cache), optimiser and the epoch loop. train_student_rl.py extends it.
+# The trainer: data, student, teacher (or its cache), optimiser and the epoch loop. train_student_rl.py drives it.
 # ================================================================================================================
 class StepTimer:
     """Splits an epoch into data wait (blocked on the loader), compute (forward, backward, optimiser step) and the
@@ -455,14 +455,23 @@ class StepTimer:
 
 
 class Trainer:
-    """Owns everything one run needs. `fit` runs `train_and_validate` then `finish_epoch` per epoch; subclasses
-    (train_student_rl.py) drive those two themselves and hook in through `build_train_sampler`, `extra_state` and
-    `load_extra_state`."""
+    """Owns everything one run needs. `fit` runs `train_and_validate` then `finish_epoch` per epoch; the
+    curriculum run (train_student_rl.CurriculumTrainer) drives those two itself and plugs in without subclassing:
+
+    sampler: builds the training sampler from the training-set size (known once __init__ has loaded the data);
+        default EpochSampler, every sample once per epoch.
+    hooks: objects called in order (the list `self.hooks`, which parts built from the trainer append to), with
+        name                          their entry in the checkpoint's "extra" dict
+        before_epoch(epoch)           in `train_and_validate`, before epoch `epoch` trains
+        after_epoch(epoch, record)    after it is validated (record: its metrics), before the checkpoint
+        extra_state() -> dict         what a resume needs
+        load_extra_state(state)       from a checkpoint ({} when it has no entry `name`)."""
 
     script = "train_student"
 
-    def __init__(self, cfg, dist: DistInfo, run_dir: Path | None):
+    def __init__(self, cfg, dist: DistInfo, run_dir: Path | None, sampler=None, hooks=()):
         self.cfg, self.dist, self.run_dir = cfg, dist, run_dir
+        self.hooks = list(hooks)
         self.device = dist.device
         self.autocast = autocast_for(cfg.train.amp, self.device)
         self.channels_last = cfg.train.channels_last
@@ -501,7 +510,8 @@ class Trainer:
 
         # ---- loaders: built once; samplers carry the epoch, so workers persist ----------------------------------
         w, r = dist.world_size, dist.rank
-        self.train_sampler = self.build_train_sampler()
+        num_train = len(self.splits["train"])
+        self.train_sampler = sampler(num_train) if sampler else EpochSampler(num_train, cfg.train.seed, w, r)
         # every selected sample exactly once per epoch: no drop_last, a last batch of 1 merged into the previous
         # one (BatchNorm), DDP padding marked invalid (see TrainBatchSampler and train_epoch)
         self.train_batches = TrainBatchSampler(self.train_sampler, cfg.train.batch_size)
@@ -530,9 +540,6 @@ class Trainer:
     def uses_teacher(self) -> bool:
         return kd_methods.uses_teacher(self.cfg)
 
-    def build_train_sampler(self):
-        return EpochSampler(len(self.splits["train"]), self.cfg.train.seed, self.dist.world_size, self.dist.rank)
-
     def build_cache(self) -> None:
         from teacher_cache import build_or_load_cache
         cfg = self.cfg
@@ -546,10 +553,11 @@ class Trainer:
             print(f"teacher cache {verb}: {self.cache_info['path']}")
 
     def extra_state(self) -> dict:
-        return {}
+        return {hook.name: hook.extra_state() for hook in self.hooks}
 
     def load_extra_state(self, state: dict) -> None:
-        pass
+        for hook in self.hooks:
+            hook.load_extra_state(state.get(hook.name, {}))
 
     # ---- one epoch ---------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
@@ -742,6 +750,8 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------------------
     def train_and_validate(self, epoch: int) -> tuple[dict, bool]:
         """Train epoch `epoch`, then validate. Returns (metrics record, whether val/acc1 improved on the best)."""
+        for hook in self.hooks:
+            hook.before_epoch(epoch)
         record = {"epoch": epoch, **self.train_epoch(epoch)}
         val = self.evaluate("validation")
         record.update({"val/acc1": val["acc1"], "val/acc5": val["acc5"], "val/loss": val["loss"],
@@ -749,6 +759,8 @@ class Trainer:
         improved = val["acc1"] > self.best_acc1
         if improved:
             self.best_acc1, self.best_epoch = val["acc1"], epoch
+        for hook in self.hooks:
+            hook.after_epoch(epoch, record)
         return record, improved
 
     def finish_epoch(self, epoch: int, record: dict, improved: bool, logger: MetricLogger) -> None:

@@ -1,0 +1,230 @@
+"""Agents that pick the curriculum's action each epoch, their config sections, and the registry of them by name.
+
+An agent reads its action space from the environment (`env.action_space`, a MultiDiscrete whose `nvec` gives the
+size of each action component) and has this interface:
+
+    agent = AGENT_REGISTRY[name].from_config(cfg, env)   # cfg: train_student_rl.RLConfig
+    action = agent.act(obs)                               # int64 [len(nvec)]
+    agent.observe(obs, action, reward, next_obs, done)    # one transition per epoch
+    agent.state_dict() / agent.load_state_dict(state)     # saved in the checkpoint
+
+Under DDP only rank 0's agent acts and observes (train_student_rl.CurriculumTrainer.decide). A new agent is a
+class with these methods plus its entry in AGENT_REGISTRY; settings of its own go into a section of AgentConfig
+(README, "Adding an agent or a strategy").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from rl_curriculum_env import ACTION_NVEC
+from utils import check, opt, section
+
+
+class Agent(Protocol):
+    @classmethod
+    def from_config(cls, cfg, env) -> Agent: ...
+
+    def act(self, obs: np.ndarray) -> np.ndarray: ...
+
+    def observe(self, obs: np.ndarray, action: np.ndarray, reward: float, next_obs: np.ndarray,
+                done: bool) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# ================================================================================================================
+# Config sections (agent.*).
+# ================================================================================================================
+@dataclass
+class PPOConfig:
+    n_steps: int = opt(5, "rollout length in epochs (one PPO update per rollout)")
+    batch_size: int = opt(5, "minibatch size of the PPO update")
+    n_epochs: int = opt(4, "passes over each rollout")
+    lr: float = opt(3e-4, "policy and value learning rate")
+    gamma: float = opt(0.99, "discount")
+    gae_lambda: float = opt(0.95, "GAE lambda")
+    clip_range: float = opt(0.2, "PPO clip range")
+    vf_coef: float = opt(1.0, "value loss coefficient")
+    ent_coef: float = opt(0.01, "entropy bonus coefficient")
+
+
+@dataclass
+class BanditConfig:
+    discount: float = opt(0.9, "discount of past rewards (non-stationarity: the best action changes as training goes)")
+    reward_std: float = opt(5.0, "assumed reward noise of the Gaussian Thompson sampler")
+    prior_std: float = opt(10.0, "prior standard deviation of an arm's mean reward")
+
+
+# ================================================================================================================
+# Agents.
+# ================================================================================================================
+class FixedAgent:
+    """A control: a configured action per epoch (the last one repeats)."""
+
+    def __init__(self, actions):
+        self.actions, self.t = [np.asarray(a, dtype=np.int64) for a in actions], 0
+
+    @classmethod
+    def from_config(cls, cfg, env):
+        return cls(cfg.agent.fixed_actions)
+
+    def act(self, obs):
+        return self.actions[min(self.t, len(self.actions) - 1)]
+
+    def observe(self, obs, action, reward, next_obs, done):
+        self.t += 1
+
+    def state_dict(self):
+        return {"t": self.t}
+
+    def load_state_dict(self, state):
+        self.t = state["t"]
+
+
+class RandomAgent:
+    """A control: each action component uniform over its nvec values, from a seeded generator."""
+
+    def __init__(self, seed: int, nvec=ACTION_NVEC):
+        self.nvec = [int(n) for n in nvec]
+        self.rng = np.random.default_rng([seed, 11])
+
+    @classmethod
+    def from_config(cls, cfg, env):
+        return cls(cfg.train.seed, env.action_space.nvec)
+
+    def act(self, obs):
+        return np.asarray([self.rng.integers(n) for n in self.nvec], dtype=np.int64)
+
+    def observe(self, obs, action, reward, next_obs, done):
+        pass
+
+    def state_dict(self):
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state["rng"]
+
+
+class BanditAgent:
+    """Discounted Gaussian Thompson sampling over the prod(nvec) joint actions (5 targets x 3 temperature steps =
+    15 for the curriculum environment), arm a = the row-major index of the action.
+
+    Arm a keeps discounted counts n_a = sum_s g^(t-s) [a_s = a] and reward sums r_a. Its posterior mean reward is
+    N(r_a / (n_a + k), reward_std^2 / (n_a + k)) with k = reward_std^2 / prior_std^2 (a zero-mean Gaussian prior).
+    Discounting by g < 1 forgets old rewards, as the best action drifts while the student learns."""
+
+    def __init__(self, cfg, seed: int, nvec=ACTION_NVEC):
+        self.nvec = tuple(int(n) for n in nvec)
+        self.discount, self.sigma = cfg.discount, cfg.reward_std
+        self.k = (cfg.reward_std / cfg.prior_std) ** 2
+        num_arms = int(np.prod(self.nvec))
+        self.n, self.r = np.zeros(num_arms), np.zeros(num_arms)
+        self.rng = np.random.default_rng([seed, 13])
+
+    @classmethod
+    def from_config(cls, cfg, env):
+        return cls(cfg.agent.bandit, cfg.train.seed, env.action_space.nvec)
+
+    def act(self, obs):
+        mean = self.r / (self.n + self.k)
+        std = self.sigma / np.sqrt(self.n + self.k)
+        arm = int(np.argmax(self.rng.normal(mean, std)))
+        return np.asarray(np.unravel_index(arm, self.nvec), dtype=np.int64)
+
+    def observe(self, obs, action, reward, next_obs, done):
+        arm = int(np.ravel_multi_index(tuple(int(a) for a in action), self.nvec))
+        self.n *= self.discount
+        self.r *= self.discount
+        self.n[arm] += 1.0
+        self.r[arm] += reward
+
+    def state_dict(self):
+        return {"n": self.n.copy(), "r": self.r.copy(), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.n, self.r = state["n"].copy(), state["r"].copy()
+        self.rng.bit_generator.state = state["rng"]
+
+
+class PPOAgent:
+    """stable-baselines3 PPO, fed one transition per epoch. The rollout buffer is filled here (not by
+    `PPO.learn`, which would own the training loop), and `PPO.train()` runs once per `n_steps` epochs."""
+
+    def __init__(self, env, cfg, seed: int):
+        from stable_baselines3 import PPO
+        from stable_baselines3.common.logger import Logger
+        self.model = PPO("MlpPolicy", env, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
+                         learning_rate=cfg.lr, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range,
+                         vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, seed=seed, device="cpu", verbose=0)
+        self.model.set_logger(Logger(folder=None, output_formats=[]))
+        self.buffer, self.policy = self.model.rollout_buffer, self.model.policy
+        self.episode_start, self.pending, self.updates = True, None, 0
+
+    @classmethod
+    def from_config(cls, cfg, env):
+        return cls(env, cfg.agent.ppo, cfg.train.seed)
+
+    def act(self, obs):
+        from stable_baselines3.common.utils import obs_as_tensor
+        with torch.no_grad():
+            actions, values, log_probs = self.policy(obs_as_tensor(obs[None], self.policy.device))
+        self.pending = (actions.cpu().numpy(), values, log_probs)
+        return self.pending[0][0]
+
+    def observe(self, obs, action, reward, next_obs, done):
+        from stable_baselines3.common.utils import obs_as_tensor
+        actions, values, log_probs = self.pending
+        self.buffer.add(obs[None], actions, np.asarray([reward], dtype=np.float32),
+                        np.asarray([self.episode_start]), values, log_probs)
+        self.episode_start = bool(done)
+        if self.buffer.full:
+            with torch.no_grad():
+                last_values = self.policy.predict_values(obs_as_tensor(next_obs[None], self.policy.device))
+            self.buffer.compute_returns_and_advantage(last_values=last_values, dones=np.asarray([done]))
+            self.model.train()
+            self.buffer.reset()
+            self.updates += 1
+
+    _BUFFER_FIELDS = ("observations", "actions", "rewards", "returns", "episode_starts", "values", "log_probs",
+                      "advantages")
+
+    def state_dict(self):
+        return {"policy": self.policy.state_dict(), "optimizer": self.policy.optimizer.state_dict(),
+                "buffer": {k: getattr(self.buffer, k).copy() for k in self._BUFFER_FIELDS},
+                "pos": self.buffer.pos, "full": self.buffer.full, "episode_start": self.episode_start,
+                "updates": self.updates, "n_updates": self.model._n_updates}
+
+    def load_state_dict(self, state):
+        self.policy.load_state_dict(state["policy"])
+        self.policy.optimizer.load_state_dict(state["optimizer"])
+        for k in self._BUFFER_FIELDS:
+            setattr(self.buffer, k, state["buffer"][k].copy())
+        self.buffer.pos, self.buffer.full = state["pos"], state["full"]
+        self.episode_start, self.updates, self.model._n_updates = state["episode_start"], state["updates"], \
+            state["n_updates"]
+
+
+AGENT_REGISTRY: dict[str, type] = {"ppo": PPOAgent, "bandit": BanditAgent, "fixed": FixedAgent,
+                                   "random": RandomAgent}
+
+
+@dataclass
+class AgentConfig:
+    name: str = opt("ppo", f"who picks the action each epoch: {', '.join(AGENT_REGISTRY)}")
+    fixed_actions: list[list[int]] = opt([[2, 1]], f"fixed agent: [target index 0-{ACTION_NVEC[0] - 1}, temperature "
+                                                   f"step 0-{ACTION_NVEC[1] - 1}] per epoch; the last one repeats "
+                                                   "([[2, 1]] = target 0.5, T kept)")
+    ppo: PPOConfig = section(PPOConfig)
+    bandit: BanditConfig = section(BanditConfig)
+
+
+def make_agent(cfg, env) -> Agent:
+    name = cfg.agent.name
+    check(name in AGENT_REGISTRY, f"unknown agent.name '{name}'; choose one of {', '.join(AGENT_REGISTRY)}")
+    return AGENT_REGISTRY[name].from_config(cfg, env)
