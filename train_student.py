@@ -582,30 +582,14 @@ class Trainer:
             valid = batch["valid"]  # False marks a DDP padding duplicate (TrainBatchSampler); on the host
             n_valid = int(valid.sum())
             timer.compute_begins()
-            with self.autocast():
-                outputs = self.model(x)
-                teacher = self.teacher_targets(x, batch, online)
-            step_valid = self.train_batches.global_valid(step)  # the same on every rank, no communication
-
-            def compute(keep, outputs=outputs, teacher=teacher, y=y):
-                if keep is not None:
-                    keep = keep.to(device, non_blocking=True)
-                    outputs, teacher, y = rows_of(outputs, keep), rows_of(teacher, keep), y[keep]
-                return self.method.loss_terms(outputs, teacher, y, epoch, self.temperature)
-            terms, mean_loss, loss = masked_loss_terms(compute, valid, step_valid, self.dist.world_size)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.train.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.distiller.parameters(), cfg.train.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            logits, terms, mean_loss, loss = self.step_loss(x, y, batch, valid, step, epoch, online)
+            self.optimizer_step(loss)
             timer.compute_ends()
             if profiler is not None:
                 profiler.step()
             with torch.no_grad():
                 n = n_valid
-                correct = (outputs["logits"].argmax(1) == y)
+                correct = (logits.argmax(1) == y)
                 correct = correct.sum() if n == len(valid) else correct[valid.to(device)].sum()
                 if sums is None:
                     names = list(terms)
@@ -616,12 +600,7 @@ class Trainer:
             bar.update(1)
             if (step + 1) % cfg.log.every_steps == 0 or step + 1 == steps:
                 running = sums[0].item() / max(sums[-1].item(), 1.0)  # one host sync per interval, not per step
-                if not math.isfinite(running):
-                    raise UserError(
-                        f"the training loss became non-finite ({running}) at epoch {epoch + 1}, step {step + 1}. "
-                        "Stopped without saving; the last good checkpoint is kept in "
-                        f"{self.run_dir / 'checkpoints' if self.run_dir else 'the run directory'}. "
-                        "Lower train.lr or set train.grad_clip, then continue with run.resume=auto")
+                self.check_finite(running, epoch, step)
                 bar.set_postfix(loss=f"{running:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         bar.close()
         if profiler is not None:
@@ -637,6 +616,41 @@ class Trainer:
                 "train/acc1": 100 * sums[-2].item() / n, "train/samples": int(round(n)),
                 "time/data_s": data_s, "time/compute_s": compute_s,
                 "time/other_s": max(epoch_s - data_s - compute_s, 0.0), "time/epoch_s": epoch_s}
+
+    def step_loss(self, x: torch.Tensor, y: torch.Tensor, batch: dict, valid: torch.Tensor, step: int, epoch: int,
+                  online: bool) -> tuple[torch.Tensor, LossTerms, torch.Tensor, torch.Tensor]:
+        """One step's forward and loss: (student logits, the method's terms, their mean over this rank's valid
+        samples, the loss to backpropagate: `masked_loss_terms`)."""
+        with self.autocast():
+            outputs = self.model(x)
+            teacher = self.teacher_targets(x, batch, online)
+        step_valid = self.train_batches.global_valid(step)  # the same on every rank, no communication
+
+        def compute(keep, outputs=outputs, teacher=teacher, y=y):
+            if keep is not None:
+                keep = keep.to(self.device, non_blocking=True)
+                outputs, teacher, y = rows_of(outputs, keep), rows_of(teacher, keep), y[keep]
+            return self.method.loss_terms(outputs, teacher, y, epoch, self.temperature)
+        terms, mean_loss, loss = masked_loss_terms(compute, valid, step_valid, self.dist.world_size)
+        return outputs["logits"], terms, mean_loss, loss
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.distiller.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def check_finite(self, running_loss: float, epoch: int, step: int) -> None:
+        """A hard stop on a non-finite loss, before anything is saved (the last good checkpoint stays)."""
+        if not math.isfinite(running_loss):
+            raise UserError(
+                f"the training loss became non-finite ({running_loss}) at epoch {epoch + 1}, step {step + 1}. "
+                "Stopped without saving; the last good checkpoint is kept in "
+                f"{self.run_dir / 'checkpoints' if self.run_dir else 'the run directory'}. "
+                "Lower train.lr or set train.grad_clip, then continue with run.resume=auto")
 
     def teacher_targets(self, x: torch.Tensor, batch: dict, online: bool) -> dict:
         """What the method reads from the teacher for this batch, on the device: {"logits", "features"} (None
