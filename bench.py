@@ -204,7 +204,7 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
         start = time.perf_counter()
         for _ in range(steps):
             with t.autocast():
-                logits = t.model(normalize_batch(x, dev, t.channels_last, input_norm(t.student)))
+                logits = t.model(normalize_batch(x, dev, t.channels_last, input_norm(t.student)))["logits"]
             loss = kd_loss_terms(logits, None, y.to(dev), 1.0, 1.0)["loss"]
             t.optimizer.zero_grad(set_to_none=True)
             loss.backward()
