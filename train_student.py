@@ -44,6 +44,7 @@ from views import EvalViews, TrainViews, make_loader, unpack_raw
 from models import count_params, create_student, create_teacher, kd_loss_terms
 from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum,
                    atomic_write, barrier, broadcast_buffers, broadcast_module, broadcast_object, check,
+                   check_same_config_on_all_ranks,
                    check_resume_config, cleanup_distributed, default_run_name, load_checkpoint, load_state_strict,
                    make_dirs, opt, parse_config, plot_curves, prepare_run_dir, read_jsonl, read_saved_config,
                    rng_state, run_cli, run_config, save_checkpoint, save_config, section, seed_everything,
@@ -844,11 +845,13 @@ def plot_run(run_dir: Path) -> None:
 
 # Keys a resumed run may change: none of them changes a number the run prints. Where files go (run.*, the cache
 # and pre-decoded folders, whose contents are fingerprinted), logging (log.*), loader processes (every view is a
-# pure function of seed, epoch and index), profiling, the latency report and the separate label-only baseline.
+# pure function of seed, epoch and index), profiling, the latency report, the separate label-only baseline, and
+# train.compile (the same model, traced: it changes rounding only, and a run whose compile broke must be able to
+# continue eagerly).
 # Everything else (train.epochs included: it sets the cosine schedule; train.device: it sets train.amp=auto) must
 # match the run's config.
 TRAIN_RESUME_SAFE_KEYS = (*RESUME_SAFE_KEYS, "data.workers", "data.preprocess_dir", "teacher.cache_dir",
-                          "train.profile", "eval.*", "kd.baseline")
+                          "train.profile", "train.compile", "eval.*", "kd.baseline")
 
 
 def output_dirs(cfg) -> dict[str, Path]:
@@ -939,6 +942,7 @@ def main(argv: list[str]) -> None:
     cfg = parse_config(Config, argv, prog="train_student.py", doc=__doc__)
     validate(cfg)
     dist = setup_distributed(cfg.train.device)
+    check_same_config_on_all_ranks(cfg)
     if cfg.eval.checkpoint:
         evaluate_checkpoint(cfg, dist)
         return cleanup_distributed()

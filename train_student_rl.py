@@ -34,7 +34,8 @@ from curriculum import Curriculum, build_sampler, save_difficulty_snapshot
 from curriculum_dataloader import STRATEGIES, STRATEGY_REGISTRY
 from rl_curriculum_env import ACTION_NVEC, CurriculumEnv
 from train_student import Config, Trainer, run_training, validate
-from utils import (MetricLogger, UserError, all_gather_objects, broadcast_object, check, cleanup_distributed, opt,
+from utils import (MetricLogger, UserError, all_gather_objects, broadcast_object, check, check_same_config_on_all_ranks,
+                   cleanup_distributed, opt,
                    parse_config, read_jsonl, rng_state, run_cli, section, setup_distributed, state_digest, trace,
                    trace_dir)
 
@@ -276,6 +277,7 @@ def main(argv: list[str]) -> None:
     cfg = parse_config(RLConfig, argv, prog="train_student_rl.py", doc=__doc__)
     validate_rl(cfg)
     dist = setup_distributed(cfg.train.device)
+    check_same_config_on_all_ranks(cfg)
     run_training(cfg, dist, CurriculumTrainer)
     cleanup_distributed()
 

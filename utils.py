@@ -61,6 +61,32 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
         print("interrupted; the last checkpoint is kept and `run.resume=auto` continues from it", file=sys.stderr)
         cleanup_distributed()
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - only torch.compile's failures are translated; the rest re-raise
+        if not is_compile_failure(exc):
+            raise
+        print(f"error: {compile_failure_message(exc)}", file=sys.stderr)
+        cleanup_distributed()
+        sys.exit(2)
+
+
+def is_compile_failure(exc: BaseException) -> bool:
+    """Whether an exception comes from torch.compile (dynamo tracing, or the inductor backend compiling the graph:
+    a missing or broken C++ / CUDA compiler, an unsupported operation). Only a run with train.compile=true can
+    raise one."""
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+    except ImportError:  # a torch without dynamo
+        return False
+    return isinstance(exc, TorchDynamoException) or type(exc).__name__ in ("CppCompileError", "CUDACompileError")
+
+
+def compile_failure_message(exc: BaseException) -> str:
+    """What failed, in a line, and the way out."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = lines[0][:300] if lines else ""
+    return (f"torch.compile failed (train.compile=true): {type(exc).__name__}: {detail}. Nothing of this epoch "
+            "was saved; checkpoints of earlier epochs are kept. train.compile=false trains the same model eagerly "
+            "(a run stopped here continues with run.resume=auto train.compile=false)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,6 +533,23 @@ def config_differences(saved: dict, current: DictConfig | dict, allowed: tuple[s
     return diffs
 
 
+def check_same_config_on_all_ranks(cfg: DictConfig, allowed: tuple[str, ...] = ()) -> None:
+    """At start-up of a multi-process (multi-node) launch: every rank must have been given the same config. A
+    collective (all ranks call it); a no-op in a single process. Every rank raises the same UserError, naming the
+    first key (in schema order) on which some rank differs from rank 0, with both values."""
+    if not _dist_on():
+        return
+    configs = all_gather_objects(to_plain(cfg))
+    for rank, other in enumerate(configs[1:], start=1):
+        diffs = config_differences(configs[0], other, allowed)
+        if diffs:
+            key, ours, theirs = diffs[0]
+            more = f" (and {len(diffs) - 1} more key(s))" if len(diffs) > 1 else ""
+            raise UserError(f"the processes of this launch were given different configs: {key} = {json.dumps(ours)} "
+                            f"on rank 0 but {json.dumps(theirs)} on rank {rank}{more}. Start every node with the "
+                            "same --config file and the same overrides (only the torchrun flags may differ)")
+
+
 def check_resume_config(saved: dict | None, current: DictConfig, source: str,
                         allowed: tuple[str, ...] = RESUME_SAFE_KEYS) -> None:
     """Refuse to continue a run with a config that would change its results: a UserError naming every key whose
@@ -579,10 +622,39 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
 
 
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's OptimizedModule; DDP and DataParallel
+
+
+def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside torch.compile (`_orig_mod`) and DDP / DataParallel (`module`) wrappers, nested in
+    any order."""
+    while True:
+        inner = getattr(module, "_orig_mod", None)
+        if inner is None and isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            inner = module.module
+        if inner is None:
+            return module
+        module = inner
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """A state dict saved through wrappers, with the prefixes they add removed: `_orig_mod.` (a torch.compile'd
+    module) and `module.` (DDP), nested in any order. A prefix is removed only when every key carries it, so a
+    model whose own first submodule is called `module` keeps its keys."""
+    state = dict(state_dict)
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def load_state_strict(module: torch.nn.Module, state_dict: dict, what: str) -> None:
-    """`module.load_state_dict(state_dict, strict=True)`, with a short message naming the mismatch."""
+    """`module.load_state_dict(state_dict, strict=True)`, with a short message naming the mismatch. Weights saved
+    from a compiled or DDP-wrapped model load into a plain one and the reverse (see `strip_wrapper_prefixes`)."""
     try:
-        module.load_state_dict(state_dict, strict=True)
+        unwrap_module(module).load_state_dict(strip_wrapper_prefixes(state_dict), strict=True)
     except RuntimeError as exc:
         text = str(exc)
         missing = re.findall(r'Missing key\(s\) in state_dict: (.*?)(?:\.\s|$)', text)

@@ -11,6 +11,12 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (pytest.ini) several workers share the cores: each worker, and every script a test starts
+# (they inherit the environment), computes with one thread. Set before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
