@@ -2,7 +2,7 @@
 
     python bench.py                 # default teacher-student pair (ResNet-152 -> MobileNetV2) at 64 px
     python bench.py --quick         # fewer images and repeats: under 2 minutes on a 2-core CPU
-    python bench.py --image-size 224 --images-per-class 50 --workers 8 --out bench_gpu
+    python bench.py --suite gpu --out bench_gpu   # on a GPU box: images/s and peak memory at full size
 
 Every item runs its alternatives interleaved (A B A B ...), after one warm-up round, so that machine noise hits
 each alike; it reports the median and the spread (min-max) of the repeats and each median's ratio to its floor:
@@ -18,11 +18,19 @@ each alike; it reports the median and the spread (min-max) of the repeats and ea
 6. gan_vae: WGAN-GP teacher steps and beta-VAE student steps per second, and one FID evaluation against cached
    real statistics (in teacher steps).
 Writes <out>.json and <out>.md (machine, torch version and device in the header).
+
+--suite gpu measures instead what a GPU user needs, in images per second with the peak GPU memory of each item, at
+224 px, batch 128, ResNet-152 -> MobileNetV2, 100 classes x 50 synthetic images (--images-per-class scales it),
+pre-decoded data augmented on the device: label-only, cached-KD and online-KD training with train.compile off and
+on, the teacher-cache build, the input pipeline alone (pre-decoded on the device; JPEGs with --workers loader
+processes), and gan_vae teacher and student steps at the default config's sizes. Without CUDA it runs at a reduced
+size. Targets: cached KD >= 3,000 img/s on one H100, cached KD / label-only >= 0.95, pipeline >= 2x training.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -62,7 +70,7 @@ def common_overrides(args, cache_dir: str) -> list[str]:
             f"teacher.cache_dir={cache_dir}", "eval.latency=false", f"run.out_dir={cache_dir}"]
 
 
-def interleaved(alternatives: dict, repeats: int, label: str) -> dict[str, list[float]]:
+def interleaved(alternatives: dict, repeats: int, label: str, unit: str = "s") -> dict[str, list[float]]:
     """Run each alternative (name -> callable returning seconds) once per round, in turn, for 1 + `repeats`
     rounds; the first round is the warm-up. Returns name -> timed seconds."""
     out: dict[str, list[float]] = {name: [] for name in alternatives}
@@ -71,7 +79,7 @@ def interleaved(alternatives: dict, repeats: int, label: str) -> dict[str, list[
             seconds = fn(rep)
             if rep:
                 out[name].append(seconds)
-            print(f"{label} round {rep} {name}: {seconds:.3f}s", flush=True)
+            print(f"{label} round {rep} {name}: {seconds:.3f} {unit}", flush=True)
     return out
 
 
@@ -230,6 +238,123 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
     return rows
 
 
+# ---- the GPU suite (--suite gpu) -----------------------------------------------------------------------------------
+def memory_allocated() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(base: int) -> float | None:
+    """GPU memory (GB) allocated at the peak since `reset_peak`, above `base` bytes (what other items hold); None
+    on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 1e9
+
+
+def bench_gpu_suite(args, work: Path) -> list[dict]:
+    """Images per second at full size, for label-only, cached-KD and online-KD training with compile off and on, the
+    teacher-cache build and the input pipeline alone, each with its peak GPU memory. Training reads pre-decoded
+    data augmented on the device (data.preprocessed=true data.augment_on=device), as a GPU run should.
+
+    Each trainer is built, then trained one warm-up epoch alone (its peak memory above what the trainers built
+    before it hold: its weights, optimiser state, teacher and activations), then every trainer's epochs are timed
+    interleaved."""
+    from augment import AugSpec
+    from image_sources import load_local
+    from samplers import EpochSampler
+    from synthetic_data import write_synthetic_jpeg_folder
+    from views import TrainViews, make_loader
+    dev = device()
+    base = common_overrides(args, str(work / "cache")) + [
+        "train.epochs=1000", "data.preprocessed=true", "data.augment_on=device",
+        f"data.preprocess_dir={work / 'predecoded'}"]
+    modes = {"label-only": ["kd.alpha=1"], "cached KD": ["kd.alpha=0", "teacher.mode=cached"],
+             "online KD": ["kd.alpha=0", "teacher.mode=online"]}
+    compiles = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.compile]
+    trainers: dict[str, Trainer] = {}
+    memory: dict[str, float | None] = {}
+    rows: list[dict] = []
+    for c in compiles:
+        for mode, extra in modes.items():
+            name = f"{mode}, compile {c}"
+            before = memory_allocated()
+            reset_peak()
+            t = Trainer(load_config(Config, None, base + extra + [f"train.compile={'true' if c == 'on' else 'false'}"]),
+                        DistInfo(device=dev), None)
+            if t.cache_info.get("built"):
+                n = {s: len(t.splits[s]) for s in t.splits}
+                views = n["train"] * (args.cache_views + 1) + n["validation"] + n["test"]
+                rows.append({**row("teacher-cache build", [views / t.cache_info["build_s"]], "img/s", None, "-",
+                                   True), "peak_gb": peak_gb(before),
+                             "note": f"{views} teacher forwards ({n['train']} x (K + 1) training views, then "
+                                     f"the evaluation views), teacher.batch_size {t.cfg.teacher.batch_size}"})
+            reset_peak()
+            t.train_epoch(0)  # warm-up alone: compilation, the loader's first fill, its peak memory
+            memory[name] = peak_gb(before)
+            trainers[name] = t
+    epochs = interleaved({name: (lambda rep, t=t: (lambda r: r["train/samples"] / r["time/epoch_s"])(
+        t.train_epoch(1 + rep))) for name, t in trainers.items()}, args.repeats, "gpu suite epoch", "img/s")
+    floors = {c: statistics.median(epochs[f"label-only, compile {c}"]) for c in compiles}
+    for name, rates in epochs.items():
+        c = name.rsplit(" ", 1)[1]
+        rows.append({**row(f"training, {name}", rates, "img/s", floors[c], f"label-only, compile {c}", True),
+                     "peak_gb": memory[name],
+                     "note": f"{args.student}{' <- ' + args.teacher if 'KD' in name else ''}, batch "
+                             f"{args.batch_size}, {args.image_size} px, pre-decoded, augmented on the device"})
+    best_training = max(statistics.median(v) for k, v in epochs.items() if k.startswith("cached KD"))
+
+    # the input pipeline alone: the label-only trainer's loader (pre-decoded, augmented on the device) and JPEGs
+    t = trainers[f"label-only, compile {compiles[0]}"]
+    tree = write_synthetic_jpeg_folder(work / "jpeg", args.classes, args.images_per_class, args.jpeg_height)
+    jpeg = load_local(tree)["train"]
+    spec = AugSpec(image_size=args.image_size)
+    jpeg_loader = make_loader(TrainViews(jpeg, spec, 0), EpochSampler(len(jpeg)), args.batch_size, args.workers, dev)
+
+    def predecoded_rate(epoch: int) -> float:
+        t.train_sampler.set_epoch(epoch)
+        start, n = time.perf_counter(), 0
+        for batch in t.train_loader:
+            n += len(t.batch_images(batch))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - start)
+
+    def jpeg_rate(epoch: int) -> float:
+        jpeg_loader.sampler.set_epoch(epoch)
+        start, n = time.perf_counter(), 0
+        for batch in jpeg_loader:
+            n += len(batch["image"].to(dev, non_blocking=True))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return n / (time.perf_counter() - start)
+
+    before = memory_allocated()
+    reset_peak()
+    rates = interleaved({"pre-decoded, augment on device": predecoded_rate,
+                         f"JPEG decode + augment, {args.workers} workers": jpeg_rate}, args.repeats, "gpu suite pipeline",
+                        "img/s")
+    pipeline_peak = peak_gb(before)
+    for name, v in rates.items():
+        rows.append({**row(f"input pipeline, {name}", v, "img/s", best_training, "fastest cached-KD training", True),
+                     "peak_gb": pipeline_peak if "device" in name else None,
+                     "note": f"JPEG {int(round(args.jpeg_height * 4 / 3))}x{args.jpeg_height}" if "JPEG" in name
+                     else "crops, flips and jitter on the device, normalised"})
+    before = memory_allocated()
+    reset_peak()
+    gan_rows = bench_gan_vae(args, work)
+    gan_peak = peak_gb(before)
+    for r in gan_rows:
+        r["peak_gb"] = gan_peak
+    return rows + gan_rows
+
+
 # ---- 6: gan_vae ----------------------------------------------------------------------------------------------------
 def bench_gan_vae(args, work: Path) -> list[dict]:
     from synthetic_data import render_synthetic_image, synthetic_class_attributes
@@ -286,21 +411,44 @@ def bench_gan_vae(args, work: Path) -> list[dict]:
 
 def markdown(result: dict) -> str:
     m, a = result["machine"], result["args"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} threads, torch {m['torch']}, device {m['device']}. "
+    gpu = result.get("suite") == "gpu"
+    size = "" if not gpu else (" Full size (--suite gpu)." if m["device"] != "cpu" else
+                               " --suite gpu at reduced size: no CUDA device, so these are not GPU numbers.")
+    lines = [f"Machine: {m['cpu']}, {m['cores']} threads, torch {m['torch']}, device {m['device']}.{size} "
              f"{a['teacher']} -> {a['student']}, {a['classes'] * a['images_per_class']} training images at "
-             f"{a['image_size']} px, batch {a['batch_size']}, K = {a['cache_views']}, {a['repeats']} timed rounds "
-             f"per item after a warm-up, alternatives interleaved.", "",
-             "| item | median | spread (min-max) | ratio | floor | notes |", "|---|---|---|---|---|---|"]
+             f"{a['image_size']} px, batch {a['batch_size']}, K = {a['cache_views']}, {a['workers']} loader workers, "
+             f"{a['repeats']} timed rounds per item after a warm-up, alternatives interleaved.", "",
+             "| item | median | spread (min-max) | ratio | floor |" + (" peak GPU memory |" if gpu else "") +
+             " notes |", "|---|---|---|---|---|" + ("---|" if gpu else "") + "---|"]
     for r in result["rows"]:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}" if r["ratio"] < 10 else f"{r['ratio']:.1f}"
         unit = f" {r['unit']}"
-        lines.append(f"| {r['item']} | {r['median']:.3g}{unit} | {r['min']:.3g}-{r['max']:.3g}{unit} | {ratio} | "
-                     f"{r['floor']} | {r.get('note', '')} |")
+        memory = "" if not gpu else (" - |" if r.get("peak_gb") is None else f" {r['peak_gb']:.2f} GB |")
+        lines.append(f"| {r['item']} | {r['median']:.4g}{unit} | {r['min']:.4g}-{r['max']:.4g}{unit} | {ratio} | "
+                     f"{r['floor']} |{memory} {r.get('note', '')} |")
+    if gpu:
+        lines += ["", TARGETS]
     return "\n".join(lines) + "\n"
+
+
+# --suite gpu's sizes: full size on a GPU, reduced on a CPU (so that it runs, and is tested, anywhere)
+GPU_SUITE = {"cuda": {"image_size": 224, "classes": 100, "images_per_class": 50, "batch_size": 128,
+                      "workers": min(8, os.cpu_count() or 1), "cache_views": 4, "compile": "both"},
+             "cpu": {"image_size": 64, "classes": 10, "images_per_class": 8, "batch_size": 32, "workers": 0,
+                     "cache_views": 2, "compile": "off"}}
+TARGETS = ("Targets: cached KD >= 3,000 img/s on one H100; cached KD / label-only >= 0.95; input pipeline >= 2x "
+           "the training rate.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
+                        help="cpu: the items below at 64 px, as ratios (the default). gpu: images per second and "
+                             "peak GPU memory at full size (224 px, batch 128, 100 classes x 50 images, pre-decoded "
+                             "data augmented on the device, compile off and on); on a machine without CUDA it runs "
+                             f"at reduced size ({GPU_SUITE['cpu']})")
+    parser.add_argument("--compile", choices=["off", "on", "both"], default=None,
+                        help="--suite gpu: train.compile of the training items (default both on CUDA, off on CPU)")
     parser.add_argument("--quick", action="store_true", help="fewer images, steps and repeats (< 2 min on 2 cores)")
     parser.add_argument("--image-size", type=int, default=64, help="view side (reduced from 224 to fit a CPU)")
     parser.add_argument("--classes", type=int, default=10, help="synthetic classes")
@@ -325,7 +473,13 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["kd", "curriculum", "pipeline", "gan_vae"],
                         help="items to leave out")
     parser.add_argument("--out", default="bench", help="output prefix for .json and .md")
+    suite = parser.parse_known_args()[0].suite
+    if suite == "gpu":  # the suite's sizes, unless given on the command line
+        parser.set_defaults(**GPU_SUITE["cuda" if torch.cuda.is_available() else "cpu"])
     args = parser.parse_args()
+    if args.suite == "gpu":
+        run_gpu_suite(args)
+        return
     if args.quick:
         args.images_per_class, args.repeats, args.refresh_every = 12, 2, 2
         args.gan_images, args.gan_steps, args.fid_samples = 500, 4, 1000
@@ -345,11 +499,21 @@ def main() -> None:
             rows += bench_pipeline(args, work, trainers["label-only"])
         if "gan_vae" not in args.skip:
             rows += bench_gan_vae(args, work)
-    result = {"machine": machine(), "args": vars(args), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_results({"machine": machine(), "args": vars(args), "rows": rows, "suite": "cpu"}, args.out)
+
+
+def run_gpu_suite(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = bench_gpu_suite(args, Path(tmp))
+    result = {"machine": machine(), "args": vars(args), "rows": rows, "suite": "gpu"}
+    write_results(result, args.out)
+
+
+def write_results(result: dict, out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    Path(f"{args.out}.md").write_text(text)
+    Path(f"{out}.md").write_text(text)
     print(text)
 
 

@@ -149,8 +149,9 @@ def load_hub(name: str, val_fraction: float = VAL_FRACTION, val_seed: int = 0) -
             f"cannot load dataset '{name}' from the Hugging Face hub ({type(exc).__name__}: {first[:300]}). "
             f"Offline? On a machine with internet run `python -c \"import datasets; "
             f"datasets.load_dataset('{name}').save_to_disk('mini-imagenet')\"`, copy the folder here and pass "
-            "data.path=mini-imagenet (an ImageFolder tree <split>/<synset>/<image> works too), "
-            "or try the pipeline offline with data.name=synthetic") from None
+            "data.path=mini-imagenet (an ImageFolder tree <split>/<synset>/<image> works too). To try the whole "
+            "pipeline offline first: python train_student.py --config configs/quickstart.yaml (generated data, "
+            "a few minutes on a CPU)") from None
     return _hf_splits(ds, f"hub dataset {name}", val_fraction, val_seed)
 
 

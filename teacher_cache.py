@@ -32,7 +32,7 @@ from image_sources import SPLITS, ImageSource
 from normalization import input_norm, normalize_batch
 from predecode import PredecodedSource
 from samplers import ShardSampler
-from utils import DistInfo, UserError, barrier, broadcast_object, write_json
+from utils import DistInfo, UserError, barrier, broadcast_object, trace, write_json
 from views import make_loader, unpack_raw
 
 CACHE_VERSION = 1
@@ -219,7 +219,9 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
         views = CacheViews(src, spec, seed, k, device_aug)
         loader = make_loader(views, ShardSampler(len(src), dist.world_size, dist.rank), max(1, batch_size // (k + 1)),
                              workers, device)
+        scored = []  # the indices this rank scored (KD_TRACE_DIR: tests check that the ranks partition the split)
         for batch in tqdm(loader, desc=f"teacher cache [{split}]", disable=not dist.is_main, dynamic_ncols=True):
+            scored += batch["index"].tolist()
             images = batch_views(batch, spec, device)  # [B, V, 3, S, S]
             b, v = images.shape[:2]
             with autocast():
@@ -235,6 +237,7 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
                 out["view_features"][idx] = features.float().view(b, v, -1)[:, :k].cpu().numpy().astype(np.float16)
         out.flush()
         del out
+        trace("cache_shard", {"split": split, "indices": scored})
     barrier()
     build_s = time.perf_counter() - start
     meta = {"fingerprint": fingerprint, "num_views": num_views, "num_classes": num_classes, "build_s": build_s,

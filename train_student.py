@@ -8,9 +8,9 @@
     python train_student.py run.name=my_run run.resume=auto  # continue a killed run
     torchrun --nproc_per_node=4 train_student.py             # DDP: NCCL on GPU, gloo on CPU
 
-    # offline quickstart on generated data (under 3 minutes on a 2-core CPU)
-    python train_student.py --config configs/quickstart_teacher.yaml
-    python train_student.py --config configs/quickstart_student.yaml
+    # offline quickstart on generated data, one command (under 3 minutes on a 2-core CPU): trains the quickstart
+    # teacher (configs/quickstart_teacher.yaml) unless it exists, distils it, trains the label-only baseline
+    python train_student.py --config configs/quickstart.yaml
 
 Loss: alpha * CE(z_s, y) + (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))  (models.kd_loss).
 Outputs in <run.out_dir>/<run.name>/: config.yaml, metrics.jsonl, checkpoints/{last,best}.pt, results.json,
@@ -110,6 +110,10 @@ class TeacherConfig:
     cache_views: int = opt(10, "K: augmented views per training image stored in the teacher cache")
     cache_features: bool = opt(True, "also store the teacher's pooled features of every cached view (fp16) when "
                                       "kd.method needs them (fitnet); false refuses such a method")
+    prepare: str = opt("", "a config file that trains the teacher when teacher.checkpoint does not exist yet: that "
+                           "run goes first, into this run.out_dir, and must write teacher.checkpoint (its "
+                           "student.safetensors); a stopped one is continued. configs/quickstart.yaml uses "
+                           "configs/quickstart_teacher.yaml")
     cache_dir: str = opt("", "teacher cache location (default <run.out_dir>/teacher_cache)")
     batch_size: int = opt(256, "images per teacher forward while building the cache")
 
@@ -225,6 +229,8 @@ def validate(cfg) -> None:
     check(cfg.teacher.batch_size >= 1, f"teacher.batch_size={cfg.teacher.batch_size} must be >= 1")
     check(cfg.teacher.mode in ("cached", "online"), f"teacher.mode={cfg.teacher.mode}: use 'cached' or 'online'")
     check(cfg.train.optimizer in ("adam", "adamw", "sgd"), f"train.optimizer={cfg.train.optimizer}: adam, adamw or sgd")
+    if cfg.train.amp == "False":  # YAML 1.1 reads a bare `off` as false: `train.amp=off` means "off"
+        cfg.train.amp = "off"
     check(cfg.train.amp in ("auto", "bf16", "fp16", "off"), f"train.amp={cfg.train.amp}: auto, bf16, fp16 or off")
     check(cfg.train.device in ("auto", "cuda", "cpu"), f"train.device={cfg.train.device}: auto, cuda or cpu")
     check(cfg.data.image_size >= 16, f"data.image_size={cfg.data.image_size} must be >= 16")
@@ -938,6 +944,35 @@ def evaluate_checkpoint(cfg, dist: DistInfo) -> dict:
     return out
 
 
+def prepare_teacher(cfg, dist: DistInfo) -> None:
+    """`teacher.prepare`: train the teacher with that config unless teacher.checkpoint exists (then it is reused).
+    The teacher run lands in this run.out_dir; a teacher run that was stopped is continued (run.resume=auto)."""
+    checkpoint = Path(cfg.teacher.checkpoint)
+    check(bool(cfg.teacher.checkpoint), "teacher.prepare needs teacher.checkpoint: the student.safetensors that the "
+                                        "teacher run writes, which this run then distils from")
+    if checkpoint.is_file():
+        if dist.is_main:
+            print(f"teacher: reusing {checkpoint}")
+        return
+    source = Path(cfg.teacher.prepare)
+    check(source.is_file(), f"teacher.prepare={cfg.teacher.prepare} is not a file (a config that trains the teacher)")
+    teacher_cfg = parse_config(Config, ["--config", str(source), f"run.out_dir={cfg.run.out_dir}",
+                                        f"train.device={cfg.train.device}"], prog="train_student.py")
+    validate(teacher_cfg)
+    check(not teacher_cfg.teacher.prepare, f"{source} sets teacher.prepare itself: one level only")
+    run_dir = Path(teacher_cfg.run.out_dir) / (teacher_cfg.run.name or "")
+    writes = run_dir / "student.safetensors"
+    check(bool(teacher_cfg.run.name) and writes.resolve() == checkpoint.resolve(),
+          f"teacher.prepare={source} writes {writes}, but teacher.checkpoint={checkpoint}: set run.name in {source} "
+          "and teacher.checkpoint so that they agree")
+    if run_dir.is_dir():
+        teacher_cfg.run.resume = "auto"
+    if dist.is_main:
+        print(f"teacher: {checkpoint} does not exist yet; training it first with {source} (into {run_dir})")
+    run_training(teacher_cfg, dist)
+    check(checkpoint.is_file(), f"the teacher run {run_dir} ended without writing {checkpoint}")
+
+
 def main(argv: list[str]) -> None:
     cfg = parse_config(Config, argv, prog="train_student.py", doc=__doc__)
     validate(cfg)
@@ -946,6 +981,8 @@ def main(argv: list[str]) -> None:
     if cfg.eval.checkpoint:
         evaluate_checkpoint(cfg, dist)
         return cleanup_distributed()
+    if cfg.teacher.prepare and kd_methods.uses_teacher(cfg):
+        prepare_teacher(cfg, dist)
     results = {"student": run_training(cfg, dist)}
     if cfg.kd.baseline and kd_methods.uses_teacher(cfg):
         base = copy.deepcopy(cfg)

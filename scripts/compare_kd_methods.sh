@@ -14,7 +14,7 @@
 # Uses runs/quickstart_teacher, and trains it first (one thread, like every run here) when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-C=configs/quickstart_student.yaml
+C=configs/quickstart.yaml
 SEEDS=${*:-0 1 2}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 if [[ ! -f runs/quickstart_teacher/student.safetensors ]]; then  # the quickstart's teacher, trained here if missing

@@ -93,5 +93,9 @@ def test_unreachable_hub_weights_and_dataset(tmp_path):
     assert_clean_error(proc, "cannot get pretrained weights for teacher 'resnet10t'", "teacher.checkpoint=PATH")
     proc = run_script("train_student.py", "data.name=timm/mini-imagenet", f"run.out_dir={tmp_path}", env=OFFLINE)
     assert_clean_error(proc, "cannot load dataset 'timm/mini-imagenet'", "data.path=")
+    # plain `python train_student.py` (the defaults; only the output folder moved) offline names both ways forward: a local copy and the offline quickstart
+    proc = run_script("train_student.py", f"run.out_dir={tmp_path}", env=OFFLINE)
+    assert_clean_error(proc, "cannot load dataset 'timm/mini-imagenet'", "data.path=mini-imagenet",
+                       "python train_student.py --config configs/quickstart.yaml")
     proc = run_script("train_student.py", f"data.path={tmp_path}", f"run.out_dir={tmp_path}")
     assert_clean_error(proc, "is not a dataset")

@@ -26,6 +26,32 @@ def test_bench_runs_and_writes_json_and_markdown(tmp_path):
     assert markdown.startswith("Machine: ") and "| input pipeline, pre-decoded, augment on device |" in markdown
 
 
+def test_bench_gpu_suite_runs_on_cpu_at_reduced_size(tmp_path):
+    """`--suite gpu` without CUDA: every item measured in images (or steps) per second, at the reduced size (the
+    CPU defaults, scaled down further here), compile off for the training items (compiled runs are tested in test_cuda_path.py); JSON and markdown written,
+    the markdown saying these are not GPU numbers."""
+    out = tmp_path / "gpu"
+    proc = run_script("bench.py", "--suite", "gpu", "--teacher", "resnet10t", "--student", "test_resnet",
+                      "--image-size", "32", "--classes", "3", "--images-per-class", "6", "--batch-size", "8",
+                      "--repeats", "1", "--jpeg-height", "48", "--gan-images", "120", "--gan-steps", "1",
+                      "--fid-samples", "60", "--compile", "off", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["suite"] == "gpu" and result["machine"]["device"] == "cpu"
+    rows = {r["item"]: r for r in result["rows"]}
+    for item in ("teacher-cache build", "training, label-only, compile off", "training, cached KD, compile off",
+                 "training, online KD, compile off", "input pipeline, pre-decoded, augment on device",
+                 "input pipeline, JPEG decode + augment, 0 workers", "gan_vae teacher (WGAN-GP) steps",
+                 "gan_vae student (beta-VAE + distillation) steps"):
+        assert rows[item]["median"] > 0 and rows[item]["unit"] in ("img/s", "steps/s"), item
+        assert "peak_gb" in rows[item] and rows[item]["peak_gb"] is None, item  # no GPU memory on a CPU
+    assert rows["training, label-only, compile off"]["ratio"] == 1.0
+    assert rows["training, cached KD, compile off"]["floor"] == "label-only, compile off"
+    assert rows["input pipeline, pre-decoded, augment on device"]["floor"] == "fastest cached-KD training"
+    markdown = out.with_suffix(".md").read_text()
+    assert "not GPU numbers" in markdown and "| peak GPU memory |" in markdown and "Targets: cached KD" in markdown
+
+
 def test_summarize_groups_seeds_and_baselines(tmp_path):
     for seed, (kd, lab) in enumerate([(80.0, 70.0), (82.0, 74.0)]):
         run = tmp_path / f"qs_s{seed}"

@@ -155,3 +155,30 @@ def test_corrupt_image_in_a_worker_is_named_without_traceback(tmp_path):
                       "student.name=test_resnet", "data.workers=1", "train.batch_size=4", "train.epochs=1",
                       "eval.latency=false", f"run.out_dir={tmp_path}", "run.name=bad")
     assert_clean_error(proc, "cannot read image", "img2.png")
+
+
+def test_teacher_prepare_trains_the_teacher_once_then_reuses_it(tmp_path):
+    """configs/quickstart.yaml's one-command route, at tiny size: teacher.prepare trains the teacher first when
+    teacher.checkpoint is missing, a second run reuses it, and a teacher run that would write elsewhere is refused."""
+    teacher_yaml = tmp_path / "teacher.yaml"
+    teacher_yaml.write_text("\n".join(["data:", "  name: synthetic", "  image_size: 32", "  workers: 0",
+                                       "  synthetic:", "    num_classes: 4", "    images_per_class: 12",
+                                       "    image_size: 32", "    seed: 1", "student:", "  name: test_resnet",
+                                       "kd:", "  alpha: 1.0", "train:", "  epochs: 1", "  batch_size: 8",
+                                       "eval:", "  latency: false", "run:", "  name: tiny_teacher", ""]))
+    checkpoint = tmp_path / "tiny_teacher" / "student.safetensors"
+    args = [*TINY, "teacher.name=test_resnet", f"teacher.checkpoint={checkpoint}", f"teacher.prepare={teacher_yaml}",
+            "kd.alpha=0", "kd.baseline=true", "train.epochs=1", f"run.out_dir={tmp_path}"]
+    first = run_script("train_student.py", *args, "run.name=first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "does not exist yet; training it first" in first.stdout and checkpoint.is_file()
+    assert "same budget, same seed: KD vs labels only" in first.stdout
+    for run in ("tiny_teacher", "first", "first/label_only"):
+        assert (tmp_path / run / "results.json").is_file(), run
+    stamp = checkpoint.stat().st_mtime_ns
+    second = run_script("train_student.py", *args, "run.name=second")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"teacher: reusing {checkpoint}" in second.stdout and checkpoint.stat().st_mtime_ns == stamp
+    elsewhere = run_script("train_student.py", *args, f"teacher.checkpoint={tmp_path / 'other.safetensors'}",
+                           "run.name=third")
+    assert_clean_error(elsewhere, f"writes {checkpoint}", "agree")

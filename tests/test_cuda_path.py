@@ -1,0 +1,146 @@
+"""The CUDA path's logic, exercised on CPU: torch.compile (inductor, with this machine's C++ compiler), bf16
+autocast and channels_last, together and separately, in train_student.py and train_student_rl.py; fp16 with its
+GradScaler; checkpoints across compiled and eager models; and the clear errors of the CUDA-only switches.
+
+Tolerances (first-epoch train/loss, same seed and data, one thread): a compiled run against the eager run of the
+same precision, relative 1e-4 in fp32 and 2e-2 in bf16 (inductor fuses and reorders bf16 arithmetic, so roundings
+differ); channels_last against the default layout 1e-4; bf16 against fp32 5e-2."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import TINY, assert_clean_error, read_metrics, run_script
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# test_resnet compiles in about a minute on one core; kd.alpha=0.5 runs the cached teacher's KD term too
+BASE = [*TINY, "student.name=test_resnet", "kd.alpha=0.5", "train.epochs=1"]
+EAGER_FP32 = ["train.compile=false", "train.amp=off", "train.channels_last=false"]
+
+
+def _run(tmp_path, name: str, *overrides: str, script: str = "train_student.py", base=BASE, env=None) -> dict:
+    proc = run_script(script, *base, *overrides, f"run.out_dir={tmp_path}", f"run.name={name}",
+                      env={**ONE_THREAD, **(env or {})}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_metrics(tmp_path / name)[0]
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+@pytest.fixture(scope="module")
+def eager(tmp_path_factory):
+    """The eager fp32 run and the eager bf16 run every other run is compared with (their folder, first epochs)."""
+    root = tmp_path_factory.mktemp("eager")
+    return root, {"fp32": _run(root, "fp32", *EAGER_FP32),
+                  "bf16": _run(root, "bf16", "train.compile=false", "train.amp=bf16", "train.channels_last=false")}
+
+
+def test_bf16_and_channels_last_each_alone_match_eager_fp32(eager, tmp_path):
+    _, ref = eager
+    cl = _run(tmp_path, "cl", "train.compile=false", "train.amp=off", "train.channels_last=true")
+    bf16 = ref["bf16"]
+    print(f"first-epoch loss: fp32 {ref['fp32']['train/loss']:.6f}, channels_last {cl['train/loss']:.6f}, "
+          f"bf16 {bf16['train/loss']:.6f}")
+    assert _rel(cl["train/loss"], ref["fp32"]["train/loss"]) < 1e-4
+    assert math.isfinite(bf16["train/loss"]) and bf16["train/loss"] != ref["fp32"]["train/loss"]  # it is bf16
+    assert _rel(bf16["train/loss"], ref["fp32"]["train/loss"]) < 5e-2
+
+
+def test_compile_alone_matches_eager_fp32(eager, tmp_path):
+    _, ref = eager
+    compiled = _run(tmp_path, "compiled", "train.compile=true", "train.amp=off", "train.channels_last=false")
+    diff = _rel(compiled["train/loss"], ref["fp32"]["train/loss"])
+    print(f"compiled fp32 vs eager fp32: loss {compiled['train/loss']:.8f} vs {ref['fp32']['train/loss']:.8f} "
+          f"(relative {diff:.2e}); epoch {compiled['time/epoch_s']:.1f} s vs {ref['fp32']['time/epoch_s']:.2f} s "
+          "(the compiled epoch includes compilation)")
+    assert diff < 1e-4
+
+
+def test_compile_bf16_channels_last_together_and_the_checkpoint_in_an_eager_model(eager, tmp_path):
+    """All three CUDA switches at once; then the compiled run's best.pt evaluated by an eager student
+    (eval.checkpoint) gives the run's own test/acc1, and its last.pt continues eagerly (train.compile may change
+    on resume)."""
+    _, ref = eager
+    on = ["train.compile=true", "train.amp=bf16", "train.channels_last=true"]
+    together = _run(tmp_path, "all", *on)
+    diff = _rel(together["train/loss"], ref["bf16"]["train/loss"])
+    print(f"compile + bf16 + channels_last vs eager bf16: relative loss difference {diff:.2e}")
+    assert diff < 2e-2
+    results = json.loads((tmp_path / "all" / "results.json").read_text())
+    best = tmp_path / "all" / "checkpoints" / "best.pt"
+    proc = run_script("train_student.py", *BASE, "train.amp=bf16", f"eval.checkpoint={best}", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["test/acc1"] == results["test/acc1"]
+    again = run_script("train_student.py", *BASE, *on[1:], "train.compile=false", f"run.out_dir={tmp_path}",
+                       "run.name=all", "run.resume=auto", env=ONE_THREAD)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    assert json.loads((tmp_path / "all" / "results.json").read_text())["test/acc1"] == results["test/acc1"]
+
+
+def test_rl_script_compiled_with_bf16_and_channels_last(tmp_path):
+    rl = [*BASE, "train.epochs=2", "difficulty.warmup_epochs=1", "difficulty.refresh_every=1", "agent.name=bandit",
+          "train.amp=bf16", "train.channels_last=true"]
+    eager_rl = _run(tmp_path, "eager", "train.compile=false", script="train_student_rl.py", base=rl)
+    compiled = _run(tmp_path, "compiled", "train.compile=true", script="train_student_rl.py", base=rl)
+    assert _rel(compiled["train/loss"], eager_rl["train/loss"]) < 2e-2
+    lines = read_metrics(tmp_path / "compiled")
+    assert len(lines) == 2 and all(math.isfinite(r["train/loss"]) for r in lines)
+    assert (tmp_path / "compiled" / "curriculum.jsonl").read_text().count("\n") == 2
+
+
+def test_fp16_with_grad_scaler_on_cpu(tmp_path):
+    """train.amp=fp16 runs on CPU (torch.amp.GradScaler("cpu")), and its scaler state is in the checkpoint."""
+    first = _run(tmp_path, "fp16", "train.amp=fp16", "train.epochs=2")
+    assert math.isfinite(first["train/loss"])
+    ckpt = torch.load(tmp_path / "fp16" / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["scaler"]["scale"] > 0 and "_growth_tracker" in ckpt["scaler"]
+
+
+def test_state_dicts_of_compiled_and_ddp_models_load_into_plain_ones_and_back():
+    from models import create_student
+    from train_student import Config
+    from utils import UserError, load_config, load_state_strict
+    cfg = load_config(Config, None, ["student.name=test_resnet"])
+    torch.manual_seed(0)
+    plain = create_student(cfg, 4)
+    compiled = torch.compile(create_student(cfg, 4))  # state_dict keys gain "_orig_mod."; nothing is compiled yet
+    saved = compiled.state_dict()
+    assert all(k.startswith("_orig_mod.") for k in saved)
+    with torch.no_grad():
+        for v in saved.values():
+            v.add_(1.0) if v.is_floating_point() else None
+    load_state_strict(plain, saved, "compiled weights")  # compiled -> eager
+    assert all(torch.equal(plain.state_dict()[k[len("_orig_mod."):]], v) for k, v in saved.items())
+    other = torch.compile(create_student(cfg, 4))
+    load_state_strict(other, plain.state_dict(), "eager weights")  # eager -> compiled
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in saved.items())
+    ddp_style = {f"module._orig_mod.{k}": v for k, v in plain.state_dict().items()}  # compiled inside DDP
+    load_state_strict(create_student(cfg, 4), ddp_style, "DDP weights")
+    with pytest.raises(UserError, match="does not match the model"):
+        load_state_strict(plain, {f"_orig_mod.{k}": v for k, v in list(plain.state_dict().items())[1:]}, "partial")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path):
+    proc = run_script("train_student.py", *BASE, "train.device=cuda", f"run.out_dir={tmp_path}", "run.name=r")
+    assert_clean_error(proc, "train.device=cuda but no CUDA device is visible")
+    assert not (tmp_path / "r").exists()
+
+
+def test_compile_failure_names_it_and_the_eager_way(tmp_path):
+    """A C++ compiler that does not exist makes inductor fail at the first step: a clear error naming
+    torch.compile and train.compile=false, exit 2, no traceback, and the run continues eagerly from where it was."""
+    env = {**ONE_THREAD, "CXX": "/nonexistent/g++", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    proc = run_script("train_student.py", *BASE, "kd.alpha=1", "train.compile=true", f"run.out_dir={tmp_path}",
+                      "run.name=r", env=env)
+    assert_clean_error(proc, "torch.compile failed (train.compile=true)", "InvalidCxxCompiler",
+                       "train.compile=false")
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    eager_run = run_script("train_student.py", *BASE, "kd.alpha=1", "train.compile=false", f"run.out_dir={tmp_path}",
+                           "run.name=r", "run.resume=auto", env=ONE_THREAD)
+    assert eager_run.returncode == 0, eager_run.stderr[-3000:]
+    assert (tmp_path / "r" / "results.json").exists()
