@@ -7,6 +7,8 @@ re-expresses it in its own statistics (`renormalize`) only when the two differ.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,7 +41,13 @@ def input_norm(model: torch.nn.Module) -> Norm:
 
 
 def _pixel_scale(norm: Norm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(255 mean, 255 std) as float32 [1, 3, 1, 1] on `device`: the statistics on the uint8 pixel scale."""
+    """(255 mean, 255 std) as float32 [1, 3, 1, 1] on `device`: the statistics on the uint8 pixel scale. Made once
+    per (statistics, device) and kept: a host-to-device copy per batch would stall the GPU stream every step."""
+    return _pixel_scale_cached(tuple(map(tuple, norm)), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _pixel_scale_cached(norm: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     mean, std = norm
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
             torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)

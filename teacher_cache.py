@@ -178,6 +178,23 @@ def _valid(root: Path, fingerprint: dict, sources: dict[str, ImageSource], num_c
     return meta
 
 
+def merge_shards(root: Path, world_size: int, chunk: int = 4096) -> None:
+    """Rank 0, after every rank has scored its shard: copy each rank's rows (<split>.rank<r>.npy, their image
+    indices in <split>.rank<r>.index.npy) into <split>.npy, then delete the shard files."""
+    for split in SPLITS:
+        out = np.load(root / f"{split}.npy", mmap_mode="r+")
+        for rank in range(world_size):
+            part_path, index_path = root / f"{split}.rank{rank}.npy", root / f"{split}.rank{rank}.index.npy"
+            part, index = np.load(part_path, mmap_mode="r"), np.load(index_path)
+            for i in range(0, len(index), chunk):
+                out[index[i:i + chunk]] = part[i:i + chunk]
+            del part
+            part_path.unlink()
+            index_path.unlink()
+        out.flush()
+        del out
+
+
 def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int,
                         cache_dir: Path, dist: DistInfo, batch_size: int, workers: int,
                         autocast, device_aug: bool = False, with_features: bool = False) -> tuple[TeacherCache, dict]:
@@ -212,15 +229,24 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
             np.lib.format.open_memmap(root / f"{split}.npy", mode="w+", dtype=dtype, shape=(len(src),)).flush()
     barrier()
     device = dist.device
+    # Several ranks write into files of their own, merged by rank 0 below: ranks on different nodes never write
+    # pages of one file (a shared filesystem such as NFS writes back whole pages, which could undo another node's
+    # rows that share a page).
+    sharded = dist.world_size > 1
     for split in SPLITS:
         src = sources[split]
         k = num_views if split == "train" else 0
-        out = np.load(root / f"{split}.npy", mmap_mode="r+")
+        sampler = ShardSampler(len(src), dist.world_size, dist.rank)
+        if sharded:
+            out = np.lib.format.open_memmap(root / f"{split}.rank{dist.rank}.npy", mode="w+", shape=(len(sampler),),
+                                            dtype=split_dtype(split, num_views, num_classes, feature_dim))
+        else:
+            out = np.load(root / f"{split}.npy", mmap_mode="r+")
         views = CacheViews(src, spec, seed, k, device_aug)
-        loader = make_loader(views, ShardSampler(len(src), dist.world_size, dist.rank), max(1, batch_size // (k + 1)),
-                             workers, device)
-        scored = []  # the indices this rank scored (KD_TRACE_DIR: tests check that the ranks partition the split)
+        loader = make_loader(views, sampler, max(1, batch_size // (k + 1)), workers, device)
+        scored = []  # the indices this rank scored, in order (KD_TRACE_DIR: tests check the ranks partition them)
         for batch in tqdm(loader, desc=f"teacher cache [{split}]", disable=not dist.is_main, dynamic_ncols=True):
+            rows = batch["index"].numpy() if not sharded else np.arange(len(scored), len(scored) + len(batch["index"]))
             scored += batch["index"].tolist()
             images = batch_views(batch, spec, device)  # [B, V, 3, S, S]
             b, v = images.shape[:2]
@@ -228,7 +254,7 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
                 x = normalize_batch(images.flatten(0, 1), device, True, input_norm(teacher))
                 logits, features = teacher.logits_and_features(x) if feature_dim and k else (teacher(x), None)
             logits = logits.float().view(b, v, -1).cpu().numpy().astype(np.float16)
-            idx = batch["index"].numpy()
+            idx = rows
             out["eval_logits"][idx] = logits[:, -1]
             if k:
                 out["view_logits"][idx] = logits[:, :k]
@@ -237,7 +263,12 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
                 out["view_features"][idx] = features.float().view(b, v, -1)[:, :k].cpu().numpy().astype(np.float16)
         out.flush()
         del out
+        if sharded:
+            np.save(root / f"{split}.rank{dist.rank}.index.npy", np.asarray(scored, dtype=np.int64))
         trace("cache_shard", {"split": split, "indices": scored})
+    barrier()
+    if sharded and dist.is_main:
+        merge_shards(root, dist.world_size)
     barrier()
     build_s = time.perf_counter() - start
     meta = {"fingerprint": fingerprint, "num_views": num_views, "num_classes": num_classes, "build_s": build_s,

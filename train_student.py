@@ -180,9 +180,11 @@ class TrainingConfig:
     grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)")
     seed: int = opt(0, "seed for weights, shuffling and augmentation (the same seed gives the same numbers on CPU)")
     device: str = opt("auto", "auto (CUDA if available), cuda or cpu")
-    amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16 or off")
+    amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16 (with a GradScaler; runs "
+                           "on CPU too) or off")
     channels_last: bool = opt(True, "channels_last memory format for the student and its inputs")
-    compile: bool = opt(False, "torch.compile the student")
+    compile: bool = opt(False, "torch.compile the student and the KD method's parts (inductor; on CPU it needs a "
+                               "C++ compiler). Compilation happens in the first steps; may change on resume")
     profile: bool = opt(False, "write a torch.profiler trace of training steps 3-7 of the first epoch to "
                                "<run>/profile/ (TensorBoard / chrome://tracing / Perfetto)")
 
@@ -254,11 +256,19 @@ def validate(cfg) -> None:
 # ================================================================================================================
 # Pieces of the engine.
 # ================================================================================================================
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """`train.amp` as it runs: 'auto' is bf16 on a CUDA device that computes bf16 natively (Ampere and newer), fp16
+    (with the GradScaler) on older GPUs, where bf16 is emulated and slow, and off on CPU."""
+    if amp != "auto":
+        return amp
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
 def autocast_for(amp: str, device: torch.device):
-    """A zero-argument factory of the autocast context for `train.amp` (bf16 on CUDA under 'auto')."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    if amp == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else None
+    """A zero-argument factory of the autocast context for `train.amp` (see `resolve_amp` for 'auto')."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_amp(amp, device))
     if dtype is None:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
@@ -533,7 +543,8 @@ class Trainer:
         # ---- optimisation ---------------------------------------------------------------------------------------
         self.optimizer = build_optimizer(self.distiller.parameters(), cfg)
         self.scheduler = CosineSchedule(self.optimizer, cfg.train)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=resolve_amp(cfg.train.amp, self.device) == "fp16")
         self.model: nn.Module = self.distiller
         if dist.distributed:
             self.model = nn.parallel.DistributedDataParallel(
@@ -573,6 +584,7 @@ class Trainer:
         self.train_sampler.set_epoch(epoch)
         online = self.uses_teacher and cfg.teacher.mode == "online"
         sums, names = None, []  # float64 [loss, one per term, correct, count], created at the first step
+        count = 0  # samples that reached the loss on this rank, counted on the host (no per-step device copy)
         timer = StepTimer(device)
         profiler = self.start_profiler() if cfg.train.profile and epoch == self.start_epoch else None
         start = time.perf_counter()
@@ -601,17 +613,18 @@ class Trainer:
                 if sums is None:
                     names = list(terms)
                     sums = torch.zeros(len(names) + 3, dtype=torch.float64, device=device)
-                sums += torch.stack([mean_loss.detach() * n, *(terms[k][1].detach() * n for k in names),
-                                     correct.double(),
-                                     torch.tensor(n, device=device, dtype=torch.float64)]).double()
+                sums[:-1] += torch.stack([mean_loss.detach() * n, *(terms[k][1].detach() * n for k in names),
+                                          correct.double()]).double()
+                count += n
             bar.update(1)
             if (step + 1) % cfg.log.every_steps == 0 or step + 1 == steps:
-                running = sums[0].item() / max(sums[-1].item(), 1.0)  # one host sync per interval, not per step
+                running = sums[0].item() / max(count, 1)  # one host sync per interval, not per step
                 self.check_finite(running, epoch, step)
                 bar.set_postfix(loss=f"{running:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         bar.close()
         if profiler is not None:
             profiler.stop()
+        sums[-1] = count
         all_reduce_sum(sums)
         n = sums[-1].item()
         # samples that reached the loss this epoch, over all ranks: exactly the sampler's selection
@@ -970,6 +983,7 @@ def prepare_teacher(cfg, dist: DistInfo) -> None:
     if dist.is_main:
         print(f"teacher: {checkpoint} does not exist yet; training it first with {source} (into {run_dir})")
     run_training(teacher_cfg, dist)
+    barrier()  # rank 0 writes student.safetensors at the very end of the teacher run
     check(checkpoint.is_file(), f"the teacher run {run_dir} ended without writing {checkpoint}")
 
 

@@ -272,8 +272,9 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     else:
         dev = torch.device("cpu")
     if not torch_dist.is_initialized():
+        # device_id binds NCCL's communicator to this rank's GPU up front (no guess at the first barrier)
         torch_dist.init_process_group(backend="nccl" if want_cuda else "gloo",
-                                      timeout=datetime.timedelta(minutes=60))
+                                      timeout=datetime.timedelta(minutes=60), device_id=dev if want_cuda else None)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
@@ -396,8 +397,8 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a resume may see another number of devices
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -405,8 +406,8 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_device"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -533,7 +533,7 @@ class ContinualRun:
             features = FeatureModule(FeaturesOf(clf), clf.feature_dim)
             self.fid_info = {"backend": "domain", "classifier_test_acc": info["test_acc"]}
         else:
-            features = inception_features(cfg.fid.inception_path, cfg.data.channels)
+            features = inception_features(cfg.fid.inception_path, cfg.data.channels, self.device)
             self.fid_info = {"backend": "inception"}
         self.evaluator = FIDEvaluator(features, cfg.fid.samples)
         for j, x in enumerate(self.test_x):

@@ -181,7 +181,7 @@ def check_inception_path(weights_path: str) -> None:
                         "this one has none), or use fid.backend=domain")
 
 
-def inception_features(weights_path: str, channels: int) -> FeatureModule:
+def inception_features(weights_path: str, channels: int, device: torch.device | str = "cpu") -> FeatureModule:
     """torch-fidelity's FID Inception-v3 (2048-d pool features) on images in [-1, 1], with the weights from
     `weights_path`, or downloaded (into torch.hub's cache) when it is empty. Each way it can fail says what helps."""
     try:
@@ -207,7 +207,7 @@ def inception_features(weights_path: str, channels: int) -> FeatureModule:
         x = x.repeat(1, 3 // channels, 1, 1) if channels == 1 else x
         return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)
 
-    return FeatureModule(net, 2048, to_input)
+    return FeatureModule(net.to(device), 2048, to_input)
 
 
 class FIDEvaluator:

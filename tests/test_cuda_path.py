@@ -59,10 +59,11 @@ def test_compile_alone_matches_eager_fp32(eager, tmp_path):
     assert diff < 1e-4
 
 
-def test_compile_bf16_channels_last_together_and_the_checkpoint_in_an_eager_model(eager, tmp_path):
-    """All three CUDA switches at once; then the compiled run's best.pt evaluated by an eager student
-    (eval.checkpoint) gives the run's own test/acc1, and its last.pt continues eagerly (train.compile may change
-    on resume)."""
+def test_compile_bf16_channels_last_together_in_both_scripts(eager, tmp_path):
+    """All three CUDA switches at once in train_student.py; the compiled run's best.pt evaluated by an eager
+    student (eval.checkpoint) gives the run's own test/acc1, and its last.pt continues eagerly (train.compile may
+    change on resume). Then train_student_rl.py with the same switches: its training graph is the one just
+    compiled (same student, batch, precision and layout; strategy all), so inductor's cache serves it."""
     _, ref = eager
     on = ["train.compile=true", "train.amp=bf16", "train.channels_last=true"]
     together = _run(tmp_path, "all", *on)
@@ -80,10 +81,8 @@ def test_compile_bf16_channels_last_together_and_the_checkpoint_in_an_eager_mode
     assert "resumed from" in again.stdout
     assert json.loads((tmp_path / "all" / "results.json").read_text())["test/acc1"] == results["test/acc1"]
 
-
-def test_rl_script_compiled_with_bf16_and_channels_last(tmp_path):
     rl = [*BASE, "train.epochs=2", "difficulty.warmup_epochs=1", "difficulty.refresh_every=1", "agent.name=bandit",
-          "train.amp=bf16", "train.channels_last=true"]
+          "curriculum.strategy=all", "train.amp=bf16", "train.channels_last=true"]
     eager_rl = _run(tmp_path, "eager", "train.compile=false", script="train_student_rl.py", base=rl)
     compiled = _run(tmp_path, "compiled", "train.compile=true", script="train_student_rl.py", base=rl)
     assert _rel(compiled["train/loss"], eager_rl["train/loss"]) < 2e-2
@@ -144,3 +143,44 @@ def test_compile_failure_names_it_and_the_eager_way(tmp_path):
                            "run.name=r", "run.resume=auto", env=ONE_THREAD)
     assert eager_run.returncode == 0, eager_run.stderr[-3000:]
     assert (tmp_path / "r" / "results.json").exists()
+
+
+def test_amp_auto_resolves_by_device_and_gpu_generation(monkeypatch):
+    """auto: off on CPU; bf16 on a GPU that computes it natively; fp16 (with the GradScaler) on an older one."""
+    from train_student import resolve_amp
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_amp("auto", cpu) == "off" and resolve_amp("fp16", cpu) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation
+                        and native["bf16"])
+    native = {"bf16": True}
+    assert resolve_amp("auto", cuda) == "bf16"
+    native["bf16"] = False  # e.g. a V100 or T4
+    assert resolve_amp("auto", cuda) == "fp16" and resolve_amp("bf16", cuda) == "bf16"
+
+
+def test_rng_state_keeps_only_this_processes_cuda_device(monkeypatch):
+    """A checkpoint holds the RNG state of the rank's own GPU, restored with set_rng_state: resuming where fewer
+    GPUs are visible cannot index a device that is not there."""
+    import utils
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: calls.append(state))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("all devices' states saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("all devices' states restored"))
+    state = utils.rng_state()
+    assert torch.equal(state["cuda_device"], torch.tensor([7], dtype=torch.uint8)) and "cuda" not in state
+    utils.set_rng_state(state)
+    assert len(calls) == 1 and torch.equal(calls[0], state["cuda_device"])
+
+
+def test_normalisation_statistics_are_made_once_per_device():
+    """The (mean, std) tensors are built once and reused (no host-to-device copy per batch); the values agree with
+    the formula (x - 255 mean) / (255 std)."""
+    from normalization import IMAGENET_NORM, _pixel_scale, normalize_batch
+    a, b = _pixel_scale(IMAGENET_NORM, torch.device("cpu")), _pixel_scale(IMAGENET_NORM, torch.device("cpu"))
+    assert a[0] is b[0] and a[1] is b[1]
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    mean = torch.tensor(IMAGENET_NORM[0]).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_NORM[1]).view(1, 3, 1, 1) * 255
+    assert torch.equal(normalize_batch(x, torch.device("cpu"), False), (x.float() - mean) / std)

@@ -528,7 +528,7 @@ def test_tasks_are_padded_with_their_own_background(domains, tmp_path):
 
 def test_repeated_domain_reuses_expert_and_new_domain_adds_one(domains, tmp_path):
     same = run_script("-m", "gan_vae.continual", *_args(domains, tmp_path, ["discs", "discs"]), "run.name=same",
-                      env=ONE_THREAD)
+                      "student.steps=4", "log.sample_every=4", env=ONE_THREAD)
     assert same.returncode == 0, same.stderr[-3000:]
     other = run_script("-m", "gan_vae.continual", *_args(domains, tmp_path, ["discs", "inverted"]), "run.name=other",
                        env=ONE_THREAD)
@@ -681,8 +681,8 @@ def test_unwritable_directories_are_named(tmp_path):
 
 def test_real_data_run_on_shared_arrays(shared_data, tmp_path):
     """The offline config on the real MNIST / Fashion-MNIST arrays, with a short budget."""
-    proc = run_script("-m", "gan_vae.continual", "--config", "configs/gan_vae_shared_data.yaml", "teacher.steps=40",
-                      "student.steps=30", "fid.samples=300", "fid.classifier_epochs=1", "log.sample_every=100",
+    proc = run_script("-m", "gan_vae.continual", "--config", "configs/gan_vae_shared_data.yaml", "teacher.steps=10",
+                      "student.steps=10", "fid.samples=300", "fid.classifier_epochs=1", "log.sample_every=100",
                       f"run.out_dir={tmp_path}", "run.name=real", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "real" / "results.json").read_text())

@@ -31,7 +31,8 @@ def launcher(node_rank: int, port: int) -> list[str]:
 def two_nodes(script: str, args0: list[str], args1: list[str] | None = None, env: dict | None = None,
               kill_when: tuple[Path, int] | None = None, timeout: float = 400) -> list[subprocess.CompletedProcess]:
     """Start node 0 and node 1 (each a torchrun launcher with its own arguments), wait for both; or, with
-    kill_when=(file, lines), SIGKILL both launchers and their workers once `file` has that many lines."""
+    kill_when=(file, lines), SIGKILL both launchers and their workers once `file` has that many lines (0: once it
+    exists)."""
     import signal
     import time
     port = free_port()
@@ -43,7 +44,7 @@ def two_nodes(script: str, args0: list[str], args1: list[str] | None = None, env
         watch, lines = kill_when
         deadline = time.time() + timeout
         while time.time() < deadline and all(p.poll() is None for p in procs):
-            if watch.exists() and len(watch.read_text().splitlines()) >= lines:
+            if watch.exists() and (lines == 0 or len(watch.read_text().splitlines()) >= lines):
                 break
             time.sleep(0.05)
         assert all(p.poll() is None for p in procs), "a node ended before it could be killed"
@@ -97,6 +98,15 @@ def test_two_nodes_train_with_a_cache_built_across_both(tmp_path):
     for split, n in sizes.items():
         mine, theirs = ({i for r in shards[rank] if r["split"] == split for i in r["indices"]} for rank in (0, 1))
         assert mine | theirs == set(range(n)) and abs(len(mine) - len(theirs)) <= 1 and len(mine) < n, split
+    # each rank wrote a shard file of its own, rank 0 merged them: none left over, no row unwritten (zeros)
+    import numpy as np
+    (cache_dir,) = [p for p in (tmp_path / "teacher_cache").iterdir() if p.is_dir()]
+    assert sorted(p.name for p in cache_dir.glob("*.npy")) == ["test.npy", "train.npy", "validation.npy"]
+    for split, n in sizes.items():
+        rows = np.load(cache_dir / f"{split}.npy")
+        assert len(rows) == n and (np.abs(rows["eval_logits"].astype(np.float32)).sum(1) > 0).all(), split
+        if split == "train":
+            assert (np.abs(rows["view_logits"].astype(np.float32)).sum((1, 2)) > 0).all()
     check_single_writer(run_dir, 2)
     results = json.loads((run_dir / "results.json").read_text())
     assert single_process_test_acc1(run_dir, Config) == results["test/acc1"]
@@ -106,7 +116,7 @@ def test_two_nodes_rl_run_killed_and_resumed(tmp_path):
     args = [*RUN, "train.epochs=5", "difficulty.warmup_epochs=1", "difficulty.refresh_every=1", "agent.name=ppo",
             "agent.ppo.n_steps=2", "agent.ppo.batch_size=2", f"run.out_dir={tmp_path}", "run.name=rl"]
     run_dir = tmp_path / "rl"
-    two_nodes("train_student_rl.py", args, kill_when=(run_dir / "metrics.jsonl", 1))
+    two_nodes("train_student_rl.py", args, kill_when=(run_dir / "checkpoints" / "last.pt", 0))
     nodes = two_nodes("train_student_rl.py", [*args, "run.resume=auto"])
     for node, proc in enumerate(nodes):
         assert proc.returncode == 0, f"node {node}:\n{proc.stderr[-3000:]}"
