@@ -28,6 +28,12 @@ TINY = ["data.name=synthetic", "data.synthetic.num_classes=4", "data.synthetic.i
         "train.batch_size=8", "train.eval_batch_size=16", "train.epochs=2", "eval.latency=false"]
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini): one worker more than there are cores, at most 4. Most tests wait on a script they
+    started, so a third worker on two cores keeps both busy."""
+    return min(4, (os.cpu_count() or 1) + 1)
+
+
 def run_script(script: str, *args: str, timeout: float = 300, env: dict | None = None,
                launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `python <script> args...` (or `python -m <module> args...` with script="-m", module first in args)."""
@@ -35,6 +41,28 @@ def run_script(script: str, *args: str, timeout: float = 300, env: dict | None =
     cmd = (launcher or [sys.executable]) + target + list(args)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
+    """What `run_script(script, *args)` returns, from the script's own `main` run through `utils.run_cli` in this
+    process: exit code (SystemExit), stdout and stderr. For bad-input tests, which stop before any work, so they skip
+    the interpreter start-up (every script keeps end-to-end subprocess tests too). An exception other than the
+    user error run_cli prints propagates: the test fails with it, as a traceback would fail it."""
+    import contextlib
+    import importlib
+    import io
+
+    from utils import run_cli
+    module = args[0] if script == "-m" else script.removesuffix(".py").replace("/", ".")
+    argv = list(args[1:] if script == "-m" else args)
+    main = importlib.import_module(module).main
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(main, argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def run_and_sigkill(script: str, *args: str, watch: Path, after_lines: int, settle: float = 0.3,

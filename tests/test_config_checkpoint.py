@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import utils
-from conftest import TINY, assert_clean_error, run_script
+from conftest import TINY, assert_clean_error, run_main, run_script
 from train_student import Config, validate
 from utils import UserError, load_config, load_state_strict, save_checkpoint
 
@@ -60,8 +60,8 @@ def test_rejects_out_of_range_values(override, fragment):
 
 
 def test_cli_errors_are_clean():
-    assert_clean_error(run_script("train_student.py", "kd.temprature=2"), "kd.temprature")
-    assert_clean_error(run_script("train_student.py", "kd.alpha=2"), "kd.alpha=2.0 must lie in [0, 1]")
+    assert_clean_error(run_main("train_student.py", "kd.temprature=2"), "kd.temprature")
+    assert_clean_error(run_main("train_student.py", "kd.alpha=2"), "kd.alpha=2.0 must lie in [0, 1]")
 
 
 def test_help_lists_every_key():

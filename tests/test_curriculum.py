@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, assert_clean_error, read_metrics, run_and_sigkill, run_script
+from conftest import TINY, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script
 from curriculum_dataloader import STRATEGIES, CurriculumSampler, allocate, pacing_fraction
 from models import difficulty_score
 from rl_curriculum_env import curriculum_reward, curriculum_reward_terms, decode_action
@@ -328,7 +328,7 @@ def test_rl_resume_after_kill_matches_uninterrupted(tmp_path):
     ("teacher.mode=online", "teacher.mode=online does not build"),
 ])
 def test_rl_bad_input_on_the_command_line(override, fragment):
-    assert_clean_error(run_script("train_student_rl.py", *RL_TINY, override), fragment)
+    assert_clean_error(run_main("train_student_rl.py", *RL_TINY, override), fragment)
 
 
 @pytest.mark.parametrize("override,fragment", [

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kd_methods
-from conftest import TINY, assert_clean_error, read_metrics, run_script
+from conftest import TINY, assert_clean_error, read_metrics, run_main, run_script
 from models import (FrozenTeacher, dist_loss, dist_loss_terms, dkd_loss, dkd_loss_terms, dkd_warmup, hint_loss,
                     kd_loss_terms, standardize_logits)
 from utils import UserError
@@ -268,7 +268,7 @@ def test_fitnet_trains_cached_and_online(tmp_path):
     (["kd.method=fitnet", "teacher.cache_features=false"], ["teacher.cache_features=false", "teacher.mode=online"]),
 ])
 def test_bad_method_settings_are_refused(tmp_path, args, fragments):
-    proc = run_script("train_student.py", *TINY, *args, f"run.out_dir={tmp_path}")
+    proc = run_main("train_student.py", *TINY, *args, f"run.out_dir={tmp_path}")
     assert_clean_error(proc, *fragments)
     assert not any(tmp_path.iterdir())  # refused before anything was written
 

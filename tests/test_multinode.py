@@ -109,7 +109,12 @@ def test_two_nodes_train_with_a_cache_built_across_both(tmp_path):
             assert (np.abs(rows["view_logits"].astype(np.float32)).sum((1, 2)) > 0).all()
     check_single_writer(run_dir, 2)
     results = json.loads((run_dir / "results.json").read_text())
-    assert single_process_test_acc1(run_dir, Config) == results["test/acc1"]
+    single = single_process_test_acc1(run_dir, Config)
+    print(f"two nodes: test/acc1 {results['test/acc1']} over {results['test/n']} images, one process {single}; "
+          f"cache shards (node 0 / node 1): " + ", ".join(
+              f"{s} {len({i for r in shards[0] if r['split'] == s for i in r['indices']})}/"
+              f"{len({i for r in shards[1] if r['split'] == s for i in r['indices']})}" for s in sizes))
+    assert single == results["test/acc1"]
 
 
 def test_two_nodes_rl_run_killed_and_resumed(tmp_path):
@@ -125,7 +130,11 @@ def test_two_nodes_rl_run_killed_and_resumed(tmp_path):
     assert [json.loads(x)["epoch"] for x in (run_dir / "curriculum.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
     results = json.loads((run_dir / "results.json").read_text())
     from train_student_rl import RLConfig
-    assert single_process_test_acc1(run_dir, RLConfig) == results["test/acc1"]
+    single = single_process_test_acc1(run_dir, RLConfig)
+    resumed_at = nodes[0].stdout.split("at epoch ")[1].split()[0]
+    print(f"two nodes, RL: killed, resumed at epoch {resumed_at}; test/acc1 {results['test/acc1']}, one process "
+          f"{single}")
+    assert single == results["test/acc1"]
 
 
 def test_nodes_given_different_configs_refuse_to_start_naming_the_key(tmp_path):
