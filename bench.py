@@ -1,7 +1,7 @@
 """Measure what this repository's work costs, side by side in one process, as ratios to a floor.
 
     python bench.py                 # default teacher-student pair (ResNet-152 -> MobileNetV2) at 64 px
-    python bench.py --quick         # fewer images and repeats: under 2 minutes on a 2-core CPU
+    python bench.py --quick         # fewer images and repeats
     python bench.py --suite gpu --out bench_gpu   # on a GPU box: images/s and peak memory at full size
 
 Every item runs its alternatives interleaved (A B A B ...), after one warm-up round, so that machine noise hits
