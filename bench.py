@@ -92,6 +92,18 @@ def row(item: str, values: list[float], unit: str, floor_value: float | None, fl
             "ratio": ratio, "floor": floor, "higher_is_better": higher_is_better}
 
 
+def loader_rate(loader, sampler, epoch: int, images, dev: torch.device) -> float:
+    """Images per second of one pass over `loader` with `sampler` set to `epoch`; `images(batch)` makes a batch's
+    images on the device (the timed work besides loading). Synchronises CUDA before stopping the clock."""
+    sampler.set_epoch(epoch)
+    start, n = time.perf_counter(), 0
+    for batch in loader:
+        n += len(images(batch))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
 # ---- 1, 2: KD epochs and the teacher cache -----------------------------------------------------------------------
 def bench_kd(args, cache_dir: str) -> tuple[list[dict], dict[str, Trainer]]:
     base = common_overrides(args, cache_dir) + ["train.epochs=1000"]
@@ -186,18 +198,13 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
         "pre-decoded, augment on device": make_loader(TrainViews(pre, spec, 0, device_aug=True),
                                                       EpochSampler(len(pre)), args.batch_size, args.workers, dev)}
 
+    def on_device(batch: dict) -> torch.Tensor:
+        if "raw" in batch:
+            return apply_aug_records(unpack_raw(batch, dev), batch["record"], spec)
+        return batch["image"].to(dev, non_blocking=True)
+
     def pass_over(loader, epoch: int) -> float:
-        loader.sampler.set_epoch(epoch)
-        start, n = time.perf_counter(), 0
-        for batch in loader:
-            if "raw" in batch:
-                x = apply_aug_records(unpack_raw(batch, dev), batch["record"], spec)
-            else:
-                x = batch["image"].to(dev, non_blocking=True)
-            n += len(x)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return n / (time.perf_counter() - start)
+        return loader_rate(loader, loader.sampler, epoch, on_device, dev)
 
     # the student's training throughput on ready batches: forward, backward and optimiser step, no loader
     t = student_trainer
@@ -318,22 +325,11 @@ def bench_gpu_suite(args, work: Path) -> list[dict]:
     jpeg_loader = make_loader(TrainViews(jpeg, spec, 0), EpochSampler(len(jpeg)), args.batch_size, args.workers, dev)
 
     def predecoded_rate(epoch: int) -> float:
-        t.train_sampler.set_epoch(epoch)
-        start, n = time.perf_counter(), 0
-        for batch in t.train_loader:
-            n += len(t.batch_images(batch))
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return n / (time.perf_counter() - start)
+        return loader_rate(t.train_loader, t.train_sampler, epoch, t.batch_images, dev)
 
     def jpeg_rate(epoch: int) -> float:
-        jpeg_loader.sampler.set_epoch(epoch)
-        start, n = time.perf_counter(), 0
-        for batch in jpeg_loader:
-            n += len(batch["image"].to(dev, non_blocking=True))
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return n / (time.perf_counter() - start)
+        return loader_rate(jpeg_loader, jpeg_loader.sampler, epoch,
+                           lambda batch: batch["image"].to(dev, non_blocking=True), dev)
 
     before = memory_allocated()
     reset_peak()

@@ -246,7 +246,8 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
         loader = make_loader(views, sampler, max(1, batch_size // (k + 1)), workers, device)
         scored = []  # the indices this rank scored, in order (KD_TRACE_DIR: tests check the ranks partition them)
         for batch in tqdm(loader, desc=f"teacher cache [{split}]", disable=not dist.is_main, dynamic_ncols=True):
-            rows = batch["index"].numpy() if not sharded else np.arange(len(scored), len(scored) + len(batch["index"]))
+            # rows of `out`: the images' own (one shared file) or the next ones of this rank's shard file
+            idx = np.arange(len(scored), len(scored) + len(batch["index"])) if sharded else batch["index"].numpy()
             scored += batch["index"].tolist()
             images = batch_views(batch, spec, device)  # [B, V, 3, S, S]
             b, v = images.shape[:2]
@@ -254,7 +255,6 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
                 x = normalize_batch(images.flatten(0, 1), device, True, input_norm(teacher))
                 logits, features = teacher.logits_and_features(x) if feature_dim and k else (teacher(x), None)
             logits = logits.float().view(b, v, -1).cpu().numpy().astype(np.float16)
-            idx = rows
             out["eval_logits"][idx] = logits[:, -1]
             if k:
                 out["view_logits"][idx] = logits[:, :k]

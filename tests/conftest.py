@@ -48,21 +48,26 @@ def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
     process: exit code (SystemExit), stdout and stderr. For bad-input tests, which stop before any work, so they skip
     the interpreter start-up (every script keeps end-to-end subprocess tests too). An exception other than the
     user error run_cli prints propagates: the test fails with it, as a traceback would fail it."""
-    import contextlib
     import importlib
+    module = args[0] if script == "-m" else script.removesuffix(".py").replace("/", ".")
+    proc = call_main(importlib.import_module(module).main, list(args[1:] if script == "-m" else args))
+    proc.returncode = 0 if proc.returncode is None else proc.returncode
+    return proc
+
+
+def call_main(main, argv: list) -> subprocess.CompletedProcess:
+    """`utils.run_cli(main, argv)` in this process: its SystemExit code (None when main returned), stdout, stderr."""
+    import contextlib
     import io
 
     from utils import run_cli
-    module = args[0] if script == "-m" else script.removesuffix(".py").replace("/", ".")
-    argv = list(args[1:] if script == "-m" else args)
-    main = importlib.import_module(module).main
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    out, err, code = io.StringIO(), io.StringIO(), None
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            run_cli(main, argv)
+            run_cli(main, [str(a) for a in argv])
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+            code = exc.code if isinstance(exc.code, int) or exc.code is None else 1
+    return subprocess.CompletedProcess(["<main>", *map(str, argv)], code, out.getvalue(), err.getvalue())
 
 
 def run_and_sigkill(script: str, *args: str, watch: Path, after_lines: int, settle: float = 0.3,

@@ -16,20 +16,15 @@ import pytest
 import gan_vae.continual
 import train_student
 import train_student_rl
-from conftest import ROOT, TINY, assert_clean_error, read_metrics, run_script
+from conftest import ROOT, TINY, assert_clean_error, call_main, read_metrics, run_script
 from train_student import Config
-from utils import DistInfo, UserError, load_config, parse_config, prepare_run_dir, run_cli, save_config
+from utils import DistInfo, UserError, load_config, parse_config, prepare_run_dir, save_config
 
 
 def cli(main, argv, capsys) -> tuple[int | None, str]:
     """Run `main(argv)` the way the scripts do (utils.run_cli): (exit code or None, stderr)."""
-    capsys.readouterr()
-    code = None
-    try:
-        run_cli(main, [str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
+    proc = call_main(main, argv)
+    return proc.returncode, proc.stderr
 
 
 def assert_user_error(code, err, *fragments) -> None:
