@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 11, in one call for a session that is lent a GPU (see DEVELOPERS.md, device tool):
-#   bash scripts/gpu_checks.sh [OUT]        # default OUT=gpu_checks; about 10 minutes on one H100
+#   bash scripts/gpu_checks.sh [OUT]        # default OUT=gpu_checks; an estimated 10 minutes on one H100 (not yet run)
 # 1. bench.py --suite gpu (full size: 224 px, batch 128, ResNet-152 -> MobileNetV2, compile off and on);
 # 2. a one-epoch end-to-end run of every script on CUDA, synthetic data at 224 px (train_student.py cached and
 #    online, compiled; train_student_rl.py; gan_vae.continual with its default sizes, few steps).
