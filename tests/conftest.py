@@ -28,6 +28,7 @@ TINY = ["data.name=synthetic", "data.synthetic.num_classes=4", "data.synthetic.i
         "train.batch_size=8", "train.eval_batch_size=16", "train.epochs=2", "eval.latency=false"]
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without the plugin (-p no:xdist) it is skipped
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pytest.ini): one worker more than there are cores, at most 4. Most tests wait on a script they
     started, so a third worker on two cores keeps both busy."""
