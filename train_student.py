@@ -930,7 +930,7 @@ def run_training(cfg, dist: DistInfo, trainer_cls=Trainer) -> dict:
     if cfg.run.resume:
         check_resumable(ckpt, resume_from, cfg, plan.run_dir, program)
     check_inputs(cfg)
-    make_dirs(output_dirs(cfg), dist, probe=True)
+    make_dirs({"run.out_dir": Path(cfg.run.out_dir), **output_dirs(cfg)}, dist, probe=True)
     with claim_run_dir(plan, program, dist) as run_dir:
         if dist.is_main:  # written now, so a run killed before its first checkpoint can be resumed (and checked)
             save_config(cfg, run_dir)

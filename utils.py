@@ -522,9 +522,9 @@ def check_program(made_by: str | None, program: str, what: str) -> None:
     without them). None (unknown) passes."""
     if made_by is None or made_by == program:
         return
-    raise UserError(f"{what} was made by {made_by}, and {program} cannot continue or start from another program's "
-                    f"run (it would drop or misread what {made_by} saved). Continue it with {made_by}, or start a "
-                    f"new {program} run: another run.name and no run.resume")
+    raise UserError(f"{what} was made by another script, {made_by}; {program} cannot continue it or start from it "
+                    f"(it would drop or misread what {made_by} saved, and rewrite config.yaml without it). Continue "
+                    f"it with {made_by}, or start a new {program} run: another run.name and no run.resume")
 
 
 def require_entries(ckpt: dict, keys: tuple[str, ...], path: Path | str, program: str) -> None:
