@@ -247,10 +247,19 @@ def changed_config_keys(saved: dict, current, branching: bool) -> list[tuple[str
 PROGRAM = "gan_vae.continual"
 
 
-def check_resume_config(ckpt: dict, path: Path, cfg, run_dir: Path) -> None:
-    """Refuse a checkpoint another program wrote, naming both, and a resume whose config differs from the
-    checkpoint's in a key that changes results, naming the key and saying how to start a new run instead."""
+def check_checkpoint(ckpt: dict, path: Path) -> None:
+    """`ckpt` (read from `path`) must be a checkpoint of this program, of this version, with every entry
+    ContinualRun.load reads; else a UserError naming the file (and the program that wrote it, if another)."""
     check_program(checkpoint_program(ckpt), PROGRAM, f"checkpoint {path}")
+    if "experts" in ckpt and "projections" not in ckpt:
+        raise UserError(f"{path} was written by an older gan_vae (one projection shared by all experts, no FID "
+                        "sample counts), which this version cannot continue; start a new run with another run.name")
+    require_entries(ckpt, CHECKPOINT_KEYS, path, PROGRAM)
+
+
+def check_resume_config(ckpt: dict, path: Path, cfg, run_dir: Path) -> None:
+    """Refuse a resume whose config differs from the checkpoint's in a key that changes results, naming the key
+    and saying how to start a new run instead."""
     saved, current = ckpt.get("config", {}), cfg
     branching = Path(run_dir).resolve() not in Path(path).resolve().parents
     changed = changed_config_keys(saved, current, branching)
@@ -821,11 +830,7 @@ class ContinualRun:
 
     def load(self, ckpt: dict, path: Path) -> None:
         """Put the run back where checkpoint `ckpt` (read from `path`) left it."""
-        if "projections" not in ckpt:
-            raise UserError(f"{path} was written by an older gan_vae (one projection shared by all experts, no FID "
-                            "sample counts), which this version cannot continue; start a new run with another "
-                            "run.name")
-        require_entries(ckpt, CHECKPOINT_KEYS, path, PROGRAM)
+        check_checkpoint(ckpt, path)
         if ckpt.get("tasks") != list(self.cfg.data.tasks):
             raise UserError(f"{path} was made with data.tasks={ckpt.get('tasks')}, not {list(self.cfg.data.tasks)}; "
                             "resume with the same task list or start a new run.name")
@@ -957,6 +962,7 @@ def main(argv: list[str]) -> None:
     resume_from, ckpt = plan.checkpoint, None
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, program=PROGRAM)
+        check_checkpoint(ckpt, resume_from)
         check_resume_config(ckpt, resume_from, cfg, plan.run_dir)
     elif cfg.run.resume:  # stopped before its first checkpoint: restart it, with the config it was started with
         check_resume_config({"config": read_saved_config(plan.run_dir) or to_plain(cfg)},
