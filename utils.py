@@ -652,11 +652,15 @@ def claim_run_dir(plan: RunPlan, program: str, dist: DistInfo) -> Iterator[Path]
     def take() -> None:
         held["lock"] = lock_run_dir(run_dir)
         _check_plan_still_holds(plan)
-        record = read_run_record(run_dir) if plan.continues else {}
-        if not record.get("program"):  # a new run, or an older one that predates the record
-            record = {"program": program, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        if plan.continues and read_run_record(run_dir).get("program"):
+            return
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if plan.continues:  # an older run, from before the record (its program was checked from its config)
+            record = {"program": program, "recorded_on_resume": now}
+        else:
+            record = {"program": program, "started": now,
                       **({"started_from": str(plan.checkpoint.resolve())} if plan.checkpoint else {})}
-            write_json(run_dir / RUN_RECORD, record)
+        write_json(run_dir / RUN_RECORD, record)
 
     try:
         make_dirs({"run.out_dir": run_dir / "checkpoints"}, dist, probe=True)
