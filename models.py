@@ -199,16 +199,14 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from a .pt/.pth file (a bare state dict, or a training checkpoint of this
     repository, whose `model` entry is used)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" and path.is_file():
         from safetensors.torch import load_file
         try:
             return load_file(str(path))
         except Exception as exc:
             raise UserError(f"cannot read checkpoint {path}: it is truncated or not a safetensors file "
                             f"({type(exc).__name__}: {exc})") from None
-    obj = load_checkpoint(path)  # a UserError for an empty, truncated or foreign file, or one that is not a dict
+    obj = load_checkpoint(path)  # a UserError for a missing, empty, truncated or foreign file, or not a dict
     if "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

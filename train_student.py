@@ -47,7 +47,7 @@ from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gath
                    check_program, check_same_config_on_all_ranks, checkpoint_program, claim_run_dir,
                    check_resume_config, cleanup_distributed, default_run_name, load_checkpoint, load_state_strict,
                    make_dirs, opt, parse_config, plan_run_dir, plot_curves, read_jsonl, read_saved_config,
-                   require_entries, rng_state, run_cli, run_config, run_files, save_checkpoint, save_config, section,
+                   require_entries, rng_state, run_cli, run_config, run_files, run_name, save_checkpoint, save_config, section,
                    seed_everything, set_rng_state, setup_distributed, state_digest, to_plain, trace, trace_dir,
                    write_json)
 
@@ -894,9 +894,9 @@ def check_resumable(ckpt: dict | None, path: Path | None, cfg, run_dir: Path, pr
     """Before anything is built or written: `ckpt` (None when a run that stopped before its first checkpoint is
     restarted) must be a training checkpoint of `program` (e.g. "train_student.py"), and the run's config must
     match `cfg` up to TRAIN_RESUME_SAFE_KEYS."""
-    if ckpt is not None:
-        require_entries(ckpt, TRAIN_CHECKPOINT_KEYS, path, program)
+    if ckpt is not None:  # the program first: another program's checkpoint lacks these entries for that reason
         check_program(checkpoint_program(ckpt), program, f"checkpoint {path}")
+        require_entries(ckpt, TRAIN_CHECKPOINT_KEYS, path, program)
     saved = ckpt.get("config") if ckpt is not None else read_saved_config(run_dir)
     check_resume_config(saved, cfg, str(path if ckpt is not None else run_dir / "config.yaml"),
                         TRAIN_RESUME_SAFE_KEYS)
@@ -920,13 +920,12 @@ def run_training(cfg, dist: DistInfo, trainer_cls=Trainer) -> dict:
     folders. The directory is then locked for the run's lifetime (utils.claim_run_dir), and one this call created
     is removed again if the run stops with a UserError before its first epoch is logged (bad data, say)."""
     program = f"{trainer_cls.script}.py"
-    if not cfg.run.name:
-        cfg.run.name = broadcast_object(default_run_name(trainer_cls.script, cfg.data.name.split("/")[-1],
-                                                         cfg.train.seed))
+    cfg.run.name = broadcast_object(run_name(cfg.run, lambda: default_run_name(
+        trainer_cls.script, cfg.data.name.split("/")[-1], cfg.train.seed)))
     plan = plan_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, program, restart_without_checkpoint=True,
                         dist=dist)
     resume_from = plan.checkpoint
-    ckpt = load_checkpoint(resume_from, TRAIN_CHECKPOINT_KEYS, program) if resume_from is not None else None
+    ckpt = load_checkpoint(resume_from) if resume_from is not None else None
     if cfg.run.resume:
         check_resumable(ckpt, resume_from, cfg, plan.run_dir, program)
     check_inputs(cfg)

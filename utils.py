@@ -419,6 +419,17 @@ def default_run_name(script: str, tag: str, seed: int) -> str:
     return f"{script}__{tag}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def run_name(run_cfg, default: Callable[[], str]) -> str:
+    """run.name, or `default()` (a new timestamped name) when it is empty; run.resume=auto needs the name of the run
+    it continues, since a new name would never hold one."""
+    if run_cfg.name:
+        return run_cfg.name
+    if run_cfg.resume == "auto":
+        raise UserError(f"run.resume=auto continues the run named by run.name, which is empty: set run.name to the "
+                        f"run's directory name (a folder of run.out_dir={run_cfg.out_dir})")
+    return default()
+
+
 def on_main_rank(fn: Callable[[], Any], dist: DistInfo | None = None) -> Any:
     """Run `fn()` on the main rank only and give its return value to every rank. A UserError it raises is raised
     on every rank, so no rank is left waiting at a barrier for a rank that stopped."""
@@ -588,6 +599,10 @@ def plan_run_dir(out_dir: str, name: str, resume: str, program: str | None = Non
         return RunPlan(run_dir, ckpt, True, _stamp(ckpt))
     if resume:
         ckpt = Path(resume)
+        if ckpt.is_dir():
+            raise UserError(f"run.resume={resume} is a directory: give a checkpoint file in it (e.g. "
+                            f"{ckpt / 'checkpoints' / 'last.pt'}), or continue a run with run.name=<its directory> "
+                            "run.resume=auto")
         if not ckpt.is_file():
             raise UserError(f"run.resume={resume}: no such checkpoint file")
         if run_dir.resolve() in ckpt.resolve().parents:  # one of the run's own checkpoints
@@ -868,6 +883,9 @@ def load_checkpoint(path: Path, required: tuple[str, ...] = (), program: str = "
     (truncated, or not a torch file), that holds something other than a dict (a bare tensor), or that lacks one of
     the `required` entries is a UserError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory; give a checkpoint file (such as a run's "
+                        "checkpoints/last.pt or student.safetensors)")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:

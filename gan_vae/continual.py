@@ -50,7 +50,7 @@ from models import (Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, 
 from utils import (MetricLogger, UserError, check, check_program, checkpoint_program, claim_run_dir,
                    config_differences, default_run_name, freeze, iter_schema, load_checkpoint, make_dirs, opt,
                    parse_config, plan_run_dir, plot_curves, read_jsonl, read_saved_config, require_entries, rng_state,
-                   run_cli, run_config, save_checkpoint, save_config, section, seed_everything, set_rng_state,
+                   run_cli, run_config, run_name, save_checkpoint, save_config, section, seed_everything, set_rng_state,
                    setup_distributed, to_plain, unfreeze, write_json)
 
 
@@ -951,12 +951,10 @@ def main(argv: list[str]) -> None:
     for spec in cfg.data.tasks:  # fail on a bad task before creating anything
         from gan_vae.tasks import parse_task
         parse_task(spec)
-    if not cfg.run.name:
-        names = "-".join(Path(s.split(":")[0]).stem for s in cfg.data.tasks)
-        cfg.run.name = default_run_name("gan_vae", names, cfg.train.seed)
-    make_dirs({"run.out_dir": Path(cfg.run.out_dir), **({"fid.cache_dir": Path(cfg.fid.cache_dir)}
-                                                          if cfg.fid.cache_dir else {})}, dist, probe=True)
-    # every check before the run directory is created or touched: where it goes, what it resumes from, the config
+    cfg.run.name = run_name(cfg.run, lambda: default_run_name(
+        "gan_vae", "-".join(Path(s.split(":")[0]).stem for s in cfg.data.tasks), cfg.train.seed))
+    # every check before the run directory (or any folder) is created or touched: where it goes, what it resumes
+    # from, the config, the output folders, the data
     plan = plan_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, PROGRAM, restart_without_checkpoint=True,
                         dist=dist)
     resume_from, ckpt = plan.checkpoint, None
@@ -967,6 +965,8 @@ def main(argv: list[str]) -> None:
     elif cfg.run.resume:  # stopped before its first checkpoint: restart it, with the config it was started with
         check_resume_config({"config": read_saved_config(plan.run_dir) or to_plain(cfg)},
                             plan.run_dir / "config.yaml", cfg, plan.run_dir)
+    make_dirs({"run.out_dir": Path(cfg.run.out_dir), **({"fid.cache_dir": Path(cfg.fid.cache_dir)}
+                                                          if cfg.fid.cache_dir else {})}, dist, probe=True)
     run = ContinualRun(cfg, None, dist.device)  # loads every task: a task without images fails before the run dir
     with claim_run_dir(plan, PROGRAM, dist) as run_dir:  # locked; removed again if a start-up check fails
         run.run_dir = run_dir

@@ -72,6 +72,30 @@ def test_gan_vae_refuses_a_train_student_run_naming_it(stopped_runs, tmp_path, h
     assert digest(run) == before and not (tmp_path / "new").exists()
 
 
+def test_train_student_refuses_a_gan_vae_checkpoint_naming_it(tmp_path):
+    """It used to say only that the file is not a training checkpoint (no 'model' entry)."""
+    path = tmp_path / "g" / "checkpoints" / "task_0.pt"
+    save_checkpoint({"experts": [], "program": "gan_vae.continual"}, path)
+    code, err = cli(train_student.main, [*TS_ARGS, f"run.out_dir={tmp_path}", "run.name=new", f"run.resume={path}"],
+                    None)
+    assert_user_error(code, err, "made by another script, gan_vae.continual; train_student.py cannot")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("script", ["train_student", "gan_vae"])
+def test_resume_auto_without_a_run_name_or_from_a_directory(stopped_runs, tmp_path, script):
+    """run.resume=auto with no run.name looked for a new timestamped run; a run directory as run.resume was 'no
+    such checkpoint file'."""
+    main, args = MAINS[script] if script in MAINS else (gan_vae.continual.main, _gan_vae_args(tmp_path))
+    code, err = cli(main, [*args, f"run.out_dir={tmp_path}", "run.resume=auto"], None)
+    assert_user_error(code, err, "run.resume=auto continues the run named by run.name, which is empty")
+    run = _copy_run(stopped_runs, "ts", tmp_path)
+    code, err = cli(main, [*args, f"run.out_dir={tmp_path}", "run.name=x", f"run.resume={run}"], None)
+    assert_user_error(code, err, f"run.resume={run} is a directory", str(run / "checkpoints" / "last.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ts", *(["domain.npz"] if script == "gan_vae"
+                                                                        else [])])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # run.resume=<checkpoint path>: a new run, never spliced into an existing one
 # ---------------------------------------------------------------------------------------------------------------
