@@ -5,9 +5,10 @@ Nothing here knows about distillation. `train_student.py`, `train_student_rl.py`
     cfg = parse_config(TrainConfig, argv, prog="train_student.py", doc=__doc__)   # defaults < --config < a.b=c
     dist = setup_distributed()                # no process group unless launched by torchrun (RANK set)
     seed_everything(cfg.train.seed, dist.rank)
-    run_dir = prepare_run_dir(cfg, "train_student", dist)
-    ...
-    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")   # temp file + rename
+    plan = plan_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, "train_student.py")  # checks, no writes
+    with claim_run_dir(plan, "train_student.py", dist) as run_dir:   # created, locked, run.json written
+        ...
+        save_checkpoint(state, run_dir / "checkpoints" / "last.pt")   # temp file + rename
 """
 from __future__ import annotations
 
