@@ -43,13 +43,12 @@ from samplers import EpochSampler, ShardSampler, TrainBatchSampler
 from views import EvalViews, TrainViews, make_loader, unpack_raw
 from models import count_params, create_student, create_teacher, kd_loss_terms
 from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum,
-                   atomic_write, barrier, broadcast_buffers, broadcast_module, broadcast_object, check,
-                   check_program, check_same_config_on_all_ranks, checkpoint_program, claim_run_dir,
-                   check_resume_config, cleanup_distributed, default_run_name, load_checkpoint, load_state_strict,
-                   make_dirs, opt, parse_config, plan_run_dir, plot_curves, read_jsonl, read_saved_config,
-                   require_entries, rng_state, run_cli, run_config, run_files, run_name, save_checkpoint, save_config, section,
-                   seed_everything, set_rng_state, setup_distributed, state_digest, to_plain, trace, trace_dir,
-                   write_json)
+                   atomic_write, barrier, broadcast_buffers, broadcast_module, broadcast_object, check, check_program,
+                   check_same_config_on_all_ranks, checkpoint_program, claim_run_dir, check_resume_config,
+                   cleanup_distributed, default_run_name, load_checkpoint, load_state_strict, make_dirs, opt,
+                   parse_config, plan_run_dir, plot_curves, read_jsonl, read_saved_config, require_entries, rng_state,
+                   run_cli, run_config, run_files, run_name, save_checkpoint, save_config, section, seed_everything,
+                   set_rng_state, setup_distributed, state_digest, to_plain, trace, trace_dir, write_json)
 
 
 # ================================================================================================================
