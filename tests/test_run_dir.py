@@ -72,6 +72,15 @@ def test_gan_vae_refuses_a_train_student_run_naming_it(stopped_runs, tmp_path, h
     assert digest(run) == before and not (tmp_path / "new").exists()
 
 
+def test_a_damaged_run_record_is_named(tmp_path):
+    run = tmp_path / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    save_checkpoint({"program": "train_student.py"}, run / "checkpoints" / "last.pt")
+    (run / "run.json").write_text('{"program": "train_st')
+    with pytest.raises(UserError, match=r"cannot read .*r/run.json \(the record of which program made the run\)"):
+        utils.plan_run_dir(str(tmp_path), "r", "auto", "train_student.py")
+
+
 def test_train_student_refuses_a_gan_vae_checkpoint_naming_it(tmp_path):
     """It used to say only that the file is not a training checkpoint (no 'model' entry)."""
     path = tmp_path / "g" / "checkpoints" / "task_0.pt"
