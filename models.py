@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from normalization import IMAGENET_NORM, Norm, named_norm, pretrained_norm, renormalize
-from utils import UserError, freeze, load_state_strict
+from utils import UserError, freeze, load_checkpoint, load_state_strict
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,19 +199,19 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or from a .pt/.pth file (a bare state dict, or a training checkpoint of this
     repository, whose `model` entry is used)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors.torch import load_file
+        try:
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        except Exception as exc:
+            raise UserError(f"cannot read checkpoint {path}: it is truncated or not a safetensors file "
+                            f"({type(exc).__name__}: {exc})") from None
+    obj = load_checkpoint(path)  # a UserError for a missing, empty, truncated or foreign file, or not a dict
+    if "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} does not hold a state dict")
+    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} holds no model weights: expected a state dict (names to tensors) or a training "
+                        "checkpoint of train_student.py or train_student_rl.py (its 'model' entry)")
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 

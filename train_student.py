@@ -43,11 +43,11 @@ from samplers import EpochSampler, ShardSampler, TrainBatchSampler
 from views import EvalViews, TrainViews, make_loader, unpack_raw
 from models import count_params, create_student, create_teacher, kd_loss_terms
 from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum,
-                   atomic_write, barrier, broadcast_buffers, broadcast_module, broadcast_object, check,
-                   check_same_config_on_all_ranks,
-                   check_resume_config, cleanup_distributed, default_run_name, load_checkpoint, load_state_strict,
-                   make_dirs, opt, parse_config, plot_curves, prepare_run_dir, read_jsonl, read_saved_config,
-                   rng_state, run_cli, run_config, save_checkpoint, save_config, section, seed_everything,
+                   atomic_write, barrier, broadcast_buffers, broadcast_module, broadcast_object, check, check_program,
+                   check_same_config_on_all_ranks, checkpoint_program, claim_run_dir, check_resume_config,
+                   cleanup_distributed, default_run_name, load_checkpoint, load_state_strict, make_dirs, opt,
+                   parse_config, plan_run_dir, plot_curves, read_jsonl, read_saved_config, require_entries, rng_state,
+                   run_cli, run_config, run_files, run_name, save_checkpoint, save_config, section, seed_everything,
                    set_rng_state, setup_distributed, state_digest, to_plain, trace, trace_dir, write_json)
 
 
@@ -670,7 +670,8 @@ class Trainer:
                 f"the training loss became non-finite ({running_loss}) at epoch {epoch + 1}, step {step + 1}. "
                 "Stopped without saving; the last good checkpoint is kept in "
                 f"{self.run_dir / 'checkpoints' if self.run_dir else 'the run directory'}. "
-                "Lower train.lr or set train.grad_clip, then continue with run.resume=auto")
+                "Start a new run (another run.name) with a lower train.lr or with train.grad_clip set: both change "
+                "results, so run.resume refuses them")
 
     def teacher_targets(self, x: torch.Tensor, batch: dict, online: bool) -> dict:
         """What the method reads from the teacher for this batch, on the device: {"logits", "features"} (None
@@ -732,12 +733,11 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": next_epoch, "best_acc1": self.best_acc1, "best_epoch": self.best_epoch,
                 "rng_per_rank": rng_per_rank or [rng_state()], "sampler": {"epoch": self.train_sampler.epoch},
-                "temperature": self.temperature, "config": to_plain(self.cfg), "extra": self.extra_state()}
+                "temperature": self.temperature, "config": to_plain(self.cfg), "extra": self.extra_state(),
+                "program": f"{self.script}.py"}
 
     def load_state(self, ckpt: dict, path: Path) -> None:
-        for key in ("model", "optimizer", "scheduler", "scaler", "epoch"):
-            if key not in ckpt:
-                raise UserError(f"{path} is not a training checkpoint of {self.script}.py (no '{key}' entry)")
+        require_entries(ckpt, TRAIN_CHECKPOINT_KEYS, path, f"{self.script}.py")
         load_state_strict(self.student, ckpt["model"], f"checkpoint {path}")
         load_state_strict(self.method, ckpt.get("method", {}), f"checkpoint {path} (kd.method={self.cfg.kd.method})")
         try:
@@ -750,6 +750,8 @@ class Trainer:
         self.start_epoch, self.best_acc1, self.best_epoch = ckpt["epoch"], ckpt["best_acc1"], ckpt["best_epoch"]
         self.train_sampler.set_epoch(ckpt["sampler"]["epoch"])
         self.temperature = ckpt.get("temperature", self.temperature)
+        if not (ckpt.get("rng_per_rank") or ckpt.get("rng")):
+            require_entries(ckpt, ("rng_per_rank",), path, f"{self.script}.py")
         self.load_rng_states(ckpt.get("rng_per_rank") or [ckpt["rng"]], path)  # "rng": rank 0's, older checkpoints
         trace("rng_restored", {"epoch": self.start_epoch, "digest": state_digest(rng_state())})
         self.load_extra_state(ckpt.get("extra", {}))
@@ -883,52 +885,68 @@ def output_dirs(cfg) -> dict[str, Path]:
     return dirs
 
 
-def check_resumable(ckpt: dict, path: Path, cfg, run_dir: Path, script: str) -> None:
+# What Trainer.load_state reads from a checkpoint: one without these is not a training checkpoint.
+TRAIN_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "epoch", "best_acc1", "best_epoch", "sampler")
+
+
+def check_resumable(ckpt: dict | None, path: Path | None, cfg, run_dir: Path, program: str) -> None:
     """Before anything is built or written: `ckpt` (None when a run that stopped before its first checkpoint is
-    restarted) must be a training checkpoint, and the run's config must match `cfg` up to
-    TRAIN_RESUME_SAFE_KEYS."""
-    if ckpt is not None:
-        for key in ("model", "optimizer", "scheduler", "scaler", "epoch"):
-            if key not in ckpt:
-                raise UserError(f"{path} is not a training checkpoint of {script}.py (no '{key}' entry)")
+    restarted) must be a training checkpoint of `program` (e.g. "train_student.py"), and the run's config must
+    match `cfg` up to TRAIN_RESUME_SAFE_KEYS."""
+    if ckpt is not None:  # the program first: another program's checkpoint lacks these entries for that reason
+        check_program(checkpoint_program(ckpt), program, f"checkpoint {path}")
+        require_entries(ckpt, TRAIN_CHECKPOINT_KEYS, path, program)
     saved = ckpt.get("config") if ckpt is not None else read_saved_config(run_dir)
-    missing = [section for section in to_plain(cfg) if saved is not None and section not in saved]
-    if missing:  # e.g. a train_student.py checkpoint given to train_student_rl.py
-        raise UserError(f"{path if ckpt is not None else run_dir} was made by another script (its config has no "
-                        f"{', '.join(missing)} section); {script}.py can only continue its own runs. Start a new "
-                        "run.name instead")
     check_resume_config(saved, cfg, str(path if ckpt is not None else run_dir / "config.yaml"),
                         TRAIN_RESUME_SAFE_KEYS)
 
 
+def check_inputs(cfg) -> None:
+    """Files the config names that this run only reads: checked before its run directory is created."""
+    teacher = Path(cfg.teacher.checkpoint)
+    if kd_methods.uses_teacher(cfg) and cfg.teacher.checkpoint and not teacher.is_file():
+        raise UserError(f"teacher.checkpoint={teacher} does not exist. Train that teacher first, with "
+                        "train_student.py and a config whose run writes it (e.g. `python train_student.py --config "
+                        "configs/quickstart_teacher.yaml` writes runs/quickstart_teacher/student.safetensors), or "
+                        "set teacher.prepare=<that config> so this command trains it first")
+
+
 def run_training(cfg, dist: DistInfo, trainer_cls=Trainer) -> dict:
-    """Train one student as configured, write its run directory, return results.json's content."""
-    if not cfg.run.name:
-        cfg.run.name = broadcast_object(default_run_name(trainer_cls.script, cfg.data.name.split("/")[-1],
-                                                         cfg.train.seed))
-    run_dir, resume_from = prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, dist,
-                                           restart_without_checkpoint=True)
+    """Train one student as configured, write its run directory, return results.json's content.
+
+    Everything checkable is checked before the run directory is created or touched: where it goes and what it
+    resumes from (utils.plan_run_dir), the checkpoint and the run's config, the files the config names, the output
+    folders. The directory is then locked for the run's lifetime (utils.claim_run_dir), and one this call created
+    is removed again if the run stops with a UserError before its first epoch is logged (bad data, say)."""
+    program = f"{trainer_cls.script}.py"
+    cfg.run.name = broadcast_object(run_name(cfg.run, lambda: default_run_name(
+        trainer_cls.script, cfg.data.name.split("/")[-1], cfg.train.seed)))
+    plan = plan_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, program, restart_without_checkpoint=True,
+                        dist=dist)
+    resume_from = plan.checkpoint
     ckpt = load_checkpoint(resume_from) if resume_from is not None else None
     if cfg.run.resume:
-        check_resumable(ckpt, resume_from, cfg, run_dir, trainer_cls.script)
-    make_dirs(output_dirs(cfg), dist)
-    if dist.is_main:  # written now, so a run killed before its first checkpoint can be resumed (and checked)
-        save_config(cfg, run_dir)
-    trainer = trainer_cls(cfg, dist, run_dir)
-    if ckpt is not None:
-        trainer.load_state(ckpt, resume_from)
-        del ckpt
+        check_resumable(ckpt, resume_from, cfg, plan.run_dir, program)
+    check_inputs(cfg)
+    make_dirs({"run.out_dir": Path(cfg.run.out_dir), **output_dirs(cfg)}, dist, probe=True)
+    with claim_run_dir(plan, program, dist) as run_dir:
+        if dist.is_main:  # written now, so a run killed before its first checkpoint can be resumed (and checked)
+            save_config(cfg, run_dir)
+        trainer = trainer_cls(cfg, dist, run_dir)
+        if ckpt is not None:
+            trainer.load_state(ckpt, resume_from)
+            del ckpt
+            if dist.is_main:
+                print(f"resumed from {resume_from} at epoch {trainer.start_epoch}")
+        logger = MetricLogger(run_dir / "metrics.jsonl", dist.is_main,
+                              run_dir / "tensorboard" if cfg.log.tensorboard else None)
+        logger.truncate_after(trainer.start_epoch)
+        trainer.fit(logger)
+        results = trainer.final_report()
+        logger.close()
         if dist.is_main:
-            print(f"resumed from {resume_from} at epoch {trainer.start_epoch}")
-    logger = MetricLogger(run_dir / "metrics.jsonl", dist.is_main,
-                          run_dir / "tensorboard" if cfg.log.tensorboard else None)
-    logger.truncate_after(trainer.start_epoch)
-    trainer.fit(logger)
-    results = trainer.final_report()
-    logger.close()
-    if dist.is_main:
-        plot_run(run_dir)
-        print_results(f"{trainer.script}: {run_dir}", {"student": results})
+            plot_run(run_dir)
+            print_results(f"{trainer.script}: {run_dir}", {"student": results})
     return results
 
 
@@ -943,9 +961,10 @@ def print_results(title: str, rows: dict[str, dict]) -> None:
 def evaluate_checkpoint(cfg, dist: DistInfo) -> dict:
     """`eval.checkpoint=PATH`: test-split accuracy of a saved student (best.pt, last.pt or .safetensors)."""
     from models import load_state_file
+    state = load_state_file(Path(cfg.eval.checkpoint))  # before the data: a wrong path fails at once
     splits = load_splits(cfg.data)
     student = create_student(cfg, len(splits["train"].class_names)).to(dist.device)
-    load_state_strict(student, load_state_file(Path(cfg.eval.checkpoint)), f"eval.checkpoint={cfg.eval.checkpoint}")
+    load_state_strict(student, state, f"eval.checkpoint={cfg.eval.checkpoint}")
     loader = make_loader(EvalViews(splits["test"], AugSpec.from_cfg(cfg.data)),
                          ShardSampler(len(splits["test"]), dist.world_size, dist.rank), cfg.train.eval_batch_size,
                          cfg.data.workers, dist.device)
@@ -978,7 +997,7 @@ def prepare_teacher(cfg, dist: DistInfo) -> None:
     check(bool(teacher_cfg.run.name) and writes.resolve() == checkpoint.resolve(),
           f"teacher.prepare={source} writes {writes}, but teacher.checkpoint={checkpoint}: set run.name in {source} "
           "and teacher.checkpoint so that they agree")
-    if run_dir.is_dir():
+    if any(run_files(run_dir)):  # a teacher run that was stopped: continue it
         teacher_cfg.run.resume = "auto"
     if dist.is_main:
         print(f"teacher: {checkpoint} does not exist yet; training it first with {source} (into {run_dir})")
@@ -1004,7 +1023,7 @@ def main(argv: list[str]) -> None:
         base.kd.method, base.kd.alpha, base.kd.baseline = "kd", 1.0, False
         base.run.out_dir, base.run.name = str(run_dir), "label_only"
         # continue the baseline too when it had started (even if it stopped before its first checkpoint)
-        base.run.resume = "auto" if cfg.run.resume and (run_dir / "label_only").is_dir() else ""
+        base.run.resume = "auto" if cfg.run.resume and any(run_files(run_dir / "label_only")) else ""
         results["label-only student"] = run_training(base, dist)
         if dist.is_main:
             print_results("same budget, same seed: KD vs labels only", results)

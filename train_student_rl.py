@@ -7,7 +7,7 @@
     python train_student_rl.py run.name=my_run run.resume=auto     # continue a killed run (agent included)
     torchrun --nproc_per_node=4 train_student_rl.py
 
-    # on the offline quickstart's data and teacher (run configs/quickstart_teacher.yaml first)
+    # on the offline quickstart's data and teacher (trained first by teacher.prepare unless it exists)
     python train_student_rl.py --config configs/curriculum_synthetic.yaml agent.name=bandit
 
 Everything train_student.py has (config, cached teacher, AMP, DDP, resume, run directory) comes from its Trainer,
@@ -33,7 +33,7 @@ from agents import AGENT_REGISTRY, AgentConfig, BanditAgent, FixedAgent, PPOAgen
 from curriculum import Curriculum, build_sampler, save_difficulty_snapshot
 from curriculum_dataloader import STRATEGIES, STRATEGY_REGISTRY
 from rl_curriculum_env import ACTION_NVEC, CurriculumEnv
-from train_student import Config, Trainer, run_training, validate
+from train_student import Config, Trainer, prepare_teacher, run_training, validate
 from utils import (MetricLogger, UserError, all_gather_objects, broadcast_object, check, check_same_config_on_all_ranks,
                    cleanup_distributed, opt,
                    parse_config, read_jsonl, rng_state, run_cli, section, setup_distributed, state_digest, trace,
@@ -111,6 +111,7 @@ class CurriculumTrainer:
 
     def __init__(self, cfg, dist, run_dir: Path | None):
         self.trainer = Trainer(cfg, dist, run_dir, sampler=partial(build_sampler, cfg, dist))
+        self.trainer.script = self.script  # its checkpoints, and their messages, are this program's
         self.run_dir = run_dir
         self.curriculum = Curriculum(cfg, self.trainer)
         self.env = CurriculumEnv(self, cfg.train.epochs)
@@ -278,6 +279,8 @@ def main(argv: list[str]) -> None:
     validate_rl(cfg)
     dist = setup_distributed(cfg.train.device)
     check_same_config_on_all_ranks(cfg)
+    if cfg.teacher.prepare and kd_methods.uses_teacher(cfg):
+        prepare_teacher(cfg, dist)  # a train_student.py run, in its own run directory
     run_training(cfg, dist, CurriculumTrainer)
     cleanup_distributed()
 

@@ -5,20 +5,23 @@ Nothing here knows about distillation. `train_student.py`, `train_student_rl.py`
     cfg = parse_config(TrainConfig, argv, prog="train_student.py", doc=__doc__)   # defaults < --config < a.b=c
     dist = setup_distributed()                # no process group unless launched by torchrun (RANK set)
     seed_everything(cfg.train.seed, dist.rank)
-    run_dir = prepare_run_dir(cfg, "train_student", dist)
-    ...
-    save_checkpoint(state, run_dir / "checkpoints" / "last.pt")   # temp file + rename
+    plan = plan_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, "train_student.py")  # checks, no writes
+    with claim_run_dir(plan, "train_student.py", dist) as run_dir:   # created, locked, run.json written
+        ...
+        save_checkpoint(state, run_dir / "checkpoints" / "last.pt")   # temp file + rename
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -417,6 +420,17 @@ def default_run_name(script: str, tag: str, seed: int) -> str:
     return f"{script}__{tag}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def run_name(run_cfg, default: Callable[[], str]) -> str:
+    """run.name, or `default()` (a new timestamped name) when it is empty; run.resume=auto needs the name of the run
+    it continues, since a new name would never hold one."""
+    if run_cfg.name:
+        return run_cfg.name
+    if run_cfg.resume == "auto":
+        raise UserError(f"run.resume=auto continues the run named by run.name, which is empty: set run.name to the "
+                        f"run's directory name (a folder of run.out_dir={run_cfg.out_dir})")
+    return default()
+
+
 def on_main_rank(fn: Callable[[], Any], dist: DistInfo | None = None) -> Any:
     """Run `fn()` on the main rank only and give its return value to every rank. A UserError it raises is raised
     on every rank, so no rank is left waiting at a barrier for a rank that stopped."""
@@ -453,40 +467,240 @@ def make_dirs(dirs: dict[str, Path | str], dist: DistInfo | None = None, probe: 
     on_main_rank(create, dist)
 
 
-def prepare_run_dir(out_dir: str, name: str, resume: str, dist: DistInfo,
-                    restart_without_checkpoint: bool = False) -> tuple[Path, Path | None]:
-    """Create `<out_dir>/<name>/` and find what to resume from.
+# A run directory records the program that made it (run.json), and is locked (run.lock) by the process that writes
+# it. Files it holds before its first epoch ends are written at start-up and are worth nothing on their own: a
+# fresh run may take over a directory holding only these (and empty folders), and a directory this process created
+# is removed again when the run stops with a UserError before it wrote anything else.
+RUN_RECORD, RUN_LOCK = "run.json", "run.lock"
+START_UP_FILES = frozenset({"config.yaml", RUN_RECORD, RUN_LOCK})
 
-    `resume` is "" (fresh run: the directory must not hold a run yet, so nothing is overwritten), "auto" (continue
-    from `checkpoints/last.pt`) or a checkpoint path. Returns (run_dir, checkpoint).
+# Run directories and checkpoints from before run.json carry no record of their program; their config's sections
+# tell (first match wins: train_student_rl.py's schema extends train_student.py's).
+LEGACY_PROGRAM_SECTIONS = (("train_student_rl.py", {"curriculum", "agent"}), ("gan_vae.continual", {"fid"}),
+                           ("train_student.py", {"kd", "eval"}))
 
-    With `resume="auto"` and no `last.pt`: when the run directory exists and `restart_without_checkpoint` is set,
-    the run stopped before its first checkpoint, so the checkpoint returned is None and the caller starts it from
-    the beginning (reusing what it finished, such as a teacher cache, and re-doing any epoch it logged);
-    otherwise that is an error ("nothing to resume"). Callers that set it must drop the metrics lines a restarted
-    run logged before."""
+
+def run_files(run_dir: Path) -> Iterator[Path]:
+    """Every file below `run_dir` except its lock (nothing when it does not exist)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir():
+        yield from (p for p in run_dir.rglob("*") if p != run_dir / RUN_LOCK and not p.is_dir())
+
+
+def holds_results(run_dir: Path) -> bool:
+    """Whether `run_dir` holds anything a run produced (a metrics line, a checkpoint, a result) beyond the
+    START_UP_FILES."""
+    run_dir = Path(run_dir)
+    return any(p.parent != run_dir or p.name not in START_UP_FILES for p in run_files(run_dir))
+
+
+def infer_program(config: Any) -> str | None:
+    """The program whose config has these sections (LEGACY_PROGRAM_SECTIONS); None when none matches."""
+    if not isinstance(config, dict):
+        return None
+    return next((program for program, sections in LEGACY_PROGRAM_SECTIONS if sections <= set(config)), None)
+
+
+def read_run_record(run_dir: Path) -> dict:
+    """run.json of a run directory ({} when it has none)."""
+    path = Path(run_dir) / RUN_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise UserError(f"cannot read {path} (the record of which program made the run): {exc}. Restore it, or "
+                        "start a new run with another run.name") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path} is not the record of a run (a JSON object with a 'program' entry); restore it, or "
+                        "start a new run with another run.name")
+    return record
+
+
+def run_program(run_dir: Path) -> str | None:
+    """The program that made `run_dir`: its run.json's, or for an older run the one its config.yaml belongs to."""
+    return read_run_record(run_dir).get("program") or infer_program(read_saved_config(run_dir))
+
+
+def checkpoint_program(ckpt: dict) -> str | None:
+    """The program that wrote a checkpoint: its own record, or for an older checkpoint the one its config belongs
+    to (None for a file with neither, such as a bare state dict)."""
+    return ckpt.get("program") or infer_program(ckpt.get("config"))
+
+
+def check_program(made_by: str | None, program: str, what: str) -> None:
+    """Refuse a run directory or checkpoint (`what`) that another program made: its config and state have sections
+    this program lacks or reads differently, and continuing it here would drop them (and rewrite config.yaml
+    without them). None (unknown) passes."""
+    if made_by is None or made_by == program:
+        return
+    raise UserError(f"{what} was made by another script, {made_by}; {program} cannot continue it or start from it "
+                    f"(it would drop or misread what {made_by} saved, and rewrite config.yaml without it). Continue "
+                    f"it with {made_by}, or start a new {program} run: another run.name and no run.resume")
+
+
+def require_entries(ckpt: dict, keys: tuple[str, ...], path: Path | str, program: str) -> None:
+    """A UserError naming the first of `keys` the checkpoint lacks: it is not a training checkpoint of `program`."""
+    missing = [key for key in keys if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a training checkpoint of {program} (no '{missing[0]}' entry"
+                        f"{f', nor {len(missing) - 1} more' if len(missing) > 1 else ''}); resume from the "
+                        "checkpoints/last.pt of one of its runs")
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """Where a run goes and what it starts from, decided and checked before anything is written (`plan_run_dir`).
+
+    checkpoint: what to load (None: a fresh run, or a run stopped before its first checkpoint, restarted);
+    continues: the directory's own run goes on (run.resume=auto, or a checkpoint inside the directory), as opposed
+    to a new run, which may start from another run's checkpoint (recorded in its run.json);
+    stamp: the checkpoint's (mtime, size) when planned, compared again once the directory is locked."""
+    run_dir: Path
+    checkpoint: Path | None
+    continues: bool
+    stamp: tuple[int, int] | None = None
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    if path is None or not path.is_file():
+        return None
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+def plan_run_dir(out_dir: str, name: str, resume: str, program: str | None = None,
+                 restart_without_checkpoint: bool = False, dist: DistInfo | None = None) -> RunPlan:
+    """Check where `<out_dir>/<name>/` stands against `resume` and what to resume from; nothing is written.
+
+    `resume` is "" (fresh run: the directory must hold no run's results, so nothing is overwritten), "auto"
+    (continue from `checkpoints/last.pt`) or a checkpoint path. A path inside the directory continues its run from
+    that checkpoint; any other path starts a NEW run from it, so the directory must hold no run yet (continuing one
+    run from another's checkpoint would splice the two). A run directory that `program` did not make is refused
+    (None skips that check).
+
+    With `resume="auto"` and no `last.pt`: when the run directory holds a run and `restart_without_checkpoint` is
+    set, the run stopped before its first checkpoint, so the plan's checkpoint is None and the caller starts it from
+    the beginning (reusing what it finished, such as a teacher cache, and re-doing any epoch it logged); otherwise
+    that is an error ("nothing to resume"). Callers that set it must drop the metrics lines a restarted run logged
+    before."""
     run_dir = Path(out_dir) / name
-    ckpt: Path | None = None
     if resume == "auto":
-        ckpt = run_dir / "checkpoints" / "last.pt"
+        ckpt: Path | None = run_dir / "checkpoints" / "last.pt"
         if not ckpt.is_file():
-            if not (restart_without_checkpoint and run_dir.is_dir()):
+            if not (restart_without_checkpoint and any(run_files(run_dir))):
                 raise UserError(f"run.resume=auto but {ckpt} does not exist: nothing to resume. "
                                 "Check run.out_dir and run.name, or drop run.resume to start a new run")
             ckpt = None
-            if dist.is_main:
+            if (dist or DistInfo()).is_main:
                 print(f"run.resume=auto: {run_dir} has no checkpoint yet (it stopped before its first epoch "
                       "ended); starting it from the beginning")
-    elif resume:
+        if program is not None:
+            check_program(run_program(run_dir), program, f"the run directory {run_dir}")
+        return RunPlan(run_dir, ckpt, True, _stamp(ckpt))
+    if resume:
         ckpt = Path(resume)
+        if ckpt.is_dir():
+            raise UserError(f"run.resume={resume} is a directory: give a checkpoint file in it (e.g. "
+                            f"{ckpt / 'checkpoints' / 'last.pt'}), or continue a run with run.name=<its directory> "
+                            "run.resume=auto")
         if not ckpt.is_file():
             raise UserError(f"run.resume={resume}: no such checkpoint file")
-    elif (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints" / "last.pt").exists():
+        if run_dir.resolve() in ckpt.resolve().parents:  # one of the run's own checkpoints
+            if program is not None:
+                check_program(run_program(run_dir), program, f"the run directory {run_dir}")
+            return RunPlan(run_dir, ckpt, True, _stamp(ckpt))
+        if holds_results(run_dir):
+            raise UserError(f"run.resume={resume} starts a new run from that checkpoint, but {run_dir} already holds "
+                            "a run: continuing it from another run's checkpoint would splice two runs into one "
+                            "directory (its epochs, checkpoints and config.yaml replaced). Give the new run another "
+                            "run.name (empty: a new timestamped one), or continue that run with run.resume=auto")
+        return RunPlan(run_dir, ckpt, False, _stamp(ckpt))
+    if holds_results(run_dir):
         raise UserError(f"{run_dir} already holds a run. Continue it with run.resume=auto, "
                         "or pick another run.name so nothing is overwritten")
-    make_dirs({"run.out_dir": run_dir / "checkpoints"}, dist, probe=True)
+    return RunPlan(run_dir, None, False)
+
+
+def _check_plan_still_holds(plan: RunPlan) -> None:
+    """Under the lock: nothing changed since `plan_run_dir` looked (another process could have written meanwhile)."""
+    if not plan.continues and holds_results(plan.run_dir):
+        raise UserError(f"{plan.run_dir} already holds a run (another process started it just now). Continue it "
+                        "with run.resume=auto, or pick another run.name so nothing is overwritten")
+    last = plan.run_dir / "checkpoints" / "last.pt"
+    if plan.continues and _stamp(plan.checkpoint or last) != plan.stamp:
+        raise UserError(f"another process wrote {plan.checkpoint or last} while this one was starting; run the "
+                        "command again to continue from the newest checkpoint")
+
+
+def lock_run_dir(run_dir: Path) -> Any:
+    """An exclusive lock on `run_dir` (its run.lock, holding our pid) for this process, or a UserError naming the
+    process that holds it: two processes writing one run directory would mix their checkpoints and metrics."""
+    import socket
+
+    from filelock import FileLock, Timeout
+    path = Path(run_dir) / RUN_LOCK
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = path.read_text().strip()
+        except OSError:
+            holder = ""
+        raise UserError(f"{run_dir} is in use by another process ({holder or 'pid unknown'}, holding {path}): two "
+                        "processes writing one run directory would mix their checkpoints and metrics. Wait for it "
+                        "to finish (or stop it), or pick another run.name") from None
+    path.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    return lock
+
+
+@contextmanager
+def claim_run_dir(plan: RunPlan, program: str, dist: DistInfo) -> Iterator[Path]:
+    """Create the planned run directory (and its checkpoints/, probed for writing), lock it for as long as the
+    block runs, record `program` (and the checkpoint a new run starts from) in run.json, and yield it. A UserError
+    that leaves the block before the run wrote anything but its START_UP_FILES removes a directory this call
+    created, so a failed start leaves no empty run behind. Only the main rank creates, locks and writes; a refusal
+    reaches every rank."""
+    run_dir, held = plan.run_dir, {}
+    created = dist.is_main and not run_dir.exists()
+
+    def take() -> None:
+        held["lock"] = lock_run_dir(run_dir)
+        _check_plan_still_holds(plan)
+        if plan.continues and read_run_record(run_dir).get("program"):
+            return
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if plan.continues:  # an older run, from before the record (its program was checked from its config)
+            record = {"program": program, "recorded_on_resume": now}
+        else:
+            record = {"program": program, "started": now,
+                      **({"started_from": str(plan.checkpoint.resolve())} if plan.checkpoint else {})}
+        write_json(run_dir / RUN_RECORD, record)
+
+    try:
+        make_dirs({"run.out_dir": run_dir / "checkpoints"}, dist, probe=True)
+        on_main_rank(take, dist)
+        barrier()
+        yield run_dir
+    except UserError:
+        if created and "lock" in held and not holds_results(run_dir):
+            held.pop("lock").release()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        if "lock" in held:
+            held["lock"].release()
+
+
+def prepare_run_dir(out_dir: str, name: str, resume: str, dist: DistInfo,
+                    restart_without_checkpoint: bool = False) -> tuple[Path, Path | None]:
+    """`plan_run_dir` (no program check), then create the directory unlocked: (run_dir, checkpoint to resume from).
+    For tools and tests; the entry points claim theirs with `claim_run_dir`."""
+    plan = plan_run_dir(out_dir, name, resume, None, restart_without_checkpoint, dist)
+    make_dirs({"run.out_dir": plan.run_dir / "checkpoints"}, dist, probe=True)
     barrier()
-    return run_dir, ckpt
+    return plan.run_dir, plan.checkpoint
 
 
 def read_saved_config(run_dir: Path) -> dict | None:
@@ -495,9 +709,13 @@ def read_saved_config(run_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception as exc:  # yaml errors have many types
         raise UserError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} is not a run's config (a mapping of config sections); restore it, or start a new "
+                        "run with another run.name")
+    return saved
 
 
 # Keys that never change a number a run prints: where files go, what is logged, how often. Scripts extend this.
@@ -569,12 +787,49 @@ def check_resume_config(saved: dict | None, current: DictConfig, source: str,
                     "drop run.resume and pick a new run.name")
 
 
+def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def write_failure(exc: BaseException, path: Path, kept: str) -> UserError | None:
+    """The UserError for a write of `path` that the disk refused (full, over quota, read-only, an I/O error), saying
+    what was kept (`kept`); None when `exc` is no such failure. torch.save's zip writer may report a full disk as a
+    RuntimeError of its own ("unexpected pos", "file write failed"), with the OSError only in its context, or not at
+    all: then a disk with no free space left is taken to be the cause."""
+    path = Path(path)
+    chain = list(_exception_chain(exc))
+    os_error = next((e for e in chain if isinstance(e, OSError) and e.errno), None)
+    code = os_error.errno if os_error is not None else None
+    if code is None and any(isinstance(e, RuntimeError) and "inline_container" in str(e) for e in chain):
+        try:
+            code = errno.ENOSPC if shutil.disk_usage(path.parent).free == 0 else None
+        except OSError:
+            code = None
+    if code is None:
+        return None
+    if code in DISK_FULL_ERRNOS:
+        what = f"the disk is full ({os.strerror(code)}) at {path.parent}"
+        fix = "Free some space there (or move run.out_dir to another disk)"
+    else:
+        what = f"{os.strerror(code)}"
+        fix = "Make that folder writable"
+    return UserError(f"cannot write {path}: {what}. {kept}. {fix}, then continue the run with run.resume=auto")
+
+
 @contextmanager
 def atomic_write(path: Path, mode: str = "w") -> Iterator[IO]:
     """Open `<path>.tmp` for writing (mode "w" or "wb"); on a clean exit flush, fsync and rename it over `path`, so
     a reader or a crash mid-write finds the old file or the new one, never half of one (os.replace is atomic on
-    POSIX). On an error the temp file is removed and `path` is left as it was. The one atomic writer: checkpoints,
-    JSON, configs, metrics and exported weights all go through it."""
+    POSIX). On an error the temp file is removed and `path` is left as it was; a write the disk refused (full, over
+    quota, read-only) becomes a UserError saying so. The one atomic writer: checkpoints, JSON, configs, metrics and
+    exported weights all go through it."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -583,6 +838,14 @@ def atomic_write(path: Path, mode: str = "w") -> Iterator[IO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        kept = (f"Nothing was replaced: the earlier {path.name} is kept" if path.exists() else
+                f"Nothing was written (there was no earlier {path.name})")
+        failure = write_failure(exc, path, kept)
+        if failure is not None:
+            raise failure from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -616,11 +879,30 @@ def save_checkpoint(state: dict, path: Path) -> None:
         torch.save(state, fh)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, required: tuple[str, ...] = (), program: str = "this program") -> dict:
+    """A checkpoint (a dict) as torch.save wrote it, on the CPU. A file that is missing, empty, unreadable
+    (truncated, or not a torch file), that holds something other than a dict (a bare tensor), or that lacks one of
+    the `required` entries is a UserError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a directory; give a checkpoint file (such as a run's "
+                        "checkpoints/last.pt or student.safetensors)")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): its write was cut short (a full disk, a copy that "
+                        "stopped). Use another checkpoint, e.g. an earlier copy or the run's best.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or foreign file: many exception types
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"cannot read checkpoint {path}: it is truncated or not a PyTorch checkpoint "
+                        f"({type(exc).__name__}: {first})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint (a dict with 'model', "
+                        "'optimizer', ... entries, as this repository's programs save it)")
+    require_entries(ckpt, required, path, program)
+    return ckpt
 
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's OptimizedModule; DDP and DataParallel
@@ -697,10 +979,19 @@ class MetricLogger:
 
     def keep_where(self, keep: Callable[[dict], bool]) -> None:
         """Rewrite the file, atomically, with only the lines whose record satisfies `keep` (each kept line as it
-        was written): a resumed run drops what it logged after its checkpoint, since it logs that again."""
+        was written): a resumed run drops what it logged after its checkpoint, since it logs that again. A
+        half-written last line (a run stopped while writing it) is dropped too."""
         if not (self.enabled and self.path.exists()):
             return
-        kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and keep(json.loads(ln))]
+        kept = []
+        for number, line, record in jsonl_lines(self.path, announce=True):
+            try:
+                if keep(record):
+                    kept.append(line)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UserError(f"{self.path} line {number} is not a record this run wrote (it lacks "
+                                f"{type(exc).__name__}: {exc}), so the file was edited or damaged. Fix or remove that "
+                                "line, then resume again") from None
         write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
 
     def truncate_after(self, epoch: int) -> None:
@@ -710,8 +1001,13 @@ class MetricLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as exc:
+            failure = write_failure(exc, self.path, "The lines before are kept (the last may be half-written, which "
+                                                    "run.resume=auto drops), and so are the checkpoints")
+            raise (failure or exc) from None
         if self.writer is not None:
             for key, value in record.items():
                 if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -723,8 +1019,37 @@ class MetricLogger:
             self.writer.close()
 
 
+def jsonl_lines(path: Path, announce: bool = False) -> list[tuple[int, str, dict]]:
+    """(line number, line, record) for every non-blank line of a JSONL file written by MetricLogger. The file is
+    only ever appended to, so a last line that does not parse was cut off by a kill or a full disk: it is dropped
+    (with a note when `announce`). Any other line that is not a JSON object means damage: a UserError naming the
+    file and the line."""
+    lines = [(n, ln) for n, ln in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1)
+             if ln.strip("\x00 \t")]
+    out = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            record, detail = None, str(exc)
+        else:
+            detail = f"a JSON {type(record).__name__}, not an object"
+        if isinstance(record, dict):
+            out.append((number, line, record))
+        elif i == len(lines) - 1:
+            if announce:
+                print(f"note: dropped the half-written last line ({number}) of {path}: the run was stopped while "
+                      "writing it, and logs that epoch again", file=sys.stderr)
+        else:
+            raise UserError(f"{path} line {number} is damaged ({detail}); only the last line of this append-only "
+                            "file can be half-written (by a kill), so the file was edited or corrupted. Fix or remove "
+                            "that line, then run again")
+    return out
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of a JSONL metrics file (see `jsonl_lines`: a half-written last line is left out)."""
+    return [record for _, _, record in jsonl_lines(path)]
 
 
 def plot_curves(records: list[dict], path: Path, panels: list[tuple[str, list[str]]]) -> None:

@@ -47,10 +47,11 @@ from gan_vae.fid import (FeatureModule, FeaturesOf, FIDEvaluator, check_inceptio
 from gan_vae.tasks import domain_tensor, load_task
 from models import (Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, nt_xent, relational_kd, vae_loss_terms,
                     wgan_critic_loss, wgan_generator_loss)
-from utils import (MetricLogger, UserError, check, config_differences, default_run_name, freeze, iter_schema,
-                   load_checkpoint, make_dirs, opt, parse_config, plot_curves, prepare_run_dir, read_jsonl,
-                   read_saved_config, rng_state, run_cli, run_config, save_checkpoint, save_config, section,
-                   seed_everything, set_rng_state, setup_distributed, to_plain, unfreeze, write_json)
+from utils import (MetricLogger, UserError, check, check_program, checkpoint_program, claim_run_dir, config_differences,
+                   default_run_name, freeze, iter_schema, load_checkpoint, make_dirs, opt, parse_config, plan_run_dir,
+                   plot_curves, read_jsonl, read_saved_config, require_entries, rng_state, run_cli, run_config,
+                   run_name, save_checkpoint, save_config, section, seed_everything, set_rng_state, setup_distributed,
+                   to_plain, unfreeze, write_json)
 
 
 # ================================================================================================================
@@ -240,6 +241,20 @@ def changed_config_keys(saved: dict, current, branching: bool) -> list[tuple[str
     allowed = (tuple(key for key, *_ in iter_schema(ContinualConfig) if key not in FIXED_KEYS) if branching
                else RESULT_NEUTRAL_KEYS)
     return config_differences(saved, current, allowed)
+
+
+# The program name a run directory's run.json and every checkpoint record (utils.check_program).
+PROGRAM = "gan_vae.continual"
+
+
+def check_checkpoint(ckpt: dict, path: Path) -> None:
+    """`ckpt` (read from `path`) must be a checkpoint of this program, of this version, with every entry
+    ContinualRun.load reads; else a UserError naming the file (and the program that wrote it, if another)."""
+    check_program(checkpoint_program(ckpt), PROGRAM, f"checkpoint {path}")
+    if "experts" in ckpt and "projections" not in ckpt:
+        raise UserError(f"{path} was written by an older gan_vae (one projection shared by all experts, no FID "
+                        "sample counts), which this version cannot continue; start a new run with another run.name")
+    require_entries(ckpt, CHECKPOINT_KEYS, path, PROGRAM)
 
 
 def check_resume_config(ckpt: dict, path: Path, cfg, run_dir: Path) -> None:
@@ -798,7 +813,7 @@ class ContinualRun:
                     save_image(img.cpu() * 0.5 + 0.5, folder / f"task{t}_{tag}_student_task{j}.png", nrow=8)
             self.student.train()
 
-    def state(self) -> dict:
+    def state(self) -> dict:  # what `load` reads back: CHECKPOINT_KEYS and more
         return {"experts": [e.state_dict() for e in self.experts], "task_to_expert": self.task_to_expert,
                 "decisions": self.decisions, "student": self.student.state_dict(),
                 "num_student_tasks": self.student.num_tasks, "projections": self.projections.state_dict(),
@@ -808,16 +823,14 @@ class ContinualRun:
                 "previous": self.previous.state_dict() if self.previous is not None else None,
                 "previous_tasks": self.previous.num_tasks if self.previous is not None else 0,
                 "tasks": list(self.cfg.data.tasks), "rng": rng_state(), "config": to_plain(self.cfg),
-                "fid_info": self.fid_info}
+                "fid_info": self.fid_info, "program": PROGRAM}
 
     def save(self, name: str) -> None:
         save_checkpoint(self.state(), self.run_dir / "checkpoints" / name)
 
     def load(self, ckpt: dict, path: Path) -> None:
-        if "projections" not in ckpt:
-            raise UserError(f"{path} was written by an older gan_vae (one projection shared by all experts, no FID "
-                            "sample counts), which this version cannot continue; start a new run with another "
-                            "run.name")
+        """Put the run back where checkpoint `ckpt` (read from `path`) left it."""
+        check_checkpoint(ckpt, path)
         if ckpt.get("tasks") != list(self.cfg.data.tasks):
             raise UserError(f"{path} was made with data.tasks={ckpt.get('tasks')}, not {list(self.cfg.data.tasks)}; "
                             "resume with the same task list or start a new run.name")
@@ -919,6 +932,9 @@ def finish(run: ContinualRun, run_dir: Path) -> dict:
 
 
 PHASES = {"decide": 0, "teacher": 1, "student": 2}
+# What ContinualRun.load reads from a checkpoint: one without these is not a checkpoint of this program.
+CHECKPOINT_KEYS = ("experts", "task_to_expert", "decisions", "student", "num_student_tasks", "projections",
+                   "num_projections", "opt_s", "matrices", "progress", "frozen", "tasks", "rng")
 
 
 def progress_order(record: dict) -> tuple[int, int, int]:
@@ -935,38 +951,42 @@ def main(argv: list[str]) -> None:
     for spec in cfg.data.tasks:  # fail on a bad task before creating anything
         from gan_vae.tasks import parse_task
         parse_task(spec)
-    if not cfg.run.name:
-        names = "-".join(Path(s.split(":")[0]).stem for s in cfg.data.tasks)
-        cfg.run.name = default_run_name("gan_vae", names, cfg.train.seed)
+    cfg.run.name = run_name(cfg.run, lambda: default_run_name(
+        "gan_vae", "-".join(Path(s.split(":")[0]).stem for s in cfg.data.tasks), cfg.train.seed))
+    # every check before the run directory (or any folder) is created or touched: where it goes, what it resumes
+    # from, the config, the output folders, the data
+    plan = plan_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, PROGRAM, restart_without_checkpoint=True,
+                        dist=dist)
+    resume_from, ckpt = plan.checkpoint, None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, program=PROGRAM)
+        check_checkpoint(ckpt, resume_from)
+        check_resume_config(ckpt, resume_from, cfg, plan.run_dir)
+    elif cfg.run.resume:  # stopped before its first checkpoint: restart it, with the config it was started with
+        check_resume_config({"config": read_saved_config(plan.run_dir) or to_plain(cfg)},
+                            plan.run_dir / "config.yaml", cfg, plan.run_dir)
     make_dirs({"run.out_dir": Path(cfg.run.out_dir), **({"fid.cache_dir": Path(cfg.fid.cache_dir)}
                                                           if cfg.fid.cache_dir else {})}, dist, probe=True)
     run = ContinualRun(cfg, None, dist.device)  # loads every task: a task without images fails before the run dir
-    run_dir, resume_from = prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, dist,
-                                           restart_without_checkpoint=True)
-    run.run_dir = run_dir
-    ckpt = None
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
-        check_resume_config(ckpt, resume_from, cfg, run_dir)
-    elif cfg.run.resume:  # stopped before its first checkpoint: restart it, with the config it was started with
-        check_resume_config({"config": read_saved_config(run_dir) or to_plain(cfg)}, run_dir / "config.yaml", cfg,
-                            run_dir)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    save_config(cfg, run_dir)  # now: a run killed before its first checkpoint can be restarted (and checked)
-    start = time.perf_counter()
-    run.build_fid()  # before loading a checkpoint: the RNG state it restores must be the last word
-    if ckpt is not None:
-        run.load(ckpt, resume_from)
-        print(f"resumed from {resume_from}: task {run.progress['task']}, {run.progress['phase']} step "
-              f"{run.progress['step']}")
-    run.logger = MetricLogger(run_dir / "metrics.jsonl", True)
-    if resume_from is not None:  # lines logged after the checkpoint are logged again
-        here = progress_order(run.progress)
-        run.logger.keep_where(lambda record: progress_order(record) <= here)
-    run.run()
-    results = finish(run, run_dir)
-    results["time/wall_s"] = time.perf_counter() - start
-    write_json(run_dir / "results.json", results)
+    with claim_run_dir(plan, PROGRAM, dist) as run_dir:  # locked; removed again if a start-up check fails
+        run.run_dir = run_dir
+        if resume_from is None and cfg.run.resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        save_config(cfg, run_dir)  # now: a run killed before its first checkpoint can be restarted (and checked)
+        start = time.perf_counter()
+        run.build_fid()  # before loading a checkpoint: the RNG state it restores must be the last word
+        if ckpt is not None:
+            run.load(ckpt, resume_from)
+            print(f"resumed from {resume_from}: task {run.progress['task']}, {run.progress['phase']} step "
+                  f"{run.progress['step']}")
+        run.logger = MetricLogger(run_dir / "metrics.jsonl", True)
+        if resume_from is not None:  # lines logged after the checkpoint are logged again
+            here = progress_order(run.progress)
+            run.logger.keep_where(lambda record: progress_order(record) <= here)
+        run.run()
+        results = finish(run, run_dir)
+        results["time/wall_s"] = time.perf_counter() - start
+        write_json(run_dir / "results.json", results)
     print((run_dir / "forgetting_report.md").read_text())
     print(f"run directory: {run_dir}", file=sys.stderr)
 

@@ -28,6 +28,35 @@ TINY = ["data.name=synthetic", "data.synthetic.num_classes=4", "data.synthetic.i
         "train.batch_size=8", "train.eval_batch_size=16", "train.epochs=2", "eval.latency=false"]
 
 
+RL_ARGS = [*TINY, "kd.alpha=1", "curriculum.strategy=random_subset", "agent.name=bandit"]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="session")
+def stopped_runs(tmp_path_factory):
+    """A 2-epoch run of each trainer, made in-process and stopped right after its first checkpoint, as a kill
+    would (each test copies the one it uses; test_bad_input.py and test_run_dir.py share them)."""
+    import train_student
+    import train_student_rl
+    root = tmp_path_factory.mktemp("stopped")
+    finish_epoch = train_student.Trainer.finish_epoch
+
+    def finish_then_die(self, epoch, *args, **kwargs):
+        finish_epoch(self, epoch, *args, **kwargs)
+        raise Killed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_student.Trainer, "finish_epoch", finish_then_die)
+        with pytest.raises(Killed):
+            train_student.main([*TINY, "kd.alpha=1", f"run.out_dir={root}", "run.name=ts"])
+        with pytest.raises(Killed):
+            train_student_rl.main([*RL_ARGS, f"run.out_dir={root}", "run.name=rl"])
+    return root
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without the plugin (-p no:xdist) it is skipped
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pytest.ini): one worker more than there are cores, at most 4. Most tests wait on a script they

@@ -16,7 +16,7 @@ import pytest
 import gan_vae.continual
 import train_student
 import train_student_rl
-from conftest import ROOT, TINY, assert_clean_error, call_main, read_metrics, run_script
+from conftest import RL_ARGS, ROOT, TINY, assert_clean_error, call_main, read_metrics, run_script
 from train_student import Config
 from utils import DistInfo, UserError, load_config, parse_config, prepare_run_dir, save_config
 
@@ -156,33 +156,6 @@ def test_image_folder_with_an_empty_split_or_an_unknown_class(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Resuming with a different config
 # ---------------------------------------------------------------------------------------------------------------
-RL_ARGS = [*TINY, "kd.alpha=1", "curriculum.strategy=random_subset", "agent.name=bandit"]
-
-
-class Killed(Exception):
-    pass
-
-
-@pytest.fixture(scope="module")
-def stopped_runs(tmp_path_factory):
-    """A 2-epoch run of each trainer, made in-process and stopped right after its first checkpoint, as a kill
-    would (each test copies the one it uses)."""
-    root = tmp_path_factory.mktemp("stopped")
-    finish_epoch = train_student.Trainer.finish_epoch
-
-    def finish_then_die(self, epoch, *args, **kwargs):
-        finish_epoch(self, epoch, *args, **kwargs)
-        raise Killed
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_student.Trainer, "finish_epoch", finish_then_die)
-        with pytest.raises(Killed):
-            train_student.main([*TINY, "kd.alpha=1", f"run.out_dir={root}", "run.name=ts"])
-        with pytest.raises(Killed):
-            train_student_rl.main([*RL_ARGS, f"run.out_dir={root}", "run.name=rl"])
-    return root
-
-
 def _copy_run(stopped_runs: Path, name: str, tmp_path: Path) -> Path:
     shutil.copytree(stopped_runs / name, tmp_path / name)
     assert [m["epoch"] for m in read_metrics(tmp_path / name)] == [0]
