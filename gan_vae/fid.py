@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -218,11 +219,20 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 
 
 def check_inception_path(weights_path: str) -> None:
-    """A given fid.inception_path must be a file (checked before a run writes anything)."""
-    if weights_path and not Path(weights_path).is_file():
-        raise UserError(f"fid.inception_path={weights_path}: no such file. Point it at the FID Inception-v3 weights "
-                        f"file ({INCEPTION_FILE}, {INCEPTION_URL}; copy it from a machine with network access if "
-                        "this one has none), or use fid.backend=domain")
+    """A given fid.inception_path must be a whole file (checked before a run writes anything): present, not empty,
+    and, being a zip archive (torch.save's format), not cut short. Loading it (seconds) is left to the run."""
+    if not weights_path:
+        return
+    path = Path(weights_path)
+    fetch = (f"the FID Inception-v3 weights file ({INCEPTION_FILE}, {INCEPTION_URL}; copy it from a machine with "
+             "network access if this one has none), or use fid.backend=domain")
+    if not path.is_file():
+        raise UserError(f"fid.inception_path={weights_path}: no such file. Point it at {fetch}")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head or (head == b"PK\x03\x04" and not zipfile.is_zipfile(path)):
+        state = "empty" if not head else "cut short (a damaged zip archive)"
+        raise UserError(f"fid.inception_path={weights_path} is {state}: copy it again; it must be {fetch}")
 
 
 def inception_features(weights_path: str, channels: int, device: torch.device | str = "cpu") -> FeatureModule:

@@ -113,6 +113,16 @@ def test_a_truncated_fid_classifier_cache_is_named_and_rebuilt(tmp_path, capsys)
     assert torch.load(cached, weights_only=False)["info"] == info  # replaced by a whole one
 
 
+@pytest.mark.parametrize("damage,fragment", [("empty", "empty"), ("truncated", "cut short")])
+def test_a_damaged_inception_weights_file_is_refused_before_the_run(tmp_path, damage, fragment):
+    from gan_vae.fid import check_inception_path
+    path = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(1000)}, path)  # torch.save's zip format, as the weights file
+    path.write_bytes(b"" if damage == "empty" else path.read_bytes()[:300])
+    with pytest.raises(UserError, match=f"fid.inception_path={path} is {fragment}.*copy it again"):
+        check_inception_path(str(path))
+
+
 def test_fid_of_non_finite_images_is_a_user_error():
     ev = _identity_fid(10)
     ev.add_real("a", torch.randn(10, 4, 1, 1))
@@ -132,8 +142,8 @@ def test_evaluation_shows_a_progress_bar(domains, tmp_path, capsys):  # noqa: F8
 # ---------------------------------------------------------------------------------------------------------------
 # Non-finite losses and weights: a hard stop before anything is saved or evaluated
 # ---------------------------------------------------------------------------------------------------------------
-def test_a_non_finite_teacher_loss_stops_the_run_keeping_the_last_good_checkpoint(domains, origin, tmp_path,  # noqa: F811
-                                                                                    monkeypatch):
+def test_a_non_finite_teacher_loss_stops_the_run_keeping_the_last_good_checkpoint(
+        domains, origin, tmp_path, monkeypatch):  # noqa: F811
     critic_loss, calls = continual.wgan_critic_loss, [0]
 
     def diverging(real, fake):  # from teacher step 3 of the run's first task on (5 critic steps per step)
