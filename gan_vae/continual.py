@@ -792,14 +792,19 @@ class ContinualRun:
         same seeded steps and diverge again)."""
         kept = self.run_dir / "checkpoints" if self.run_dir is not None else None
         if kept is not None and t > 0:
+            finished = kept / f"task_{t - 1}.pt"  # or, in a run branched from another's, that run's file
+            if not finished.is_file() and t - 1 < len(self.inherited_tasks):
+                finished = Path(self.inherited_tasks[t - 1]["path"])
             way = (f"start a new run from the last finished task with a lower {phase}.lr: run.name=<new name> "
-                   f"run.resume={kept / f'task_{t - 1}.pt'} {phase}.lr=<lower>")
+                   f"run.resume={finished} {phase}.lr=<lower>")
         else:
             way = f"start a new run (another run.name) with a lower {phase}.lr"
-        where = f"kept in {kept}" if kept is not None else "kept"
+        saved = sorted(p.name for p in kept.glob("*.pt")) if kept is not None else []
+        where = (f"the last good checkpoints are kept in {kept} ({', '.join(saved)})" if saved else
+                 "no checkpoint had been written yet")
         return UserError(f"{what} became non-finite at task {t} ({self.cfg.data.tasks[t]}), {phase} step {step + 1}. "
-                         f"Stopped without saving: the last good checkpoints are {where}. Check {phase}.batch_size "
-                         f"and the other {phase}.* values, and {way}; run.resume=auto would repeat the same steps")
+                         f"Stopped without saving: {where}. Check {phase}.batch_size and the other {phase}.* values, "
+                         f"and {way}; run.resume=auto would repeat the same steps")
 
     def check_finite_record(self, t: int, phase: str, step: int, record: dict) -> None:
         """Every logged value of a step is finite (they are host numbers already: no extra device sync)."""

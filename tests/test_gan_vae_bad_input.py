@@ -153,7 +153,8 @@ def test_a_non_finite_teacher_loss_stops_the_run_keeping_the_last_good_checkpoin
     monkeypatch.setattr(continual, "wgan_critic_loss", diverging)
     proc = _branch(domains, origin, origin / "checkpoints" / "task_0.pt", f"nan_branch_{tmp_path.name}")
     assert_clean_error(proc, "teacher/loss_d (= nan) became non-finite at task 1", "teacher step 3",
-                       "Stopped without saving", "task_0.pt teacher.lr=<lower>")
+                       "Stopped without saving: the last good checkpoints are kept in", "(last.pt)",
+                       f"run.resume={(origin / 'checkpoints' / 'task_0.pt').resolve()} teacher.lr=<lower>")
     branch = origin.parent / f"nan_branch_{tmp_path.name}" / "checkpoints"
     assert not (branch / "task_1.pt").exists()
     last = torch.load(branch / "last.pt", weights_only=False)  # the checkpoint at teacher step 2 is the last good
