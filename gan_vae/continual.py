@@ -39,6 +39,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
+from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -1018,6 +1019,19 @@ def finish(run: ContinualRun, run_dir: Path) -> dict:
     return results
 
 
+def lock_run_dir(run_dir: Path) -> FileLock:
+    """Hold the run directory's lock for as long as this process writes into it (released at exit, also when
+    killed): a second `gan_vae.continual` on the same run.name, or a `gan_vae.evaluate` of a run still training,
+    would write the same checkpoints and results.json, so it is refused at once."""
+    lock = FileLock(str(Path(run_dir) / ".run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"another process (gan_vae.continual or gan_vae.evaluate) is writing {run_dir} (it holds "
+                        f"{lock.lock_file}); wait for it to finish, or use another run.name") from None
+    return lock
+
+
 PHASES = {"decide": 0, "teacher": 1, "student": 2}
 
 
@@ -1044,6 +1058,7 @@ def main(argv: list[str]) -> None:
     run_dir, resume_from = prepare_run_dir(cfg.run.out_dir, cfg.run.name, cfg.run.resume, dist,
                                            restart_without_checkpoint=True)
     run.run_dir = run_dir
+    lock = lock_run_dir(run_dir)
     ckpt = None
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
@@ -1067,6 +1082,7 @@ def main(argv: list[str]) -> None:
     results = finish(run, run_dir)
     results["time/wall_s"] = time.perf_counter() - start
     write_json(run_dir / "results.json", results)
+    lock.release()
     print((run_dir / "forgetting_report.md").read_text())
     print(f"run directory: {run_dir}", file=sys.stderr)
 

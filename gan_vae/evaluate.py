@@ -18,11 +18,11 @@ import re
 import sys
 from pathlib import Path
 
-from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from gan_vae import forgetting
-from gan_vae.continual import ContinualConfig, ContinualRun, changed_config_keys, file_digest, validate
+from gan_vae.continual import (ContinualConfig, ContinualRun, changed_config_keys, file_digest, lock_run_dir,
+                               validate)
 from utils import UserError, load_checkpoint, load_config, make_dirs, run_cli, setup_distributed, write_json
 
 
@@ -116,12 +116,7 @@ def main(argv: list[str]) -> None:
     cfg = load_config(ContinualConfig, str(run_dir / "config.yaml"), argv[1:])
     validate(cfg)
     make_dirs({"the run directory": run_dir}, probe=True)  # before the work: it rewrites results.json at the end
-    lock = FileLock(str(run_dir / ".evaluate.lock"))
-    try:  # two evaluations of one run would write the same files
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise UserError(f"another gan_vae.evaluate is re-evaluating {run_dir} (it holds {lock.lock_file}); wait for "
-                        "it to finish") from None
+    lock = lock_run_dir(run_dir)  # not while the run trains, nor beside another evaluation of it
     try:
         evaluate_run(run_dir, cfg)
     finally:

@@ -239,8 +239,15 @@ def test_evaluate_checks_every_file_before_the_work(origin, tmp_path, damage, fr
     assert (run_dir / "results.json").read_text() == before
 
 
-def test_two_evaluations_of_one_run_do_not_overlap(origin):
-    from filelock import FileLock
-    with FileLock(str(origin / ".evaluate.lock")):
-        proc = call_main(evaluate.main, [origin])
-    assert_clean_error(proc, "another gan_vae.evaluate is re-evaluating")
+def test_one_writer_per_run_directory(domains, origin):  # noqa: F811
+    """While a process writes a run directory (training it, or re-evaluating it), neither an evaluation nor a run
+    with the same run.name may write there too."""
+    held = continual.lock_run_dir(origin)
+    try:
+        busy = call_main(evaluate.main, [origin])
+        again = call_main(continual.main, [*_args(domains, origin.parent, ["discs", "inverted"]), *TINY_RUN,
+                                           "run.name=origin", "run.resume=auto"])
+    finally:
+        held.release()
+    assert_clean_error(busy, f"another process (gan_vae.continual or gan_vae.evaluate) is writing {origin}")
+    assert_clean_error(again, "is writing", "wait for it to finish")
