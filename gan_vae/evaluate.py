@@ -45,7 +45,7 @@ def task_checkpoints(run_dir: Path) -> list[tuple[Path, str | None]]:
     if not latest.is_file():
         raise UserError(f"{run_dir}/checkpoints holds no task_<i>.pt: no finished task to evaluate")
     ckpt = load_checkpoint(latest)
-    inherited = ckpt.get("inherited_tasks", [])
+    inherited = ckpt.get("inherited_tasks", []) if isinstance(ckpt, dict) else []  # others: refused below
     done = max(own) + 1 if own else len(inherited)
     if done == 0:
         raise UserError(f"{run_dir}/checkpoints holds no task_<i>.pt: no finished task to evaluate")
@@ -74,8 +74,9 @@ def check_task_checkpoint(ckpt: dict, path: Path, i: int, digest: str | None, sa
         raise UserError(f"{path} is not the file this run started from (its content changed since: the run it belongs "
                         f"to was continued or replaced), so it no longer holds this run's state after task {i}. "
                         "Restore it, or keep the results.json the run wrote")
-    if "projections" not in ckpt or "progress" not in ckpt:
-        raise UserError(f"{path} was written by an older gan_vae, which this version cannot evaluate")
+    if not isinstance(ckpt, dict) or "projections" not in ckpt or "progress" not in ckpt:
+        raise UserError(f"{path} is not a task checkpoint of this gan_vae (an older version's, or another "
+                        "program's file); it cannot be evaluated")
     if ckpt["progress"] != {"task": i + 1, "phase": "decide", "step": 0}:
         raise UserError(f"{path} does not hold the state at the end of task {i} (it was written at task "
                         f"{ckpt['progress'].get('task')}, {ckpt['progress'].get('phase')} step "
