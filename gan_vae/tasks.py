@@ -135,15 +135,25 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
+# what torchvision's MNIST and FashionMNIST read from <root>/<class name>/raw once downloaded and unpacked
+TORCHVISION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "t10k-labels-idx1-ubyte")
+
+
 def _load_torchvision(name: str, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
     import torchvision
     cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[name]
+    raw = root / cls.__name__ / "raw"
     try:
         ds = cls(str(root), train=train, download=True)
     except Exception as exc:
-        raise UserError(f"cannot download {name} into data.root={root} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Offline? Put the torchvision files "
-                        f"under {root}, or use .npz tasks, e.g. data.tasks=[../shared/data/mnist_test.npz,"
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if all((raw / f).is_file() for f in TORCHVISION_FILES):  # all there: torchvision read them, downloaded nothing
+            raise UserError(f"cannot read {name} from data.root={root} ({detail}): the files under {raw} are damaged "
+                            "or incomplete (an interrupted download, a bad copy). Delete that folder to download "
+                            "them again, or copy them over again") from None
+        raise UserError(f"cannot download {name} into data.root={root} ({detail}). Offline? Put the torchvision "
+                        f"files under {root}, or use .npz tasks, e.g. data.tasks=[../shared/data/mnist_test.npz,"
                         "../shared/data/fashion_mnist_test_part.npz]") from None
     return ds.data.numpy().astype(np.uint8), ds.targets.numpy().astype(np.int64)
 

@@ -87,6 +87,18 @@ def test_a_damaged_npz_is_named_without_pickle_advice(domains, tmp_path, kind): 
     assert f"{path} is not a valid .npz file" in str(err.value) and "pickle" not in str(err.value)
 
 
+def test_damaged_torchvision_files_are_named_not_called_a_failed_download(tmp_path):
+    from gan_vae.tasks import TORCHVISION_FILES
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in TORCHVISION_FILES:  # present (so nothing is downloaded) but cut short
+        (raw / name).write_bytes(b"\x00\x00\x08\x03" + bytes(40))
+    with pytest.raises(UserError) as err:
+        load_task("fashion_mnist", str(tmp_path), 0)
+    assert f"the files under {raw} are damaged" in str(err.value) and "download" in str(err.value)
+    assert "Offline?" not in str(err.value)
+
+
 def test_npz_labels_must_be_integers(tmp_path):
     np.savez(tmp_path / "t.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.array([0, 1, np.nan, 2]))
     with pytest.raises(UserError, match="must hold integer class labels"):
