@@ -26,6 +26,7 @@ Per task t:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -215,6 +216,42 @@ def eval_seed(seed: int, task: int, evaluated: int, metric: int) -> int:
     """The seed of the samples behind R[task][evaluated] of one metric (0: teacher, 1: student): a pure function,
     so the matrices do not depend on what drew from the global RNG before, and a re-evaluation reproduces them."""
     return ((seed * 1_000 + task) * 1_000 + evaluated) * 10 + metric + 1
+
+
+def branches_from(path: Path, run_dir: Path) -> bool:
+    """Whether a run in run_dir that starts from checkpoint `path` is a new run branching from another run's
+    checkpoint (the file lies outside run_dir), rather than one continuing itself."""
+    return Path(run_dir).resolve() not in Path(path).resolve().parents
+
+
+def file_digest(path: Path) -> str | None:
+    """SHA-256 of a file's bytes (None when it is absent): identifies the very checkpoint a branched run started
+    from, so a later re-evaluation notices when that file was replaced."""
+    if not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def inherited_tasks(ckpt: dict, path: Path) -> list[dict]:
+    """For a new run that starts from another run's checkpoint `path`: where the state after each task finished
+    before it lives, as [{"path": absolute path, "sha256": file digest}] for tasks 0..k-1 (k: tasks finished in the
+    checkpoint). Tasks the checkpoint's run itself inherited keep that run's record; the others are its run's
+    checkpoints/task_<i>.pt, and the last is `path` itself when it was written at a task's end (unless it is that
+    run's last.pt, which moves on: then its task_<k-1>.pt). The branched run has no task_<i>.pt of its own for them:
+    this record is how `gan_vae.evaluate` finds and checks them."""
+    done, path = ckpt["progress"]["task"], Path(path).resolve()
+    record = [dict(r) for r in ckpt.get("inherited_tasks", [])][:done]
+    for i in range(len(record), done):
+        source = path.parent / f"task_{i}.pt"
+        if i == done - 1 and ckpt["progress"]["phase"] == "decide" and not (path.name == "last.pt" and
+                                                                            source.is_file()):
+            source = path
+        record.append({"path": str(source), "sha256": file_digest(source)})
+    return record
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -504,6 +541,12 @@ class Expert:
         self.freeze()
 
 
+def fid_bar(total: int, desc: str) -> tqdm:
+    """A progress bar over FID computations, each seconds long (features of up to fid.samples images); gone when
+    done. gan_vae runs in one process, so there is no other rank to keep quiet."""
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
 METRICS = ("teacher_fid", "student_fid", "recon_mse", "recon_fid")
 FID_METRICS = ("teacher_fid", "student_fid", "recon_fid")  # each with <key>_samples: [n_real, n_fake] per cell
 
@@ -527,6 +570,7 @@ class ContinualRun:
         self.progress = {"task": 0, "phase": "decide", "step": 0}
         self.frozen: Generator | None = None
         self.previous: TaskVAE | None = None  # the student as it was before the current task (self-distillation)
+        self.inherited_tasks: list[dict] = []  # tasks finished by another run this one branched from (see there)
         self.fid_info: dict = {}
         self.evaluator: FIDEvaluator | None = None
         self.logger: MetricLogger | None = None
@@ -551,15 +595,20 @@ class ContinualRun:
             features = inception_features(cfg.fid.inception_path, cfg.data.channels, self.device)
             self.fid_info = {"backend": "inception"}
         self.evaluator = FIDEvaluator(features, cfg.fid.samples)
+        count = len(self.tasks)
+        bar = fid_bar(2 * count + count * count, "FID: real statistics and real-vs-real reference")
         for j, x in enumerate(self.test_x):
             self.evaluator.add_real(f"test{j}", x)
+            bar.update()
         for j, x in enumerate(self.train_x):
             self.evaluator.add_real(f"train{j}", x)
+            bar.update()
         self.fid_info["samples"] = cfg.fid.samples
         # reference points for teacher.fid_threshold: real train images of task i against real test images of
         # task j, in the same features (diagonal: in-domain; off-diagonal: cross-domain)
-        real = [[self.fid_of(f"test{j}", lambda n, i=i, k=[0]: self._take(self.train_x[i], k, n), len(self.train_x[i]))
-                 for j in range(len(self.tasks))] for i in range(len(self.tasks))]
+        real = [[self.fid_of(f"test{j}", lambda n, i=i, k=[0]: self._take(self.train_x[i], k, n), len(self.train_x[i]),
+                             bar) for j in range(count)] for i in range(count)]
+        bar.close()
         self.fid_info["real_train_vs_test"] = [[r["fid"] for r in row] for row in real]
         self.fid_info["real_train_vs_test_samples"] = [[[r["n_real"], r["n_fake"]] for r in row] for row in real]
 
@@ -578,15 +627,20 @@ class ContinualRun:
             yield make(n)
             done += n
 
-    def fid_of(self, key: str, make, total: int) -> dict:
-        return self.evaluator.fid(key, self.batches(make, min(total, self.cfg.fid.samples)))
+    def fid_of(self, key: str, make, total: int, bar: tqdm | None = None) -> dict:
+        measured = self.evaluator.fid(key, self.batches(make, min(total, self.cfg.fid.samples)))
+        if bar is not None:
+            bar.update()
+        return measured
 
     # ---- phases ------------------------------------------------------------------------------------------------
     def decide(self, t: int) -> None:
         cfg = self.cfg
         g = torch.Generator().manual_seed(cfg.train.seed * 1000 + t)
-        measured = [self.fid_of(f"train{t}", lambda n, e=e: e.sample(n, g), len(self.train_x[t]))
+        bar = fid_bar(len(self.experts), f"task {t}: FID of each expert (new expert or reuse)")
+        measured = [self.fid_of(f"train{t}", lambda n, e=e: e.sample(n, g), len(self.train_x[t]), bar)
                     for e in self.experts]
+        bar.close()
         fids = [m["fid"] for m in measured]
         action, index = decide_expert(fids, cfg.teacher.fid_threshold, cfg.teacher.max_experts)
         if action == "new":
@@ -612,7 +666,10 @@ class ContinualRun:
         bar = tqdm(range(start_step, tc.steps), desc=f"task {t} teacher (expert {self.task_to_expert[t]})",
                    dynamic_ncols=True, initial=start_step, total=tc.steps)
         for step in bar:
-            self.after_step(t, "teacher", step, tc.steps, self.teacher_step(t, step, expert, x_real, n_old))
+            record = self.teacher_step(t, step, expert, x_real, n_old)
+            self.check_finite_record(t, "teacher", step, record)
+            self.after_step(t, "teacher", step, tc.steps, record)
+        self.check_finite_state(t, "teacher", tc.steps - 1)  # before the expert's FID
         expert.freeze()
         if t not in expert.tasks:
             expert.tasks.append(t)
@@ -677,14 +734,12 @@ class ContinualRun:
             self.opt_s.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_s.step()
-            if not math.isfinite(loss.item()):
-                raise UserError(f"the student loss became non-finite at task {t}, step {step}; lower student.lr")
-            record = {f"student/{k}": v.item() for k, v in logged.items()}
-            record["student/loss"] = loss.item()
+            record = {"student/loss": loss.item(), **{f"student/{k}": v.item() for k, v in logged.items()}}
             record["kd/temperature"] = batch.temperature
             for j in seen:
                 if j != t:
                     record[f"kd/weight_task{j}"] = float(batch.row_weight[batch.task_ids == j][0])
+            self.check_finite_record(t, "student", step, record)
             self.after_step(t, "student", step, sc.steps, record)
 
     def student_step(self, t: int, seen: list[int], step: int) -> StudentStep:
@@ -745,6 +800,43 @@ class ContinualRun:
         """Per-row self-distillation [B] of the student against its copy from before the task (`self_distillation`)."""
         return self_distillation(self.student, self.previous, x, replayed)
 
+    # ---- the non-finite guard: a hard stop before anything non-finite is saved or evaluated --------------------
+    def nonfinite_error(self, what: str, t: int, phase: str, step: int) -> UserError:
+        """The stop on a non-finite loss or weight: nothing is saved, so the last good checkpoints stay; a new run
+        from the last finished task with a lower learning rate is the way on (run.resume=auto would repeat the very
+        same seeded steps and diverge again)."""
+        kept = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        if kept is not None and t > 0:
+            finished = kept / f"task_{t - 1}.pt"  # or, in a run branched from another's, that run's file
+            if not finished.is_file() and t - 1 < len(self.inherited_tasks):
+                finished = Path(self.inherited_tasks[t - 1]["path"])
+            way = (f"start a new run from the last finished task with a lower {phase}.lr: run.name=<new name> "
+                   f"run.resume={finished} {phase}.lr=<lower>")
+        else:
+            way = f"start a new run (another run.name) with a lower {phase}.lr"
+        saved = sorted(p.name for p in kept.glob("*.pt")) if kept is not None else []
+        where = (f"the last good checkpoints are kept in {kept} ({', '.join(saved)})" if saved else
+                 "no checkpoint had been written yet")
+        return UserError(f"{what} became non-finite at task {t} ({self.cfg.data.tasks[t]}), {phase} step {step + 1}. "
+                         f"Stopped without saving: {where}. Check {phase}.batch_size and the other {phase}.* values, "
+                         f"and {way}; run.resume=auto would repeat the same steps")
+
+    def check_finite_record(self, t: int, phase: str, step: int, record: dict) -> None:
+        """Every logged value of a step is finite (they are host numbers already: no extra device sync)."""
+        for key, value in record.items():
+            if not math.isfinite(value):
+                raise self.nonfinite_error(f"{key} (= {value})", t, phase, step)
+
+    def check_finite_state(self, t: int, phase: str, step: int) -> None:
+        """Every weight and buffer a checkpoint holds is finite: called before each save and before any FID of an
+        expert or of the student, with one device sync. A step can leave non-finite weights behind a finite loss."""
+        modules = [m for e in self.experts for m in (e.generator, e.critic)] + [self.student, self.projections]
+        values = [v for m in modules for v in m.state_dict().values() if v.is_floating_point()]
+        if values and not bool(torch.stack([torch.isfinite(v).all() for v in values]).all()):
+            bad = next(f"{type(m).__name__}.{k}" for m in modules for k, v in m.state_dict().items()
+                       if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+            raise self.nonfinite_error(f"the weights ({bad})", t, phase, step)
+
     # ---- evaluation --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, i: int) -> dict:
@@ -758,18 +850,22 @@ class ContinualRun:
             rows[key].append(measured["fid"])
             rows[f"{key}_samples"].append([measured["n_real"], measured["n_fake"]])
 
+        bar = fid_bar(len(FID_METRICS) * (i + 1), f"task {i}: evaluation of tasks 0-{i} (FID)")
         for j in range(i + 1):
             x = self.test_x[j][: self.cfg.fid.samples]
             expert = self.experts[self.task_to_expert[j]]
             g_teacher = torch.Generator().manual_seed(eval_seed(seed, i, j, 0))
-            put("teacher_fid", self.fid_of(f"test{j}", lambda n: expert.sample(n, g_teacher), len(x)))
+            put("teacher_fid", self.fid_of(f"test{j}", lambda n: expert.sample(n, g_teacher), len(x), bar))
             g_student = torch.Generator().manual_seed(eval_seed(seed, i, j, 1))
             tasks = torch.full((len(x),), j, dtype=torch.long, device=self.device)
-            put("student_fid", self.fid_of(f"test{j}", lambda n: self.student.sample(tasks[:n], g_student), len(x)))
+            put("student_fid", self.fid_of(f"test{j}", lambda n: self.student.sample(tasks[:n], g_student), len(x),
+                                           bar))
             recon = torch.cat([self.student.reconstruct(x[k:k + 500].to(self.device)).cpu()
                                for k in range(0, len(x), 500)])
             rows["recon_mse"].append(float(((recon - x) / 2).pow(2).mean()))  # on the [0, 1] pixel scale
             put("recon_fid", self.evaluator.fid(f"test{j}", iter([recon])))
+            bar.update()
+        bar.close()
         self.student.train()
         return rows
 
@@ -796,6 +892,7 @@ class ContinualRun:
         if self.run_dir is not None and ((step + 1) % cfg.log.sample_every == 0 or last):
             self.save_grids(t, f"{phase}_step{step + 1:05d}")
         if self.run_dir is not None and (step + 1) % cfg.run.checkpoint_every == 0 and not last:
+            self.check_finite_state(t, phase, step)
             self.save("last.pt")
 
     def save_grids(self, t: int, tag: str) -> None:
@@ -823,7 +920,8 @@ class ContinualRun:
                 "previous": self.previous.state_dict() if self.previous is not None else None,
                 "previous_tasks": self.previous.num_tasks if self.previous is not None else 0,
                 "tasks": list(self.cfg.data.tasks), "rng": rng_state(), "config": to_plain(self.cfg),
-                "fid_info": self.fid_info, "program": PROGRAM}
+                "fid_info": self.fid_info, "program": PROGRAM,
+                "inherited_tasks": self.inherited_tasks}
 
     def save(self, name: str) -> None:
         save_checkpoint(self.state(), self.run_dir / "checkpoints" / name)
@@ -848,6 +946,8 @@ class ContinualRun:
         self.opt_s = self._student_optimizer()
         self.opt_s.load_state_dict(ckpt["opt_s"])
         self.matrices, self.progress = ckpt["matrices"], ckpt["progress"]
+        branching = self.run_dir is not None and branches_from(path, self.run_dir)
+        self.inherited_tasks = inherited_tasks(ckpt, path) if branching else list(ckpt.get("inherited_tasks", []))
         if ckpt["frozen"] is not None:
             expert = self.experts[self.task_to_expert[self.progress["task"]]]
             self.frozen = freeze(copy.deepcopy(expert.generator))
@@ -874,6 +974,7 @@ class ContinualRun:
                 phase, step = "student", 0
             if phase == "student":
                 self.train_student(t, step)
+            self.check_finite_state(t, "student", self.cfg.student.steps - 1)  # before evaluating and saving
             rows = self.evaluate(t)
             for k, row in rows.items():
                 self.matrices[k] = self.matrices[k][:t] + [row]

@@ -12,14 +12,19 @@ eigenvalue-based trace of the matrix square root). Real statistics are computed 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
@@ -108,10 +113,51 @@ def train_domain_classifier(tasks: list[TaskData], channels: int, epochs: int, s
     h.update(json.dumps(["domain-clf-v2", keys, channels, epochs, seed, [first[k].background for k in keys]]).encode())
     path = Path(cache_dir) / f"domain_classifier_{h.hexdigest()[:16]}.pt"
     model = DomainClassifier(channels, n).to(device)
-    if path.is_file():
+    lock = FileLock(str(path.with_suffix(".lock")))
+    try:  # runs sharing fid.cache_dir train it once: the others wait, then load it
+        lock.acquire(timeout=0)
+    except Timeout:
+        tqdm.write(f"waiting for another process that is training the FID domain classifier {path.name} "
+                   f"(lock {lock.lock_file})", file=sys.stderr)
+        lock.acquire()
+    try:
+        info = _load_cached_classifier(path, model, device)
+        if info is None:
+            info = _train_classifier(model, first, keys, label_sets, offsets, channels, epochs, seed, device)
+            save_checkpoint({"model": model.state_dict(), "info": info}, path)
+    finally:
+        lock.release()
+    return model.eval(), info
+
+
+def _load_cached_classifier(path: Path, model: DomainClassifier, device: torch.device) -> dict | None:
+    """The cached classifier's info, with its weights loaded into `model`; None when there is no cache file. A file
+    that cannot be used (truncated by a killed run, another shape, non-finite weights) is named and trained anew."""
+    if not path.is_file():
+        return None
+    try:
         state = torch.load(path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        return model.eval(), state["info"]
+        copy.deepcopy(model).load_state_dict(state["model"])  # a failed load leaves `model` as initialised
+        info = state["info"]
+        if not all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()):
+            raise ValueError("its weights are not all finite")
+        if not isinstance(info.get("test_acc"), dict):
+            raise ValueError("it holds no test accuracy per task")
+    except Exception as exc:  # noqa: BLE001 - torch.load and load_state_dict fail in many ways on a damaged file
+        tqdm.write(f"warning: the cached FID domain classifier {path} cannot be used ({type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); training it again and replacing it",
+                   file=sys.stderr)
+        return None
+    model.load_state_dict(state["model"])
+    return info
+
+
+def _train_classifier(model: DomainClassifier, first: dict[str, TaskData], keys: list[str],
+                      label_sets: dict[str, list[int]], offsets: dict[str, int], channels: int, epochs: int,
+                      seed: int, device: torch.device) -> dict:
+    """Train `model` on every domain's training split, set its feature standardisation, and measure its test
+    accuracy per domain (the returned info)."""
+    n = sum(len(v) for v in label_sets.values())
 
     def dataset(split: str):
         xs, ys = [], []
@@ -141,8 +187,7 @@ def train_domain_classifier(tasks: list[TaskData], channels: int, epochs: int, s
             yt = torch.as_tensor([lookup[int(v)] for v in t.test_labels])
             pred = torch.cat([model(xt[i:i + 512].to(device)).argmax(1).cpu() for i in range(0, len(xt), 512)])
             info["test_acc"][k] = float((pred == yt).float().mean() * 100)
-    save_checkpoint({"model": model.state_dict(), "info": info}, path)
-    return model, info
+    return info
 
 
 def _fit_classifier(model: DomainClassifier, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int,
@@ -152,7 +197,7 @@ def _fit_classifier(model: DomainClassifier, x: torch.Tensor, y: torch.Tensor, e
     steps = epochs * ((len(x) + 127) // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     model.train()
-    bar = tqdm(total=steps, desc="domain classifier (FID features)", dynamic_ncols=True)
+    bar = tqdm(total=steps, desc="domain classifier (FID features)", dynamic_ncols=True, leave=False)
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), 128):
@@ -174,11 +219,20 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 
 
 def check_inception_path(weights_path: str) -> None:
-    """A given fid.inception_path must be a file (checked before a run writes anything)."""
-    if weights_path and not Path(weights_path).is_file():
-        raise UserError(f"fid.inception_path={weights_path}: no such file. Point it at the FID Inception-v3 weights "
-                        f"file ({INCEPTION_FILE}, {INCEPTION_URL}; copy it from a machine with network access if "
-                        "this one has none), or use fid.backend=domain")
+    """A given fid.inception_path must be a whole file (checked before a run writes anything): present, not empty,
+    and, being a zip archive (torch.save's format), not cut short. Loading it (seconds) is left to the run."""
+    if not weights_path:
+        return
+    path = Path(weights_path)
+    fetch = (f"the FID Inception-v3 weights file ({INCEPTION_FILE}, {INCEPTION_URL}; copy it from a machine with "
+             "network access if this one has none), or use fid.backend=domain")
+    if not path.is_file():
+        raise UserError(f"fid.inception_path={weights_path}: no such file. Point it at {fetch}")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head or (head == b"PK\x03\x04" and not zipfile.is_zipfile(path)):
+        state = "empty" if not head else "cut short (a damaged zip archive)"
+        raise UserError(f"fid.inception_path={weights_path} is {state}: copy it again; it must be {fetch}")
 
 
 def inception_features(weights_path: str, channels: int, device: torch.device | str = "cpu") -> FeatureModule:
@@ -242,11 +296,17 @@ class FIDEvaluator:
             setattr(metric, name, value.clone())
         n = 0
         for batch in fake_batches:
-            batch = batch[: self.num_samples - n]
+            batch = batch[: self.num_samples - n].detach().cpu()
+            if not bool(torch.isfinite(batch).all()):  # torch's eigvals would fail on them with a traceback
+                raise UserError(f"the images measured against {key} for FID hold NaN or inf: the model that made "
+                                "them has non-finite weights; start a new run with a lower learning rate")
             if len(batch):
-                metric.update(batch.detach().cpu(), real=False)
+                metric.update(batch, real=False)
                 n += len(batch)
             if n >= self.num_samples:
                 break
-        return {"fid": float(metric.compute()), "n_real": int(self.real_state[key]["real_features_num_samples"]),
-                "n_fake": n}
+        fid = float(metric.compute())
+        if not math.isfinite(fid):
+            raise UserError(f"the FID against {key} came out {fid} from finite images: the FID features are not "
+                            "usable; with fid.backend=domain, delete the cached domain classifier in fid.cache_dir")
+        return {"fid": fid, "n_real": int(self.real_state[key]["real_features_num_samples"]), "n_fake": n}

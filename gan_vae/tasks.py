@@ -5,6 +5,8 @@ A task is a spec `source[:classes=...][:invert][:rotate=DEG]` (`parse_task`) loa
 """
 from __future__ import annotations
 
+import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,62 +31,129 @@ class TaskData:
     background: int = 0
 
 
+TASK_FORM = "source[:classes=0-4|1,3][:invert][:rotate=DEG]"
+DOMAIN_CLASSES = {"mnist": 10, "fashion_mnist": 10}  # labels 0..9
+
+
+def _bad_task(spec: str, problem: str) -> UserError:
+    return UserError(f"task '{spec}' in data.tasks: {problem}. A task is written {TASK_FORM}, e.g. "
+                     "mnist:classes=0-4:rotate=30, with source mnist, fashion_mnist or an .npz file")
+
+
+def _parse_classes(spec: str, value: str, source: str) -> list[int]:
+    """`0-4`, `1,3` or a mix (`0-2,7`) -> the sorted labels; each item a non-negative integer or an ascending
+    range, and within 0..9 for mnist and fashion_mnist."""
+    classes: list[int] = []
+    for item in filter(None, (i.strip() for i in value.split(","))):
+        lo, dash, hi = item.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise _bad_task(spec, f"cannot read the class subset 'classes={value}' (the item '{item}'): classes "
+                                  "are non-negative integer labels or ranges lo-hi, e.g. classes=0-4 or classes=1,3")
+        first, last = int(lo), int(hi) if dash else int(lo)
+        if last < first:
+            raise _bad_task(spec, f"the class range '{item}' is empty (it runs backwards); write it as "
+                                  f"{last}-{first}")
+        classes += range(first, last + 1)
+    known = DOMAIN_CLASSES.get(source)
+    if known is not None and max(classes) >= known:
+        raise _bad_task(spec, f"{source} has the classes 0-{known - 1}, not {[c for c in classes if c >= known]}")
+    return sorted(set(classes))
+
+
 def parse_task(spec: str) -> dict:
     """`source[:classes=0-4|0,2,4][:invert][:rotate=DEG]` -> {"source", "classes", "invert", "rotate"}.
-    source is mnist, fashion_mnist or a path to an .npz file with `images` uint8 [N, 28, 28] and `labels`."""
+    source is mnist, fashion_mnist or a path to an .npz file with `images` uint8 [N, 28, 28] and `labels`.
+    Every malformed option (unknown, given twice, a missing or unreadable value) is refused, naming the spec."""
     parts = str(spec).split(":")
     out = {"source": parts[0], "classes": None, "invert": False, "rotate": 0.0}
     if not parts[0].endswith(".npz") and parts[0] not in DOMAINS:
         raise UserError(f"unknown task '{parts[0]}' in data.tasks: use {', '.join(DOMAINS)} or an .npz file "
-                        "(images uint8 [N, 28, 28], labels [N])")
+                        f"(images uint8 [N, 28, 28], labels [N]), optionally followed by options: {TASK_FORM}")
+    seen: set[str] = set()
     for part in parts[1:]:
-        if part == "invert":
+        name, has_value, value = part.partition("=")
+        if name in seen:
+            raise _bad_task(spec, f"the option '{name}' is given twice")
+        seen.add(name)
+        if name == "invert" and not has_value:
             out["invert"] = True
-        elif part.startswith("rotate="):
-            out["rotate"] = float(part.split("=", 1)[1])
-        elif part.startswith("classes="):
-            classes: list[int] = []
-            for item in filter(None, part.split("=", 1)[1].split(",")):
-                lo, _, hi = item.partition("-")
-                classes += list(range(int(lo), int(hi or lo) + 1))
-            if not classes:
-                raise UserError(f"task '{spec}': the class subset is empty; write e.g. classes=0-4 or classes=1,3")
-            out["classes"] = sorted(set(classes))
+        elif name == "rotate" and has_value:
+            try:
+                out["rotate"] = float(value)
+            except ValueError:
+                out["rotate"] = math.nan
+            if not math.isfinite(out["rotate"]):
+                raise _bad_task(spec, f"cannot read 'rotate={value}': rotate takes a finite angle in degrees, e.g. "
+                                      "rotate=30")
+        elif name == "classes" and has_value:
+            if not value.strip(" ,"):
+                raise _bad_task(spec, "the class subset is empty; write e.g. classes=0-4 or classes=1,3")
+            out["classes"] = _parse_classes(spec, value, parts[0])
+        elif name in ("invert", "rotate", "classes"):
+            raise _bad_task(spec, f"cannot read '{part}': " + ("invert takes no value" if name == "invert" else
+                                                               f"{name} needs a value, e.g. {name}=" +
+                                                               ("30" if name == "rotate" else "0-4")))
         else:
-            raise UserError(f"task '{spec}': cannot read '{part}'; options are classes=..., invert, rotate=DEG")
+            raise _bad_task(spec, f"cannot read '{part}'; options are classes=..., invert, rotate=DEG")
     return out
+
+
+def _not_npz(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a valid .npz file ({why}); it may be truncated or another kind of file. "
+                     "Copy or download it again, or write it with numpy.savez(path, images=..., labels=...)")
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise UserError(f"task file {path} does not exist")
+    if not zipfile.is_zipfile(path):  # np.load would try a non-zip file as a pickle and talk of allow_pickle
+        raise _not_npz(path, "not a zip archive")
     try:
-        arrays = np.load(path)
-        missing = [k for k in ("images", "labels") if k not in arrays.files]
-        if missing:
-            raise UserError(f"{path} lacks the array(s) {missing} (it has {arrays.files}); it needs `images` uint8 "
-                            "[N, 28, 28] and `labels` [N]")
-        images, labels = arrays["images"], arrays["labels"]
+        with np.load(path) as arrays:
+            missing = [k for k in ("images", "labels") if k not in arrays.files]
+            if missing:
+                raise UserError(f"{path} lacks the array(s) {missing} (it has {arrays.files}); it needs `images` "
+                                "uint8 [N, 28, 28] and `labels` [N]")
+            images, labels = arrays["images"], arrays["labels"]
     except UserError:
         raise
-    except Exception as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
+    except ValueError as exc:
+        if "pickle" in str(exc) or "Object arrays" in str(exc):
+            raise UserError(f"{path}: `images` or `labels` is an array of Python objects; it needs `images` uint8 "
+                            "[N, 28, 28] and integer `labels` [N]") from None
+        raise _not_npz(path, f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # a damaged member: zlib, zipfile and numpy errors alike
+        raise _not_npz(path, f"{type(exc).__name__}: {exc}") from None
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
         raise UserError(f"{path}: `images` is {images.dtype} {list(images.shape)}, expected uint8 [N, 28, 28]")
     if labels.shape != (len(images),):
         raise UserError(f"{path}: `labels` has shape {list(labels.shape)}, expected [{len(images)}]")
+    integral = np.issubdtype(labels.dtype, np.integer) or (
+        np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and (labels == np.round(labels)).all())
+    if not integral:
+        raise UserError(f"{path}: `labels` ({labels.dtype}) must hold integer class labels")
     return images, labels.astype(np.int64)
+
+
+# what torchvision's MNIST and FashionMNIST read from <root>/<class name>/raw once downloaded and unpacked
+TORCHVISION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                     "t10k-labels-idx1-ubyte")
 
 
 def _load_torchvision(name: str, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
     import torchvision
     cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[name]
+    raw = root / cls.__name__ / "raw"
     try:
         ds = cls(str(root), train=train, download=True)
     except Exception as exc:
-        raise UserError(f"cannot download {name} into data.root={root} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Offline? Put the torchvision files "
-                        f"under {root}, or use .npz tasks, e.g. data.tasks=[../shared/data/mnist_test.npz,"
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if all((raw / f).is_file() for f in TORCHVISION_FILES):  # all there: torchvision read them, downloaded nothing
+            raise UserError(f"cannot read {name} from data.root={root} ({detail}): the files under {raw} are damaged "
+                            "or incomplete (an interrupted download, a bad copy). Delete that folder to download "
+                            "them again, or copy them over again") from None
+        raise UserError(f"cannot download {name} into data.root={root} ({detail}). Offline? Put the torchvision "
+                        f"files under {root}, or use .npz tasks, e.g. data.tasks=[../shared/data/mnist_test.npz,"
                         "../shared/data/fashion_mnist_test_part.npz]") from None
     return ds.data.numpy().astype(np.uint8), ds.targets.numpy().astype(np.int64)
 
@@ -106,9 +175,11 @@ def load_task(spec: str, root: str, seed: int, test_fraction: float = 0.2) -> Ta
     tr_x, tr_y, te_x, te_y = splits
     if t["classes"] is not None:
         keep_tr, keep_te = np.isin(tr_y, t["classes"]), np.isin(te_y, t["classes"])
-        if not (keep_tr.any() or keep_te.any()):
-            raise UserError(f"task '{spec}': no images of classes {t['classes']} (labels present: "
-                            f"{sorted(set(tr_y.tolist()) | set(te_y.tolist()))})")
+        present = sorted(set(tr_y.tolist()) | set(te_y.tolist()))
+        absent = [c for c in t["classes"] if c not in present]
+        if absent:  # a subset naming a class the data lacks is a typo, not a smaller task
+            raise UserError(f"task '{spec}': no images of classes {absent} (labels present: {present}); name only "
+                            "classes the data holds")
         tr_x, tr_y, te_x, te_y = tr_x[keep_tr], tr_y[keep_tr], te_x[keep_te], te_y[keep_te]
 
     if len(tr_x) < MIN_TRAIN_IMAGES or len(te_x) < MIN_TEST_IMAGES:
