@@ -173,12 +173,15 @@ class HFImageSource(ImageSource):
         self.fingerprint = getattr(ds, "_fingerprint", None) or f"{origin}:{split}:{len(ds)}"
 
     def describe(self, index: int) -> str:
-        path = self.ds[int(index)][self.image_col].get("path")
+        path = (self.ds[int(index)][self.image_col] or {}).get("path")
         return f"{self.origin} split '{self.split}' row {index}" + (f" ({path})" if path else "")
 
     def load(self, index: int) -> Image.Image:
         cell = self.ds[int(index)][self.image_col]
-        fp = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell.get("path")
+        fp = io.BytesIO(cell["bytes"]) if cell and cell.get("bytes") else (cell or {}).get("path")
+        if fp is None:
+            raise UserError(f"{self.describe(index)} has no image (an empty `{self.image_col}` cell). Remove the row "
+                            "or give it an image")
         return self._open(fp, index)
 
 
@@ -283,18 +286,28 @@ def _shown(names: list[str], first: int = 5) -> str:
     return ", ".join(names[:first]) + (", ..." if len(names) > first else "")
 
 
-def load_local(path: Path, val_fraction: float = VAL_FRACTION, val_seed: int = 0) -> dict[str, ImageSource]:
-    """A `save_to_disk` DatasetDict folder, or an ImageFolder tree `<path>/{train,validation,test}/<class>/<img>`
-    (validation may be named val or valid, or be absent: then it is carved from train, see `carve_validation`)."""
+ARCHIVE_EXTRACT = {".zip": "unzip {path} -d data/", ".tar": "tar -xf {path} -C data/",
+                   ".tar.gz": "tar -xzf {path} -C data/", ".tgz": "tar -xzf {path} -C data/",
+                   ".tar.bz2": "tar -xjf {path} -C data/", ".tar.xz": "tar -xJf {path} -C data/",
+                   ".7z": "7z x {path} -odata/", ".rar": "unrar x {path} data/"}
+
+
+def check_data_path(path: Path) -> None:
+    """data.path names an existing folder (cheap: a config check may call it before anything is built)."""
     if not path.exists():
         raise UserError(f"data.path={path} does not exist")
     if not path.is_dir():
-        archive = any(path.name.lower().endswith(ext) for ext in (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2",
-                                                                    ".tar.xz", ".7z", ".rar"))
+        extract = next((cmd for ext, cmd in ARCHIVE_EXTRACT.items() if path.name.lower().endswith(ext)), None)
         raise UserError(f"data.path={path} is a file; it must be a folder: a `save_to_disk` dataset folder or an "
                         "ImageFolder tree <split>/<class>/<image>"
-                        + (f". It looks like an archive: extract it first (e.g. `unzip {path} -d data/` or "
-                           f"`tar -xf {path} -C data/`) and pass the extracted folder" if archive else ""))
+                        + (f". It looks like an archive: extract it first (e.g. `{extract.format(path=path)}`) and "
+                           "pass the extracted folder" if extract else ""))
+
+
+def load_local(path: Path, val_fraction: float = VAL_FRACTION, val_seed: int = 0) -> dict[str, ImageSource]:
+    """A `save_to_disk` DatasetDict folder, or an ImageFolder tree `<path>/{train,validation,test}/<class>/<img>`
+    (validation may be named val or valid, or be absent: then it is carved from train, see `carve_validation`)."""
+    check_data_path(path)
     if (path / "dataset_dict.json").is_file():
         import datasets
         try:

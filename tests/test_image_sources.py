@@ -225,6 +225,7 @@ def test_modes_that_no_file_format_writes_decode_through_pillow():
     ("truncated.jpg", lambda p: p.write_bytes(_png_bytes(Image.effect_noise((64, 64), 50), "JPEG")[:300]),
      "runcated"),
     ("empty.png", lambda p: p.write_bytes(b""), "cannot identify"),
+    ("zero_width.png", lambda p: p.write_bytes(_png(0, 5, 8, 0, b"")), "cannot identify"),
     # a header claiming 20,000 x 20,000 px: Pillow's DecompressionBombError, which is not an OSError
     ("bomb.png", lambda p: p.write_bytes(_png_header(20_000, 20_000)), "too large to decode"),
 ])
@@ -280,6 +281,16 @@ def test_unlabelled_rows_are_refused_when_the_split_is_loaded(tmp_path):
     assert "-1 for 'no label'" in str(err.value)
 
 
+def test_a_row_without_an_image_is_named():
+    from image_sources import HFImageSource
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4)), None], "label": [0, 1]}, features=features)
+    source = HFImageSource(ds, "train", "dataset x")
+    assert source.load(0).size == (4, 4)
+    with pytest.raises(UserError, match=r"dataset x split 'train' row 1 has no image"):
+        source.load(1)
+
+
 def test_check_labels_refuses_a_class_index_past_the_class_names():
     from image_sources import check_labels
     check_labels(np.array([0, 2, 1]), 3, "x")
@@ -299,7 +310,7 @@ def test_splits_with_other_class_names_are_refused(tmp_path):
         load_local(tmp_path / "ds")
 
 
-@pytest.mark.parametrize("name, hint", [("train.zip", "unzip"), ("images.tar.gz", "tar -xf"), ("list.txt", None)])
+@pytest.mark.parametrize("name, hint", [("train.zip", "unzip"), ("images.tar.gz", "tar -xzf"), ("list.txt", None)])
 def test_a_data_path_that_is_a_file_is_refused(tmp_path, name, hint):
     from conftest import assert_clean_error, run_main
     (tmp_path / name).write_bytes(b"PK")
