@@ -21,7 +21,7 @@ from curriculum_dataloader import CurriculumSampler, strategy_named
 from models import difficulty_score
 from normalization import input_norm, normalize_batch
 from samplers import ShardSampler
-from utils import all_gather_objects, broadcast_buffers, broadcast_object
+from utils import all_gather_objects, broadcast_buffers, broadcast_object, rng_isolated
 from views import EvalViews, make_loader
 
 
@@ -102,7 +102,10 @@ class Curriculum:
             full[idx] = lg
         return full
 
+    @rng_isolated()
     def refresh_difficulty(self, epoch: int) -> None:
+        """Score every training image now (isolated from training's random streams: its loader draws a seed, and
+        when and how often refreshes happen must not change what training draws)."""
         start = time.perf_counter()
         teacher = torch.from_numpy(np.asarray(self.trainer.cache.eval_logits("train"), dtype=np.float32))
         student = torch.from_numpy(self.student_train_logits())

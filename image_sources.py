@@ -48,13 +48,90 @@ class ImageSource:
         raise NotImplementedError
 
     def _open(self, fp, index: int) -> Image.Image:
+        """The image in `fp` (a path or a file object) as 8-bit RGB (`to_rgb`): the first frame of a multi-frame
+        file (GIF, TIFF, WebP), the one Image.open selects. A file that cannot be decoded is a UserError naming it."""
         try:
-            img = Image.open(fp)
-            img.load()
-            return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            with Image.open(fp) as img:
+                img.load()
+                return to_rgb(img)
+        except Image.DecompressionBombError as exc:  # not an OSError: Pillow refuses before decoding anything
+            raise UserError(f"image {self.describe(index)} is too large to decode: {exc} Pillow refuses images above "
+                            f"{2 * Image.MAX_IMAGE_PIXELS:,} px as a guard against decompression bombs. If the image "
+                            "is genuine, store it downscaled (training resizes every image to data.image_size anyway, "
+                            "so a short side of a few hundred px loses nothing); otherwise remove it (and its "
+                            "dataset row)") from None
+        except (UnidentifiedImageError, UndecodableImage, OSError, SyntaxError, ValueError, EOFError) as exc:
             raise UserError(f"cannot read image {self.describe(index)}: {exc}. "
                             "Remove or replace the file (and its dataset row) and run again") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding: every Pillow mode a dataset image can arrive in, as 8-bit RGB.
+# ----------------------------------------------------------------------------------------------------------------
+# torchvision's ImageFolder extensions, plus GIF (its first frame)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white, as a viewer on a page shows them
+RGB_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")  # Pillow's own conversion is exact enough
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class UndecodableImage(ValueError):
+    """An image in a mode (or value range) that `to_rgb` does not turn into 8-bit RGB; the message says why."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as an 8-bit RGB image (a new image; `img` is left as it is). Pillow's convert("RGB") clips wider
+    integer and float pixels to 255 (a 16-bit PNG came out 99.75% white), so:
+
+    - 16-bit grey (I;16, I;16L, I;16B, I;16N, and mode I, a 32-bit int, with values in 0..65535: what a 16-bit PNG
+      or TIFF opens as): v >> 8, the high byte. That is what Pillow itself does with 16-bit RGB, RGBA and LA PNGs
+      (it opens them as 8-bit RGB / RGBA), so a 16-bit image decodes alike in every band layout, and 8-bit data
+      stored as 16 bits (v = 257 k) comes back as k exactly. Mode I with values outside 0..65535 is refused.
+    - float (F): values in [0, 1] are scaled by 255 and rounded; others (or NaN) are refused, their scale is unknown.
+    - alpha (LA, La, PA, RGBA, RGBa, and 1, L, P or RGB with a `transparency` entry): composited over
+      ALPHA_BACKGROUND (white), never dropped: the colour under a transparent pixel is whatever the encoder left there
+      (often black). A 16-bit grey image's `transparency` entry is the one thing ignored.
+    - 1, L, P, RGB, RGBX, CMYK, YCbCr, LAB, HSV: Pillow's convert("RGB").
+    Any other mode raises UndecodableImage."""
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(img)
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise UndecodableImage(f"its pixels are 32-bit integers (mode {mode}) ranging over {low}..{high}, beyond "
+                                   "the 16-bit range 0..65535 that is scaled to 8 bits; store it as an 8- or 16-bit "
+                                   "image")
+        return Image.fromarray((values.astype(np.int64) >> 8).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float32)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise UndecodableImage(f"its pixels are floats (mode F) ranging over {np.nanmin(values):g}.."
+                                   f"{np.nanmax(values):g}; only [0, 1] is read (scaled by 255), other ranges have no "
+                                   "known scale. Store it as an 8- or 16-bit image")
+        return Image.fromarray(np.rint(values * 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ALPHA_MODES or (mode in ("1", "L", "P", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA") if mode != "La" else img.convert("LA").convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (*ALPHA_BACKGROUND, 255)), rgba).convert("RGB")
+    if mode in RGB_MODES:
+        return img.convert("RGB")
+    raise UndecodableImage(f"its pixel mode '{mode}' is not one this pipeline decodes ({', '.join(RGB_MODES)}, "
+                           f"{', '.join(ALPHA_MODES)}, {', '.join(SIXTEEN_BIT_MODES)}, I, F); convert it to RGB")
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str, column: str = "label") -> None:
+    """Every label (int64 [N]) indexes one of the `num_classes` class names. Checked when a split is loaded: a label
+    outside [0, C) would otherwise crash the loss at the first batch that draws it (or index garbage on a GPU)."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad)
+    hint = (" Hugging Face datasets use -1 for 'no label', e.g. in the test split of a competition dataset: such a "
+            "split cannot be trained or scored on. Replace it with a labelled split (for example save_to_disk a "
+            "DatasetDict whose test split is a labelled part of train)" if (labels[rows] == -1).any() else "")
+    raise UserError(f"{where}: {len(rows)} of {len(labels)} `{column}` values lie outside 0..{num_classes - 1} (its "
+                    f"{num_classes} classes), e.g. row {rows[0]} has {labels[rows[0]]} (values "
+                    f"{np.unique(labels[rows])[:5].tolist()}).{hint}")
 
 
 def _hf_column(ds, preferred: str, kind) -> str | None:
@@ -83,7 +160,12 @@ class HFImageSource(ImageSource):
                             "ClassLabel, so the class names (needed to align the teacher's outputs) are unknown. "
                             f"Cast it with ds.cast_column('{label_col}', datasets.ClassLabel(names=[...]))")
         self.class_names = list(ds.features[label_col].names)
-        self.labels = np.asarray(ds[label_col], dtype=np.int64)
+        try:
+            self.labels = np.asarray(ds[label_col], dtype=np.int64)
+        except (TypeError, ValueError):  # None: a row without a label
+            raise UserError(f"{origin} split '{split}': the `{label_col}` column has empty (None) labels; every row "
+                            "needs a class") from None
+        check_labels(self.labels, len(self.class_names), f"{origin} split '{split}'", label_col)
         self.difficulty = np.asarray(ds["difficulty"], dtype=np.float32) if "difficulty" in ds.column_names else None
         # Decode ourselves so a corrupt file is reported by name instead of deep inside `datasets`.
         self.ds = ds.cast_column(image_col, HFImage(decode=False)).select_columns([image_col])
@@ -91,12 +173,15 @@ class HFImageSource(ImageSource):
         self.fingerprint = getattr(ds, "_fingerprint", None) or f"{origin}:{split}:{len(ds)}"
 
     def describe(self, index: int) -> str:
-        path = self.ds[int(index)][self.image_col].get("path")
+        path = (self.ds[int(index)][self.image_col] or {}).get("path")
         return f"{self.origin} split '{self.split}' row {index}" + (f" ({path})" if path else "")
 
     def load(self, index: int) -> Image.Image:
         cell = self.ds[int(index)][self.image_col]
-        fp = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell.get("path")
+        fp = io.BytesIO(cell["bytes"]) if cell and cell.get("bytes") else (cell or {}).get("path")
+        if fp is None:
+            raise UserError(f"{self.describe(index)} has no image (an empty `{self.image_col}` cell). Remove the row "
+                            "or give it an image")
         return self._open(fp, index)
 
 
@@ -104,12 +189,25 @@ class FolderImageSource(ImageSource):
     """A split stored as an ImageFolder tree: `<root>/<class>/<image>`."""
 
     def __init__(self, root: Path, class_names: list[str]):
-        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+        from torchvision.datasets.folder import make_dataset
         self.root, self.class_names = root, class_names
-        items = make_dataset(str(root), {c: i for i, c in enumerate(class_names)}, IMG_EXTENSIONS,
+        skipped = []  # files below a class folder that are not images by their extension: said, not dropped silently
+
+        def is_image(path: str) -> bool:
+            if path.lower().endswith(IMAGE_EXTENSIONS):
+                return True
+            if not Path(path).name.startswith("."):  # .DS_Store and the like
+                skipped.append(path)
+            return False
+        items = make_dataset(str(root), {c: i for i, c in enumerate(class_names)}, is_valid_file=is_image,
                              allow_empty=True)
         if not items:
-            raise UserError(f"{root} holds no images (expected <class>/<image>.jpg below it)")
+            raise UserError(f"{root} holds no images (expected <class>/<image>.jpg below it; image files end in "
+                            f"{', '.join(IMAGE_EXTENSIONS)})")
+        if skipped and int(os.environ.get("RANK", 0)) == 0:
+            kinds = sorted({Path(p).suffix.lower() or "(none)" for p in skipped})
+            print(f"warning: {root}: skipped {len(skipped)} file(s) that are not images by their extension "
+                  f"({', '.join(kinds[:5])}), e.g. {skipped[0]}; images end in {', '.join(IMAGE_EXTENSIONS)}")
         self.paths = [p for p, _ in items]
         self.labels = np.asarray([y for _, y in items], dtype=np.int64)
         listing = "\n".join(f"{Path(p).relative_to(root)}:{Path(p).stat().st_size}" for p in self.paths)
@@ -173,14 +271,43 @@ def _hf_splits(ds, origin: str, val_fraction: float = VAL_FRACTION, val_seed: in
         if len(ds[found]) == 0:  # training would divide by zero; evaluation would report 0% of nothing
             raise UserError(f"{origin} split '{found}' has no rows; every split needs images")
         out[split] = HFImageSource(ds[found], split, origin)
+    train_names = out["train"].class_names
+    for split, src in out.items():  # a label indexes its own split's ClassLabel: other names, other classes
+        if src.class_names != train_names:
+            raise UserError(f"{origin} split '{split}' has the {len(src.class_names)} classes "
+                            f"{_shown(src.class_names)}, train the {len(train_names)} classes {_shown(train_names)}; "
+                            "every split needs the "
+                            "training split's ClassLabel (the same names in the same order), or its labels would mean "
+                            "other classes")
     return _with_validation(out, origin, val_fraction, val_seed)
+
+
+def _shown(names: list[str], first: int = 5) -> str:
+    return ", ".join(names[:first]) + (", ..." if len(names) > first else "")
+
+
+ARCHIVE_EXTRACT = {".zip": "unzip {path} -d data/", ".tar": "tar -xf {path} -C data/",
+                   ".tar.gz": "tar -xzf {path} -C data/", ".tgz": "tar -xzf {path} -C data/",
+                   ".tar.bz2": "tar -xjf {path} -C data/", ".tar.xz": "tar -xJf {path} -C data/",
+                   ".7z": "7z x {path} -odata/", ".rar": "unrar x {path} data/"}
+
+
+def check_data_path(path: Path) -> None:
+    """data.path names an existing folder (cheap: a config check may call it before anything is built)."""
+    if not path.exists():
+        raise UserError(f"data.path={path} does not exist")
+    if not path.is_dir():
+        extract = next((cmd for ext, cmd in ARCHIVE_EXTRACT.items() if path.name.lower().endswith(ext)), None)
+        raise UserError(f"data.path={path} is a file; it must be a folder: a `save_to_disk` dataset folder or an "
+                        "ImageFolder tree <split>/<class>/<image>"
+                        + (f". It looks like an archive: extract it first (e.g. `{extract.format(path=path)}`) and "
+                           "pass the extracted folder" if extract else ""))
 
 
 def load_local(path: Path, val_fraction: float = VAL_FRACTION, val_seed: int = 0) -> dict[str, ImageSource]:
     """A `save_to_disk` DatasetDict folder, or an ImageFolder tree `<path>/{train,validation,test}/<class>/<img>`
     (validation may be named val or valid, or be absent: then it is carved from train, see `carve_validation`)."""
-    if not path.exists():
-        raise UserError(f"data.path={path} does not exist")
+    check_data_path(path)
     if (path / "dataset_dict.json").is_file():
         import datasets
         try:

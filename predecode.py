@@ -16,7 +16,7 @@ from PIL import Image
 
 from image_sources import ImageSource
 
-PREDECODE_VERSION = "predecoded-v1"
+PREDECODE_VERSION = "predecoded-v2"  # v2: images decoded by image_sources.to_rgb (16-bit scaled, alpha over white)
 
 
 def predecoded_fingerprint(source: ImageSource, size: int) -> str:

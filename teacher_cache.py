@@ -35,7 +35,7 @@ from samplers import ShardSampler
 from utils import DistInfo, UserError, barrier, broadcast_object, trace, write_json
 from views import make_loader, unpack_raw
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: images decoded by image_sources.to_rgb (16-bit scaled to 8, alpha over white)
 
 
 def weights_digest(module: torch.nn.Module) -> str:

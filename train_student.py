@@ -49,6 +49,7 @@ from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gath
                    parse_config, plan_run_dir, plot_curves, read_jsonl, read_saved_config, require_entries, rng_state,
                    run_cli, run_config, run_files, run_name, save_checkpoint, save_config, section, seed_everything,
                    set_rng_state, setup_distributed, state_digest, to_plain, trace, trace_dir, write_json)
+from utils import rng_isolated
 
 
 # ================================================================================================================
@@ -402,9 +403,11 @@ def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
 @torch.no_grad()
 def measure_latency(model: nn.Module, batch_size: int, image_size: int, device, channels_last: bool, autocast,
                     repeats: int = 5) -> float:
-    """Median wall time (ms) of one eval-mode forward at this batch size, after one warm-up pass."""
+    """Median wall time (ms) of one eval-mode forward at this batch size, after one warm-up pass. The input comes
+    from a generator of its own: a latency report (eval.latency) must not move the process's random streams."""
     model.eval()
-    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device,
+                    generator=torch.Generator(device=device).manual_seed(0))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     times = []
@@ -495,13 +498,17 @@ class Trainer:
         self.alpha = cfg.kd.alpha
         self.temperature = kd_methods.method_class(cfg).temperature(cfg)
         seed_everything(cfg.train.seed, dist.rank)
+        # Training's random streams are drawn by the student's and the method's initialisation, then by training.
+        # Every other step here runs under rng_isolated: whether a pre-decoded copy or teacher cache is built now
+        # or reused, or whether a (randomly initialised) teacher exists at all, must not change a training number.
 
         # ---- data ----------------------------------------------------------------------------------------------
-        self.splits = load_splits(cfg.data)
-        if cfg.data.preprocessed:
-            self.splits = predecode_splits(self.splits, cfg.data.preprocess_size,
-                                           Path(cfg.data.preprocess_dir or Path(cfg.run.out_dir) / "predecoded"),
-                                           dist, cfg.data.workers)
+        with rng_isolated():
+            self.splits = load_splits(cfg.data)
+            if cfg.data.preprocessed:
+                self.splits = predecode_splits(self.splits, cfg.data.preprocess_size,
+                                               Path(cfg.data.preprocess_dir or Path(cfg.run.out_dir) / "predecoded"),
+                                               dist, cfg.data.workers)
         self.device_aug = cfg.data.augment_on == "device" or (
             cfg.data.augment_on == "auto" and cfg.data.preprocessed and self.device.type == "cuda")
         self.class_names = self.splits["train"].class_names
@@ -515,12 +522,13 @@ class Trainer:
         self.teacher = None
         self.cache, self.cache_info = None, {}
         if self.uses_teacher:
-            self.teacher = create_teacher(cfg, self.class_names).to(self.device)
-            broadcast_module(self.teacher)  # identical teachers on all ranks, even randomly initialised ones
-            if self.channels_last:
-                self.teacher = self.teacher.to(memory_format=torch.channels_last)
-            if cfg.teacher.mode == "cached":
-                self.build_cache()
+            with rng_isolated():
+                self.teacher = create_teacher(cfg, self.class_names).to(self.device)
+                broadcast_module(self.teacher)  # identical teachers on all ranks, even randomly initialised ones
+                if self.channels_last:
+                    self.teacher = self.teacher.to(memory_format=torch.channels_last)
+                if cfg.teacher.mode == "cached":
+                    self.build_cache()
         # the KD method and the module that trains (student + the method's own parts: DDP, compile, optimizer)
         self.method = build_method(cfg, self.student, self.teacher).to(self.device)
         self.distiller = Distiller(self.student, self.method)

@@ -413,6 +413,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda_device"])
 
 
+@contextmanager
+def rng_isolated() -> Iterator[None]:
+    """Run the block without moving any random stream of the caller: Python's, NumPy's global, torch's CPU and this
+    process's CUDA device's states are saved on entry and restored on exit (exceptions included).
+
+    For steps that may or may not run (a teacher cache or pre-decoded copy built now or reused, a randomly
+    initialised teacher, a latency probe, a difficulty refresh): whatever they draw (a DataLoader's base seed, a
+    layer's init) must not shift training's draws, or a run that reuses a cache would not reproduce the run that
+    built it. torch.random.fork_rng covers torch only."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Run directory.
 # ----------------------------------------------------------------------------------------------------------------

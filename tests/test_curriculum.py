@@ -237,9 +237,12 @@ def test_step_t_trains_with_action_t(tiny_trainer, monkeypatch):
 
 
 def test_student_back_in_train_mode_after_refresh(tiny_trainer):
+    from utils import rng_state, state_digest
     trainer = tiny_trainer
     trainer.student.train()
+    before = state_digest(rng_state())
     trainer.refresh_difficulty(1)
+    assert state_digest(rng_state()) == before  # a refresh (its loader draws a seed) leaves training's streams alone
     assert trainer.student.training
     assert all(m.training for m in trainer.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert trainer.difficulty.shape == (len(trainer.splits["train"]),)

@@ -1,0 +1,70 @@
+"""Optional steps never move training's random streams: a teacher cache or pre-decoded copy built in this run
+gives the same numbers as one reused, for every KD method (issue 16: fitnet's epoch-0 loss was 10.667 with the cache
+built, 11.524 with it reused)."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import kd_methods
+from conftest import TINY, read_metrics
+from utils import DistInfo, load_config, rng_isolated, rng_state, state_digest
+
+# every registered method, plus kd with logit standardisation, plus the pre-decoded data path
+CASES = {**{name: [f"kd.method={name}"] for name in kd_methods.KD_METHODS},
+         "kd-logit_standardize": ["kd.method=kd", "kd.logit_standardize=true"],
+         "kd-preprocessed": ["kd.method=kd", "data.preprocessed=true"]}
+
+
+def _config(tmp_path, name: str, extra: list[str]):
+    from train_student import Config, validate
+    cfg = load_config(Config, None, [*TINY, "train.epochs=1", *extra, f"run.out_dir={tmp_path}", f"run.name={name}",
+                                     f"teacher.cache_dir={tmp_path / 'cache'}",
+                                     f"data.preprocess_dir={tmp_path / 'predecoded'}"])
+    validate(cfg)
+    return cfg
+
+
+def test_rng_isolated_restores_every_stream():
+    torch.manual_seed(0)
+    before = state_digest(rng_state())
+    with pytest.raises(RuntimeError):
+        with rng_isolated():
+            random.random(), np.random.rand(), torch.rand(1)
+            raise RuntimeError  # restored on the way out of an exception too
+    assert state_digest(rng_state()) == before
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_trainer_state_is_the_same_whether_caches_were_built_or_reused(tmp_path, case):
+    """After Trainer.__init__, every random stream and every trainable weight (student and the method's own parts,
+    e.g. fitnet's regressor) are the same when the teacher cache / pre-decoded copy was built as when reused."""
+    from train_student import Trainer
+    states = []
+    for name in ("built", "reused"):
+        trainer = Trainer(_config(tmp_path, name, CASES[case]), DistInfo(), None)
+        if trainer.cache is not None:
+            assert trainer.cache_info["built"] == (name == "built")
+        states.append((state_digest(rng_state()), state_digest(trainer.distiller.state_dict())))
+    assert states[0] == states[1]
+
+
+@pytest.mark.parametrize("case", ["fitnet", "kd-preprocessed"])
+def test_a_run_that_reuses_the_cache_reproduces_the_run_that_built_it(tmp_path, case):
+    """End to end, to the last digit: the first run builds, the second reuses (the two cases that differed)."""
+    from train_student import run_training
+    results = [run_training(_config(tmp_path, name, CASES[case]), DistInfo()) for name in ("built", "reused")]
+    losses = [read_metrics(tmp_path / name)[0]["train/loss"] for name in ("built", "reused")]
+    assert losses[0] == losses[1]
+    assert results[0]["test/acc1"] == results[1]["test/acc1"]
+    assert json.loads((tmp_path / "reused" / "results.json").read_text())["time/teacher_cache_build_s"] == 0.0
+
+
+def test_latency_report_leaves_the_random_streams_alone():
+    from train_student import autocast_for, measure_latency
+    cpu, model = torch.device("cpu"), torch.nn.Conv2d(3, 2, 3)
+    before = state_digest(rng_state())
+    measure_latency(model, 1, 8, cpu, False, autocast_for("off", cpu), repeats=1)
+    assert state_digest(rng_state()) == before
