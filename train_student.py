@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import kd_methods
 from augment import AugSpec, apply_aug_records
-from image_sources import VAL_FRACTION, load_splits
+from image_sources import VAL_FRACTION, check_data_path, load_splits
 from kd_methods import Distiller, LossTerms, build_method
 from normalization import input_norm, normalize_batch
 from predecode import predecode_splits
@@ -911,6 +911,8 @@ def check_resumable(ckpt: dict | None, path: Path | None, cfg, run_dir: Path, pr
 
 def check_inputs(cfg) -> None:
     """Files the config names that this run only reads: checked before its run directory is created."""
+    if cfg.data.path and cfg.data.name != "synthetic":
+        check_data_path(Path(cfg.data.path))
     teacher = Path(cfg.teacher.checkpoint)
     if kd_methods.uses_teacher(cfg) and cfg.teacher.checkpoint and not teacher.is_file():
         raise UserError(f"teacher.checkpoint={teacher} does not exist. Train that teacher first, with "
