@@ -105,10 +105,10 @@ def test_train_student_runs_on_a_train_test_only_save_to_disk_folder(tmp_path):
     path = _cifar_like(tmp_path / "cifar", n_train=24, n_test=8, size=32)
     args = [a for a in TINY if not a.startswith("data.synthetic") and a != "data.name=synthetic"]
     proc = run_script("train_student.py", *args, f"data.path={path}", "kd.alpha=1", "train.epochs=1",
-                      "data.val_fraction=0.25", f"run.out_dir={tmp_path}", "run.name=cifar")
+                      "data.val_fraction=0.25", f"run.out_dir={tmp_path / 'runs'}", "run.name=cifar")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "has no validation split: carved 6 of its 24 training images" in proc.stdout
-    assert read_metrics(tmp_path / "cifar")[0]["train/samples"] == 18
+    assert read_metrics(tmp_path / "runs" / "cifar")[0]["train/samples"] == 18
 
 
 # ---------------------------------------------------------------------------------------------------------------
