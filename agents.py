@@ -14,6 +14,7 @@ class with these methods plus its entry in AGENT_REGISTRY; settings of its own g
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from rl_curriculum_env import ACTION_NVEC
-from utils import check, opt, section
+from utils import check, opt, rng_state, section, set_rng_state
 
 
 class Agent(Protocol):
@@ -152,6 +153,17 @@ class BanditAgent:
         self.rng.bit_generator.state = state["rng"]
 
 
+@contextlib.contextmanager
+def streams_kept():
+    """Run the body, then put Python's, NumPy's and torch's global random streams (this process's CUDA device's
+    included) back where they were: what the body seeds or draws does not move the trainer's streams."""
+    saved = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(saved)
+
+
 class PPOAgent:
     """stable-baselines3 PPO, fed one transition per epoch. The rollout buffer is filled here (not by
     `PPO.learn`, which would own the training loop), and `PPO.train()` runs once per `n_steps` epochs."""
@@ -159,9 +171,15 @@ class PPOAgent:
     def __init__(self, env, cfg, seed: int):
         from stable_baselines3 import PPO
         from stable_baselines3.common.logger import Logger
-        self.model = PPO("MlpPolicy", env, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
-                         learning_rate=cfg.lr, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range,
-                         vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, seed=seed, device="cpu", verbose=0)
+        # PPO(seed=...) calls stable_baselines3.common.utils.set_random_seed, which seeds Python's, NumPy's and
+        # torch's global generators with `seed` on every rank: the trainer's per-rank streams (utils.seed_everything
+        # (seed, rank)) would become one stream copied on every rank, so a student with dropout would draw the same
+        # masks on every shard. The policy is initialised from `seed`; the process's streams are left as they were.
+        with streams_kept():
+            self.model = PPO("MlpPolicy", env, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
+                             learning_rate=cfg.lr, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
+                             clip_range=cfg.clip_range, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, seed=seed,
+                             device="cpu", verbose=0)
         self.model.set_logger(Logger(folder=None, output_formats=[]))
         self.buffer, self.policy = self.model.rollout_buffer, self.model.policy
         self.episode_start, self.pending, self.updates = True, None, 0

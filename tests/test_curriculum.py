@@ -264,15 +264,45 @@ def test_agents_round_trip_their_state(tiny_trainer):
         next_a = agent.act(obs)
         agent.load_state_dict(state)
         assert np.array_equal(agent.act(obs), next_a)
-    ppo = PPOAgent(tiny_trainer.env, OmegaConf.create({"n_steps": 2, "batch_size": 2, "n_epochs": 1, "lr": 3e-4,
-                                                       "gamma": 0.99, "gae_lambda": 0.95, "clip_range": 0.2,
-                                                       "vf_coef": 1.0, "ent_coef": 0.01}), seed=0)
+    ppo = PPOAgent(tiny_trainer.env, OmegaConf.create(PPO_SMALL), seed=0)
     before = [p.clone() for p in ppo.policy.parameters()]
     for _ in range(2):
         a = ppo.act(obs)
         assert tiny_trainer.env.action_space.contains(a)
         ppo.observe(obs, a, 3.0, obs, False)
     assert ppo.updates == 1 and any(not torch.equal(b, p) for b, p in zip(before, ppo.policy.parameters()))
+
+
+PPO_SMALL = {"n_steps": 2, "batch_size": 2, "n_epochs": 1, "lr": 3e-4, "gamma": 0.99, "gae_lambda": 0.95,
+             "clip_range": 0.2, "vf_coef": 1.0, "ent_coef": 0.01}
+
+
+def test_ppo_agent_leaves_each_ranks_random_streams_alone():
+    """stable-baselines3's PPO(seed=...) seeds Python's, NumPy's and torch's global generators with one seed on every
+    rank. Building the agent must leave each rank's streams (seed_everything(seed, rank)) where they were, so that
+    a student with dropout draws different masks on each shard; the policy itself is still initialised from the
+    seed alone."""
+    import random
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from agents import PPOAgent
+    from rl_curriculum_env import CurriculumEnv
+    from utils import rng_state, seed_everything
+    env = CurriculumEnv(SimpleNamespace(temperature=4.0, target=0.5, num_classes=4), num_epochs=3)
+    torch_after, policies = [], []
+    for rank in (0, 1):
+        seed_everything(5, rank)
+        before = rng_state()
+        agent = PPOAgent(env, OmegaConf.create(PPO_SMALL), seed=5)
+        policies.append(agent.policy.state_dict())
+        torch_after.append(torch.get_rng_state())
+        assert torch.equal(torch_after[-1], before["torch"]), f"rank {rank}: PPO moved the global torch stream"
+        assert np.random.get_state()[1].tolist() == before["numpy"][1].tolist(), rank
+        assert random.getstate() == before["python"], rank
+    assert not torch.equal(torch_after[0], torch_after[1])  # the ranks' streams still differ, as they did before
+    assert all(torch.equal(policies[0][k], policies[1][k]) for k in policies[0])  # the policy: from the seed
 
 
 # ---------------------------------------------------------------------------------------------------------------
