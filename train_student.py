@@ -41,7 +41,7 @@ from normalization import input_norm, normalize_batch
 from predecode import predecode_splits
 from samplers import EpochSampler, ShardSampler, TrainBatchSampler
 from views import EvalViews, TrainViews, make_loader, unpack_raw
-from models import count_params, create_student, create_teacher, kd_loss_terms
+from models import count_params, create_student, create_teacher
 from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum,
                    atomic_write, barrier, broadcast_buffers, broadcast_module, broadcast_object, check,
                    check_same_config_on_all_ranks,
@@ -377,29 +377,11 @@ def masked_loss_terms(compute: Callable[[torch.Tensor | None], LossTerms], valid
     return terms, loss, loss * scale
 
 
-def masked_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                   valid: torch.Tensor, step_valid: int, world_size: int, alpha: float,
-                   temperature: float) -> tuple[dict, torch.Tensor]:
-    """`masked_loss_terms` for `models.kd_loss`: (terms {"loss", "ce", "kd"}, L_r), the terms means over V_r."""
-    def compute(keep):
-        rows = slice(None) if keep is None else keep.to(student_logits.device, non_blocking=True)
-        t = kd_loss_terms(student_logits[rows], None if teacher_logits is None else teacher_logits[rows],
-                          labels[rows], alpha, temperature)
-        return {"ce": (alpha, t["ce"]), "kd": (1.0 - alpha, t["kd"])}
-    terms, mean_loss, loss = masked_loss_terms(compute, valid, step_valid, world_size)
-    return {"loss": mean_loss, **{name: value for name, (_, value) in terms.items()}}, loss
-
-
 def rows_of(tensors: dict, keep: torch.Tensor) -> dict:
     """The rows `keep` of every tensor in a dict (None entries stay None)."""
     return {k: (None if v is None else v[keep]) for k, v in tensors.items()}
 
 
-def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((np.asarray(logits, dtype=np.float32).argmax(1) == labels).mean() * 100)
-
-
-@torch.no_grad()
 def measure_latency(model: nn.Module, batch_size: int, image_size: int, device, channels_last: bool, autocast,
                     repeats: int = 5) -> float:
     """Median wall time (ms) of one eval-mode forward at this batch size, after one warm-up pass."""
