@@ -40,6 +40,24 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.parametrize("stop,first_line", [(UserError("the loss became non-finite"), "error: the loss became"),
+                                              (KeyboardInterrupt(), "interrupted; the last checkpoint is kept")])
+def test_message_after_an_open_progress_bar_starts_on_its_own_line(stop, first_line):
+    """A run stopped inside a training loop (a non-finite loss, Ctrl-C) leaves its tqdm bar open: utils.run_cli
+    ends the bar on its own line before the message, which would otherwise be glued onto the bar's line."""
+    from tqdm import tqdm
+
+    def main(argv):
+        bar = tqdm(total=10, desc="epoch 2/3", file=sys.stderr)  # the bar prints to stderr, as train_epoch's does
+        bar.update(3)
+        raise stop
+
+    err = call_main(main, []).stderr
+    assert err.count(first_line) == 1 and "epoch 2/3" in err, err
+    assert err.split(first_line)[0].endswith("\n"), repr(err)  # the message begins a line
+    assert "epoch 2/3" in err.splitlines()[-2], repr(err)  # the bar's last state stays, on the line above
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # --config files
 # ---------------------------------------------------------------------------------------------------------------
