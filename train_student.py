@@ -779,16 +779,29 @@ class Trainer:
             hook.after_epoch(epoch, record)
         return record, improved
 
-    def finish_epoch(self, epoch: int, record: dict, improved: bool, logger: MetricLogger) -> None:
-        """Write the metrics line, then the checkpoints (so a resumed run re-does any epoch past its checkpoint)."""
+    def finish_epoch(self, epoch: int, record: dict, improved: bool, logger: MetricLogger, note: str = "") -> None:
+        """Write the metrics line, then the checkpoints (so a resumed run re-does any epoch past its checkpoint),
+        then the console line (`note`: what the caller adds to it, e.g. the curriculum's action)."""
         logger.log(record)
         self.checkpoint(epoch, improved)
         if self.dist.is_main:
-            tqdm.write(f"epoch {epoch + 1}/{self.cfg.train.epochs}  loss {record['train/loss']:.4f}  "
-                       f"val acc1 {record['val/acc1']:.2f}  acc5 {record['val/acc5']:.2f}  "
-                       f"({record['time/epoch_s']:.1f}s: data wait {record['time/data_s']:.1f}, "
-                       f"fwd/bwd {record['time/compute_s']:.1f}, other {record['time/other_s']:.1f})")
+            tqdm.write(self.epoch_line(epoch, record, note))
         barrier()
+
+    def epoch_line(self, epoch: int, record: dict, note: str = "") -> str:
+        """The console line of an epoch. The loss is labelled with what it is: a distillation loss holds terms
+        scaled by T² (a KL of about 0.5 at T = 4 reads as 8), so it is several times a label-only run's CE and
+        moves with the temperature; its terms follow it (train/loss_<name> in metrics.jsonl)."""
+        if self.uses_teacher:
+            terms = ", ".join(f"{key.removeprefix('train/loss_')} {value:.4f}" for key, value in record.items()
+                              if key.startswith("train/loss_"))
+            loss = f"loss ({self.cfg.kd.method}, T²-scaled) {record['train/loss']:.4f} [{terms}]"
+        else:
+            loss = f"loss (labels only, CE) {record['train/loss']:.4f}"
+        return (f"epoch {epoch + 1}/{self.cfg.train.epochs}  {note + '  ' if note else ''}{loss}  "
+                f"val acc1 {record['val/acc1']:.2f}  acc5 {record['val/acc5']:.2f}  "
+                f"({record['time/epoch_s']:.1f}s: data wait {record['time/data_s']:.1f}, "
+                f"fwd/bwd {record['time/compute_s']:.1f}, other {record['time/other_s']:.1f})")
 
     def fit(self, logger: MetricLogger) -> None:
         for epoch in range(self.start_epoch, self.cfg.train.epochs):
@@ -883,8 +896,9 @@ def check_resumable(ckpt: dict, path: Path, cfg, run_dir: Path, script: str) -> 
                         TRAIN_RESUME_SAFE_KEYS)
 
 
-def run_training(cfg, dist: DistInfo, trainer_cls=Trainer) -> dict:
-    """Train one student as configured, write its run directory, return results.json's content."""
+def run_training(cfg, dist: DistInfo, trainer_cls=Trainer, label: str | None = None) -> dict:
+    """Train one student as configured, write its run directory, return results.json's content. `label`: the
+    run's row in the printed table (a ROW_MEANINGS key; by default `run_label(cfg)`)."""
     if not cfg.run.name:
         cfg.run.name = broadcast_object(default_run_name(trainer_cls.script, cfg.data.name.split("/")[-1],
                                                          cfg.train.seed))
@@ -910,16 +924,36 @@ def run_training(cfg, dist: DistInfo, trainer_cls=Trainer) -> dict:
     logger.close()
     if dist.is_main:
         plot_run(run_dir)
-        print_results(f"{trainer.script}: {run_dir}", {"student": results})
+        print_results(f"{trainer.script}: {run_dir}", {label or run_label(cfg): results})
     return results
 
 
+# What each row of a printed results table is (print_results says it under the table); {key}: that results entry.
+ROW_MEANINGS = {
+    "teacher": "the teacher, trained first by teacher.prepare (a run of its own); the student distils from it",
+    "KD student": "the student distilled from the teacher (kd.method={kd/method}, kd.alpha={kd/alpha})",
+    "labels only": "a student trained on labels alone (kd.alpha=1, no teacher): what distillation must beat",
+}
+COLUMN_MEANINGS = ("test/acc1, acc5: the best-validation checkpoint on the test split; test/acc1_last: the last "
+                   "epoch's weights; teacher/test_acc1: the teacher this row distilled from (- without one)")
+
+
+def run_label(cfg) -> str:
+    """A run's row in the results table: "KD student" when it learns from a teacher, else "labels only"."""
+    return "KD student" if kd_methods.uses_teacher(cfg) else "labels only"
+
+
 def print_results(title: str, rows: dict[str, dict]) -> None:
+    """A markdown table, one row per run (label -> results.json's content), then what each row and column is."""
     keys = ["test/acc1", "test/acc5", "test/acc1_last", "val/acc1_best", "teacher/test_acc1", "params/student"]
     print(f"\n{title}\n| run | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
     for name, res in rows.items():
         cells = [f"{res[k]:.2f}" if isinstance(res.get(k), float) else str(res.get(k, "-")) for k in keys]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    for name, res in rows.items():
+        if name in ROW_MEANINGS:
+            print(f"{name}: " + ROW_MEANINGS[name].format_map(res))
+    print(COLUMN_MEANINGS)
 
 
 def evaluate_checkpoint(cfg, dist: DistInfo) -> dict:
@@ -964,7 +998,7 @@ def prepare_teacher(cfg, dist: DistInfo) -> None:
         teacher_cfg.run.resume = "auto"
     if dist.is_main:
         print(f"teacher: {checkpoint} does not exist yet; training it first with {source} (into {run_dir})")
-    run_training(teacher_cfg, dist)
+    run_training(teacher_cfg, dist, label="teacher")
     barrier()  # rank 0 writes student.safetensors at the very end of the teacher run
     check(checkpoint.is_file(), f"the teacher run {run_dir} ended without writing {checkpoint}")
 
@@ -979,7 +1013,7 @@ def main(argv: list[str]) -> None:
         return cleanup_distributed()
     if cfg.teacher.prepare and kd_methods.uses_teacher(cfg):
         prepare_teacher(cfg, dist)
-    results = {"student": run_training(cfg, dist)}
+    results = {run_label(cfg): run_training(cfg, dist)}
     if cfg.kd.baseline and kd_methods.uses_teacher(cfg):
         base = copy.deepcopy(cfg)
         run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -987,7 +1021,7 @@ def main(argv: list[str]) -> None:
         base.run.out_dir, base.run.name = str(run_dir), "label_only"
         # continue the baseline too when it had started (even if it stopped before its first checkpoint)
         base.run.resume = "auto" if cfg.run.resume and (run_dir / "label_only").is_dir() else ""
-        results["label-only student"] = run_training(base, dist)
+        results[run_label(base)] = run_training(base, dist)
         if dist.is_main:
             print_results("same budget, same seed: KD vs labels only", results)
     cleanup_distributed()

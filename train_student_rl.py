@@ -225,11 +225,18 @@ class CurriculumTrainer:
                            "curriculum/num_samples": record["train/samples"],
                            "time/difficulty_s": self.curriculum.last_refresh_s,
                            "time/step_s": time.perf_counter() - start})
-            self.trainer.finish_epoch(epoch, record, self.env.last_improved, logger)
+            self.trainer.finish_epoch(epoch, record, self.env.last_improved, logger,
+                                      note=self.action_note(action, info, record))
             obs = next_obs
         curriculum_log.close()
         if self.dist.is_main:
             plot_curriculum(self.run_dir)
+
+    def action_note(self, action, info: dict, record: dict) -> str:
+        """The epoch's action in its console line: the target difficulty, the temperature (the KD loss scales with
+        T², so it moves when T does) and the selection those gave, out of the training set."""
+        return (f"action {[int(a) for a in action]}: target {info['target']:.2f}, T {info['temperature']:.2f}, "
+                f"{record['train/samples']}/{len(self.splits['train'])} samples")
 
     def curriculum_line(self, epoch: int, action, reward: float, info: dict, stats: dict, record: dict) -> dict:
         """curriculum.jsonl's line of epoch `epoch`. num_samples: the samples it trained on (after its set_epoch,

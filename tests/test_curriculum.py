@@ -329,6 +329,9 @@ def test_tiny_agent_runs(tmp_path, agent):
         assert ln["reward"] == pytest.approx(ln["reward_acc"] + ln["reward_loss"] + ln["reward_early"]
                                              + ln["reward_abs"])
     assert lines[0]["num_samples"] == 48  # whole set before the first refresh
+    for ln in lines:  # each epoch's console line shows the action that shaped it
+        assert (f"epoch {ln['epoch'] + 1}/3  action {ln['action']}: target {ln['target']:.2f}, "
+                f"T {ln['temperature']:.2f}, {ln['num_samples']}/48 samples  loss (kd, T²-scaled)") in proc.stdout
     assert lines[1]["num_samples"] == math.ceil(0.7 * 48)
     metrics = read_metrics(run)
     assert [m["rl/reward"] for m in metrics] == [ln["reward"] for ln in lines]
