@@ -382,6 +382,7 @@ def rows_of(tensors: dict, keep: torch.Tensor) -> dict:
     return {k: (None if v is None else v[keep]) for k, v in tensors.items()}
 
 
+@torch.no_grad()
 def measure_latency(model: nn.Module, batch_size: int, image_size: int, device, channels_last: bool, autocast,
                     repeats: int = 5) -> float:
     """Median wall time (ms) of one eval-mode forward at this batch size, after one warm-up pass."""

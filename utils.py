@@ -64,9 +64,9 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
         cleanup_distributed()
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - only torch.compile's failures are translated; the rest re-raise
+        end_progress_bars()  # a traceback, too, starts on its own line
         if not is_compile_failure(exc):
             raise
-        end_progress_bars()
         print(f"error: {compile_failure_message(exc)}", file=sys.stderr)
         cleanup_distributed()
         sys.exit(2)

@@ -58,6 +58,24 @@ def test_message_after_an_open_progress_bar_starts_on_its_own_line(stop, first_l
     assert "epoch 2/3" in err.splitlines()[-2], repr(err)  # the bar's last state stays, on the line above
 
 
+def test_a_bug_under_an_open_progress_bar_leaves_the_bar_on_its_own_line(capsys):
+    """An unexpected exception still propagates (its traceback is the report), after the bar's line is ended."""
+    from tqdm import tqdm
+
+    from utils import run_cli
+
+    def main(argv):
+        bar = tqdm(total=10, desc="epoch 2/3", file=sys.stderr)
+        bar.update(3)
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug") as raised:
+        run_cli(main, [])
+    err = capsys.readouterr().err  # while `raised` holds the traceback, and with it the bar, as Python's report does
+    assert raised.traceback
+    assert "epoch 2/3" in err and err.endswith("\n"), repr(err)  # what prints next starts a line
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # --config files
 # ---------------------------------------------------------------------------------------------------------------
