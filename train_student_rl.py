@@ -198,8 +198,9 @@ class CurriculumTrainer:
 
     # ---- the loop: the agent acts, the environment trains one epoch, the trainer logs and checkpoints ----------
     def decide(self, obs: np.ndarray) -> np.ndarray:
-        """This epoch's action: rank 0's agent acts, every rank gets its action. Agents sample from the process's
-        random streams, which differ between ranks, so letting each rank act would split one run into several."""
+        """This epoch's action: rank 0's agent acts, every rank gets its action. An agent may sample from the
+        process's random streams, which differ between ranks, and only rank 0's agent learns, so letting each rank
+        act would split one run into several."""
         return broadcast_object(self.agent.act(obs) if self.dist.is_main else None)
 
     def first_observation(self) -> np.ndarray:

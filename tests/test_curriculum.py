@@ -279,9 +279,10 @@ PPO_SMALL = {"n_steps": 2, "batch_size": 2, "n_epochs": 1, "lr": 3e-4, "gamma": 
 
 def test_ppo_agent_leaves_each_ranks_random_streams_alone():
     """stable-baselines3's PPO(seed=...) seeds Python's, NumPy's and torch's global generators with one seed on every
-    rank. Building the agent must leave each rank's streams (seed_everything(seed, rank)) where they were, so that
-    a student with dropout draws different masks on each shard; the policy itself is still initialised from the
-    seed alone."""
+    rank, and its policy samples and shuffles from them. Building the agent, acting and learning must leave each
+    rank's streams (seed_everything(seed, rank)) where they were, so that a student with dropout draws different
+    masks on each shard; the agent's own draws come from the seed alone, whatever the process drew before (a run
+    that builds the teacher cache and one that reuses it act alike), and a state round trip continues them."""
     import random
     from types import SimpleNamespace
 
@@ -291,18 +292,30 @@ def test_ppo_agent_leaves_each_ranks_random_streams_alone():
     from rl_curriculum_env import CurriculumEnv
     from utils import rng_state, seed_everything
     env = CurriculumEnv(SimpleNamespace(temperature=4.0, target=0.5, num_classes=4), num_epochs=3)
-    torch_after, policies = [], []
+    obs = np.linspace(0, 1, 12, dtype=np.float32)
+
+    def unmoved(before: dict) -> bool:
+        return (torch.equal(torch.get_rng_state(), before["torch"]) and random.getstate() == before["python"]
+                and np.random.get_state()[1].tolist() == before["numpy"][1].tolist())
+
+    torch_after, runs = [], []
     for rank in (0, 1):
         seed_everything(5, rank)
         before = rng_state()
         agent = PPOAgent(env, OmegaConf.create(PPO_SMALL), seed=5)
-        policies.append(agent.policy.state_dict())
+        actions = []
+        for _ in range(3):  # n_steps=2: the second observe runs a PPO update
+            actions.append(agent.act(obs).tolist())
+            agent.observe(obs, np.asarray(actions[-1]), 1.0, obs, False)
+        assert agent.updates == 1 and unmoved(before), f"rank {rank}: the agent moved the global streams"
         torch_after.append(torch.get_rng_state())
-        assert torch.equal(torch_after[-1], before["torch"]), f"rank {rank}: PPO moved the global torch stream"
-        assert np.random.get_state()[1].tolist() == before["numpy"][1].tolist(), rank
-        assert random.getstate() == before["python"], rank
+        runs.append(actions)
     assert not torch.equal(torch_after[0], torch_after[1])  # the ranks' streams still differ, as they did before
-    assert all(torch.equal(policies[0][k], policies[1][k]) for k in policies[0])  # the policy: from the seed
+    assert runs[0] == runs[1]  # the agent's draws: from its seed, not from the process's streams
+    state = agent.state_dict()
+    following = [agent.act(obs).tolist() for _ in range(4)]
+    agent.load_state_dict(state)
+    assert [agent.act(obs).tolist() for _ in range(4)] == following
 
 
 # ---------------------------------------------------------------------------------------------------------------
