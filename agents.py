@@ -14,6 +14,7 @@ class with these methods plus its entry in AGENT_REGISTRY; settings of its own g
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from rl_curriculum_env import ACTION_NVEC
-from utils import check, opt, section
+from utils import check, opt, rng_state, section, set_rng_state
 
 
 class Agent(Protocol):
@@ -152,16 +153,47 @@ class BanditAgent:
         self.rng.bit_generator.state = state["rng"]
 
 
+class OwnStreams:
+    """A private set of Python, NumPy and torch random streams that code which only draws from the global ones
+    (stable-baselines3) runs on: `with streams.active():` swaps them in, and on exit keeps where they got to and
+    puts the process's own streams back untouched. Saved in the owner's checkpoint (`state`)."""
+
+    def __init__(self):
+        self.state: dict | None = None  # None: the body starts from the process's streams (e.g. to seed them)
+
+    @contextlib.contextmanager
+    def active(self):
+        outer = rng_state()
+        if self.state is not None:
+            set_rng_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = rng_state()
+            set_rng_state(outer)
+
+
 class PPOAgent:
     """stable-baselines3 PPO, fed one transition per epoch. The rollout buffer is filled here (not by
-    `PPO.learn`, which would own the training loop), and `PPO.train()` runs once per `n_steps` epochs."""
+    `PPO.learn`, which would own the training loop), and `PPO.train()` runs once per `n_steps` epochs.
+
+    Random streams: PPO(seed=...) seeds Python's, NumPy's and torch's global generators with `seed`
+    (stable_baselines3.common.utils.set_random_seed), and the policy samples its actions and shuffles its
+    minibatches from those global generators. Both run on the agent's own streams (`OwnStreams`), seeded with
+    `seed`: the trainer's per-rank streams (utils.seed_everything(seed, rank)) are never reseeded into one stream
+    copied on every rank (a student with dropout would draw the same masks on every shard), rank 0's training draws
+    are not shifted by the agent's, and the actions depend on the seed and the agent's history alone, not on how
+    many numbers the run drew before (a teacher cache built or reused, for one)."""
 
     def __init__(self, env, cfg, seed: int):
         from stable_baselines3 import PPO
         from stable_baselines3.common.logger import Logger
-        self.model = PPO("MlpPolicy", env, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
-                         learning_rate=cfg.lr, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range,
-                         vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, seed=seed, device="cpu", verbose=0)
+        self.streams = OwnStreams()
+        with self.streams.active():  # PPO seeds them; the policy is initialised from them
+            self.model = PPO("MlpPolicy", env, n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs,
+                             learning_rate=cfg.lr, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
+                             clip_range=cfg.clip_range, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef, seed=seed,
+                             device="cpu", verbose=0)
         self.model.set_logger(Logger(folder=None, output_formats=[]))
         self.buffer, self.policy = self.model.rollout_buffer, self.model.policy
         self.episode_start, self.pending, self.updates = True, None, 0
@@ -172,7 +204,7 @@ class PPOAgent:
 
     def act(self, obs):
         from stable_baselines3.common.utils import obs_as_tensor
-        with torch.no_grad():
+        with torch.no_grad(), self.streams.active():
             actions, values, log_probs = self.policy(obs_as_tensor(obs[None], self.policy.device))
         self.pending = (actions.cpu().numpy(), values, log_probs)
         return self.pending[0][0]
@@ -187,7 +219,8 @@ class PPOAgent:
             with torch.no_grad():
                 last_values = self.policy.predict_values(obs_as_tensor(next_obs[None], self.policy.device))
             self.buffer.compute_returns_and_advantage(last_values=last_values, dones=np.asarray([done]))
-            self.model.train()
+            with self.streams.active():  # minibatch order (NumPy), any sampling in the update (torch)
+                self.model.train()
             self.buffer.reset()
             self.updates += 1
 
@@ -198,7 +231,7 @@ class PPOAgent:
         return {"policy": self.policy.state_dict(), "optimizer": self.policy.optimizer.state_dict(),
                 "buffer": {k: getattr(self.buffer, k).copy() for k in self._BUFFER_FIELDS},
                 "pos": self.buffer.pos, "full": self.buffer.full, "episode_start": self.episode_start,
-                "updates": self.updates, "n_updates": self.model._n_updates}
+                "updates": self.updates, "n_updates": self.model._n_updates, "streams": self.streams.state}
 
     def load_state_dict(self, state):
         self.policy.load_state_dict(state["policy"])
@@ -208,6 +241,8 @@ class PPOAgent:
         self.buffer.pos, self.buffer.full = state["pos"], state["full"]
         self.episode_start, self.updates, self.model._n_updates = state["episode_start"], state["updates"], \
             state["n_updates"]
+        # checkpoints from before the agent had its own streams: it continues from those it was built with
+        self.streams.state = state.get("streams", self.streams.state)
 
 
 AGENT_REGISTRY: dict[str, type] = {"ppo": PPOAgent, "bandit": BanditAgent, "fixed": FixedAgent,

@@ -41,7 +41,7 @@ from normalization import input_norm, normalize_batch
 from predecode import predecode_splits
 from samplers import EpochSampler, ShardSampler, TrainBatchSampler
 from views import EvalViews, TrainViews, make_loader, unpack_raw
-from models import count_params, create_student, create_teacher, kd_loss_terms
+from models import count_params, create_student, create_teacher
 from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum,
                    atomic_write, barrier, broadcast_buffers, broadcast_module, broadcast_object, check, check_program,
                    check_same_config_on_all_ranks, checkpoint_program, claim_run_dir, check_resume_config,
@@ -378,26 +378,9 @@ def masked_loss_terms(compute: Callable[[torch.Tensor | None], LossTerms], valid
     return terms, loss, loss * scale
 
 
-def masked_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                   valid: torch.Tensor, step_valid: int, world_size: int, alpha: float,
-                   temperature: float) -> tuple[dict, torch.Tensor]:
-    """`masked_loss_terms` for `models.kd_loss`: (terms {"loss", "ce", "kd"}, L_r), the terms means over V_r."""
-    def compute(keep):
-        rows = slice(None) if keep is None else keep.to(student_logits.device, non_blocking=True)
-        t = kd_loss_terms(student_logits[rows], None if teacher_logits is None else teacher_logits[rows],
-                          labels[rows], alpha, temperature)
-        return {"ce": (alpha, t["ce"]), "kd": (1.0 - alpha, t["kd"])}
-    terms, mean_loss, loss = masked_loss_terms(compute, valid, step_valid, world_size)
-    return {"loss": mean_loss, **{name: value for name, (_, value) in terms.items()}}, loss
-
-
 def rows_of(tensors: dict, keep: torch.Tensor) -> dict:
     """The rows `keep` of every tensor in a dict (None entries stay None)."""
     return {k: (None if v is None else v[keep]) for k, v in tensors.items()}
-
-
-def accuracy_from_logits(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((np.asarray(logits, dtype=np.float32).argmax(1) == labels).mean() * 100)
 
 
 @torch.no_grad()
@@ -807,16 +790,29 @@ class Trainer:
             hook.after_epoch(epoch, record)
         return record, improved
 
-    def finish_epoch(self, epoch: int, record: dict, improved: bool, logger: MetricLogger) -> None:
-        """Write the metrics line, then the checkpoints (so a resumed run re-does any epoch past its checkpoint)."""
+    def finish_epoch(self, epoch: int, record: dict, improved: bool, logger: MetricLogger, note: str = "") -> None:
+        """Write the metrics line, then the checkpoints (so a resumed run re-does any epoch past its checkpoint),
+        then the console line (`note`: what the caller adds to it, e.g. the curriculum's action)."""
         logger.log(record)
         self.checkpoint(epoch, improved)
         if self.dist.is_main:
-            tqdm.write(f"epoch {epoch + 1}/{self.cfg.train.epochs}  loss {record['train/loss']:.4f}  "
-                       f"val acc1 {record['val/acc1']:.2f}  acc5 {record['val/acc5']:.2f}  "
-                       f"({record['time/epoch_s']:.1f}s: data wait {record['time/data_s']:.1f}, "
-                       f"fwd/bwd {record['time/compute_s']:.1f}, other {record['time/other_s']:.1f})")
+            tqdm.write(self.epoch_line(epoch, record, note))
         barrier()
+
+    def epoch_line(self, epoch: int, record: dict, note: str = "") -> str:
+        """The console line of an epoch. The loss is labelled with what it is: a distillation loss holds terms
+        scaled by T² (a KL of about 0.5 at T = 4 reads as 8), so it is several times a label-only run's CE and
+        moves with the temperature; its terms follow it (train/loss_<name> in metrics.jsonl)."""
+        if self.uses_teacher:
+            terms = ", ".join(f"{key.removeprefix('train/loss_')} {value:.4f}" for key, value in record.items()
+                              if key.startswith("train/loss_"))
+            loss = f"loss ({self.cfg.kd.method}, T²-scaled) {record['train/loss']:.4f} [{terms}]"
+        else:
+            loss = f"loss (labels only, CE) {record['train/loss']:.4f}"
+        return (f"epoch {epoch + 1}/{self.cfg.train.epochs}  {note + '  ' if note else ''}{loss}  "
+                f"val acc1 {record['val/acc1']:.2f}  acc5 {record['val/acc5']:.2f}  "
+                f"({record['time/epoch_s']:.1f}s: data wait {record['time/data_s']:.1f}, "
+                f"fwd/bwd {record['time/compute_s']:.1f}, other {record['time/other_s']:.1f})")
 
     def fit(self, logger: MetricLogger) -> None:
         for epoch in range(self.start_epoch, self.cfg.train.epochs):
@@ -921,8 +917,9 @@ def check_inputs(cfg) -> None:
                         "set teacher.prepare=<that config> so this command trains it first")
 
 
-def run_training(cfg, dist: DistInfo, trainer_cls=Trainer) -> dict:
-    """Train one student as configured, write its run directory, return results.json's content.
+def run_training(cfg, dist: DistInfo, trainer_cls=Trainer, label: str | None = None) -> dict:
+    """Train one student as configured, write its run directory, return results.json's content. `label`: the
+    run's row in the printed table (a ROW_MEANINGS key; by default `run_label(cfg)`).
 
     Everything checkable is checked before the run directory is created or touched: where it goes and what it
     resumes from (utils.plan_run_dir), the checkpoint and the run's config, the files the config names, the output
@@ -956,16 +953,36 @@ def run_training(cfg, dist: DistInfo, trainer_cls=Trainer) -> dict:
         logger.close()
         if dist.is_main:
             plot_run(run_dir)
-            print_results(f"{trainer.script}: {run_dir}", {"student": results})
+            print_results(f"{trainer.script}: {run_dir}", {label or run_label(cfg): results})
     return results
 
 
+# What each row of a printed results table is (print_results says it under the table); {key}: that results entry.
+ROW_MEANINGS = {
+    "teacher": "the teacher, trained first by teacher.prepare (a run of its own); the student distils from it",
+    "KD student": "the student distilled from the teacher (kd.method={kd/method}, kd.alpha={kd/alpha})",
+    "labels only": "a student trained on labels alone (kd.alpha=1, no teacher): what distillation must beat",
+}
+COLUMN_MEANINGS = ("test/acc1, acc5: the best-validation checkpoint on the test split; test/acc1_last: the last "
+                   "epoch's weights; teacher/test_acc1: the teacher this row distilled from (- without one)")
+
+
+def run_label(cfg) -> str:
+    """A run's row in the results table: "KD student" when it learns from a teacher, else "labels only"."""
+    return "KD student" if kd_methods.uses_teacher(cfg) else "labels only"
+
+
 def print_results(title: str, rows: dict[str, dict]) -> None:
+    """A markdown table, one row per run (label -> results.json's content), then what each row and column is."""
     keys = ["test/acc1", "test/acc5", "test/acc1_last", "val/acc1_best", "teacher/test_acc1", "params/student"]
     print(f"\n{title}\n| run | " + " | ".join(keys) + " |\n" + "|---" * (len(keys) + 1) + "|")
     for name, res in rows.items():
         cells = [f"{res[k]:.2f}" if isinstance(res.get(k), float) else str(res.get(k, "-")) for k in keys]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    for name, res in rows.items():
+        if name in ROW_MEANINGS:
+            print(f"{name}: " + ROW_MEANINGS[name].format_map(res))
+    print(COLUMN_MEANINGS)
 
 
 def evaluate_checkpoint(cfg, dist: DistInfo) -> dict:
@@ -1011,7 +1028,7 @@ def prepare_teacher(cfg, dist: DistInfo) -> None:
         teacher_cfg.run.resume = "auto"
     if dist.is_main:
         print(f"teacher: {checkpoint} does not exist yet; training it first with {source} (into {run_dir})")
-    run_training(teacher_cfg, dist)
+    run_training(teacher_cfg, dist, label="teacher")
     barrier()  # rank 0 writes student.safetensors at the very end of the teacher run
     check(checkpoint.is_file(), f"the teacher run {run_dir} ended without writing {checkpoint}")
 
@@ -1026,7 +1043,7 @@ def main(argv: list[str]) -> None:
         return cleanup_distributed()
     if cfg.teacher.prepare and kd_methods.uses_teacher(cfg):
         prepare_teacher(cfg, dist)
-    results = {"student": run_training(cfg, dist)}
+    results = {run_label(cfg): run_training(cfg, dist)}
     if cfg.kd.baseline and kd_methods.uses_teacher(cfg):
         base = copy.deepcopy(cfg)
         run_dir = Path(cfg.run.out_dir) / cfg.run.name
@@ -1034,7 +1051,7 @@ def main(argv: list[str]) -> None:
         base.run.out_dir, base.run.name = str(run_dir), "label_only"
         # continue the baseline too when it had started (even if it stopped before its first checkpoint)
         base.run.resume = "auto" if cfg.run.resume and any(run_files(run_dir / "label_only")) else ""
-        results["label-only student"] = run_training(base, dist)
+        results[run_label(base)] = run_training(base, dist)
         if dist.is_main:
             print_results("same budget, same seed: KD vs labels only", results)
     cleanup_distributed()

@@ -199,8 +199,9 @@ class CurriculumTrainer:
 
     # ---- the loop: the agent acts, the environment trains one epoch, the trainer logs and checkpoints ----------
     def decide(self, obs: np.ndarray) -> np.ndarray:
-        """This epoch's action: rank 0's agent acts, every rank gets its action. Agents sample from the process's
-        random streams, which differ between ranks, so letting each rank act would split one run into several."""
+        """This epoch's action: rank 0's agent acts, every rank gets its action. An agent may sample from the
+        process's random streams, which differ between ranks, and only rank 0's agent learns, so letting each rank
+        act would split one run into several."""
         return broadcast_object(self.agent.act(obs) if self.dist.is_main else None)
 
     def first_observation(self) -> np.ndarray:
@@ -226,11 +227,18 @@ class CurriculumTrainer:
                            "curriculum/num_samples": record["train/samples"],
                            "time/difficulty_s": self.curriculum.last_refresh_s,
                            "time/step_s": time.perf_counter() - start})
-            self.trainer.finish_epoch(epoch, record, self.env.last_improved, logger)
+            self.trainer.finish_epoch(epoch, record, self.env.last_improved, logger,
+                                      note=self.action_note(action, info, record))
             obs = next_obs
         curriculum_log.close()
         if self.dist.is_main:
             plot_curriculum(self.run_dir)
+
+    def action_note(self, action, info: dict, record: dict) -> str:
+        """The epoch's action in its console line: the target difficulty, the temperature (the KD loss scales with
+        T², so it moves when T does) and the selection those gave, out of the training set."""
+        return (f"action {[int(a) for a in action]}: target {info['target']:.2f}, T {info['temperature']:.2f}, "
+                f"{record['train/samples']}/{len(self.splits['train'])} samples")
 
     def curriculum_line(self, epoch: int, action, reward: float, info: dict, stats: dict, record: dict) -> dict:
         """curriculum.jsonl's line of epoch `epoch`. num_samples: the samples it trained on (after its set_epoch,

@@ -57,19 +57,32 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
     try:
         main(argv)
     except UserError as exc:
+        end_progress_bars()
         print(f"error: {user_error_message(exc)}", file=sys.stderr)
         cleanup_distributed()
         sys.exit(2)
     except KeyboardInterrupt:
+        end_progress_bars()
         print("interrupted; the last checkpoint is kept and `run.resume=auto` continues from it", file=sys.stderr)
         cleanup_distributed()
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - only torch.compile's failures are translated; the rest re-raise
+        end_progress_bars()  # a traceback, too, starts on its own line
         if not is_compile_failure(exc):
             raise
         print(f"error: {compile_failure_message(exc)}", file=sys.stderr)
         cleanup_distributed()
         sys.exit(2)
+
+
+def end_progress_bars() -> None:
+    """Close every tqdm bar still open (the loop that raised never reached its `close`), leaving each one's last
+    state on its own line: a message printed next starts on a fresh line instead of being glued onto the bar's
+    (a bar redraws with a carriage return and no newline), and the bar shows where the run stopped."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = True
+        bar.close()
 
 
 def is_compile_failure(exc: BaseException) -> bool:

@@ -40,6 +40,42 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.parametrize("stop,first_line", [(UserError("the loss became non-finite"), "error: the loss became"),
+                                              (KeyboardInterrupt(), "interrupted; the last checkpoint is kept")])
+def test_message_after_an_open_progress_bar_starts_on_its_own_line(stop, first_line):
+    """A run stopped inside a training loop (a non-finite loss, Ctrl-C) leaves its tqdm bar open: utils.run_cli
+    ends the bar on its own line before the message, which would otherwise be glued onto the bar's line."""
+    from tqdm import tqdm
+
+    def main(argv):
+        bar = tqdm(total=10, desc="epoch 2/3", file=sys.stderr)  # the bar prints to stderr, as train_epoch's does
+        bar.update(3)
+        raise stop
+
+    err = call_main(main, []).stderr
+    assert err.count(first_line) == 1 and "epoch 2/3" in err, err
+    assert err.split(first_line)[0].endswith("\n"), repr(err)  # the message begins a line
+    assert "epoch 2/3" in err.splitlines()[-2], repr(err)  # the bar's last state stays, on the line above
+
+
+def test_a_bug_under_an_open_progress_bar_leaves_the_bar_on_its_own_line(capsys):
+    """An unexpected exception still propagates (its traceback is the report), after the bar's line is ended."""
+    from tqdm import tqdm
+
+    from utils import run_cli
+
+    def main(argv):
+        bar = tqdm(total=10, desc="epoch 2/3", file=sys.stderr)
+        bar.update(3)
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug") as raised:
+        run_cli(main, [])
+    err = capsys.readouterr().err  # while `raised` holds the traceback, and with it the bar, as Python's report does
+    assert raised.traceback
+    assert "epoch 2/3" in err and err.endswith("\n"), repr(err)  # what prints next starts a line
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # --config files
 # ---------------------------------------------------------------------------------------------------------------

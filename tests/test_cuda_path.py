@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, assert_clean_error, read_metrics, run_script
+from conftest import TINY, assert_clean_error, call_main, read_metrics, run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # test_resnet compiles in about a minute on one core; kd.alpha=0.5 runs the cached teacher's KD term too
@@ -60,11 +60,12 @@ def test_compile_alone_matches_eager_fp32(eager, tmp_path):
     assert diff < 1e-4
 
 
-def test_compile_bf16_channels_last_together_in_both_scripts(eager, tmp_path):
+def test_compile_bf16_channels_last_together_in_both_scripts(eager, tmp_path, monkeypatch):
     """All three CUDA switches at once in train_student.py; the compiled run's best.pt evaluated by an eager
-    student (eval.checkpoint) gives the run's own test/acc1, and its last.pt continues eagerly (train.compile may
-    change on resume). Then train_student_rl.py with the same switches: its training graph is the one just
-    compiled (same student, batch, precision and layout; strategy all), so inductor's cache serves it."""
+    student (eval.checkpoint) gives the run's own test/acc1. A compiled 2-epoch run stopped after its first epoch
+    continues eagerly from its last.pt (train.compile may change on resume) and trains its second epoch. Then
+    train_student_rl.py with the same switches. Every compiled run here has the training graph compiled first
+    (same student, batch, precision and layout; strategy all), so inductor's cache serves it."""
     _, ref = eager
     on = ["train.compile=true", "train.amp=bf16", "train.channels_last=true"]
     together = _run(tmp_path, "all", *on)
@@ -76,11 +77,26 @@ def test_compile_bf16_channels_last_together_in_both_scripts(eager, tmp_path):
     proc = run_script("train_student.py", *BASE, "train.amp=bf16", f"eval.checkpoint={best}", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["test/acc1"] == results["test/acc1"]
-    again = run_script("train_student.py", *BASE, *on[1:], "train.compile=false", f"run.out_dir={tmp_path}",
-                       "run.name=all", "run.resume=auto", env=ONE_THREAD)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stdout
-    assert json.loads((tmp_path / "all" / "results.json").read_text())["test/acc1"] == results["test/acc1"]
+
+    # in this process, so that the compiled run can be stopped right after its first checkpoint (Ctrl-C's path)
+    import train_student
+    partial = [*BASE, "train.epochs=2", *on[1:], f"run.out_dir={tmp_path}", "run.name=partial"]
+    train_epoch = train_student.Trainer.train_epoch
+
+    def interrupted_at_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(self, epoch)
+
+    monkeypatch.setattr(train_student.Trainer, "train_epoch", interrupted_at_second_epoch)
+    stopped = call_main(train_student.main, [*partial, "train.compile=true"])
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    monkeypatch.undo()
+    again = call_main(train_student.main, [*partial, "train.compile=false", "run.resume=auto"])
+    assert again.returncode is None, again.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'partial' / 'checkpoints' / 'last.pt'} at epoch 1" in again.stdout
+    lines = read_metrics(tmp_path / "partial")
+    assert [r["epoch"] for r in lines] == [0, 1] and math.isfinite(lines[1]["train/loss"])  # one epoch trained
 
     rl = [*BASE, "train.epochs=2", "difficulty.warmup_epochs=1", "difficulty.refresh_every=1", "agent.name=bandit",
           "curriculum.strategy=all", "train.amp=bf16", "train.channels_last=true"]

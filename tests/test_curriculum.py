@@ -267,15 +267,58 @@ def test_agents_round_trip_their_state(tiny_trainer):
         next_a = agent.act(obs)
         agent.load_state_dict(state)
         assert np.array_equal(agent.act(obs), next_a)
-    ppo = PPOAgent(tiny_trainer.env, OmegaConf.create({"n_steps": 2, "batch_size": 2, "n_epochs": 1, "lr": 3e-4,
-                                                       "gamma": 0.99, "gae_lambda": 0.95, "clip_range": 0.2,
-                                                       "vf_coef": 1.0, "ent_coef": 0.01}), seed=0)
+    ppo = PPOAgent(tiny_trainer.env, OmegaConf.create(PPO_SMALL), seed=0)
     before = [p.clone() for p in ppo.policy.parameters()]
     for _ in range(2):
         a = ppo.act(obs)
         assert tiny_trainer.env.action_space.contains(a)
         ppo.observe(obs, a, 3.0, obs, False)
     assert ppo.updates == 1 and any(not torch.equal(b, p) for b, p in zip(before, ppo.policy.parameters()))
+
+
+PPO_SMALL = {"n_steps": 2, "batch_size": 2, "n_epochs": 1, "lr": 3e-4, "gamma": 0.99, "gae_lambda": 0.95,
+             "clip_range": 0.2, "vf_coef": 1.0, "ent_coef": 0.01}
+
+
+def test_ppo_agent_leaves_each_ranks_random_streams_alone():
+    """stable-baselines3's PPO(seed=...) seeds Python's, NumPy's and torch's global generators with one seed on every
+    rank, and its policy samples and shuffles from them. Building the agent, acting and learning must leave each
+    rank's streams (seed_everything(seed, rank)) where they were, so that a student with dropout draws different
+    masks on each shard; the agent's own draws come from the seed alone, whatever the process drew before (a run
+    that builds the teacher cache and one that reuses it act alike), and a state round trip continues them."""
+    import random
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from agents import PPOAgent
+    from rl_curriculum_env import CurriculumEnv
+    from utils import rng_state, seed_everything
+    env = CurriculumEnv(SimpleNamespace(temperature=4.0, target=0.5, num_classes=4), num_epochs=3)
+    obs = np.linspace(0, 1, 12, dtype=np.float32)
+
+    def unmoved(before: dict) -> bool:
+        return (torch.equal(torch.get_rng_state(), before["torch"]) and random.getstate() == before["python"]
+                and np.random.get_state()[1].tolist() == before["numpy"][1].tolist())
+
+    torch_after, runs = [], []
+    for rank in (0, 1):
+        seed_everything(5, rank)
+        before = rng_state()
+        agent = PPOAgent(env, OmegaConf.create(PPO_SMALL), seed=5)
+        actions = []
+        for _ in range(3):  # n_steps=2: the second observe runs a PPO update
+            actions.append(agent.act(obs).tolist())
+            agent.observe(obs, np.asarray(actions[-1]), 1.0, obs, False)
+        assert agent.updates == 1 and unmoved(before), f"rank {rank}: the agent moved the global streams"
+        torch_after.append(torch.get_rng_state())
+        runs.append(actions)
+    assert not torch.equal(torch_after[0], torch_after[1])  # the ranks' streams still differ, as they did before
+    assert runs[0] == runs[1]  # the agent's draws: from its seed, not from the process's streams
+    state = agent.state_dict()
+    following = [agent.act(obs).tolist() for _ in range(4)]
+    agent.load_state_dict(state)
+    assert [agent.act(obs).tolist() for _ in range(4)] == following
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,6 +345,9 @@ def test_tiny_agent_runs(tmp_path, agent):
         assert ln["reward"] == pytest.approx(ln["reward_acc"] + ln["reward_loss"] + ln["reward_early"]
                                              + ln["reward_abs"])
     assert lines[0]["num_samples"] == 48  # whole set before the first refresh
+    for ln in lines:  # each epoch's console line shows the action that shaped it
+        assert (f"epoch {ln['epoch'] + 1}/3  action {ln['action']}: target {ln['target']:.2f}, "
+                f"T {ln['temperature']:.2f}, {ln['num_samples']}/48 samples  loss (kd, T²-scaled)") in proc.stdout
     assert lines[1]["num_samples"] == math.ceil(0.7 * 48)
     metrics = read_metrics(run)
     assert [m["rl/reward"] for m in metrics] == [ln["reward"] for ln in lines]
@@ -445,31 +491,55 @@ def test_ranks_valid_samples_partition_the_selection(strategy, n, world):
         assert min(len(rank[step]) for rank in per_rank) > 1
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_masked_loss_gives_ddp_the_mean_over_valid_samples(alpha):
-    """Two simulated ranks whose last step holds a padded duplicate (and a third with only padding): the average of
-    the ranks' gradients (what DDP applies) equals the gradient of the plain KD loss over the valid samples."""
-    from models import kd_loss
-    from train_student import masked_kd_loss
+@pytest.fixture(scope="module")
+def online_kd_trainer():
+    """A single-process Trainer with an online teacher (no cache to build), for unit tests of its steps."""
+    from train_student import Config, Trainer
+    from utils import DistInfo, load_config
+    return Trainer(load_config(Config, None, [*TINY, "kd.alpha=0.5", "teacher.mode=online"]), DistInfo(), None)
+
+
+@pytest.mark.parametrize("online", [False, True], ids=["cached_teacher", "online_teacher"])
+def test_training_step_gives_ddp_the_mean_over_valid_samples(online_kd_trainer, monkeypatch, online):
+    """The loop's own step (Trainer.step_loss) on three simulated ranks of one DDP step: rank 1's last sample is a
+    padded duplicate and rank 2 holds only padding. The average of the ranks' gradients (what DDP applies) equals
+    the gradient of the same step in one process over the valid samples alone, and the logged train/loss is their
+    mean. The student is in eval mode so that each sample's output depends on it alone (in train mode BatchNorm
+    also sees the duplicates, as DDP's forward does)."""
+    from utils import DistInfo
+    trainer = online_kd_trainer
+    trainer.model.eval()
+    params = [p for p in trainer.distiller.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(6, 4, generator=g, requires_grad=True)
-    feats = [torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)]
-    teacher = [torch.randn(3, 4, generator=g) for _ in feats]
-    labels = [torch.randint(0, 4, (3,), generator=g) for _ in feats]
+    x = torch.randn(7, 3, 32, 32, generator=g)
+    y = torch.randint(0, trainer.num_classes, (7,), generator=g)
+    teacher = torch.randn(7, trainer.num_classes, generator=g)
+    # rank r's rows of the 7 (a padded row repeats a valid sample of the selection, as pad_and_shard does)
+    rows = [[0, 1, 2], [3, 4, 0], [5, 6, 1]]
     valid = [torch.tensor([True, True, True]), torch.tensor([True, True, False]), torch.tensor([False] * 3)]
-    n = int(sum(v.sum() for v in valid))
-    grads, logged = [], 0.0
-    for x, t, y, v in zip(feats, teacher, labels, valid):
-        terms, loss = masked_kd_loss(x @ w, t, y, v, n, len(feats), alpha, 4.0)
-        grads.append(torch.autograd.grad(loss, w)[0])
-        logged += terms["loss"].item() * int(v.sum())
-    keep = torch.cat(valid)
-    ref_loss = kd_loss(torch.cat(feats)[keep] @ w, torch.cat(teacher)[keep], torch.cat(labels)[keep], alpha, 4.0)
-    assert torch.allclose(sum(grads) / len(feats), torch.autograd.grad(ref_loss, w)[0], atol=1e-6)
-    assert logged / n == pytest.approx(ref_loss.item(), rel=1e-5)  # the logged train/loss: the same mean
-    # a full batch in one process: exactly the plain mean (the numbers of a run without padding do not change)
-    terms, loss = masked_kd_loss(feats[0] @ w, teacher[0], labels[0], valid[0], 3, 1, alpha, 4.0)
-    assert torch.equal(loss, kd_loss(feats[0] @ w, teacher[0], labels[0], alpha, 4.0))
+    keep = [0, 1, 2, 3, 4]  # the step's valid samples over all ranks, each once
+    x[5:], y[5:], teacher[5:] = x[[0, 1]], y[[0, 1]], teacher[[0, 1]]
+
+    def step(index: list, mask: torch.Tensor, world: int, step_valid: int):
+        trainer.dist = DistInfo(world_size=world)
+        monkeypatch.setattr(trainer.train_batches, "global_valid", lambda k: step_valid)
+        _, terms, mean_loss, loss = trainer.step_loss(x[index], y[index], {"teacher_logits": teacher[index]}, mask,
+                                                      step=0, epoch=0, online=online)
+        return mean_loss, torch.autograd.grad(loss, params, allow_unused=True)
+
+    try:
+        per_rank = [step(r, v, world=3, step_valid=len(keep)) for r, v in zip(rows, valid)]
+        ref_loss, ref_grads = step(keep, torch.ones(len(keep), dtype=torch.bool), world=1, step_valid=len(keep))
+    finally:
+        trainer.dist = DistInfo()
+    if online:  # teacher logits come from the teacher itself
+        assert all(torch.isfinite(m) for m, _ in per_rank)
+    for i, ref in enumerate(ref_grads):  # float32 sums in another order: equal up to 1e-5 of the largest entry
+        if ref is not None:
+            ddp = sum(grads[i] for _, grads in per_rank) / 3
+            assert (ddp - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-8, (i, (ddp - ref).abs().max())
+    logged = sum(m.item() * int(v.sum()) for (m, _), v in zip(per_rank, valid)) / len(keep)
+    assert logged == pytest.approx(ref_loss.item(), rel=1e-5)
 
 
 def _tiny_student(cfg, num_classes):

@@ -209,3 +209,58 @@ def test_resume_restores_each_ranks_rng_state_and_warns_on_another_world_size(tm
     fresh = torch.get_rng_state()
     assert torch.equal(restored({"rng_per_rank": states[:1]}, rank=1, world=2), fresh)  # 1 process -> 2
     assert capsys.readouterr().err == ""  # only rank 0 warns
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-process DDP: 2 gloo processes started by torch.multiprocessing (no torchrun, no script start-up).
+# ---------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_ranks(worker, *args) -> None:
+    """Run `worker(rank, *args)` in 2 processes joined in one gloo group (rank 0 and 1); an error in either fails
+    the test (torch.multiprocessing ends the other)."""
+    import torch.multiprocessing as mp
+    mp.start_processes(worker, args=(_free_port(), *args), nprocs=2, join=True, start_method="spawn")
+
+
+def _ranks_with_their_own_agents(rank: int, port: int, out_dir: str, trace_folder: str) -> None:
+    """One rank of a 2-epoch curriculum run whose agents act differently on each rank (RandomAgent seeded by rank):
+    only the broadcast of rank 0's decision keeps the ranks on one curriculum."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "KD_TRACE_DIR": trace_folder})
+    import torch
+    torch.set_num_threads(1)
+    from train_student_rl import CurriculumTrainer, RandomAgent, RLConfig
+    from utils import MetricLogger, cleanup_distributed, load_config, setup_distributed
+    cfg = load_config(RLConfig, None, [*TINY, "kd.alpha=0.5", "train.epochs=2", "difficulty.warmup_epochs=0",
+                                       "difficulty.refresh_every=1", "agent.name=random", f"run.out_dir={out_dir}",
+                                       f"teacher.cache_dir={Path(out_dir) / 'cache'}"])
+    dist = setup_distributed("cpu")
+    run_dir = Path(out_dir) / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = CurriculumTrainer(cfg, dist, run_dir)
+    run.agent = RandomAgent(seed=100 + rank)  # a different random stream on each rank
+    run.fit(MetricLogger(run_dir / "metrics.jsonl", dist.is_main))
+    cleanup_distributed()
+
+
+def test_every_rank_applies_rank_0s_decision_when_the_ranks_agents_differ(tmp_path):
+    """Issue 16: agents that would act differently on each rank (here seeded by rank; in general any agent that
+    samples from the process's own random streams): every rank applies rank 0's action, target, temperature and
+    selection each epoch, and the shards partition that selection (train_student_rl.CurriculumTrainer.decide,
+    apply_curriculum)."""
+    trace_folder = tmp_path / "trace"
+    _spawn_ranks(_ranks_with_their_own_agents, str(tmp_path), str(trace_folder))
+    rank0, rank1 = read_trace(trace_folder, "decisions")
+    assert [d["epoch"] for d in rank0] == [d["epoch"] for d in rank1] == [0, 1]
+    for a, b in zip(rank0, rank1):
+        for key in ("action", "target", "temperature", "selection", "difficulty"):
+            assert a[key] == b[key], (a["epoch"], key, a[key], b[key])
+        assert sorted(a["shard"] + b["shard"]) == sorted(a["selection"])
+    logged = [json.loads(ln) for ln in (tmp_path / "run" / "curriculum.jsonl").read_text().splitlines()]
+    assert [ln["action"] for ln in logged] == [d["action"] for d in rank0]

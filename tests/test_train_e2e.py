@@ -36,9 +36,18 @@ def test_tiny_run_in_each_teacher_mode(tmp_path, mode):
     if mode == "labels":
         assert all(m["train/loss_kd"] == 0 for m in metrics)
         assert "teacher cache" not in proc.stdout and results["teacher/mode"] == "none"
+        # the console says what the loss and the result row are
+        assert f"epoch 2/2  loss (labels only, CE) {metrics[1]['train/loss']:.4f}  val acc1" in proc.stdout
+        assert "| labels only |" in proc.stdout and "labels only: a student trained on labels alone" in proc.stdout
     else:
         assert all(m["train/loss_kd"] > 0 for m in metrics)
         assert results["compression_ratio"] > 1
+        m = metrics[1]
+        assert (f"epoch 2/2  loss (kd, T²-scaled) {m['train/loss']:.4f} [ce {m['train/loss_ce']:.4f}, "
+                f"kd {m['train/loss_kd']:.4f}]  val acc1") in proc.stdout
+        assert "| KD student |" in proc.stdout and "KD student: the student distilled from the teacher (kd.method=kd, " \
+                                                    "kd.alpha=0.5)" in proc.stdout
+    assert "| student |" not in proc.stdout
     assert list((tmp_path / "r" / "tensorboard").iterdir())
 
 
@@ -90,7 +99,8 @@ def test_label_only_baseline_side_by_side(tmp_path):
                       f"run.out_dir={tmp_path}", "run.name=kd")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "kd" / "label_only" / "results.json").is_file()
-    assert "| label-only student |" in proc.stdout and "KD vs labels only" in proc.stdout
+    table = proc.stdout.split("KD vs labels only")[1]
+    assert "| KD student |" in table and "| labels only |" in table  # the rows were "student", "label-only student"
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -173,6 +183,13 @@ def test_teacher_prepare_trains_the_teacher_once_then_reuses_it(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "does not exist yet; training it first" in first.stdout and checkpoint.is_file()
     assert "same budget, same seed: KD vs labels only" in first.stdout
+    # each result row says what it is: the teacher's own run, the distilled student, the label-only baseline
+    teacher_table, student_table = first.stdout.split("\ntrain_student: ")[1:3]
+    assert "| teacher |" in teacher_table and "teacher: the teacher, trained first by teacher.prepare" in teacher_table
+    assert "| KD student |" in student_table
+    comparison = first.stdout.split("same budget, same seed: KD vs labels only")[1]
+    assert comparison.index("| KD student |") < comparison.index("| labels only |")
+    assert "| student |" not in first.stdout
     for run in ("tiny_teacher", "first", "first/label_only"):
         assert (tmp_path / run / "results.json").is_file(), run
     stamp = checkpoint.stat().st_mtime_ns
