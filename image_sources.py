@@ -8,6 +8,7 @@ also found as `val` or `valid`). A dataset with train and test but no validation
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from content_hash import folder_fingerprint
 from synthetic_data import make_synthetic_dataset
 from utils import UserError
 
@@ -112,8 +114,12 @@ class FolderImageSource(ImageSource):
             raise UserError(f"{root} holds no images (expected <class>/<image>.jpg below it)")
         self.paths = [p for p, _ in items]
         self.labels = np.asarray([y for _, y in items], dtype=np.int64)
-        listing = "\n".join(f"{Path(p).relative_to(root)}:{Path(p).stat().st_size}" for p in self.paths)
-        self.fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Of the files' relative paths and bytes (`content_hash`), computed when a cache or pre-decoded copy first
+        asks: a changed image gets new ones even when it keeps its name and byte size."""
+        return folder_fingerprint(self.root, self.paths)
 
     def describe(self, index: int) -> str:
         return self.paths[int(index)]
