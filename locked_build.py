@@ -41,13 +41,16 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def write_error(exc: OSError, folder: Path, what: str, key: str, need: int | None = None) -> UserError:
-    """The user-facing form of an OSError raised while writing `what` under `folder` (set by config key `key`)."""
+def write_error(exc: OSError, folder: Path, what: str, key: str, need: int | None = None,
+                projected: bool = False) -> UserError:
+    """The user-facing form of an OSError raised while writing `what` under `folder` (set by config key `key`);
+    `need`: the bytes the whole write takes (`projected`: estimated from what was written so far)."""
     folder = Path(folder)
     reason = exc.strerror or str(exc)
     if exc.errno in NO_SPACE:
         free = free_bytes(folder)
-        needs = f"it needs {human_bytes(need)}" if need is not None else "it needs more space"
+        about = "about " if projected else ""
+        needs = f"it needs {about}{human_bytes(need)}" if need is not None else "it needs more space"
         has = f", {human_bytes(free)} are free" if free is not None else ""
         return UserError(f"no space to write the {what} in {folder} ({key}): {reason}; {needs}{has}. Free space "
                          f"there, or set {key} to a folder on a disk with room. Nothing partial was kept")

@@ -148,7 +148,8 @@ def _build_store(source: ImageSource, size: int, folder: Path, split: str, finge
         publish(build_dir, folder, STORE_WHAT, STORE_KEY)
     except OSError as exc:
         discard(build_dir)
-        raise write_error(exc, folder.parent, STORE_WHAT, STORE_KEY, _projected(offset, done, n)) from None
+        raise write_error(exc, folder.parent, STORE_WHAT, STORE_KEY, _projected(offset, done, n),
+                          projected=True) from None
     except BaseException:
         discard(build_dir)
         raise
