@@ -89,7 +89,8 @@ def _save(path: Path, memo: dict) -> None:
                   "on the next start", file=sys.stderr)
 
 
-def folder_fingerprint(root: Path, paths: list[str]) -> str:
-    """The content fingerprint of the files `paths` under `root`: their relative paths and byte digests."""
-    listing = "\n".join(f"{os.path.relpath(p, root)}:{d}" for p, d in zip(paths, file_digests(root, paths)))
+def folder_fingerprint(root: Path, paths: list[str], salt: str = "") -> str:
+    """The content fingerprint of the files `paths` under `root`: their relative paths and byte digests (after
+    `salt`, another fingerprint to fold in)."""
+    listing = "\n".join([salt, *(f"{os.path.relpath(p, root)}:{d}" for p, d in zip(paths, file_digests(root, paths)))])
     return hashlib.sha256(listing.encode()).hexdigest()[:16]

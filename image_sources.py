@@ -90,7 +90,19 @@ class HFImageSource(ImageSource):
         # Decode ourselves so a corrupt file is reported by name instead of deep inside `datasets`.
         self.ds = ds.cast_column(image_col, HFImage(decode=False)).select_columns([image_col])
         self.image_col = image_col
-        self.fingerprint = getattr(ds, "_fingerprint", None) or f"{origin}:{split}:{len(ds)}"
+        self.hf_fingerprint = getattr(ds, "_fingerprint", None) or f"{origin}:{split}:{len(ds)}"
+        self.data_files = [f["filename"] for f in ds.cache_files]  # arrow files; none for a dataset in memory
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """`datasets`' own fingerprint, which hashes the table for a dataset built in memory (the synthetic one) but
+        for one read from arrow files (save_to_disk, the hub cache) says how it was made: the hub revision, or the
+        paths and mtimes of the image files it was built from, which an image changed in place can keep. So the
+        arrow files' bytes are hashed in too (`content_hash`, once per file)."""
+        if not self.data_files:
+            return self.hf_fingerprint
+        root = os.path.commonpath([os.path.dirname(f) for f in self.data_files])
+        return folder_fingerprint(root, self.data_files, salt=self.hf_fingerprint)
 
     def describe(self, index: int) -> str:
         path = self.ds[int(index)][self.image_col].get("path")

@@ -198,9 +198,9 @@ class MemorySource(ImageSource):
 
 def _store_child(store_dir, result, delay, n=12):
     pre = predecode_split(MemorySource(n, delay), 0, store_dir, "train", show_progress=False)
-    Path(result).write_text(json.dumps({"folder": str(pre.folder), "pixels": (pre.folder / "pixels.u8").read_bytes().hex(),
-                                        "equal": [bool(np.array_equal(pre.array(i), np.asarray(MemorySource(n).load(i))))
-                                                  for i in range(n)]}))
+    equal = [bool(np.array_equal(pre.array(i), np.asarray(MemorySource(n).load(i)))) for i in range(n)]
+    Path(result).write_text(json.dumps({"folder": str(pre.folder), "equal": equal,
+                                        "pixels": (pre.folder / "pixels.u8").read_bytes().hex()}))
 
 
 def test_two_processes_build_one_predecoded_store(tmp_path, capfd):
@@ -319,3 +319,24 @@ def test_image_changed_in_place_gets_new_caches(setup, tmp_path, monkeypatch):
     assert info["built"] and again.root != cache.root
     pre_again = predecode_split(sources["train"], 0, tmp_path / "pre", "train", show_progress=False)
     assert pre_again.folder != pre.folder and not pre_again.array(sources["train"].paths.index(str(changed))).any()
+
+
+def test_save_to_disk_dataset_changed_under_the_same_datasets_fingerprint_gets_a_new_one(tmp_path, monkeypatch):
+    """`datasets`' own fingerprint of a dataset read from arrow files says how it was made, not what it holds
+    (load_dataset("imagefolder") keeps it when an image changes in place with its size and mtime): the arrow
+    files' bytes are hashed in, so other pixels under the same `_fingerprint` get another fingerprint."""
+    from data import make_synthetic_dataset
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert load_splits(load_config(Config, None, ARGS).data)["train"].data_files == []  # in memory: datasets' own
+    fingerprints, hf_fingerprints = [], []
+    for seed in (0, 1):
+        path = tmp_path / f"ds{seed}"
+        make_synthetic_dataset(num_classes=2, images_per_class=3, image_size=16, seed=seed).save_to_disk(path)
+        state = path / "train" / "state.json"
+        state.write_text(json.dumps({**json.loads(state.read_text()), "_fingerprint": "same-recipe"}))
+        train = load_local(path)["train"]
+        assert train.data_files
+        fingerprints.append(train.fingerprint)
+        hf_fingerprints.append(train.hf_fingerprint)
+    assert hf_fingerprints[0] == hf_fingerprints[1] and fingerprints[0] != fingerprints[1]
+    assert load_local(tmp_path / "ds0")["train"].fingerprint == fingerprints[0]  # and stable
