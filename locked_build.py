@@ -138,7 +138,11 @@ def new_build_dir(final: Path, what: str, key: str) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         for stale in final.parent.glob(f".{final.name}{OLD_INFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}{BUILD_INFIX}{os.getpid()}-", dir=final.parent))
+        build_dir = Path(tempfile.mkdtemp(prefix=f".{final.name}{BUILD_INFIX}{os.getpid()}-", dir=final.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(build_dir, 0o777 & ~umask)  # mkdtemp's 0700 would hide a shared cache from the other users
+        return build_dir
 
 
 def publish(build_dir: Path, final: Path, what: str, key: str) -> None:

@@ -269,7 +269,7 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
                 return published, None
             check_free_space(root.parent, need, CACHE_WHAT, CACHE_KEY)
             build_dir = new_build_dir(root, CACHE_WHAT, CACHE_KEY)
-            with write_errors(build_dir, CACHE_WHAT, CACHE_KEY, need):
+            with write_errors(root.parent, CACHE_WHAT, CACHE_KEY, need):
                 for split, src in sources.items():
                     _new_array(build_dir / f"{split}.npy", dtypes[split], len(src))
             return None, str(build_dir)
@@ -285,7 +285,7 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
 
         def finish() -> dict:
             """Rank 0: merge the shards, record the teacher's accuracy and the metadata, publish."""
-            with write_errors(build_dir, CACHE_WHAT, CACHE_KEY, need):
+            with write_errors(root.parent, CACHE_WHAT, CACHE_KEY, need):
                 if sharded:
                     merge_shards(build_dir, dist.world_size)
                 cache = TeacherCache(build_dir, meta)
@@ -320,7 +320,7 @@ def _score_all(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_view
     shard_path = {split: build_dir / f"{split}.rank{dist.rank}.npy" for split in SPLITS}
 
     def allocate_shards() -> None:
-        with write_errors(build_dir, CACHE_WHAT, CACHE_KEY, need):
+        with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
             for split in SPLITS:
                 _new_array(shard_path[split], dtypes[split], len(samplers[split]))
 
@@ -358,5 +358,5 @@ def _score_all(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_view
 
 
 def _save_index(path: Path, scored: list[int], need: int) -> None:
-    with write_errors(path.parent, CACHE_WHAT, CACHE_KEY, need):
+    with write_errors(path.parent.parent, CACHE_WHAT, CACHE_KEY, need):
         np.save(path, np.asarray(scored, dtype=np.int64))

@@ -90,6 +90,12 @@ def _race(target, folder: Path, tmp_path: Path, kill_second_after_first: bool = 
     return [a.exitcode, b.exitcode], results
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _no_leftovers(folder: Path) -> None:
     assert not [p.name for p in folder.iterdir() if locked_build.BUILD_INFIX in p.name or
                 locked_build.OLD_INFIX in p.name]
@@ -109,6 +115,7 @@ def test_two_processes_build_one_teacher_cache(setup, tmp_path, capfd):
     assert a["unscored"] == b["unscored"] == {"train": 0, "train_views": 0, "validation": 0, "test": 0}
     assert a["arrays"] == b["arrays"] and a["path"] == b["path"]
     assert [a["built"], b["built"]] == [True, False]
+    assert Path(a["path"]).stat().st_mode & 0o777 == 0o777 & ~_umask()  # readable by others, as mkdir would make it
     assert "waiting for another process to finish building the teacher cache" in capfd.readouterr().err
     _no_leftovers(cache_dir)
 
@@ -211,6 +218,7 @@ def test_two_processes_build_one_predecoded_store(tmp_path, capfd):
     print(f"concurrent pre-decoders: images equal to the source {sum(a['equal'])}/{len(a['equal'])} and "
           f"{sum(b['equal'])}/{len(b['equal'])}, stores equal: {a['pixels'] == b['pixels']}")
     assert all(a["equal"]) and all(b["equal"]) and a["pixels"] == b["pixels"] and a["folder"] == b["folder"]
+    assert Path(a["folder"]).stat().st_mode & 0o777 == 0o777 & ~_umask()
     assert "waiting for another process to finish building the pre-decoded store" in capfd.readouterr().err
     _no_leftovers(store)
 
