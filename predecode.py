@@ -1,6 +1,7 @@
 """Pre-decoded splits (data.preprocessed=true): every image decoded once into one uint8 memory map per split.
 
-`predecode_splits` builds what is missing on the main rank and opens it everywhere; `PredecodedSource` serves the
+`predecode_splits` builds what is missing on the main rank (under a lock, into a temporary folder published by one
+rename: `locked_build`) and opens it everywhere; `PredecodedSource` serves the
 stored images as PIL images (the loader's augmentation) or uint8 tensors (augmentation on the device).
 """
 from __future__ import annotations

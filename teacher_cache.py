@@ -8,11 +8,14 @@ when the run augments on the device (`data.augment_on`), with the same tensor op
 logits on the evaluation view of every train, validation and test image (for difficulty scores and the teacher's
 reported accuracy).
 
-Layout: `<cache_dir>/<fingerprint>/<split>.npy`, one memory-mapped structured array per split, plus `meta.json`,
-written last as the completion mark. The fingerprint hashes the teacher weights, class restriction and input
-normalisation (its own mean and std, which it sees whatever the student's are), the dataset, the view recipe and
-where views are made, K, the seed and the numerics the teacher ran in (device type, autocast dtype, TF32), so a
-changed input lands in a new directory; a directory whose meta or shapes disagree is rebuilt, never reused.
+Layout: `<cache_dir>/<fingerprint>/<split>.npy`, one memory-mapped structured array per split, plus `meta.json`.
+It is built under the lock `<cache_dir>/.<fingerprint>.lock` into `<cache_dir>/.<fingerprint>.building-*`, with
+the arrays' space reserved first, and published by one rename (`locked_build`): a second run needing the same cache
+waits and reuses it, and a build that is killed or runs out of space leaves nothing a later run reads. The
+fingerprint hashes the teacher weights, class restriction and input normalisation (its own mean and std, which it
+sees whatever the student's are), the dataset (its content: `content_hash`), the view recipe and where views are
+made, K, the seed and the numerics the teacher ran in (device type, autocast dtype, TF32), so a changed input lands
+in a new directory; a directory whose meta or shapes disagree is rebuilt, never reused.
 """
 from __future__ import annotations
 
@@ -329,7 +332,8 @@ def _score_all(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_view
     for split in SPLITS:
         src = sources[split]
         k = num_views if split == "train" else 0
-        out = np.load(shard_path[split] if sharded else build_dir / f"{split}.npy", mmap_mode="r+")
+        with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
+            out = np.load(shard_path[split] if sharded else build_dir / f"{split}.npy", mmap_mode="r+")
         views = CacheViews(src, spec, seed, k, device_aug)
         loader = make_loader(views, samplers[split], max(1, batch_size // (k + 1)), workers, device)
         scored = []  # the indices this rank scored, in order (KD_TRACE_DIR: tests check the ranks partition them)
@@ -349,7 +353,8 @@ def _score_all(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_view
                 out["view_records"][idx] = batch["records"].numpy()
             if features is not None:
                 out["view_features"][idx] = features.float().view(b, v, -1)[:, :k].cpu().numpy().astype(np.float16)
-        out.flush()
+        with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
+            out.flush()
         del out
         if sharded:
             _all_ranks(lambda: _save_index(build_dir / f"{split}.rank{dist.rank}.index.npy", scored, need), dist)

@@ -62,7 +62,8 @@ def _cache_child(setup, cache_dir, result, delay):
     torch.set_num_threads(1)
     cache, info = _cache(setup, cache_dir)
     arrays = {s: np.asarray(cache.array(s)).tobytes().hex() for s in ("train", "validation", "test")}
-    Path(result).write_text(json.dumps({**info, "unscored": _unscored_rows(cache), "arrays": arrays}))
+    rows = {s: len(cache.array(s)) for s in ("train", "validation", "test")}
+    Path(result).write_text(json.dumps({**info, "rows": rows, "unscored": _unscored_rows(cache), "arrays": arrays}))
 
 
 def _started(folder: Path, timeout: float = 60) -> None:
@@ -110,8 +111,8 @@ def test_two_processes_build_one_teacher_cache(setup, tmp_path, capfd):
     codes, results = _race(lambda r: _cache_child(setup, cache_dir, r, 0.1), cache_dir, tmp_path)
     assert codes == [0, 0]
     a, b = (json.loads(r.read_text()) for r in results)
-    print(f"concurrent teacher-cache builders: built {a['built']} / {b['built']}, unscored rows {a['unscored']} / "
-          f"{b['unscored']}, arrays equal: {a['arrays'] == b['arrays']}")
+    print(f"concurrent teacher-cache builders: built {a['built']} / {b['built']}, rows {a['rows']}, unscored rows "
+          f"{a['unscored']} / {b['unscored']}, arrays equal: {a['arrays'] == b['arrays']}")
     assert a["unscored"] == b["unscored"] == {"train": 0, "train_views": 0, "validation": 0, "test": 0}
     assert a["arrays"] == b["arrays"] and a["path"] == b["path"]
     assert [a["built"], b["built"]] == [True, False]
