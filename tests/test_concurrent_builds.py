@@ -109,16 +109,18 @@ def test_two_processes_build_one_teacher_cache(setup, tmp_path, capfd):
     """Both finish (exit 0) with the same, fully scored arrays: the second waited for the first and reused them."""
     cache_dir = tmp_path / "cache"
     codes, results = _race(lambda r: _cache_child(setup, cache_dir, r, 0.1), cache_dir, tmp_path)
+    a, b = (json.loads(r.read_text()) if r.exists() else {} for r in results)
+    with capfd.disabled():  # the numbers, for the record (pytest -s)
+        print(f"concurrent teacher-cache builders: exit codes {codes}, built {a.get('built')} / {b.get('built')}, "
+              f"rows {a.get('rows')}, unscored rows {a.get('unscored')} / {b.get('unscored')}, arrays equal: "
+              f"{a.get('arrays') == b.get('arrays')}")
     assert codes == [0, 0]
-    a, b = (json.loads(r.read_text()) for r in results)
-    print(f"concurrent teacher-cache builders: built {a['built']} / {b['built']}, rows {a['rows']}, unscored rows "
-          f"{a['unscored']} / {b['unscored']}, arrays equal: {a['arrays'] == b['arrays']}")
+    _no_leftovers(cache_dir)
     assert a["unscored"] == b["unscored"] == {"train": 0, "train_views": 0, "validation": 0, "test": 0}
     assert a["arrays"] == b["arrays"] and a["path"] == b["path"]
     assert [a["built"], b["built"]] == [True, False]
     assert Path(a["path"]).stat().st_mode & 0o777 == 0o777 & ~_umask()  # readable by others, as mkdir would make it
     assert "waiting for another process to finish building the teacher cache" in capfd.readouterr().err
-    _no_leftovers(cache_dir)
 
 
 def test_builder_killed_mid_build_leaves_nothing_a_later_run_reads(setup, tmp_path):
@@ -214,14 +216,16 @@ def _store_child(store_dir, result, delay, n=12):
 def test_two_processes_build_one_predecoded_store(tmp_path, capfd):
     store = tmp_path / "pre"
     codes, results = _race(lambda r: _store_child(store, r, 0.1), store, tmp_path)
+    a, b = (json.loads(r.read_text()) if r.exists() else {} for r in results)
+    with capfd.disabled():
+        equal = [f"{sum(r['equal'])}/{len(r['equal'])}" if r else "-" for r in (a, b)]
+        print(f"concurrent pre-decoders: exit codes {codes}, images equal to the source {equal[0]} and {equal[1]}, "
+              f"stores equal: {a.get('pixels') == b.get('pixels')}")
     assert codes == [0, 0]
-    a, b = (json.loads(r.read_text()) for r in results)
-    print(f"concurrent pre-decoders: images equal to the source {sum(a['equal'])}/{len(a['equal'])} and "
-          f"{sum(b['equal'])}/{len(b['equal'])}, stores equal: {a['pixels'] == b['pixels']}")
+    _no_leftovers(store)
     assert all(a["equal"]) and all(b["equal"]) and a["pixels"] == b["pixels"] and a["folder"] == b["folder"]
     assert Path(a["folder"]).stat().st_mode & 0o777 == 0o777 & ~_umask()
     assert "waiting for another process to finish building the pre-decoded store" in capfd.readouterr().err
-    _no_leftovers(store)
 
 
 def test_predecoder_killed_mid_build_leaves_nothing_a_later_run_reads(tmp_path):
