@@ -178,12 +178,14 @@ def test_teacher_cache_dir_that_cannot_be_written_is_a_clean_error(setup, tmp_pa
 
 
 def test_teacher_cache_files_of_the_wrong_kind_are_rebuilt(setup, tmp_path):
-    cache, _ = _cache(setup, tmp_path)
+    few = load_splits(load_config(Config, None, [*ARGS, "data.synthetic.images_per_class=1",
+                                                 "data.synthetic.eval_images_per_class=1"]).data)
+    cache, _ = _cache(setup, tmp_path, few)
     (cache.root / "meta.json").write_text("[1, 2]\n")  # valid JSON, not a dict
-    again, info = _cache(setup, tmp_path)
+    again, info = _cache(setup, tmp_path, few)
     assert info["built"] and _unscored_rows(again)["train"] == 0
     np.save(cache.root / "test.npy", np.zeros(3))  # a whole .npy file, of another dtype and shape
-    _, info = _cache(setup, tmp_path)
+    _, info = _cache(setup, tmp_path, few)
     assert info["built"]
 
 
