@@ -8,6 +8,7 @@ also found as `val` or `valid`). A dataset with train and test but no validation
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from content_hash import folder_fingerprint
 from synthetic_data import make_synthetic_dataset
 from utils import UserError
 
@@ -170,7 +172,19 @@ class HFImageSource(ImageSource):
         # Decode ourselves so a corrupt file is reported by name instead of deep inside `datasets`.
         self.ds = ds.cast_column(image_col, HFImage(decode=False)).select_columns([image_col])
         self.image_col = image_col
-        self.fingerprint = getattr(ds, "_fingerprint", None) or f"{origin}:{split}:{len(ds)}"
+        self.hf_fingerprint = getattr(ds, "_fingerprint", None) or f"{origin}:{split}:{len(ds)}"
+        self.data_files = [f["filename"] for f in ds.cache_files]  # arrow files; none for a dataset in memory
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """`datasets`' own fingerprint, which hashes the table for a dataset built in memory (the synthetic one) but
+        for one read from arrow files (save_to_disk, the hub cache) says how it was made: the hub revision, or the
+        paths and mtimes of the image files it was built from, which an image changed in place can keep. So the
+        arrow files' bytes are hashed in too (`content_hash`, once per file)."""
+        if not self.data_files:
+            return self.hf_fingerprint
+        root = os.path.commonpath([os.path.dirname(f) for f in self.data_files])
+        return folder_fingerprint(root, self.data_files, salt=self.hf_fingerprint)
 
     def describe(self, index: int) -> str:
         path = (self.ds[int(index)][self.image_col] or {}).get("path")
@@ -210,8 +224,12 @@ class FolderImageSource(ImageSource):
                   f"({', '.join(kinds[:5])}), e.g. {skipped[0]}; images end in {', '.join(IMAGE_EXTENSIONS)}")
         self.paths = [p for p, _ in items]
         self.labels = np.asarray([y for _, y in items], dtype=np.int64)
-        listing = "\n".join(f"{Path(p).relative_to(root)}:{Path(p).stat().st_size}" for p in self.paths)
-        self.fingerprint = hashlib.sha256(listing.encode()).hexdigest()[:16]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Of the files' relative paths and bytes (`content_hash`), computed when a cache or pre-decoded copy first
+        asks: a changed image gets new ones even when it keeps its name and byte size."""
+        return folder_fingerprint(self.root, self.paths)
 
     def describe(self, index: int) -> str:
         return self.paths[int(index)]

@@ -8,17 +8,20 @@ when the run augments on the device (`data.augment_on`), with the same tensor op
 logits on the evaluation view of every train, validation and test image (for difficulty scores and the teacher's
 reported accuracy).
 
-Layout: `<cache_dir>/<fingerprint>/<split>.npy`, one memory-mapped structured array per split, plus `meta.json`,
-written last as the completion mark. The fingerprint hashes the teacher weights, class restriction and input
-normalisation (its own mean and std, which it sees whatever the student's are), the dataset, the view recipe and
-where views are made, K, the seed and the numerics the teacher ran in (device type, autocast dtype, TF32), so a
-changed input lands in a new directory; a directory whose meta or shapes disagree is rebuilt, never reused.
+Layout: `<cache_dir>/<fingerprint>/<split>.npy`, one memory-mapped structured array per split, plus `meta.json`.
+It is built under the lock `<cache_dir>/.<fingerprint>.lock` into `<cache_dir>/.<fingerprint>.building-*`, with
+the arrays' space reserved first, and published by one rename (`locked_build`): a second run needing the same cache
+waits and reuses it, and a build that is killed or runs out of space leaves nothing a later run reads. The
+fingerprint hashes the teacher weights, class restriction and input normalisation (its own mean and std, which it
+sees whatever the student's are), the dataset (its content: `content_hash`), the view recipe and where views are
+made, K, the seed and the numerics the teacher ran in (device type, autocast dtype, TF32), so a changed input lands
+in a new directory; a directory whose meta or shapes disagree is rebuilt, never reused.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,10 +32,12 @@ from tqdm import tqdm
 from augment import (AUG_RECORD_LEN, AugSpec, apply_aug_record, apply_aug_records, cache_record_rng, eval_view,
                      sample_aug_record)
 from image_sources import SPLITS, ImageSource
+from locked_build import build_lock, check_free_space, discard, new_build_dir, publish, reserve, write_errors
 from normalization import input_norm, normalize_batch
 from predecode import PredecodedSource
 from samplers import ShardSampler
-from utils import DistInfo, UserError, barrier, broadcast_object, trace, write_json
+from utils import (DistInfo, UserError, all_gather_objects, barrier, broadcast_object, on_main_rank, trace,
+                   write_json)
 from views import make_loader, unpack_raw
 
 CACHE_VERSION = 2  # 2: images decoded by image_sources.to_rgb (16-bit scaled to 8, alpha over white)
@@ -161,11 +166,15 @@ class TeacherCache:
 
 def _valid(root: Path, fingerprint: dict, sources: dict[str, ImageSource], num_classes: int,
            feature_dim: int | None = None) -> dict | None:
+    """meta.json of the published cache at `root` when every file is there, whole and of the expected kind (a
+    dict meta for this fingerprint, one structured array per split with this dtype and one row per image); else
+    None, and the cache is rebuilt rather than read in part."""
     try:
         meta = json.loads((root / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    if meta.get("fingerprint") != fingerprint or meta.get("num_classes") != num_classes:
+    if (not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint or meta.get("num_classes") != num_classes
+            or meta.get("num_views") != fingerprint["num_views"] or meta.get("feature_dim") != feature_dim):
         return None
     for split, src in sources.items():
         try:
@@ -180,26 +189,56 @@ def _valid(root: Path, fingerprint: dict, sources: dict[str, ImageSource], num_c
 
 def merge_shards(root: Path, world_size: int, chunk: int = 4096) -> None:
     """Rank 0, after every rank has scored its shard: copy each rank's rows (<split>.rank<r>.npy, their image
-    indices in <split>.rank<r>.index.npy) into <split>.npy, then delete the shard files."""
+    indices in <split>.rank<r>.index.npy) into <split>.npy, then delete the shard files. Every row must come from
+    exactly one shard: a row left unwritten would be served as all-zero teacher logits."""
     for split in SPLITS:
         out = np.load(root / f"{split}.npy", mmap_mode="r+")
+        written = np.zeros(len(out), dtype=np.int64)
         for rank in range(world_size):
             part_path, index_path = root / f"{split}.rank{rank}.npy", root / f"{split}.rank{rank}.index.npy"
             part, index = np.load(part_path, mmap_mode="r"), np.load(index_path)
+            np.add.at(written, index, 1)
             for i in range(0, len(index), chunk):
                 out[index[i:i + chunk]] = part[i:i + chunk]
             del part
             part_path.unlink()
             index_path.unlink()
+        if not (written == 1).all():
+            raise RuntimeError(f"teacher cache {split}: rows {np.flatnonzero(written != 1)[:10].tolist()} were "
+                               "scored by no rank or by several")
         out.flush()
         del out
+
+
+CACHE_WHAT, CACHE_KEY = "teacher cache", "teacher.cache_dir"
+
+
+def _all_ranks(step, dist: DistInfo) -> None:
+    """Run `step()` on every rank; a UserError on any rank is raised on all of them (one collective), so no rank
+    waits at a later barrier for a rank that stopped."""
+    try:
+        step()
+        error = None
+    except UserError as exc:
+        error = str(exc)
+    errors = [e for e in all_gather_objects(error) if e is not None]
+    if errors:
+        raise UserError(errors[0])
+
+
+def _new_array(path: Path, dtype: np.dtype, rows: int) -> None:
+    """A .npy file of `rows` zeroed rows whose blocks are allocated now (see locked_build.reserve)."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows,)).flush()
+    reserve(path, path.stat().st_size)
 
 
 def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int,
                         cache_dir: Path, dist: DistInfo, batch_size: int, workers: int,
                         autocast, device_aug: bool = False, with_features: bool = False) -> tuple[TeacherCache, dict]:
     """The cache for this teacher and data, built now if missing or stale. Returns (cache, info) where info says
-    whether it was built and how long that took. Building is sharded over ranks; rank 0 writes the metadata.
+    whether it was built and how long that took. Building is sharded over ranks; rank 0 holds the build lock
+    (`locked_build`: another run building the same cache is waited for, then reused), checks the free space,
+    merges the shards, writes the metadata and publishes the finished cache with one rename.
     `device_aug`: the run augments on its device (`views.TrainViews`), so the training views are made there too.
     `with_features`: also store the teacher's pooled features of every training view (feature KD methods)."""
     import time
@@ -214,36 +253,89 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
                                     device_aug, feature_dim)
     digest = broadcast_object(hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20])
     root = Path(cache_dir) / digest
-    meta = _valid(root, fingerprint, sources, num_classes, feature_dim) if dist.is_main else None
-    meta = broadcast_object(meta)
-    if meta is not None:
+    meta = broadcast_object(_valid(root, fingerprint, sources, num_classes, feature_dim) if dist.is_main else None)
+    if meta is not None:  # published, so whole: no lock needed to read it (a read-only shared cache works)
         return TeacherCache(root, meta), {"built": False, "path": str(root), "build_s": 0.0}
 
-    start = time.perf_counter()
-    if dist.is_main:
-        if root.exists():
-            shutil.rmtree(root)  # stale or incomplete: rebuilt, never reused
-        root.mkdir(parents=True)
-        for split, src in sources.items():
-            dtype = split_dtype(split, num_views, num_classes, feature_dim)
-            np.lib.format.open_memmap(root / f"{split}.npy", mode="w+", dtype=dtype, shape=(len(src),)).flush()
-    barrier()
-    device = dist.device
-    # Several ranks write into files of their own, merged by rank 0 below: ranks on different nodes never write
-    # pages of one file (a shared filesystem such as NFS writes back whole pages, which could undo another node's
-    # rows that share a page).
+    dtypes = {split: split_dtype(split, num_views, num_classes, feature_dim) for split in SPLITS}
     sharded = dist.world_size > 1
+    # the merged arrays, and while they are merged the ranks' shard files as well
+    need = sum(dtypes[s].itemsize * len(sources[s]) for s in SPLITS) * (2 if sharded else 1)
+    lock, build_dir = contextlib.ExitStack(), None
+    try:
+        def prepare() -> tuple[dict | None, str | None]:
+            """Rank 0: take the lock; reuse what another run published meanwhile, or start a build directory."""
+            nonlocal build_dir
+            lock.enter_context(build_lock(root, CACHE_WHAT, CACHE_KEY))
+            published = _valid(root, fingerprint, sources, num_classes, feature_dim)
+            if published is not None:
+                return published, None
+            check_free_space(root.parent, need, CACHE_WHAT, CACHE_KEY)
+            build_dir = new_build_dir(root, CACHE_WHAT, CACHE_KEY)
+            with write_errors(root.parent, CACHE_WHAT, CACHE_KEY, need):
+                for split, src in sources.items():
+                    _new_array(build_dir / f"{split}.npy", dtypes[split], len(src))
+            return None, str(build_dir)
+
+        start = time.perf_counter()
+        meta, path = on_main_rank(prepare, dist)
+        if meta is not None:
+            return TeacherCache(root, meta), {"built": False, "path": str(root), "build_s": 0.0}
+        _score_all(teacher, sources, spec, num_views, seed, Path(path), dist, batch_size, workers, autocast,
+                   device_aug, feature_dim, dtypes, need)
+        meta = {"fingerprint": fingerprint, "num_views": num_views, "num_classes": num_classes,
+                "feature_dim": feature_dim}
+
+        def finish() -> dict:
+            """Rank 0: merge the shards, record the teacher's accuracy and the metadata, publish."""
+            with write_errors(root.parent, CACHE_WHAT, CACHE_KEY, need):
+                if sharded:
+                    merge_shards(build_dir, dist.world_size)
+                cache = TeacherCache(build_dir, meta)
+                for split in SPLITS:  # the teacher's accuracy on each split's evaluation view, for the record
+                    pred = np.asarray(cache.eval_logits(split), dtype=np.float32).argmax(1)
+                    meta[f"teacher/{split}_acc1"] = float((pred == sources[split].labels).mean() * 100)
+                del cache
+                meta["build_s"] = time.perf_counter() - start
+                write_json(build_dir / "meta.json", meta)  # last: the completion mark
+            publish(build_dir, root, CACHE_WHAT, CACHE_KEY)
+            return meta
+
+        meta = on_main_rank(finish, dist)
+    except BaseException:
+        discard(build_dir)  # rank 0's unfinished build (None elsewhere): nothing partial stays
+        raise
+    finally:
+        lock.close()
+    return TeacherCache(root, meta), {"built": True, "path": str(root), "build_s": meta["build_s"]}
+
+
+def _score_all(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int, build_dir: Path,
+               dist: DistInfo, batch_size: int, workers: int, autocast, device_aug: bool, feature_dim: int | None,
+               dtypes: dict[str, np.dtype], need: int) -> None:
+    """Every rank scores its shard of every split into `build_dir` (rank 0 created the merged arrays there).
+    Several ranks write into files of their own, merged by rank 0 afterwards: ranks on different nodes never
+    write pages of one file (a shared filesystem such as NFS writes back whole pages, which could undo another
+    node's rows that share a page)."""
+    device = dist.device
+    sharded = dist.world_size > 1
+    samplers = {split: ShardSampler(len(sources[split]), dist.world_size, dist.rank) for split in SPLITS}
+    shard_path = {split: build_dir / f"{split}.rank{dist.rank}.npy" for split in SPLITS}
+
+    def allocate_shards() -> None:
+        with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
+            for split in SPLITS:
+                _new_array(shard_path[split], dtypes[split], len(samplers[split]))
+
+    if sharded:  # every rank's space reserved before any rank scores; a rank that cannot stops them all
+        _all_ranks(allocate_shards, dist)
     for split in SPLITS:
         src = sources[split]
         k = num_views if split == "train" else 0
-        sampler = ShardSampler(len(src), dist.world_size, dist.rank)
-        if sharded:
-            out = np.lib.format.open_memmap(root / f"{split}.rank{dist.rank}.npy", mode="w+", shape=(len(sampler),),
-                                            dtype=split_dtype(split, num_views, num_classes, feature_dim))
-        else:
-            out = np.load(root / f"{split}.npy", mmap_mode="r+")
+        with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
+            out = np.load(shard_path[split] if sharded else build_dir / f"{split}.npy", mmap_mode="r+")
         views = CacheViews(src, spec, seed, k, device_aug)
-        loader = make_loader(views, sampler, max(1, batch_size // (k + 1)), workers, device)
+        loader = make_loader(views, samplers[split], max(1, batch_size // (k + 1)), workers, device)
         scored = []  # the indices this rank scored, in order (KD_TRACE_DIR: tests check the ranks partition them)
         for batch in tqdm(loader, desc=f"teacher cache [{split}]", disable=not dist.is_main, dynamic_ncols=True):
             # rows of `out`: the images' own (one shared file) or the next ones of this rank's shard file
@@ -261,24 +353,15 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
                 out["view_records"][idx] = batch["records"].numpy()
             if features is not None:
                 out["view_features"][idx] = features.float().view(b, v, -1)[:, :k].cpu().numpy().astype(np.float16)
-        out.flush()
+        with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
+            out.flush()
         del out
         if sharded:
-            np.save(root / f"{split}.rank{dist.rank}.index.npy", np.asarray(scored, dtype=np.int64))
+            _all_ranks(lambda: _save_index(build_dir / f"{split}.rank{dist.rank}.index.npy", scored, need), dist)
         trace("cache_shard", {"split": split, "indices": scored})
     barrier()
-    if sharded and dist.is_main:
-        merge_shards(root, dist.world_size)
-    barrier()
-    build_s = time.perf_counter() - start
-    meta = {"fingerprint": fingerprint, "num_views": num_views, "num_classes": num_classes, "build_s": build_s,
-            "feature_dim": feature_dim}
-    if dist.is_main:
-        cache = TeacherCache(root, meta)
-        for split in SPLITS:  # the teacher's accuracy on each split's evaluation view, for the record
-            pred = np.asarray(cache.eval_logits(split), dtype=np.float32).argmax(1)
-            meta[f"teacher/{split}_acc1"] = float((pred == sources[split].labels).mean() * 100)
-        write_json(root / "meta.json", meta)
-    barrier()
-    meta = broadcast_object(meta)
-    return TeacherCache(root, meta), {"built": True, "path": str(root), "build_s": build_s}
+
+
+def _save_index(path: Path, scored: list[int], need: int) -> None:
+    with write_errors(path.parent.parent, CACHE_WHAT, CACHE_KEY, need):
+        np.save(path, np.asarray(scored, dtype=np.int64))
