@@ -231,7 +231,7 @@ class AgentConfig:
     name: str = opt("ppo", f"who picks the action each epoch: {', '.join(AGENT_REGISTRY)}", choices=AGENT_REGISTRY)
     fixed_actions: list[list[int]] = opt([[2, 1]], f"fixed agent: [target index 0-{ACTION_NVEC[0] - 1}, temperature "
                                                    f"step 0-{ACTION_NVEC[1] - 1}] per epoch; the last one repeats "
-                                                   "([[2, 1]] = target 0.5, T kept)")
+                                                   "([[2, 1]] = target 0.5, T kept)", ge=0)
     ppo: PPOConfig = section(PPOConfig)
     bandit: BanditConfig = section(BanditConfig)
 
