@@ -300,13 +300,14 @@ def _check_sections(cfg: DictConfig, incoming: Any, source: str, prefix: str = "
         if not isinstance(cfg[name], DictConfig):
             if isinstance(value, dict) and not isinstance(cfg[name], ListConfig):
                 raise UserError(f"'{path}' is a key, not a section, so it cannot hold keys ({source}): give it "
-                                f"one value, e.g. {path}={_flow(to_plain(cfg)[name])}")
+                                f"one value, e.g. {path}={_flow(OmegaConf.to_container(cfg, resolve=False)[name])}")
             continue  # a leaf: the merge checks its type
         if isinstance(value, dict):
             _check_sections(cfg[name], value, source, path + ".")
             continue
-        leaf = next(k for k in cfg[name] if not isinstance(cfg[name][k], DictConfig))
-        example = _flow(to_plain(cfg[name])[leaf])
+        keys = OmegaConf.to_container(cfg[name], resolve=False)
+        leaf = next((k for k, v in keys.items() if not isinstance(v, dict)), next(iter(keys)))
+        example = _flow(keys[leaf]) if not isinstance(keys[leaf], dict) else "..."
         nested = f"{leaf}: {example}"
         for part in reversed(path.split(".")):
             nested = f"{part}: {{{nested}}}"

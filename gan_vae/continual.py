@@ -47,8 +47,8 @@ from gan_vae.fid import (FeatureModule, FeaturesOf, FIDEvaluator, check_inceptio
 from gan_vae.tasks import domain_tensor, load_task
 from models import (Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, nt_xent, relational_kd, vae_loss_terms,
                     wgan_critic_loss, wgan_generator_loss)
-from utils import (MetricLogger, UserError, check, check_ranges, config_differences, default_run_name, freeze, iter_schema,
-                   load_checkpoint, make_dirs, opt, parse_config, plot_curves, prepare_run_dir, read_jsonl,
+from utils import (MetricLogger, UserError, check, check_ranges, config_differences, default_run_name, freeze,
+                   iter_schema, load_checkpoint, make_dirs, opt, parse_config, plot_curves, prepare_run_dir, read_jsonl,
                    read_saved_config, rng_state, run_cli, run_config, save_checkpoint, save_config, section,
                    seed_everything, set_rng_state, setup_distributed, to_plain, unfreeze, write_json)
 
