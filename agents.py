@@ -7,6 +7,7 @@ size of each action component) and has this interface:
     action = agent.act(obs)                               # int64 [len(nvec)]
     agent.observe(obs, action, reward, next_obs, done)    # one transition per epoch
     agent.state_dict() / agent.load_state_dict(state)     # saved in the checkpoint
+    AGENT_REGISTRY[name].validate(cfg)                    # optional: checks of several keys, before any work
 
 Under DDP only rank 0's agent acts and observes (train_student_rl.CurriculumTrainer.decide). A new agent is a
 class with these methods plus its entry in AGENT_REGISTRY; settings of its own go into a section of AgentConfig
@@ -44,22 +45,24 @@ class Agent(Protocol):
 # ================================================================================================================
 @dataclass
 class PPOConfig:
-    n_steps: int = opt(5, "rollout length in epochs (one PPO update per rollout)")
-    batch_size: int = opt(5, "minibatch size of the PPO update")
-    n_epochs: int = opt(4, "passes over each rollout")
-    lr: float = opt(3e-4, "policy and value learning rate")
-    gamma: float = opt(0.99, "discount")
-    gae_lambda: float = opt(0.95, "GAE lambda")
-    clip_range: float = opt(0.2, "PPO clip range")
-    vf_coef: float = opt(1.0, "value loss coefficient")
-    ent_coef: float = opt(0.01, "entropy bonus coefficient")
+    # stable-baselines3 normalises the advantages over each minibatch and the rollout: both need 2 samples or more
+    n_steps: int = opt(5, "rollout length in epochs (one PPO update per rollout)", ge=2)
+    batch_size: int = opt(5, "minibatch size of the PPO update (at most agent.ppo.n_steps)", ge=2)
+    n_epochs: int = opt(4, "passes over each rollout", ge=1)
+    lr: float = opt(3e-4, "policy and value learning rate", gt=0)
+    gamma: float = opt(0.99, "discount", ge=0, le=1)
+    gae_lambda: float = opt(0.95, "GAE lambda", ge=0, le=1)
+    clip_range: float = opt(0.2, "PPO clip range", gt=0)
+    vf_coef: float = opt(1.0, "value loss coefficient", ge=0)
+    ent_coef: float = opt(0.01, "entropy bonus coefficient", ge=0)
 
 
 @dataclass
 class BanditConfig:
-    discount: float = opt(0.9, "discount of past rewards (non-stationarity: the best action changes as training goes)")
-    reward_std: float = opt(5.0, "assumed reward noise of the Gaussian Thompson sampler")
-    prior_std: float = opt(10.0, "prior standard deviation of an arm's mean reward")
+    discount: float = opt(0.9, "discount of past rewards (non-stationarity: the best action changes as training goes)",
+                          ge=0, le=1)
+    reward_std: float = opt(5.0, "assumed reward noise of the Gaussian Thompson sampler", gt=0)
+    prior_std: float = opt(10.0, "prior standard deviation of an arm's mean reward", gt=0)
 
 
 # ================================================================================================================
@@ -202,6 +205,15 @@ class PPOAgent:
     def from_config(cls, cfg, env):
         return cls(env, cfg.agent.ppo, cfg.train.seed)
 
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """Before anything is built: a minibatch larger than the rollout (one environment: n_steps transitions)
+        would silently shrink to it."""
+        p = cfg.agent.ppo
+        check(p.batch_size <= p.n_steps, f"agent.ppo.batch_size={p.batch_size} is larger than the rollout, "
+                                         f"agent.ppo.n_steps={p.n_steps} transitions (one per epoch): use "
+                                         "agent.ppo.batch_size <= agent.ppo.n_steps")
+
     def act(self, obs):
         from stable_baselines3.common.utils import obs_as_tensor
         with torch.no_grad(), self.streams.active():
@@ -251,10 +263,10 @@ AGENT_REGISTRY: dict[str, type] = {"ppo": PPOAgent, "bandit": BanditAgent, "fixe
 
 @dataclass
 class AgentConfig:
-    name: str = opt("ppo", f"who picks the action each epoch: {', '.join(AGENT_REGISTRY)}")
+    name: str = opt("ppo", f"who picks the action each epoch: {', '.join(AGENT_REGISTRY)}", choices=AGENT_REGISTRY)
     fixed_actions: list[list[int]] = opt([[2, 1]], f"fixed agent: [target index 0-{ACTION_NVEC[0] - 1}, temperature "
                                                    f"step 0-{ACTION_NVEC[1] - 1}] per epoch; the last one repeats "
-                                                   "([[2, 1]] = target 0.5, T kept)")
+                                                   "([[2, 1]] = target 0.5, T kept)", ge=0)
     ppo: PPOConfig = section(PPOConfig)
     bandit: BanditConfig = section(BanditConfig)
 

@@ -115,6 +115,11 @@ class Strategy:
 
     needs_difficulty = True  # ranks samples by difficulty: the whole set until the first refresh, needs a teacher
 
+    def validate(self, cfg) -> None:
+        """Checks of the run's config (train_student_rl.RLConfig) that involve several keys, for the selected
+        strategy, before anything is built (UserError); none by default. Each key's own range is declared with
+        the key in the schema (utils.opt)."""
+
     def size(self, pool: EpochPool) -> int:
         """M = ceil(f N) by default."""
         return ceil_share(pool.fraction, len(pool.difficulty))

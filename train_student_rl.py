@@ -45,17 +45,19 @@ from utils import (MetricLogger, UserError, all_gather_objects, broadcast_object
 # ================================================================================================================
 @dataclass
 class CurriculumConfig:
-    strategy: str = opt("adaptive", f"which samples an epoch uses: {', '.join(STRATEGIES)}")
-    fraction: float = opt(0.7, "f: share of the training set per epoch (random_subset, adaptive, mixed)")
-    target: float = opt(0.5, "target difficulty before the agent's first action")
-    start_fraction: float = opt(0.4, "easy_to_hard / hard_to_easy: share of the set at epoch 0")
-    pacing_epochs: int = opt(10, "easy_to_hard / hard_to_easy: epochs until the whole set is used")
+    strategy: str = opt("adaptive", f"which samples an epoch uses: {', '.join(STRATEGIES)}",
+                        choices=STRATEGY_REGISTRY)
+    fraction: float = opt(0.7, "f: share of the training set per epoch (random_subset, adaptive, mixed)", gt=0, le=1)
+    target: float = opt(0.5, "target difficulty before the agent's first action", ge=0, le=1)
+    start_fraction: float = opt(0.4, "easy_to_hard / hard_to_easy: share of the set at epoch 0", gt=0, le=1)
+    pacing_epochs: int = opt(10, "easy_to_hard / hard_to_easy: epochs until the whole set is used (0: from the start)",
+                             ge=0)
 
 
 @dataclass
 class DifficultyConfig:
-    refresh_every: int = opt(5, "recompute the difficulty scores every this many epochs")
-    warmup_epochs: int = opt(5, "first refresh before this epoch; until then the curriculum uses the whole set")
+    refresh_every: int = opt(5, "recompute the difficulty scores every this many epochs", ge=1)
+    warmup_epochs: int = opt(5, "first refresh before this epoch; until then the curriculum uses the whole set", ge=0)
 
 
 @dataclass
@@ -66,17 +68,13 @@ class RLConfig(Config):
 
 
 def validate_rl(cfg) -> None:
+    """train_student.validate, then the curriculum's checks that involve several keys and those of the selected
+    agent and strategy (their `validate(cfg)` hooks, when they have one). Each key's own range is declared with it."""
     validate(cfg)
     c = cfg.curriculum
-    check(c.strategy in STRATEGY_REGISTRY,
-          f"unknown curriculum.strategy '{c.strategy}'; choose one of {', '.join(STRATEGY_REGISTRY)}")
-    check(cfg.agent.name in AGENT_REGISTRY,
-          f"unknown agent.name '{cfg.agent.name}'; choose one of {', '.join(AGENT_REGISTRY)}")
-    check(0 < c.fraction <= 1, f"curriculum.fraction={c.fraction} must lie in (0, 1]")
-    check(0 <= c.target <= 1, f"curriculum.target={c.target} must lie in [0, 1]")
-    check(0 < c.start_fraction <= 1, f"curriculum.start_fraction={c.start_fraction} must lie in (0, 1]")
-    check(cfg.difficulty.refresh_every >= 1, "difficulty.refresh_every must be >= 1")
-    check(cfg.difficulty.warmup_epochs >= 0, "difficulty.warmup_epochs must be >= 0")
+    for component in (AGENT_REGISTRY[cfg.agent.name], STRATEGY_REGISTRY[c.strategy]):
+        if hasattr(component, "validate"):
+            component.validate(cfg)
     for a in cfg.agent.fixed_actions:
         check(len(a) == len(ACTION_NVEC) and all(0 <= x < n for x, n in zip(a, ACTION_NVEC)),
               f"agent.fixed_actions entry {list(a)}: need [target index 0-{ACTION_NVEC[0] - 1}, temperature step "

@@ -108,11 +108,61 @@ def compile_failure_message(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Config: dataclass schema -> OmegaConf structured config. Defaults < YAML (--config) < dotted overrides.
 # ----------------------------------------------------------------------------------------------------------------
-def opt(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call site
-    """A config field with its one-line description (shown by --help and in the README)."""
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric or categorical config key, declared once beside the key (`opt(..., ge=0)`).
+    `check_ranges` checks every key of a loaded config against its Range before any work; `--help` and the README
+    table show `describe()`. Bounds: ge (>=), gt (>), le (<=), lt (<). `choices`: the allowed values; a registry
+    (a dict from name to component) counts as its keys when the check runs, so an entry registered later is
+    accepted. A float is also refused when NaN or infinite, unless `allow_inf` (NaN never passes). For a list, every
+    number in it is checked. `why`: what a bad value would do, added to the error message."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: Any = None
+    allow_inf: bool = False
+    why: str = ""
+
+    def describe(self) -> str:
+        """"> 0", "in [0, 1)", "one of a, b" (empty: any number)."""
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt) if self.gt is not None else None
+        high = ("]", self.le) if self.le is not None else (")", self.lt) if self.lt is not None else None
+        if low and high:
+            return f"in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {_number(low[1])}"
+        if high:
+            return f"{'<=' if high[0] == ']' else '<'} {_number(high[1])}"
+        return ""
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not self.allow_inf)):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,  # noqa: A002
+        le: float | None = None, lt: float | None = None, choices: Any = None, allow_inf: bool = False,
+        why: str = "") -> Any:
+    """A config field with its one-line description (shown by --help and in the README) and, for a number or a
+    name from a fixed set, its valid values (see `Range`; checked by `check_ranges` when the config is loaded).
+    "help" reads best at the call site."""
+    metadata: dict[str, Any] = {"help": help}
+    if any(v is not None for v in (ge, gt, le, lt, choices)) or allow_inf:
+        metadata["range"] = Range(ge, gt, le, lt, choices, allow_inf, why)
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def section(cls: type) -> Any:
@@ -135,27 +185,98 @@ def run_config(script: str, tag: str, checkpoint_path: str = "or a checkpoint pa
     return RunConfig
 
 
-def iter_schema(schema: type, prefix: str = ""):
-    """Yield (dotted key, type name, default, help) for every leaf field of a dataclass schema."""
+def _schema_leaves(schema: type, prefix: str = ""):
+    """Yield (dotted key, dataclasses.Field, default) for every leaf field of a dataclass schema."""
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
-            yield from iter_schema(f.type, key + ".")
+            yield from _schema_leaves(f.type, key + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if dataclasses.is_dataclass(default):
-            yield from iter_schema(type(default), key + ".")
+            yield from _schema_leaves(type(default), key + ".")
             continue
+        yield key, f, default
+
+
+def iter_schema(schema: type, prefix: str = ""):
+    """Yield (dotted key, type name, default, help) for every leaf field of a dataclass schema."""
+    for key, f, default in _schema_leaves(schema, prefix):
         type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         yield key, type_name, default, f.metadata.get("help", "")
+
+
+def schema_ranges(schema: type) -> dict[str, Range]:
+    """Dotted key -> its declared Range, for every leaf of the schema that declares one."""
+    return {key: f.metadata["range"] for key, f, _ in _schema_leaves(schema) if "range" in f.metadata}
+
+
+def _numbers_in(value: Any) -> list:
+    """The numbers of a value: itself, or every number in a (nested) list. Booleans are not numbers here."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [x for item in value for x in _numbers_in(item)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def range_error(key: str, value: Any, valid: Range | None) -> str | None:
+    """The message for `key=value` when the value is outside `valid` (or is a NaN or infinite float, which no key
+    takes unless its Range allows infinity); None when it is fine."""
+    if valid is not None and valid.choices is not None:
+        if value in valid.choices:
+            return None
+        options = ", ".join(str(c) for c in valid.choices)
+        if isinstance(value, str):
+            return f"unknown {key} '{value}'; choose one of {options}"
+        return f"{key}={value} must be one of {options}"
+    valid = valid or Range()
+    plain = to_plain(value) if isinstance(value, ListConfig) else value
+    numbers = _numbers_in(plain)
+    bad = [x for x in numbers if not valid.contains(x)]
+    if not bad:
+        return None
+    wanted = valid.describe()
+    non_finite = isinstance(bad[0], float) and not math.isfinite(bad[0])
+    verb = "be a finite number" if non_finite else "lie" if wanted.startswith("in ") else "be"
+    wanted = f"{verb} {wanted}".rstrip()
+    why = f": {valid.why}" if valid.why else ""
+    if isinstance(plain, list):
+        return f"{key}={plain}: every number in it must {wanted} ({bad[0]} is not){why}"
+    return f"{key}={bad[0]} must {wanted}{why}"
+
+
+def check_ranges(cfg: DictConfig, schema: type | None = None) -> None:
+    """Refuse, with a UserError naming the key, the first value of `cfg` outside its key's declared Range, and any
+    NaN or infinite float. Runs when a config is loaded (and again in the scripts' validate, for a config changed
+    in code): every section is checked, also those of components (KD methods, agents) the run does not select, so
+    that a bad value fails at once, not late in a run. `schema`: the config's dataclass (by default its own)."""
+    schema = schema or OmegaConf.get_type(cfg)
+    for key, f, _ in _schema_leaves(schema):
+        message = range_error(key, OmegaConf.select(cfg, key), f.metadata.get("range"))
+        if message is not None:
+            raise UserError(message)
+
+
+def _restore_yaml_booleans(cfg: DictConfig, schema: type) -> None:
+    """YAML 1.1 reads a bare off / no / false as a boolean, which a string key stores as "False" (on / yes / true:
+    "True"): `train.amp=off` arrives as "False". A key with choices gets back the one choice that was meant."""
+    words = {"False": ("off", "no", "false"), "True": ("on", "yes", "true")}
+    for key, valid in schema_ranges(schema).items():
+        value = OmegaConf.select(cfg, key)
+        if valid.choices is None or not isinstance(value, str) or value not in words or value in valid.choices:
+            continue
+        meant = [c for c in valid.choices if c in words[value]]
+        if len(meant) == 1:
+            OmegaConf.update(cfg, key, meant[0])
 
 
 def config_help(schema: type, prog: str, doc: str | None) -> str:
     lines = [(doc or "").strip(), "", f"usage: {prog} [--config FILE.yaml] [key=value ...]", "",
              "Values come from the defaults below, then --config FILE.yaml, then key=value overrides.",
-             "", "keys (type = default: description):"]
+             "", "keys (type, valid values = default: description); a float is never NaN or infinite:"]
+    ranges = schema_ranges(schema)
     for key, type_name, default, text in iter_schema(schema):
-        lines.append(f"  {key} ({type_name}) = {json.dumps(default)}\n      {text}")
+        valid = ranges[key].describe() if key in ranges else ""
+        lines.append(f"  {key} ({type_name}{', ' + valid if valid else ''}) = {json.dumps(default)}\n      {text}")
     return "\n".join(lines)
 
 
@@ -163,13 +284,52 @@ def config_markdown(schema: type, base: type | None = None) -> str:
     """The configuration reference as a markdown table (pasted into the README; a test keeps them in sync).
     With `base`, only the keys the schema adds to it."""
     skip = {key for key, *_ in iter_schema(base)} if base is not None else set()
-    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    ranges = schema_ranges(schema)
+    rows = ["| key | type | valid values | default | meaning |", "|---|---|---|---|---|"]
     for key, type_name, default, text in iter_schema(schema):
         if key in skip:
             continue
-        text = text.replace("<", "\\<").replace("|", "\\|")  # markdown would read <split> as an HTML tag
-        rows.append(f"| `{key}` | {type_name} | `{json.dumps(default)}` | {text} |")
+        valid = ranges[key].describe() if key in ranges else ""
+        valid, text = (s.replace("<", "\\<").replace("|", "\\|") for s in (valid, text))  # <split>: an HTML tag
+        rows.append(f"| `{key}` | {type_name} | {valid} | `{json.dumps(default)}` | {text} |")
     return "\n".join(rows)
+
+
+def _flow(value: Any) -> str:
+    """A value as written on the command line and in YAML flow style: kd, 4.0, true, [0.5, 0.9], \"\"."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else '""'
+
+
+def _check_sections(cfg: DictConfig, incoming: Any, source: str, prefix: str = "") -> None:
+    """Refuse a single value (or a list, or null) given to a whole section, e.g. `kd=3` or `kd: 3` in a YAML file,
+    naming the section and a key inside it (OmegaConf's own error names no key)."""
+    if not isinstance(incoming, dict):
+        return
+    for name, value in incoming.items():
+        if not isinstance(name, str) or name not in cfg:
+            continue  # an unknown key: the merge names it
+        path = f"{prefix}{name}"
+        if not isinstance(cfg[name], DictConfig):
+            if isinstance(value, dict) and not isinstance(cfg[name], ListConfig):
+                raise UserError(f"'{path}' is a key, not a section, so it cannot hold keys ({source}): give it "
+                                f"one value, e.g. {path}={_flow(OmegaConf.to_container(cfg, resolve=False)[name])}")
+            continue  # a leaf: the merge checks its type
+        if isinstance(value, dict):
+            _check_sections(cfg[name], value, source, path + ".")
+            continue
+        keys = OmegaConf.to_container(cfg[name], resolve=False)
+        leaf = next((k for k, v in keys.items() if not isinstance(v, dict)), next(iter(keys)))
+        example = _flow(keys[leaf]) if not isinstance(keys[leaf], dict) else "..."
+        nested = f"{leaf}: {example}"
+        for part in reversed(path.split(".")):
+            nested = f"{part}: {{{nested}}}"
+        raise UserError(f"'{path}' is a section of the config, not a key, so it cannot take the value "
+                        f"{json.dumps(value)} ({source}): set the keys inside it, e.g. {path}.{leaf}={example} "
+                        f"(in a YAML file: `{nested}`); run with --help to list the keys of {path}")
 
 
 def _config_error(exc: OmegaConfBaseException, source: str) -> UserError:
@@ -183,7 +343,8 @@ def _config_error(exc: OmegaConfBaseException, source: str) -> UserError:
 def load_config(schema: type, config_file: str | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Build the config: schema defaults, then the YAML file, then dotted `key=value` overrides.
 
-    Unknown keys and values of the wrong type raise UserError naming the key."""
+    Unknown keys, values of the wrong type and values outside a key's declared range (`opt(..., ge=0)`, see
+    `check_ranges`) raise UserError naming the key, before the caller does any work."""
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
     if config_file is not None:
@@ -211,6 +372,7 @@ def load_config(schema: type, config_file: str | None = None, overrides: list[st
         if len(file_cfg) == 0:
             raise UserError(f"config file {path} is empty: write config keys and values in it (e.g. "
                             "`kd: {temperature: 2}`), or leave out --config to use the defaults")
+        _check_sections(cfg, OmegaConf.to_container(file_cfg, resolve=False), f"in {path}")
         try:
             cfg = OmegaConf.merge(cfg, file_cfg)
         except OmegaConfBaseException as exc:
@@ -219,9 +381,13 @@ def load_config(schema: type, config_file: str | None = None, overrides: list[st
         if "=" not in item:
             raise UserError(f"cannot parse argument '{item}': overrides look like key=value, e.g. kd.temperature=2")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            incoming = OmegaConf.from_dotlist([item])
+            _check_sections(cfg, OmegaConf.to_container(incoming, resolve=False), f"override '{item}'")
+            cfg = OmegaConf.merge(cfg, incoming)
         except OmegaConfBaseException as exc:
             raise _config_error(exc, f"override '{item}'") from None
+    _restore_yaml_booleans(cfg, schema)
+    check_ranges(cfg, schema)
     return cfg
 
 

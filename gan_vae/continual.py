@@ -48,7 +48,7 @@ from gan_vae.fid import (FeatureModule, FeaturesOf, FIDEvaluator, check_inceptio
 from gan_vae.tasks import domain_tensor, load_task
 from models import (Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, nt_xent, relational_kd, vae_loss_terms,
                     wgan_critic_loss, wgan_generator_loss)
-from utils import (MetricLogger, UserError, check, check_program, checkpoint_program, claim_run_dir, config_differences,
+from utils import (MetricLogger, UserError, check, check_program, check_ranges, checkpoint_program, claim_run_dir, config_differences,
                    default_run_name, freeze, iter_schema, load_checkpoint, make_dirs, opt, parse_config, plan_run_dir,
                    plot_curves, read_jsonl, read_saved_config, require_entries, rng_state, run_cli, run_config,
                    run_name, save_checkpoint, save_config, section, seed_everything, set_rng_state, setup_distributed,
@@ -63,38 +63,41 @@ class DataConfig:
     tasks: list[str] = opt(["mnist", "fashion_mnist"], "task sequence: mnist, fashion_mnist or an .npz file, each "
                                                        "optionally with :classes=0-4, :invert, :rotate=DEG")
     root: str = opt("data", "where torchvision downloads MNIST and Fashion-MNIST")
-    channels: int = opt(1, "image channels (1, or 3 by repeating the grey channel)")
+    channels: int = opt(1, "image channels (1, or 3 by repeating the grey channel)", choices=(1, 3))
     test_fraction: float = opt(0.2, "share of an .npz task held out as its test split (seeded; every task keeps "
-                                    "at least 1 training and 3 test images)")
+                                    "at least 1 training and 3 test images)", gt=0, lt=1)
 
 
 @dataclass
 class TeacherConfig:
     fid_threshold: float = opt(50.0, "a new expert is added when every existing expert's FID on the new task "
-                                     "exceeds this (see the README on choosing it)")
-    max_experts: int = opt(4, "upper bound on the number of experts")
-    steps: int = opt(1500, "generator steps per task")
-    batch_size: int = opt(64, "WGAN-GP batch size")
-    n_critic: int = opt(5, "critic steps per generator step")
-    gp_weight: float = opt(10.0, "gradient penalty weight lambda")
-    lr: float = opt(1e-4, "Adam learning rate (generator and critic)")
-    betas: list[float] = opt([0.5, 0.9], "Adam betas")
-    z_dim: int = opt(64, "generator noise dimension")
-    width: int = opt(32, "base channel width of generator and critic")
+                                     "exceeds this (see the README on choosing it)", gt=0)
+    max_experts: int = opt(4, "upper bound on the number of experts", ge=1)
+    steps: int = opt(1500, "generator steps per task", ge=1)
+    batch_size: int = opt(64, "WGAN-GP batch size (split in equal shares over the expert's tasks: at least the "
+                              "number of tasks)", ge=1)
+    n_critic: int = opt(5, "critic steps per generator step", ge=1)
+    gp_weight: float = opt(10.0, "gradient penalty weight lambda", ge=0)
+    lr: float = opt(1e-4, "Adam learning rate (generator and critic)", gt=0)
+    betas: list[float] = opt([0.5, 0.9], "Adam betas (two numbers)", ge=0, lt=1)
+    z_dim: int = opt(64, "generator noise dimension", ge=1)
+    width: int = opt(32, "base channel width of generator and critic", ge=1)
     attention: bool = opt(False, "SAGAN self-attention at 16x16 in generator and critic")
 
 
 @dataclass
 class StudentConfig:
-    z_dim: int = opt(16, "shared latent z dimension (prior N(0, I))")
-    u_dim: int = opt(8, "domain latent u dimension (prior p(u | t) learned per task)")
-    width: int = opt(32, "base channel width of the VAE")
-    beta: float = opt(1.0, "weight of KL_z + KL_u")
-    steps: int = opt(1500, "student steps per task")
-    batch_size: int = opt(64, "student batch size (split in equal shares over the seen tasks)")
-    lr: float = opt(1e-3, "Adam learning rate")
-    contrastive_weight: float = opt(0.1, "weight of NT-Xent between the z-means of two augmented views")
-    contrastive_temperature: float = opt(0.5, "NT-Xent temperature")
+    z_dim: int = opt(16, "shared latent z dimension (prior N(0, I))", ge=1)
+    u_dim: int = opt(8, "domain latent u dimension (prior p(u | t) learned per task)", ge=1)
+    width: int = opt(32, "base channel width of the VAE", ge=1)
+    beta: float = opt(1.0, "weight of KL_z + KL_u", ge=0)
+    steps: int = opt(1500, "student steps per task", ge=1)
+    # two rows at least: the contrastive and relational terms compare each row with the others
+    batch_size: int = opt(64, "student batch size (split in equal shares over the seen tasks: at least the number "
+                              "of tasks)", ge=2)
+    lr: float = opt(1e-3, "Adam learning rate", gt=0)
+    contrastive_weight: float = opt(0.1, "weight of NT-Xent between the z-means of two augmented views", ge=0)
+    contrastive_temperature: float = opt(0.5, "NT-Xent temperature", gt=0)
     replay: bool = opt(True, "replay earlier tasks from their experts (false: current task only, to measure "
                              "what distillation buys)")
     mixup: bool = opt(False, "mix real and replayed images (Beta(0.4, 0.4)) with interpolated task priors")
@@ -103,25 +106,28 @@ class StudentConfig:
 @dataclass
 class KDConfig:
     feature_weight: float = opt(0.1, "feature-level distillation: encoder features, through a projection of each "
-                                     "expert's own, vs that expert critic's features")
-    relational_weight: float = opt(1.0, "relational distillation weight (similarities among rows of one expert)")
-    temperature_max: float = opt(4.0, "relational temperature at the start of each task")
-    temperature_min: float = opt(1.0, "relational temperature at the end of each task")
-    temperature_fid_gain: float = opt(0.5, "T is multiplied by 1 + gain * clip(FID / fid_threshold - 1, 0, 1)")
+                                     "expert's own, vs that expert critic's features", ge=0)
+    relational_weight: float = opt(1.0, "relational distillation weight (similarities among rows of one expert)",
+                                   ge=0)
+    temperature_max: float = opt(4.0, "relational temperature at the start of each task (>= temperature_min)", gt=0)
+    temperature_min: float = opt(1.0, "relational temperature at the end of each task", gt=0)
+    temperature_fid_gain: float = opt(0.5, "T is multiplied by 1 + gain * clip(FID / fid_threshold - 1, 0, 1)",
+                                      ge=0)
     previous_weight: float = opt(8.0, "self-distillation on replayed images from the student's frozen copy taken "
                                       "before the task: Bernoulli KL of its mean reconstruction plus squared "
-                                      "distance of its posterior means (0: off)")
+                                      "distance of its posterior means (0: off)", ge=0)
     weight_floor: float = opt(0.3, "lowest weight of a replayed expert (scales its rows in the replay loss and in "
-                                   "every distillation term)")
-    weight_ceiling: float = opt(1.0, "highest weight of a replayed expert")
+                                   "every distillation term)", gt=0)
+    weight_ceiling: float = opt(1.0, "highest weight of a replayed expert (>= weight_floor)", gt=0)
 
 
 @dataclass
 class FIDConfig:
-    backend: str = opt("domain", "domain (a classifier trained on the tasks, offline) or inception")
+    backend: str = opt("domain", "domain (a classifier trained on the tasks, offline) or inception",
+                       choices=("domain", "inception"))
     samples: int = opt(5000, "samples per FID set (all test images when fewer); the counts used are written next "
-                             "to every FID")
-    classifier_epochs: int = opt(8, "domain classifier training epochs")
+                             "to every FID", ge=3, why="FID needs more than 2 samples per set")
+    classifier_epochs: int = opt(8, "domain classifier training epochs", ge=1)
     inception_path: str = opt("", "local FID Inception-v3 weights, torch-fidelity's "
                                   "weights-inception-2015-12-05-6726825d.pth (empty: download them)")
     cache_dir: str = opt("", "where the domain classifier is cached (default <run.out_dir>/fid_cache)")
@@ -129,20 +135,21 @@ class FIDConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = opt(0, "seed")
-    device: str = opt("auto", "auto, cuda or cpu")
+    seed: int = opt(0, "seed", ge=0, le=10**8,
+                    why="the seeds of every step, (seed, task, phase, step), must fit in 64 bits")
+    device: str = opt("auto", "auto, cuda or cpu", choices=("auto", "cuda", "cpu"))
 
 
 @dataclass
 class RunConfig(run_config("gan_vae", "<tasks>", "a checkpoint path starts from that file (another run's task_<i>.pt: "
                                                  "training keys of later tasks may differ)")):
-    checkpoint_every: int = opt(500, "also checkpoint every this many steps within a phase")
+    checkpoint_every: int = opt(500, "also checkpoint every this many steps within a phase", ge=1)
 
 
 @dataclass
 class LogConfig:
-    every_steps: int = opt(50, "metrics.jsonl line interval, in steps")
-    sample_every: int = opt(500, "sample grid interval, in steps (and at the end of every task)")
+    every_steps: int = opt(50, "metrics.jsonl line interval, in steps", ge=1)
+    sample_every: int = opt(500, "sample grid interval, in steps (and at the end of every task)", ge=1)
 
 
 @dataclass
@@ -158,21 +165,23 @@ class ContinualConfig:
 
 
 def validate(cfg) -> None:
-    check(len(cfg.data.tasks) >= 1, "data.tasks needs at least one task")
-    check(0 < cfg.data.test_fraction < 1, f"data.test_fraction={cfg.data.test_fraction} must be between 0 and 1")
-    check(cfg.teacher.fid_threshold > 0, f"teacher.fid_threshold={cfg.teacher.fid_threshold} must be > 0")
-    check(cfg.teacher.max_experts >= 1, f"teacher.max_experts={cfg.teacher.max_experts} must be >= 1")
-    check(cfg.fid.samples > 2, f"fid.samples={cfg.fid.samples}: FID needs more than 2 samples per set")
-    check(cfg.fid.backend in ("domain", "inception"), f"fid.backend={cfg.fid.backend}: domain or inception")
+    """Every key against its declared range (utils.check_ranges; load_config has done it already, this covers a
+    config changed in code), then the checks that involve several keys or a file."""
+    check_ranges(cfg)
+    tasks = len(cfg.data.tasks)
+    check(tasks >= 1, "data.tasks needs at least one task")
     if cfg.fid.backend == "inception":
         check_inception_path(cfg.fid.inception_path)
-    check(cfg.data.channels in (1, 3), f"data.channels={cfg.data.channels}: 1 or 3")
-    check(cfg.teacher.steps >= 1 and cfg.student.steps >= 1, "teacher.steps and student.steps must be >= 1")
-    check(cfg.teacher.n_critic >= 1, "teacher.n_critic must be >= 1")
     check(len(cfg.teacher.betas) == 2, "teacher.betas takes two numbers")
-    check(0 < cfg.kd.weight_floor <= cfg.kd.weight_ceiling, "need 0 < kd.weight_floor <= kd.weight_ceiling")
-    check(cfg.kd.temperature_min > 0 and cfg.kd.temperature_max >= cfg.kd.temperature_min,
-          "need 0 < kd.temperature_min <= kd.temperature_max")
+    for key in ("teacher.batch_size", "student.batch_size"):  # each task's share of a batch is batch_size // tasks
+        size = OmegaConf.select(cfg, key)
+        check(size >= tasks, f"{key}={size} is split in equal shares over the tasks, {tasks} in data.tasks, so a "
+                             f"task would get no image in a batch; use {key} >= {tasks}")
+    kd = cfg.kd
+    check(kd.weight_floor <= kd.weight_ceiling,
+          f"kd.weight_floor={kd.weight_floor} is above kd.weight_ceiling={kd.weight_ceiling}; need floor <= ceiling")
+    check(kd.temperature_min <= kd.temperature_max, f"kd.temperature_min={kd.temperature_min} is above "
+                                                    f"kd.temperature_max={kd.temperature_max}; need min <= max")
     for name, entry in STUDENT_LOSSES.items():
         check(entry.weight is None or isinstance(OmegaConf.select(cfg, entry.weight), (int, float)),
               f"student loss {name!r} is weighted by {entry.weight}, which is not a number in the config")

@@ -116,7 +116,7 @@ def test_config_file_errors_on_the_command_line(tmp_path):
 @pytest.mark.parametrize("main", [train_student.main, train_student_rl.main])
 def test_zero_epochs_is_refused_before_anything_is_written(main, tmp_path, capsys):
     code, err = cli(main, [*TINY, "kd.alpha=0.5", "train.epochs=0", f"run.out_dir={tmp_path}", "run.name=z"], capsys)
-    assert_user_error(code, err, "train.epochs=0: nothing would be trained", "eval.checkpoint=PATH")
+    assert_user_error(code, err, "train.epochs=0 must be >= 1: nothing would be trained", "eval.checkpoint=PATH")
     assert not (tmp_path / "z").exists()
 
 

@@ -616,7 +616,7 @@ def test_continual_bad_input_on_the_command_line(domains, tmp_path, override, fr
     ("teacher.fid_threshold=0", "teacher.fid_threshold=0.0 must be > 0"),
     ("teacher.max_experts=0", "teacher.max_experts=0 must be >= 1"),
     ("fid.samples=2", "fid.samples=2"),
-    ("data.test_fraction=1", "data.test_fraction=1.0 must be between 0 and 1"),
+    ("data.test_fraction=1", "data.test_fraction=1.0 must lie in (0, 1)"),
     ("data.tasks=[DOM/discs.npz:classes=1] data.test_fraction=0.999", "a task needs at least 1 training and 3 test"),
 ])
 def test_continual_bad_input(domains, tmp_path, override, fragment):
@@ -624,8 +624,8 @@ def test_continual_bad_input(domains, tmp_path, override, fragment):
     from gan_vae.continual import ContinualConfig, validate
     from utils import UserError, load_config
     overrides = override.replace("DOM", str(domains)).split(" ")
-    cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]), *overrides])
-    with pytest.raises(UserError) as err:
+    with pytest.raises(UserError) as err:  # a key's own range is checked when the config is loaded
+        cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]), *overrides])
         validate(cfg)
         for spec in cfg.data.tasks:
             load_task(spec, cfg.data.root, 0, cfg.data.test_fraction)
