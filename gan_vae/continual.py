@@ -307,7 +307,7 @@ def check_resume_config(ckpt: dict, path: Path, cfg, run_dir: Path) -> None:
     """Refuse a resume whose config differs from the checkpoint's in a key that changes results, naming the key
     and saying how to start a new run instead."""
     saved, current = ckpt.get("config", {}), cfg
-    branching = Path(run_dir).resolve() not in Path(path).resolve().parents
+    branching = branches_from(path, run_dir)
     changed = changed_config_keys(saved, current, branching)
     if changed:
         listing = "; ".join(f"{k} = {json.dumps(o)} (this run: {json.dumps(n)})" for k, o, n in changed)
