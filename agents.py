@@ -22,8 +22,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from common.config import opt, section
+from common.errors import check
+from common.rng import rng_state, set_rng_state
 from rl_curriculum_env import ACTION_NVEC
-from utils import check, opt, rng_state, section, set_rng_state
 
 
 class Agent(Protocol):

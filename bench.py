@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import load_config
+from common.distributed import DistInfo
 from train_student import Config, Trainer
-from utils import DistInfo, load_config
 
 
 def machine() -> dict:
@@ -177,12 +178,12 @@ def bench_curriculum(args, cache_dir: str) -> list[dict]:
 def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
     """Images per second of the training loader alone (views made, batches delivered, nothing trained) for the
     JPEG and pre-decoded paths, over the student's training throughput on ready batches."""
-    from augment import AugSpec, apply_aug_records
-    from image_sources import load_local
-    from predecode import predecode_split
-    from samplers import EpochSampler
-    from synthetic_data import write_synthetic_jpeg_folder
-    from views import TrainViews, make_loader, unpack_raw
+    from imagedata.augment import AugSpec, apply_aug_records
+    from imagedata.image_sources import load_local
+    from imagedata.predecode import predecode_split
+    from imagedata.samplers import EpochSampler
+    from imagedata.synthetic_data import write_synthetic_jpeg_folder
+    from imagedata.views import TrainViews, make_loader, unpack_raw
     tree = write_synthetic_jpeg_folder(work / "jpeg", args.classes, args.images_per_class, args.jpeg_height)
     jpeg = load_local(tree)["train"]
     start = time.perf_counter()
@@ -213,8 +214,8 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
     steps = max(2, len(jpeg) // args.batch_size)
 
     def student_rate(_: int) -> float:
+        from imagedata.normalization import input_norm, normalize_batch
         from models import kd_loss_terms
-        from normalization import input_norm, normalize_batch
         t.model.train()
         start = time.perf_counter()
         for _ in range(steps):
@@ -273,11 +274,11 @@ def bench_gpu_suite(args, work: Path) -> list[dict]:
     Each trainer is built, then trained one warm-up epoch alone (its peak memory above what the trainers built
     before it hold: its weights, optimiser state, teacher and activations), then every trainer's epochs are timed
     interleaved."""
-    from augment import AugSpec
-    from image_sources import load_local
-    from samplers import EpochSampler
-    from synthetic_data import write_synthetic_jpeg_folder
-    from views import TrainViews, make_loader
+    from imagedata.augment import AugSpec
+    from imagedata.image_sources import load_local
+    from imagedata.samplers import EpochSampler
+    from imagedata.synthetic_data import write_synthetic_jpeg_folder
+    from imagedata.views import TrainViews, make_loader
     dev = device()
     base = common_overrides(args, str(work / "cache")) + [
         "train.epochs=1000", "data.preprocessed=true", "data.augment_on=device",
@@ -353,8 +354,8 @@ def bench_gpu_suite(args, work: Path) -> list[dict]:
 
 # ---- 6: gan_vae ----------------------------------------------------------------------------------------------------
 def bench_gan_vae(args, work: Path) -> list[dict]:
-    from synthetic_data import render_synthetic_image, synthetic_class_attributes
     from gan_vae.continual import ContinualConfig, ContinualRun
+    from imagedata.synthetic_data import render_synthetic_image, synthetic_class_attributes
     rng = np.random.default_rng(0)
     attrs = synthetic_class_attributes(10)
     labels = np.arange(args.gan_images) % 10

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.distributed import all_gather_objects, broadcast_buffers, broadcast_object
+from common.rng import rng_isolated
 from curriculum_dataloader import CurriculumSampler, strategy_named
+from imagedata.normalization import input_norm, normalize_batch
+from imagedata.samplers import ShardSampler
+from imagedata.views import EvalViews, make_loader
 from models import difficulty_score
-from normalization import input_norm, normalize_batch
-from samplers import ShardSampler
-from utils import all_gather_objects, broadcast_buffers, broadcast_object, rng_isolated
-from views import EvalViews, make_loader
 
 
 def build_sampler(cfg, dist, num_samples: int) -> CurriculumSampler:

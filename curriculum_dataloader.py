@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from samplers import pad_and_shard
-from utils import UserError
+from common.errors import UserError
+from imagedata.samplers import pad_and_shard
 
 MIXED_WEIGHTS = (5, 3, 2, 1, 1)  # by distance (0..4) from the target's quintile
 

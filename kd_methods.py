@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from common.errors import UserError, check
 from models import dist_loss_terms, dkd_loss_terms, dkd_warmup, hint_loss, kd_loss_terms, logits_and_pooled_features
-from utils import UserError, check
 
 # name -> (weight, value): the loss is sum(weight * value); every value is logged as train/loss_<name>
 LossTerms = dict[str, tuple[float, torch.Tensor]]

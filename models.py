@@ -12,8 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from normalization import IMAGENET_NORM, Norm, named_norm, pretrained_norm, renormalize
-from utils import UserError, freeze, load_checkpoint, load_state_strict
+from common.checkpoint import freeze, load_checkpoint, load_state_strict
+from common.errors import UserError
+from imagedata.normalization import IMAGENET_NORM, Norm, named_norm, pretrained_norm, renormalize
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,7 +295,7 @@ def create_teacher(cfg, class_names: list[str], input_norm: Norm | None = None) 
       by train_student.py with kd.alpha=1), or random weights;
     - a teacher with exactly len(class_names) outputs is used as is; a 1000-way ImageNet teacher is restricted to
       the dataset's classes through timm's mini-ImageNet synset and index lists (checked at start-up)."""
-    from label_alignment import imagenet_class_index
+    from imagedata.label_alignment import imagenet_class_index
     t = cfg.teacher
     if t.checkpoint:
         state = load_state_file(Path(t.checkpoint))

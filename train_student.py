@@ -34,219 +34,30 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import kd_methods
-from augment import AugSpec, apply_aug_records
-from image_sources import VAL_FRACTION, check_data_path, load_splits
+from common.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from common.cli import run_cli
+from common.config import (RESUME_SAFE_KEYS, check_ranges, check_resume_config, check_same_config_on_all_ranks, opt,
+                           parse_config, run_config, section, to_plain)
+from common.distributed import (DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers,
+                                broadcast_module, broadcast_object, cleanup_distributed, setup_distributed)
+from common.errors import UserError, check
+from common.files import atomic_write, save_config, write_json
+from common.metrics import MetricLogger, read_jsonl
+from common.plots import plot_curves
+from common.rng import rng_isolated, rng_state, seed_everything, set_rng_state, state_digest, trace, trace_dir
+from common.rundir import (check_program, checkpoint_program, claim_run_dir, default_run_name, make_dirs, plan_run_dir,
+                           read_saved_config, require_entries, run_files, run_name)
+from engine.config import Config, validate
+from imagedata.augment import AugSpec, apply_aug_records
+from imagedata.image_sources import VAL_FRACTION, check_data_path, load_splits
+from imagedata.normalization import input_norm, normalize_batch
+from imagedata.predecode import predecode_splits
+from imagedata.samplers import EpochSampler, ShardSampler, TrainBatchSampler
+from imagedata.views import EvalViews, TrainViews, make_loader, unpack_raw
 from kd_methods import Distiller, LossTerms, build_method
-from normalization import input_norm, normalize_batch
-from predecode import predecode_splits
-from samplers import EpochSampler, ShardSampler, TrainBatchSampler
-from views import EvalViews, TrainViews, make_loader, unpack_raw
 from models import count_params, create_student, create_teacher
-from utils import (RESUME_SAFE_KEYS, DistInfo, MetricLogger, UserError, all_gather_objects, all_reduce_sum,
-                   atomic_write, barrier, broadcast_buffers, broadcast_module, broadcast_object, check, check_program, check_ranges,
-                   check_same_config_on_all_ranks, checkpoint_program, claim_run_dir, check_resume_config,
-                   cleanup_distributed, default_run_name, load_checkpoint, load_state_strict, make_dirs, opt,
-                   parse_config, plan_run_dir, plot_curves, read_jsonl, read_saved_config, require_entries, rng_state,
-                   run_cli, run_config, run_files, run_name, save_checkpoint, save_config, section, seed_everything,
-                   set_rng_state, setup_distributed, state_digest, to_plain, trace, trace_dir, write_json)
-from utils import rng_isolated
-
 
 # ================================================================================================================
-# Config schema: every key, its default and its meaning (`--help` prints this table).
-# ================================================================================================================
-@dataclass
-class SyntheticConfig:
-    num_classes: int = opt(10, "synthetic data: number of classes (named after the first mini-ImageNet synsets)",
-                            ge=2, le=100)
-    images_per_class: int = opt(100, "synthetic data: training images per class (validation and test get 1/4 each)",
-                                 ge=1)
-    eval_images_per_class: int = opt(0, "synthetic data: validation and test images per class "
-                                        "(0 = a quarter of images_per_class)", ge=0)
-    image_size: int = opt(32, "synthetic data: side of the generated images in pixels", ge=16)
-    seed: int = opt(0, "synthetic data: generator seed (the data are a pure function of these six keys)", ge=0)
-    label_noise: float = opt(0.0, "synthetic data: fraction of TRAINING labels replaced by a different class drawn "
-                                  "uniformly (validation and test stay clean; the true class is kept in a "
-                                  "clean_label column)", ge=0, lt=1)
-
-
-@dataclass
-class DataConfig:
-    name: str = opt("timm/mini-imagenet", "Hugging Face hub dataset id, or 'synthetic' for generated offline data")
-    path: str = opt("", "local copy instead of the hub: a save_to_disk folder or an ImageFolder tree "
-                        "<split>/<class>/<image> with train, test and validation (or val, valid; carved from train "
-                        "when absent, see data.val_fraction)")
-    val_fraction: float = opt(VAL_FRACTION, "for a dataset with train and test splits only: the share of train "
-                                            "carved out as validation (printed at start-up); 0 requires a "
-                                            "validation split", ge=0, lt=1)
-    val_seed: int = opt(0, "seed of that carve; apart from train.seed, so every training seed validates on the "
-                           "same images", ge=0)
-    image_size: int = opt(224, "side of the training and evaluation views", ge=16)
-    crop_scale_min: float = opt(0.08, "RandomResizedCrop lower area bound (upper is 1)", gt=0, le=1)
-    hflip: bool = opt(True, "random horizontal flip of training views")
-    color_jitter: list[float] = opt([0.2, 0.2, 0.2], "ColorJitter brightness, contrast, saturation", ge=0)
-    eval_crop_ratio: float = opt(0.875, "evaluation view: resize to image_size / ratio, centre-crop image_size",
-                                 gt=0, le=1)
-    workers: int = opt(8, "DataLoader worker processes per rank (0 loads in the main process)", ge=0)
-    preprocessed: bool = opt(False, "decode every image once into a uint8 memory map per split (see "
-                                    "data.preprocess_size) instead of decoding JPEGs every epoch")
-    preprocess_size: int = opt(0, "0: store images as decoded, so training, evaluation and teacher views equal the "
-                                  "JPEG path's (disk: height x width x 3 bytes per image, about 40 GB for "
-                                  "mini-ImageNet, an estimate). N > 0: store a copy downscaled to short side N "
-                                  "(smaller, e.g. about 17 GB at 256), which changes the recipe: random crops come "
-                                  "from the downscaled copy, so training views and teacher-cache views differ from "
-                                  "the reference (more crops are upscaled)", ge=0)
-    preprocess_dir: str = opt("", "where pre-decoded splits live (default <run.out_dir>/predecoded)")
-    augment_on: str = opt("auto", "where training crops, flips and jitter run: workers, device (needs "
-                                  "data.preprocessed=true), or auto (device when pre-decoded on CUDA, else workers)",
-                          choices=("auto", "workers", "device"))
-    synthetic: SyntheticConfig = section(SyntheticConfig)
-
-
-@dataclass
-class TeacherConfig:
-    name: str = opt("resnet152.tv_in1k", "timm teacher; resnet152.tv_in1k = torchvision V1 weights, "
-                                         "resnet152.tv2_in1k = V2")
-    pretrained: bool = opt(True, "load the hub weights of teacher.name (ignored when teacher.checkpoint is set)")
-    checkpoint: str = opt("", "local teacher weights (.pt, .pth or .safetensors; e.g. student.safetensors of a "
-                              "kd.alpha=1 run) used instead of hub weights")
-    mode: str = opt("cached", "'cached': run the teacher once before training and replay its views; "
-                              "'online': run it on every training batch", choices=("cached", "online"))
-    cache_views: int = opt(10, "K: augmented views per training image stored in the teacher cache", ge=1)
-    cache_features: bool = opt(True, "also store the teacher's pooled features of every cached view (fp16) when "
-                                      "kd.method needs them (fitnet); false refuses such a method")
-    prepare: str = opt("", "a config file that trains the teacher when teacher.checkpoint does not exist yet: that "
-                           "run goes first, into this run.out_dir, and must write teacher.checkpoint (its "
-                           "student.safetensors); a stopped one is continued. configs/quickstart.yaml uses "
-                           "configs/quickstart_teacher.yaml")
-    cache_dir: str = opt("", "teacher cache location (default <run.out_dir>/teacher_cache)")
-    batch_size: int = opt(256, "images per teacher forward while building the cache", ge=1)
-
-
-@dataclass
-class StudentConfig:
-    name: str = opt("mobilenetv2_100", "timm student model")
-    pretrained: bool = opt(False, "start the student from hub weights (the reference trains from scratch)")
-
-
-@dataclass
-class DKDConfig:
-    alpha: float = opt(1.0, "TCKD weight (target-class term). Defaults: Zhao et al. CVPR 2022 / mdistiller's ImageNet "
-                            "ResNet-50 -> MobileNetV2 setting: alpha 1, beta 2, T 1, warm-up 1 epoch, CE weight 1",
-                      ge=0)
-    beta: float = opt(2.0, "NCKD weight (non-target term; 0.5 for ImageNet ResNet-34 -> ResNet-18)", ge=0)
-    temperature: float = opt(1.0, "DKD's temperature T (ImageNet: 1)", gt=0)
-    warmup_epochs: float = opt(1.0, "linear warm-up of the DKD weight: min((epoch + 1) / W, 1); 0 = off", ge=0)
-    ce_weight: float = opt(1.0, "weight of the label cross-entropy", ge=0)
-
-
-@dataclass
-class DISTConfig:
-    beta: float = opt(1.0, "inter-class (per sample) relation weight. Defaults: Huang et al. NeurIPS 2022, "
-                           "ImageNet: beta 1, gamma 1, tau 1, CE weight 1 (CIFAR-100: beta = gamma = 2, tau 4)",
-                     ge=0)
-    gamma: float = opt(1.0, "intra-class (per class, over the batch) relation weight", ge=0)
-    temperature: float = opt(1.0, "DIST's temperature tau (ImageNet: 1)", gt=0)
-    ce_weight: float = opt(1.0, "weight of the label cross-entropy", ge=0)
-
-
-@dataclass
-class FitNetConfig:
-    weight: float = opt(1.0, "weight of the hint loss (MSE between the regressed student and the teacher pooled "
-                             "features). Romero et al. ICLR 2015 train hints as a separate stage on CIFAR and give no "
-                             "ImageNet setting; 1 keeps the hint on the scale of the KD term here", ge=0)
-
-
-@dataclass
-class KDConfig:
-    method: str = opt("kd", "KD method (kd_methods.KD_METHODS): kd (Hinton et al. 2015), dkd (Zhao et al. 2022), "
-                            "dist (Huang et al. 2022), fitnet (kd + a FitNets hint on pooled features)",
-                      choices=kd_methods.KD_METHODS)
-    alpha: float = opt(0.0, "kd / fitnet: weight of the label cross-entropy; 1 - alpha weighs the distillation term "
-                            "(0 = teacher only, 1 = labels only: no teacher is built for kd)", ge=0, le=1)
-    temperature: float = opt(4.0, "kd / fitnet: distillation temperature T", gt=0)
-    logit_standardize: bool = opt(False, "kd, dkd, fitnet: z-score each sample's logits before the temperature (Sun "
-                                         "et al. CVPR 2024, logit standardisation); refused with kd.method=dist, "
-                                         "which does not implement it")
-    dkd: DKDConfig = section(DKDConfig)
-    dist: DISTConfig = section(DISTConfig)
-    fitnet: FitNetConfig = section(FitNetConfig)
-    baseline: bool = opt(False, "also train a label-only student (kd.alpha=1) with the same budget and seed into "
-                                "<run>/label_only/ and print both side by side")
-
-
-@dataclass
-class TrainingConfig:
-    epochs: int = opt(100, "training epochs", ge=1,
-                      why="nothing would be trained (to evaluate a saved student on the test split, use "
-                          "eval.checkpoint=PATH)")
-    batch_size: int = opt(128, "training batch size per rank", ge=1)
-    eval_batch_size: int = opt(256, "evaluation batch size per rank", ge=1)
-    optimizer: str = opt("adam", "adam (L2 weight decay, as the reference), adamw or sgd (Nesterov)",
-                         choices=("adam", "adamw", "sgd"))
-    lr: float = opt(1e-3, "peak learning rate", gt=0)
-    min_lr: float = opt(1e-6, "learning rate at the end of the cosine schedule (at most train.lr)", ge=0)
-    warmup_epochs: float = opt(0.0, "linear warm-up before the cosine decay, in epochs", ge=0)
-    weight_decay: float = opt(1e-4, "weight decay", ge=0)
-    momentum: float = opt(0.9, "SGD momentum (train.optimizer=sgd, Nesterov: needs > 0)", ge=0, lt=1)
-    grad_clip: float = opt(0.0, "clip the gradient norm to this value (0 = off)", ge=0)
-    seed: int = opt(0, "seed for weights, shuffling and augmentation (the same seed gives the same numbers on CPU)",
-                    ge=0, le=2**32 - 1, why="NumPy's global seed, which the PPO agent sets, takes 32 bits")
-    device: str = opt("auto", "auto (CUDA if available), cuda or cpu", choices=("auto", "cuda", "cpu"))
-    amp: str = opt("auto", "mixed precision: auto (bf16 on CUDA, off on CPU), bf16, fp16 (with a GradScaler; runs "
-                           "on CPU too) or off", choices=("auto", "bf16", "fp16", "off"))
-    channels_last: bool = opt(True, "channels_last memory format for the student and its inputs")
-    compile: bool = opt(False, "torch.compile the student and the KD method's parts (inductor; on CPU it needs a "
-                               "C++ compiler). Compilation happens in the first steps; may change on resume")
-    profile: bool = opt(False, "write a torch.profiler trace of training steps 3-7 of the first epoch to "
-                               "<run>/profile/ (TensorBoard / chrome://tracing / Perfetto)")
-
-
-@dataclass
-class EvalConfig:
-    checkpoint: str = opt("", "evaluate this checkpoint on the test split, print the result as JSON and exit")
-    latency: bool = opt(True, "measure the student's inference latency at batch 1 and 128 in the final report")
-
-
-@dataclass
-class RunConfig(run_config("train_student", "<data>")):
-    """The shared run.* keys, as a class of this module so that a config pickles (see utils.run_config)."""
-
-
-@dataclass
-class LogConfig:
-    tensorboard: bool = opt(False, "also write TensorBoard logs to <run>/tensorboard")
-    every_steps: int = opt(20, "progress-bar refresh and non-finite loss check interval, in steps", ge=1)
-
-
-@dataclass
-class Config:
-    data: DataConfig = section(DataConfig)
-    teacher: TeacherConfig = section(TeacherConfig)
-    student: StudentConfig = section(StudentConfig)
-    kd: KDConfig = section(KDConfig)
-    train: TrainingConfig = section(TrainingConfig)
-    eval: EvalConfig = section(EvalConfig)
-    run: RunConfig = section(RunConfig)
-    log: LogConfig = section(LogConfig)
-
-
-def validate(cfg) -> None:
-    """Every key against its declared range (utils.check_ranges; load_config has done it already, this covers a
-    config changed in code), then the checks that involve several keys, and the selected KD method's own."""
-    check_ranges(cfg)
-    t = cfg.train
-    check(t.min_lr <= t.lr, f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the cosine schedule would raise "
-                            "the learning rate; use train.min_lr <= train.lr")
-    check(t.optimizer != "sgd" or t.momentum > 0, "train.optimizer=sgd uses Nesterov momentum, which needs "
-                                                  f"train.momentum > 0 (got {t.momentum})")
-    check(len(cfg.data.color_jitter) == 3, "data.color_jitter takes three numbers: brightness, contrast, saturation")
-    check(cfg.data.preprocess_size == 0 or cfg.data.preprocess_size >= cfg.data.image_size,
-          f"data.preprocess_size={cfg.data.preprocess_size} must be >= data.image_size={cfg.data.image_size}, "
-          "or 0 (store images as decoded)")
-    check(cfg.data.augment_on != "device" or cfg.data.preprocessed,
-          "data.augment_on=device needs data.preprocessed=true (JPEGs are decoded in the workers)")
-    kd_methods.validate_method(cfg)
 
 
 # ================================================================================================================
@@ -545,7 +356,7 @@ class Trainer:
         return kd_methods.uses_teacher(self.cfg)
 
     def build_cache(self) -> None:
-        from teacher_cache import build_or_load_cache
+        from engine.teacher_cache import build_or_load_cache
         cfg = self.cfg
         cache_dir = Path(cfg.teacher.cache_dir or Path(cfg.run.out_dir) / "teacher_cache")
         self.cache, self.cache_info = build_or_load_cache(

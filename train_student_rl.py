@@ -30,14 +30,16 @@ import numpy as np
 # the agents and save_difficulty_snapshot are also imported from here (tests, bench.py: this script's parts)
 import kd_methods
 from agents import AGENT_REGISTRY, AgentConfig, BanditAgent, FixedAgent, PPOAgent, RandomAgent, make_agent
+from common.cli import run_cli
+from common.config import check_same_config_on_all_ranks, opt, parse_config, section
+from common.distributed import all_gather_objects, broadcast_object, cleanup_distributed, setup_distributed
+from common.errors import UserError, check
+from common.metrics import MetricLogger, read_jsonl
+from common.rng import rng_state, state_digest, trace, trace_dir
 from curriculum import Curriculum, build_sampler, save_difficulty_snapshot
 from curriculum_dataloader import STRATEGIES, STRATEGY_REGISTRY
 from rl_curriculum_env import ACTION_NVEC, CurriculumEnv
 from train_student import Config, Trainer, prepare_teacher, run_training, validate
-from utils import (MetricLogger, UserError, all_gather_objects, broadcast_object, check, check_same_config_on_all_ranks,
-                   cleanup_distributed, opt,
-                   parse_config, read_jsonl, rng_state, run_cli, section, setup_distributed, state_digest, trace,
-                   trace_dir)
 
 
 # ================================================================================================================

@@ -42,17 +42,24 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from common.checkpoint import freeze, load_checkpoint, save_checkpoint, unfreeze
+from common.cli import run_cli
+from common.config import (check_ranges, config_differences, iter_schema, opt, parse_config, run_config, section,
+                           to_plain)
+from common.distributed import setup_distributed
+from common.errors import UserError, check
+from common.files import save_config, write_json
+from common.metrics import MetricLogger, read_jsonl
+from common.plots import plot_curves
+from common.rng import rng_state, seed_everything, set_rng_state
+from common.rundir import (check_program, checkpoint_program, claim_run_dir, default_run_name, make_dirs, plan_run_dir,
+                           read_saved_config, require_entries, run_name)
 from gan_vae import forgetting
 from gan_vae.fid import (FeatureModule, FeaturesOf, FIDEvaluator, check_inception_path, inception_features,
                          train_domain_classifier)
 from gan_vae.tasks import domain_tensor, load_task
 from models import (Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, nt_xent, relational_kd, vae_loss_terms,
                     wgan_critic_loss, wgan_generator_loss)
-from utils import (MetricLogger, UserError, check, check_program, check_ranges, checkpoint_program, claim_run_dir, config_differences,
-                   default_run_name, freeze, iter_schema, load_checkpoint, make_dirs, opt, parse_config, plan_run_dir,
-                   plot_curves, read_jsonl, read_saved_config, require_entries, rng_state, run_cli, run_config,
-                   run_name, save_checkpoint, save_config, section, seed_everything, set_rng_state, setup_distributed,
-                   to_plain, unfreeze, write_json)
 
 
 # ================================================================================================================

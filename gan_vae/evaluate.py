@@ -20,10 +20,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.checkpoint import load_checkpoint
+from common.cli import run_cli
+from common.config import load_config
+from common.distributed import setup_distributed
+from common.errors import UserError
+from common.files import write_json
+from common.rundir import lock_run_dir, make_dirs
 from gan_vae import forgetting
 from gan_vae.continual import ContinualConfig, ContinualRun, changed_config_keys, file_digest, validate
-from utils import (UserError, load_checkpoint, load_config, lock_run_dir, make_dirs, run_cli, setup_distributed,
-                   write_json)
 
 
 def own_task_checkpoints(run_dir: Path) -> dict[int, Path]:

@@ -28,8 +28,9 @@ from filelock import FileLock, Timeout
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
+from common.checkpoint import freeze, save_checkpoint
+from common.errors import UserError
 from gan_vae.tasks import TaskData, domain_tensor
-from utils import UserError, freeze, save_checkpoint
 
 
 class DomainClassifier(nn.Module):
@@ -239,8 +240,8 @@ def inception_features(weights_path: str, channels: int, device: torch.device | 
     """torch-fidelity's FID Inception-v3 (2048-d pool features) on images in [-1, 1], with the weights from
     `weights_path`, or downloaded (into torch.hub's cache) when it is empty. Each way it can fail says what helps."""
     try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
         import torch_fidelity  # noqa: F401 - torchmetrics' Inception is torch-fidelity's network
+        from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError:
         raise UserError("fid.backend=inception needs torch-fidelity: pip install torch-fidelity==0.4.0 (it is in "
                         "requirements.txt), or use fid.backend=domain") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils import write_text_atomic
+from common.files import write_text_atomic
 
 
 def forgetting(matrix: list[list[float | None]]) -> list[float | None]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from utils import UserError
+from common.errors import UserError
 
 DOMAINS = ("mnist", "fashion_mnist")
 

@@ -90,7 +90,7 @@ def call_main(main, argv: list) -> subprocess.CompletedProcess:
     import contextlib
     import io
 
-    from utils import run_cli
+    from common.cli import run_cli
     out, err, code = io.StringIO(), io.StringIO(), None
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:

@@ -12,13 +12,17 @@ from pathlib import Path
 
 import datasets
 import pytest
+from conftest import RL_ARGS, ROOT, TINY, assert_clean_error, call_main, read_metrics, run_script
 
 import gan_vae.continual
 import train_student
 import train_student_rl
-from conftest import RL_ARGS, ROOT, TINY, assert_clean_error, call_main, read_metrics, run_script
+from common.config import load_config, parse_config
+from common.distributed import DistInfo
+from common.errors import UserError
+from common.files import save_config
+from common.rundir import prepare_run_dir
 from train_student import Config
-from utils import DistInfo, UserError, load_config, parse_config, prepare_run_dir, save_config
 
 
 def cli(main, argv, capsys) -> tuple[int | None, str]:
@@ -62,7 +66,7 @@ def test_a_bug_under_an_open_progress_bar_leaves_the_bar_on_its_own_line(capsys)
     """An unexpected exception still propagates (its traceback is the report), after the bar's line is ended."""
     from tqdm import tqdm
 
-    from utils import run_cli
+    from common.cli import run_cli
 
     def main(argv):
         bar = tqdm(total=10, desc="epoch 2/3", file=sys.stderr)
@@ -152,12 +156,12 @@ def test_cache_dirs_that_cannot_be_written(key, extra, tmp_path, capsys):
 # Empty and inconsistent datasets
 # ---------------------------------------------------------------------------------------------------------------
 def _tiny_dataset() -> datasets.DatasetDict:
-    from data import make_synthetic_dataset
+    from imagedata.synthetic_data import make_synthetic_dataset
     return make_synthetic_dataset(num_classes=2, images_per_class=4, image_size=16)
 
 
 def test_a_split_with_no_images():
-    from data import _hf_splits
+    from imagedata.image_sources import _hf_splits
     ds = _tiny_dataset()
     ds["validation"] = ds["validation"].select([])
     with pytest.raises(UserError, match="split 'validation' has no rows"):
@@ -165,7 +169,7 @@ def test_a_split_with_no_images():
 
 
 def test_labels_that_are_not_a_class_label():
-    from data import _hf_splits
+    from imagedata.image_sources import _hf_splits
     ds = _tiny_dataset().cast_column("label", datasets.Value("int64"))
     with pytest.raises(UserError, match="not a ClassLabel"):
         _hf_splits(ds, "dataset at x")
@@ -174,7 +178,7 @@ def test_labels_that_are_not_a_class_label():
 def test_image_folder_with_an_empty_split_or_an_unknown_class(tmp_path):
     from PIL import Image
 
-    from data import load_local
+    from imagedata.image_sources import load_local
     for split in ("train", "validation", "test"):
         for synset in ("n01532829", "n01558993"):
             (tmp_path / split / synset).mkdir(parents=True)
@@ -283,13 +287,15 @@ def test_resume_auto_of_a_run_without_checkpoint(tmp_path):
 
 KILL_AFTER_CACHE = """
 import os, signal, sys
-import teacher_cache, train_student, utils
+import train_student
+from common.cli import run_cli
+from engine import teacher_cache
 build = teacher_cache.build_or_load_cache
 def build_then_die(*args, **kwargs):
     out = build(*args, **kwargs)  # the cache is complete (meta.json written): now the process dies, uncleanly
     os.kill(os.getpid(), signal.SIGKILL)
 teacher_cache.build_or_load_cache = build_then_die
-utils.run_cli(train_student.main, sys.argv[1:])
+run_cli(train_student.main, sys.argv[1:])
 """
 
 

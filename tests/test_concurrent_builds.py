@@ -15,15 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
-import locked_build
-import predecode
-import teacher_cache
-from data import AugSpec, load_local, load_splits, mini_imagenet_synsets, predecode_split
-from image_sources import ImageSource
+from common import locked_build
+from common.config import load_config
+from common.distributed import DistInfo
+from common.errors import UserError
+from engine import teacher_cache
+from engine.teacher_cache import build_or_load_cache
+from imagedata import predecode
+from imagedata.augment import AugSpec
+from imagedata.image_sources import ImageSource, load_local, load_splits
+from imagedata.label_alignment import mini_imagenet_synsets
+from imagedata.predecode import predecode_split
 from models import create_teacher
-from teacher_cache import build_or_load_cache
 from train_student import Config
-from utils import DistInfo, UserError, load_config
 
 ARGS = ["data.name=synthetic", "data.synthetic.num_classes=4", "data.synthetic.images_per_class=6",
         "data.synthetic.image_size=32", "data.image_size=32", "teacher.name=resnet10t", "teacher.pretrained=false"]
@@ -340,7 +344,7 @@ def test_save_to_disk_dataset_changed_under_the_same_datasets_fingerprint_gets_a
     """`datasets`' own fingerprint of a dataset read from arrow files says how it was made, not what it holds
     (load_dataset("imagefolder") keeps it when an image changes in place with its size and mtime): the arrow
     files' bytes are hashed in, so other pixels under the same `_fingerprint` get another fingerprint."""
-    from data import make_synthetic_dataset
+    from imagedata.synthetic_data import make_synthetic_dataset
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert load_splits(load_config(Config, None, ARGS).data)["train"].data_files == []  # in memory: datasets' own
     fingerprints, hf_fingerprints = [], []

@@ -5,11 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-
-import utils
 from conftest import TINY, assert_clean_error, run_main, run_script
+
+import common.config
+import common.files
+from common.checkpoint import load_state_strict, save_checkpoint
+from common.config import load_config
+from common.errors import UserError
 from train_student import Config, validate
-from utils import UserError, load_config, load_state_strict, save_checkpoint
 
 
 def test_defaults_reproduce_the_reference_recipe():
@@ -67,7 +70,7 @@ def test_cli_errors_are_clean():
 def test_help_lists_every_key():
     proc = run_script("train_student.py", "--help")
     assert proc.returncode == 0
-    for key, *_ in utils.iter_schema(Config):
+    for key, *_ in common.config.iter_schema(Config):
         assert key in proc.stdout, key
     for key in ["data.name", "data.path", "data.image_size", "teacher.name", "teacher.pretrained",
                 "teacher.checkpoint", "teacher.mode", "teacher.cache_views", "student.name", "kd.alpha",
@@ -78,7 +81,7 @@ def test_help_lists_every_key():
 
 def test_saved_config_is_rerunnable(tmp_path):
     cfg = load_config(Config, None, ["kd.temperature=3", "data.name=synthetic"])
-    utils.save_config(cfg, tmp_path)
+    common.files.save_config(cfg, tmp_path)
     again = load_config(Config, str(tmp_path / "config.yaml"), [])
     assert again == cfg
 
@@ -121,9 +124,11 @@ def test_resume_auto_with_nothing_to_resume(tmp_path):
 def test_readme_documents_every_key_and_the_ci_runs_its_test_command():
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    from train_student_rl import RLConfig
-    assert utils.config_markdown(Config) in readme  # regenerate the tables when a schema changes
-    assert utils.config_markdown(RLConfig, base=Config) in readme
-    from gan_vae.continual import ContinualConfig
-    assert utils.config_markdown(ContinualConfig) in readme
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("config_reference", root / "scripts" / "config_reference.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    for name, table in reference.tables().items():  # every key of every schema, registries' sections included
+        assert f"<!-- config:{name} -->\n{table}\n<!-- /config:{name} -->" in readme, \
+            "README.md's configuration tables are out of date: run `python scripts/config_reference.py`"
     assert "python -m pytest -q" in readme and "python -m pytest -q" in (root / ".ci" / "run").read_text()

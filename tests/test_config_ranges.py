@@ -1,4 +1,4 @@
-"""Every numeric config key declares its valid range once, beside its definition in the schema (utils.opt), and a
+"""Every numeric config key declares its valid range once, beside its definition in the schema (common.config.opt), and a
 value outside it, NaN or infinity fails with a message naming the key before anything is built or written: in all
 three entry points, for the keys of every component (KD method, agent), selected or not. Most cases need only the
 config loader; the cases listed in issue 16 also run each script's main in this process, with an empty
@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 
 import pytest
-
-import utils
 from conftest import TINY, assert_clean_error, run_main
+
+import common.config
+from common.config import load_config
+from common.errors import UserError
 from gan_vae.continual import ContinualConfig
 from train_student import Config
 from train_student_rl import RLConfig
-from utils import UserError, load_config
 
 SCHEMAS = {"train_student": Config, "train_student_rl": RLConfig, "gan_vae": ContinualConfig}
 GAN_VAE_TINY = ["data.tasks=[mnist]", "teacher.steps=2", "student.steps=2"]
@@ -33,8 +34,8 @@ def run_entry(entry: str, tmp_path, *args: str):
 def leaves(schema):
     """(key, type name, default) of every leaf of a schema; for train_student_rl's, only the keys it adds to
     train_student's (the others are tested there)."""
-    inherited = {key for key, *_ in utils.iter_schema(Config)} if schema is RLConfig else set()
-    return [(key, type_name, default) for key, type_name, default, _ in utils.iter_schema(schema)
+    inherited = {key for key, *_ in common.config.iter_schema(Config)} if schema is RLConfig else set()
+    return [(key, type_name, default) for key, type_name, default, _ in common.config.iter_schema(schema)
             if key not in inherited]
 
 
@@ -110,13 +111,13 @@ NUMERIC = {"int", "float", "list[float]", "list[int]", "list[list[int]]"}
 @pytest.mark.parametrize("name", SCHEMAS)
 def test_every_numeric_key_declares_a_range_and_its_default_lies_in_it(name):
     schema = SCHEMAS[name]
-    ranges = utils.schema_ranges(schema)
-    numeric = [key for key, type_name, _, _ in utils.iter_schema(schema) if type_name in NUMERIC]
+    ranges = common.config.schema_ranges(schema)
+    numeric = [key for key, type_name, _, _ in common.config.iter_schema(schema) if type_name in NUMERIC]
     assert numeric and not [key for key in numeric if key not in ranges], "declare a range with opt(..., ge=...)"
-    utils.check_ranges(load_config(schema), schema)  # the defaults pass
+    common.config.check_ranges(load_config(schema), schema)  # the defaults pass
 
 
-def _outside(valid: utils.Range, is_int: bool) -> list[str]:
+def _outside(valid: common.config.Range, is_int: bool) -> list[str]:
     """Values just outside a Range, as command-line text."""
     step = 1 if is_int else 1e-3
     out = []
@@ -133,12 +134,12 @@ def _outside(valid: utils.Range, is_int: bool) -> list[str]:
 
 BOUNDED = [(name, key, type_name, default) for name, schema in SCHEMAS.items()
            for key, type_name, default in leaves(schema)
-           if key in utils.schema_ranges(schema) and utils.schema_ranges(schema)[key].choices is None]
+           if key in common.config.schema_ranges(schema) and common.config.schema_ranges(schema)[key].choices is None]
 
 
 @pytest.mark.parametrize("name,key,type_name,default", BOUNDED, ids=[f"{n}:{k}" for n, k, _, _ in BOUNDED])
 def test_a_value_just_outside_a_declared_range_is_refused(name, key, type_name, default):
-    valid = utils.schema_ranges(SCHEMAS[name])[key]
+    valid = common.config.schema_ranges(SCHEMAS[name])[key]
     values = _outside(valid, "int" in type_name)
     assert values
     for bad in values:
@@ -239,15 +240,15 @@ def test_help_shows_every_range(entry, lines):
     for line in lines:
         assert f"  {line}" in proc.stdout, line
     assert "never NaN or infinite" in proc.stdout
-    ranges = utils.schema_ranges(SCHEMAS[entry])
+    ranges = common.config.schema_ranges(SCHEMAS[entry])
     for key, valid in ranges.items():
         assert f"  {key} (" in proc.stdout and valid.describe() in proc.stdout
 
 
 def test_range_describe():
-    assert utils.Range(gt=0).describe() == "> 0"
-    assert utils.Range(ge=0, lt=1).describe() == "in [0, 1)"
-    assert utils.Range(gt=0, le=1).describe() == "in (0, 1]"
-    assert utils.Range(choices={"a": 1, "b": 2}).describe() == "one of a, b"
-    assert not utils.Range(ge=0).contains(math.nan) and not utils.Range().contains(math.inf)
-    assert utils.Range(ge=0, allow_inf=True).contains(math.inf)
+    assert common.config.Range(gt=0).describe() == "> 0"
+    assert common.config.Range(ge=0, lt=1).describe() == "in [0, 1)"
+    assert common.config.Range(gt=0, le=1).describe() == "in (0, 1]"
+    assert common.config.Range(choices={"a": 1, "b": 2}).describe() == "one of a, b"
+    assert not common.config.Range(ge=0).contains(math.nan) and not common.config.Range().contains(math.inf)
+    assert common.config.Range(ge=0, allow_inf=True).contains(math.inf)

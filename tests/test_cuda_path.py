@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY, assert_clean_error, call_main, read_metrics, run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -117,9 +116,11 @@ def test_fp16_with_grad_scaler_on_cpu(tmp_path):
 
 
 def test_state_dicts_of_compiled_and_ddp_models_load_into_plain_ones_and_back():
+    from common.checkpoint import load_state_strict
+    from common.config import load_config
+    from common.errors import UserError
     from models import create_student
     from train_student import Config
-    from utils import UserError, load_config, load_state_strict
     cfg = load_config(Config, None, ["student.name=test_resnet"])
     torch.manual_seed(0)
     plain = create_student(cfg, 4)
@@ -178,23 +179,23 @@ def test_amp_auto_resolves_by_device_and_gpu_generation(monkeypatch):
 def test_rng_state_keeps_only_this_processes_cuda_device(monkeypatch):
     """A checkpoint holds the RNG state of the rank's own GPU, restored with set_rng_state: resuming where fewer
     GPUs are visible cannot index a device that is not there."""
-    import utils
+    import common.rng
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: calls.append(state))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("all devices' states saved"))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("all devices' states restored"))
-    state = utils.rng_state()
+    state = common.rng.rng_state()
     assert torch.equal(state["cuda_device"], torch.tensor([7], dtype=torch.uint8)) and "cuda" not in state
-    utils.set_rng_state(state)
+    common.rng.set_rng_state(state)
     assert len(calls) == 1 and torch.equal(calls[0], state["cuda_device"])
 
 
 def test_normalisation_statistics_are_made_once_per_device():
     """The (mean, std) tensors are built once and reused (no host-to-device copy per batch); the values agree with
     the formula (x - 255 mean) / (255 std)."""
-    from normalization import IMAGENET_NORM, _pixel_scale, normalize_batch
+    from imagedata.normalization import IMAGENET_NORM, _pixel_scale, normalize_batch
     a, b = _pixel_scale(IMAGENET_NORM, torch.device("cpu")), _pixel_scale(IMAGENET_NORM, torch.device("cpu"))
     assert a[0] is b[0] and a[1] is b[1]
     x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)

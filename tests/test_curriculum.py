@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script
+
+from common.errors import UserError
 from curriculum_dataloader import STRATEGIES, CurriculumSampler, allocate, pacing_fraction
 from models import difficulty_score
 from rl_curriculum_env import curriculum_reward, curriculum_reward_terms, decode_action
-from utils import UserError
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,8 +198,9 @@ def test_sampler_bad_input():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def tiny_trainer(tmp_path):
+    from common.config import load_config
+    from common.distributed import DistInfo
     from train_student_rl import CurriculumTrainer, RLConfig
-    from utils import DistInfo, load_config
     cfg = load_config(RLConfig, None, [*TINY, "kd.alpha=0.5", "train.epochs=4", "difficulty.warmup_epochs=1",
                                        "difficulty.refresh_every=1", "agent.name=random",
                                        f"teacher.cache_dir={tmp_path / 'cache'}"])
@@ -237,7 +238,7 @@ def test_step_t_trains_with_action_t(tiny_trainer, monkeypatch):
 
 
 def test_student_back_in_train_mode_after_refresh(tiny_trainer):
-    from utils import rng_state, state_digest
+    from common.rng import rng_state, state_digest
     trainer = tiny_trainer
     trainer.student.train()
     before = state_digest(rng_state())
@@ -292,8 +293,8 @@ def test_ppo_agent_leaves_each_ranks_random_streams_alone():
     from omegaconf import OmegaConf
 
     from agents import PPOAgent
+    from common.rng import rng_state, seed_everything
     from rl_curriculum_env import CurriculumEnv
-    from utils import rng_state, seed_everything
     env = CurriculumEnv(SimpleNamespace(temperature=4.0, target=0.5, num_classes=4), num_epochs=3)
     obs = np.linspace(0, 1, 12, dtype=np.float32)
 
@@ -389,8 +390,8 @@ def test_rl_bad_input_on_the_command_line(override, fragment):
     ("agent.fixed_actions=[[5,1]]", "agent.fixed_actions entry [5, 1]"),
 ])
 def test_rl_bad_input(override, fragment):
+    from common.config import load_config
     from train_student_rl import RLConfig, validate_rl
-    from utils import load_config
     with pytest.raises(UserError) as err:
         validate_rl(load_config(RLConfig, None, [*RL_TINY, override]))
     assert fragment in str(err.value)
@@ -400,7 +401,7 @@ def test_difficulty_tracks_the_true_difficulty(tmp_path):
     """With a trained teacher, difficulty_score ranks the synthetic images like their stored true difficulty."""
     from scipy.stats import spearmanr
 
-    from data import make_synthetic_dataset
+    from imagedata.synthetic_data import make_synthetic_dataset
     data = ["data.name=synthetic", "data.synthetic.num_classes=6", "data.image_size=32", "data.crop_scale_min=0.35",
             "data.workers=0", "train.batch_size=32", "eval.latency=false", f"run.out_dir={tmp_path}"]
     teacher = run_script("train_student.py", *data, "data.synthetic.images_per_class=150", "data.synthetic.seed=1",
@@ -445,7 +446,7 @@ def test_selection_size_is_the_exact_ceiling(strategy):
 
 
 def _batched(strategy, n, fraction, start, world, rank, batch=64, epoch=0):
-    from data import TrainBatchSampler
+    from imagedata.samplers import TrainBatchSampler
     s = CurriculumSampler(np.random.default_rng(1).random(n), strategy, fraction=fraction, target=0.25, seed=5,
                           num_replicas=world, rank=rank, start_fraction=start, pacing_epochs=15)
     s.set_epoch(epoch)
@@ -494,8 +495,9 @@ def test_ranks_valid_samples_partition_the_selection(strategy, n, world):
 @pytest.fixture(scope="module")
 def online_kd_trainer():
     """A single-process Trainer with an online teacher (no cache to build), for unit tests of its steps."""
+    from common.config import load_config
+    from common.distributed import DistInfo
     from train_student import Config, Trainer
-    from utils import DistInfo, load_config
     return Trainer(load_config(Config, None, [*TINY, "kd.alpha=0.5", "teacher.mode=online"]), DistInfo(), None)
 
 
@@ -506,7 +508,7 @@ def test_training_step_gives_ddp_the_mean_over_valid_samples(online_kd_trainer, 
     the gradient of the same step in one process over the valid samples alone, and the logged train/loss is their
     mean. The student is in eval mode so that each sample's output depends on it alone (in train mode BatchNorm
     also sees the duplicates, as DDP's forward does)."""
-    from utils import DistInfo
+    from common.distributed import DistInfo
     trainer = online_kd_trainer
     trainer.model.eval()
     params = [p for p in trainer.distiller.parameters() if p.requires_grad]
@@ -563,9 +565,10 @@ def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accountin
     set) 600 images at batch 64 trained 576 per whole-set epoch and 384 of adaptive's 420."""
     import train_student
     import train_student_rl
+    from common.config import load_config
+    from common.distributed import DistInfo
     from train_student import Config, Trainer, run_training
     from train_student_rl import CurriculumTrainer, RLConfig
-    from utils import DistInfo, load_config
     n, f = SIZES[case]
     cache_dir, datasets = accounting_cache
     classes, per_class = (10, 60) if n == 600 else (3, 171)
@@ -618,7 +621,7 @@ def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accountin
 # data.synthetic.label_noise
 # ---------------------------------------------------------------------------------------------------------------
 def test_label_noise_flips_exactly_that_fraction_of_training_labels():
-    from data import make_synthetic_dataset
+    from imagedata.synthetic_data import make_synthetic_dataset
     clean = make_synthetic_dataset(num_classes=5, images_per_class=40, image_size=16, seed=3)
     noisy = make_synthetic_dataset(num_classes=5, images_per_class=40, image_size=16, seed=3, label_noise=0.2)
     again = make_synthetic_dataset(num_classes=5, images_per_class=40, image_size=16, seed=3, label_noise=0.2)
@@ -640,9 +643,9 @@ def test_label_noise_flips_exactly_that_fraction_of_training_labels():
 
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
 def test_label_noise_bad_values(value):
-    from data import make_synthetic_dataset
+    from common.config import load_config
+    from imagedata.synthetic_data import make_synthetic_dataset
     from train_student import Config, validate
-    from utils import load_config
     with pytest.raises(UserError, match="data.synthetic.label_noise"):
         validate(load_config(Config, None, [*TINY, f"data.synthetic.label_noise={value}"]))
     with pytest.raises(UserError, match="data.synthetic.label_noise"):

@@ -6,10 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-from data import (AugSpec, EpochSampler, EvalViews, ShardSampler, TrainViews, apply_aug_record, eval_view,
-                  imagenet_class_index, load_local, make_synthetic_dataset, sample_aug_record)
-from utils import UserError
+import imagedata.augment
+import imagedata.image_sources
+import imagedata.label_alignment
+import imagedata.synthetic_data
+from common.errors import UserError
+from imagedata.augment import AugSpec, apply_aug_record, eval_view, sample_aug_record
+from imagedata.image_sources import load_local
+from imagedata.label_alignment import imagenet_class_index
+from imagedata.samplers import EpochSampler, ShardSampler
+from imagedata.synthetic_data import make_synthetic_dataset
+from imagedata.views import EvalViews, TrainViews
 
 
 def _bytes(ds):
@@ -31,7 +38,7 @@ def test_synthetic_form():
     ds = make_synthetic_dataset(num_classes=4, images_per_class=8, image_size=32, seed=0)
     assert set(ds) == {"train", "validation", "test"}
     assert len(ds["train"]) == 32 and len(ds["validation"]) == 8
-    assert ds["train"].features["label"].names == data.mini_imagenet_synsets()[:4]
+    assert ds["train"].features["label"].names == imagedata.label_alignment.mini_imagenet_synsets()[:4]
     d = np.asarray(ds["train"]["difficulty"])
     assert d.min() >= 0 and d.max() <= 1
     assert ds["train"][0]["image"].size == (32, 32)
@@ -40,27 +47,27 @@ def test_synthetic_form():
 
 
 def test_synthetic_nuisance_grows_with_difficulty():
-    attrs = data.synthetic_class_attributes(1 + 1)[0]
+    attrs = imagedata.synthetic_data.synthetic_class_attributes(1 + 1)[0]
     rng = np.random.default_rng(0)
-    easy = [data.render_synthetic_image(attrs, 0.0, 32, rng).astype(float) for _ in range(20)]
-    hard = [data.render_synthetic_image(attrs, 1.0, 32, rng).astype(float) for _ in range(20)]
+    easy = [imagedata.synthetic_data.render_synthetic_image(attrs, 0.0, 32, rng).astype(float) for _ in range(20)]
+    hard = [imagedata.synthetic_data.render_synthetic_image(attrs, 1.0, 32, rng).astype(float) for _ in range(20)]
     # pixel noise: high-frequency energy (differences of neighbours) is much larger on hard images
     hf = lambda imgs: np.mean([np.abs(np.diff(im, axis=1)).mean() for im in imgs])  # noqa: E731
     assert hf(hard) > 3 * hf(easy)
 
 
 def test_label_alignment_maps_to_timm_indices():
-    synsets = data.mini_imagenet_synsets()
-    indices = [int(i) for i in data._timm_info("mini_imagenet_indices.txt")]
+    synsets = imagedata.label_alignment.mini_imagenet_synsets()
+    indices = [int(i) for i in imagedata.label_alignment._timm_info("mini_imagenet_indices.txt")]
     assert imagenet_class_index(synsets) == indices
-    imagenet = data._timm_info("imagenet_synsets.txt")
+    imagenet = imagedata.label_alignment._timm_info("imagenet_synsets.txt")
     assert all(imagenet[i] == s for i, s in zip(imagenet_class_index(synsets), synsets))
     # folder names such as n01532829_house_finch are accepted
     assert imagenet_class_index([f"{s}_x" for s in synsets[:3]]) == indices[:3]
 
 
 def test_label_alignment_fires_on_mismatch():
-    synsets = data.mini_imagenet_synsets()
+    synsets = imagedata.label_alignment.mini_imagenet_synsets()
     swapped = [synsets[1], synsets[0]] + synsets[2:]
     with pytest.raises(UserError, match="label alignment failed: dataset label 0"):
         imagenet_class_index(swapped)
@@ -72,7 +79,7 @@ def test_aug_record_replays_exactly():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
     spec = AugSpec(image_size=24)
     rec = sample_aug_record(np.random.default_rng(3), img.width, img.height, spec)
-    assert rec.shape == (data.AUG_RECORD_LEN,) and rec.dtype == np.float32
+    assert rec.shape == (imagedata.augment.AUG_RECORD_LEN,) and rec.dtype == np.float32
     top, left, h, w = rec[:4]
     assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 50
     assert sorted(rec[8:11].astype(int).tolist()) == [0, 1, 2]
@@ -83,7 +90,7 @@ def test_aug_record_replays_exactly():
 
 def test_training_view_depends_only_on_seed_index_epoch():
     ds = make_synthetic_dataset(num_classes=2, images_per_class=4, image_size=32, seed=0)
-    src = data.HFImageSource(ds["train"], "train", "synthetic")
+    src = imagedata.image_sources.HFImageSource(ds["train"], "train", "synthetic")
     views = TrainViews(src, AugSpec(image_size=32, scale=(0.3, 1.0)), seed=5)
     a, b = views[(3, 1)], views[(3, 1)]
     assert torch.equal(a["image"], b["image"])
@@ -163,9 +170,9 @@ def test_real_mini_imagenet_images_load_and_align(tmp_path, shared_data):
     by_class = {f.name.split("_")[0]: [f] for f in files}
     splits = load_local(_imagefolder(tmp_path / "mini", by_class))
     names = splits["train"].class_names
-    assert names == data.mini_imagenet_synsets()  # sorted synsets are timm's label order
+    assert names == imagedata.label_alignment.mini_imagenet_synsets()  # sorted synsets are timm's label order
     index = imagenet_class_index(names)
-    assert index == [int(i) for i in data._timm_info("mini_imagenet_indices.txt")]
+    assert index == [int(i) for i in imagedata.label_alignment._timm_info("mini_imagenet_indices.txt")]
     spec = AugSpec(image_size=64)
     views = EvalViews(splits["test"], spec)
     for i in (0, 57, 99):

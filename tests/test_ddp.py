@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TINY, read_metrics, run_script
 
 LAUNCHER = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -73,7 +72,10 @@ def single_process_evaluator(cfg):
     """A function (weights file, split) -> `train_student.evaluate` of those weights in this single process."""
     import torch
 
-    from data import AugSpec, EvalViews, ShardSampler, load_splits, make_loader
+    from imagedata.augment import AugSpec
+    from imagedata.image_sources import load_splits
+    from imagedata.samplers import ShardSampler
+    from imagedata.views import EvalViews, make_loader
     from models import create_student
     from train_student import autocast_for, evaluate
     splits, cpu = load_splits(cfg.data), torch.device("cpu")
@@ -97,8 +99,8 @@ def test_ddp_ranks_share_decisions_rng_and_batchnorm_across_sigkill_and_resume(t
     the selection); each rank gets its own RNG state back on resume; every evaluation and difficulty pass uses
     identical weights and BatchNorm buffers on both ranks; and every epoch's val/acc1 (and the final
     test/acc1_last) equals a single-process evaluation of that epoch's weights."""
+    from common.config import load_config
     from train_student_rl import RLConfig
-    from utils import load_config
     args = [*RL_DDP, f"run.out_dir={tmp_path}", "run.name=ddp"]
     run_dir, before, after = tmp_path / "ddp", tmp_path / "trace_before", tmp_path / "trace_after"
     # a busy machine may let the run go past epoch 2 before the kill lands: any resume epoch from 1 on will do
@@ -181,8 +183,10 @@ def test_resume_restores_each_ranks_rng_state_and_warns_on_another_world_size(tm
     (train.seed, epoch, rank) and rank 0 warns (README, "run.resume")."""
     import torch
 
+    from common.config import load_config
+    from common.distributed import DistInfo
+    from common.rng import rng_state, seed_everything
     from train_student import Config, Trainer
-    from utils import DistInfo, load_config, rng_state, seed_everything
     cfg = load_config(Config, None, [*TINY, "kd.alpha=1", "train.seed=5"])
     trainer = Trainer(cfg, DistInfo(), None)
     states = []
@@ -235,8 +239,10 @@ def _ranks_with_their_own_agents(rank: int, port: int, out_dir: str, trace_folde
                        "MASTER_PORT": str(port), "KD_TRACE_DIR": trace_folder})
     import torch
     torch.set_num_threads(1)
+    from common.config import load_config
+    from common.distributed import cleanup_distributed, setup_distributed
+    from common.metrics import MetricLogger
     from train_student_rl import CurriculumTrainer, RandomAgent, RLConfig
-    from utils import MetricLogger, cleanup_distributed, load_config, setup_distributed
     cfg = load_config(RLConfig, None, [*TINY, "kd.alpha=0.5", "train.epochs=2", "difficulty.warmup_epochs=0",
                                        "difficulty.refresh_every=1", "agent.name=random", f"run.out_dir={out_dir}",
                                        f"teacher.cache_dir={Path(out_dir) / 'cache'}"])

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_clean_error, run_and_sigkill, run_main, run_script
+
 from gan_vae import forgetting
 from gan_vae.continual import decide_expert, dynamic_temperature, expert_weight
 from gan_vae.fid import FeatureModule, FIDEvaluator
@@ -220,7 +220,7 @@ def test_fid_of_two_gaussians_matches_the_closed_form():
 
 
 def test_fid_sample_count_must_exceed_two():
-    from utils import UserError
+    from common.errors import UserError
     with pytest.raises(UserError, match="more than 2"):
         _identity_fid(2)
 
@@ -342,8 +342,8 @@ def _args(domains, tmp_path, tasks, *extra):
 def _in_process_run(domains, tmp_path, tasks, *extra, experts=(0, 1), replay_fid=240.0):
     """A ContinualRun in this process with untrained experts (task j -> experts[j]) and no FID features: enough to
     run student steps and look inside them. An expert at FID 240 (twice the threshold) gets weight 1/2."""
+    from common.config import load_config
     from gan_vae.continual import ContinualConfig, ContinualRun, Expert
-    from utils import load_config
     cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, tasks), "student.batch_size=16",
                                               "student.steps=1", *extra])
     torch.manual_seed(0)
@@ -478,7 +478,8 @@ def test_student_loss_sums_the_table_weighted_in_order(monkeypatch):
 
 def test_a_student_loss_weighted_by_a_missing_key_is_refused(domains, tmp_path, monkeypatch):
     import gan_vae.continual as continual
-    from utils import UserError, load_config
+    from common.config import load_config
+    from common.errors import UserError
     monkeypatch.setitem(continual.STUDENT_LOSSES, "orphan", continual.StudentLoss(lambda step: None,
                                                                                   weight="kd.orphan_weight"))
     cfg = load_config(continual.ContinualConfig, None, _args(domains, tmp_path, ["discs"]))
@@ -512,8 +513,8 @@ def test_a_student_loss_registered_from_a_test_file_trains_and_is_logged(domains
 def test_tasks_are_padded_with_their_own_background(domains, tmp_path):
     """An inverted task has a white background: its 2-pixel padding and the corners a rotation uncovers must be
     white too (no black frame); a plain task stays black."""
+    from common.config import load_config
     from gan_vae.continual import ContinualConfig, ContinualRun
-    from utils import load_config
     specs = [f"{domains / 'discs.npz'}:invert", f"{domains / 'discs.npz'}:invert:rotate=30",
              f"{domains / 'discs.npz'}:rotate=30"]
     cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]), f"data.tasks=[{','.join(specs)}]"])
@@ -620,9 +621,10 @@ def test_continual_bad_input_on_the_command_line(domains, tmp_path, override, fr
     ("data.tasks=[DOM/discs.npz:classes=1] data.test_fraction=0.999", "a task needs at least 1 training and 3 test"),
 ])
 def test_continual_bad_input(domains, tmp_path, override, fragment):
-    from data import load_task
+    from common.config import load_config
+    from common.errors import UserError
     from gan_vae.continual import ContinualConfig, validate
-    from utils import UserError, load_config
+    from gan_vae.tasks import load_task
     overrides = override.replace("DOM", str(domains)).split(" ")
     with pytest.raises(UserError) as err:  # a key's own range is checked when the config is loaded
         cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]), *overrides])
@@ -636,6 +638,7 @@ def _random_inception_weights(path):
     """torch-fidelity's FID Inception-v3 with random values, saved in the layout of its weights file (the network
     is built with loading switched off, then its state_dict written)."""
     from unittest import mock
+
     from torch_fidelity import feature_extractor_inceptionv3 as fe
     with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
             mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
@@ -670,7 +673,8 @@ def test_inception_backend_runs_offline_with_a_local_weights_file(domains, tmp_p
 
 
 def test_unwritable_directories_are_named(tmp_path):
-    from utils import UserError, make_dirs
+    from common.errors import UserError
+    from common.rundir import make_dirs
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(UserError, match=r"cannot write to .*a_file/runs \(fid.cache_dir\)"):
@@ -703,8 +707,9 @@ def test_real_data_run_on_shared_arrays(shared_data, tmp_path):
 def test_run_stopped_before_its_first_checkpoint_restarts_with_its_own_config(domains, tmp_path):
     """A run killed before its first checkpoint (it holds only config.yaml and some metrics lines) restarts from the
     beginning with run.resume=auto, dropping the stale lines; a different result-changing key is refused, named."""
+    from common.config import load_config
+    from common.files import save_config
     from gan_vae.continual import ContinualConfig
-    from utils import load_config, save_config
     args = _args(domains, tmp_path, ["discs"], "teacher.steps=4", "student.steps=4", "log.sample_every=4")
     cfg = load_config(ContinualConfig, None, [*args, "run.name=stopped"])
     run_dir = Path(cfg.run.out_dir) / "stopped"

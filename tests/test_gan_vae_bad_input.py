@@ -7,15 +7,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import assert_clean_error, call_main
+from test_gan_vae import _args, _identity_fid, _in_process_run, _toy_fid, domains  # noqa: F401 - a fixture
 
+import common.rundir
 import gan_vae.continual as continual
 import gan_vae.evaluate as evaluate
-from conftest import assert_clean_error, call_main
+from common.errors import UserError
 from gan_vae.fid import train_domain_classifier
 from gan_vae.tasks import TASK_FORM, TaskData, _load_npz, load_task, parse_task
-from test_gan_vae import _args, _identity_fid, _in_process_run, _toy_fid, domains  # noqa: F401 - a fixture
-import utils
-from utils import UserError
 
 TINY_RUN = ("teacher.steps=4", "student.steps=4", "log.sample_every=4", "run.checkpoint_every=2")
 
@@ -255,7 +255,7 @@ def test_evaluate_checks_every_file_before_the_work(origin, tmp_path, damage, fr
 def test_one_writer_per_run_directory(domains, origin):  # noqa: F811
     """While a process writes a run directory (training it, or re-evaluating it), neither an evaluation nor a run
     with the same run.name may write there too."""
-    held = utils.lock_run_dir(origin)
+    held = common.rundir.lock_run_dir(origin)
     try:
         busy = call_main(evaluate.main, [origin])
         again = call_main(continual.main, [*_args(domains, origin.parent, ["discs", "inverted"]), *TINY_RUN,

@@ -5,12 +5,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from conftest import TINY, read_metrics, run_script
 from PIL import Image
 
-from conftest import TINY, read_metrics, run_script
-from image_sources import SPLIT_ALIASES, carve_validation, find_split, load_local, load_splits
+from common.config import load_config
+from common.errors import UserError
+from imagedata.image_sources import SPLIT_ALIASES, carve_validation, find_split, load_local, load_splits
 from train_student import Config
-from utils import UserError, load_config
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -186,7 +187,7 @@ def _image_files():
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory):
     """Every file of `_image_files` written into one ImageFolder class, decoded through FolderImageSource."""
-    from image_sources import FolderImageSource
+    from imagedata.image_sources import FolderImageSource
     root = tmp_path_factory.mktemp("modes")
     (root / "c").mkdir()
     files = _image_files()
@@ -205,7 +206,7 @@ def test_each_image_mode_decodes_to_its_8_bit_rgb_values(decoded, name):
 
 
 def test_modes_that_no_file_format_writes_decode_through_pillow():
-    from image_sources import to_rgb
+    from imagedata.image_sources import to_rgb
     assert to_rgb(Image.new("HSV", (1, 1), (0, 255, 255))).getpixel((0, 0)) == (255, 0, 0)
     for mode, colour in (("YCbCr", (90, 100, 200)), ("LAB", (60, 100, 170))):
         img = Image.new(mode, (1, 1), colour)
@@ -230,7 +231,7 @@ def test_modes_that_no_file_format_writes_decode_through_pillow():
     ("bomb.png", lambda p: p.write_bytes(_png_header(20_000, 20_000)), "too large to decode"),
 ])
 def test_an_image_that_cannot_be_decoded_is_refused_by_name(tmp_path, name, write, fragment):
-    from image_sources import FolderImageSource
+    from imagedata.image_sources import FolderImageSource
     (tmp_path / "c").mkdir()
     write(tmp_path / "c" / name)
     source = FolderImageSource(tmp_path, ["c"])
@@ -255,7 +256,7 @@ def _png_header(width: int, height: int) -> bytes:
 # Data checks when a split is loaded: files, labels, classes, data.path
 # ---------------------------------------------------------------------------------------------------------------
 def test_a_gif_is_an_image_and_other_files_are_reported_not_dropped_silently(tmp_path, capsys):
-    from image_sources import FolderImageSource
+    from imagedata.image_sources import FolderImageSource
     (tmp_path / "c").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "c" / "a.png")
     Image.new("RGB", (4, 4)).save(tmp_path / "c" / "b.gif")
@@ -282,7 +283,7 @@ def test_unlabelled_rows_are_refused_when_the_split_is_loaded(tmp_path):
 
 
 def test_a_row_without_an_image_is_named():
-    from image_sources import HFImageSource
+    from imagedata.image_sources import HFImageSource
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
     ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4)), None], "label": [0, 1]}, features=features)
     source = HFImageSource(ds, "train", "dataset x")
@@ -292,7 +293,7 @@ def test_a_row_without_an_image_is_named():
 
 
 def test_check_labels_refuses_a_class_index_past_the_class_names():
-    from image_sources import check_labels
+    from imagedata.image_sources import check_labels
     check_labels(np.array([0, 2, 1]), 3, "x")
     with pytest.raises(UserError, match=r"x: 1 of 3 `label` values lie outside 0..2 .*row 2 has 3") as err:
         check_labels(np.array([0, 2, 3]), 3, "x")

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import TINY, assert_clean_error, read_metrics, run_main, run_script
 
 import kd_methods
-from conftest import TINY, assert_clean_error, read_metrics, run_main, run_script
+from common.errors import UserError
 from models import (FrozenTeacher, dist_loss, dist_loss_terms, dkd_loss, dkd_loss_terms, dkd_warmup, hint_loss,
                     kd_loss_terms, standardize_logits)
-from utils import UserError
 
 
 def _softmax(z):
@@ -194,8 +194,10 @@ def logit_match():
 
 
 def test_a_method_registered_in_a_test_file_trains_end_to_end(tmp_path, logit_match):
+    from common.checkpoint import load_checkpoint
+    from common.config import load_config
+    from common.distributed import DistInfo
     from train_student import Config, run_training, validate
-    from utils import DistInfo, load_checkpoint, load_config
     cfg = load_config(Config, None, [*TINY, "kd.method=logit_match", f"run.out_dir={tmp_path}", "run.name=r"])
     validate(cfg)
     results = run_training(cfg, DistInfo())
@@ -219,11 +221,14 @@ def test_a_method_registered_in_a_test_file_trains_end_to_end(tmp_path, logit_ma
 # FitNet: features cached per view, and the same run online
 # ---------------------------------------------------------------------------------------------------------------
 def test_cache_stores_the_teachers_pooled_features_of_each_replayed_view(tmp_path):
-    from data import AugSpec, TrainViews, load_splits, replay_view_index
+    from common.config import load_config
+    from common.distributed import DistInfo
+    from engine.teacher_cache import build_or_load_cache
+    from imagedata.augment import AugSpec, replay_view_index
+    from imagedata.image_sources import load_splits
+    from imagedata.views import TrainViews
     from models import create_teacher
-    from teacher_cache import build_or_load_cache
     from train_student import Config, autocast_for
-    from utils import DistInfo, load_config
     cfg = load_config(Config, None, [*TINY, "teacher.cache_views=2"])
     splits = load_splits(cfg.data)
     teacher = create_teacher(cfg, splits["train"].class_names)
@@ -237,7 +242,7 @@ def test_cache_stores_the_teachers_pooled_features_of_each_replayed_view(tmp_pat
     for index in (0, 5):
         item = views[(index, 3)]
         assert replay_view_index(0, index, 3, 2) in (0, 1)
-        from data import normalize_batch
+        from imagedata.normalization import normalize_batch
         x = normalize_batch(item["image"][None], torch.device("cpu"), True)
         logits, pooled = teacher.logits_and_features(x)
         assert item["teacher_features"].dtype == torch.float16 and item["teacher_features"].shape == (512,)
@@ -274,8 +279,8 @@ def test_bad_method_settings_are_refused(tmp_path, args, fragments):
 
 
 def test_a_feature_method_with_a_teacher_without_features_is_refused():
+    from common.config import load_config
     from train_student import Config
-    from utils import load_config
 
     class LogitsOnly(nn.Module):  # e.g. a scripted or wrapped model: logits, no forward_head / num_features
         def forward(self, x):

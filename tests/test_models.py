@@ -1,12 +1,13 @@
 """Teacher and student construction, logit restriction, the frozen teacher, weight files."""
 import pytest
 import torch
-
-import data
 from conftest import TINY, assert_clean_error, run_script
+
+import imagedata.label_alignment
+from common.config import load_config
+from common.errors import UserError
 from models import FrozenTeacher, create_student, create_teacher, load_state_file
 from train_student import Config, save_student_safetensors
-from utils import UserError, load_config
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -14,7 +15,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 def test_real_defaults_build_and_run_at_64px():
     cfg = load_config(Config, None, ["teacher.pretrained=false"])
     assert cfg.teacher.name == "resnet152.tv_in1k" and cfg.student.name == "mobilenetv2_100"
-    names = data.mini_imagenet_synsets()
+    names = imagedata.label_alignment.mini_imagenet_synsets()
     teacher = create_teacher(cfg, names)
     student = create_student(cfg, len(names))
     x = torch.randn(2, 3, 64, 64)
@@ -22,7 +23,7 @@ def test_real_defaults_build_and_run_at_64px():
     assert t_logits.shape == (2, 100) and s_logits.shape == (2, 100)
     full = teacher.model(x)
     assert full.shape == (2, 1000)
-    index = [int(i) for i in data._timm_info("mini_imagenet_indices.txt")]
+    index = [int(i) for i in imagedata.label_alignment._timm_info("mini_imagenet_indices.txt")]
     assert torch.equal(t_logits, full[:, index])  # label k reads ImageNet logit index[k]
     assert sum(p.numel() for p in teacher.model.parameters()) > 50e6  # really ResNet-152
     assert sum(p.numel() for p in student.parameters()) < 3e6  # MobileNetV2 with a 100-way head
@@ -49,7 +50,7 @@ def test_teacher_checkpoint_from_this_repository(tmp_path):
     student = create_student(cfg, 4)
     save_student_safetensors(student, tmp_path / "student.safetensors")
     cfg.teacher.checkpoint = str(tmp_path / "student.safetensors")
-    teacher = create_teacher(cfg, data.mini_imagenet_synsets()[:4])
+    teacher = create_teacher(cfg, imagedata.label_alignment.mini_imagenet_synsets()[:4])
     assert not teacher.restrict  # 4 outputs for 4 classes: used as is
     x = torch.randn(2, 3, 32, 32)
     student.eval()
@@ -57,7 +58,7 @@ def test_teacher_checkpoint_from_this_repository(tmp_path):
     # the same file under the wrong architecture
     cfg.teacher.name = "resnet18"
     with pytest.raises(UserError, match="does not match the model"):
-        create_teacher(cfg, data.mini_imagenet_synsets()[:4])
+        create_teacher(cfg, imagedata.label_alignment.mini_imagenet_synsets()[:4])
 
 
 def test_wrong_number_of_teacher_outputs(tmp_path):
@@ -65,7 +66,7 @@ def test_wrong_number_of_teacher_outputs(tmp_path):
     save_student_safetensors(create_student(cfg, 7), tmp_path / "t.safetensors")
     cfg.teacher.checkpoint = str(tmp_path / "t.safetensors")
     with pytest.raises(UserError, match="7 outputs but the dataset has 4 classes"):
-        create_teacher(cfg, data.mini_imagenet_synsets()[:4])
+        create_teacher(cfg, imagedata.label_alignment.mini_imagenet_synsets()[:4])
 
 
 def test_student_safetensors_loads_with_timm(tmp_path):

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TINY, read_metrics, run_script
 from test_ddp import _descendants, read_trace
 
@@ -64,9 +63,9 @@ def two_nodes(script: str, args0: list[str], args1: list[str] | None = None, env
 def single_process_test_acc1(run_dir: Path, schema) -> float:
     """test/acc1 of the run's best.pt, evaluated here in one process (no DDP) with the run's config."""
     import torch
-
     from test_ddp import single_process_evaluator
-    from utils import load_config
+
+    from common.config import load_config
     state = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)["model"]
     weights = run_dir.parent / f"{run_dir.name}_best_weights.pt"
     torch.save(state, weights)
@@ -91,9 +90,9 @@ def test_two_nodes_train_with_a_cache_built_across_both(tmp_path):
     run_dir = tmp_path / "mn"
     # the cache was built sharded: each node scored about half of every split, together all of it
     shards = read_trace(trace, "cache_shard")
-    from image_sources import load_splits
+    from common.config import load_config
+    from imagedata.image_sources import load_splits
     from train_student import Config
-    from utils import load_config
     sizes = {s: len(v) for s, v in load_splits(load_config(Config, str(run_dir / "config.yaml")).data).items()}
     for split, n in sizes.items():
         mine, theirs = ({i for r in shards[rank] if r["split"] == split for i in r["indices"]} for rank in (0, 1))

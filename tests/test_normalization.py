@@ -9,11 +9,12 @@ import timm
 import torch
 import torch.nn as nn
 
+from common.config import load_config
+from common.distributed import DistInfo
+from engine.teacher_cache import build_or_load_cache, cache_fingerprint
+from imagedata.normalization import IMAGENET_MEAN, IMAGENET_NORM, IMAGENET_STD, input_norm, named_norm, normalize_batch
 from models import FrozenTeacher, create_student, create_teacher
-from normalization import IMAGENET_MEAN, IMAGENET_NORM, IMAGENET_STD, input_norm, named_norm, normalize_batch
-from teacher_cache import build_or_load_cache, cache_fingerprint
 from train_student import Config
-from utils import DistInfo, load_config
 
 CPU = torch.device("cpu")
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -84,7 +85,9 @@ def test_stats_come_from_pretrained_cfg_with_an_imagenet_fallback():
 
 
 def test_teacher_cache_covers_and_applies_the_teachers_normalisation(tmp_path):
-    from data import AugSpec, EvalViews, load_splits
+    from imagedata.augment import AugSpec
+    from imagedata.image_sources import load_splits
+    from imagedata.views import EvalViews
     cfg = load_config(Config, None, ["data.name=synthetic", "data.synthetic.num_classes=2",
                                      "data.synthetic.images_per_class=3", "data.synthetic.image_size=16",
                                      "data.image_size=16"])

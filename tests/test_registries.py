@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, read_metrics
 from omegaconf import OmegaConf
 
-from conftest import TINY, read_metrics
+from common.errors import UserError
 from curriculum_dataloader import STRATEGY_REGISTRY, CurriculumSampler, Strategy
-from utils import UserError
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,8 +181,8 @@ RL_ARGS = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refr
 
 
 def test_registered_strategy_and_agent_pass_config_validation(registered):
+    from common.config import load_config
     from train_student_rl import RLConfig, validate_rl
-    from utils import load_config
     validate_rl(load_config(RLConfig, None, [*RL_ARGS, "curriculum.strategy=median_band", "agent.name=try_each_target"]))
     with pytest.raises(UserError, match="choose one of .*median_band"):
         validate_rl(load_config(RLConfig, None, [*RL_ARGS, "curriculum.strategy=median"]))

@@ -7,10 +7,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, read_metrics
 
 import kd_methods
-from conftest import TINY, read_metrics
-from utils import DistInfo, load_config, rng_isolated, rng_state, state_digest
+from common.config import load_config
+from common.distributed import DistInfo
+from common.rng import rng_isolated, rng_state, state_digest
 
 # every registered method, plus kd with logit standardisation, plus the pre-decoded data path
 CASES = {**{name: [f"kd.method={name}"] for name in kd_methods.KD_METHODS},

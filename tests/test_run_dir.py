@@ -2,7 +2,7 @@
 checkpoint record the program that made them (another program refuses them, naming both), a checkpoint path starts a
 new run and never splices into an existing one, one process at a time writes a run directory, a failed start leaves
 no run directory behind, and damaged files (a torn metrics line, a checkpoint that is not one, a full disk) give a
-clean error naming the file. In-process (utils.run_cli), on the stopped runs of conftest.stopped_runs."""
+clean error naming the file. In-process (common.cli.run_cli), on the stopped runs of conftest.stopped_runs."""
 import errno
 import json
 import os
@@ -11,14 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import RL_ARGS, ROOT, TINY, read_metrics
+from test_bad_input import _copy_run, assert_user_error, cli, digest
 
+import common.cli
+import common.rundir
 import gan_vae.continual
 import train_student
 import train_student_rl
-from conftest import RL_ARGS, ROOT, TINY, read_metrics
-from test_bad_input import _copy_run, assert_user_error, cli, digest
-import utils  # the run-directory functions as utils.<name>: this module also runs against code that predates them
-from utils import DistInfo, MetricLogger, UserError, load_checkpoint, read_jsonl, save_checkpoint, write_json
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.distributed import DistInfo
+from common.errors import UserError
+from common.files import write_json
+from common.metrics import MetricLogger, read_jsonl
 
 TS_ARGS = [*TINY, "kd.alpha=1"]
 MAINS = {"train_student": (train_student.main, TS_ARGS), "train_student_rl": (train_student_rl.main, RL_ARGS)}
@@ -78,7 +83,7 @@ def test_a_damaged_run_record_is_named(tmp_path):
     save_checkpoint({"program": "train_student.py"}, run / "checkpoints" / "last.pt")
     (run / "run.json").write_text('{"program": "train_st')
     with pytest.raises(UserError, match=r"cannot read .*r/run.json \(the record of which program made the run\)"):
-        utils.plan_run_dir(str(tmp_path), "r", "auto", "train_student.py")
+        common.rundir.plan_run_dir(str(tmp_path), "r", "auto", "train_student.py")
 
 
 def test_train_student_refuses_a_gan_vae_checkpoint_naming_it(tmp_path):
@@ -137,13 +142,13 @@ def test_gan_vae_checkpoint_path_into_an_existing_run_is_refused(tmp_path):
 def test_a_new_run_from_a_checkpoint_path_records_its_source(tmp_path):
     source = tmp_path / "a" / "checkpoints" / "last.pt"
     save_checkpoint({"program": "train_student.py"}, source)
-    plan = utils.plan_run_dir(str(tmp_path), "b", str(source), "train_student.py")
+    plan = common.rundir.plan_run_dir(str(tmp_path), "b", str(source), "train_student.py")
     assert not plan.continues and plan.checkpoint == source and not (tmp_path / "b").exists()
-    with utils.claim_run_dir(plan, "train_student.py", DistInfo()) as run_dir:
+    with common.rundir.claim_run_dir(plan, "train_student.py", DistInfo()) as run_dir:
         record = json.loads((run_dir / "run.json").read_text())
     assert record["program"] == "train_student.py" and record["started_from"] == str(source.resolve())
     # the run's own checkpoint continues it
-    own = utils.plan_run_dir(str(tmp_path), "a", str(source), "train_student.py")
+    own = common.rundir.plan_run_dir(str(tmp_path), "a", str(source), "train_student.py")
     assert own.continues and own.run_dir == tmp_path / "a"
 
 
@@ -196,7 +201,7 @@ def test_claim_removes_only_a_directory_it_made_that_holds_nothing(tmp_path):
         if existed:
             (tmp_path / name).mkdir()
         with pytest.raises(UserError, match="bad data"):
-            with utils.claim_run_dir(utils.plan_run_dir(str(tmp_path), name, "", "p"), "p", DistInfo()) as run_dir:
+            with common.rundir.claim_run_dir(common.rundir.plan_run_dir(str(tmp_path), name, "", "p"), "p", DistInfo()) as run_dir:
                 (run_dir / "config.yaml").write_text("a: 1\n")
                 if result:
                     (run_dir / "metrics.jsonl").write_text('{"epoch": 0}\n')
@@ -239,8 +244,8 @@ def test_rl_trains_its_teacher_with_teacher_prepare(tmp_path, monkeypatch):
     monkeypatch.setattr(train_student_rl, "prepare_teacher", prepare, raising=False)
     with pytest.raises(Prepared, match="teacher.yaml"):
         train_student_rl.main([*args, f"teacher.prepare={tmp_path / 'teacher.yaml'}"])
+    from common.config import load_config
     from train_student_rl import RLConfig
-    from utils import load_config
     assert load_config(RLConfig, str(ROOT / "configs" / "curriculum_synthetic.yaml")).teacher.prepare == \
         "configs/quickstart_teacher.yaml"
 

@@ -8,13 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (AugSpec, EvalViews, TrainViews, apply_aug_record, apply_aug_records, collate_views, load_local,
-                  load_splits, mini_imagenet_synsets, normalize_batch, predecode_split, replay_view_index,
-                  unpack_raw)
+from common.config import load_config
+from common.distributed import DistInfo
+from engine.teacher_cache import build_or_load_cache
+from imagedata.augment import AugSpec, apply_aug_record, apply_aug_records, replay_view_index
+from imagedata.image_sources import load_local, load_splits
+from imagedata.label_alignment import mini_imagenet_synsets
+from imagedata.normalization import normalize_batch
+from imagedata.predecode import predecode_split
+from imagedata.views import EvalViews, TrainViews, collate_views, unpack_raw
 from models import create_teacher
-from teacher_cache import build_or_load_cache
 from train_student import Config, autocast_for
-from utils import DistInfo, load_config
 
 ARGS = ["data.name=synthetic", "data.synthetic.num_classes=4", "data.synthetic.images_per_class=6",
         "data.synthetic.image_size=32", "data.image_size=32", "teacher.name=resnet10t", "teacher.pretrained=false"]

@@ -3,7 +3,6 @@ import json
 import sys
 
 import pytest
-
 from conftest import TINY, assert_clean_error, read_metrics, run_and_sigkill, run_script
 
 TIME_KEYS = ("time/",)
@@ -107,7 +106,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     import torch
 
     import train_student
-    from utils import DistInfo, MetricLogger, UserError, load_config, prepare_run_dir
+    from common.config import load_config
+    from common.distributed import DistInfo
+    from common.errors import UserError
+    from common.metrics import MetricLogger
+    from common.rundir import prepare_run_dir
 
     cfg = load_config(train_student.Config, None, [*TINY, "kd.alpha=0.5", "train.epochs=1", f"run.out_dir={tmp_path}",
                                                    "run.name=nan", "log.every_steps=1"])

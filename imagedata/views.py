@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from augment import AugSpec, apply_aug_record, eval_view, replay_view_index, sample_aug_record, train_record_rng
-from image_sources import ImageSource
-from predecode import PredecodedSource
-from utils import UserError
+from common.errors import UserError
+from imagedata.augment import (AugSpec, apply_aug_record, eval_view, replay_view_index, sample_aug_record,
+                               train_record_rng)
+from imagedata.image_sources import ImageSource
+from imagedata.predecode import PredecodedSource
 
 
 def collate_views(items: list[dict]) -> dict:

@@ -29,16 +29,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from augment import (AUG_RECORD_LEN, AugSpec, apply_aug_record, apply_aug_records, cache_record_rng, eval_view,
-                     sample_aug_record)
-from image_sources import SPLITS, ImageSource
-from locked_build import build_lock, check_free_space, discard, new_build_dir, publish, reserve, write_errors
-from normalization import input_norm, normalize_batch
-from predecode import PredecodedSource
-from samplers import ShardSampler
-from utils import (DistInfo, UserError, all_gather_objects, barrier, broadcast_object, on_main_rank, trace,
-                   write_json)
-from views import make_loader, unpack_raw
+from common.distributed import DistInfo, all_gather_objects, barrier, broadcast_object, on_main_rank
+from common.errors import UserError
+from common.files import write_json
+from common.locked_build import build_lock, check_free_space, discard, new_build_dir, publish, reserve, write_errors
+from common.rng import trace
+from imagedata.augment import (AUG_RECORD_LEN, AugSpec, apply_aug_record, apply_aug_records, cache_record_rng,
+                               eval_view, sample_aug_record)
+from imagedata.image_sources import SPLITS, ImageSource
+from imagedata.normalization import input_norm, normalize_batch
+from imagedata.predecode import PredecodedSource
+from imagedata.samplers import ShardSampler
+from imagedata.views import make_loader, unpack_raw
 
 CACHE_VERSION = 2  # 2: images decoded by image_sources.to_rgb (16-bit scaled to 8, alpha over white)
 

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from utils import UserError
+from common.errors import UserError
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 BUILD_INFIX = ".building-"  # temporary build directories: .<name>.building-<pid>-<random>

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from content_hash import folder_fingerprint
-from synthetic_data import make_synthetic_dataset
-from utils import UserError
+from common.content_hash import folder_fingerprint
+from common.errors import UserError
+from imagedata.synthetic_data import make_synthetic_dataset
 
 SPLITS = ("train", "validation", "test")
 # The names each split may go by, in order of preference: the one alias rule for DatasetDict keys and folders.

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from label_alignment import mini_imagenet_synsets
-from utils import UserError
+from common.errors import UserError
+from imagedata.label_alignment import mini_imagenet_synsets
 
 _SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond", "hbar", "vbar")
 _COLOURS = ((230, 40, 40), (40, 200, 60), (50, 90, 235), (240, 210, 30), (200, 50, 220), (30, 210, 220))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils import UserError
+from common.errors import UserError
 
 
 def _timm_info(name: str) -> list[str]:

@@ -3,7 +3,7 @@
 Every training view is a pure function of (seed, epoch, index): its augmentation record (crop box, flip, jitter
 factors and order, see AUG_FIELDS) is drawn from `np.random.default_rng([seed, index, epoch, ...])`. So data loading
 carries no hidden RNG state, resume is exact, worker count does not change the numbers, and the cached-teacher mode
-(`teacher_cache.py`) can store a record and replay exactly the view the teacher scored. A record is applied with PIL
+(`engine/teacher_cache.py`) can store a record and replay exactly the view the teacher scored. A record is applied with PIL
 in the loader (`apply_aug_record`) or to uint8 tensors on the device (`apply_aug_records`); `eval_view` is the
 deterministic evaluation view.
 

@@ -12,7 +12,8 @@ import math
 import numpy as np
 import torch
 
-from utils import UserError
+from common.errors import UserError
+
 
 def pad_and_shard(order: np.ndarray, num_replicas: int, rank: int, pad: bool = True) -> np.ndarray:
     """Rank `rank`'s shard of a global order [N]: pad the order by wrapping to a multiple of num_replicas, then take

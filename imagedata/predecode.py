@@ -17,9 +17,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from image_sources import ImageSource
-from locked_build import (build_lock, discard, free_bytes, human_bytes, new_build_dir, publish, write_error)
-from utils import UserError, on_main_rank, write_json
+from common.distributed import on_main_rank
+from common.errors import UserError
+from common.files import write_json
+from common.locked_build import build_lock, discard, free_bytes, human_bytes, new_build_dir, publish, write_error
+from imagedata.image_sources import ImageSource
 
 PREDECODE_VERSION = "predecoded-v2"  # v2: images decoded by image_sources.to_rgb (16-bit scaled, alpha over white)
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from utils import UserError
+from common.errors import UserError
 
 ANNOUNCE_BYTES = 1 << 30  # say what is happening before hashing this many bytes at once
 

@@ -1,0 +1,410 @@
+"""Config schemas and loading: `opt`/`section` declare keys with defaults, help and ranges; `load_config` merges
+defaults < --config YAML < dotted overrides; `--help` and the README tables are generated from the schema;
+resume checks compare a run's saved config with the current one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from common import plugins
+from common.distributed import _dist_on, all_gather_objects
+from common.errors import UserError
+from common.registry import compose_schema
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: dataclass schema -> OmegaConf structured config. Defaults < YAML (--config) < dotted overrides.
+# ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric or categorical config key, declared once beside the key (`opt(..., ge=0)`).
+    `check_ranges` checks every key of a loaded config against its Range before any work; `--help` and the README
+    table show `describe()`. Bounds: ge (>=), gt (>), le (<=), lt (<). `choices`: the allowed values; a registry
+    (a dict from name to component) counts as its keys when the check runs, so an entry registered later is
+    accepted. A float is also refused when NaN or infinite, unless `allow_inf` (NaN never passes). For a list, every
+    number in it is checked. `why`: what a bad value would do, added to the error message."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: Any = None
+    allow_inf: bool = False
+    why: str = ""
+
+    def describe(self) -> str:
+        """"> 0", "in [0, 1)", "one of a, b" (empty: any number)."""
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        low = ("[", self.ge) if self.ge is not None else ("(", self.gt) if self.gt is not None else None
+        high = ("]", self.le) if self.le is not None else (")", self.lt) if self.lt is not None else None
+        if low and high:
+            return f"in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {_number(low[1])}"
+        if high:
+            return f"{'<=' if high[0] == ']' else '<'} {_number(high[1])}"
+        return ""
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not self.allow_inf)):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,  # noqa: A002
+        le: float | None = None, lt: float | None = None, choices: Any = None, allow_inf: bool = False,
+        why: str = "") -> Any:
+    """A config field with its one-line description (shown by --help and in the README) and, for a number or a
+    name from a fixed set, its valid values (see `Range`; checked by `check_ranges` when the config is loaded).
+    "help" reads best at the call site."""
+    metadata: dict[str, Any] = {"help": help}
+    if any(v is not None for v in (ge, gt, le, lt, choices)) or allow_inf:
+        metadata["range"] = Range(ge, gt, le, lt, choices, allow_inf, why)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def section(cls: type) -> Any:
+    """A nested config section."""
+    return dataclasses.field(default_factory=cls)
+
+
+def run_config(script: str, tag: str, checkpoint_path: str = "or a checkpoint path") -> type:
+    """The `run` section every entry point shares (out_dir, name, resume), with its --help text naming the script's
+    default run name, `default_run_name(script, tag, seed)`, and what its run.resume does with a checkpoint path.
+    Subclass it at module level (with more run.* keys, or none): pickle finds a config's dataclass by module and
+    name, which a class made in here does not have."""
+
+    @dataclasses.dataclass
+    class RunConfig:
+        out_dir: str = opt("runs", "parent directory of run directories")
+        name: str = opt("", f"run directory name (default {script}__{tag}__s<seed>__<time>)")
+        resume: str = opt("", f"'auto' continues <out_dir>/<name> from checkpoints/last.pt; {checkpoint_path}")
+        plugins: list[str] = opt([], "modules or .py files imported before the config is read: KD methods, agents, "
+                                     "strategies or losses they register (with their own keys) work like built-in ones "
+                                     "(common/plugins.py)")
+
+    return RunConfig
+
+
+def _schema_leaves(schema: type, prefix: str = ""):
+    """Yield (dotted key, dataclasses.Field, default) for every leaf field of a dataclass schema."""
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
+            yield from _schema_leaves(f.type, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            yield from _schema_leaves(type(default), key + ".")
+            continue
+        yield key, f, default
+
+
+def iter_schema(schema: type, prefix: str = ""):
+    """Yield (dotted key, type name, default, help) for every leaf field of a dataclass schema."""
+    for key, f, default in _schema_leaves(schema, prefix):
+        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        yield key, type_name, default, f.metadata.get("help", "")
+
+
+def schema_ranges(schema: type) -> dict[str, Range]:
+    """Dotted key -> its declared Range, for every leaf of the schema that declares one."""
+    return {key: f.metadata["range"] for key, f, _ in _schema_leaves(schema) if "range" in f.metadata}
+
+
+def _numbers_in(value: Any) -> list:
+    """The numbers of a value: itself, or every number in a (nested) list. Booleans are not numbers here."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [x for item in value for x in _numbers_in(item)]
+    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+
+
+def range_error(key: str, value: Any, valid: Range | None) -> str | None:
+    """The message for `key=value` when the value is outside `valid` (or is a NaN or infinite float, which no key
+    takes unless its Range allows infinity); None when it is fine."""
+    if valid is not None and valid.choices is not None:
+        if value in valid.choices:
+            return None
+        options = ", ".join(str(c) for c in valid.choices)
+        if isinstance(value, str):
+            return f"unknown {key} '{value}'; choose one of {options}"
+        return f"{key}={value} must be one of {options}"
+    valid = valid or Range()
+    plain = to_plain(value) if isinstance(value, ListConfig) else value
+    numbers = _numbers_in(plain)
+    bad = [x for x in numbers if not valid.contains(x)]
+    if not bad:
+        return None
+    wanted = valid.describe()
+    non_finite = isinstance(bad[0], float) and not math.isfinite(bad[0])
+    verb = "be a finite number" if non_finite else "lie" if wanted.startswith("in ") else "be"
+    wanted = f"{verb} {wanted}".rstrip()
+    why = f": {valid.why}" if valid.why else ""
+    if isinstance(plain, list):
+        return f"{key}={plain}: every number in it must {wanted} ({bad[0]} is not){why}"
+    return f"{key}={bad[0]} must {wanted}{why}"
+
+
+def check_ranges(cfg: DictConfig, schema: type | None = None) -> None:
+    """Refuse, with a UserError naming the key, the first value of `cfg` outside its key's declared Range, and any
+    NaN or infinite float. Runs when a config is loaded (and again in the scripts' validate, for a config changed
+    in code): every section is checked, also those of components (KD methods, agents) the run does not select, so
+    that a bad value fails at once, not late in a run. `schema`: the config's dataclass (by default its own)."""
+    schema = schema or OmegaConf.get_type(cfg)
+    for key, f, _ in _schema_leaves(schema):
+        message = range_error(key, OmegaConf.select(cfg, key), f.metadata.get("range"))
+        if message is not None:
+            raise UserError(message)
+
+
+def _restore_yaml_booleans(cfg: DictConfig, schema: type) -> None:
+    """YAML 1.1 reads a bare off / no / false as a boolean, which a string key stores as "False" (on / yes / true:
+    "True"): `train.amp=off` arrives as "False". A key with choices gets back the one choice that was meant."""
+    words = {"False": ("off", "no", "false"), "True": ("on", "yes", "true")}
+    for key, valid in schema_ranges(schema).items():
+        value = OmegaConf.select(cfg, key)
+        if valid.choices is None or not isinstance(value, str) or value not in words or value in valid.choices:
+            continue
+        meant = [c for c in valid.choices if c in words[value]]
+        if len(meant) == 1:
+            OmegaConf.update(cfg, key, meant[0])
+
+
+def config_help(schema: type, prog: str, doc: str | None) -> str:
+    lines = [(doc or "").strip(), "", f"usage: {prog} [--config FILE.yaml] [key=value ...]", "",
+             "Values come from the defaults below, then --config FILE.yaml, then key=value overrides.",
+             "", "keys (type, valid values = default: description); a float is never NaN or infinite:"]
+    ranges = schema_ranges(schema)
+    for key, type_name, default, text in iter_schema(schema):
+        valid = ranges[key].describe() if key in ranges else ""
+        lines.append(f"  {key} ({type_name}{', ' + valid if valid else ''}) = {json.dumps(default)}\n      {text}")
+    return "\n".join(lines)
+
+
+def config_markdown(schema: type, base: type | None = None) -> str:
+    """The configuration reference as a markdown table (pasted into the README; a test keeps them in sync).
+    With `base`, only the keys the schema adds to it."""
+    skip = {key for key, *_ in iter_schema(base)} if base is not None else set()
+    ranges = schema_ranges(schema)
+    rows = ["| key | type | valid values | default | meaning |", "|---|---|---|---|---|"]
+    for key, type_name, default, text in iter_schema(schema):
+        if key in skip:
+            continue
+        valid = ranges[key].describe() if key in ranges else ""
+        valid, text = (s.replace("<", "\\<").replace("|", "\\|") for s in (valid, text))  # <split>: an HTML tag
+        rows.append(f"| `{key}` | {type_name} | {valid} | `{json.dumps(default)}` | {text} |")
+    return "\n".join(rows)
+
+
+def _flow(value: Any) -> str:
+    """A value as written on the command line and in YAML flow style: kd, 4.0, true, [0.5, 0.9], \"\"."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else '""'
+
+
+def _check_sections(cfg: DictConfig, incoming: Any, source: str, prefix: str = "") -> None:
+    """Refuse a single value (or a list, or null) given to a whole section, e.g. `kd=3` or `kd: 3` in a YAML file,
+    naming the section and a key inside it (OmegaConf's own error names no key)."""
+    if not isinstance(incoming, dict):
+        return
+    for name, value in incoming.items():
+        if not isinstance(name, str) or name not in cfg:
+            continue  # an unknown key: the merge names it
+        path = f"{prefix}{name}"
+        if not isinstance(cfg[name], DictConfig):
+            if isinstance(value, dict) and not isinstance(cfg[name], ListConfig):
+                raise UserError(f"'{path}' is a key, not a section, so it cannot hold keys ({source}): give it "
+                                f"one value, e.g. {path}={_flow(OmegaConf.to_container(cfg, resolve=False)[name])}")
+            continue  # a leaf: the merge checks its type
+        if isinstance(value, dict):
+            _check_sections(cfg[name], value, source, path + ".")
+            continue
+        keys = OmegaConf.to_container(cfg[name], resolve=False)
+        leaf = next((k for k, v in keys.items() if not isinstance(v, dict)), next(iter(keys)))
+        example = _flow(keys[leaf]) if not isinstance(keys[leaf], dict) else "..."
+        nested = f"{leaf}: {example}"
+        for part in reversed(path.split(".")):
+            nested = f"{part}: {{{nested}}}"
+        raise UserError(f"'{path}' is a section of the config, not a key, so it cannot take the value "
+                        f"{json.dumps(value)} ({source}): set the keys inside it, e.g. {path}.{leaf}={example} "
+                        f"(in a YAML file: `{nested}`); run with --help to list the keys of {path}")
+
+
+def _config_error(exc: OmegaConfBaseException, source: str) -> UserError:
+    key = getattr(exc, "full_key", None) or "?"
+    msg = str(exc).splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        return UserError(f"unknown config key '{key}' ({source}); run with --help to list every key")
+    return UserError(f"bad value for config key '{key}' ({source}): {msg}")
+
+
+def load_config(schema: type, config_file: str | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Build the config: schema defaults, then the YAML file, then dotted `key=value` overrides.
+
+    Unknown keys, values of the wrong type and values outside a key's declared range (`opt(..., ge=0)`, see
+    `check_ranges`) raise UserError naming the key, before the caller does any work. The plugins that the file or
+    the overrides name (run.plugins) are imported first, and the schema gets the config sections of every registry
+    entry (common.registry.compose_schema)."""
+    plugins.load(plugins.requested(config_file, overrides or []))
+    schema = compose_schema(schema)
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    if config_file is not None:
+        path = Path(config_file)
+        if not str(config_file):
+            raise UserError("--config needs a YAML file")
+        if path.is_dir():
+            raise UserError(f"config file {path} is a directory; --config takes a YAML file, e.g. a run's "
+                            "config.yaml")
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as exc:  # yaml errors have many types
+            detail = " ".join(str(exc).split())
+            if "Invalid loaded object type" in detail:  # OmegaConf's word for a top-level number or boolean
+                raise UserError(f"config file {path} holds a single value at its top level; it must map config "
+                                "keys to values, e.g. `kd: {temperature: 2}`, one key per line") from None
+            raise UserError(f"config file {path} is not valid YAML: {detail}") from None
+        # A file whose top level is a list or a scalar cannot be merged into the keys; an empty file (or one of
+        # comments only) is almost always the wrong file, so it is named rather than silently ignored.
+        if not isinstance(file_cfg, DictConfig):
+            raise UserError(f"config file {path} holds a list at its top level; it must map config keys to values, "
+                            "e.g. `kd: {temperature: 2}`, one key per line")
+        if len(file_cfg) == 0:
+            raise UserError(f"config file {path} is empty: write config keys and values in it (e.g. "
+                            "`kd: {temperature: 2}`), or leave out --config to use the defaults")
+        _check_sections(cfg, OmegaConf.to_container(file_cfg, resolve=False), f"in {path}")
+        try:
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, f"in {path}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"cannot parse argument '{item}': overrides look like key=value, e.g. kd.temperature=2")
+        try:
+            incoming = OmegaConf.from_dotlist([item])
+            _check_sections(cfg, OmegaConf.to_container(incoming, resolve=False), f"override '{item}'")
+            cfg = OmegaConf.merge(cfg, incoming)
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, f"override '{item}'") from None
+    _restore_yaml_booleans(cfg, schema)
+    check_ranges(cfg, schema)
+    return cfg
+
+
+def parse_config(schema: type, argv: list[str], prog: str, doc: str | None = None) -> DictConfig:
+    """Command-line front end of `load_config`: handles --help, --config FILE and key=value overrides."""
+    config_file, overrides, it = None, [], iter(argv)
+    for arg in it:
+        if arg == "--config":
+            config_file = next(it, None)
+            if config_file is None:
+                raise UserError("--config needs a YAML file")
+        elif arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg in ("-h", "--help"):
+            continue
+        elif arg.startswith("-"):
+            raise UserError(f"unknown option '{arg}'; options are --help and --config FILE, the rest is key=value")
+        else:
+            overrides.append(arg)
+    if any(a in ("-h", "--help") for a in argv):  # after the plugins that the arguments name: --help lists theirs too
+        plugins.load(plugins.requested(config_file, overrides))
+        print(config_help(compose_schema(schema), prog, doc))
+        sys.exit(0)
+    return load_config(schema, config_file, overrides)
+
+
+def to_plain(cfg: DictConfig | ListConfig) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+# Keys that never change a number a run prints: where files go, what is logged, how often. Scripts extend this.
+RESUME_SAFE_KEYS = ("run.*", "log.*")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def config_differences(saved: dict, current: DictConfig | dict, allowed: tuple[str, ...] = RESUME_SAFE_KEYS
+                       ) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every dotted key whose value differs, skipping keys that match a
+    pattern of `allowed` (fnmatch: "log.*", "data.workers"). A key the saved config lacks (one the schema gained
+    since) counts as having the schema's default; a key only the saved config has is ignored."""
+    import fnmatch
+    now = _flatten(to_plain(current) if isinstance(current, (DictConfig, ListConfig)) else current)
+    before = _flatten(saved)
+    schema = OmegaConf.get_type(current) if isinstance(current, DictConfig) else None
+    defaults = ({key: default for key, _, default, _ in iter_schema(schema)}
+                if schema is not None and dataclasses.is_dataclass(schema) else {})
+    diffs = []
+    for key, value in now.items():
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed):
+            continue
+        old = before.get(key, defaults.get(key, "<absent>"))
+        if old != value:
+            diffs.append((key, old, value))
+    return diffs
+
+
+def check_same_config_on_all_ranks(cfg: DictConfig, allowed: tuple[str, ...] = ()) -> None:
+    """At start-up of a multi-process (multi-node) launch: every rank must have been given the same config. A
+    collective (all ranks call it); a no-op in a single process. Every rank raises the same UserError, naming the
+    first key (in schema order) on which some rank differs from rank 0, with both values."""
+    if not _dist_on():
+        return
+    configs = all_gather_objects(to_plain(cfg))
+    for rank, other in enumerate(configs[1:], start=1):
+        diffs = config_differences(configs[0], other, allowed)
+        if diffs:
+            key, ours, theirs = diffs[0]
+            more = f" (and {len(diffs) - 1} more key(s))" if len(diffs) > 1 else ""
+            raise UserError(f"the processes of this launch were given different configs: {key} = {json.dumps(ours)} "
+                            f"on rank 0 but {json.dumps(theirs)} on rank {rank}{more}. Start every node with the "
+                            "same --config file and the same overrides (only the torchrun flags may differ)")
+
+
+def check_resume_config(saved: dict | None, current: DictConfig, source: str,
+                        allowed: tuple[str, ...] = RESUME_SAFE_KEYS) -> None:
+    """Refuse to continue a run with a config that would change its results: a UserError naming every key whose
+    value differs from the run's (`saved`: the checkpoint's or config.yaml's config; None skips the check), with
+    both values and how to start a new run instead. Keys matching `allowed` may differ."""
+    if saved is None:
+        return
+    diffs = config_differences(saved, current, allowed)
+    if not diffs:
+        return
+    listed = "; ".join(f"{key} = {json.dumps(old)} in the run, {json.dumps(new)} now" for key, old, new in diffs)
+    safe = ", ".join(allowed)
+    raise UserError(f"cannot resume from {source}: the run was made with a different config, and continuing it "
+                    f"with this one would mix two configs in one set of results. Differences: {listed}. Resume "
+                    f"with the run's values (only {safe} may change), or start a new run with the new values: "
+                    "drop run.resume and pick a new run.name")
+

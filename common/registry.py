@@ -1,0 +1,165 @@
+"""One idiom for everything that comes in kinds: KD methods, agents, curriculum strategies, gan_vae student losses.
+
+    KD_METHODS = Registry("KD method", key="kd.method", sections="kd")
+
+    @dataclass
+    class DKDConfig:                                      # the entry's own keys, with ranges, next to its code
+        alpha: float = opt(1.0, "TCKD weight", ge=0)
+
+    @KD_METHODS.register("dkd", config=DKDConfig, help="Decoupled KD (Zhao et al. CVPR 2022)")
+    class DKD(KDMethod): ...
+
+An entry is a class or a function. Registering it is the whole of adding it: the key that names it (`kd.method`)
+accepts it, its config section (`kd.dkd.*`) joins the schema when the config is loaded (`compose_schema`), with its
+keys' ranges checked and listed by `--help` and the README tables, and its `validate(cfg)` (a classmethod or
+staticmethod, optional) runs before any work. An entry defined outside the repository is registered the same way
+from a plugin file named by `run.plugins` (common.plugins), imported before the config is read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterator
+from typing import Any, Callable
+
+from common.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    name: str
+    obj: Any                        # the class or function registered
+    config: type | None             # its config section (a dataclass), or None when it has no keys of its own
+    help: str                       # one line: what it is and where it comes from
+
+
+class Registry:
+    """name -> entry. `kind` names it in messages ("KD method"), `key` is the config key that selects an entry
+    ("kd.method"), and `sections` the config section under which each entry's own section goes ("kd": kd.<name>.*).
+    Iterating, `in` and `len` see the names, so a Registry serves as `opt(..., choices=REGISTRY)`: the check and
+    `--help` then follow whatever is registered when the config is loaded."""
+
+    def __init__(self, kind: str, key: str, sections: str | None = None):
+        self.kind, self.key, self.sections = kind, key, sections
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, *, config: type | None = None, help: str = "") -> Callable[[Any], Any]:  # noqa: A002
+        """Decorator: `@REGISTRY.register("name", config=Section, help="...")` over a class or a function."""
+        if config is not None and not dataclasses.is_dataclass(config):
+            raise TypeError(f"{self.kind} '{name}': config must be a dataclass (its keys declared with common.config.opt)")
+
+        def add(obj: Any) -> Any:
+            if name in self._entries and self._entries[name].obj is not obj:
+                raise UserError(f"{self.kind} '{name}' is registered twice: by {_origin(self._entries[name].obj)} and "
+                                f"by {_origin(obj)}; rename one of them")
+            self._entries[name] = Entry(name, obj, config, help or _first_line(obj))
+            if isinstance(obj, type):
+                obj.name = name
+            return obj
+        return add
+
+    # ---- lookup --------------------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Any:
+        return self.entry(name).obj
+
+    def entry(self, name: str) -> Entry:
+        if name not in self._entries:
+            raise UserError(f"unknown {self.key} '{name}'; choose one of {', '.join(self._entries)} (an entry of your "
+                            "own is registered from a file named by run.plugins)")
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, e.obj) for name, e in self._entries.items()]
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind}: {', '.join(self._entries)})"
+
+    # ---- what the config and the docs read -----------------------------------------------------------------------
+    def describe(self) -> str:
+        """One line per entry, for --help and the README: `name: help`."""
+        return "; ".join(f"{e.name}: {e.help}" if e.help else e.name for e in self._entries.values())
+
+    def validate(self, cfg: Any, name: str) -> None:
+        """The selected entry's `validate(cfg)`, when it has one: checks that involve several keys (UserError)."""
+        check = getattr(self.entry(name).obj, "validate", None)
+        if callable(check):
+            check(cfg)
+
+
+def _first_line(obj: Any) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    return doc.split("\n")[0].rstrip(".") if doc else ""
+
+
+def _origin(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schema composition: a section dataclass lists the registries whose entries' sections it holds.
+# ----------------------------------------------------------------------------------------------------------------
+REGISTRIES_ATTR = "registries"
+
+
+def holds_sections_of(*registries: Registry) -> Callable[[type], type]:
+    """Class decorator for a config section: every entry of these registries that has a config gets its own
+    sub-section here, named after the entry (`kd.dkd.*`), when the schema is composed."""
+    def mark(cls: type) -> type:
+        setattr(cls, REGISTRIES_ATTR, registries)
+        return cls
+    return mark
+
+
+_COMPOSED: dict[tuple, type] = {}
+
+
+def compose_schema(schema: type) -> type:
+    """`schema` with every registry entry's section added where a `holds_sections_of` section asks for it (recursively).
+    The result is a dataclass subclass of each section, made once per set of entries and kept as an attribute of this
+    module, so that a config pickles by reference; with no registry sections the schema itself comes back."""
+    fields = []
+    changed = False
+    for f in dataclasses.fields(schema):
+        sub = f.type if isinstance(f.type, type) and dataclasses.is_dataclass(f.type) else None
+        if sub is None and f.default_factory is not dataclasses.MISSING and isinstance(f.default_factory, type) \
+                and dataclasses.is_dataclass(f.default_factory):
+            sub = f.default_factory
+        if sub is None:
+            continue
+        composed = compose_schema(sub)
+        if composed is not sub:
+            changed = True
+            fields.append((f.name, composed, dataclasses.field(default_factory=composed, metadata=f.metadata)))
+    own = {f.name for f in dataclasses.fields(schema)}
+    for registry in getattr(schema, REGISTRIES_ATTR, ()):
+        for e in registry.entries():
+            if e.config is None:
+                continue
+            if e.name in own:
+                raise UserError(f"{registry.kind} '{e.name}' ({_origin(e.obj)}) cannot have a config section "
+                                f"{registry.sections}.{e.name}: that is already a key of {registry.sections}; rename it")
+            changed = True
+            fields.append((e.name, e.config, dataclasses.field(default_factory=e.config)))
+            own.add(e.name)
+    if not changed:
+        return schema
+    signature = (schema, tuple((name, typ) for name, typ, _ in fields))
+    if signature not in _COMPOSED:
+        name = f"{schema.__name__}_{len(_COMPOSED)}"
+        cls = dataclasses.make_dataclass(name, fields, bases=(schema,), namespace={"__module__": __name__})
+        cls.__qualname__ = name
+        setattr(sys.modules[__name__], name, cls)
+        _COMPOSED[signature] = cls
+    return _COMPOSED[signature]
