@@ -42,7 +42,8 @@ import torch
 
 from common.config import load_config
 from common.distributed import DistInfo
-from train_student import Config, Trainer
+from engine.config import Config
+from engine.trainer import Trainer
 
 
 def machine() -> dict:
@@ -134,13 +135,14 @@ def bench_curriculum(args, cache_dir: str) -> list[dict]:
     """train_student_rl.py epochs (agent + environment step: curriculum, training, validation and, every
     `refresh_every` epochs, the difficulty refresh) against plain KD epochs (training + validation), same samples per
     epoch (strategy all), interleaved; then the difficulty refresh alone against a training epoch."""
-    from train_student_rl import CurriculumTrainer, RLConfig
+    from engine.curriculum_run import CurriculumRun
+    from engine.rl_config import RLConfig
     epochs = args.refresh_every * args.rl_cycles + 1
     base = common_overrides(args, cache_dir) + [
         "kd.alpha=0", "curriculum.strategy=all", f"difficulty.refresh_every={args.refresh_every}",
         "difficulty.warmup_epochs=0", f"train.epochs={epochs}"]
     plain = Trainer(load_config(RLConfig, None, base), DistInfo(device=device()), None)
-    rl = {a: CurriculumTrainer(load_config(RLConfig, None, base + [f"agent.name={a}"]), DistInfo(device=device()),
+    rl = {a: CurriculumRun(load_config(RLConfig, None, base + [f"agent.name={a}"]), DistInfo(device=device()),
                                None) for a in ("ppo", "bandit")}
     obs = {a: t.env.reset(seed=0)[0] for a, t in rl.items()}
 
@@ -165,9 +167,9 @@ def bench_curriculum(args, cache_dir: str) -> list[dict]:
     rows = [{**row(f"curriculum epoch, {name}", v, "s", None, "plain KD epoch"),
              "ratio": sum(v) / floor, "note": f"ratio of totals over {len(v)} epochs"}
             for name, v in seconds.items()]
-    trainer = rl["bandit"]
-    refresh = interleaved({"training epoch": lambda e: trainer.train_epoch(epochs + e)["time/epoch_s"],
-                           "difficulty refresh": lambda e: timed(lambda: trainer.refresh_difficulty(epochs + e))},
+    run = rl["bandit"]
+    refresh = interleaved({"training epoch": lambda e: run.trainer.train_epoch(epochs + e)["time/epoch_s"],
+                           "difficulty refresh": lambda e: timed(lambda: run.curriculum.refresh_difficulty(epochs + e))},
                           args.repeats, "refresh")
     rows.append(row("difficulty refresh", refresh["difficulty refresh"], "s",
                     statistics.median(refresh["training epoch"]), "cached-KD training epoch"))
@@ -208,26 +210,7 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
         return loader_rate(loader, loader.sampler, epoch, on_device, dev)
 
     # the student's training throughput on ready batches: forward, backward and optimiser step, no loader
-    t = student_trainer
-    x = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
-    y = torch.randint(0, t.num_classes, (args.batch_size,))
-    steps = max(2, len(jpeg) // args.batch_size)
-
-    def student_rate(_: int) -> float:
-        from imagedata.normalization import input_norm, normalize_batch
-        from models import kd_loss_terms
-        t.model.train()
-        start = time.perf_counter()
-        for _ in range(steps):
-            with t.autocast():
-                logits = t.model(normalize_batch(x, dev, t.channels_last, input_norm(t.student)))["logits"]
-            loss = kd_loss_terms(logits, None, y.to(dev), 1.0, 1.0)["loss"]
-            t.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            t.optimizer.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return steps * args.batch_size / (time.perf_counter() - start)
+    student_rate = student_rate_of(args, student_trainer, max(2, len(jpeg) // args.batch_size))
 
     rates = interleaved({"student training": student_rate,
                          **{name: (lambda e, ld=ld: pass_over(ld, e)) for name, ld in loaders.items()}},
@@ -244,6 +227,31 @@ def bench_pipeline(args, work: Path, student_trainer: Trainer) -> list[dict]:
     rows.append({**row("pre-decoding (one-time)", [predecode_s], "s", None, "-"),
                  "note": f"{len(jpeg)} JPEGs -> {stored}"})
     return rows
+
+
+def student_rate_of(args, t: Trainer, steps: int):
+    """A round function: images per second of `steps` training steps of trainer `t`'s student (forward, backward,
+    optimiser step) on one ready uint8 batch, no loader."""
+    dev = device()
+    x = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
+    y = torch.randint(0, t.num_classes, (args.batch_size,))
+
+    def student_rate(_: int) -> float:
+        from imagedata.normalization import input_norm, normalize_batch
+        from models import kd_loss_terms
+        t.model.train()
+        start = time.perf_counter()
+        for _ in range(steps):
+            with t.autocast():
+                logits = t.model(normalize_batch(x, dev, t.channels_last, input_norm(t.student)))["logits"]
+            loss = kd_loss_terms(logits, None, y.to(dev), 1.0, 1.0)["loss"]
+            t.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            t.optimizer.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * args.batch_size / (time.perf_counter() - start)
+    return student_rate
 
 
 # ---- the GPU suite (--suite gpu) -----------------------------------------------------------------------------------
@@ -274,18 +282,37 @@ def bench_gpu_suite(args, work: Path) -> list[dict]:
     Each trainer is built, then trained one warm-up epoch alone (its peak memory above what the trainers built
     before it hold: its weights, optimiser state, teacher and activations), then every trainer's epochs are timed
     interleaved."""
-    from imagedata.augment import AugSpec
-    from imagedata.image_sources import load_local
-    from imagedata.samplers import EpochSampler
-    from imagedata.synthetic_data import write_synthetic_jpeg_folder
-    from imagedata.views import TrainViews, make_loader
+    compiles = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.compile]
+    trainers, memory, rows = gpu_trainers(args, work, compiles)
+    epochs = interleaved({name: (lambda rep, t=t: (lambda r: r["train/samples"] / r["time/epoch_s"])(
+        t.train_epoch(1 + rep))) for name, t in trainers.items()}, args.repeats, "gpu suite epoch", "img/s")
+    floors = {c: statistics.median(epochs[f"label-only, compile {c}"]) for c in compiles}
+    for name, rates in epochs.items():
+        c = name.rsplit(" ", 1)[1]
+        rows.append({**row(f"training, {name}", rates, "img/s", floors[c], f"label-only, compile {c}", True),
+                     "peak_gb": memory[name],
+                     "note": f"{args.student}{' <- ' + args.teacher if 'KD' in name else ''}, batch "
+                             f"{args.batch_size}, {args.image_size} px, pre-decoded, augmented on the device"})
+    best_training = max(statistics.median(v) for k, v in epochs.items() if k.startswith("cached KD"))
+    rows += gpu_pipeline_rows(args, work, trainers[f"label-only, compile {compiles[0]}"], best_training)
+    before = memory_allocated()
+    reset_peak()
+    gan_rows = bench_gan_vae(args, work)
+    gan_peak = peak_gb(before)
+    for r in gan_rows:
+        r["peak_gb"] = gan_peak
+    return rows + gan_rows
+
+
+def gpu_trainers(args, work: Path, compiles: list[str]) -> tuple[dict[str, Trainer], dict, list[dict]]:
+    """The GPU suite's trainers (label-only, cached KD, online KD per train.compile), each built and trained one
+    warm-up epoch alone. Returns (name -> trainer, name -> its peak memory, the teacher-cache build row)."""
     dev = device()
     base = common_overrides(args, str(work / "cache")) + [
         "train.epochs=1000", "data.preprocessed=true", "data.augment_on=device",
         f"data.preprocess_dir={work / 'predecoded'}"]
     modes = {"label-only": ["kd.alpha=1"], "cached KD": ["kd.alpha=0", "teacher.mode=cached"],
              "online KD": ["kd.alpha=0", "teacher.mode=online"]}
-    compiles = {"off": ["off"], "on": ["on"], "both": ["off", "on"]}[args.compile]
     trainers: dict[str, Trainer] = {}
     memory: dict[str, float | None] = {}
     rows: list[dict] = []
@@ -307,19 +334,18 @@ def bench_gpu_suite(args, work: Path) -> list[dict]:
             t.train_epoch(0)  # warm-up alone: compilation, the loader's first fill, its peak memory
             memory[name] = peak_gb(before)
             trainers[name] = t
-    epochs = interleaved({name: (lambda rep, t=t: (lambda r: r["train/samples"] / r["time/epoch_s"])(
-        t.train_epoch(1 + rep))) for name, t in trainers.items()}, args.repeats, "gpu suite epoch", "img/s")
-    floors = {c: statistics.median(epochs[f"label-only, compile {c}"]) for c in compiles}
-    for name, rates in epochs.items():
-        c = name.rsplit(" ", 1)[1]
-        rows.append({**row(f"training, {name}", rates, "img/s", floors[c], f"label-only, compile {c}", True),
-                     "peak_gb": memory[name],
-                     "note": f"{args.student}{' <- ' + args.teacher if 'KD' in name else ''}, batch "
-                             f"{args.batch_size}, {args.image_size} px, pre-decoded, augmented on the device"})
-    best_training = max(statistics.median(v) for k, v in epochs.items() if k.startswith("cached KD"))
+    return trainers, memory, rows
 
-    # the input pipeline alone: the label-only trainer's loader (pre-decoded, augmented on the device) and JPEGs
-    t = trainers[f"label-only, compile {compiles[0]}"]
+
+def gpu_pipeline_rows(args, work: Path, t: Trainer, best_training: float) -> list[dict]:
+    """The input pipeline alone: trainer `t`'s loader (pre-decoded, augmented on the device) and JPEGs, in images
+    per second over the fastest cached-KD training rate."""
+    from imagedata.augment import AugSpec
+    from imagedata.image_sources import load_local
+    from imagedata.samplers import EpochSampler
+    from imagedata.synthetic_data import write_synthetic_jpeg_folder
+    from imagedata.views import TrainViews, make_loader
+    dev = device()
     tree = write_synthetic_jpeg_folder(work / "jpeg", args.classes, args.images_per_class, args.jpeg_height)
     jpeg = load_local(tree)["train"]
     spec = AugSpec(image_size=args.image_size)
@@ -338,30 +364,16 @@ def bench_gpu_suite(args, work: Path) -> list[dict]:
                          f"JPEG decode + augment, {args.workers} workers": jpeg_rate}, args.repeats, "gpu suite pipeline",
                         "img/s")
     pipeline_peak = peak_gb(before)
-    for name, v in rates.items():
-        rows.append({**row(f"input pipeline, {name}", v, "img/s", best_training, "fastest cached-KD training", True),
-                     "peak_gb": pipeline_peak if "device" in name else None,
-                     "note": f"JPEG {int(round(args.jpeg_height * 4 / 3))}x{args.jpeg_height}" if "JPEG" in name
-                     else "crops, flips and jitter on the device, normalised"})
-    before = memory_allocated()
-    reset_peak()
-    gan_rows = bench_gan_vae(args, work)
-    gan_peak = peak_gb(before)
-    for r in gan_rows:
-        r["peak_gb"] = gan_peak
-    return rows + gan_rows
+    return [{**row(f"input pipeline, {name}", v, "img/s", best_training, "fastest cached-KD training", True),
+             "peak_gb": pipeline_peak if "device" in name else None,
+             "note": f"JPEG {int(round(args.jpeg_height * 4 / 3))}x{args.jpeg_height}" if "JPEG" in name
+             else "crops, flips and jitter on the device, normalised"} for name, v in rates.items()]
 
 
 # ---- 6: gan_vae ----------------------------------------------------------------------------------------------------
 def bench_gan_vae(args, work: Path) -> list[dict]:
     from gan_vae.continual import ContinualConfig, ContinualRun
-    from imagedata.synthetic_data import render_synthetic_image, synthetic_class_attributes
-    rng = np.random.default_rng(0)
-    attrs = synthetic_class_attributes(10)
-    labels = np.arange(args.gan_images) % 10
-    images = np.stack([render_synthetic_image(attrs[c], float(rng.uniform(0, 0.5)), 28, rng).mean(2)
-                       for c in labels]).astype(np.uint8)
-    np.savez(work / "shapes.npz", images=images, labels=labels)
+    write_shapes(work / "shapes.npz", args.gan_images)
     cfg = load_config(ContinualConfig, None, [
         f"data.tasks=[{work / 'shapes.npz'}]", "teacher.steps=100000", "student.steps=100000",
         "fid.classifier_epochs=1", f"fid.samples={args.fid_samples}", f"fid.cache_dir={work / 'fid'}",
@@ -406,6 +418,17 @@ def bench_gan_vae(args, work: Path) -> list[dict]:
                      "test images, domain-classifier features"}]
 
 
+def write_shapes(path: Path, n: int) -> None:
+    """gan_vae's task data for the bench: n 28x28 grey synthetic images of 10 classes, as an .npz."""
+    from imagedata.synthetic_data import render_synthetic_image, synthetic_class_attributes
+    rng = np.random.default_rng(0)
+    attrs = synthetic_class_attributes(10)
+    labels = np.arange(n) % 10
+    images = np.stack([render_synthetic_image(attrs[c], float(rng.uniform(0, 0.5)), 28, rng).mean(2)
+                       for c in labels]).astype(np.uint8)
+    np.savez(path, images=images, labels=labels)
+
+
 def markdown(result: dict) -> str:
     m, a = result["machine"], result["args"]
     gpu = result.get("suite") == "gpu"
@@ -438,6 +461,37 @@ TARGETS = ("Targets: cached KD >= 3,000 img/s on one H100; cached KD / label-onl
 
 
 def main() -> None:
+    parser = build_parser()
+    suite = parser.parse_known_args()[0].suite
+    if suite == "gpu":  # the suite's sizes, unless given on the command line
+        parser.set_defaults(**GPU_SUITE["cuda" if torch.cuda.is_available() else "cpu"])
+    args = parser.parse_args()
+    if args.suite == "gpu":
+        run_gpu_suite(args)
+        return
+    if args.quick:
+        args.images_per_class, args.repeats, args.refresh_every = 12, 2, 2
+        args.gan_images, args.gan_steps, args.fid_samples = 500, 4, 1000
+    if "kd" in args.skip and "pipeline" not in args.skip:
+        parser.error("the pipeline item measures against the label-only student of the kd item: do not skip kd")
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        trainers = {}
+        if "kd" not in args.skip:
+            kd_rows, trainers = bench_kd(args, str(work / "cache"))
+            rows += kd_rows
+        if "curriculum" not in args.skip:
+            rows += bench_curriculum(args, str(work / "cache"))
+        if "pipeline" not in args.skip:
+            rows += bench_pipeline(args, work, trainers["label-only"])
+        if "gan_vae" not in args.skip:
+            rows += bench_gan_vae(args, work)
+    write_results({"machine": machine(), "args": vars(args), "rows": rows, "suite": "cpu"}, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu",
                         help="cpu: the items below at 64 px, as ratios (the default). gpu: images per second and "
@@ -470,33 +524,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["kd", "curriculum", "pipeline", "gan_vae"],
                         help="items to leave out")
     parser.add_argument("--out", default="bench", help="output prefix for .json and .md")
-    suite = parser.parse_known_args()[0].suite
-    if suite == "gpu":  # the suite's sizes, unless given on the command line
-        parser.set_defaults(**GPU_SUITE["cuda" if torch.cuda.is_available() else "cpu"])
-    args = parser.parse_args()
-    if args.suite == "gpu":
-        run_gpu_suite(args)
-        return
-    if args.quick:
-        args.images_per_class, args.repeats, args.refresh_every = 12, 2, 2
-        args.gan_images, args.gan_steps, args.fid_samples = 500, 4, 1000
-    if "kd" in args.skip and "pipeline" not in args.skip:
-        parser.error("the pipeline item measures against the label-only student of the kd item: do not skip kd")
-
-    rows: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        trainers = {}
-        if "kd" not in args.skip:
-            kd_rows, trainers = bench_kd(args, str(work / "cache"))
-            rows += kd_rows
-        if "curriculum" not in args.skip:
-            rows += bench_curriculum(args, str(work / "cache"))
-        if "pipeline" not in args.skip:
-            rows += bench_pipeline(args, work, trainers["label-only"])
-        if "gan_vae" not in args.skip:
-            rows += bench_gan_vae(args, work)
-    write_results({"machine": machine(), "args": vars(args), "rows": rows, "suite": "cpu"}, args.out)
+    return parser
 
 
 def run_gpu_suite(args) -> None:

@@ -23,8 +23,8 @@ def tables() -> dict[str, str]:
     from common.config import config_markdown
     from common.registry import compose_schema
     from engine.config import Config
+    from engine.rl_config import RLConfig
     from gan_vae.continual import ContinualConfig
-    from train_student_rl import RLConfig
     base = compose_schema(Config)
     return {"train_student": config_markdown(base),
             "train_student_rl": config_markdown(compose_schema(RLConfig), base=base),

@@ -41,15 +41,16 @@ def stopped_runs(tmp_path_factory):
     would (each test copies the one it uses; test_bad_input.py and test_run_dir.py share them)."""
     import train_student
     import train_student_rl
+    from engine.trainer import Trainer
     root = tmp_path_factory.mktemp("stopped")
-    finish_epoch = train_student.Trainer.finish_epoch
+    finish_epoch = Trainer.finish_epoch
 
     def finish_then_die(self, epoch, *args, **kwargs):
         finish_epoch(self, epoch, *args, **kwargs)
         raise Killed
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_student.Trainer, "finish_epoch", finish_then_die)
+        mp.setattr(Trainer, "finish_epoch", finish_then_die)
         with pytest.raises(Killed):
             train_student.main([*TINY, "kd.alpha=1", f"run.out_dir={root}", "run.name=ts"])
         with pytest.raises(Killed):

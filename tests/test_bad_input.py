@@ -22,7 +22,7 @@ from common.distributed import DistInfo
 from common.errors import UserError
 from common.files import save_config
 from common.rundir import prepare_run_dir
-from train_student import Config
+from engine.config import Config
 
 
 def cli(main, argv, capsys) -> tuple[int | None, str]:
@@ -250,9 +250,9 @@ def test_rl_cannot_continue_a_train_student_checkpoint(stopped_runs, capsys, tmp
                                             f"run.out_dir={tmp_path}", "run.name=x", f"run.resume={ckpt}"], capsys)
     assert_user_error(code, err, "made by another script")
     # the last line of defence, should a config ever match: no curriculum or agent state to continue
-    from train_student_rl import CurriculumTrainer
+    from engine.curriculum_run import CurriculumRun
     with pytest.raises(UserError, match="written by train_student.py"):
-        CurriculumTrainer.load_extra_state(None, {})
+        CurriculumRun.load_extra_state(None, {})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from common.config import load_config
 from common.distributed import DistInfo
 from common.errors import UserError
 from engine import teacher_cache
+from engine.config import Config
 from engine.teacher_cache import build_or_load_cache
 from imagedata import predecode
 from imagedata.augment import AugSpec
@@ -27,7 +28,6 @@ from imagedata.image_sources import ImageSource, load_local, load_splits
 from imagedata.label_alignment import mini_imagenet_synsets
 from imagedata.predecode import predecode_split
 from models import create_teacher
-from train_student import Config
 
 ARGS = ["data.name=synthetic", "data.synthetic.num_classes=4", "data.synthetic.images_per_class=6",
         "data.synthetic.image_size=32", "data.image_size=32", "teacher.name=resnet10t", "teacher.pretrained=false"]

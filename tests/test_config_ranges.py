@@ -13,9 +13,9 @@ from conftest import TINY, assert_clean_error, run_main
 import common.config
 from common.config import load_config
 from common.errors import UserError
+from engine.config import Config
+from engine.rl_config import RLConfig
 from gan_vae.continual import ContinualConfig
-from train_student import Config
-from train_student_rl import RLConfig
 
 SCHEMAS = {"train_student": Config, "train_student_rl": RLConfig, "gan_vae": ContinualConfig}
 GAN_VAE_TINY = ["data.tasks=[mnist]", "teacher.steps=2", "student.steps=2"]
@@ -165,11 +165,11 @@ def test_a_kd_method_registered_later_is_a_valid_choice(monkeypatch):
 
 
 def test_a_config_changed_in_code_is_checked_by_validate():
-    import train_student
+    from engine import config as engine_config
     cfg = load_config(Config)
     cfg.train.weight_decay = float("nan")
     with pytest.raises(UserError, match="train.weight_decay=nan"):
-        train_student.validate(cfg)
+        engine_config.validate(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,9 +193,9 @@ def test_dist_refuses_logit_standardize(tmp_path):
     assert_clean_error(proc, "kd.logit_standardize=true applies to kd.method=kd, dkd and fitnet",
                        "kd.method=dist does not implement it")
     assert not any(tmp_path.iterdir())
-    import train_student
+    from engine import config as engine_config
     for method in ("kd", "dkd", "fitnet"):  # applied there
-        train_student.validate(load_config(Config, None, [f"kd.method={method}", "kd.logit_standardize=true"]))
+        engine_config.validate(load_config(Config, None, [f"kd.method={method}", "kd.logit_standardize=true"]))
 
 
 # ---------------------------------------------------------------------------------------------------------------

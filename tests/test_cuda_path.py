@@ -79,15 +79,16 @@ def test_compile_bf16_channels_last_together_in_both_scripts(eager, tmp_path, mo
 
     # in this process, so that the compiled run can be stopped right after its first checkpoint (Ctrl-C's path)
     import train_student
+    from engine.trainer import Trainer
     partial = [*BASE, "train.epochs=2", *on[1:], f"run.out_dir={tmp_path}", "run.name=partial"]
-    train_epoch = train_student.Trainer.train_epoch
+    train_epoch = Trainer.train_epoch
 
     def interrupted_at_second_epoch(self, epoch):
         if epoch == 1:
             raise KeyboardInterrupt
         return train_epoch(self, epoch)
 
-    monkeypatch.setattr(train_student.Trainer, "train_epoch", interrupted_at_second_epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted_at_second_epoch)
     stopped = call_main(train_student.main, [*partial, "train.compile=true"])
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     monkeypatch.undo()
@@ -119,8 +120,8 @@ def test_state_dicts_of_compiled_and_ddp_models_load_into_plain_ones_and_back():
     from common.checkpoint import load_state_strict
     from common.config import load_config
     from common.errors import UserError
+    from engine.config import Config
     from models import create_student
-    from train_student import Config
     cfg = load_config(Config, None, ["student.name=test_resnet"])
     torch.manual_seed(0)
     plain = create_student(cfg, 4)
@@ -165,7 +166,7 @@ def test_compile_failure_names_it_and_the_eager_way(tmp_path):
 
 def test_amp_auto_resolves_by_device_and_gpu_generation(monkeypatch):
     """auto: off on CPU; bf16 on a GPU that computes it natively; fp16 (with the GradScaler) on an older one."""
-    from train_student import resolve_amp
+    from engine.optim import resolve_amp
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_amp("auto", cpu) == "off" and resolve_amp("fp16", cpu) == "fp16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation

@@ -200,11 +200,12 @@ def test_sampler_bad_input():
 def tiny_trainer(tmp_path):
     from common.config import load_config
     from common.distributed import DistInfo
-    from train_student_rl import CurriculumTrainer, RLConfig
+    from engine.curriculum_run import CurriculumRun
+    from engine.rl_config import RLConfig
     cfg = load_config(RLConfig, None, [*TINY, "kd.alpha=0.5", "train.epochs=4", "difficulty.warmup_epochs=1",
                                        "difficulty.refresh_every=1", "agent.name=random",
                                        f"teacher.cache_dir={tmp_path / 'cache'}"])
-    return CurriculumTrainer(cfg, DistInfo(), None)
+    return CurriculumRun(cfg, DistInfo(), None)
 
 
 def test_env_passes_gymnasium_checker(tiny_trainer):
@@ -213,7 +214,7 @@ def test_env_passes_gymnasium_checker(tiny_trainer):
 
 
 def test_step_t_trains_with_action_t(tiny_trainer, monkeypatch):
-    env, trainer = tiny_trainer.env, tiny_trainer
+    env, trainer = tiny_trainer.env, tiny_trainer.trainer
     env.reset(seed=0)
     seen = []
     real = trainer.train_epoch
@@ -239,26 +240,26 @@ def test_step_t_trains_with_action_t(tiny_trainer, monkeypatch):
 
 def test_student_back_in_train_mode_after_refresh(tiny_trainer):
     from common.rng import rng_state, state_digest
-    trainer = tiny_trainer
+    trainer, curriculum = tiny_trainer.trainer, tiny_trainer.curriculum
     trainer.student.train()
     before = state_digest(rng_state())
-    trainer.refresh_difficulty(1)
+    curriculum.refresh_difficulty(1)
     assert state_digest(rng_state()) == before  # a refresh (its loader draws a seed) leaves training's streams alone
     assert trainer.student.training
     assert all(m.training for m in trainer.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert trainer.difficulty.shape == (len(trainer.splits["train"]),)
+    assert curriculum.difficulty.shape == (len(trainer.splits["train"]),)
     assert not trainer.train_sampler.use_all
     # and it was scored in eval mode: the same as a direct eval-mode forward over the evaluation views
     trainer.student.eval()
-    logits = trainer.student_train_logits()
+    logits = curriculum.student_train_logits()
     trainer.student.train()
-    assert np.allclose(logits, trainer.student_train_logits())
+    assert np.allclose(logits, curriculum.student_train_logits())
 
 
 def test_agents_round_trip_their_state(tiny_trainer):
     from omegaconf import OmegaConf
 
-    from train_student_rl import BanditAgent, PPOAgent, RandomAgent
+    from agents import BanditAgent, PPOAgent, RandomAgent
     obs, _ = tiny_trainer.env.reset(seed=0)
     bandit = BanditAgent(OmegaConf.create({"discount": 0.9, "reward_std": 5.0, "prior_std": 10.0}), seed=0)
     for agent in (bandit, RandomAgent(0)):
@@ -391,7 +392,7 @@ def test_rl_bad_input_on_the_command_line(override, fragment):
 ])
 def test_rl_bad_input(override, fragment):
     from common.config import load_config
-    from train_student_rl import RLConfig, validate_rl
+    from engine.rl_config import RLConfig, validate_rl
     with pytest.raises(UserError) as err:
         validate_rl(load_config(RLConfig, None, [*RL_TINY, override]))
     assert fragment in str(err.value)
@@ -497,7 +498,8 @@ def online_kd_trainer():
     """A single-process Trainer with an online teacher (no cache to build), for unit tests of its steps."""
     from common.config import load_config
     from common.distributed import DistInfo
-    from train_student import Config, Trainer
+    from engine.config import Config
+    from engine.trainer import Trainer
     return Trainer(load_config(Config, None, [*TINY, "kd.alpha=0.5", "teacher.mode=online"]), DistInfo(), None)
 
 
@@ -563,12 +565,15 @@ def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accountin
     loss each epoch are exactly the selection, each once; metrics.jsonl's train/samples and curriculum.jsonl's
     num_samples both equal that count and the README's formula. On the old code (drop_last fixed from the full
     set) 600 images at batch 64 trained 576 per whole-set epoch and 384 of adaptive's 420."""
-    import train_student
-    import train_student_rl
+    import curriculum
     from common.config import load_config
     from common.distributed import DistInfo
-    from train_student import Config, Trainer, run_training
-    from train_student_rl import CurriculumTrainer, RLConfig
+    from engine import build, curriculum_run, run
+    from engine.config import Config
+    from engine.curriculum_run import CurriculumRun
+    from engine.rl_config import RLConfig
+    from engine.run import run_training
+    from engine.trainer import Trainer
     n, f = SIZES[case]
     cache_dir, datasets = accounting_cache
     classes, per_class = (10, 60) if n == 600 else (3, 171)
@@ -584,17 +589,17 @@ def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accountin
                  "curriculum.pacing_epochs=15", f"difficulty.warmup_epochs={warmup}", "difficulty.refresh_every=5",
                  "agent.name=fixed"]
     cfg = load_config(Config if strategy == "train_student" else RLConfig, None, args)
-    monkeypatch.setattr(train_student, "create_student", _tiny_student)
-    real_load_splits = train_student.load_splits
+    monkeypatch.setattr(build, "create_student", _tiny_student)
+    real_load_splits = build.load_splits
 
     def load_splits(data_cfg):  # generated once per size for the whole module
         if n not in datasets:
             datasets[n] = real_load_splits(data_cfg)
         return datasets[n]
 
-    monkeypatch.setattr(train_student, "load_splits", load_splits)
-    for module, name in ((train_student, "plot_run"), (train_student_rl, "plot_curriculum"),
-                         (train_student_rl, "save_difficulty_snapshot")):
+    monkeypatch.setattr(build, "load_splits", load_splits)
+    for module, name in ((run, "plot_run"), (curriculum_run, "plot_curriculum"),
+                         (curriculum, "save_difficulty_snapshot")):
         monkeypatch.setattr(module, name, lambda *a: None)  # figures cost more than this test's training
     seen: dict[int, list[int]] = {}
     real_batch_images = Trainer.batch_images
@@ -605,7 +610,7 @@ def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accountin
         return real_batch_images(self, batch)
 
     monkeypatch.setattr(Trainer, "batch_images", spy)
-    run_training(cfg, DistInfo(), Trainer if strategy == "train_student" else CurriculumTrainer)
+    run_training(cfg, DistInfo(), Trainer if strategy == "train_student" else CurriculumRun)
     expected = [_expected_size(strategy, e, n, f, f, 15, warmup) for e in range(epochs)]
     trained = [len(seen[e]) for e in range(epochs)]
     assert trained == expected
@@ -644,8 +649,8 @@ def test_label_noise_flips_exactly_that_fraction_of_training_labels():
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
 def test_label_noise_bad_values(value):
     from common.config import load_config
+    from engine.config import Config, validate
     from imagedata.synthetic_data import make_synthetic_dataset
-    from train_student import Config, validate
     with pytest.raises(UserError, match="data.synthetic.label_noise"):
         validate(load_config(Config, None, [*TINY, f"data.synthetic.label_noise={value}"]))
     with pytest.raises(UserError, match="data.synthetic.label_noise"):

@@ -69,15 +69,16 @@ def read_trace(folder: Path, kind: str) -> list[list[dict]]:
 
 
 def single_process_evaluator(cfg):
-    """A function (weights file, split) -> `train_student.evaluate` of those weights in this single process."""
+    """A function (weights file, split) -> `engine.evaluation.evaluate` of those weights in this single process."""
     import torch
 
+    from engine.evaluation import evaluate
+    from engine.optim import autocast_for
     from imagedata.augment import AugSpec
     from imagedata.image_sources import load_splits
     from imagedata.samplers import ShardSampler
     from imagedata.views import EvalViews, make_loader
     from models import create_student
-    from train_student import autocast_for, evaluate
     splits, cpu = load_splits(cfg.data), torch.device("cpu")
     num_classes = len(splits["train"].class_names)
     loaders = {s: make_loader(EvalViews(splits[s], AugSpec.from_cfg(cfg.data)), ShardSampler(len(splits[s])),
@@ -100,7 +101,7 @@ def test_ddp_ranks_share_decisions_rng_and_batchnorm_across_sigkill_and_resume(t
     identical weights and BatchNorm buffers on both ranks; and every epoch's val/acc1 (and the final
     test/acc1_last) equals a single-process evaluation of that epoch's weights."""
     from common.config import load_config
-    from train_student_rl import RLConfig
+    from engine.rl_config import RLConfig
     args = [*RL_DDP, f"run.out_dir={tmp_path}", "run.name=ddp"]
     run_dir, before, after = tmp_path / "ddp", tmp_path / "trace_before", tmp_path / "trace_after"
     # a busy machine may let the run go past epoch 2 before the kill lands: any resume epoch from 1 on will do
@@ -186,7 +187,8 @@ def test_resume_restores_each_ranks_rng_state_and_warns_on_another_world_size(tm
     from common.config import load_config
     from common.distributed import DistInfo
     from common.rng import rng_state, seed_everything
-    from train_student import Config, Trainer
+    from engine.config import Config
+    from engine.trainer import Trainer
     cfg = load_config(Config, None, [*TINY, "kd.alpha=1", "train.seed=5"])
     trainer = Trainer(cfg, DistInfo(), None)
     states = []
@@ -239,17 +241,19 @@ def _ranks_with_their_own_agents(rank: int, port: int, out_dir: str, trace_folde
                        "MASTER_PORT": str(port), "KD_TRACE_DIR": trace_folder})
     import torch
     torch.set_num_threads(1)
+    from agents import RandomAgent
     from common.config import load_config
     from common.distributed import cleanup_distributed, setup_distributed
     from common.metrics import MetricLogger
-    from train_student_rl import CurriculumTrainer, RandomAgent, RLConfig
+    from engine.curriculum_run import CurriculumRun
+    from engine.rl_config import RLConfig
     cfg = load_config(RLConfig, None, [*TINY, "kd.alpha=0.5", "train.epochs=2", "difficulty.warmup_epochs=0",
                                        "difficulty.refresh_every=1", "agent.name=random", f"run.out_dir={out_dir}",
                                        f"teacher.cache_dir={Path(out_dir) / 'cache'}"])
     dist = setup_distributed("cpu")
     run_dir = Path(out_dir) / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
-    run = CurriculumTrainer(cfg, dist, run_dir)
+    run = CurriculumRun(cfg, dist, run_dir)
     run.agent = RandomAgent(seed=100 + rank)  # a different random stream on each rank
     run.fit(MetricLogger(run_dir / "metrics.jsonl", dist.is_main))
     cleanup_distributed()
@@ -258,7 +262,7 @@ def _ranks_with_their_own_agents(rank: int, port: int, out_dir: str, trace_folde
 def test_every_rank_applies_rank_0s_decision_when_the_ranks_agents_differ(tmp_path):
     """Issue 16: agents that would act differently on each rank (here seeded by rank; in general any agent that
     samples from the process's own random streams): every rank applies rank 0's action, target, temperature and
-    selection each epoch, and the shards partition that selection (train_student_rl.CurriculumTrainer.decide,
+    selection each epoch, and the shards partition that selection (engine.curriculum_run.CurriculumRun.decide,
     apply_curriculum)."""
     trace_folder = tmp_path / "trace"
     _spawn_ranks(_ranks_with_their_own_agents, str(tmp_path), str(trace_folder))

@@ -10,8 +10,8 @@ from PIL import Image
 
 from common.config import load_config
 from common.errors import UserError
+from engine.config import Config
 from imagedata.image_sources import SPLIT_ALIASES, carve_validation, find_split, load_local, load_splits
-from train_student import Config
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -197,7 +197,8 @@ def test_a_method_registered_in_a_test_file_trains_end_to_end(tmp_path, logit_ma
     from common.checkpoint import load_checkpoint
     from common.config import load_config
     from common.distributed import DistInfo
-    from train_student import Config, run_training, validate
+    from engine.config import Config, validate
+    from engine.run import run_training
     cfg = load_config(Config, None, [*TINY, "kd.method=logit_match", f"run.out_dir={tmp_path}", "run.name=r"])
     validate(cfg)
     results = run_training(cfg, DistInfo())
@@ -209,7 +210,7 @@ def test_a_method_registered_in_a_test_file_trains_end_to_end(tmp_path, logit_ma
     assert set(ckpt["method"]) == {"scale"} and ckpt["method"]["scale"].item() != 1.0  # optimised and saved
     assert results["kd/method"] == "logit_match" and "teacher/test_acc1" in results
     # a resume brings the method's parameter and its optimizer state back with the student
-    from train_student import Trainer
+    from engine.trainer import Trainer
     trainer = Trainer(cfg, DistInfo(), tmp_path / "r")
     assert trainer.method.scale.item() == 1.0
     trainer.load_state(ckpt, tmp_path / "r" / "checkpoints" / "last.pt")
@@ -223,12 +224,13 @@ def test_a_method_registered_in_a_test_file_trains_end_to_end(tmp_path, logit_ma
 def test_cache_stores_the_teachers_pooled_features_of_each_replayed_view(tmp_path):
     from common.config import load_config
     from common.distributed import DistInfo
+    from engine.config import Config
+    from engine.optim import autocast_for
     from engine.teacher_cache import build_or_load_cache
     from imagedata.augment import AugSpec, replay_view_index
     from imagedata.image_sources import load_splits
     from imagedata.views import TrainViews
     from models import create_teacher
-    from train_student import Config, autocast_for
     cfg = load_config(Config, None, [*TINY, "teacher.cache_views=2"])
     splits = load_splits(cfg.data)
     teacher = create_teacher(cfg, splits["train"].class_names)
@@ -280,7 +282,7 @@ def test_bad_method_settings_are_refused(tmp_path, args, fragments):
 
 def test_a_feature_method_with_a_teacher_without_features_is_refused():
     from common.config import load_config
-    from train_student import Config
+    from engine.config import Config
 
     class LogitsOnly(nn.Module):  # e.g. a scripted or wrapped model: logits, no forward_head / num_features
         def forward(self, x):

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from common.config import load_config
+from engine.config import Config
 from engine.teacher_cache import CacheViews
 from imagedata.augment import AugSpec, apply_aug_record, apply_aug_records, sample_aug_record, train_record_rng
 from imagedata.image_sources import load_local
 from imagedata.predecode import PredecodedSource, predecode_split, predecoded_size
 from imagedata.synthetic_data import write_synthetic_jpeg_folder
 from imagedata.views import EvalViews, TrainViews, collate_views, unpack_raw
-from train_student import Config
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,7 @@ RL_ARGS = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refr
 
 def test_registered_strategy_and_agent_pass_config_validation(registered):
     from common.config import load_config
-    from train_student_rl import RLConfig, validate_rl
+    from engine.rl_config import RLConfig, validate_rl
     validate_rl(load_config(RLConfig, None, [*RL_ARGS, "curriculum.strategy=median_band", "agent.name=try_each_target"]))
     with pytest.raises(UserError, match="choose one of .*median_band"):
         validate_rl(load_config(RLConfig, None, [*RL_ARGS, "curriculum.strategy=median"]))

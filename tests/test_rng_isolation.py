@@ -21,7 +21,7 @@ CASES = {**{name: [f"kd.method={name}"] for name in kd_methods.KD_METHODS},
 
 
 def _config(tmp_path, name: str, extra: list[str]):
-    from train_student import Config, validate
+    from engine.config import Config, validate
     cfg = load_config(Config, None, [*TINY, "train.epochs=1", *extra, f"run.out_dir={tmp_path}", f"run.name={name}",
                                      f"teacher.cache_dir={tmp_path / 'cache'}",
                                      f"data.preprocess_dir={tmp_path / 'predecoded'}"])
@@ -43,7 +43,7 @@ def test_rng_isolated_restores_every_stream():
 def test_trainer_state_is_the_same_whether_caches_were_built_or_reused(tmp_path, case):
     """After Trainer.__init__, every random stream and every trainable weight (student and the method's own parts,
     e.g. fitnet's regressor) are the same when the teacher cache / pre-decoded copy was built as when reused."""
-    from train_student import Trainer
+    from engine.trainer import Trainer
     states = []
     for name in ("built", "reused"):
         trainer = Trainer(_config(tmp_path, name, CASES[case]), DistInfo(), None)
@@ -56,7 +56,7 @@ def test_trainer_state_is_the_same_whether_caches_were_built_or_reused(tmp_path,
 @pytest.mark.parametrize("case", ["fitnet", "kd-preprocessed"])
 def test_a_run_that_reuses_the_cache_reproduces_the_run_that_built_it(tmp_path, case):
     """End to end, to the last digit: the first run builds, the second reuses (the two cases that differed)."""
-    from train_student import run_training
+    from engine.run import run_training
     results = [run_training(_config(tmp_path, name, CASES[case]), DistInfo()) for name in ("built", "reused")]
     losses = [read_metrics(tmp_path / name)[0]["train/loss"] for name in ("built", "reused")]
     assert losses[0] == losses[1]
@@ -65,7 +65,8 @@ def test_a_run_that_reuses_the_cache_reproduces_the_run_that_built_it(tmp_path, 
 
 
 def test_latency_report_leaves_the_random_streams_alone():
-    from train_student import autocast_for, measure_latency
+    from engine.evaluation import measure_latency
+    from engine.optim import autocast_for
     cpu, model = torch.device("cpu"), torch.nn.Conv2d(3, 2, 3)
     before = state_digest(rng_state())
     measure_latency(model, 1, 8, cpu, False, autocast_for("off", cpu), repeats=1)

@@ -10,6 +10,8 @@ from PIL import Image
 
 from common.config import load_config
 from common.distributed import DistInfo
+from engine.config import Config
+from engine.optim import autocast_for
 from engine.teacher_cache import build_or_load_cache
 from imagedata.augment import AugSpec, apply_aug_record, apply_aug_records, replay_view_index
 from imagedata.image_sources import load_local, load_splits
@@ -18,7 +20,6 @@ from imagedata.normalization import normalize_batch
 from imagedata.predecode import predecode_split
 from imagedata.views import EvalViews, TrainViews, collate_views, unpack_raw
 from models import create_teacher
-from train_student import Config, autocast_for
 
 ARGS = ["data.name=synthetic", "data.synthetic.num_classes=4", "data.synthetic.images_per_class=6",
         "data.synthetic.image_size=32", "data.image_size=32", "teacher.name=resnet10t", "teacher.pretrained=false"]

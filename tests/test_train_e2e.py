@@ -105,17 +105,18 @@ def test_label_only_baseline_side_by_side(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     import torch
 
-    import train_student
     from common.config import load_config
     from common.distributed import DistInfo
     from common.errors import UserError
     from common.metrics import MetricLogger
     from common.rundir import prepare_run_dir
+    from engine.config import Config
+    from engine.trainer import Trainer
 
-    cfg = load_config(train_student.Config, None, [*TINY, "kd.alpha=0.5", "train.epochs=1", f"run.out_dir={tmp_path}",
+    cfg = load_config(Config, None, [*TINY, "kd.alpha=0.5", "train.epochs=1", f"run.out_dir={tmp_path}",
                                                    "run.name=nan", "log.every_steps=1"])
     run_dir, _ = prepare_run_dir(cfg.run.out_dir, cfg.run.name, "", DistInfo())
-    trainer = train_student.Trainer(cfg, DistInfo(), run_dir)
+    trainer = Trainer(cfg, DistInfo(), run_dir)
     logger = MetricLogger(run_dir / "metrics.jsonl", True)
     trainer.fit(logger)
     last = (run_dir / "checkpoints" / "last.pt").read_bytes()

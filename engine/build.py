@@ -1,0 +1,94 @@
+"""What a Trainer is built from, as the config says: the data splits (pre-decoded when asked), the student, the
+teacher and its cache, the loaders, and the module that trains (DDP, torch.compile).
+
+The order in which engine.trainer.Trainer calls these is part of the results: the student's initialisation draws
+from training's random streams, and the steps that must not (loading data, building the teacher and its cache)
+run under common.rng.rng_isolated there."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import kd_methods
+from common.distributed import DistInfo, broadcast_module
+from imagedata.augment import AugSpec
+from imagedata.image_sources import load_splits
+from imagedata.predecode import predecode_splits
+from imagedata.samplers import EpochSampler, ShardSampler, TrainBatchSampler
+from imagedata.views import EvalViews, TrainViews, make_loader
+from models import create_student, create_teacher
+
+
+def load_training_splits(cfg, dist: DistInfo) -> dict:
+    """train / validation / test of `data.*`, as memory-mapped pre-decoded copies when data.preprocessed."""
+    splits = load_splits(cfg.data)
+    if cfg.data.preprocessed:
+        splits = predecode_splits(splits, cfg.data.preprocess_size,
+                                  Path(cfg.data.preprocess_dir or Path(cfg.run.out_dir) / "predecoded"), dist,
+                                  cfg.data.workers)
+    return splits
+
+
+def augments_on_device(data_cfg, device: torch.device) -> bool:
+    """`data.augment_on` as it runs: auto is the device for pre-decoded data on CUDA, else the loader workers."""
+    return data_cfg.augment_on == "device" or (
+        data_cfg.augment_on == "auto" and data_cfg.preprocessed and device.type == "cuda")
+
+
+def build_student(cfg, num_classes: int, device: torch.device, channels_last: bool) -> nn.Module:
+    student = create_student(cfg, num_classes).to(device)
+    return student.to(memory_format=torch.channels_last) if channels_last else student
+
+
+def build_teacher(cfg, class_names: list[str], device: torch.device, channels_last: bool) -> nn.Module:
+    """The teacher, identical on every rank (rank 0's weights, even randomly initialised ones)."""
+    teacher = create_teacher(cfg, class_names).to(device)
+    broadcast_module(teacher)
+    return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
+
+
+def build_teacher_cache(cfg, teacher: nn.Module, splits: dict, spec: AugSpec, dist: DistInfo, autocast,
+                        device_aug: bool) -> tuple:
+    """teacher.mode=cached: the teacher's outputs on K views of every training image, built once and reused
+    (engine.teacher_cache). Returns (cache, info: built, build_s, path)."""
+    from engine.teacher_cache import build_or_load_cache
+    cache_dir = Path(cfg.teacher.cache_dir or Path(cfg.run.out_dir) / "teacher_cache")
+    cache, info = build_or_load_cache(
+        teacher, splits, spec, cfg.teacher.cache_views, cfg.train.seed, cache_dir, dist, cfg.teacher.batch_size,
+        cfg.data.workers, autocast, device_aug, with_features=kd_methods.needs_teacher_features(cfg))
+    if dist.is_main:
+        verb = f"built in {info['build_s']:.1f}s" if info["built"] else "reused"
+        print(f"teacher cache {verb}: {info['path']}")
+    return cache, info
+
+
+def build_loaders(cfg, dist: DistInfo, splits: dict, spec: AugSpec, cache, device_aug: bool, sampler=None):
+    """Loaders built once (samplers carry the epoch, so workers persist). `sampler(num_train)`: the training
+    sampler (default EpochSampler, every sample once per epoch). Returns (train sampler, its TrainBatchSampler,
+    train loader, {validation, test: eval loader})."""
+    w, r = dist.world_size, dist.rank
+    num_train = len(splits["train"])
+    train_sampler = sampler(num_train) if sampler else EpochSampler(num_train, cfg.train.seed, w, r)
+    # every selected sample exactly once per epoch: no drop_last, a last batch of 1 merged into the previous
+    # one (BatchNorm), DDP padding marked invalid (see TrainBatchSampler and Trainer.train_epoch)
+    train_batches = TrainBatchSampler(train_sampler, cfg.train.batch_size)
+    train_loader = make_loader(TrainViews(splits["train"], spec, cfg.train.seed, cache, device_aug),
+                               train_batches, None, cfg.data.workers, dist.device)
+    eval_loaders = {s: make_loader(EvalViews(splits[s], spec), ShardSampler(len(splits[s]), w, r),
+                                   cfg.train.eval_batch_size, cfg.data.workers, dist.device)
+                    for s in ("validation", "test")}
+    return train_sampler, train_batches, train_loader, eval_loaders
+
+
+def wrap_for_training(distiller: nn.Module, dist: DistInfo, compile_: bool) -> nn.Module:
+    """The module the steps call: the distiller (student + the method's parts), in DDP across ranks, compiled
+    when train.compile."""
+    model = distiller
+    if dist.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if compile_:
+        model = torch.compile(model)
+    return model

@@ -1,0 +1,61 @@
+"""The configuration of train_student_rl.py: train_student.py's schema (engine.config.Config) plus the curriculum,
+difficulty and agent sections, and `validate_rl`, the checks that involve several keys. An agent's or a strategy's
+own keys live beside its code (agents.AGENT_REGISTRY, curriculum_dataloader.STRATEGY_REGISTRY)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import kd_methods
+from agents import AGENT_REGISTRY, AgentConfig
+from common.config import opt, section
+from common.errors import check
+from curriculum_dataloader import STRATEGIES, STRATEGY_REGISTRY
+from engine.config import Config, validate
+from rl_curriculum_env import ACTION_NVEC
+
+
+@dataclass
+class CurriculumConfig:
+    strategy: str = opt("adaptive", f"which samples an epoch uses: {', '.join(STRATEGIES)}",
+                        choices=STRATEGY_REGISTRY)
+    fraction: float = opt(0.7, "f: share of the training set per epoch (random_subset, adaptive, mixed)", gt=0, le=1)
+    target: float = opt(0.5, "target difficulty before the agent's first action", ge=0, le=1)
+    start_fraction: float = opt(0.4, "easy_to_hard / hard_to_easy: share of the set at epoch 0", gt=0, le=1)
+    pacing_epochs: int = opt(10, "easy_to_hard / hard_to_easy: epochs until the whole set is used (0: from the start)",
+                             ge=0)
+
+
+@dataclass
+class DifficultyConfig:
+    refresh_every: int = opt(5, "recompute the difficulty scores every this many epochs", ge=1)
+    warmup_epochs: int = opt(5, "first refresh before this epoch; until then the curriculum uses the whole set", ge=0)
+
+
+@dataclass
+class RLConfig(Config):
+    curriculum: CurriculumConfig = section(CurriculumConfig)
+    difficulty: DifficultyConfig = section(DifficultyConfig)
+    agent: AgentConfig = section(AgentConfig)
+
+
+def validate_rl(cfg) -> None:
+    """engine.config.validate, then the curriculum's checks that involve several keys and those of the selected
+    agent and strategy (their `validate(cfg)` hooks, when they have one). Each key's own range is declared with it."""
+    validate(cfg)
+    c = cfg.curriculum
+    for component in (AGENT_REGISTRY[cfg.agent.name], STRATEGY_REGISTRY[c.strategy]):
+        if hasattr(component, "validate"):
+            component.validate(cfg)
+    for a in cfg.agent.fixed_actions:
+        check(len(a) == len(ACTION_NVEC) and all(0 <= x < n for x, n in zip(a, ACTION_NVEC)),
+              f"agent.fixed_actions entry {list(a)}: need [target index 0-{ACTION_NVEC[0] - 1}, temperature step "
+              f"0-{ACTION_NVEC[1] - 1}]")
+    check(len(cfg.agent.fixed_actions) >= 1, "agent.fixed_actions needs at least one action")
+    if STRATEGY_REGISTRY[c.strategy].needs_difficulty:
+        check(kd_methods.uses_teacher(cfg), f"curriculum.strategy={c.strategy} ranks samples by difficulty, "
+              "which needs a teacher: set kd.alpha < 1 (or a KD method other than label-only kd), or use strategy "
+              "all or random_subset")
+        check(cfg.teacher.mode == "cached",
+              f"curriculum.strategy={c.strategy} scores difficulty from the teacher's cached evaluation-view logits "
+              "of the training set, which teacher.mode=online does not build. Use teacher.mode=cached (the "
+              "default: it also makes every epoch as cheap as label-only training)")
