@@ -1,8 +1,8 @@
-"""The curriculum as a component of a train_student.Trainer: its sampler, the difficulty refresh, their state.
+"""The curriculum as a component of an engine.trainer.Trainer: its sampler, the difficulty refresh, their state.
 
-    trainer = Trainer(cfg, dist, run_dir, sampler=partial(build_sampler, cfg, dist))   # cfg: train_student_rl.RLConfig
+    trainer = Trainer(cfg, dist, run_dir, sampler=partial(build_sampler, cfg, dist))   # cfg: engine.rl_config.RLConfig
     curriculum = Curriculum(cfg, trainer)      # scores with the trainer's student, drives the trainer's sampler
-    trainer.hooks.append(curriculum)           # refreshes when due around each epoch; saved under "curriculum"
+    trainer.add_hook(curriculum)               # refreshes when due around each epoch; saved under "curriculum"
 
 The difficulty refresh (every `difficulty.refresh_every` epochs from `difficulty.warmup_epochs` on) scores every
 training image with `models.difficulty_score` from the teacher cache's evaluation-view logits and the student's
@@ -27,7 +27,7 @@ from models import difficulty_score
 
 
 def build_sampler(cfg, dist, num_samples: int) -> CurriculumSampler:
-    """The training sampler of a curriculum run (train_student.Trainer's `sampler`), with placeholder scores: a
+    """The training sampler of a curriculum run (engine.trainer.Trainer's `sampler`), with placeholder scores: a
     strategy that ranks by difficulty uses the whole set until the first refresh."""
     c = cfg.curriculum
     sampler = CurriculumSampler(np.zeros(num_samples), c.strategy, c.fraction, c.target, cfg.train.seed,
@@ -38,7 +38,7 @@ def build_sampler(cfg, dist, num_samples: int) -> CurriculumSampler:
 
 class Curriculum:
     """Owns the trainer's CurriculumSampler (built by `build_sampler`) and the difficulty refresh; a hook of the
-    trainer (train_student.Trainer's `hooks`)."""
+    trainer (engine.trainer.Trainer's `hooks`)."""
 
     name = "curriculum"
 

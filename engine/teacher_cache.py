@@ -243,7 +243,6 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
     merges the shards, writes the metadata and publishes the finished cache with one rename.
     `device_aug`: the run augments on its device (`views.TrainViews`), so the training views are made there too.
     `with_features`: also store the teacher's pooled features of every training view (feature KD methods)."""
-    import time
     if device_aug and not isinstance(sources["train"], PredecodedSource):
         raise UserError("augmentation on the device needs the pre-decoded data path: set data.preprocessed=true")
     num_classes = len(sources["train"].class_names)
@@ -259,6 +258,16 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
     if meta is not None:  # published, so whole: no lock needed to read it (a read-only shared cache works)
         return TeacherCache(root, meta), {"built": False, "path": str(root), "build_s": 0.0}
 
+    return _build_cache(teacher, sources, spec, num_views, seed, root, fingerprint, dist, batch_size, workers,
+                        autocast, device_aug, num_classes, feature_dim)
+
+
+def _build_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int, root: Path,
+                 fingerprint: dict, dist: DistInfo, batch_size: int, workers: int, autocast, device_aug: bool,
+                 num_classes: int, feature_dim: int | None) -> tuple[TeacherCache, dict]:
+    """`build_or_load_cache` once no valid cache is published at `root`: under rank 0's build lock, reuse one
+    another run published meanwhile, or score every view into a fresh build directory and publish it."""
+    import time
     dtypes = {split: split_dtype(split, num_views, num_classes, feature_dim) for split in SPLITS}
     sharded = dist.world_size > 1
     # the merged arrays, and while they are merged the ranks' shard files as well
@@ -288,28 +297,33 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
         meta = {"fingerprint": fingerprint, "num_views": num_views, "num_classes": num_classes,
                 "feature_dim": feature_dim}
 
-        def finish() -> dict:
-            """Rank 0: merge the shards, record the teacher's accuracy and the metadata, publish."""
-            with write_errors(root.parent, CACHE_WHAT, CACHE_KEY, need):
-                if sharded:
-                    merge_shards(build_dir, dist.world_size)
-                cache = TeacherCache(build_dir, meta)
-                for split in SPLITS:  # the teacher's accuracy on each split's evaluation view, for the record
-                    pred = np.asarray(cache.eval_logits(split), dtype=np.float32).argmax(1)
-                    meta[f"teacher/{split}_acc1"] = float((pred == sources[split].labels).mean() * 100)
-                del cache
-                meta["build_s"] = time.perf_counter() - start
-                write_json(build_dir / "meta.json", meta)  # last: the completion mark
-            publish(build_dir, root, CACHE_WHAT, CACHE_KEY)
-            return meta
-
-        meta = on_main_rank(finish, dist)
+        meta = on_main_rank(lambda: _finish_build(build_dir, root, meta, sources, dist.world_size, need, start),
+                            dist)
     except BaseException:
         discard(build_dir)  # rank 0's unfinished build (None elsewhere): nothing partial stays
         raise
     finally:
         lock.close()
     return TeacherCache(root, meta), {"built": True, "path": str(root), "build_s": meta["build_s"]}
+
+
+def _finish_build(build_dir: Path, root: Path, meta: dict, sources: dict[str, ImageSource], world_size: int,
+                  need: int, start: float) -> dict:
+    """Rank 0, after every rank scored its shard: merge the shards, record the teacher's accuracy and the
+    metadata, publish."""
+    import time
+    with write_errors(root.parent, CACHE_WHAT, CACHE_KEY, need):
+        if world_size > 1:
+            merge_shards(build_dir, world_size)
+        cache = TeacherCache(build_dir, meta)
+        for split in SPLITS:  # the teacher's accuracy on each split's evaluation view, for the record
+            pred = np.asarray(cache.eval_logits(split), dtype=np.float32).argmax(1)
+            meta[f"teacher/{split}_acc1"] = float((pred == sources[split].labels).mean() * 100)
+        del cache
+        meta["build_s"] = time.perf_counter() - start
+        write_json(build_dir / "meta.json", meta)  # last: the completion mark
+    publish(build_dir, root, CACHE_WHAT, CACHE_KEY)
+    return meta
 
 
 def _score_all(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int, build_dir: Path,

@@ -203,3 +203,28 @@ def test_teacher_prepare_trains_the_teacher_once_then_reuses_it(tmp_path):
     elsewhere = run_script("train_student.py", *args, f"teacher.checkpoint={tmp_path / 'other.safetensors'}",
                            "run.name=third")
     assert_clean_error(elsewhere, f"writes {checkpoint}", "agree")
+
+
+def test_loss_curve_keys_are_every_logged_loss_term():
+    """curves.png's loss panel: train/loss, every train/loss_<term> the run logged (whatever the method), val/loss.
+    The old panel was a fixed kd list (ce, kd) and left DKD's, DIST's and any new method's terms out."""
+    from engine.report import loss_curve_keys
+    dkd = [{"epoch": 0, "train/loss": 1.0, "train/loss_ce": 0.5, "train/loss_tckd": 0.2, "train/loss_nckd": 0.3,
+            "train/acc1": 10.0, "val/loss": 1.1}]
+    assert loss_curve_keys(dkd) == ["train/loss", "train/loss_ce", "train/loss_tckd", "train/loss_nckd", "val/loss"]
+    dist = [{"epoch": 0, "train/loss_inter": 1.0}, {"epoch": 1, "train/loss_inter": 1.0, "train/loss_intra": 2.0}]
+    assert loss_curve_keys(dist) == ["train/loss", "train/loss_inter", "train/loss_intra", "val/loss"]
+
+
+def test_dkd_run_draws_its_terms_in_curves_png(tmp_path, monkeypatch):
+    """A kd.method=dkd run writes curves.png whose loss panel plots train/loss_tckd and train/loss_nckd."""
+    import train_student
+    from engine import report
+    panels = []
+    real = report.plot_curves
+    monkeypatch.setattr(report, "plot_curves", lambda records, path, p: (panels.append(p), real(records, path, p)))
+    train_student.main([*TINY, "kd.method=dkd", "train.epochs=1", f"run.out_dir={tmp_path}", "run.name=dkd"])
+    assert (tmp_path / "dkd" / "curves.png").is_file()
+    loss_keys = dict(panels[-1])["loss"]
+    assert {"train/loss_tckd", "train/loss_nckd"} <= set(loss_keys)
+    assert all(key in read_metrics(tmp_path / "dkd")[0] for key in loss_keys)
