@@ -169,7 +169,8 @@ def bench_curriculum(args, cache_dir: str) -> list[dict]:
             for name, v in seconds.items()]
     run = rl["bandit"]
     refresh = interleaved({"training epoch": lambda e: run.trainer.train_epoch(epochs + e)["time/epoch_s"],
-                           "difficulty refresh": lambda e: timed(lambda: run.curriculum.refresh_difficulty(epochs + e))},
+                           "difficulty refresh":
+                               lambda e: timed(lambda: run.curriculum.refresh_difficulty(epochs + e))},
                           args.repeats, "refresh")
     rows.append(row("difficulty refresh", refresh["difficulty refresh"], "s",
                     statistics.median(refresh["training epoch"]), "cached-KD training epoch"))
@@ -361,8 +362,8 @@ def gpu_pipeline_rows(args, work: Path, t: Trainer, best_training: float) -> lis
     before = memory_allocated()
     reset_peak()
     rates = interleaved({"pre-decoded, augment on device": predecoded_rate,
-                         f"JPEG decode + augment, {args.workers} workers": jpeg_rate}, args.repeats, "gpu suite pipeline",
-                        "img/s")
+                         f"JPEG decode + augment, {args.workers} workers": jpeg_rate}, args.repeats,
+                        "gpu suite pipeline", "img/s")
     pipeline_peak = peak_gb(before)
     return [{**row(f"input pipeline, {name}", v, "img/s", best_training, "fastest cached-KD training", True),
              "peak_gb": pipeline_peak if "device" in name else None,
