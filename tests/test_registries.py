@@ -173,7 +173,9 @@ class TryEachTarget:
 def registered(monkeypatch):
     import agents
     monkeypatch.setitem(STRATEGY_REGISTRY, "median_band", MedianBand())
-    monkeypatch.setitem(agents.AGENT_REGISTRY, "try_each_target", TryEachTarget)
+    agents.AGENT_REGISTRY.register("try_each_target", help="each target once, then the best")(TryEachTarget)
+    yield
+    agents.AGENT_REGISTRY.unregister("try_each_target")
 
 
 RL_ARGS = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refresh_every=1", "train.epochs=3",
