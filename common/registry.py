@@ -50,7 +50,9 @@ class Registry:
                             "common.config.opt)")
 
         def add(obj: Any) -> Any:
-            if name in self._entries and self._entries[name].obj is not obj:
+            if name in self._entries and self._entries[name].obj is obj:
+                return obj  # the same object again (its module imported twice): the entry stays as it was
+            if name in self._entries:
                 raise UserError(f"{self.kind} '{name}' is registered twice: by {_origin(self._entries[name].obj)} and "
                                 f"by {_origin(obj)}; rename one of them")
             self._entries[name] = Entry(name, obj, config, help or _first_line(obj))
