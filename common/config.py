@@ -303,6 +303,18 @@ def _read_config_file(config_file: str) -> tuple[DictConfig, Path]:
     return file_cfg, path
 
 
+def _one_plugin_as_list(incoming: DictConfig) -> None:
+    """`run.plugins=my_methods.py` (one item, not a list) means `run.plugins=[my_methods.py]`, and `run.plugins=`
+    (empty or null) none, as common.plugins reads them."""
+    section_name, key = plugins.KEY.split(".")
+    run = incoming.get(section_name) if isinstance(incoming, DictConfig) else None
+    if not isinstance(run, DictConfig) or key not in run:
+        return  # absent, or a value given to the whole section (_check_sections names it)
+    value = run[key]
+    if value is None or isinstance(value, str):
+        run[key] = [value] if value else []
+
+
 def load_config(schema: type, config_file: str | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Build the config: schema defaults, then the YAML file, then dotted `key=value` overrides.
 
@@ -316,6 +328,7 @@ def load_config(schema: type, config_file: str | None = None, overrides: list[st
     OmegaConf.set_struct(cfg, True)
     if config_file is not None:
         file_cfg, path = _read_config_file(config_file)
+        _one_plugin_as_list(file_cfg)
         _check_sections(cfg, OmegaConf.to_container(file_cfg, resolve=False), f"in {path}")
         try:
             cfg = OmegaConf.merge(cfg, file_cfg)
@@ -326,6 +339,7 @@ def load_config(schema: type, config_file: str | None = None, overrides: list[st
             raise UserError(f"cannot parse argument '{item}': overrides look like key=value, e.g. kd.temperature=2")
         try:
             incoming = OmegaConf.from_dotlist([item])
+            _one_plugin_as_list(incoming)
             _check_sections(cfg, OmegaConf.to_container(incoming, resolve=False), f"override '{item}'")
             cfg = OmegaConf.merge(cfg, incoming)
         except OmegaConfBaseException as exc:

@@ -89,7 +89,7 @@ def _without_time(records):
 # ---------------------------------------------------------------------------------------------------------------
 def test_a_plugin_kd_method_trains_resumes_after_a_kill_and_checks_its_key(tmp_path):
     plugin = _plugin(tmp_path, SCALED_KD)
-    args = [*TINY, "data.synthetic.images_per_class=24", "train.epochs=3", f"run.plugins=[{plugin}]",
+    args = [*TINY, "data.synthetic.images_per_class=24", "train.epochs=4", f"run.plugins=[{plugin}]",
             "kd.method=scaled_kd", "kd.scaled_kd.weight=0.25", f"run.out_dir={tmp_path / 'runs'}"]
 
     bad = run_script("train_student.py", *args[:-2], "kd.scaled_kd.weight=1.5", f"run.out_dir={tmp_path / 'runs'}")
@@ -98,15 +98,17 @@ def test_a_plugin_kd_method_trains_resumes_after_a_kill_and_checks_its_key(tmp_p
 
     full = run_script("train_student.py", *args, "run.name=full")
     assert full.returncode == 0, full.stderr[-3000:]
+    # killed as soon as the second epoch's metrics line is out: the first epoch's checkpoint is written by then (the
+    # line of an epoch comes just before its checkpoint, so killing at the first line may leave none to resume)
     run_and_sigkill("train_student.py", *args, "run.name=killed", watch=tmp_path / "runs" / "killed" / "metrics.jsonl",
-                    after_lines=1, settle=0.0)
-    assert len(read_metrics(tmp_path / "runs" / "killed")) < 3
+                    after_lines=2, settle=0.0)
+    assert len(read_metrics(tmp_path / "runs" / "killed")) < 4
     resumed = run_script("train_student.py", *args, "run.name=killed", "run.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
 
     a, b = read_metrics(tmp_path / "runs" / "full"), read_metrics(tmp_path / "runs" / "killed")
-    assert [m["epoch"] for m in b] == [0, 1, 2] and _without_time(a) == _without_time(b)
+    assert [m["epoch"] for m in b] == [0, 1, 2, 3] and _without_time(a) == _without_time(b)
     for m in a:  # the loop summed the plugin's weighted terms, with its key's value
         assert m["train/loss"] == pytest.approx(0.25 * m["train/loss_ce"] + 0.75 * m["train/loss_kd"], rel=1e-6)
     ckpt = torch.load(tmp_path / "runs" / "killed" / "checkpoints" / "last.pt", map_location="cpu",
@@ -136,6 +138,15 @@ def test_a_plugin_named_in_a_config_file_is_imported(tmp_path, isolated):
                                      "    weight: 0.75\n")
     cfg = load_config(Config, str(tmp_path / "c.yaml"))
     assert cfg.kd.method == "scaled_kd" and cfg.kd.scaled_kd.weight == 0.75
+
+
+def test_one_plugin_may_be_given_without_brackets(tmp_path, isolated):
+    plugin = _plugin(tmp_path, SCALED_KD)
+    cfg = load_config(Config, None, [f"run.plugins={plugin}", "kd.method=scaled_kd"])
+    assert cfg.run.plugins == [str(plugin)] and cfg.kd.scaled_kd.weight == 0.5
+    (tmp_path / "c.yaml").write_text(f"run:\n  plugins: {plugin}\n")
+    assert load_config(Config, str(tmp_path / "c.yaml")).run.plugins == [str(plugin)]
+    assert load_config(Config, None, ["run.plugins="]).run.plugins == []
 
 
 def test_an_unknown_method_lists_the_choices(tmp_path, isolated):
