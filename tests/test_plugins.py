@@ -152,7 +152,8 @@ def test_one_plugin_may_be_given_without_brackets(tmp_path, isolated):
 def test_an_unknown_method_lists_the_choices(tmp_path, isolated):
     plugin = _plugin(tmp_path, SCALED_KD)
     proc = run_main("train_student.py", *TINY, f"run.plugins=[{plugin}]", "kd.method=scaled", f"run.out_dir={tmp_path}")
-    assert_clean_error(proc, "unknown kd.method 'scaled'; choose one of kd, dkd, dist, fitnet, scaled_kd", "run.plugins")
+    assert_clean_error(proc, "unknown kd.method 'scaled'; choose one of kd, dkd, dist, fitnet, scaled_kd",
+                       "run.plugins")
 
 
 @pytest.mark.parametrize("text,fragments", [
