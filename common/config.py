@@ -30,7 +30,8 @@ class Range:
     table show `describe()`. Bounds: ge (>=), gt (>), le (<=), lt (<). `choices`: the allowed values; a Registry
     (common.registry) counts as the names it holds when the check runs, so an entry registered later (by a plugin)
     is accepted, and --help lists the entries with their help. A float is also refused when NaN or infinite, unless
-    `allow_inf` (NaN never passes). For a list, every number in it is checked. `why`: what a bad value would do, added to the error message."""
+    `allow_inf` (NaN never passes). For a list, every number in it is checked. `why`: what a bad value would do,
+    added to the error message."""
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
