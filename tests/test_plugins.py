@@ -269,3 +269,26 @@ def test_epsilon_greedy_explores_with_probability_epsilon(tmp_path, isolated):
     explorer.means[4] = 10.0
     picks = {tuple(int(x) for x in explorer.act(obs)) for _ in range(200)}
     assert len(picks) == 6  # epsilon 1: uniform over every joint action
+
+
+def test_composing_a_composed_schema_gives_it_back(isolated):
+    # load_config, check_ranges and the schema walks compose whatever schema they get, the composed one included
+    from common.registry import compose_schema
+    from train_student_rl import RLConfig
+    composed = compose_schema(Config)
+    assert compose_schema(composed) is composed and compose_schema(Config) is composed
+    assert compose_schema(compose_schema(RLConfig)) is compose_schema(RLConfig)
+    assert load_config(composed, None, ["kd.dkd.beta=3"]).kd.dkd.beta == 3
+    from dataclasses import dataclass
+
+    from common.config import iter_schema, opt
+
+    @dataclass
+    class ExtraConfig:
+        x: float = opt(1.0, "x", ge=0)
+
+    kd_methods.KD_METHODS.register("extra", config=ExtraConfig)(type("Extra", (kd_methods.KD,), {}))
+    assert "kd.extra.x" in {key for key, *_ in iter_schema(composed)}  # composed again, with the new entry
+    kd_methods.KD_METHODS.unregister("extra")
+    keys = {key for key, *_ in iter_schema(composed)}
+    assert "kd.dkd.beta" in keys and "kd.extra.x" not in keys and compose_schema(Config) is composed
