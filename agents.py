@@ -1,4 +1,5 @@
-"""Agents that pick the curriculum's action each epoch, their config sections, and the registry of them by name.
+"""Agents that pick the curriculum's action each epoch: the registry of them by name (`agent.name`), each with its
+config section (`agent.<name>.*`) declared next to it.
 
 An agent reads its action space from the environment (`env.action_space`, a MultiDiscrete whose `nvec` gives the
 size of each action component) and has this interface:
@@ -10,8 +11,8 @@ size of each action component) and has this interface:
     AGENT_REGISTRY[name].validate(cfg)                    # optional: checks of several keys, before any work
 
 Under DDP only rank 0's agent acts and observes (train_student_rl.CurriculumTrainer.decide). A new agent is a
-class with these methods plus its entry in AGENT_REGISTRY; settings of its own go into a section of AgentConfig
-(README, "Adding an agent or a strategy").
+class with these methods, registered with `@AGENT_REGISTRY.register("name", config=ItsConfig, help="...")`, here
+or in a file named by run.plugins (examples/plugins/epsilon_greedy.py); its keys are then agent.<name>.*.
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from common.config import opt, section
+from common.config import opt
 from common.errors import check
+from common.registry import Registry, holds_sections_of
 from common.rng import rng_state, set_rng_state
 from rl_curriculum_env import ACTION_NVEC
 
@@ -42,8 +44,11 @@ class Agent(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+AGENT_REGISTRY = Registry("agent", key="agent.name", sections="agent")
+
+
 # ================================================================================================================
-# Config sections (agent.*).
+# Config sections of the agents that have keys of their own (agent.ppo.*, agent.bandit.*).
 # ================================================================================================================
 @dataclass
 class PPOConfig:
@@ -70,94 +75,6 @@ class BanditConfig:
 # ================================================================================================================
 # Agents.
 # ================================================================================================================
-class FixedAgent:
-    """A control: a configured action per epoch (the last one repeats)."""
-
-    def __init__(self, actions):
-        self.actions, self.t = [np.asarray(a, dtype=np.int64) for a in actions], 0
-
-    @classmethod
-    def from_config(cls, cfg, env):
-        return cls(cfg.agent.fixed_actions)
-
-    def act(self, obs):
-        return self.actions[min(self.t, len(self.actions) - 1)]
-
-    def observe(self, obs, action, reward, next_obs, done):
-        self.t += 1
-
-    def state_dict(self):
-        return {"t": self.t}
-
-    def load_state_dict(self, state):
-        self.t = state["t"]
-
-
-class RandomAgent:
-    """A control: each action component uniform over its nvec values, from a seeded generator."""
-
-    def __init__(self, seed: int, nvec=ACTION_NVEC):
-        self.nvec = [int(n) for n in nvec]
-        self.rng = np.random.default_rng([seed, 11])
-
-    @classmethod
-    def from_config(cls, cfg, env):
-        return cls(cfg.train.seed, env.action_space.nvec)
-
-    def act(self, obs):
-        return np.asarray([self.rng.integers(n) for n in self.nvec], dtype=np.int64)
-
-    def observe(self, obs, action, reward, next_obs, done):
-        pass
-
-    def state_dict(self):
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state):
-        self.rng.bit_generator.state = state["rng"]
-
-
-class BanditAgent:
-    """Discounted Gaussian Thompson sampling over the prod(nvec) joint actions (5 targets x 3 temperature steps =
-    15 for the curriculum environment), arm a = the row-major index of the action.
-
-    Arm a keeps discounted counts n_a = sum_s g^(t-s) [a_s = a] and reward sums r_a. Its posterior mean reward is
-    N(r_a / (n_a + k), reward_std^2 / (n_a + k)) with k = reward_std^2 / prior_std^2 (a zero-mean Gaussian prior).
-    Discounting by g < 1 forgets old rewards, as the best action drifts while the student learns."""
-
-    def __init__(self, cfg, seed: int, nvec=ACTION_NVEC):
-        self.nvec = tuple(int(n) for n in nvec)
-        self.discount, self.sigma = cfg.discount, cfg.reward_std
-        self.k = (cfg.reward_std / cfg.prior_std) ** 2
-        num_arms = int(np.prod(self.nvec))
-        self.n, self.r = np.zeros(num_arms), np.zeros(num_arms)
-        self.rng = np.random.default_rng([seed, 13])
-
-    @classmethod
-    def from_config(cls, cfg, env):
-        return cls(cfg.agent.bandit, cfg.train.seed, env.action_space.nvec)
-
-    def act(self, obs):
-        mean = self.r / (self.n + self.k)
-        std = self.sigma / np.sqrt(self.n + self.k)
-        arm = int(np.argmax(self.rng.normal(mean, std)))
-        return np.asarray(np.unravel_index(arm, self.nvec), dtype=np.int64)
-
-    def observe(self, obs, action, reward, next_obs, done):
-        arm = int(np.ravel_multi_index(tuple(int(a) for a in action), self.nvec))
-        self.n *= self.discount
-        self.r *= self.discount
-        self.n[arm] += 1.0
-        self.r[arm] += reward
-
-    def state_dict(self):
-        return {"n": self.n.copy(), "r": self.r.copy(), "rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state):
-        self.n, self.r = state["n"].copy(), state["r"].copy()
-        self.rng.bit_generator.state = state["rng"]
-
-
 class OwnStreams:
     """A private set of Python, NumPy and torch random streams that code which only draws from the global ones
     (stable-baselines3) runs on: `with streams.active():` swaps them in, and on exit keeps where they got to and
@@ -178,6 +95,8 @@ class OwnStreams:
             set_rng_state(outer)
 
 
+@AGENT_REGISTRY.register("ppo", config=PPOConfig, help="stable-baselines3 PPO, one transition per epoch "
+                                                       "(agent.ppo.*)")
 class PPOAgent:
     """stable-baselines3 PPO, fed one transition per epoch. The rollout buffer is filled here (not by
     `PPO.learn`, which would own the training loop), and `PPO.train()` runs once per `n_steps` epochs.
@@ -259,21 +178,110 @@ class PPOAgent:
         self.streams.state = state.get("streams", self.streams.state)
 
 
-AGENT_REGISTRY: dict[str, type] = {"ppo": PPOAgent, "bandit": BanditAgent, "fixed": FixedAgent,
-                                   "random": RandomAgent}
+@AGENT_REGISTRY.register("bandit", config=BanditConfig, help="discounted Gaussian Thompson sampling over the "
+                                                             "joint actions (agent.bandit.*)")
+class BanditAgent:
+    """Discounted Gaussian Thompson sampling over the prod(nvec) joint actions (5 targets x 3 temperature steps =
+    15 for the curriculum environment), arm a = the row-major index of the action.
+
+    Arm a keeps discounted counts n_a = sum_s g^(t-s) [a_s = a] and reward sums r_a. Its posterior mean reward is
+    N(r_a / (n_a + k), reward_std^2 / (n_a + k)) with k = reward_std^2 / prior_std^2 (a zero-mean Gaussian prior).
+    Discounting by g < 1 forgets old rewards, as the best action drifts while the student learns."""
+
+    def __init__(self, cfg, seed: int, nvec=ACTION_NVEC):
+        self.nvec = tuple(int(n) for n in nvec)
+        self.discount, self.sigma = cfg.discount, cfg.reward_std
+        self.k = (cfg.reward_std / cfg.prior_std) ** 2
+        num_arms = int(np.prod(self.nvec))
+        self.n, self.r = np.zeros(num_arms), np.zeros(num_arms)
+        self.rng = np.random.default_rng([seed, 13])
+
+    @classmethod
+    def from_config(cls, cfg, env):
+        return cls(cfg.agent.bandit, cfg.train.seed, env.action_space.nvec)
+
+    def act(self, obs):
+        mean = self.r / (self.n + self.k)
+        std = self.sigma / np.sqrt(self.n + self.k)
+        arm = int(np.argmax(self.rng.normal(mean, std)))
+        return np.asarray(np.unravel_index(arm, self.nvec), dtype=np.int64)
+
+    def observe(self, obs, action, reward, next_obs, done):
+        arm = int(np.ravel_multi_index(tuple(int(a) for a in action), self.nvec))
+        self.n *= self.discount
+        self.r *= self.discount
+        self.n[arm] += 1.0
+        self.r[arm] += reward
+
+    def state_dict(self):
+        return {"n": self.n.copy(), "r": self.r.copy(), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.n, self.r = state["n"].copy(), state["r"].copy()
+        self.rng.bit_generator.state = state["rng"]
 
 
+@AGENT_REGISTRY.register("fixed", help="a control: the actions of agent.fixed_actions, one per epoch")
+class FixedAgent:
+    """A control: a configured action per epoch (the last one repeats)."""
+
+    def __init__(self, actions):
+        self.actions, self.t = [np.asarray(a, dtype=np.int64) for a in actions], 0
+
+    @classmethod
+    def from_config(cls, cfg, env):
+        return cls(cfg.agent.fixed_actions)
+
+    def act(self, obs):
+        return self.actions[min(self.t, len(self.actions) - 1)]
+
+    def observe(self, obs, action, reward, next_obs, done):
+        self.t += 1
+
+    def state_dict(self):
+        return {"t": self.t}
+
+    def load_state_dict(self, state):
+        self.t = state["t"]
+
+
+@AGENT_REGISTRY.register("random", help="a control: each action component uniform, from a seeded generator")
+class RandomAgent:
+    """A control: each action component uniform over its nvec values, from a seeded generator."""
+
+    def __init__(self, seed: int, nvec=ACTION_NVEC):
+        self.nvec = [int(n) for n in nvec]
+        self.rng = np.random.default_rng([seed, 11])
+
+    @classmethod
+    def from_config(cls, cfg, env):
+        return cls(cfg.train.seed, env.action_space.nvec)
+
+    def act(self, obs):
+        return np.asarray([self.rng.integers(n) for n in self.nvec], dtype=np.int64)
+
+    def observe(self, obs, action, reward, next_obs, done):
+        pass
+
+    def state_dict(self):
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state["rng"]
+
+
+@holds_sections_of(AGENT_REGISTRY)
 @dataclass
 class AgentConfig:
-    name: str = opt("ppo", f"who picks the action each epoch: {', '.join(AGENT_REGISTRY)}", choices=AGENT_REGISTRY)
+    """agent.name and the fixed agent's actions; every agent's own section (agent.ppo.*, agent.bandit.*, a plugin's)
+    is added from the registry (common.registry.compose_schema)."""
+    name: str = opt("ppo", "who picks the action each epoch (agents.AGENT_REGISTRY, or one a run.plugins file "
+                           "registers)", choices=AGENT_REGISTRY)
     fixed_actions: list[list[int]] = opt([[2, 1]], f"fixed agent: [target index 0-{ACTION_NVEC[0] - 1}, temperature "
                                                    f"step 0-{ACTION_NVEC[1] - 1}] per epoch; the last one repeats "
                                                    "([[2, 1]] = target 0.5, T kept)", ge=0)
-    ppo: PPOConfig = section(PPOConfig)
-    bandit: BanditConfig = section(BanditConfig)
 
 
 def make_agent(cfg, env) -> Agent:
-    name = cfg.agent.name
-    check(name in AGENT_REGISTRY, f"unknown agent.name '{name}'; choose one of {', '.join(AGENT_REGISTRY)}")
-    return AGENT_REGISTRY[name].from_config(cfg, env)
+    """The configured agent (UserError listing the registered agents when agent.name is unknown)."""
+    return AGENT_REGISTRY[cfg.agent.name].from_config(cfg, env)

@@ -1,4 +1,5 @@
-"""KD methods: what `kd.method` names. One registry entry per method; the training loop never names a method.
+"""KD methods: what `kd.method` names. One registry entry per method, with its own keys (`kd.<name>.*`) declared
+next to it; the training loop never names a method.
 
     python train_student.py kd.method=kd                          # Hinton et al. 2015 (the default)
     python train_student.py kd.method=dkd                         # Decoupled KD, Zhao et al. CVPR 2022
@@ -12,35 +13,39 @@ the optimizer and the checkpoint cover: `Distiller`), and returns its loss as na
 (`loss_terms`). The loop sums weight x term and logs every term as `train/loss_<name>`. The loss functions
 themselves are pure functions in models.py, with their formulas.
 
-Adding a method: subclass KDMethod, decorate it with `@register("name")`; its hyper-parameters go in a section of
-train_student.KDConfig (or anywhere it reads from `cfg`). Nothing else changes.
+Adding a method: subclass KDMethod and register it,
+
+    @dataclass
+    class MyConfig:
+        weight: float = opt(1.0, "weight of my term", ge=0)          # kd.mine.weight, range-checked, in --help
+
+    @KD_METHODS.register("mine", config=MyConfig, help="what it is (paper)")
+    class Mine(KDMethod): ...
+
+here or in a file of your own named by `run.plugins` (examples/plugins/normalized_kd.py). Nothing else changes:
+kd.method accepts it, kd.mine.* joins the schema, --help and the README tables list them, its `validate(cfg)` runs
+before any work, and its parameters train, checkpoint and resume with the student.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from common.errors import UserError, check
+from common.config import opt
+from common.errors import check
+from common.registry import Registry
 from models import dist_loss_terms, dkd_loss_terms, dkd_warmup, hint_loss, kd_loss_terms, logits_and_pooled_features
 
 # name -> (weight, value): the loss is sum(weight * value); every value is logged as train/loss_<name>
 LossTerms = dict[str, tuple[float, torch.Tensor]]
-KD_METHODS: dict[str, type["KDMethod"]] = {}
+KD_METHODS = Registry("KD method", key="kd.method", sections="kd")
 TEACHER_OUTPUTS = ("logits", "features")
 
 
-def register(name: str):
-    """Class decorator: `@register("dkd")` makes the class the method `kd.method=dkd`."""
-    def add(cls: type[KDMethod]) -> type[KDMethod]:
-        KD_METHODS[name] = cls
-        cls.name = name
-        return cls
-    return add
-
-
 def method_class(cfg) -> type["KDMethod"]:
-    if cfg.kd.method not in KD_METHODS:
-        raise UserError(f"unknown kd.method '{cfg.kd.method}'; choose one of {', '.join(KD_METHODS)}")
+    """The class of the configured kd.method (UserError listing the registered methods when it is unknown)."""
     return KD_METHODS[cfg.kd.method]
 
 
@@ -63,8 +68,8 @@ class KDMethod(nn.Module):
     @classmethod
     def validate(cls, cfg) -> None:
         """Checks of the method's settings that involve several keys (UserError), run for the selected method before
-        anything is built. Each key's own range is declared with the key in the schema (utils.opt, checked for
-        every method's keys when the config is loaded)."""
+        anything is built. Each key's own range is declared with the key in its config section (common.config.opt,
+        checked for every method's keys when the config is loaded)."""
 
     def __init__(self, cfg, student: nn.Module, teacher_feature_dim: int | None):
         super().__init__()
@@ -127,9 +132,9 @@ def needs_teacher_features(cfg) -> bool:
 # ================================================================================================================
 # The methods.
 # ================================================================================================================
-@register("kd")
+@KD_METHODS.register("kd", help="Hinton et al. 2015: kd.alpha x CE + (1 - kd.alpha) x T² KL(teacher || student)")
 class KD(KDMethod):
-    """Hinton et al. 2015 (models.kd_loss): kd.alpha x CE + (1 - kd.alpha) x T² KL, T = kd.temperature; with
+    """Hinton et al. 2015 (models.kd_loss_terms): kd.alpha x CE + (1 - kd.alpha) x T² KL, T = kd.temperature; with
     kd.logit_standardize, the KL compares z-scored logits (Sun et al. 2024). kd.alpha=1: labels only, no teacher."""
 
     @classmethod
@@ -143,15 +148,26 @@ class KD(KDMethod):
         return {"ce": (alpha, t["ce"]), "kd": (1.0 - alpha, t["kd"])}  # alpha = 1: kd is a zero, weighted 0
 
 
-@register("dkd")
+@dataclass
+class DKDConfig:
+    alpha: float = opt(1.0, "TCKD weight (target-class term). Defaults: Zhao et al. CVPR 2022 / mdistiller's ImageNet "
+                            "ResNet-50 -> MobileNetV2 setting: alpha 1, beta 2, T 1, warm-up 1 epoch, CE weight 1",
+                      ge=0)
+    beta: float = opt(2.0, "NCKD weight (non-target term; 0.5 for ImageNet ResNet-34 -> ResNet-18)", ge=0)
+    temperature: float = opt(1.0, "DKD's temperature T (ImageNet: 1)", gt=0)
+    warmup_epochs: float = opt(1.0, "linear warm-up of the DKD weight: min((epoch + 1) / W, 1); 0 = off", ge=0)
+    ce_weight: float = opt(1.0, "weight of the label cross-entropy", ge=0)
+
+
+@KD_METHODS.register("dkd", config=DKDConfig, help="Decoupled KD (Zhao et al. CVPR 2022): target-class and "
+                                                   "non-target-class terms weighted apart (kd.dkd.*)")
 class DKD(KDMethod):
-    """Decoupled KD (Zhao et al. 2022, models.dkd_loss): kd.dkd.ce_weight x CE + w(e) x (alpha TCKD + beta NCKD),
-    w(e) the linear warm-up (models.dkd_warmup). kd.logit_standardize z-scores both logits first."""
+    """Decoupled KD (Zhao et al. 2022, models.dkd_loss_terms): kd.dkd.ce_weight x CE + w(e) x (alpha TCKD +
+    beta NCKD), w(e) the linear warm-up (models.dkd_warmup). kd.logit_standardize z-scores both logits first."""
 
     @classmethod
     def temperature(cls, cfg) -> float:
         return float(cfg.kd.dkd.temperature)
-
 
     def loss_terms(self, outputs, teacher, labels, epoch, temperature) -> LossTerms:
         d = self.cfg.kd.dkd
@@ -162,9 +178,21 @@ class DKD(KDMethod):
         return {"ce": (d.ce_weight, ce), "tckd": (warm * d.alpha, t["tckd"]), "nckd": (warm * d.beta, t["nckd"])}
 
 
-@register("dist")
+@dataclass
+class DISTConfig:
+    beta: float = opt(1.0, "inter-class (per sample) relation weight. Defaults: Huang et al. NeurIPS 2022, "
+                           "ImageNet: beta 1, gamma 1, tau 1, CE weight 1 (CIFAR-100: beta = gamma = 2, tau 4)",
+                     ge=0)
+    gamma: float = opt(1.0, "intra-class (per class, over the batch) relation weight", ge=0)
+    temperature: float = opt(1.0, "DIST's temperature tau (ImageNet: 1)", gt=0)
+    ce_weight: float = opt(1.0, "weight of the label cross-entropy", ge=0)
+
+
+@KD_METHODS.register("dist", config=DISTConfig, help="DIST (Huang et al. NeurIPS 2022): Pearson correlation of the "
+                                                     "predictions per sample and per class (kd.dist.*)")
 class DIST(KDMethod):
-    """DIST (Huang et al. 2022, models.dist_loss): kd.dist.ce_weight x CE + beta tau² inter + gamma tau² intra."""
+    """DIST (Huang et al. 2022, models.dist_loss_terms): kd.dist.ce_weight x CE + beta tau² inter +
+    gamma tau² intra."""
 
     @classmethod
     def temperature(cls, cfg) -> float:
@@ -186,7 +214,15 @@ class DIST(KDMethod):
         return {"ce": (d.ce_weight, ce), "inter": (d.beta, t["inter"]), "intra": (d.gamma, t["intra"])}
 
 
-@register("fitnet")
+@dataclass
+class FitNetConfig:
+    weight: float = opt(1.0, "weight of the hint loss (MSE between the regressed student and the teacher pooled "
+                             "features). Romero et al. ICLR 2015 train hints as a separate stage on CIFAR and give no "
+                             "ImageNet setting; 1 keeps the hint on the scale of the KD term here", ge=0)
+
+
+@KD_METHODS.register("fitnet", config=FitNetConfig, help="kd plus a FitNets hint (Romero et al. ICLR 2015) on the "
+                                                         "pooled features, through a learned regressor (kd.fitnet.*)")
 class FitNet(KD):
     """KD plus a FitNets hint (Romero et al. 2015, models.hint_loss) on the pooled penultimate features: a learned
     linear regressor maps the student's width to the teacher's, trained with the student; weight kd.fitnet.weight.
@@ -197,7 +233,6 @@ class FitNet(KD):
     @classmethod
     def uses_teacher(cls, cfg) -> bool:
         return True
-
 
     def __init__(self, cfg, student: nn.Module, teacher_feature_dim: int | None):
         super().__init__(cfg, student, teacher_feature_dim)

@@ -1,7 +1,15 @@
-"""Models and losses: the frozen teacher, the student, and the knowledge-distillation loss.
+"""Models and the pure functions of their losses, each with its formula and paper in the docstring.
 
-Models are created by name through `timm.create_model`; configs name them as strings. Losses are pure functions
-of tensors with the formula in the docstring.
+- Distillation losses of the KD methods (kd_methods.py): `kd_loss_terms` (Hinton et al. 2015), `standardize_logits`
+  (Sun et al. 2024), `dkd_loss_terms` and `dkd_warmup` (Zhao et al. 2022), `dist_loss_terms` (Huang et al. 2022),
+  `hint_loss` (Romero et al. 2015).
+- Teacher and student: timm models created by name (`create_student`, `create_teacher`), the `FrozenTeacher` that
+  restricts a 1000-way ImageNet teacher to the dataset's classes and re-normalises its input, weight files
+  (`load_state_file`), pooled features for feature methods (`logits_and_pooled_features`).
+- The curriculum's per-sample `difficulty_score` (train_student_rl.py).
+- gan_vae/: the WGAN-GP experts (`Generator`, `Critic`, `gradient_penalty`, the WGAN losses), the beta-VAE student
+  (`TaskVAE`, `vae_loss_terms`) and its distillation losses (`relational_kd`, `nt_xent`, `gaussian_kl`,
+  `bernoulli_kl`).
 """
 from __future__ import annotations
 
@@ -18,18 +26,28 @@ from imagedata.normalization import IMAGENET_NORM, Norm, named_norm, pretrained_
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Knowledge distillation loss (Hinton et al., 2015).
+# Distillation losses of the KD methods.
 # ----------------------------------------------------------------------------------------------------------------
 def kd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                   alpha: float, temperature: float, logit_standardize: bool = False) -> dict[str, torch.Tensor]:
-    """The terms of `kd_loss` as a dict: `ce`, `kd` (the T²-scaled KL, zero when alpha = 1) and `loss`.
-    `logit_standardize`: the KL term compares `standardize_logits` of both (Sun et al., CVPR 2024); CE is unchanged."""
+    """Knowledge-distillation loss (Hinton et al., "Distilling the Knowledge in a Neural Network", 2015) as its terms:
+
+        ce   = CE(z_s, y)                                               (mean over the batch)
+        kd   = T^2 * KL( softmax(z_t / T) || softmax(z_s / T) )
+        loss = alpha * ce + (1 - alpha) * kd
+
+    with KL(p || q) = sum_i p_i (log p_i - log q_i) summed over the C classes, then averaged over the B samples. The
+    T^2 factor keeps the soft-target gradients on the scale of the CE gradients. `logit_standardize`: the KL term
+    compares `standardize_logits` of both (Sun et al., CVPR 2024); CE is unchanged.
+
+    Shapes: student_logits, teacher_logits [B, C] (any float dtype, computed in float32), labels int64 [B].
+    alpha = 1 is plain cross-entropy (kd a zero) and accepts teacher_logits=None. Returns {"ce", "kd", "loss"}."""
     s = student_logits.float()
     ce = F.cross_entropy(s, labels)
     if alpha >= 1.0:
         return {"ce": ce, "kd": torch.zeros_like(ce), "loss": ce}
     if teacher_logits is None:
-        raise ValueError("kd_loss needs teacher_logits when alpha < 1")
+        raise ValueError("kd_loss_terms needs teacher_logits when alpha < 1")
     t = teacher_logits.float()
     if logit_standardize:
         s, t = standardize_logits(s), standardize_logits(t)
@@ -39,20 +57,6 @@ def kd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor | N
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     kd = temperature**2 * kl
     return {"ce": ce, "kd": kd, "loss": alpha * ce + (1.0 - alpha) * kd}
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-            alpha: float, temperature: float) -> torch.Tensor:
-    """Knowledge-distillation loss, a scalar averaged over the batch.
-
-        L = alpha * CE(z_s, y) + (1 - alpha) * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) )
-
-    with CE the mean cross-entropy and KL(p || q) = sum_i p_i (log p_i - log q_i) summed over the C classes, then
-    averaged over the B samples. The T^2 factor keeps the soft-target gradients on the scale of the CE gradients.
-
-    Shapes: student_logits, teacher_logits [B, C] (any float dtype, computed in float32), labels int64 [B].
-    alpha = 1 is plain cross-entropy and accepts teacher_logits=None."""
-    return kd_loss_terms(student_logits, teacher_logits, labels, alpha, temperature)["loss"]
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -80,7 +84,16 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def dkd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                    temperature: float, logit_standardize: bool = False) -> dict[str, torch.Tensor]:
-    """The two parts of `dkd_loss`, unweighted, each T²-scaled and averaged over the batch: {"tckd", "nckd"}."""
+    """Decoupled knowledge distillation (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, Eq. 7) as its two
+    terms, unweighted (DKD = alpha * tckd + beta * nckd):
+
+        tckd = T^2 * KL(b_t || b_s),   b = [p_y, 1 - p_y],           p = softmax(z / T), y the label
+        nckd = T^2 * KL(q_t || q_s),   q_k = p_k / (1 - p_y), k != y  (= softmax of the non-target logits / T)
+
+    KL summed over its classes, then averaged over the B samples. TCKD is the target-class knowledge, NCKD the
+    "dark knowledge" among the non-target classes, which classic KD weighs by (1 - p_t,y) and DKD frees. The
+    paper's warm-up of the weight is `dkd_warmup`. `logit_standardize`: both logits z-scored first
+    (`standardize_logits`). Shapes: logits [B, C] (C >= 2), labels int64 [B]. Returns {"tckd", "nckd"}."""
     s, t = student_logits.float(), teacher_logits.float()
     if logit_standardize:
         s, t = standardize_logits(s), standardize_logits(t)
@@ -93,21 +106,6 @@ def dkd_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, l
     log_q_s = F.log_softmax(s[~target].view(b, c - 1), dim=1)
     nckd = _kl_rows(log_q_t, log_q_s)
     return {"tckd": temperature**2 * tckd.mean(), "nckd": temperature**2 * nckd.mean()}
-
-
-def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
-             beta: float, temperature: float) -> torch.Tensor:
-    """Decoupled knowledge distillation (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022, Eq. 7):
-
-        DKD = alpha * TCKD + beta * NCKD
-        TCKD = T^2 * KL(b_t || b_s),   b = [p_y, 1 - p_y],           p = softmax(z / T), y the label
-        NCKD = T^2 * KL(q_t || q_s),   q_k = p_k / (1 - p_y), k != y  (= softmax of the non-target logits / T)
-
-    KL summed over its classes, then averaged over the B samples. TCKD is the target-class knowledge, NCKD the
-    "dark knowledge" among the non-target classes, which classic KD weighs by (1 - p_t,y) and DKD frees. The
-    paper's warm-up of this term's weight is `dkd_warmup`. Shapes: logits [B, C] (C >= 2), labels int64 [B]."""
-    terms = dkd_loss_terms(student_logits, teacher_logits, labels, temperature)
-    return alpha * terms["tckd"] + beta * terms["nckd"]
 
 
 def dkd_warmup(epoch: float, warmup_epochs: float) -> float:
@@ -125,28 +123,21 @@ def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.
 
 def dist_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     temperature: float) -> dict[str, torch.Tensor]:
-    """The two parts of `dist_loss`, unweighted and tau²-scaled: {"inter", "intra"}."""
+    """DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022, Eq. 6-9) as its two terms,
+    unweighted (DIST = beta * inter + gamma * intra): match the relations of the predictions, not their values,
+    with Y = softmax(Z / tau) row-wise,
+
+        inter = tau^2 * (1 - (1/B) sum_i rho(Y_s[i, :], Y_t[i, :]))     (per sample, over its classes)
+        intra = tau^2 * (1 - (1/C) sum_j rho(Y_s[:, j], Y_t[:, j]))     (per class, over the batch)
+
+    with rho the Pearson correlation (cosine of mean-centred vectors, eps 1e-8 in the denominator). Perfectly
+    correlated predictions give 0. The intra term is a statistic of the batch (under DDP: of each rank's valid
+    samples). Shapes: logits [B, C], B >= 2 for a meaningful intra term. Returns {"inter", "intra"}."""
     y_s = F.softmax(student_logits.float() / temperature, dim=1)
     y_t = F.softmax(teacher_logits.float() / temperature, dim=1)
     inter = 1.0 - _pearson_rows(y_s, y_t).mean()
     intra = 1.0 - _pearson_rows(y_s.t(), y_t.t()).mean()
     return {"inter": temperature**2 * inter, "intra": temperature**2 * intra}
-
-
-def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, gamma: float,
-              temperature: float) -> torch.Tensor:
-    """DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022, Eq. 6-9): match the
-    relations of the predictions, not their values, with Y = softmax(Z / tau) row-wise,
-
-        inter = 1 - (1/B) sum_i rho(Y_s[i, :], Y_t[i, :])     (per sample, over its classes)
-        intra = 1 - (1/C) sum_j rho(Y_s[:, j], Y_t[:, j])     (per class, over the batch)
-        DIST  = beta * tau^2 * inter + gamma * tau^2 * intra
-
-    with rho the Pearson correlation (cosine of mean-centred vectors, eps 1e-8 in the denominator). Perfectly
-    correlated predictions give 0. The intra term is a statistic of the batch (under DDP: of each rank's valid
-    samples). Shapes: logits [B, C], B >= 2 for a meaningful intra term."""
-    terms = dist_loss_terms(student_logits, teacher_logits, temperature)
-    return beta * terms["inter"] + gamma * terms["intra"]
 
 
 def hint_loss(student_hint: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:

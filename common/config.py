@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from common import plugins
 from common.distributed import _dist_on, all_gather_objects
 from common.errors import UserError
-from common.registry import compose_schema
+from common.registry import Registry, compose_schema
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -27,10 +27,11 @@ from common.registry import compose_schema
 class Range:
     """The valid values of a numeric or categorical config key, declared once beside the key (`opt(..., ge=0)`).
     `check_ranges` checks every key of a loaded config against its Range before any work; `--help` and the README
-    table show `describe()`. Bounds: ge (>=), gt (>), le (<=), lt (<). `choices`: the allowed values; a registry
-    (a dict from name to component) counts as its keys when the check runs, so an entry registered later is
-    accepted. A float is also refused when NaN or infinite, unless `allow_inf` (NaN never passes). For a list, every
-    number in it is checked. `why`: what a bad value would do, added to the error message."""
+    table show `describe()`. Bounds: ge (>=), gt (>), le (<=), lt (<). `choices`: the allowed values; a Registry
+    (common.registry) counts as the names it holds when the check runs, so an entry registered later (by a plugin)
+    is accepted, and --help lists the entries with their help. A float is also refused when NaN or infinite, unless
+    `allow_inf` (NaN never passes). For a list, every number in it is checked. `why`: what a bad value would do,
+    added to the error message."""
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
@@ -104,7 +105,10 @@ def run_config(script: str, tag: str, checkpoint_path: str = "or a checkpoint pa
 
 
 def _schema_leaves(schema: type, prefix: str = ""):
-    """Yield (dotted key, dataclasses.Field, default) for every leaf field of a dataclass schema."""
+    """Yield (dotted key, dataclasses.Field, default) for every leaf field of a dataclass schema, composed with the
+    sections of what the registries hold now (common.registry.compose_schema)."""
+    if not prefix:
+        schema = compose_schema(schema)
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None):
@@ -122,6 +126,12 @@ def iter_schema(schema: type, prefix: str = ""):
     for key, f, default in _schema_leaves(schema, prefix):
         type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         yield key, type_name, default, f.metadata.get("help", "")
+
+
+def registry_choices(valid: Range | None) -> str:
+    """For a key that selects a registry entry (`opt(..., choices=REGISTRY)`): "name: help; ..." of what the registry
+    holds now, built-in and plugin entries alike ("" for any other key). --help and the README list it."""
+    return valid.choices.describe() if valid is not None and isinstance(valid.choices, Registry) else ""
 
 
 def schema_ranges(schema: type) -> dict[str, Range]:
@@ -144,7 +154,9 @@ def range_error(key: str, value: Any, valid: Range | None) -> str | None:
             return None
         options = ", ".join(str(c) for c in valid.choices)
         if isinstance(value, str):
-            return f"unknown {key} '{value}'; choose one of {options}"
+            own = " (an entry of your own is registered from a file named by run.plugins)" \
+                if isinstance(valid.choices, Registry) else ""
+            return f"unknown {key} '{value}'; choose one of {options}{own}"
         return f"{key}={value} must be one of {options}"
     valid = valid or Range()
     plain = to_plain(value) if isinstance(value, ListConfig) else value
@@ -195,6 +207,9 @@ def config_help(schema: type, prog: str, doc: str | None) -> str:
     for key, type_name, default, text in iter_schema(schema):
         valid = ranges[key].describe() if key in ranges else ""
         lines.append(f"  {key} ({type_name}{', ' + valid if valid else ''}) = {json.dumps(default)}\n      {text}")
+        entries = registry_choices(ranges.get(key))
+        if entries:
+            lines.append(f"      {key} choices: {entries}")
     return "\n".join(lines)
 
 
@@ -208,6 +223,8 @@ def config_markdown(schema: type, base: type | None = None) -> str:
         if key in skip:
             continue
         valid = ranges[key].describe() if key in ranges else ""
+        entries = registry_choices(ranges.get(key))
+        text = f"{text}. Choices: {entries}" if entries else text
         valid, text = (s.replace("<", "\\<").replace("|", "\\|") for s in (valid, text))  # <split>: an HTML tag
         rows.append(f"| `{key}` | {type_name} | {valid} | `{json.dumps(default)}` | {text} |")
     return "\n".join(rows)
@@ -258,6 +275,47 @@ def _config_error(exc: OmegaConfBaseException, source: str) -> UserError:
     return UserError(f"bad value for config key '{key}' ({source}): {msg}")
 
 
+def _read_config_file(config_file: str) -> tuple[DictConfig, Path]:
+    """The --config YAML file as a DictConfig of keys, or a UserError saying what is wrong with it."""
+    path = Path(config_file)
+    if not str(config_file):
+        raise UserError("--config needs a YAML file")
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory; --config takes a YAML file, e.g. a run's "
+                        "config.yaml")
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        file_cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors have many types
+        detail = " ".join(str(exc).split())
+        if "Invalid loaded object type" in detail:  # OmegaConf's word for a top-level number or boolean
+            raise UserError(f"config file {path} holds a single value at its top level; it must map config "
+                            "keys to values, e.g. `kd: {temperature: 2}`, one key per line") from None
+        raise UserError(f"config file {path} is not valid YAML: {detail}") from None
+    # A file whose top level is a list or a scalar cannot be merged into the keys; an empty file (or one of
+    # comments only) is almost always the wrong file, so it is named rather than silently ignored.
+    if not isinstance(file_cfg, DictConfig):
+        raise UserError(f"config file {path} holds a list at its top level; it must map config keys to values, "
+                        "e.g. `kd: {temperature: 2}`, one key per line")
+    if len(file_cfg) == 0:
+        raise UserError(f"config file {path} is empty: write config keys and values in it (e.g. "
+                        "`kd: {temperature: 2}`), or leave out --config to use the defaults")
+    return file_cfg, path
+
+
+def _one_plugin_as_list(incoming: DictConfig) -> None:
+    """`run.plugins=my_methods.py` (one item, not a list) means `run.plugins=[my_methods.py]`, and `run.plugins=`
+    (empty or null) none, as common.plugins reads them."""
+    section_name, key = plugins.KEY.split(".")
+    run = incoming.get(section_name) if isinstance(incoming, DictConfig) else None
+    if not isinstance(run, DictConfig) or key not in run:
+        return  # absent, or a value given to the whole section (_check_sections names it)
+    value = run[key]
+    if value is None or isinstance(value, str):
+        run[key] = [value] if value else []
+
+
 def load_config(schema: type, config_file: str | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Build the config: schema defaults, then the YAML file, then dotted `key=value` overrides.
 
@@ -270,30 +328,8 @@ def load_config(schema: type, config_file: str | None = None, overrides: list[st
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
     if config_file is not None:
-        path = Path(config_file)
-        if not str(config_file):
-            raise UserError("--config needs a YAML file")
-        if path.is_dir():
-            raise UserError(f"config file {path} is a directory; --config takes a YAML file, e.g. a run's "
-                            "config.yaml")
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        try:
-            file_cfg = OmegaConf.load(path)
-        except Exception as exc:  # yaml errors have many types
-            detail = " ".join(str(exc).split())
-            if "Invalid loaded object type" in detail:  # OmegaConf's word for a top-level number or boolean
-                raise UserError(f"config file {path} holds a single value at its top level; it must map config "
-                                "keys to values, e.g. `kd: {temperature: 2}`, one key per line") from None
-            raise UserError(f"config file {path} is not valid YAML: {detail}") from None
-        # A file whose top level is a list or a scalar cannot be merged into the keys; an empty file (or one of
-        # comments only) is almost always the wrong file, so it is named rather than silently ignored.
-        if not isinstance(file_cfg, DictConfig):
-            raise UserError(f"config file {path} holds a list at its top level; it must map config keys to values, "
-                            "e.g. `kd: {temperature: 2}`, one key per line")
-        if len(file_cfg) == 0:
-            raise UserError(f"config file {path} is empty: write config keys and values in it (e.g. "
-                            "`kd: {temperature: 2}`), or leave out --config to use the defaults")
+        file_cfg, path = _read_config_file(config_file)
+        _one_plugin_as_list(file_cfg)
         _check_sections(cfg, OmegaConf.to_container(file_cfg, resolve=False), f"in {path}")
         try:
             cfg = OmegaConf.merge(cfg, file_cfg)
@@ -304,6 +340,7 @@ def load_config(schema: type, config_file: str | None = None, overrides: list[st
             raise UserError(f"cannot parse argument '{item}': overrides look like key=value, e.g. kd.temperature=2")
         try:
             incoming = OmegaConf.from_dotlist([item])
+            _one_plugin_as_list(incoming)
             _check_sections(cfg, OmegaConf.to_container(incoming, resolve=False), f"override '{item}'")
             cfg = OmegaConf.merge(cfg, incoming)
         except OmegaConfBaseException as exc:

@@ -3,10 +3,12 @@
     python train_student.py run.plugins=[my_methods.py] kd.method=nkd kd.nkd.gamma=1.5
     python train_student.py run.plugins=[mypackage.kd_extras]          # an importable module
 
-Each `run.plugins` item is a path to a `.py` file (relative to the working directory) or a dotted module name. Its
-import registers entries (common.registry) with their config sections; the config is then composed and checked.
-The items come from the `--config` YAML file and the `run.plugins=[...]` override (the override wins, as for every
-key), and are saved in the run's config.yaml, so a resumed or re-evaluated run imports them again.
+Each `run.plugins` item is a path to a `.py` file (relative to the working directory) or a dotted module name; one
+item may be given without brackets (`run.plugins=my_methods.py`). Its import registers entries (common.registry)
+with their config sections; the config is then composed and checked. The items come from the `--config` YAML file
+and the `run.plugins=[...]` override (the override wins, as for every key). They are saved in the run's
+config.yaml, so `--config <run>/config.yaml` imports them again; a resume (run.resume=auto) repeats the run's
+command line, run.plugins included.
 """
 from __future__ import annotations
 

@@ -46,10 +46,13 @@ class Registry:
     def register(self, name: str, *, config: type | None = None, help: str = "") -> Callable[[Any], Any]:  # noqa: A002
         """Decorator: `@REGISTRY.register("name", config=Section, help="...")` over a class or a function."""
         if config is not None and not dataclasses.is_dataclass(config):
-            raise TypeError(f"{self.kind} '{name}': config must be a dataclass (its keys declared with common.config.opt)")
+            raise TypeError(f"{self.kind} '{name}': config must be a dataclass (its keys declared with "
+                            "common.config.opt)")
 
         def add(obj: Any) -> Any:
-            if name in self._entries and self._entries[name].obj is not obj:
+            if name in self._entries and self._entries[name].obj is obj:
+                return obj  # the same object again (its module imported twice): the entry stays as it was
+            if name in self._entries:
                 raise UserError(f"{self.kind} '{name}' is registered twice: by {_origin(self._entries[name].obj)} and "
                                 f"by {_origin(obj)}; rename one of them")
             self._entries[name] = Entry(name, obj, config, help or _first_line(obj))
@@ -57,6 +60,10 @@ class Registry:
                 obj.name = name
             return obj
         return add
+
+    def unregister(self, name: str) -> Entry:
+        """Remove an entry (tests that register one of their own take it out again); the removed Entry."""
+        return self._entries.pop(self.entry(name).name)
 
     # ---- lookup --------------------------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Any:
@@ -123,12 +130,14 @@ def holds_sections_of(*registries: Registry) -> Callable[[type], type]:
 
 
 _COMPOSED: dict[tuple, type] = {}
+_BASE_ATTR = "_composed_from"
 
 
 def compose_schema(schema: type) -> type:
     """`schema` with every registry entry's section added where a `holds_sections_of` section asks for it (recursively).
     The result is a dataclass subclass of each section, made once per set of entries and kept as an attribute of this
     module, so that a config pickles by reference; with no registry sections the schema itself comes back."""
+    schema = schema.__dict__.get(_BASE_ATTR, schema)  # a composed schema is composed again from its base
     fields = []
     changed = False
     for f in dataclasses.fields(schema):
@@ -149,7 +158,8 @@ def compose_schema(schema: type) -> type:
                 continue
             if e.name in own:
                 raise UserError(f"{registry.kind} '{e.name}' ({_origin(e.obj)}) cannot have a config section "
-                                f"{registry.sections}.{e.name}: that is already a key of {registry.sections}; rename it")
+                                f"{registry.sections}.{e.name}: that is already a key of {registry.sections}; "
+                                "rename it")
             changed = True
             fields.append((e.name, e.config, dataclasses.field(default_factory=e.config)))
             own.add(e.name)
@@ -160,6 +170,7 @@ def compose_schema(schema: type) -> type:
         name = f"{schema.__name__}_{len(_COMPOSED)}"
         cls = dataclasses.make_dataclass(name, fields, bases=(schema,), namespace={"__module__": __name__})
         cls.__qualname__ = name
+        setattr(cls, _BASE_ATTR, schema)
         setattr(sys.modules[__name__], name, cls)
         _COMPOSED[signature] = cls
     return _COMPOSED[signature]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import kd_methods
 from common.config import check_ranges, opt, run_config, section
 from common.errors import check
+from common.registry import holds_sections_of
 from imagedata.image_sources import VAL_FRACTION
 
 
@@ -88,38 +89,12 @@ class StudentConfig:
     pretrained: bool = opt(False, "start the student from hub weights (the reference trains from scratch)")
 
 
-@dataclass
-class DKDConfig:
-    alpha: float = opt(1.0, "TCKD weight (target-class term). Defaults: Zhao et al. CVPR 2022 / mdistiller's ImageNet "
-                            "ResNet-50 -> MobileNetV2 setting: alpha 1, beta 2, T 1, warm-up 1 epoch, CE weight 1",
-                      ge=0)
-    beta: float = opt(2.0, "NCKD weight (non-target term; 0.5 for ImageNet ResNet-34 -> ResNet-18)", ge=0)
-    temperature: float = opt(1.0, "DKD's temperature T (ImageNet: 1)", gt=0)
-    warmup_epochs: float = opt(1.0, "linear warm-up of the DKD weight: min((epoch + 1) / W, 1); 0 = off", ge=0)
-    ce_weight: float = opt(1.0, "weight of the label cross-entropy", ge=0)
-
-
-@dataclass
-class DISTConfig:
-    beta: float = opt(1.0, "inter-class (per sample) relation weight. Defaults: Huang et al. NeurIPS 2022, "
-                           "ImageNet: beta 1, gamma 1, tau 1, CE weight 1 (CIFAR-100: beta = gamma = 2, tau 4)",
-                     ge=0)
-    gamma: float = opt(1.0, "intra-class (per class, over the batch) relation weight", ge=0)
-    temperature: float = opt(1.0, "DIST's temperature tau (ImageNet: 1)", gt=0)
-    ce_weight: float = opt(1.0, "weight of the label cross-entropy", ge=0)
-
-
-@dataclass
-class FitNetConfig:
-    weight: float = opt(1.0, "weight of the hint loss (MSE between the regressed student and the teacher pooled "
-                             "features). Romero et al. ICLR 2015 train hints as a separate stage on CIFAR and give no "
-                             "ImageNet setting; 1 keeps the hint on the scale of the KD term here", ge=0)
-
-
+@holds_sections_of(kd_methods.KD_METHODS)
 @dataclass
 class KDConfig:
-    method: str = opt("kd", "KD method (kd_methods.KD_METHODS): kd (Hinton et al. 2015), dkd (Zhao et al. 2022), "
-                            "dist (Huang et al. 2022), fitnet (kd + a FitNets hint on pooled features)",
+    """The keys every method shares; each method's own section (kd.dkd.*, kd.dist.*, kd.fitnet.*, a plugin's) is
+    declared beside the method in kd_methods.py and added from the registry (common.registry.compose_schema)."""
+    method: str = opt("kd", "KD method (kd_methods.KD_METHODS, or one a run.plugins file registers)",
                       choices=kd_methods.KD_METHODS)
     alpha: float = opt(0.0, "kd / fitnet: weight of the label cross-entropy; 1 - alpha weighs the distillation term "
                             "(0 = teacher only, 1 = labels only: no teacher is built for kd)", ge=0, le=1)
@@ -127,9 +102,6 @@ class KDConfig:
     logit_standardize: bool = opt(False, "kd, dkd, fitnet: z-score each sample's logits before the temperature (Sun "
                                          "et al. CVPR 2024, logit standardisation); refused with kd.method=dist, "
                                          "which does not implement it")
-    dkd: DKDConfig = section(DKDConfig)
-    dist: DISTConfig = section(DISTConfig)
-    fitnet: FitNetConfig = section(FitNetConfig)
     baseline: bool = opt(False, "also train a label-only student (kd.alpha=1) with the same budget and seed into "
                                 "<run>/label_only/ and print both side by side")
 

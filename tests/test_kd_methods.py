@@ -1,5 +1,4 @@
 """KD methods: the pure losses against hand-computed values, the registry seam, and bit-identical kd runs."""
-import json
 import math
 import os
 import subprocess
@@ -14,8 +13,8 @@ from conftest import TINY, assert_clean_error, read_metrics, run_main, run_scrip
 
 import kd_methods
 from common.errors import UserError
-from models import (FrozenTeacher, dist_loss, dist_loss_terms, dkd_loss, dkd_loss_terms, dkd_warmup, hint_loss,
-                    kd_loss_terms, standardize_logits)
+from models import (FrozenTeacher, dist_loss_terms, dkd_loss_terms, dkd_warmup, hint_loss, kd_loss_terms,
+                    standardize_logits)
 
 
 def _softmax(z):
@@ -39,9 +38,9 @@ def test_dkd_hand_computed_value():
     nckd = _kl(qt, qs)
     alpha, beta = 0.7, 3.0
     expected = T**2 * (alpha * tckd + beta * nckd)
-    got = dkd_loss(torch.tensor([zs]), torch.tensor([zt]), torch.tensor([0]), alpha, beta, T)
-    assert got.item() == pytest.approx(expected, rel=1e-6)
     terms = dkd_loss_terms(torch.tensor([zs]), torch.tensor([zt]), torch.tensor([0]), T)
+    got = alpha * terms["tckd"] + beta * terms["nckd"]  # as kd_methods.DKD weighs them (warm-up 1)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
     assert terms["tckd"].item() == pytest.approx(T**2 * tckd, rel=1e-6)
     assert terms["nckd"].item() == pytest.approx(T**2 * nckd, rel=1e-6)
 
@@ -53,9 +52,10 @@ def test_dkd_equal_logits_give_zero_terms_and_batch_mean():
     assert terms["tckd"].item() == 0.0 and terms["nckd"].item() == 0.0
     zs, zt = torch.randn(2, 4), torch.randn(2, 4)
     y = torch.tensor([1, 3])
-    both = dkd_loss(zs, zt, y, 1.0, 8.0, 4.0)
-    single = [dkd_loss(zs[i:i + 1], zt[i:i + 1], y[i:i + 1], 1.0, 8.0, 4.0) for i in range(2)]
-    assert both.item() == pytest.approx((single[0].item() + single[1].item()) / 2, rel=1e-6)
+    both = dkd_loss_terms(zs, zt, y, 4.0)
+    single = [dkd_loss_terms(zs[i:i + 1], zt[i:i + 1], y[i:i + 1], 4.0) for i in range(2)]
+    for name in ("tckd", "nckd"):
+        assert both[name].item() == pytest.approx((single[0][name].item() + single[1][name].item()) / 2, rel=1e-6)
 
 
 def test_dkd_tckd_sees_only_the_target_probability():
@@ -89,13 +89,18 @@ def test_dist_hand_computed_value():
     inter = 1 - sum(_pearson(a, b) for a, b in zip(ys, yt)) / 2
     intra = 1 - sum(_pearson([r[j] for r in ys], [r[j] for r in yt]) for j in range(3)) / 3
     expected = beta * tau**2 * inter + gamma * tau**2 * intra
-    got = dist_loss(torch.tensor(zs), torch.tensor(zt), beta, gamma, tau)
+    terms = dist_loss_terms(torch.tensor(zs), torch.tensor(zt), tau)
+    got = beta * terms["inter"] + gamma * terms["intra"]  # as kd_methods.DIST weighs them
     assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert terms["inter"].item() == pytest.approx(tau**2 * inter, rel=1e-5)
+    # with B = 2 each class's correlation is +-1 (here +1: intra is 0); float32 and the 1e-8 in rho leave ~1e-5
+    assert intra == pytest.approx(0.0, abs=1e-12) and terms["intra"].item() == pytest.approx(0.0, abs=1e-4)
 
 
 def test_dist_perfectly_correlated_predictions_give_zero():
     z = torch.randn(8, 10)
-    assert dist_loss(z, z.clone(), 1.0, 1.0, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    same = dist_loss_terms(z, z.clone(), 1.0)
+    assert (same["inter"] + same["intra"]).item() == pytest.approx(0.0, abs=1e-6)
     # a shift changes no softmax; what remains is the 1e-8 in rho's denominator against |y - mean y|^2
     terms = dist_loss_terms(z, z + 3.0, 1.0)
     assert terms["inter"].item() == pytest.approx(0.0, abs=1e-5)
@@ -188,9 +193,9 @@ class LogitMatch(kd_methods.KDMethod):
 
 @pytest.fixture
 def logit_match():
-    kd_methods.register("logit_match")(LogitMatch)
+    kd_methods.KD_METHODS.register("logit_match", help="CE + MSE to the teacher's logits, learned scale")(LogitMatch)
     yield
-    del kd_methods.KD_METHODS["logit_match"]
+    kd_methods.KD_METHODS.unregister("logit_match")
 
 
 def test_a_method_registered_in_a_test_file_trains_end_to_end(tmp_path, logit_match):

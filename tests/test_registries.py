@@ -66,6 +66,21 @@ def test_builtin_agents_act_as_before():
     assert _digest(actions) == BEFORE_REGISTRIES["fixed"]
 
 
+def test_agents_declare_their_keys_beside_them_in_the_registry():
+    import agents
+    from common.config import config_help, iter_schema
+    from train_student_rl import RLConfig
+    assert list(agents.AGENT_REGISTRY) == ["ppo", "bandit", "fixed", "random"]
+    assert agents.AGENT_REGISTRY.entry("ppo").config is agents.PPOConfig
+    assert agents.AGENT_REGISTRY.entry("bandit").config is agents.BanditConfig
+    assert agents.AGENT_REGISTRY.entry("fixed").config is None and agents.AGENT_REGISTRY["random"] is agents.RandomAgent
+    keys = [key for key, *_ in iter_schema(RLConfig) if key.startswith("agent.")]
+    assert keys[:2] == ["agent.name", "agent.fixed_actions"] and "agent.ppo.n_steps" in keys
+    assert "agent.bandit.prior_std" in keys and not hasattr(agents.AgentConfig(), "ppo")  # composed, not typed in
+    text = config_help(RLConfig, "train_student_rl.py", "")
+    assert "agent.name choices: ppo: stable-baselines3 PPO" in text and "; random: a control" in text
+
+
 def test_agents_take_their_actions_from_the_action_space():
     from agents import BanditAgent, RandomAgent
     obs = np.zeros(12, dtype=np.float32)
@@ -173,7 +188,9 @@ class TryEachTarget:
 def registered(monkeypatch):
     import agents
     monkeypatch.setitem(STRATEGY_REGISTRY, "median_band", MedianBand())
-    monkeypatch.setitem(agents.AGENT_REGISTRY, "try_each_target", TryEachTarget)
+    agents.AGENT_REGISTRY.register("try_each_target", help="each target once, then the best")(TryEachTarget)
+    yield
+    agents.AGENT_REGISTRY.unregister("try_each_target")
 
 
 RL_ARGS = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refresh_every=1", "train.epochs=3",

@@ -1,0 +1,294 @@
+"""Plugins (run.plugins): a KD method or an agent defined in a file outside the repository works from the command line
+with its own keys (range-checked, in --help), trains, checkpoints and resumes; bad plugins are named without a
+traceback. The example plugins (examples/plugins/) work from a copy of their file, and NKD's loss matches hand
+computation."""
+import json
+import math
+import shutil
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script
+
+import agents
+import kd_methods
+from common import plugins
+from common.config import load_config
+from common.errors import UserError
+from engine.config import Config
+
+# A KD method with a key of its own and a trainable part, as a user would write it in a file of their own.
+SCALED_KD = textwrap.dedent('''
+    """KD's loss on student logits scaled by a learned factor, plus CE weighted by kd.scaled_kd.weight."""
+    from dataclasses import dataclass
+
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from common.config import opt
+    from kd_methods import KD_METHODS, KDMethod
+    from models import kd_loss_terms
+
+
+    @dataclass
+    class ScaledKDConfig:
+        weight: float = opt(0.5, "weight of the label cross-entropy", ge=0, le=1)
+
+
+    @KD_METHODS.register("scaled_kd", config=ScaledKDConfig, help="KD through a learned logit scale (a test plugin)")
+    class ScaledKD(KDMethod):
+        def __init__(self, cfg, student, teacher_feature_dim):
+            super().__init__(cfg, student, teacher_feature_dim)
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, student, x):
+            return {"logits": student(x) * self.scale}
+
+        def loss_terms(self, outputs, teacher, labels, epoch, temperature):
+            w = self.cfg.kd.scaled_kd.weight
+            t = kd_loss_terms(outputs["logits"], teacher["logits"], labels, 0.0, temperature)
+            return {"ce": (w, F.cross_entropy(outputs["logits"].float(), labels)), "kd": (1.0 - w, t["kd"])}
+''')
+
+
+@pytest.fixture
+def isolated():
+    """Whatever a test's plugins register, and the record of imported plugins, is taken out again afterwards."""
+    before = {registry: set(registry) for registry in (kd_methods.KD_METHODS, agents.AGENT_REGISTRY)}
+    loaded = dict(plugins._loaded)
+    yield
+    for registry, names in before.items():
+        for name in set(registry) - names:
+            registry.unregister(name)
+    plugins._loaded.clear()
+    plugins._loaded.update(loaded)
+
+
+def _plugin(tmp_path, text: str, name: str = "my_plugin.py"):
+    folder = tmp_path / "elsewhere"  # outside the repository, as a user's own file
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(text)
+    return folder / name
+
+
+def _example(tmp_path, name: str):
+    folder = tmp_path / "copy"
+    folder.mkdir(exist_ok=True)
+    return shutil.copy(ROOT / "examples" / "plugins" / name, folder / name)
+
+
+def _without_time(records):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The issue's test: a KD method from a plugin file trains, resumes after a kill, and refuses a bad value of its key
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_plugin_kd_method_trains_resumes_after_a_kill_and_checks_its_key(tmp_path):
+    plugin = _plugin(tmp_path, SCALED_KD)
+    args = [*TINY, "data.synthetic.images_per_class=24", "train.epochs=4", f"run.plugins=[{plugin}]",
+            "kd.method=scaled_kd", "kd.scaled_kd.weight=0.25", f"run.out_dir={tmp_path / 'runs'}"]
+
+    bad = run_script("train_student.py", *args[:-2], "kd.scaled_kd.weight=1.5", f"run.out_dir={tmp_path / 'runs'}")
+    assert_clean_error(bad, "kd.scaled_kd.weight=1.5 must lie in [0, 1]")
+    assert not (tmp_path / "runs").exists()  # refused before any run directory
+
+    full = run_script("train_student.py", *args, "run.name=full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    # killed as soon as the second epoch's metrics line is out: the first epoch's checkpoint is written by then (the
+    # line of an epoch comes just before its checkpoint, so killing at the first line may leave none to resume)
+    run_and_sigkill("train_student.py", *args, "run.name=killed", watch=tmp_path / "runs" / "killed" / "metrics.jsonl",
+                    after_lines=2, settle=0.0)
+    assert len(read_metrics(tmp_path / "runs" / "killed")) < 4
+    resumed = run_script("train_student.py", *args, "run.name=killed", "run.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+
+    a, b = read_metrics(tmp_path / "runs" / "full"), read_metrics(tmp_path / "runs" / "killed")
+    assert [m["epoch"] for m in b] == [0, 1, 2, 3] and _without_time(a) == _without_time(b)
+    for m in a:  # the loop summed the plugin's weighted terms, with its key's value
+        assert m["train/loss"] == pytest.approx(0.25 * m["train/loss_ce"] + 0.75 * m["train/loss_kd"], rel=1e-6)
+    ckpt = torch.load(tmp_path / "runs" / "killed" / "checkpoints" / "last.pt", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["method"]["scale"].item() != 1.0  # the plugin's parameter trained and was checkpointed
+    assert ckpt["config"]["kd"]["scaled_kd"] == {"weight": 0.25} and ckpt["config"]["run"]["plugins"] == [str(plugin)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --help, choices, bad plugins
+# ---------------------------------------------------------------------------------------------------------------
+def test_help_with_a_plugin_lists_its_keys_and_entry(tmp_path, isolated):
+    plugin = _plugin(tmp_path, SCALED_KD)
+    without = run_main("train_student.py", "--help")
+    assert without.returncode == 0 and "kd.scaled_kd" not in without.stdout
+    proc = run_main("train_student.py", f"run.plugins=[{plugin}]", "--help")
+    assert proc.returncode == 0
+    assert "  kd.scaled_kd.weight (float, in [0, 1]) = 0.5\n      weight of the label cross-entropy" in proc.stdout
+    assert "  kd.method (str, one of kd, dkd, dist, fitnet, scaled_kd) = " in proc.stdout
+    assert "scaled_kd: KD through a learned logit scale (a test plugin)" in proc.stdout
+    assert "dkd: Decoupled KD (Zhao et al. CVPR 2022)" in proc.stdout  # every entry with its help
+
+
+def test_a_plugin_named_in_a_config_file_is_imported(tmp_path, isolated):
+    plugin = _plugin(tmp_path, SCALED_KD)
+    (tmp_path / "c.yaml").write_text(f"run:\n  plugins: [{plugin}]\nkd:\n  method: scaled_kd\n  scaled_kd:\n"
+                                     "    weight: 0.75\n")
+    cfg = load_config(Config, str(tmp_path / "c.yaml"))
+    assert cfg.kd.method == "scaled_kd" and cfg.kd.scaled_kd.weight == 0.75
+
+
+def test_one_plugin_may_be_given_without_brackets(tmp_path, isolated):
+    plugin = _plugin(tmp_path, SCALED_KD)
+    cfg = load_config(Config, None, [f"run.plugins={plugin}", "kd.method=scaled_kd"])
+    assert cfg.run.plugins == [str(plugin)] and cfg.kd.scaled_kd.weight == 0.5
+    (tmp_path / "c.yaml").write_text(f"run:\n  plugins: {plugin}\n")
+    assert load_config(Config, str(tmp_path / "c.yaml")).run.plugins == [str(plugin)]
+    assert load_config(Config, None, ["run.plugins="]).run.plugins == []
+
+
+def test_an_unknown_method_lists_the_choices(tmp_path, isolated):
+    plugin = _plugin(tmp_path, SCALED_KD)
+    proc = run_main("train_student.py", *TINY, f"run.plugins=[{plugin}]", "kd.method=scaled", f"run.out_dir={tmp_path}")
+    assert_clean_error(proc, "unknown kd.method 'scaled'; choose one of kd, dkd, dist, fitnet, scaled_kd",
+                       "run.plugins")
+
+
+@pytest.mark.parametrize("text,fragments", [
+    (None, ["run.plugins: plugin file", "does not exist"]),
+    ("raise RuntimeError('no GPU here')\n", ["importing plugin file", "RuntimeError: no GPU here"]),
+    ("import a_module_nobody_has\n", ["importing plugin file", "a_module_nobody_has"]),
+    ("from kd_methods import KD, KD_METHODS\nKD_METHODS.register('dkd')(type('Mine', (KD,), {}))\n",
+     ["KD method 'dkd' is registered twice", "kd_methods.DKD", "rename one of them"]),
+])
+def test_a_bad_plugin_is_a_clean_error(tmp_path, isolated, text, fragments):
+    plugin = tmp_path / "missing.py" if text is None else _plugin(tmp_path, text)
+    out = tmp_path / "runs"
+    proc = run_main("train_student.py", *TINY, f"run.plugins=[{plugin}]", f"run.out_dir={out}")
+    assert_clean_error(proc, *fragments)
+    assert not out.exists()
+
+
+def test_a_missing_plugin_module_is_a_clean_error(tmp_path, isolated):
+    proc = run_main("train_student.py", *TINY, "run.plugins=[no_such_package.methods]", f"run.out_dir={tmp_path}")
+    assert_clean_error(proc, "run.plugins: no module named 'no_such_package.methods'")
+
+
+def test_registering_a_taken_name_or_a_section_key_is_refused(isolated):
+    with pytest.raises(UserError, match="KD method 'kd' is registered twice"):
+        kd_methods.KD_METHODS.register("kd")(type("Other", (kd_methods.KD,), {}))
+    kd_methods.KD_METHODS.register("kd")(kd_methods.KD)  # the same class again (a module imported twice) is fine
+
+    from dataclasses import dataclass
+
+    from common.config import opt
+
+    @dataclass
+    class AlphaConfig:
+        x: float = opt(1.0, "x", ge=0)
+
+    kd_methods.KD_METHODS.register("alpha", config=AlphaConfig)(type("Alpha", (kd_methods.KD,), {}))
+    with pytest.raises(UserError, match="cannot have a config section kd.alpha: that is already a key of kd"):
+        load_config(Config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The example plugins, each from a copy of its file
+# ---------------------------------------------------------------------------------------------------------------
+def _softmax(z):
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_nkd_loss_hand_computed_value(tmp_path, isolated):
+    (module,) = plugins.load([str(_example(tmp_path, "normalized_kd.py"))])
+    # One sample, three classes, label 0, lambda = 2.
+    zs, zt, lam = [1.0, 0.0, -1.0], [3.0, 1.0, 0.0], 2.0
+    target = -_softmax(zt)[0] * math.log(_softmax(zs)[0])
+    q_t, q_s = _softmax([1.0 / lam, 0.0 / lam]), _softmax([0.0 / lam, -1.0 / lam])  # the non-target logits / lambda
+    non_target = -lam**2 * sum(p * math.log(q) for p, q in zip(q_t, q_s))
+    terms = module.nkd_loss_terms(torch.tensor([zs]), torch.tensor([zt]), torch.tensor([0]), lam)
+    assert terms["target"].item() == pytest.approx(target, rel=1e-6)
+    assert terms["non_target"].item() == pytest.approx(non_target, rel=1e-6)
+    # a batch is the mean of its samples; the teacher's target probability carries no gradient
+    zs2, zt2, y2 = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True), torch.tensor([4, 0, 2])
+    both = module.nkd_loss_terms(zs2, zt2, y2, 1.5)
+    single = [module.nkd_loss_terms(zs2[i:i + 1], zt2[i:i + 1], y2[i:i + 1], 1.5) for i in range(3)]
+    for name in ("target", "non_target"):
+        assert both[name].item() == pytest.approx(sum(s[name].item() for s in single) / 3, rel=1e-5)
+    (both["target"] + both["non_target"]).backward()
+    assert zt2.grad is None and zs2.grad is not None
+
+
+def test_normalized_kd_plugin_trains_from_a_copy_of_its_file(tmp_path):
+    plugin = _example(tmp_path, "normalized_kd.py")
+    args = [*TINY, "train.epochs=1", f"run.plugins=[{plugin}]", "kd.method=nkd", f"run.out_dir={tmp_path / 'runs'}"]
+    bad = run_script("train_student.py", *args, "kd.nkd.gamma=-1")
+    assert_clean_error(bad, "kd.nkd.gamma=-1.0 must be >= 0")
+    bad = run_script("train_student.py", *args, "kd.logit_standardize=true")
+    assert_clean_error(bad, "kd.method=nkd does not implement kd.logit_standardize=true")
+    assert not (tmp_path / "runs").exists()
+    proc = run_script("train_student.py", *args, "kd.nkd.gamma=1.0", "kd.nkd.ce_weight=0.5", "run.name=r")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (m,) = read_metrics(tmp_path / "runs" / "r")
+    assert m["kd/temperature"] == 1.0 and m["train/loss_nkd_non_target"] > 0
+    assert m["train/loss"] == pytest.approx(0.5 * m["train/loss_ce"] + m["train/loss_nkd_target"]
+                                            + m["train/loss_nkd_non_target"], rel=1e-6)
+
+
+def test_epsilon_greedy_plugin_runs_through_train_student_rl(tmp_path):
+    plugin = _example(tmp_path, "epsilon_greedy.py")
+    args = [*TINY, "train.epochs=3", "kd.alpha=0.5", "curriculum.strategy=random_subset", f"run.plugins=[{plugin}]",
+            "agent.name=epsilon_greedy", f"run.out_dir={tmp_path / 'runs'}"]
+    bad = run_script("train_student_rl.py", *args, "agent.epsilon_greedy.epsilon=1.5")
+    assert_clean_error(bad, "agent.epsilon_greedy.epsilon=1.5 must lie in [0, 1]")
+    assert not (tmp_path / "runs").exists()
+    proc = run_script("train_student_rl.py", *args, "agent.epsilon_greedy.epsilon=0", "run.name=r")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "runs" / "r" / "curriculum.jsonl").read_text().splitlines()]
+    assert [ln["action"] for ln in lines] == [[0, 0], [0, 1], [0, 2]]  # epsilon 0: untried arms in index order
+    state = torch.load(tmp_path / "runs" / "r" / "checkpoints" / "last.pt", map_location="cpu",
+                       weights_only=False)["extra"]["agent"]["agent"]
+    assert list(state["counts"][:3]) == [1, 1, 1] and state["counts"].sum() == 3
+    assert np.allclose(state["means"][:3], [ln["reward"] for ln in lines])
+
+
+def test_epsilon_greedy_explores_with_probability_epsilon(tmp_path, isolated):
+    (module,) = plugins.load([str(_example(tmp_path, "epsilon_greedy.py"))])
+    obs = np.zeros(12, dtype=np.float32)
+    agent = module.EpsilonGreedyAgent(0.0, 0, (2, 3))
+    for arm in range(6):  # every arm once, arm 4 the best
+        a = agent.act(obs)
+        assert int(np.ravel_multi_index(tuple(a), (2, 3))) == arm
+        agent.observe(obs, a, 10.0 if arm == 4 else 0.0, obs, False)
+    assert [tuple(agent.act(obs)) for _ in range(5)] == [(1, 1)] * 5  # greedy
+    explorer = module.EpsilonGreedyAgent(1.0, 0, (2, 3))
+    explorer.counts[:] = 1
+    explorer.means[4] = 10.0
+    picks = {tuple(int(x) for x in explorer.act(obs)) for _ in range(200)}
+    assert len(picks) == 6  # epsilon 1: uniform over every joint action
+
+
+def test_composing_a_composed_schema_gives_it_back(isolated):
+    # load_config, check_ranges and the schema walks compose whatever schema they get, the composed one included
+    from common.registry import compose_schema
+    from train_student_rl import RLConfig
+    composed = compose_schema(Config)
+    assert compose_schema(composed) is composed and compose_schema(Config) is composed
+    assert compose_schema(compose_schema(RLConfig)) is compose_schema(RLConfig)
+    assert load_config(composed, None, ["kd.dkd.beta=3"]).kd.dkd.beta == 3
+    from dataclasses import dataclass
+
+    from common.config import iter_schema, opt
+
+    @dataclass
+    class ExtraConfig:
+        x: float = opt(1.0, "x", ge=0)
+
+    kd_methods.KD_METHODS.register("extra", config=ExtraConfig)(type("Extra", (kd_methods.KD,), {}))
+    assert "kd.extra.x" in {key for key, *_ in iter_schema(composed)}  # composed again, with the new entry
+    kd_methods.KD_METHODS.unregister("extra")
+    keys = {key for key, *_ in iter_schema(composed)}
+    assert "kd.dkd.beta" in keys and "kd.extra.x" not in keys and compose_schema(Config) is composed
