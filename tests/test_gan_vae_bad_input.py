@@ -146,8 +146,8 @@ def test_fid_of_non_finite_images_is_a_user_error():
 def test_evaluation_shows_a_progress_bar(domains, tmp_path, capsys):  # noqa: F811
     run = _in_process_run(domains, tmp_path, ["discs", "crosses"])
     _toy_fid(run, 48)
-    run.student.add_task()
-    run.student.add_task()
+    run.learner.student.add_task()
+    run.learner.student.add_task()
     run.evaluate(1)
     assert "task 1: evaluation of tasks 0-1 (FID)" in capsys.readouterr().err
 
