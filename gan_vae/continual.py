@@ -22,10 +22,13 @@ Per task t:
    matrices R[i][j] in results.json (every FID with its [n_real, n_fake] in <matrix>_samples), with forgetting and
    backward transfer (forgetting_report.md, heatmaps). Every evaluation draws its samples from a generator seeded
    by (seed, task, evaluated task), so `python -m gan_vae.evaluate` reproduces the matrices exactly.
+
+This module holds the config, the resume checks and ContinualRun, which drives the phases: gan_vae.experts (1, 2),
+gan_vae.student with the loss terms of gan_vae.losses (3; a new term registers there, or from a run.plugins file,
+e.g. examples/plugins/tv_loss.py), gan_vae.evaluation (4).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -34,13 +37,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn as nn
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from common.checkpoint import freeze, load_checkpoint, save_checkpoint, unfreeze
+from common.checkpoint import load_checkpoint, save_checkpoint
 from common.cli import run_cli
 from common.config import (check_ranges, config_differences, iter_schema, opt, parse_config, run_config, section,
                            to_plain)
@@ -54,11 +55,12 @@ from common.rng import rng_state, seed_everything, set_rng_state
 from common.rundir import (check_program, checkpoint_program, claim_run_dir, default_run_name, make_dirs, plan_run_dir,
                            read_saved_config, require_entries, run_name)
 from gan_vae import forgetting
-from gan_vae.fid import (FeatureModule, FeaturesOf, FIDEvaluator, check_inception_path, inception_features,
-                         train_domain_classifier)
-from gan_vae.losses import STUDENT_LOSSES, StudentStep, check_terms, student_loss
+from gan_vae.evaluation import METRICS, Evaluation, fid_bar
+from gan_vae.experts import Expert, ExpertPool
+from gan_vae.fid import FIDEvaluator, check_inception_path
+from gan_vae.losses import STUDENT_LOSSES, check_terms
+from gan_vae.student import StudentLearner
 from gan_vae.tasks import domain_tensor, load_task
-from models import Critic, Generator, TaskVAE, gradient_penalty, wgan_critic_loss, wgan_generator_loss
 
 
 # ================================================================================================================
@@ -192,46 +194,6 @@ def validate(cfg) -> None:
     check_terms(cfg)
 
 
-# ================================================================================================================
-# Pure pieces: the expert decision, adaptive weights, the dynamic temperature.
-# ================================================================================================================
-def decide_expert(fids: list[float], threshold: float, max_experts: int) -> tuple[str, int]:
-    """("new", index of the new expert) when there is no expert yet, or when the best FID exceeds the threshold
-    and fewer than max_experts exist; otherwise ("reuse", index of the expert with the lowest FID)."""
-    if not fids:
-        return "new", 0
-    best = int(np.argmin(fids))
-    if fids[best] > threshold and len(fids) < max_experts:
-        return "new", len(fids)
-    return "reuse", best
-
-
-def expert_weight(fid: float, threshold: float, floor: float, ceiling: float) -> float:
-    """Replay and distillation weight of an expert, decreasing with its latest FID: clip(threshold / FID,
-    floor, ceiling) (an expert at the threshold gets 1, one twice as far gets 1/2)."""
-    return float(np.clip(threshold / max(fid, 1e-8), floor, ceiling))
-
-
-def dynamic_temperature(step: int, steps: int, t_max: float, t_min: float, fid: float, threshold: float,
-                        gain: float) -> float:
-    """Relational-KD temperature: linear from t_max to t_min over a task's steps, times
-    1 + gain * clip(fid / threshold - 1, 0, 1) (softer targets while the teacher's samples are poor)."""
-    t = t_max - (t_max - t_min) * step / max(steps - 1, 1)
-    return t * (1 + gain * float(np.clip(fid / threshold - 1, 0, 1)))
-
-
-def step_seed(seed: int, task: int, phase: int, step: int) -> int:
-    """The seed of one training step's sampling: a pure function of (seed, task, phase, step), so a resumed run
-    draws the same batches as an uninterrupted one."""
-    return ((seed * 1_000 + task) * 10 + phase) * 10_000_000 + step
-
-
-def eval_seed(seed: int, task: int, evaluated: int, metric: int) -> int:
-    """The seed of the samples behind R[task][evaluated] of one metric (0: teacher, 1: student): a pure function,
-    so the matrices do not depend on what drew from the global RNG before, and a re-evaluation reproduces them."""
-    return ((seed * 1_000 + task) * 1_000 + evaluated) * 10 + metric + 1
-
-
 def branches_from(path: Path, run_dir: Path) -> bool:
     """Whether a run in run_dir that starts from checkpoint `path` is a new run branching from another run's
     checkpoint (the file lies outside run_dir), rather than one continuing itself."""
@@ -334,392 +296,9 @@ def check_config_matches_checkpoint(ckpt: dict, path: Path, cfg, run_dir: Path) 
 
 
 # ================================================================================================================
-# The run: the expert pool (teacher phase), the student learner (student phase) and the evaluation, driven task by
-# task by ContinualRun, which also logs, draws sample grids and writes checkpoints.
+# The run: ContinualRun drives the expert pool (gan_vae.experts), the student learner (gan_vae.student) and the
+# evaluation (gan_vae.evaluation) task by task, and logs, draws sample grids and writes checkpoints.
 # ================================================================================================================
-class Expert:
-    """One teacher: a generator with its own critic and optimisers, and the tasks it has learned."""
-
-    def __init__(self, cfg, channels: int, device):
-        t = cfg.teacher
-        self.generator = Generator(t.z_dim, channels, t.width, t.attention).to(device)
-        self.critic = Critic(channels, t.width, t.attention).to(device)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=t.lr, betas=tuple(t.betas))
-        self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=t.lr, betas=tuple(t.betas))
-        self.tasks: list[int] = []
-        self.latest_fid = math.inf
-        self.z_dim, self.device = t.z_dim, device
-        self.freeze()
-
-    def freeze(self) -> None:
-        freeze(self.generator)
-        freeze(self.critic)
-
-    def unfreeze(self) -> None:
-        unfreeze(self.generator)
-        unfreeze(self.critic)
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        was = self.generator.training
-        self.generator.eval()
-        z = torch.randn(n, self.z_dim, generator=generator).to(self.device)
-        out = self.generator(z)
-        self.generator.train(was)
-        return out
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "critic": self.critic.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "tasks": list(self.tasks),
-                "latest_fid": self.latest_fid}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.critic.load_state_dict(state["critic"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.tasks, self.latest_fid = list(state["tasks"]), state["latest_fid"]
-        self.freeze()
-
-
-def fid_bar(total: int, desc: str) -> tqdm:
-    """A progress bar over FID computations, each seconds long (features of up to fid.samples images); gone when
-    done. gan_vae runs in one process, so there is no other rank to keep quiet."""
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy without gradients, in eval mode: the replaying generator, or the student from before a task."""
-    return freeze(copy.deepcopy(model))
-
-
-METRICS = ("teacher_fid", "student_fid", "recon_mse", "recon_fid")
-FID_METRICS = ("teacher_fid", "student_fid", "recon_fid")  # each with <key>_samples: [n_real, n_fake] per cell
-
-
-class ExpertPool:
-    """The teachers: the WGAN-GP experts, the expert of each task, every decision, and `frozen`, the copy of an
-    expert's generator that replays the expert's earlier tasks while it learns a new one."""
-
-    def __init__(self, cfg, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.experts: list[Expert] = []
-        self.task_to_expert: list[int] = []
-        self.decisions: list[dict] = []
-        self.frozen: Generator | None = None
-
-    def of_task(self, j: int) -> Expert:
-        return self.experts[self.task_to_expert[j]]
-
-    def choose(self, t: int, measured: list[dict]) -> None:
-        """Task t's expert, from each existing expert's FID on it (`measured`, with sample counts): a new expert,
-        or the nearest one reused (decide_expert), which then replays its own earlier tasks from a frozen copy."""
-        cfg = self.cfg
-        fids = [m["fid"] for m in measured]
-        action, index = decide_expert(fids, cfg.teacher.fid_threshold, cfg.teacher.max_experts)
-        if action == "new":
-            self.experts.append(Expert(cfg, cfg.data.channels, self.device))
-        self.task_to_expert.append(index)
-        self.decisions.append({"task": t, "task_name": cfg.data.tasks[t], "fid_per_expert": fids,
-                               "threshold": cfg.teacher.fid_threshold, "action": action, "expert": index,
-                               "fid_samples": [[m["n_real"], m["n_fake"]] for m in measured]})
-        tqdm.write(f"task {t} ({cfg.data.tasks[t]}): FIDs of existing experts {[round(f, 2) for f in fids]} -> "
-                   f"{action} expert {index}")
-        expert = self.experts[index]
-        self.frozen = frozen_copy(expert.generator) if expert.tasks else None  # replay of its old tasks
-
-    def step(self, t: int, step: int, expert: Expert, x_real: torch.Tensor, n_old: int) -> dict:
-        """One WGAN-GP generator step of `expert` on task t (n_critic critic steps first); returns the losses."""
-        tc = self.cfg.teacher
-        g = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, t, 0, step))
-
-        def real_batch():
-            # current task plus replay of the expert's earlier tasks from its frozen copy, equal shares
-            n_cur = tc.batch_size // (n_old + 1) if self.frozen is not None else tc.batch_size
-            idx = torch.randint(0, len(x_real), (n_cur,), generator=g)
-            parts = [x_real[idx].to(self.device)]
-            if self.frozen is not None:
-                with torch.no_grad():
-                    z = torch.randn(tc.batch_size - n_cur, tc.z_dim, generator=g).to(self.device)
-                    parts.append(self.frozen(z))
-            return torch.cat(parts)
-
-        for _ in range(tc.n_critic):
-            real = real_batch()
-            fake = expert.generator(torch.randn(len(real), tc.z_dim, generator=g).to(self.device)).detach()
-            eps = torch.rand(len(real), 1, 1, 1, generator=g).to(self.device)
-            gp = gradient_penalty(expert.critic, real, fake, tc.gp_weight, eps)
-            loss_w = wgan_critic_loss(expert.critic(real), expert.critic(fake))
-            loss_d = loss_w + gp
-            expert.opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            expert.opt_d.step()
-        # the generator step must not train the critic (its eval mode changes nothing: no BatchNorm, no dropout)
-        freeze(expert.critic)
-        loss_g = wgan_generator_loss(expert.critic(expert.generator(torch.randn(tc.batch_size, tc.z_dim, generator=g)
-                                                                    .to(self.device))))
-        expert.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        expert.opt_g.step()
-        unfreeze(expert.critic)
-        return {"teacher/loss_d": loss_d.item(), "teacher/loss_g": loss_g.item(),
-                "teacher/wasserstein": -loss_w.item(), "teacher/gp": gp.item()}
-
-    def end_task(self, t: int, expert: Expert) -> None:
-        """`expert` has learned task t: frozen again, and no replay copy any more."""
-        expert.freeze()
-        if t not in expert.tasks:
-            expert.tasks.append(t)
-        self.frozen = None
-
-    def modules(self) -> list[nn.Module]:
-        return [m for e in self.experts for m in (e.generator, e.critic)]
-
-    def state(self) -> dict:
-        return {"experts": [e.state_dict() for e in self.experts], "task_to_expert": self.task_to_expert,
-                "decisions": self.decisions, "frozen": self.frozen.state_dict() if self.frozen is not None else None}
-
-    def load(self, ckpt: dict) -> None:
-        for state in ckpt["experts"]:
-            expert = Expert(self.cfg, self.cfg.data.channels, self.device)
-            expert.load_state_dict(state)
-            self.experts.append(expert)
-        self.task_to_expert, self.decisions = list(ckpt["task_to_expert"]), list(ckpt["decisions"])
-        if ckpt["frozen"] is not None:
-            self.frozen = frozen_copy(self.of_task(ckpt["progress"]["task"]).generator)
-            self.frozen.load_state_dict(ckpt["frozen"])
-
-
-class StudentLearner:
-    """The student phase: the beta-VAE student, its projections (feature KD: one per expert, onto that expert
-    critic's feature space) and optimiser, and `previous`, the student as it was before the current task
-    (self-distillation). One step: a replay batch, the registered loss terms (gan_vae.losses), an Adam update."""
-
-    def __init__(self, cfg, device: torch.device, pool: ExpertPool, train_x: list[torch.Tensor]):
-        self.cfg, self.device, self.pool, self.train_x = cfg, device, pool, train_x
-        sc = cfg.student
-        self.student = TaskVAE(cfg.data.channels, sc.z_dim, sc.u_dim, sc.width).to(device)
-        self.projections = nn.ModuleList()
-        self.opt = self._optimizer()
-        self.previous: TaskVAE | None = None
-
-    def _optimizer(self):
-        return torch.optim.Adam(list(self.student.parameters()) + list(self.projections.parameters()),
-                                lr=self.cfg.student.lr)
-
-    def _projection(self) -> nn.Linear:
-        return nn.Linear(self.student.feature_dim, self.pool.experts[0].critic.feature_dim).to(self.device)
-
-    def begin_task(self, t: int) -> list[int]:
-        """Ready for task t (a new task prior, a projection per new expert, a fresh optimiser, the copy from
-        before the task, unless resuming within it); returns the tasks its batches cover."""
-        sc, kd = self.cfg.student, self.cfg.kd
-        if self.student.num_tasks <= t:
-            self.previous = frozen_copy(self.student) if t > 0 and sc.replay and kd.previous_weight > 0 else None
-            while self.student.num_tasks <= t:
-                self.student.add_task()
-            while len(self.projections) < len(self.pool.experts):  # a new expert brings its own projection
-                self.projections.append(self._projection())
-            self.opt = self._optimizer()
-        self.student.train()
-        return list(range(t + 1)) if sc.replay else [t]
-
-    def update(self, t: int, seen: list[int], step: int) -> dict:
-        """One training step on the sum of the loss terms; returns what metrics.jsonl records of it."""
-        batch = self.step_inputs(t, seen, step)
-        loss, logged = student_loss(batch)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        record = {"student/loss": loss.item(), **{f"student/{k}": v.item() for k, v in logged.items()}}
-        record["kd/temperature"] = batch.temperature
-        for j in seen:
-            if j != t:
-                record[f"kd/weight_task{j}"] = float(batch.row_weight[batch.task_ids == j][0])
-        return record
-
-    def step_inputs(self, t: int, seen: list[int], step: int) -> StudentStep:
-        """What the loss terms read at student step `step` of task t: the replay batch (`batch`, from this step's
-        seeded generator), its row weights, the relational temperature and the networks."""
-        cfg, kd = self.cfg, self.cfg.kd
-        g = torch.Generator().manual_seed(step_seed(cfg.train.seed, t, 1, step))
-        x, task_ids, mix = self.batch(t, seen, g)
-        fid_now = float(np.mean([self.pool.of_task(j).latest_fid for j in seen]))
-        temperature = dynamic_temperature(step, cfg.student.steps, kd.temperature_max, kd.temperature_min, fid_now,
-                                          cfg.teacher.fid_threshold, kd.temperature_fid_gain)
-        expert_of = torch.tensor([self.pool.task_to_expert[j] for j in task_ids.tolist()], device=self.device)
-        return StudentStep(cfg=cfg, student=self.student, previous=self.previous,
-                           critics=[e.critic for e in self.pool.experts], projections=self.projections, x=x,
-                           task_ids=task_ids, mix=mix, replayed=task_ids != t, row_weight=self.row_weights(task_ids, t),
-                           expert_of=expert_of, temperature=temperature, generator=g)
-
-    def batch(self, t: int, seen: list[int], g: torch.Generator):
-        """One student batch: real task-t images and, for every earlier seen task, images from that task's expert
-        (replay), in equal shares; with student.mixup, each real image mixed with a replayed one. Returns images
-        [B, C, 32, 32], task ids [B] and the mixup pairing (other task ids, lambda) or None."""
-        sc = self.cfg.student
-        share = sc.batch_size // len(seen)
-        xs, tasks = [], []
-        for j in seen:
-            n = share if j != t else sc.batch_size - share * (len(seen) - 1)
-            if j == t:
-                xs.append(self.train_x[t][torch.randint(0, len(self.train_x[t]), (n,), generator=g)].to(self.device))
-            else:  # replay: the task's expert generates it (output-level distillation target)
-                xs.append(self.pool.of_task(j).sample(n, g))
-            tasks.append(torch.full((n,), j, dtype=torch.long))
-        x, task_ids = torch.cat(xs), torch.cat(tasks).to(self.device)
-        mix = None
-        if sc.mixup and len(seen) > 1:  # mix each real image with a replayed one, and their task priors
-            n_real = len(xs[-1]) if seen[-1] == t else 0
-            perm = torch.randint(0, len(x) - n_real, (len(x),), generator=g).to(self.device)
-            lam = torch.distributions.Beta(0.4, 0.4).sample((len(x),)).to(self.device)
-            lam = torch.where(task_ids == t, lam, torch.ones_like(lam))
-            x = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
-            mix = (task_ids[perm], lam)
-        return x, task_ids, mix
-
-    def row_weights(self, task_ids: torch.Tensor, t: int) -> torch.Tensor:
-        """Per-row weight [B]: 1 for the current task, and for a replayed task its expert's adaptive weight
-        (expert_weight of the expert's latest FID)."""
-        kd, w = self.cfg.kd, {}
-        for j in task_ids.unique().tolist():
-            w[j] = 1.0 if j == t else expert_weight(self.pool.of_task(j).latest_fid, self.cfg.teacher.fid_threshold,
-                                                    kd.weight_floor, kd.weight_ceiling)
-        return torch.tensor([w[j] for j in task_ids.tolist()], device=self.device)
-
-    def modules(self) -> list[nn.Module]:
-        return [self.student, self.projections]
-
-    def state(self) -> dict:
-        return {"student": self.student.state_dict(), "num_student_tasks": self.student.num_tasks,
-                "projections": self.projections.state_dict(), "num_projections": len(self.projections),
-                "opt_s": self.opt.state_dict(),
-                "previous": self.previous.state_dict() if self.previous is not None else None,
-                "previous_tasks": self.previous.num_tasks if self.previous is not None else 0}
-
-    def load(self, ckpt: dict) -> None:
-        while self.student.num_tasks < ckpt["num_student_tasks"]:
-            self.student.add_task()
-        self.student.load_state_dict(ckpt["student"])
-        while len(self.projections) < ckpt["num_projections"]:
-            self.projections.append(self._projection())
-        self.projections.load_state_dict(ckpt["projections"])
-        self.opt = self._optimizer()
-        self.opt.load_state_dict(ckpt["opt_s"])
-        if ckpt.get("previous") is not None:
-            sc = self.cfg.student
-            previous = TaskVAE(self.cfg.data.channels, sc.z_dim, sc.u_dim, sc.width).to(self.device)
-            while previous.num_tasks < ckpt["previous_tasks"]:
-                previous.add_task()
-            previous.load_state_dict(ckpt["previous"])
-            self.previous = frozen_copy(previous)
-
-
-class Evaluation:
-    """FID features and the real images' statistics (with real-vs-real reference FIDs), the evaluation of every
-    task seen so far, and the matrices R[i][j] with forgetting and backward transfer (`results`)."""
-
-    def __init__(self, cfg, device: torch.device, tasks: list, train_x: list[torch.Tensor],
-                 test_x: list[torch.Tensor]):
-        self.cfg, self.device, self.tasks, self.train_x, self.test_x = cfg, device, tasks, train_x, test_x
-        self.matrices = {k: [] for k in (*METRICS, *(f"{k}_samples" for k in FID_METRICS))}
-        self.fid_info: dict = {}
-        self.evaluator: FIDEvaluator | None = None
-
-    def build(self) -> None:
-        cfg = self.cfg
-        if cfg.fid.backend == "domain":
-            cache = Path(cfg.fid.cache_dir or Path(cfg.run.out_dir) / "fid_cache")
-            clf, info = train_domain_classifier(self.tasks, cfg.data.channels, cfg.fid.classifier_epochs,
-                                                cfg.train.seed, cache, self.device)
-            features = FeatureModule(FeaturesOf(clf), clf.feature_dim)
-            self.fid_info = {"backend": "domain", "classifier_test_acc": info["test_acc"]}
-        else:
-            features = inception_features(cfg.fid.inception_path, cfg.data.channels, self.device)
-            self.fid_info = {"backend": "inception"}
-        self.evaluator = FIDEvaluator(features, cfg.fid.samples)
-        count = len(self.tasks)
-        bar = fid_bar(2 * count + count * count, "FID: real statistics and real-vs-real reference")
-        for j, x in enumerate(self.test_x):
-            self.evaluator.add_real(f"test{j}", x)
-            bar.update()
-        for j, x in enumerate(self.train_x):
-            self.evaluator.add_real(f"train{j}", x)
-            bar.update()
-        self.fid_info["samples"] = cfg.fid.samples
-        # reference points for teacher.fid_threshold: real train images of task i against real test images of
-        # task j, in the same features (diagonal: in-domain; off-diagonal: cross-domain)
-        real = [[self.fid_of(f"test{j}", lambda n, i=i, k=[0]: self._take(self.train_x[i], k, n), len(self.train_x[i]),
-                             bar) for j in range(count)] for i in range(count)]
-        bar.close()
-        self.fid_info["real_train_vs_test"] = [[r["fid"] for r in row] for row in real]
-        self.fid_info["real_train_vs_test_samples"] = [[[r["n_real"], r["n_fake"]] for r in row] for row in real]
-
-    @staticmethod
-    def _take(x: torch.Tensor, cursor: list[int], n: int) -> torch.Tensor:
-        """The next n images of x (cursor[0] is the position): real images fed to FID in order."""
-        out = x[cursor[0]:cursor[0] + n]
-        cursor[0] += n
-        return out
-
-    def batches(self, make, total: int, batch: int = 500):
-        """Yield `make(n)` batches until `total` images."""
-        done = 0
-        while done < total:
-            n = min(batch, total - done)
-            yield make(n)
-            done += n
-
-    def fid_of(self, key: str, make, total: int, bar: tqdm | None = None) -> dict:
-        measured = self.evaluator.fid(key, self.batches(make, min(total, self.cfg.fid.samples)))
-        if bar is not None:
-            bar.update()
-        return measured
-
-    @torch.no_grad()
-    def evaluate(self, i: int, pool: ExpertPool, student: TaskVAE) -> dict:
-        """Row i of every matrix (each task j <= i), and of every FID's sample counts [n_real, n_fake]. Samples come
-        from generators seeded by (seed, i, j) alone: evaluation neither reads nor advances the global RNG."""
-        student.eval()
-        rows = {k: [] for k in self.matrices}
-        seed = self.cfg.train.seed
-
-        def put(key: str, measured: dict) -> None:
-            rows[key].append(measured["fid"])
-            rows[f"{key}_samples"].append([measured["n_real"], measured["n_fake"]])
-
-        bar = fid_bar(len(FID_METRICS) * (i + 1), f"task {i}: evaluation of tasks 0-{i} (FID)")
-        for j in range(i + 1):
-            x = self.test_x[j][: self.cfg.fid.samples]
-            expert = pool.of_task(j)
-            g_teacher = torch.Generator().manual_seed(eval_seed(seed, i, j, 0))
-            put("teacher_fid", self.fid_of(f"test{j}", lambda n: expert.sample(n, g_teacher), len(x), bar))
-            g_student = torch.Generator().manual_seed(eval_seed(seed, i, j, 1))
-            tasks = torch.full((len(x),), j, dtype=torch.long, device=self.device)
-            put("student_fid", self.fid_of(f"test{j}", lambda n: student.sample(tasks[:n], g_student), len(x), bar))
-            recon = torch.cat([student.reconstruct(x[k:k + 500].to(self.device)).cpu()
-                               for k in range(0, len(x), 500)])
-            rows["recon_mse"].append(float(((recon - x) / 2).pow(2).mean()))  # on the [0, 1] pixel scale
-            put("recon_fid", self.evaluator.fid(f"test{j}", iter([recon])))
-            bar.update()
-        bar.close()
-        student.train()
-        return rows
-
-    def results(self, pool: ExpertPool) -> dict:
-        t = len(self.matrices["teacher_fid"])
-        padded = {k: [row + [None] * (len(self.tasks) - len(row)) for row in m] for k, m in self.matrices.items()}
-        out = {**padded, "experts": len(pool.experts), "task_to_expert": pool.task_to_expert,
-               "tasks": list(self.cfg.data.tasks), "tasks_done": t, "fid": self.fid_info,
-               "forgetting": {}, "forgetting_percent": {}, "bwt": {}}
-        for k in METRICS:
-            square = [row[: t] for row in self.matrices[k]]
-            out["forgetting"][k] = forgetting.forgetting(square)
-            out["forgetting_percent"][k] = forgetting.forgetting_percent(square)
-            out["bwt"][k] = forgetting.backward_transfer(square)
-        return out
-
-
 class ContinualRun:
     """One continual run: the tasks' images, the expert pool, the student learner and the evaluation, driven task by
     task (decide, teacher, student, evaluate), with metrics, sample grids and checkpoints in `run_dir` (None: no

@@ -9,8 +9,9 @@ import torch
 from conftest import assert_clean_error, run_and_sigkill, run_main, run_script
 
 from gan_vae import forgetting
-from gan_vae.continual import decide_expert, dynamic_temperature, expert_weight
+from gan_vae.experts import decide_expert
 from gan_vae.fid import FeatureModule, FIDEvaluator
+from gan_vae.student import dynamic_temperature, expert_weight
 from models import (Critic, Generator, TaskVAE, bernoulli_kl, gaussian_kl, gradient_penalty, nt_xent, relational_kd,
                     vae_loss_terms, wgan_critic_loss, wgan_generator_loss)
 
@@ -73,7 +74,7 @@ def test_bernoulli_kl_by_hand():
 def test_previous_student_distillation_acts_on_replayed_rows_only():
     """kd.previous_weight: on replayed images the student is pulled to its frozen copy from before the task
     (reconstruction Bernoulli KL + posterior-mean distances); current-task rows contribute nothing."""
-    from gan_vae.continual import frozen_copy
+    from gan_vae.experts import frozen_copy
     from gan_vae.losses import self_distillation
     torch.manual_seed(0)
     student = TaskVAE(1, 4, 2, 8)
@@ -97,7 +98,7 @@ def test_self_distillation_is_exactly_zero_for_identical_weights_in_train_mode()
     """While training, the student's BatchNorm uses batch statistics and the frozen copy its running statistics;
     the term must compare the two in the same mode, or identical weights give a non-zero loss. Neither the copy's
     running statistics nor the student's training mode change."""
-    from gan_vae.continual import frozen_copy
+    from gan_vae.experts import frozen_copy
     from gan_vae.losses import self_distillation
     torch.manual_seed(0)
     student = TaskVAE(1, 4, 2, 8)
@@ -358,7 +359,8 @@ def _in_process_run(domains, tmp_path, tasks, *extra, experts=(0, 1), replay_fid
     """A ContinualRun in this process with untrained experts (task j -> experts[j]) and no FID features: enough to
     run student steps and look inside them. An expert at FID 240 (twice the threshold) gets weight 1/2."""
     from common.config import load_config
-    from gan_vae.continual import ContinualConfig, ContinualRun, Expert
+    from gan_vae.continual import ContinualConfig, ContinualRun
+    from gan_vae.experts import Expert
     cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, tasks), "student.batch_size=16",
                                               "student.steps=1", *extra])
     torch.manual_seed(0)
