@@ -586,7 +586,8 @@ def vae_loss_terms(model: TaskVAE, x: torch.Tensor, tasks: torch.Tensor, beta: f
         recon = sum over pixels of BCE(decoder logits, (x + 1) / 2)
         kl_z  = KL(q(z | x) || N(0, I)),  kl_u = KL(q(u | x) || p(u | t)), each summed over latent dimensions
         loss  = recon + beta * (kl_z + kl_u)
-    Returns a dict of [B] tensors plus "h" (encoder features), "mu_z" and "mu_u" (posterior means)."""
+    Returns a dict of [B] tensors plus "h" (encoder features), "mu_z" and "mu_u" (posterior means) and "x_hat", the
+    reconstruction [B, C, H, W] in [-1, 1] (the decoder's Bernoulli mean at the sampled z, u; with its gradient)."""
     h, (mu_z, lv_z), (mu_u, lv_u) = model.encode(x)
     z = mu_z + (0.5 * lv_z).exp() * torch.randn_like(mu_z)
     u = mu_u + (0.5 * lv_u).exp() * torch.randn_like(mu_u)
@@ -595,4 +596,4 @@ def vae_loss_terms(model: TaskVAE, x: torch.Tensor, tasks: torch.Tensor, beta: f
     kl_z = gaussian_kl(mu_z, lv_z)
     kl_u = gaussian_kl(mu_u, lv_u, *model.task_prior(tasks, mix))
     return {"recon": recon, "kl_z": kl_z, "kl_u": kl_u, "loss": recon + beta * (kl_z + kl_u), "h": h, "mu_z": mu_z,
-            "mu_u": mu_u}
+            "mu_u": mu_u, "x_hat": model.to_image(logits)}

@@ -2,4 +2,7 @@
 
     python -m gan_vae.continual --config configs/gan_vae_mnist_fashion.yaml
     python -m gan_vae.evaluate runs/<run>
+
+continual (config, resume checks, the task loop), experts (teacher phase), student (student phase), losses (the
+student's loss terms: a registry), evaluation (FID matrices, forgetting), fid, tasks, forgetting.
 """

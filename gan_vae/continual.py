@@ -22,27 +22,26 @@ Per task t:
    matrices R[i][j] in results.json (every FID with its [n_real, n_fake] in <matrix>_samples), with forgetting and
    backward transfer (forgetting_report.md, heatmaps). Every evaluation draws its samples from a generator seeded
    by (seed, task, evaluated task), so `python -m gan_vae.evaluate` reproduces the matrices exactly.
+
+This module holds the config, the resume checks and ContinualRun, which drives the phases: gan_vae.experts (1, 2),
+gan_vae.student with the loss terms of gan_vae.losses (3; a new term registers there, or from a run.plugins file,
+e.g. examples/plugins/tv_loss.py), gan_vae.evaluation (4).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
 
-import numpy as np
 import torch
-import torch.nn as nn
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from common.checkpoint import freeze, load_checkpoint, save_checkpoint, unfreeze
+from common.checkpoint import load_checkpoint, save_checkpoint
 from common.cli import run_cli
 from common.config import (check_ranges, config_differences, iter_schema, opt, parse_config, run_config, section,
                            to_plain)
@@ -51,15 +50,17 @@ from common.errors import UserError, check
 from common.files import save_config, write_json
 from common.metrics import MetricLogger, read_jsonl
 from common.plots import plot_curves
+from common.registry import compose_schema, holds_sections_of
 from common.rng import rng_state, seed_everything, set_rng_state
 from common.rundir import (check_program, checkpoint_program, claim_run_dir, default_run_name, make_dirs, plan_run_dir,
                            read_saved_config, require_entries, run_name)
 from gan_vae import forgetting
-from gan_vae.fid import (FeatureModule, FeaturesOf, FIDEvaluator, check_inception_path, inception_features,
-                         train_domain_classifier)
+from gan_vae.evaluation import METRICS, Evaluation, fid_bar
+from gan_vae.experts import Expert, ExpertPool
+from gan_vae.fid import FIDEvaluator, check_inception_path
+from gan_vae.losses import STUDENT_LOSSES, check_terms
+from gan_vae.student import StudentLearner
 from gan_vae.tasks import domain_tensor, load_task
-from models import (Critic, Generator, TaskVAE, bernoulli_kl, gradient_penalty, nt_xent, relational_kd, vae_loss_terms,
-                    wgan_critic_loss, wgan_generator_loss)
 
 
 # ================================================================================================================
@@ -92,6 +93,7 @@ class TeacherConfig:
     attention: bool = opt(False, "SAGAN self-attention at 16x16 in generator and critic")
 
 
+@holds_sections_of(STUDENT_LOSSES)  # a loss term's own keys: student.<term>.* (gan_vae.losses)
 @dataclass
 class StudentConfig:
     z_dim: int = opt(16, "shared latent z dimension (prior N(0, I))", ge=1)
@@ -189,49 +191,7 @@ def validate(cfg) -> None:
           f"kd.weight_floor={kd.weight_floor} is above kd.weight_ceiling={kd.weight_ceiling}; need floor <= ceiling")
     check(kd.temperature_min <= kd.temperature_max, f"kd.temperature_min={kd.temperature_min} is above "
                                                     f"kd.temperature_max={kd.temperature_max}; need min <= max")
-    for name, entry in STUDENT_LOSSES.items():
-        check(entry.weight is None or isinstance(OmegaConf.select(cfg, entry.weight), (int, float)),
-              f"student loss {name!r} is weighted by {entry.weight}, which is not a number in the config")
-
-
-# ================================================================================================================
-# Pure pieces: the expert decision, adaptive weights, the dynamic temperature.
-# ================================================================================================================
-def decide_expert(fids: list[float], threshold: float, max_experts: int) -> tuple[str, int]:
-    """("new", index of the new expert) when there is no expert yet, or when the best FID exceeds the threshold
-    and fewer than max_experts exist; otherwise ("reuse", index of the expert with the lowest FID)."""
-    if not fids:
-        return "new", 0
-    best = int(np.argmin(fids))
-    if fids[best] > threshold and len(fids) < max_experts:
-        return "new", len(fids)
-    return "reuse", best
-
-
-def expert_weight(fid: float, threshold: float, floor: float, ceiling: float) -> float:
-    """Replay and distillation weight of an expert, decreasing with its latest FID: clip(threshold / FID,
-    floor, ceiling) (an expert at the threshold gets 1, one twice as far gets 1/2)."""
-    return float(np.clip(threshold / max(fid, 1e-8), floor, ceiling))
-
-
-def dynamic_temperature(step: int, steps: int, t_max: float, t_min: float, fid: float, threshold: float,
-                        gain: float) -> float:
-    """Relational-KD temperature: linear from t_max to t_min over a task's steps, times
-    1 + gain * clip(fid / threshold - 1, 0, 1) (softer targets while the teacher's samples are poor)."""
-    t = t_max - (t_max - t_min) * step / max(steps - 1, 1)
-    return t * (1 + gain * float(np.clip(fid / threshold - 1, 0, 1)))
-
-
-def step_seed(seed: int, task: int, phase: int, step: int) -> int:
-    """The seed of one training step's sampling: a pure function of (seed, task, phase, step), so a resumed run
-    draws the same batches as an uninterrupted one."""
-    return ((seed * 1_000 + task) * 10 + phase) * 10_000_000 + step
-
-
-def eval_seed(seed: int, task: int, evaluated: int, metric: int) -> int:
-    """The seed of the samples behind R[task][evaluated] of one metric (0: teacher, 1: student): a pure function,
-    so the matrices do not depend on what drew from the global RNG before, and a re-evaluation reproduces them."""
-    return ((seed * 1_000 + task) * 1_000 + evaluated) * 10 + metric + 1
+    check_terms(cfg)
 
 
 def branches_from(path: Path, run_dir: Path) -> bool:
@@ -269,16 +229,6 @@ def inherited_tasks(ckpt: dict, path: Path) -> list[dict]:
         record.append({"path": str(source), "sha256": file_digest(source)})
     return record
 
-
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A contrastive view: a random translation of up to 3 pixels and a small brightness change, per sample."""
-    b = x.shape[0]
-    shifts = torch.randint(-3, 4, (b, 2), generator=generator)
-    out = torch.stack([torch.roll(img, tuple(s.tolist()), dims=(1, 2)) for img, s in zip(x, shifts)])
-    scale = 1 + 0.2 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
-    return ((out + 1) * scale.to(x.device) - 1).clamp(-1, 1)
-
-
 # Resuming: which config keys may differ from the checkpoint's (utils.config_differences compares them).
 RESULT_NEUTRAL_KEYS = ("run.*", "log.*", "fid.cache_dir", "fid.inception_path", "data.root", "train.device")
 # what finished tasks were built and measured with: never changes within a run or in a branch of it
@@ -291,8 +241,9 @@ def changed_config_keys(saved: dict, current, branching: bool) -> list[tuple[str
     """(key, saved value, current value) for every config key whose change alters results: any key but the
     RESULT_NEUTRAL_KEYS when a run continues (run.resume=auto, or a checkpoint of its own), only FIXED_KEYS when a
     new run branches from another run's task checkpoint (the training keys of later tasks may then differ)."""
-    allowed = (tuple(key for key, *_ in iter_schema(ContinualConfig) if key not in FIXED_KEYS) if branching
-               else RESULT_NEUTRAL_KEYS)
+    # the composed schema: a loss term's own keys (student.<term>.*) are training keys too
+    allowed = (tuple(key for key, *_ in iter_schema(compose_schema(ContinualConfig)) if key not in FIXED_KEYS)
+               if branching else RESULT_NEUTRAL_KEYS)
     return config_differences(saved, current, allowed)
 
 
@@ -310,11 +261,24 @@ def check_checkpoint(ckpt: dict, path: Path) -> None:
     require_entries(ckpt, CHECKPOINT_KEYS, path, PROGRAM)
 
 
-def check_resume_config(ckpt: dict, path: Path, cfg, run_dir: Path) -> None:
-    """Refuse a resume whose config differs from the checkpoint's in a key that changes results, naming the key
-    and saying how to start a new run instead."""
+def loss_term_sections(config: dict) -> list[str]:
+    """The student loss terms that have a section of their own (student.<term>.*) in a plain config."""
+    return sorted(name for name, value in config.get("student", {}).items() if isinstance(value, dict))
+
+
+def check_config_matches_checkpoint(ckpt: dict, path: Path, cfg, run_dir: Path) -> None:
+    """Refuse a resume whose config differs from the checkpoint's in a key that changes results, or (continuing a
+    run) in the loss terms with keys of their own, which come from run.plugins; naming the key or terms and saying
+    how to start a new run instead."""
     saved, current = ckpt.get("config", {}), cfg
     branching = branches_from(path, run_dir)
+    before, now = loss_term_sections(saved), loss_term_sections(to_plain(current))
+    if not branching and before != now:
+        raise UserError(f"{path} was made with the student loss terms {before or 'none'} of their own keys "
+                        f"(student.<term>.*), this run has {now or 'none'}; they come from run.plugins, and resuming "
+                        "continues the run exactly as it was configured. Resume with the run's "
+                        f"run.plugins={json.dumps(saved.get('run', {}).get('plugins', []))}, or start a new run with "
+                        "another run.name")
     changed = changed_config_keys(saved, current, branching)
     if changed:
         listing = "; ".join(f"{k} = {json.dumps(o)} (this run: {json.dumps(n)})" for k, o, n in changed)
@@ -332,242 +296,14 @@ def check_resume_config(ckpt: dict, path: Path, cfg, run_dir: Path) -> None:
 
 
 # ================================================================================================================
-# The student's loss: a table of terms. Adding a term is one STUDENT_LOSSES entry (and a config weight for it).
+# The run: ContinualRun drives the expert pool (gan_vae.experts), the student learner (gan_vae.student) and the
+# evaluation (gan_vae.evaluation) task by task, and logs, draws sample grids and writes checkpoints.
 # ================================================================================================================
-@dataclass
-class StudentStep:
-    """What a student loss term reads at one training step. Terms only read it: no optimiser step, nothing kept
-    between steps. B rows: the replayed tasks' rows first, the current task's rows last.
-
-    x [B, C, 32, 32]: the images the student sees (mixed ones with student.mixup); task_ids [B]; mix: (partner task
-    ids [B], lambda [B]) or None; replayed [B] bool: the rows of earlier tasks; row_weight [B]: 1 on current-task
-    rows, the replayed expert's adaptive weight on the others (every replay and distillation term scales its rows
-    by it); expert_of [B]: the expert behind each row; temperature: the relational-KD temperature; generator: this
-    step's seeded RNG (augmentations draw from it, in table order). student; previous: its frozen copy from before
-    the task, or None; critics and projections: one per expert; cfg: the run's config."""
-    cfg: Any
-    student: TaskVAE
-    previous: TaskVAE | None
-    critics: list[Critic]
-    projections: nn.ModuleList
-    x: torch.Tensor
-    task_ids: torch.Tensor
-    mix: tuple[torch.Tensor, torch.Tensor] | None
-    replayed: torch.Tensor
-    row_weight: torch.Tensor
-    expert_of: torch.Tensor
-    temperature: float
-    generator: torch.Generator
-
-    @cached_property
-    def vae(self) -> dict[str, torch.Tensor]:
-        """The student's training-mode forward on x, once per step (models.vae_loss_terms): per-row loss, recon,
-        kl_z, kl_u [B], encoder features h [B, H], posterior means mu_z [B, Z] and mu_u [B, U]."""
-        return vae_loss_terms(self.student, self.x, self.task_ids, self.cfg.student.beta, self.mix)
-
-    @cached_property
-    def critic_features(self) -> torch.Tensor:
-        """[B, F]: each row's features from its own expert's critic, on exactly the images the student sees (mixed
-        ones included); no gradient. Once per step."""
-        features = torch.zeros(len(self.x), self.critics[0].feature_dim, device=self.x.device)
-        with torch.no_grad():
-            for e in self.expert_of.unique().tolist():
-                rows = self.expert_of == e
-                features[rows] = self.critics[e].features(self.x[rows])
-        return features
-
-
-class TermValue(NamedTuple):
-    """A student loss term's value: `loss`, a scalar before the entry's weight, and what metrics.jsonl records as
-    student/<key> (None: `loss` itself, under the entry's name)."""
-    loss: torch.Tensor
-    logged: dict[str, torch.Tensor] | None = None
-
-
-@dataclass(frozen=True)
-class StudentLoss:
-    """One entry of STUDENT_LOSSES.
-
-    compute(step) -> TermValue | None: the term on this step (None: left out of the sum and the log this step).
-    weight: the dotted config key of its weight in the sum, e.g. "kd.feature_weight"; None adds it with weight 1.
-    prepare(step) -> anything (optional): runs for every entry, in table order, before any compute, so before the
-        student's training-mode forward moves its BatchNorm running statistics; compute is then called as
-        compute(step, prepared)."""
-    compute: Callable[..., TermValue | None]
-    weight: str | None = None
-    prepare: Callable[[StudentStep], Any] | None = None
-
-
-def vae_term(step: StudentStep) -> TermValue:
-    """beta-VAE loss with replay (Kingma and Welling, 2014; Higgins et al., 2017), rows weighted:
-
-        L = mean_b w_b [ recon_b + beta (KL_z,b + KL_u,b) ]      (models.vae_loss_terms; KL_u to p(u | task_b))
-
-    On replayed rows it is output-level distillation: they reconstruct their expert's samples under their task id.
-    Logged: recon, kl_z and kl_u, unweighted row means."""
-    out = step.vae
-    return TermValue((step.row_weight * out["loss"]).mean(),
-                     {"recon": out["recon"].mean(), "kl_z": out["kl_z"].mean(), "kl_u": out["kl_u"].mean()})
-
-
-def contrastive_term(step: StudentStep) -> TermValue:
-    """NT-Xent (SimCLR, Chen et al., 2020; models.nt_xent) between the z-means [B, Z] of two augmented views of x.
-    Not row-weighted: it shapes the student's own encoder and distils no teacher."""
-    _, (mu1, _), _ = step.student.encode(augment(step.x, step.generator))
-    _, (mu2, _), _ = step.student.encode(augment(step.x, step.generator))
-    return TermValue(nt_xent(mu1, mu2, step.cfg.student.contrastive_temperature))
-
-
-def feature_kd_term(step: StudentStep) -> TermValue:
-    """Feature-level distillation (FitNets, Romero et al., 2015), through a projection P_e per expert e:
-
-        L = mean_b w_b mean_d ( P_e(b)(h_b) - phi_e(b)(x_b) )_d^2
-
-    h [B, H]: the student's encoder features; phi_e(b) [F]: the critic features of row b's expert."""
-    h, target = step.vae["h"], step.critic_features
-    error = torch.zeros(len(step.x), device=step.x.device)
-    for e in step.expert_of.unique().tolist():
-        rows = step.expert_of == e
-        error[rows] = (step.projections[e](h[rows]) - target[rows]).pow(2).mean(1)
-    return TermValue((step.row_weight * error).mean())
-
-
-def relational_kd_term(step: StudentStep) -> TermValue:
-    """Relational distillation (after Park et al., 2019; models.relational_kd): each row's similarities to the other
-    rows of its expert, student z-means [B, Z] against that expert critic's features [B, F], compared as softmax
-    distributions at the dynamic temperature; row b's KL scaled by w_b."""
-    return TermValue(relational_kd(step.critic_features, step.vae["mu_z"], step.temperature, groups=step.expert_of,
-                                   weights=step.row_weight))
-
-
-def self_distillation(student: TaskVAE, previous: TaskVAE, x: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
-    """Per-row self-distillation [B] (zero on current-task rows): on replayed images x[replayed], the student's
-    mean reconstruction is matched to that of its frozen copy from before the task and its posterior means to the
-    copy's:
-
-        d_b = KL( Bern(sigmoid(l'_b)) || Bern(sigmoid(l_b)) ) + ||mu_z,b - mu'_z,b||^2 + ||mu_u,b - mu'_u,b||^2
-
-    (the Bernoulli KL summed over pixels, the scale of the reconstruction term; primes: the copy). Both run in eval
-    mode: the copy as it was (BatchNorm with the running statistics of its own tasks, not the batch statistics of a
-    batch that mixes in the new task) and the student as it is evaluated. Like with like, so identical weights give
-    exactly 0; eval mode is row-wise, so only replayed rows run. The student's training mode is left as it was."""
-    per = torch.zeros(len(x), device=x.device)
-    if not replayed.any():
-        return per
-    old = x[replayed]
-    previous.eval()
-    with torch.no_grad():
-        _, (p_mu_z, _), (p_mu_u, _) = previous.encode(old)
-        p_logits = previous.decode_logits(p_mu_z, p_mu_u)
-    was_training = student.training
-    student.eval()
-    _, (mu_z, _), (mu_u, _) = student.encode(old)
-    logits = student.decode_logits(mu_z, mu_u)
-    student.train(was_training)
-    per[replayed] = bernoulli_kl(p_logits, logits) + (mu_z - p_mu_z).pow(2).sum(1) + (mu_u - p_mu_u).pow(2).sum(1)
-    return per
-
-
-def previous_kd_prepare(step: StudentStep) -> torch.Tensor | None:
-    # before the training-mode forward: at a task's first step the student's running statistics are still exactly
-    # the copy's, so the term starts at exactly 0
-    return None if step.previous is None else self_distillation(step.student, step.previous, step.x, step.replayed)
-
-
-def previous_kd_term(step: StudentStep, per_row: torch.Tensor | None) -> TermValue | None:
-    """Self-distillation to the copy from before the task (`self_distillation`, per row d [B]), rows weighted:
-    L = mean_b w_b d_b. Logged: the mean of d over the replayed rows. Off (None) without a copy: on the first task,
-    with student.replay=false or kd.previous_weight=0."""
-    if per_row is None:
-        return None
-    return TermValue((step.row_weight * per_row).mean(), {"previous_kd": per_row[step.replayed].mean()})
-
-
-# Terms are computed and summed in this order: the augmentations draw from the step's generator and the training-
-# mode forwards move BatchNorm statistics in it, and float sums are not associative, so reordering changes results.
-STUDENT_LOSSES: dict[str, StudentLoss] = {
-    "vae": StudentLoss(vae_term),
-    "contrastive": StudentLoss(contrastive_term, weight="student.contrastive_weight"),
-    "feature_kd": StudentLoss(feature_kd_term, weight="kd.feature_weight"),
-    "relational_kd": StudentLoss(relational_kd_term, weight="kd.relational_weight"),
-    "previous_kd": StudentLoss(previous_kd_term, weight="kd.previous_weight", prepare=previous_kd_prepare),
-}
-
-
-def student_loss(step: StudentStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The student's loss, sum_k w_k L_k over the STUDENT_LOSSES entries active this step (w_k: the entry's config
-    weight, 1 without one), a scalar with its graph; and every logged value, detached, by name."""
-    prepared = {name: entry.prepare(step) for name, entry in STUDENT_LOSSES.items() if entry.prepare is not None}
-    total, logged = None, {}
-    for name, entry in STUDENT_LOSSES.items():
-        value = entry.compute(step, prepared[name]) if name in prepared else entry.compute(step)
-        if value is None:
-            continue
-        term = value.loss if entry.weight is None else OmegaConf.select(step.cfg, entry.weight) * value.loss
-        total = term if total is None else total + term
-        logged.update({k: v.detach() for k, v in (value.logged or {name: value.loss}).items()})
-    return total, logged
-
-
-# ================================================================================================================
-# The run
-# ================================================================================================================
-class Expert:
-    """One teacher: a generator with its own critic and optimisers, and the tasks it has learned."""
-
-    def __init__(self, cfg, channels: int, device):
-        t = cfg.teacher
-        self.generator = Generator(t.z_dim, channels, t.width, t.attention).to(device)
-        self.critic = Critic(channels, t.width, t.attention).to(device)
-        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=t.lr, betas=tuple(t.betas))
-        self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=t.lr, betas=tuple(t.betas))
-        self.tasks: list[int] = []
-        self.latest_fid = math.inf
-        self.z_dim, self.device = t.z_dim, device
-        self.freeze()
-
-    def freeze(self) -> None:
-        freeze(self.generator)
-        freeze(self.critic)
-
-    def unfreeze(self) -> None:
-        unfreeze(self.generator)
-        unfreeze(self.critic)
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        was = self.generator.training
-        self.generator.eval()
-        z = torch.randn(n, self.z_dim, generator=generator).to(self.device)
-        out = self.generator(z)
-        self.generator.train(was)
-        return out
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "critic": self.critic.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "tasks": list(self.tasks),
-                "latest_fid": self.latest_fid}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.critic.load_state_dict(state["critic"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.tasks, self.latest_fid = list(state["tasks"]), state["latest_fid"]
-        self.freeze()
-
-
-def fid_bar(total: int, desc: str) -> tqdm:
-    """A progress bar over FID computations, each seconds long (features of up to fid.samples images); gone when
-    done. gan_vae runs in one process, so there is no other rank to keep quiet."""
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-METRICS = ("teacher_fid", "student_fid", "recon_mse", "recon_fid")
-FID_METRICS = ("teacher_fid", "student_fid", "recon_fid")  # each with <key>_samples: [n_real, n_fake] per cell
-
-
 class ContinualRun:
+    """One continual run: the tasks' images, the expert pool, the student learner and the evaluation, driven task by
+    task (decide, teacher, student, evaluate), with metrics, sample grids and checkpoints in `run_dir` (None: no
+    files, as when gan_vae.evaluate rebuilds a task's state)."""
+
     def __init__(self, cfg, run_dir: Path | None, device: torch.device):
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
         seed_everything(cfg.train.seed)
@@ -575,328 +311,75 @@ class ContinualRun:
         ch = cfg.data.channels
         self.train_x = [domain_tensor(t.train_images, ch, t.background) for t in self.tasks]
         self.test_x = [domain_tensor(t.test_images, ch, t.background) for t in self.tasks]
-        self.experts: list[Expert] = []
-        self.task_to_expert: list[int] = []
-        self.decisions: list[dict] = []
-        self.student = TaskVAE(ch, cfg.student.z_dim, cfg.student.u_dim, cfg.student.width).to(device)
-        # feature KD: one projection of the encoder features per expert, onto that expert critic's feature space
-        self.projections = nn.ModuleList()
-        self.opt_s = self._student_optimizer()
-        self.matrices = {k: [] for k in (*METRICS, *(f"{k}_samples" for k in FID_METRICS))}
+        self.pool = ExpertPool(cfg, device)
+        self.learner = StudentLearner(cfg, device, self.pool, self.train_x)
+        self.evaluation = Evaluation(cfg, device, self.tasks, self.train_x, self.test_x)
         self.progress = {"task": 0, "phase": "decide", "step": 0}
-        self.frozen: Generator | None = None
-        self.previous: TaskVAE | None = None  # the student as it was before the current task (self-distillation)
         self.inherited_tasks: list[dict] = []  # tasks finished by another run this one branched from (see there)
-        self.fid_info: dict = {}
-        self.evaluator: FIDEvaluator | None = None
         self.logger: MetricLogger | None = None
 
-    def _student_optimizer(self):
-        return torch.optim.Adam(list(self.student.parameters()) + list(self.projections.parameters()),
-                                lr=self.cfg.student.lr)
+    # ---- what bench.py drives: the phases one step at a time -----------------------------------------------------
+    @property
+    def experts(self) -> list[Expert]:
+        return self.pool.experts
 
-    def _projection(self) -> nn.Linear:
-        return nn.Linear(self.student.feature_dim, self.experts[0].critic.feature_dim).to(self.device)
-
-    # ---- FID ---------------------------------------------------------------------------------------------------
-    def build_fid(self) -> None:
-        cfg = self.cfg
-        if cfg.fid.backend == "domain":
-            cache = Path(cfg.fid.cache_dir or Path(cfg.run.out_dir) / "fid_cache")
-            clf, info = train_domain_classifier(self.tasks, cfg.data.channels, cfg.fid.classifier_epochs,
-                                                cfg.train.seed, cache, self.device)
-            features = FeatureModule(FeaturesOf(clf), clf.feature_dim)
-            self.fid_info = {"backend": "domain", "classifier_test_acc": info["test_acc"]}
-        else:
-            features = inception_features(cfg.fid.inception_path, cfg.data.channels, self.device)
-            self.fid_info = {"backend": "inception"}
-        self.evaluator = FIDEvaluator(features, cfg.fid.samples)
-        count = len(self.tasks)
-        bar = fid_bar(2 * count + count * count, "FID: real statistics and real-vs-real reference")
-        for j, x in enumerate(self.test_x):
-            self.evaluator.add_real(f"test{j}", x)
-            bar.update()
-        for j, x in enumerate(self.train_x):
-            self.evaluator.add_real(f"train{j}", x)
-            bar.update()
-        self.fid_info["samples"] = cfg.fid.samples
-        # reference points for teacher.fid_threshold: real train images of task i against real test images of
-        # task j, in the same features (diagonal: in-domain; off-diagonal: cross-domain)
-        real = [[self.fid_of(f"test{j}", lambda n, i=i, k=[0]: self._take(self.train_x[i], k, n), len(self.train_x[i]),
-                             bar) for j in range(count)] for i in range(count)]
-        bar.close()
-        self.fid_info["real_train_vs_test"] = [[r["fid"] for r in row] for row in real]
-        self.fid_info["real_train_vs_test_samples"] = [[[r["n_real"], r["n_fake"]] for r in row] for row in real]
-
-    @staticmethod
-    def _take(x: torch.Tensor, cursor: list[int], n: int) -> torch.Tensor:
-        """The next n images of x (cursor[0] is the position): real images fed to FID in order."""
-        out = x[cursor[0]:cursor[0] + n]
-        cursor[0] += n
-        return out
+    @property
+    def evaluator(self) -> FIDEvaluator | None:
+        return self.evaluation.evaluator
 
     def batches(self, make, total: int, batch: int = 500):
-        """Yield `make(n)` batches until `total` images."""
-        done = 0
-        while done < total:
-            n = min(batch, total - done)
-            yield make(n)
-            done += n
+        return self.evaluation.batches(make, total, batch)
 
-    def fid_of(self, key: str, make, total: int, bar: tqdm | None = None) -> dict:
-        measured = self.evaluator.fid(key, self.batches(make, min(total, self.cfg.fid.samples)))
-        if bar is not None:
-            bar.update()
-        return measured
+    def build_fid(self) -> None:
+        self.evaluation.build()
+
+    def teacher_step(self, t: int, step: int, expert: Expert, x_real: torch.Tensor, n_old: int) -> dict:
+        return self.pool.step(t, step, expert, x_real, n_old)
 
     # ---- phases ------------------------------------------------------------------------------------------------
     def decide(self, t: int) -> None:
-        cfg = self.cfg
-        g = torch.Generator().manual_seed(cfg.train.seed * 1000 + t)
-        bar = fid_bar(len(self.experts), f"task {t}: FID of each expert (new expert or reuse)")
-        measured = [self.fid_of(f"train{t}", lambda n, e=e: e.sample(n, g), len(self.train_x[t]), bar)
-                    for e in self.experts]
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + t)
+        bar = fid_bar(len(self.pool.experts), f"task {t}: FID of each expert (new expert or reuse)")
+        measured = [self.evaluation.fid_of(f"train{t}", lambda n, e=e: e.sample(n, g), len(self.train_x[t]), bar)
+                    for e in self.pool.experts]
         bar.close()
-        fids = [m["fid"] for m in measured]
-        action, index = decide_expert(fids, cfg.teacher.fid_threshold, cfg.teacher.max_experts)
-        if action == "new":
-            self.experts.append(Expert(cfg, cfg.data.channels, self.device))
-        self.task_to_expert.append(index)
-        self.decisions.append({"task": t, "task_name": cfg.data.tasks[t], "fid_per_expert": fids,
-                               "threshold": cfg.teacher.fid_threshold, "action": action, "expert": index,
-                               "fid_samples": [[m["n_real"], m["n_fake"]] for m in measured]})
-        tqdm.write(f"task {t} ({cfg.data.tasks[t]}): FIDs of existing experts {[round(f, 2) for f in fids]} -> "
-                   f"{action} expert {index}")
+        self.pool.choose(t, measured)
         if self.run_dir is not None:
-            write_json(self.run_dir / "experts.json", {"decisions": self.decisions,
-                                                       "task_to_expert": self.task_to_expert})
-        expert = self.experts[index]
-        self.frozen = freeze(copy.deepcopy(expert.generator)) if expert.tasks else None  # replay of its old tasks
+            write_json(self.run_dir / "experts.json", {"decisions": self.pool.decisions,
+                                                       "task_to_expert": self.pool.task_to_expert})
 
     def train_teacher(self, t: int, start_step: int) -> None:
-        cfg, tc = self.cfg, self.cfg.teacher
-        expert = self.experts[self.task_to_expert[t]]
+        tc = self.cfg.teacher
+        expert = self.pool.of_task(t)
         expert.unfreeze()
-        x_real = self.train_x[t]
         n_old = len(expert.tasks)
-        bar = tqdm(range(start_step, tc.steps), desc=f"task {t} teacher (expert {self.task_to_expert[t]})",
+        bar = tqdm(range(start_step, tc.steps), desc=f"task {t} teacher (expert {self.pool.task_to_expert[t]})",
                    dynamic_ncols=True, initial=start_step, total=tc.steps)
         for step in bar:
-            record = self.teacher_step(t, step, expert, x_real, n_old)
-            self.check_finite_record(t, "teacher", step, record)
+            record = self.pool.step(t, step, expert, self.train_x[t], n_old)
+            check_finite_record(self, t, "teacher", step, record)
             self.after_step(t, "teacher", step, tc.steps, record)
-        self.check_finite_state(t, "teacher", tc.steps - 1)  # before the expert's FID
-        expert.freeze()
-        if t not in expert.tasks:
-            expert.tasks.append(t)
-        self.frozen = None
-        g = torch.Generator().manual_seed(cfg.train.seed * 1000 + 500 + t)
-        expert.latest_fid = self.fid_of(f"test{t}", lambda n: expert.sample(n, g), len(self.test_x[t]))["fid"]
-
-    def teacher_step(self, t: int, step: int, expert: Expert, x_real: torch.Tensor, n_old: int) -> dict:
-        """One WGAN-GP generator step of `expert` on task t (n_critic critic steps first); returns the losses."""
-        tc = self.cfg.teacher
-        g = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, t, 0, step))
-
-        def real_batch():
-            # current task plus replay of the expert's earlier tasks from its frozen copy, equal shares
-            n_cur = tc.batch_size // (n_old + 1) if self.frozen is not None else tc.batch_size
-            idx = torch.randint(0, len(x_real), (n_cur,), generator=g)
-            parts = [x_real[idx].to(self.device)]
-            if self.frozen is not None:
-                with torch.no_grad():
-                    z = torch.randn(tc.batch_size - n_cur, tc.z_dim, generator=g).to(self.device)
-                    parts.append(self.frozen(z))
-            return torch.cat(parts)
-
-        for _ in range(tc.n_critic):
-            real = real_batch()
-            fake = expert.generator(torch.randn(len(real), tc.z_dim, generator=g).to(self.device)).detach()
-            eps = torch.rand(len(real), 1, 1, 1, generator=g).to(self.device)
-            gp = gradient_penalty(expert.critic, real, fake, tc.gp_weight, eps)
-            loss_w = wgan_critic_loss(expert.critic(real), expert.critic(fake))
-            loss_d = loss_w + gp
-            expert.opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            expert.opt_d.step()
-        # the generator step must not train the critic (its eval mode changes nothing: no BatchNorm, no dropout)
-        freeze(expert.critic)
-        loss_g = wgan_generator_loss(expert.critic(expert.generator(torch.randn(tc.batch_size, tc.z_dim, generator=g)
-                                                                    .to(self.device))))
-        expert.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        expert.opt_g.step()
-        unfreeze(expert.critic)
-        return {"teacher/loss_d": loss_d.item(), "teacher/loss_g": loss_g.item(),
-                "teacher/wasserstein": -loss_w.item(), "teacher/gp": gp.item()}
+        check_finite_state(self, t, "teacher", tc.steps - 1)  # before the expert's FID
+        self.pool.end_task(t, expert)
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1000 + 500 + t)
+        expert.latest_fid = self.evaluation.fid_of(f"test{t}", lambda n: expert.sample(n, g),
+                                                   len(self.test_x[t]))["fid"]
 
     def train_student(self, t: int, start_step: int) -> None:
-        cfg, sc, kd = self.cfg, self.cfg.student, self.cfg.kd
-        if self.student.num_tasks <= t:  # a new task prior; each task starts a fresh optimiser
-            self.previous = self._frozen_copy(self.student) if t > 0 and sc.replay and kd.previous_weight > 0 \
-                else None
-            while self.student.num_tasks <= t:
-                self.student.add_task()
-            while len(self.projections) < len(self.experts):  # a new expert brings its own projection
-                self.projections.append(self._projection())
-            self.opt_s = self._student_optimizer()
-        self.student.train()
-        seen = list(range(t + 1)) if sc.replay else [t]
-        bar = tqdm(range(start_step, sc.steps), desc=f"task {t} student", dynamic_ncols=True, initial=start_step,
-                   total=sc.steps)
+        steps = self.cfg.student.steps
+        seen = self.learner.begin_task(t)
+        bar = tqdm(range(start_step, steps), desc=f"task {t} student", dynamic_ncols=True, initial=start_step,
+                   total=steps)
         for step in bar:
-            batch = self.student_step(t, seen, step)
-            loss, logged = student_loss(batch)
-            self.opt_s.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt_s.step()
-            record = {"student/loss": loss.item(), **{f"student/{k}": v.item() for k, v in logged.items()}}
-            record["kd/temperature"] = batch.temperature
-            for j in seen:
-                if j != t:
-                    record[f"kd/weight_task{j}"] = float(batch.row_weight[batch.task_ids == j][0])
-            self.check_finite_record(t, "student", step, record)
-            self.after_step(t, "student", step, sc.steps, record)
+            record = self.learner.update(t, seen, step)
+            check_finite_record(self, t, "student", step, record)
+            self.after_step(t, "student", step, steps, record)
 
-    def student_step(self, t: int, seen: list[int], step: int) -> StudentStep:
-        """What the loss terms read at student step `step` of task t: the replay batch (`student_batch`, from this
-        step's seeded generator), its row weights, the relational temperature and the networks."""
-        cfg, kd = self.cfg, self.cfg.kd
-        g = torch.Generator().manual_seed(step_seed(cfg.train.seed, t, 1, step))
-        x, task_ids, mix = self.student_batch(t, seen, g)
-        fid_now = float(np.mean([self.experts[self.task_to_expert[j]].latest_fid for j in seen]))
-        temperature = dynamic_temperature(step, cfg.student.steps, kd.temperature_max, kd.temperature_min, fid_now,
-                                          cfg.teacher.fid_threshold, kd.temperature_fid_gain)
-        expert_of = torch.tensor([self.task_to_expert[j] for j in task_ids.tolist()], device=self.device)
-        return StudentStep(cfg=cfg, student=self.student, previous=self.previous,
-                           critics=[e.critic for e in self.experts], projections=self.projections, x=x,
-                           task_ids=task_ids, mix=mix, replayed=task_ids != t, row_weight=self.row_weights(task_ids, t),
-                           expert_of=expert_of, temperature=temperature, generator=g)
-
-    def student_batch(self, t: int, seen: list[int], g: torch.Generator):
-        """One student batch: real task-t images and, for every earlier seen task, images from that task's expert
-        (replay), in equal shares; with student.mixup, each real image mixed with a replayed one. Returns images
-        [B, C, 32, 32], task ids [B] and the mixup pairing (other task ids, lambda) or None."""
-        sc = self.cfg.student
-        share = sc.batch_size // len(seen)
-        xs, tasks = [], []
-        for j in seen:
-            n = share if j != t else sc.batch_size - share * (len(seen) - 1)
-            if j == t:
-                xs.append(self.train_x[t][torch.randint(0, len(self.train_x[t]), (n,), generator=g)].to(self.device))
-            else:  # replay: the task's expert generates it (output-level distillation target)
-                xs.append(self.experts[self.task_to_expert[j]].sample(n, g))
-            tasks.append(torch.full((n,), j, dtype=torch.long))
-        x, task_ids = torch.cat(xs), torch.cat(tasks).to(self.device)
-        mix = None
-        if sc.mixup and len(seen) > 1:  # mix each real image with a replayed one, and their task priors
-            n_real = len(xs[-1]) if seen[-1] == t else 0
-            perm = torch.randint(0, len(x) - n_real, (len(x),), generator=g).to(self.device)
-            lam = torch.distributions.Beta(0.4, 0.4).sample((len(x),)).to(self.device)
-            lam = torch.where(task_ids == t, lam, torch.ones_like(lam))
-            x = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
-            mix = (task_ids[perm], lam)
-        return x, task_ids, mix
-
-    def row_weights(self, task_ids: torch.Tensor, t: int) -> torch.Tensor:
-        """Per-row weight [B]: 1 for the current task, and for a replayed task its expert's adaptive weight
-        (expert_weight of the expert's latest FID)."""
-        kd, w = self.cfg.kd, {}
-        for j in task_ids.unique().tolist():
-            expert = self.experts[self.task_to_expert[j]]
-            w[j] = 1.0 if j == t else expert_weight(expert.latest_fid, self.cfg.teacher.fid_threshold,
-                                                    kd.weight_floor, kd.weight_ceiling)
-        return torch.tensor([w[j] for j in task_ids.tolist()], device=self.device)
-
-    @staticmethod
-    def _frozen_copy(model: nn.Module) -> nn.Module:
-        return freeze(copy.deepcopy(model))
-
-    def previous_kd(self, x: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
-        """Per-row self-distillation [B] of the student against its copy from before the task (`self_distillation`)."""
-        return self_distillation(self.student, self.previous, x, replayed)
-
-    # ---- the non-finite guard: a hard stop before anything non-finite is saved or evaluated --------------------
-    def nonfinite_error(self, what: str, t: int, phase: str, step: int) -> UserError:
-        """The stop on a non-finite loss or weight: nothing is saved, so the last good checkpoints stay; a new run
-        from the last finished task with a lower learning rate is the way on (run.resume=auto would repeat the very
-        same seeded steps and diverge again)."""
-        kept = self.run_dir / "checkpoints" if self.run_dir is not None else None
-        if kept is not None and t > 0:
-            finished = kept / f"task_{t - 1}.pt"  # or, in a run branched from another's, that run's file
-            if not finished.is_file() and t - 1 < len(self.inherited_tasks):
-                finished = Path(self.inherited_tasks[t - 1]["path"])
-            way = (f"start a new run from the last finished task with a lower {phase}.lr: run.name=<new name> "
-                   f"run.resume={finished} {phase}.lr=<lower>")
-        else:
-            way = f"start a new run (another run.name) with a lower {phase}.lr"
-        saved = sorted(p.name for p in kept.glob("*.pt")) if kept is not None else []
-        where = (f"the last good checkpoints are kept in {kept} ({', '.join(saved)})" if saved else
-                 "no checkpoint had been written yet")
-        return UserError(f"{what} became non-finite at task {t} ({self.cfg.data.tasks[t]}), {phase} step {step + 1}. "
-                         f"Stopped without saving: {where}. Check {phase}.batch_size and the other {phase}.* values, "
-                         f"and {way}; run.resume=auto would repeat the same steps")
-
-    def check_finite_record(self, t: int, phase: str, step: int, record: dict) -> None:
-        """Every logged value of a step is finite (they are host numbers already: no extra device sync)."""
-        for key, value in record.items():
-            if not math.isfinite(value):
-                raise self.nonfinite_error(f"{key} (= {value})", t, phase, step)
-
-    def check_finite_state(self, t: int, phase: str, step: int) -> None:
-        """Every weight and buffer a checkpoint holds is finite: called before each save and before any FID of an
-        expert or of the student, with one device sync. A step can leave non-finite weights behind a finite loss."""
-        modules = [m for e in self.experts for m in (e.generator, e.critic)] + [self.student, self.projections]
-        values = [v for m in modules for v in m.state_dict().values() if v.is_floating_point()]
-        if values and not bool(torch.stack([torch.isfinite(v).all() for v in values]).all()):
-            bad = next(f"{type(m).__name__}.{k}" for m in modules for k, v in m.state_dict().items()
-                       if v.is_floating_point() and not bool(torch.isfinite(v).all()))
-            raise self.nonfinite_error(f"the weights ({bad})", t, phase, step)
-
-    # ---- evaluation --------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, i: int) -> dict:
-        """Row i of every matrix (each task j <= i), and of every FID's sample counts [n_real, n_fake]. Samples come
-        from generators seeded by (seed, i, j) alone: evaluation neither reads nor advances the global RNG."""
-        self.student.eval()
-        rows = {k: [] for k in self.matrices}
-        seed = self.cfg.train.seed
-
-        def put(key: str, measured: dict) -> None:
-            rows[key].append(measured["fid"])
-            rows[f"{key}_samples"].append([measured["n_real"], measured["n_fake"]])
-
-        bar = fid_bar(len(FID_METRICS) * (i + 1), f"task {i}: evaluation of tasks 0-{i} (FID)")
-        for j in range(i + 1):
-            x = self.test_x[j][: self.cfg.fid.samples]
-            expert = self.experts[self.task_to_expert[j]]
-            g_teacher = torch.Generator().manual_seed(eval_seed(seed, i, j, 0))
-            put("teacher_fid", self.fid_of(f"test{j}", lambda n: expert.sample(n, g_teacher), len(x), bar))
-            g_student = torch.Generator().manual_seed(eval_seed(seed, i, j, 1))
-            tasks = torch.full((len(x),), j, dtype=torch.long, device=self.device)
-            put("student_fid", self.fid_of(f"test{j}", lambda n: self.student.sample(tasks[:n], g_student), len(x),
-                                           bar))
-            recon = torch.cat([self.student.reconstruct(x[k:k + 500].to(self.device)).cpu()
-                               for k in range(0, len(x), 500)])
-            rows["recon_mse"].append(float(((recon - x) / 2).pow(2).mean()))  # on the [0, 1] pixel scale
-            put("recon_fid", self.evaluator.fid(f"test{j}", iter([recon])))
-            bar.update()
-        bar.close()
-        self.student.train()
-        return rows
+        return self.evaluation.evaluate(i, self.pool, self.learner.student)
 
     def results(self) -> dict:
-        t = len(self.matrices["teacher_fid"])
-        padded = {k: [row + [None] * (len(self.tasks) - len(row)) for row in m] for k, m in self.matrices.items()}
-        out = {**padded, "experts": len(self.experts), "task_to_expert": self.task_to_expert,
-               "tasks": list(self.cfg.data.tasks), "tasks_done": t, "fid": self.fid_info,
-               "forgetting": {}, "forgetting_percent": {}, "bwt": {}}
-        for k in METRICS:
-            square = [row[: t] for row in self.matrices[k]]
-            out["forgetting"][k] = forgetting.forgetting(square)
-            out["forgetting_percent"][k] = forgetting.forgetting_percent(square)
-            out["bwt"][k] = forgetting.backward_transfer(square)
-        return out
+        return self.evaluation.results(self.pool)
 
     # ---- logging, samples, checkpoints -------------------------------------------------------------------------
     def after_step(self, t: int, phase: str, step: int, steps: int, record: dict) -> None:
@@ -906,37 +389,15 @@ class ContinualRun:
         if self.logger is not None and ((step + 1) % cfg.log.every_steps == 0 or last):
             self.logger.log({"epoch": t, "task": t, "phase": phase, "step": step + 1, **record})
         if self.run_dir is not None and ((step + 1) % cfg.log.sample_every == 0 or last):
-            self.save_grids(t, f"{phase}_step{step + 1:05d}")
+            save_grids(self, t, f"{phase}_step{step + 1:05d}")
         if self.run_dir is not None and (step + 1) % cfg.run.checkpoint_every == 0 and not last:
-            self.check_finite_state(t, phase, step)
+            check_finite_state(self, t, phase, step)
             self.save("last.pt")
 
-    def save_grids(self, t: int, tag: str) -> None:
-        from torchvision.utils import save_image
-        folder = self.run_dir / "samples"
-        folder.mkdir(exist_ok=True)
-        g = torch.Generator().manual_seed(12345)
-        for e, expert in enumerate(self.experts):
-            save_image(expert.sample(64, g).cpu() * 0.5 + 0.5, folder / f"task{t}_{tag}_expert{e}.png", nrow=8)
-        if self.student.num_tasks:
-            self.student.eval()
-            with torch.no_grad():
-                for j in range(self.student.num_tasks):
-                    img = self.student.sample(torch.full((64,), j, dtype=torch.long, device=self.device), g)
-                    save_image(img.cpu() * 0.5 + 0.5, folder / f"task{t}_{tag}_student_task{j}.png", nrow=8)
-            self.student.train()
-
     def state(self) -> dict:  # what `load` reads back: CHECKPOINT_KEYS and more
-        return {"experts": [e.state_dict() for e in self.experts], "task_to_expert": self.task_to_expert,
-                "decisions": self.decisions, "student": self.student.state_dict(),
-                "num_student_tasks": self.student.num_tasks, "projections": self.projections.state_dict(),
-                "num_projections": len(self.projections),
-                "opt_s": self.opt_s.state_dict(), "matrices": self.matrices, "progress": self.progress,
-                "frozen": self.frozen.state_dict() if self.frozen is not None else None,
-                "previous": self.previous.state_dict() if self.previous is not None else None,
-                "previous_tasks": self.previous.num_tasks if self.previous is not None else 0,
-                "tasks": list(self.cfg.data.tasks), "rng": rng_state(), "config": to_plain(self.cfg),
-                "fid_info": self.fid_info, "program": PROGRAM,
+        return {**self.pool.state(), **self.learner.state(), "matrices": self.evaluation.matrices,
+                "progress": self.progress, "tasks": list(self.cfg.data.tasks), "rng": rng_state(),
+                "config": to_plain(self.cfg), "fid_info": self.evaluation.fid_info, "program": PROGRAM,
                 "inherited_tasks": self.inherited_tasks}
 
     def save(self, name: str) -> None:
@@ -948,33 +409,11 @@ class ContinualRun:
         if ckpt.get("tasks") != list(self.cfg.data.tasks):
             raise UserError(f"{path} was made with data.tasks={ckpt.get('tasks')}, not {list(self.cfg.data.tasks)}; "
                             "resume with the same task list or start a new run.name")
-        for state in ckpt["experts"]:
-            expert = Expert(self.cfg, self.cfg.data.channels, self.device)
-            expert.load_state_dict(state)
-            self.experts.append(expert)
-        self.task_to_expert, self.decisions = list(ckpt["task_to_expert"]), list(ckpt["decisions"])
-        while self.student.num_tasks < ckpt["num_student_tasks"]:
-            self.student.add_task()
-        self.student.load_state_dict(ckpt["student"])
-        while len(self.projections) < ckpt["num_projections"]:
-            self.projections.append(self._projection())
-        self.projections.load_state_dict(ckpt["projections"])
-        self.opt_s = self._student_optimizer()
-        self.opt_s.load_state_dict(ckpt["opt_s"])
-        self.matrices, self.progress = ckpt["matrices"], ckpt["progress"]
+        self.pool.load(ckpt)
+        self.learner.load(ckpt)
+        self.evaluation.matrices, self.progress = ckpt["matrices"], ckpt["progress"]
         branching = self.run_dir is not None and branches_from(path, self.run_dir)
         self.inherited_tasks = inherited_tasks(ckpt, path) if branching else list(ckpt.get("inherited_tasks", []))
-        if ckpt["frozen"] is not None:
-            expert = self.experts[self.task_to_expert[self.progress["task"]]]
-            self.frozen = freeze(copy.deepcopy(expert.generator))
-            self.frozen.load_state_dict(ckpt["frozen"])
-        if ckpt.get("previous") is not None:
-            cfg = self.cfg.student
-            previous = TaskVAE(self.cfg.data.channels, cfg.z_dim, cfg.u_dim, cfg.width).to(self.device)
-            while previous.num_tasks < ckpt["previous_tasks"]:
-                previous.add_task()
-            previous.load_state_dict(ckpt["previous"])
-            self.previous = self._frozen_copy(previous)
         set_rng_state(ckpt["rng"])
 
     # ---- the task loop -----------------------------------------------------------------------------------------
@@ -990,13 +429,13 @@ class ContinualRun:
                 phase, step = "student", 0
             if phase == "student":
                 self.train_student(t, step)
-            self.check_finite_state(t, "student", self.cfg.student.steps - 1)  # before evaluating and saving
+            check_finite_state(self, t, "student", self.cfg.student.steps - 1)  # before evaluating and saving
             rows = self.evaluate(t)
             for k, row in rows.items():
-                self.matrices[k] = self.matrices[k][:t] + [row]
+                self.evaluation.matrices[k] = self.evaluation.matrices[k][:t] + [row]
             self.progress = p = {"task": t + 1, "phase": "decide", "step": 0}
             if self.run_dir is not None:
-                self.save_grids(t, "end")
+                save_grids(self, t, "end")
                 self.save(f"task_{t}.pt")
                 self.save("last.pt")
                 write_json(self.run_dir / "results.json", self.results())
@@ -1004,12 +443,70 @@ class ContinualRun:
         return self.results()
 
 
+# ---- the non-finite guard: a hard stop before anything non-finite is saved or evaluated --------------------------
+def nonfinite_error(run: ContinualRun, what: str, t: int, phase: str, step: int) -> UserError:
+    """The stop on a non-finite loss or weight: nothing is saved, so the last good checkpoints stay; a new run
+    from the last finished task with a lower learning rate is the way on (run.resume=auto would repeat the very
+    same seeded steps and diverge again)."""
+    kept = run.run_dir / "checkpoints" if run.run_dir is not None else None
+    if kept is not None and t > 0:
+        finished = kept / f"task_{t - 1}.pt"  # or, in a run branched from another's, that run's file
+        if not finished.is_file() and t - 1 < len(run.inherited_tasks):
+            finished = Path(run.inherited_tasks[t - 1]["path"])
+        way = (f"start a new run from the last finished task with a lower {phase}.lr: run.name=<new name> "
+               f"run.resume={finished} {phase}.lr=<lower>")
+    else:
+        way = f"start a new run (another run.name) with a lower {phase}.lr"
+    saved = sorted(p.name for p in kept.glob("*.pt")) if kept is not None else []
+    where = (f"the last good checkpoints are kept in {kept} ({', '.join(saved)})" if saved else
+             "no checkpoint had been written yet")
+    return UserError(f"{what} became non-finite at task {t} ({run.cfg.data.tasks[t]}), {phase} step {step + 1}. "
+                     f"Stopped without saving: {where}. Check {phase}.batch_size and the other {phase}.* values, "
+                     f"and {way}; run.resume=auto would repeat the same steps")
+
+
+def check_finite_record(run: ContinualRun, t: int, phase: str, step: int, record: dict) -> None:
+    """Every logged value of a step is finite (they are host numbers already: no extra device sync)."""
+    for key, value in record.items():
+        if not math.isfinite(value):
+            raise nonfinite_error(run, f"{key} (= {value})", t, phase, step)
+
+
+def check_finite_state(run: ContinualRun, t: int, phase: str, step: int) -> None:
+    """Every weight and buffer a checkpoint holds is finite: called before each save and before any FID of an
+    expert or of the student, with one device sync. A step can leave non-finite weights behind a finite loss."""
+    modules = run.pool.modules() + run.learner.modules()
+    values = [v for m in modules for v in m.state_dict().values() if v.is_floating_point()]
+    if values and not bool(torch.stack([torch.isfinite(v).all() for v in values]).all()):
+        bad = next(f"{type(m).__name__}.{k}" for m in modules for k, v in m.state_dict().items()
+                   if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        raise nonfinite_error(run, f"the weights ({bad})", t, phase, step)
+
+
+def save_grids(run: ContinualRun, t: int, tag: str) -> None:
+    """Sample grids under samples/: 64 samples of every expert and of the student for every task it knows."""
+    from torchvision.utils import save_image
+    folder = run.run_dir / "samples"
+    folder.mkdir(exist_ok=True)
+    g = torch.Generator().manual_seed(12345)
+    for e, expert in enumerate(run.pool.experts):
+        save_image(expert.sample(64, g).cpu() * 0.5 + 0.5, folder / f"task{t}_{tag}_expert{e}.png", nrow=8)
+    student = run.learner.student
+    if student.num_tasks:
+        student.eval()
+        with torch.no_grad():
+            for j in range(student.num_tasks):
+                img = student.sample(torch.full((64,), j, dtype=torch.long, device=run.device), g)
+                save_image(img.cpu() * 0.5 + 0.5, folder / f"task{t}_{tag}_student_task{j}.png", nrow=8)
+        student.train()
+
+
 def mixed_samples(run: ContinualRun, folder: Path) -> None:
     """Grids under mixed_samples/: task-prior interpolation at fixed z, one noise through every expert, and
     image-space mixup between experts' samples."""
     from torchvision.utils import save_image
     folder.mkdir(parents=True, exist_ok=True)
-    s, dev = run.student.eval(), run.device
+    s, dev = run.learner.student.eval(), run.device
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         k = s.num_tasks
@@ -1022,13 +519,14 @@ def mixed_samples(run: ContinualRun, folder: Path) -> None:
                     rows.append(s.to_image(s.decode_logits(z, u.expand(8, -1))))
                 grid = torch.stack(rows, 1).flatten(0, 1)  # row = one z, columns = mu_i -> mu_j
                 save_image(grid.cpu() * 0.5 + 0.5, folder / f"student_prior_interp_task{i}_to_task{j}.png", nrow=8)
-        if run.experts:
+        experts = run.pool.experts
+        if experts:
             z = torch.randn(8, run.cfg.teacher.z_dim, generator=g).to(dev)
-            grid = torch.cat([e.generator.eval()(z) for e in run.experts])  # row = expert, column = noise
+            grid = torch.cat([e.generator.eval()(z) for e in experts])  # row = expert, column = noise
             save_image(grid.cpu() * 0.5 + 0.5, folder / "same_noise_per_expert.png", nrow=8)
-            for a in range(len(run.experts)):
-                for b in range(a + 1, len(run.experts)):
-                    xa, xb = run.experts[a].generator(z), run.experts[b].generator(z)
+            for a in range(len(experts)):
+                for b in range(a + 1, len(experts)):
+                    xa, xb = experts[a].generator(z), experts[b].generator(z)
                     grid = torch.cat([(1 - lam) * xa + lam * xb for lam in torch.linspace(0, 1, 8)])
                     save_image(grid.cpu() * 0.5 + 0.5, folder / f"mixup_expert{a}_expert{b}.png", nrow=8)
     s.train()
@@ -1078,9 +576,9 @@ def main(argv: list[str]) -> None:
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, program=PROGRAM)
         check_checkpoint(ckpt, resume_from)
-        check_resume_config(ckpt, resume_from, cfg, plan.run_dir)
+        check_config_matches_checkpoint(ckpt, resume_from, cfg, plan.run_dir)
     elif cfg.run.resume:  # stopped before its first checkpoint: restart it, with the config it was started with
-        check_resume_config({"config": read_saved_config(plan.run_dir) or to_plain(cfg)},
+        check_config_matches_checkpoint({"config": read_saved_config(plan.run_dir) or to_plain(cfg)},
                             plan.run_dir / "config.yaml", cfg, plan.run_dir)
     make_dirs({"run.out_dir": Path(cfg.run.out_dir), **({"fid.cache_dir": Path(cfg.fid.cache_dir)}
                                                           if cfg.fid.cache_dir else {})}, dist, probe=True)

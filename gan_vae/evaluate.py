@@ -143,16 +143,16 @@ def evaluate_run(run_dir: Path, cfg) -> None:
         checkpoints.append((path, ckpt))
     run = ContinualRun(cfg, None, dist.device)
     run.build_fid()
-    evaluator, fid_info = run.evaluator, run.fid_info
+    evaluator, fid_info = run.evaluation.evaluator, run.evaluation.fid_info
     matrices = {}
     for i, (path, ckpt) in enumerate(tqdm(checkpoints, desc="re-evaluating task checkpoints", leave=False)):
         run = ContinualRun(cfg, None, dist.device)
-        run.evaluator, run.fid_info = evaluator, fid_info
+        run.evaluation.evaluator, run.evaluation.fid_info = evaluator, fid_info
         run.load(ckpt, path)
         for key, row in run.evaluate(i).items():
             matrices.setdefault(key, []).append(row)
         tqdm.write(f"re-evaluated task {i}: {path}", file=sys.stderr)
-    run.matrices = matrices
+    run.evaluation.matrices = matrices
     results = run.results()
     results.update({k: v for k, v in previous.items() if k.startswith("time/")})  # not measured again
     write_json(run_dir / "results.json", results)

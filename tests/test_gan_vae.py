@@ -9,8 +9,9 @@ import torch
 from conftest import assert_clean_error, run_and_sigkill, run_main, run_script
 
 from gan_vae import forgetting
-from gan_vae.continual import decide_expert, dynamic_temperature, expert_weight
+from gan_vae.experts import decide_expert
 from gan_vae.fid import FeatureModule, FIDEvaluator
+from gan_vae.student import dynamic_temperature, expert_weight
 from models import (Critic, Generator, TaskVAE, bernoulli_kl, gaussian_kl, gradient_penalty, nt_xent, relational_kd,
                     vae_loss_terms, wgan_critic_loss, wgan_generator_loss)
 
@@ -73,21 +74,21 @@ def test_bernoulli_kl_by_hand():
 def test_previous_student_distillation_acts_on_replayed_rows_only():
     """kd.previous_weight: on replayed images the student is pulled to its frozen copy from before the task
     (reconstruction Bernoulli KL + posterior-mean distances); current-task rows contribute nothing."""
-    from gan_vae.continual import ContinualRun
+    from gan_vae.experts import frozen_copy
+    from gan_vae.losses import self_distillation
     torch.manual_seed(0)
     student = TaskVAE(1, 4, 2, 8)
     student.add_task()
-    run = ContinualRun.__new__(ContinualRun)
-    run.student, run.previous = student, ContinualRun._frozen_copy(student)
+    previous = frozen_copy(student)
     student.add_task()
-    assert not any(p.requires_grad for p in run.previous.parameters()) and not run.previous.training
+    assert not any(p.requires_grad for p in previous.parameters()) and not previous.training
     x = torch.rand(6, 1, 32, 32) * 2 - 1
     tasks = torch.tensor([0, 0, 0, 1, 1, 1])
     student.eval()
-    assert torch.allclose(run.previous_kd(x, tasks != 1), torch.zeros(6), atol=1e-4)
+    assert torch.allclose(self_distillation(student, previous, x, tasks != 1), torch.zeros(6), atol=1e-4)
     with torch.no_grad():
         student.decoder[-1].weight.add_(0.5)  # the student drifts
-    per = run.previous_kd(x, tasks != 1)
+    per = self_distillation(student, previous, x, tasks != 1)
     assert (per[:3] > 0).all() and (per[3:] == 0).all()
     per.sum().backward()
     assert student.decoder[-1].weight.grad.abs().sum() > 0
@@ -97,7 +98,8 @@ def test_self_distillation_is_exactly_zero_for_identical_weights_in_train_mode()
     """While training, the student's BatchNorm uses batch statistics and the frozen copy its running statistics;
     the term must compare the two in the same mode, or identical weights give a non-zero loss. Neither the copy's
     running statistics nor the student's training mode change."""
-    from gan_vae.continual import ContinualRun
+    from gan_vae.experts import frozen_copy
+    from gan_vae.losses import self_distillation
     torch.manual_seed(0)
     student = TaskVAE(1, 4, 2, 8)
     student.add_task()
@@ -106,19 +108,33 @@ def test_self_distillation_is_exactly_zero_for_identical_weights_in_train_mode()
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.fill_(0.7)
                 m.running_var.fill_(3.0)
-    run = ContinualRun.__new__(ContinualRun)
-    run.student, run.previous = student, ContinualRun._frozen_copy(student)
+    previous = frozen_copy(student)
     student.train()  # as in a training step
     x = torch.rand(6, 1, 32, 32) * 2 - 1
 
     def running_statistics():
-        return [v.clone() for m in (run.previous, student) for k, v in m.state_dict().items() if "running" in k]
+        return [v.clone() for m in (previous, student) for k, v in m.state_dict().items() if "running" in k]
 
     before = running_statistics()
-    per = run.previous_kd(x, torch.ones(6, dtype=torch.bool))
+    per = self_distillation(student, previous, x, torch.ones(6, dtype=torch.bool))
     assert torch.equal(per, torch.zeros(6)), per
     assert student.training
     assert all(torch.equal(a, b) for a, b in zip(before, running_statistics()))
+
+
+def test_vae_loss_terms_return_the_reconstruction_behind_recon():
+    """x_hat, the reconstruction a loss term can read, is the Bernoulli mean whose negative log-likelihood of x is
+    `recon`, and it carries the gradient to the student."""
+    torch.manual_seed(0)
+    vae = TaskVAE(1, 4, 2, 8)
+    vae.add_task()
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    out = vae_loss_terms(vae, x, torch.zeros(3, dtype=torch.long), 1.0)
+    assert out["x_hat"].shape == x.shape and out["x_hat"].requires_grad
+    assert out["x_hat"].min() >= -1 and out["x_hat"].max() <= 1
+    p, target = ((out["x_hat"] + 1) / 2).double(), ((x + 1) / 2).double()
+    nll = -(target * p.log() + (1 - target) * (1 - p).log()).flatten(1).sum(1)
+    assert torch.allclose(nll.float(), out["recon"], rtol=1e-4)
 
 
 def test_kl_to_task_prior_matches_closed_form():
@@ -343,13 +359,14 @@ def _in_process_run(domains, tmp_path, tasks, *extra, experts=(0, 1), replay_fid
     """A ContinualRun in this process with untrained experts (task j -> experts[j]) and no FID features: enough to
     run student steps and look inside them. An expert at FID 240 (twice the threshold) gets weight 1/2."""
     from common.config import load_config
-    from gan_vae.continual import ContinualConfig, ContinualRun, Expert
+    from gan_vae.continual import ContinualConfig, ContinualRun
+    from gan_vae.experts import Expert
     cfg = load_config(ContinualConfig, None, [*_args(domains, tmp_path, tasks), "student.batch_size=16",
                                               "student.steps=1", *extra])
     torch.manual_seed(0)
     run = ContinualRun(cfg, None, torch.device("cpu"))
-    run.experts = [Expert(cfg, 1, run.device) for _ in range(max(experts) + 1)]
-    run.task_to_expert = list(experts)
+    run.pool.experts = [Expert(cfg, 1, run.device) for _ in range(max(experts) + 1)]
+    run.pool.task_to_expert = list(experts)
     for j, e in enumerate(experts):
         run.experts[e].tasks.append(j)
         run.experts[e].latest_fid = replay_fid
@@ -360,9 +377,9 @@ def _toy_fid(run, samples):
     """A fast FID for in-process tests: features are a fixed random projection of the pixels to 8 dimensions."""
     features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 8))
     torch.nn.init.normal_(features[1].weight, generator=torch.Generator().manual_seed(3))
-    run.evaluator = FIDEvaluator(FeatureModule(features, 8), samples)
+    run.evaluation.evaluator = FIDEvaluator(FeatureModule(features, 8), samples)
     for j, x in enumerate(run.test_x):
-        run.evaluator.add_real(f"test{j}", x)
+        run.evaluation.evaluator.add_real(f"test{j}", x)
 
 
 def test_evaluation_draws_from_its_own_seeded_generators(domains, tmp_path):
@@ -399,7 +416,7 @@ def test_mixup_pairs_critic_and_student_features_of_the_same_images(domains, tmp
     encode = TaskVAE.encode
 
     def recording_encode(self, x):
-        if self is run.student and self.training:
+        if self is run.learner.student and self.training:
             seen_by_student.append(x.detach().clone())
         return encode(self, x)
 
@@ -417,88 +434,114 @@ def test_each_expert_has_its_own_projection_and_relational_group(domains, tmp_pa
     """Two experts: feature KD goes through a projection per expert, relational KD compares only rows taught by
     the same expert, and the expert weight scales the relational rows like the others. The projections are part
     of the checkpoint."""
-    import gan_vae.continual as continual
+    import gan_vae.losses as losses
     calls = []
-    relational_kd_ = continual.relational_kd
-    monkeypatch.setattr(continual, "relational_kd", lambda *a, **k: (calls.append(k), relational_kd_(*a, **k))[1])
+    relational_kd_ = losses.relational_kd
+    monkeypatch.setattr(losses, "relational_kd", lambda *a, **k: (calls.append(k), relational_kd_(*a, **k))[1])
     run = _in_process_run(domains, tmp_path, ["discs", "crosses"])
-    assert len(run.projections) == 0
+    learner = run.learner
+    assert len(learner.projections) == 0
     run.train_student(1, 0)
-    assert len(run.projections) == 2 and run.projections[0] is not run.projections[1]
+    assert len(learner.projections) == 2 and learner.projections[0] is not learner.projections[1]
     # rows 0-7 replay task 0 (expert 0, FID 240 -> weight 0.5), rows 8-15 are task 1 (expert 1, weight 1)
     assert calls[0]["groups"].tolist() == [0] * 8 + [1] * 8
     assert calls[0]["weights"].tolist() == [0.5] * 8 + [1.0] * 8
-    params = {id(p) for group in run.opt_s.param_groups for p in group["params"]}
-    assert all(id(p) in params for p in run.projections.parameters())
+    params = {id(p) for group in learner.opt.param_groups for p in group["params"]}
+    assert all(id(p) in params for p in learner.projections.parameters())
 
     restored = _in_process_run(domains, tmp_path, ["discs", "crosses"])
     restored.load(run.state(), tmp_path / "state.pt")
-    assert len(restored.projections) == 2
-    for k, v in run.projections.state_dict().items():
-        assert torch.equal(restored.projections.state_dict()[k], v), k
-    assert len(restored.opt_s.state_dict()["state"]) == len(run.opt_s.state_dict()["state"])
+    assert len(restored.learner.projections) == 2
+    for k, v in learner.projections.state_dict().items():
+        assert torch.equal(restored.learner.projections.state_dict()[k], v), k
+    assert len(restored.learner.opt.state_dict()["state"]) == len(learner.opt.state_dict()["state"])
 
     calls.clear()
     reused = _in_process_run(domains, tmp_path, ["discs", "discs"], experts=(0, 0))  # one expert for both tasks
     reused.train_student(1, 0)
-    assert len(reused.projections) == 1 and calls[0]["groups"].tolist() == [0] * 16
+    assert len(reused.learner.projections) == 1 and calls[0]["groups"].tolist() == [0] * 16
 
 
-def test_student_loss_sums_the_table_weighted_in_order(monkeypatch):
-    """student_loss adds every active entry times its config weight (1 without one), in table order; an entry that
-    returns None is neither added nor logged; every prepare runs before the first compute; logged values default
-    to the entry's name."""
+@pytest.fixture
+def scratch_losses(monkeypatch):
+    """gan_vae's loss registry, its entries restored after the test: what a test registers leaves with it."""
+    from gan_vae.losses import STUDENT_LOSSES
+    monkeypatch.setattr(STUDENT_LOSSES, "_entries", dict(STUDENT_LOSSES._entries))
+    return STUDENT_LOSSES
+
+
+def test_student_loss_sums_the_registered_terms_weighted_in_order(scratch_losses, monkeypatch):
+    """student_loss adds every registered term times its config weight, in registration order: the key its
+    `weight_key` names, else its own section's `weight` (student.<name>.weight), else 1. A term that returns None is
+    neither added nor logged; every prepare runs before the first compute; logged values default to the name."""
+    from dataclasses import dataclass
     from types import SimpleNamespace
 
     from omegaconf import OmegaConf
 
-    import gan_vae.continual as continual
-    from gan_vae.continual import StudentLoss, TermValue
+    from common.config import opt
+    from gan_vae.losses import LossTerm, TermValue, student_loss
+    monkeypatch.setattr(scratch_losses, "_entries", {})
     calls = []
 
+    @dataclass
+    class Own:
+        weight: float = opt(0.125, "w", ge=0)
+
     def constant(name, value, logged=None):
-        return lambda step: (calls.append(name), TermValue(torch.tensor(value), logged))[1]
+        return staticmethod(lambda step: (calls.append(name), TermValue(torch.tensor(value), logged))[1])
 
-    def prepare(step):
-        calls.append("prepare")
-        return torch.tensor(5.0)
+    scratch_losses.register("plain")(lambda step: (calls.append("plain"), TermValue(torch.tensor(2.0)))[1])
+    scratch_losses.register("weighted")(type("W", (LossTerm,), {"weight_key": "kd.w", "compute": constant(
+        "weighted", 3.0, {"a": torch.tensor(7.0)})}))
+    scratch_losses.register("off")(type("O", (LossTerm,), {"weight_key": "kd.w", "compute": staticmethod(
+        lambda step: (calls.append("off"), None)[1])}))
+    scratch_losses.register("prepared")(type("P", (LossTerm,), {
+        "weight_key": "kd.v", "prepare": staticmethod(lambda step: (calls.append("prepare"), torch.tensor(5.0))[1]),
+        "compute": staticmethod(lambda step, early: (calls.append("prepared"), TermValue(early * 2))[1])}))
+    scratch_losses.register("own", config=Own)(lambda step: (calls.append("own"), TermValue(torch.tensor(8.0)))[1])
+    step = SimpleNamespace(cfg=OmegaConf.create({"kd": {"w": 0.5, "v": 0.25}, "student": {"own": {"weight": 0.125}}}))
+    loss, logged = student_loss(step)
+    assert loss.item() == pytest.approx(2.0 + 0.5 * 3.0 + 0.25 * 10.0 + 0.125 * 8.0)
+    assert {k: v.item() for k, v in logged.items()} == {"plain": 2.0, "a": 7.0, "prepared": 10.0, "own": 8.0}
+    assert calls == ["prepare", "plain", "weighted", "off", "prepared", "own"]
 
-    table = {"plain": StudentLoss(constant("plain", 2.0)),
-             "weighted": StudentLoss(constant("weighted", 3.0, {"a": torch.tensor(7.0)}), weight="kd.w"),
-             "off": StudentLoss(lambda step: (calls.append("off"), None)[1], weight="kd.w"),
-             "prepared": StudentLoss(lambda step, early: (calls.append("prepared"), TermValue(early * 2))[1],
-                                     weight="kd.v", prepare=prepare)}
-    monkeypatch.setattr(continual, "STUDENT_LOSSES", table)
-    step = SimpleNamespace(cfg=OmegaConf.create({"kd": {"w": 0.5, "v": 0.25}}))
-    loss, logged = continual.student_loss(step)
-    assert loss.item() == pytest.approx(2.0 + 0.5 * 3.0 + 0.25 * 10.0)
-    assert {k: v.item() for k, v in logged.items()} == {"plain": 2.0, "a": 7.0, "prepared": 10.0}
-    assert calls == ["prepare", "plain", "weighted", "off", "prepared"]
+
+def test_the_builtin_terms_keep_their_order_and_weight_keys():
+    """The registry holds the built-in terms in the order the student's loss sums them, each weighted by the key
+    it had before the registry (bit-identical runs depend on both)."""
+    from gan_vae.losses import STUDENT_LOSSES, weight_key
+    builtin = [(e.name, weight_key(e)) for e in STUDENT_LOSSES.entries()][:5]
+    assert builtin == [("vae", None), ("contrastive", "student.contrastive_weight"),
+                       ("feature_kd", "kd.feature_weight"), ("relational_kd", "kd.relational_weight"),
+                       ("previous_kd", "kd.previous_weight")]
 
 
-def test_a_student_loss_weighted_by_a_missing_key_is_refused(domains, tmp_path, monkeypatch):
+def test_a_student_loss_weighted_by_a_missing_key_is_refused(domains, tmp_path, scratch_losses):
     import gan_vae.continual as continual
     from common.config import load_config
     from common.errors import UserError
-    monkeypatch.setitem(continual.STUDENT_LOSSES, "orphan", continual.StudentLoss(lambda step: None,
-                                                                                  weight="kd.orphan_weight"))
+    from gan_vae.losses import LossTerm
+    scratch_losses.register("orphan")(type("Orphan", (LossTerm,), {"weight_key": "kd.orphan_weight",
+                                                                     "compute": staticmethod(lambda step: None)}))
     cfg = load_config(continual.ContinualConfig, None, _args(domains, tmp_path, ["discs"]))
     with pytest.raises(UserError, match="'orphan' is weighted by kd.orphan_weight"):
         continual.validate(cfg)
 
 
-def test_a_student_loss_registered_from_a_test_file_trains_and_is_logged(domains, tmp_path, monkeypatch):
-    """The seam: one STUDENT_LOSSES entry, added here and not in the package, takes part in a whole continual run
-    (replay, two experts) and is logged under its name at every logged student step."""
+def test_a_student_loss_registered_from_a_test_file_trains_and_is_logged(domains, tmp_path, scratch_losses):
+    """The seam: one term registered here, not in the package, takes part in a whole continual run (replay, two
+    experts) and is logged under its name at every logged student step."""
     import gan_vae.continual as continual
+    from gan_vae.losses import TermValue
     seen = []
 
+    @scratch_losses.register("latent_l1", help="sparsity of the z-means")
     def latent_l1(step):
         """Sparsity of the z-means, rows weighted like a distillation term: mean_b w_b ||mu_z,b||_1."""
         seen.append(step.row_weight.detach().clone())
-        return continual.TermValue((step.row_weight * step.vae["mu_z"].abs().sum(1)).mean())
+        return TermValue((step.row_weight * step.vae["mu_z"].abs().sum(1)).mean())
 
-    monkeypatch.setitem(continual.STUDENT_LOSSES, "latent_l1", continual.StudentLoss(latent_l1, weight=None))
     continual.main([*_args(domains, tmp_path, ["discs", "inverted"]), "teacher.steps=4", "student.steps=5",
                     "log.every_steps=1", "log.sample_every=5", "run.name=seam"])
     lines = [json.loads(x) for x in (tmp_path / "seam" / "metrics.jsonl").read_text().splitlines()]

@@ -13,6 +13,7 @@ from test_gan_vae import _args, _identity_fid, _in_process_run, _toy_fid, domain
 import common.rundir
 import gan_vae.continual as continual
 import gan_vae.evaluate as evaluate
+import gan_vae.experts as experts
 from common.errors import UserError
 from gan_vae.fid import train_domain_classifier
 from gan_vae.tasks import TASK_FORM, TaskData, _load_npz, load_task, parse_task
@@ -146,8 +147,8 @@ def test_fid_of_non_finite_images_is_a_user_error():
 def test_evaluation_shows_a_progress_bar(domains, tmp_path, capsys):  # noqa: F811
     run = _in_process_run(domains, tmp_path, ["discs", "crosses"])
     _toy_fid(run, 48)
-    run.student.add_task()
-    run.student.add_task()
+    run.learner.student.add_task()
+    run.learner.student.add_task()
     run.evaluate(1)
     assert "task 1: evaluation of tasks 0-1 (FID)" in capsys.readouterr().err
 
@@ -157,13 +158,13 @@ def test_evaluation_shows_a_progress_bar(domains, tmp_path, capsys):  # noqa: F8
 # ---------------------------------------------------------------------------------------------------------------
 def test_a_non_finite_teacher_loss_stops_the_run_keeping_the_last_good_checkpoint(
         domains, origin, tmp_path, monkeypatch):  # noqa: F811
-    critic_loss, calls = continual.wgan_critic_loss, [0]
+    critic_loss, calls = experts.wgan_critic_loss, [0]
 
     def diverging(real, fake):  # from teacher step 3 of the run's first task on (5 critic steps per step)
         calls[0] += 1
         return critic_loss(real, fake) * (float("nan") if calls[0] > 10 else 1.0)
 
-    monkeypatch.setattr(continual, "wgan_critic_loss", diverging)
+    monkeypatch.setattr(experts, "wgan_critic_loss", diverging)
     proc = _branch(domains, origin, origin / "checkpoints" / "task_0.pt", f"nan_branch_{tmp_path.name}")
     assert_clean_error(proc, "teacher/loss_d (= nan) became non-finite at task 1", "teacher step 3",
                        "Stopped without saving: the last good checkpoints are kept in", "(last.pt)",

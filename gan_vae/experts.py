@@ -1,0 +1,174 @@
+"""The gan_vae teachers: WGAN-GP experts (Gulrajani et al., 2017: gradient penalty, n_critic critic steps per
+generator step), the decision to add an expert for a task or reuse the nearest one, and the teacher phase's step."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from common.checkpoint import freeze, unfreeze
+from models import Critic, Generator, gradient_penalty, wgan_critic_loss, wgan_generator_loss
+
+
+def decide_expert(fids: list[float], threshold: float, max_experts: int) -> tuple[str, int]:
+    """("new", index of the new expert) when there is no expert yet, or when the best FID exceeds the threshold
+    and fewer than max_experts exist; otherwise ("reuse", index of the expert with the lowest FID)."""
+    if not fids:
+        return "new", 0
+    best = int(np.argmin(fids))
+    if fids[best] > threshold and len(fids) < max_experts:
+        return "new", len(fids)
+    return "reuse", best
+
+
+def step_seed(seed: int, task: int, phase: int, step: int) -> int:
+    """The seed of one training step's sampling: a pure function of (seed, task, phase, step), so a resumed run
+    draws the same batches as an uninterrupted one."""
+    return ((seed * 1_000 + task) * 10 + phase) * 10_000_000 + step
+
+
+class Expert:
+    """One teacher: a generator with its own critic and optimisers, and the tasks it has learned."""
+
+    def __init__(self, cfg, channels: int, device):
+        t = cfg.teacher
+        self.generator = Generator(t.z_dim, channels, t.width, t.attention).to(device)
+        self.critic = Critic(channels, t.width, t.attention).to(device)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=t.lr, betas=tuple(t.betas))
+        self.opt_d = torch.optim.Adam(self.critic.parameters(), lr=t.lr, betas=tuple(t.betas))
+        self.tasks: list[int] = []
+        self.latest_fid = math.inf
+        self.z_dim, self.device = t.z_dim, device
+        self.freeze()
+
+    def freeze(self) -> None:
+        freeze(self.generator)
+        freeze(self.critic)
+
+    def unfreeze(self) -> None:
+        unfreeze(self.generator)
+        unfreeze(self.critic)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        was = self.generator.training
+        self.generator.eval()
+        z = torch.randn(n, self.z_dim, generator=generator).to(self.device)
+        out = self.generator(z)
+        self.generator.train(was)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.state_dict(), "critic": self.critic.state_dict(),
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "tasks": list(self.tasks),
+                "latest_fid": self.latest_fid}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.critic.load_state_dict(state["critic"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.tasks, self.latest_fid = list(state["tasks"]), state["latest_fid"]
+        self.freeze()
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy without gradients, in eval mode: the replaying generator, or the student from before a task."""
+    return freeze(copy.deepcopy(model))
+
+
+class ExpertPool:
+    """The teachers: the WGAN-GP experts, the expert of each task, every decision, and `frozen`, the copy of an
+    expert's generator that replays the expert's earlier tasks while it learns a new one."""
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.experts: list[Expert] = []
+        self.task_to_expert: list[int] = []
+        self.decisions: list[dict] = []
+        self.frozen: Generator | None = None
+
+    def of_task(self, j: int) -> Expert:
+        return self.experts[self.task_to_expert[j]]
+
+    def choose(self, t: int, measured: list[dict]) -> None:
+        """Task t's expert, from each existing expert's FID on it (`measured`, with sample counts): a new expert,
+        or the nearest one reused (decide_expert), which then replays its own earlier tasks from a frozen copy."""
+        cfg = self.cfg
+        fids = [m["fid"] for m in measured]
+        action, index = decide_expert(fids, cfg.teacher.fid_threshold, cfg.teacher.max_experts)
+        if action == "new":
+            self.experts.append(Expert(cfg, cfg.data.channels, self.device))
+        self.task_to_expert.append(index)
+        self.decisions.append({"task": t, "task_name": cfg.data.tasks[t], "fid_per_expert": fids,
+                               "threshold": cfg.teacher.fid_threshold, "action": action, "expert": index,
+                               "fid_samples": [[m["n_real"], m["n_fake"]] for m in measured]})
+        tqdm.write(f"task {t} ({cfg.data.tasks[t]}): FIDs of existing experts {[round(f, 2) for f in fids]} -> "
+                   f"{action} expert {index}")
+        expert = self.experts[index]
+        self.frozen = frozen_copy(expert.generator) if expert.tasks else None  # replay of its old tasks
+
+    def step(self, t: int, step: int, expert: Expert, x_real: torch.Tensor, n_old: int) -> dict:
+        """One WGAN-GP generator step of `expert` on task t (n_critic critic steps first); returns the losses."""
+        tc = self.cfg.teacher
+        g = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, t, 0, step))
+
+        def real_batch():
+            # current task plus replay of the expert's earlier tasks from its frozen copy, equal shares
+            n_cur = tc.batch_size // (n_old + 1) if self.frozen is not None else tc.batch_size
+            idx = torch.randint(0, len(x_real), (n_cur,), generator=g)
+            parts = [x_real[idx].to(self.device)]
+            if self.frozen is not None:
+                with torch.no_grad():
+                    z = torch.randn(tc.batch_size - n_cur, tc.z_dim, generator=g).to(self.device)
+                    parts.append(self.frozen(z))
+            return torch.cat(parts)
+
+        for _ in range(tc.n_critic):
+            real = real_batch()
+            fake = expert.generator(torch.randn(len(real), tc.z_dim, generator=g).to(self.device)).detach()
+            eps = torch.rand(len(real), 1, 1, 1, generator=g).to(self.device)
+            gp = gradient_penalty(expert.critic, real, fake, tc.gp_weight, eps)
+            loss_w = wgan_critic_loss(expert.critic(real), expert.critic(fake))
+            loss_d = loss_w + gp
+            expert.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            expert.opt_d.step()
+        # the generator step must not train the critic (its eval mode changes nothing: no BatchNorm, no dropout)
+        freeze(expert.critic)
+        loss_g = wgan_generator_loss(expert.critic(expert.generator(torch.randn(tc.batch_size, tc.z_dim, generator=g)
+                                                                    .to(self.device))))
+        expert.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        expert.opt_g.step()
+        unfreeze(expert.critic)
+        return {"teacher/loss_d": loss_d.item(), "teacher/loss_g": loss_g.item(),
+                "teacher/wasserstein": -loss_w.item(), "teacher/gp": gp.item()}
+
+    def end_task(self, t: int, expert: Expert) -> None:
+        """`expert` has learned task t: frozen again, and no replay copy any more."""
+        expert.freeze()
+        if t not in expert.tasks:
+            expert.tasks.append(t)
+        self.frozen = None
+
+    def modules(self) -> list[nn.Module]:
+        return [m for e in self.experts for m in (e.generator, e.critic)]
+
+    def state(self) -> dict:
+        return {"experts": [e.state_dict() for e in self.experts], "task_to_expert": self.task_to_expert,
+                "decisions": self.decisions, "frozen": self.frozen.state_dict() if self.frozen is not None else None}
+
+    def load(self, ckpt: dict) -> None:
+        for state in ckpt["experts"]:
+            expert = Expert(self.cfg, self.cfg.data.channels, self.device)
+            expert.load_state_dict(state)
+            self.experts.append(expert)
+        self.task_to_expert, self.decisions = list(ckpt["task_to_expert"]), list(ckpt["decisions"])
+        if ckpt["frozen"] is not None:
+            self.frozen = frozen_copy(self.of_task(ckpt["progress"]["task"]).generator)
+            self.frozen.load_state_dict(ckpt["frozen"])

@@ -1,0 +1,150 @@
+"""The gan_vae student phase: replay batches from the experts, per-row expert weights, the relational temperature,
+and one update of the beta-VAE student on the sum of the registered loss terms (gan_vae.losses)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from gan_vae.experts import ExpertPool, frozen_copy, step_seed
+from gan_vae.losses import StudentStep, student_loss
+from models import TaskVAE
+
+
+def expert_weight(fid: float, threshold: float, floor: float, ceiling: float) -> float:
+    """Replay and distillation weight of an expert, decreasing with its latest FID: clip(threshold / FID,
+    floor, ceiling) (an expert at the threshold gets 1, one twice as far gets 1/2)."""
+    return float(np.clip(threshold / max(fid, 1e-8), floor, ceiling))
+
+
+def dynamic_temperature(step: int, steps: int, t_max: float, t_min: float, fid: float, threshold: float,
+                        gain: float) -> float:
+    """Relational-KD temperature: linear from t_max to t_min over a task's steps, times
+    1 + gain * clip(fid / threshold - 1, 0, 1) (softer targets while the teacher's samples are poor)."""
+    t = t_max - (t_max - t_min) * step / max(steps - 1, 1)
+    return t * (1 + gain * float(np.clip(fid / threshold - 1, 0, 1)))
+
+
+class StudentLearner:
+    """The student phase: the beta-VAE student, its projections (feature KD: one per expert, onto that expert
+    critic's feature space) and optimiser, and `previous`, the student as it was before the current task
+    (self-distillation). One step: a replay batch, the registered loss terms (gan_vae.losses), an Adam update."""
+
+    def __init__(self, cfg, device: torch.device, pool: ExpertPool, train_x: list[torch.Tensor]):
+        self.cfg, self.device, self.pool, self.train_x = cfg, device, pool, train_x
+        sc = cfg.student
+        self.student = TaskVAE(cfg.data.channels, sc.z_dim, sc.u_dim, sc.width).to(device)
+        self.projections = nn.ModuleList()
+        self.opt = self._optimizer()
+        self.previous: TaskVAE | None = None
+
+    def _optimizer(self):
+        return torch.optim.Adam(list(self.student.parameters()) + list(self.projections.parameters()),
+                                lr=self.cfg.student.lr)
+
+    def _projection(self) -> nn.Linear:
+        return nn.Linear(self.student.feature_dim, self.pool.experts[0].critic.feature_dim).to(self.device)
+
+    def begin_task(self, t: int) -> list[int]:
+        """Ready for task t (a new task prior, a projection per new expert, a fresh optimiser, the copy from
+        before the task, unless resuming within it); returns the tasks its batches cover."""
+        sc, kd = self.cfg.student, self.cfg.kd
+        if self.student.num_tasks <= t:
+            self.previous = frozen_copy(self.student) if t > 0 and sc.replay and kd.previous_weight > 0 else None
+            while self.student.num_tasks <= t:
+                self.student.add_task()
+            while len(self.projections) < len(self.pool.experts):  # a new expert brings its own projection
+                self.projections.append(self._projection())
+            self.opt = self._optimizer()
+        self.student.train()
+        return list(range(t + 1)) if sc.replay else [t]
+
+    def update(self, t: int, seen: list[int], step: int) -> dict:
+        """One training step on the sum of the loss terms; returns what metrics.jsonl records of it."""
+        batch = self.step_inputs(t, seen, step)
+        loss, logged = student_loss(batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        record = {"student/loss": loss.item(), **{f"student/{k}": v.item() for k, v in logged.items()}}
+        record["kd/temperature"] = batch.temperature
+        for j in seen:
+            if j != t:
+                record[f"kd/weight_task{j}"] = float(batch.row_weight[batch.task_ids == j][0])
+        return record
+
+    def step_inputs(self, t: int, seen: list[int], step: int) -> StudentStep:
+        """What the loss terms read at student step `step` of task t: the replay batch (`batch`, from this step's
+        seeded generator), its row weights, the relational temperature and the networks."""
+        cfg, kd = self.cfg, self.cfg.kd
+        g = torch.Generator().manual_seed(step_seed(cfg.train.seed, t, 1, step))
+        x, task_ids, mix = self.batch(t, seen, g)
+        fid_now = float(np.mean([self.pool.of_task(j).latest_fid for j in seen]))
+        temperature = dynamic_temperature(step, cfg.student.steps, kd.temperature_max, kd.temperature_min, fid_now,
+                                          cfg.teacher.fid_threshold, kd.temperature_fid_gain)
+        expert_of = torch.tensor([self.pool.task_to_expert[j] for j in task_ids.tolist()], device=self.device)
+        return StudentStep(cfg=cfg, student=self.student, previous=self.previous,
+                           critics=[e.critic for e in self.pool.experts], projections=self.projections, x=x,
+                           task_ids=task_ids, mix=mix, replayed=task_ids != t, row_weight=self.row_weights(task_ids, t),
+                           expert_of=expert_of, temperature=temperature, generator=g)
+
+    def batch(self, t: int, seen: list[int], g: torch.Generator):
+        """One student batch: real task-t images and, for every earlier seen task, images from that task's expert
+        (replay), in equal shares; with student.mixup, each real image mixed with a replayed one. Returns images
+        [B, C, 32, 32], task ids [B] and the mixup pairing (other task ids, lambda) or None."""
+        sc = self.cfg.student
+        share = sc.batch_size // len(seen)
+        xs, tasks = [], []
+        for j in seen:
+            n = share if j != t else sc.batch_size - share * (len(seen) - 1)
+            if j == t:
+                xs.append(self.train_x[t][torch.randint(0, len(self.train_x[t]), (n,), generator=g)].to(self.device))
+            else:  # replay: the task's expert generates it (output-level distillation target)
+                xs.append(self.pool.of_task(j).sample(n, g))
+            tasks.append(torch.full((n,), j, dtype=torch.long))
+        x, task_ids = torch.cat(xs), torch.cat(tasks).to(self.device)
+        mix = None
+        if sc.mixup and len(seen) > 1:  # mix each real image with a replayed one, and their task priors
+            n_real = len(xs[-1]) if seen[-1] == t else 0
+            perm = torch.randint(0, len(x) - n_real, (len(x),), generator=g).to(self.device)
+            lam = torch.distributions.Beta(0.4, 0.4).sample((len(x),)).to(self.device)
+            lam = torch.where(task_ids == t, lam, torch.ones_like(lam))
+            x = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
+            mix = (task_ids[perm], lam)
+        return x, task_ids, mix
+
+    def row_weights(self, task_ids: torch.Tensor, t: int) -> torch.Tensor:
+        """Per-row weight [B]: 1 for the current task, and for a replayed task its expert's adaptive weight
+        (expert_weight of the expert's latest FID)."""
+        kd, w = self.cfg.kd, {}
+        for j in task_ids.unique().tolist():
+            w[j] = 1.0 if j == t else expert_weight(self.pool.of_task(j).latest_fid, self.cfg.teacher.fid_threshold,
+                                                    kd.weight_floor, kd.weight_ceiling)
+        return torch.tensor([w[j] for j in task_ids.tolist()], device=self.device)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.student, self.projections]
+
+    def state(self) -> dict:
+        return {"student": self.student.state_dict(), "num_student_tasks": self.student.num_tasks,
+                "projections": self.projections.state_dict(), "num_projections": len(self.projections),
+                "opt_s": self.opt.state_dict(),
+                "previous": self.previous.state_dict() if self.previous is not None else None,
+                "previous_tasks": self.previous.num_tasks if self.previous is not None else 0}
+
+    def load(self, ckpt: dict) -> None:
+        while self.student.num_tasks < ckpt["num_student_tasks"]:
+            self.student.add_task()
+        self.student.load_state_dict(ckpt["student"])
+        while len(self.projections) < ckpt["num_projections"]:
+            self.projections.append(self._projection())
+        self.projections.load_state_dict(ckpt["projections"])
+        self.opt = self._optimizer()
+        self.opt.load_state_dict(ckpt["opt_s"])
+        if ckpt.get("previous") is not None:
+            sc = self.cfg.student
+            previous = TaskVAE(self.cfg.data.channels, sc.z_dim, sc.u_dim, sc.width).to(self.device)
+            while previous.num_tasks < ckpt["previous_tasks"]:
+                previous.add_task()
+            previous.load_state_dict(ckpt["previous"])
+            self.previous = frozen_copy(previous)
