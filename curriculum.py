@@ -19,7 +19,7 @@ import torch
 
 from common.distributed import all_gather_objects, broadcast_buffers, broadcast_object
 from common.rng import rng_isolated
-from curriculum_dataloader import CurriculumSampler, strategy_named
+from curriculum_dataloader import CurriculumSampler, own_section, strategy_named
 from imagedata.normalization import input_norm, normalize_batch
 from imagedata.samplers import ShardSampler
 from imagedata.views import EvalViews, make_loader
@@ -31,7 +31,8 @@ def build_sampler(cfg, dist, num_samples: int) -> CurriculumSampler:
     strategy that ranks by difficulty uses the whole set until the first refresh."""
     c = cfg.curriculum
     sampler = CurriculumSampler(np.zeros(num_samples), c.strategy, c.fraction, c.target, cfg.train.seed,
-                                dist.world_size, dist.rank, c.start_fraction, c.pacing_epochs)
+                                dist.world_size, dist.rank, c.start_fraction, c.pacing_epochs,
+                                own_section(c, c.strategy))
     sampler.use_all = strategy_named(c.strategy).needs_difficulty
     return sampler
 

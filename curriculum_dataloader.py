@@ -7,8 +7,8 @@ batches it with `samplers.TrainBatchSampler`, which marks the padded duplicates 
 sample reaches the loss exactly once per epoch, so the samples trained in an epoch are exactly
 `selection_size()` (summed over ranks).
 
-Strategies are the entries of STRATEGY_REGISTRY (name -> `Strategy`), each rule in its class's docstring. With N
-the dataset size and f the fraction (M = ceil(f * N)):
+Strategies are the entries of STRATEGY_REGISTRY (a common.registry.Registry of `Strategy` classes), each rule in its
+class's docstring. With N the dataset size and f the fraction (M = ceil(f * N)):
 - all:           every sample, reshuffled each epoch (no curriculum).
 - random_subset: a uniformly random M samples each epoch (the control with the same budget).
 - adaptive:      the M samples whose difficulty is nearest the target d, reshuffled each epoch.
@@ -16,8 +16,11 @@ the dataset size and f the fraction (M = ceil(f * N)):
 - hard_to_easy:  the hardest ceil(g(e) * N) (anti-curriculum).
 - mixed:         M samples from every difficulty quintile, weighted 5, 3, 2, 1, 1 by distance from the quintile
                  that holds d; a quintile's shortfall goes to the others.
-A new strategy is a `Strategy` subclass plus its entry in STRATEGY_REGISTRY (README, "Adding an agent or a
-strategy"); `curriculum.strategy` accepts every key of the registry.
+These choose membership: the sampler shuffles what they choose. A strategy whose class sets `ordered = True` also
+sets the order within the epoch: its selection is trained in the order it returns (examples/plugins/hard_first.py).
+A new strategy is a `Strategy` subclass registered with `@STRATEGY_REGISTRY.register(name, config=..., help=...)`,
+in this file or in a plugin file named by run.plugins (README, "Adding an agent or a strategy");
+`curriculum.strategy` accepts every registered name, and an entry's own keys are curriculum.<name>.*.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
+from common.registry import Registry
 from imagedata.samplers import pad_and_shard
 
 MIXED_WEIGHTS = (5, 3, 2, 1, 1)  # by distance (0..4) from the target's quintile
@@ -95,7 +99,7 @@ def target_quintile(difficulty: np.ndarray, groups: list[np.ndarray], target: fl
 
 
 # ================================================================================================================
-# Strategies: name -> Strategy in STRATEGY_REGISTRY.
+# Strategies: the entries of STRATEGY_REGISTRY.
 # ================================================================================================================
 @dataclass(frozen=True)
 class EpochPool:
@@ -110,26 +114,39 @@ class EpochPool:
 
 class Strategy:
     """A curriculum strategy: `size` samples per epoch, `choose` which. Both are pure functions of their arguments
-    (choose draws only from the rng it is given), so every rank derives the same selection. The sampler shuffles
-    the chosen indices afterwards; `choose` may return them in any order."""
+    (choose draws only from the rng it is given), so every rank derives the same selection.
+
+    `ordered` = False: the sampler shuffles the chosen indices afterwards, so `choose` may return them in any
+    order. `ordered` = True: `choose` returns them in the order to train on (the sampler keeps it; see
+    `CurriculumSampler.select`). The sampler makes one instance per run, `Strategy(options)`, with `options` the
+    entry's own config section (curriculum.<name>.*, registered with `config=`), or None when it has none."""
 
     needs_difficulty = True  # ranks samples by difficulty: the whole set until the first refresh, needs a teacher
+    ordered = False
 
-    def validate(self, cfg) -> None:
+    def __init__(self, options=None):
+        self.options = options
+
+    @classmethod
+    def validate(cls, cfg) -> None:
         """Checks of the run's config (train_student_rl.RLConfig) that involve several keys, for the selected
         strategy, before anything is built (UserError); none by default. Each key's own range is declared with
-        the key in the schema (utils.opt)."""
+        the key in the schema (common.config.opt)."""
 
     def size(self, pool: EpochPool) -> int:
         """M = ceil(f N) by default."""
         return ceil_share(pool.fraction, len(pool.difficulty))
 
     def choose(self, pool: EpochPool, m: int, rng: np.random.Generator, tie_break: np.ndarray) -> np.ndarray:
-        """m distinct indices into pool.difficulty. tie_break: [N] uniform numbers, drawn from rng first, that give
-        a random order among equal keys (not the index order)."""
+        """m distinct indices into pool.difficulty (in training order when `ordered`). tie_break: [N] uniform
+        numbers, drawn from rng first, that give a random order among equal keys (not the index order)."""
         raise NotImplementedError
 
 
+STRATEGY_REGISTRY = Registry("curriculum strategy", key="curriculum.strategy", sections="curriculum")
+
+
+@STRATEGY_REGISTRY.register("all", help="every sample, reshuffled each epoch (no curriculum)")
 class AllSamples(Strategy):
     """all: every sample, reshuffled each epoch (no curriculum); M = N."""
 
@@ -142,6 +159,7 @@ class AllSamples(Strategy):
         return np.arange(len(pool.difficulty))
 
 
+@STRATEGY_REGISTRY.register("random_subset", help="a uniformly random ceil(f N) samples each epoch (the control)")
 class RandomSubset(Strategy):
     """random_subset: a uniformly random M = ceil(f N) samples each epoch (the control with the same budget)."""
 
@@ -151,6 +169,7 @@ class RandomSubset(Strategy):
         return rng.choice(len(pool.difficulty), size=m, replace=False)
 
 
+@STRATEGY_REGISTRY.register("adaptive", help="the ceil(f N) samples whose difficulty is nearest the target")
 class Adaptive(Strategy):
     """adaptive: the M = ceil(f N) samples with the smallest |D_i - d|, ties in random order."""
 
@@ -165,6 +184,7 @@ class Pacing(Strategy):
         return ceil_share(pacing_fraction(pool.epoch, pool.start_fraction, pool.pacing_epochs), len(pool.difficulty))
 
 
+@STRATEGY_REGISTRY.register("easy_to_hard", help="pacing: the easiest ceil(g(e) N), g from start_fraction to 1")
 class EasyToHard(Pacing):
     """easy_to_hard: the M = ceil(g(e) N) samples of smallest D_i (pacing curriculum)."""
 
@@ -172,6 +192,7 @@ class EasyToHard(Pacing):
         return np.lexsort((tie_break, pool.difficulty))[:m]
 
 
+@STRATEGY_REGISTRY.register("hard_to_easy", help="the hardest ceil(g(e) N) (anti-curriculum)")
 class HardToEasy(Pacing):
     """hard_to_easy: the M = ceil(g(e) N) samples of largest D_i (anti-curriculum)."""
 
@@ -179,6 +200,8 @@ class HardToEasy(Pacing):
         return np.lexsort((tie_break, -pool.difficulty))[:m]
 
 
+@STRATEGY_REGISTRY.register("mixed", help="ceil(f N) samples from every difficulty quintile, weighted toward the "
+                                          "target's (5, 3, 2, 1, 1)")
 class Mixed(Strategy):
     """mixed: M = ceil(f N) samples drawn from all five difficulty quintiles, quintile i weighted
     MIXED_WEIGHTS[|i - q|] with q the quintile holding d; a full quintile's shortfall goes to the others by weight
@@ -192,18 +215,26 @@ class Mixed(Strategy):
         return np.concatenate([rng.choice(g, size=c, replace=False) for g, c in zip(groups, counts)])
 
 
-STRATEGY_REGISTRY: dict[str, Strategy] = {"all": AllSamples(), "random_subset": RandomSubset(),
-                                          "adaptive": Adaptive(), "easy_to_hard": EasyToHard(),
-                                          "hard_to_easy": HardToEasy(), "mixed": Mixed()}
-# the built-in names (for --help and parametrized tests); checks use the live registry, which tests extend
+# the built-in names (for --help and parametrized tests); checks use the live registry, which plugins extend
 STRATEGIES = tuple(STRATEGY_REGISTRY)
 DIFFICULTY_STRATEGIES = tuple(name for name, s in STRATEGY_REGISTRY.items() if s.needs_difficulty)
 
 
-def strategy_named(name: str) -> Strategy:
-    if name not in STRATEGY_REGISTRY:
-        raise UserError(f"unknown curriculum strategy '{name}'; choose one of {', '.join(STRATEGY_REGISTRY)}")
-    return STRATEGY_REGISTRY[name]
+def strategy_named(name: str, options=None) -> Strategy:
+    """An instance of the registered strategy `name` (UserError listing the choices when unknown), given its own
+    config section `options` (e.g. cfg.curriculum.<name>); with none given, that section's defaults."""
+    entry = STRATEGY_REGISTRY.entry(name)
+    if options is None and entry.config is not None:
+        options = entry.config()
+    return entry.obj(options)
+
+
+def own_section(curriculum, name: str):
+    """The strategy `name`'s own config section, curriculum.<name>, from the run's curriculum section; None when it
+    registered no config (or the schema holds no such section: `strategy_named` then uses its defaults)."""
+    if STRATEGY_REGISTRY.entry(name).config is None:
+        return None
+    return getattr(curriculum, name, None)
 
 
 class CurriculumSampler(torch.utils.data.Sampler):
@@ -212,11 +243,17 @@ class CurriculumSampler(torch.utils.data.Sampler):
     The chosen set (before sharding) has exactly `selection_size()` samples; it is padded by wrapping to a multiple
     of num_replicas (never truncated, `samplers.pad_and_shard`), so every rank gets the same number of items and no
     sample is dropped. The padded items are the last shard position of some ranks; `samplers.TrainBatchSampler` marks
-    them invalid so that they are not counted or trained on twice."""
+    them invalid so that they are not counted or trained on twice.
+
+    The shards are strided (`samplers.pad_and_shard`): training step k covers one contiguous block of the global
+    order on all ranks together, so the order of an ordered strategy (`Strategy.ordered`) is the order of the
+    steps on every rank. `options`: the strategy's own config section (see `strategy_named`)."""
 
     def __init__(self, difficulty, strategy: str, fraction: float = 0.7, target: float = 0.5, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, start_fraction: float = 0.4, pacing_epochs: int = 10):
-        self.rule = strategy_named(strategy)
+                 num_replicas: int = 1, rank: int = 0, start_fraction: float = 0.4, pacing_epochs: int = 10,
+                 options=None):
+        self.rule = strategy_named(strategy, options)
+        self.warmup_rule = AllSamples()
         check_fraction(fraction)
         check_target(target)
         check_fraction(start_fraction)
@@ -262,7 +299,7 @@ class CurriculumSampler(torch.utils.data.Sampler):
 
     def active_rule(self) -> Strategy:
         # before the first difficulty refresh the scores are placeholders: use the whole set
-        return STRATEGY_REGISTRY["all"] if self.use_all else self.rule
+        return self.warmup_rule if self.use_all else self.rule
 
     def selection_size(self) -> int:
         return self.active_rule().size(self.pool())
@@ -275,11 +312,12 @@ class CurriculumSampler(torch.utils.data.Sampler):
         return np.random.default_rng([self.seed, self.epoch, 7])
 
     def select(self) -> np.ndarray:
-        """The chosen indices of this epoch, in their global (shuffled) order; identical on every rank."""
+        """The chosen indices of this epoch in their global order, identical on every rank: shuffled, or as the
+        strategy returned them when it is `ordered`."""
         rng, pool, rule = self._rng(), self.pool(), self.active_rule()
         tie_break = rng.random(self.size)  # drawn for every strategy, so that each keeps its random stream
-        chosen = rule.choose(pool, rule.size(pool), rng, tie_break)
-        return chosen[rng.permutation(len(chosen))]
+        chosen = np.asarray(rule.choose(pool, rule.size(pool), rng, tie_break))
+        return chosen if rule.ordered else chosen[rng.permutation(len(chosen))]
 
     def quintiles(self, tie_break: np.ndarray | None = None) -> list[np.ndarray]:
         """The samples split into 5 equal-count difficulty groups, easiest first."""

@@ -159,6 +159,23 @@ def _stamp(path: Path | None) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+def _plan_auto(run_dir: Path, program: str | None, restart_without_checkpoint: bool,
+               dist: DistInfo | None) -> RunPlan:
+    """`plan_run_dir` with run.resume=auto: continue from checkpoints/last.pt (or restart, see there)."""
+    ckpt: Path | None = run_dir / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        if not (restart_without_checkpoint and any(run_files(run_dir))):
+            raise UserError(f"run.resume=auto but {ckpt} does not exist: nothing to resume. "
+                            "Check run.out_dir and run.name, or drop run.resume to start a new run")
+        ckpt = None
+        if (dist or DistInfo()).is_main:
+            print(f"run.resume=auto: {run_dir} has no checkpoint yet (it stopped before its first epoch "
+                  "ended); starting it from the beginning")
+    if program is not None:
+        check_program(run_program(run_dir), program, f"the run directory {run_dir}")
+    return RunPlan(run_dir, ckpt, True, _stamp(ckpt))
+
+
 def plan_run_dir(out_dir: str, name: str, resume: str, program: str | None = None,
                  restart_without_checkpoint: bool = False, dist: DistInfo | None = None) -> RunPlan:
     """Check where `<out_dir>/<name>/` stands against `resume` and what to resume from; nothing is written.
@@ -176,18 +193,7 @@ def plan_run_dir(out_dir: str, name: str, resume: str, program: str | None = Non
     before."""
     run_dir = Path(out_dir) / name
     if resume == "auto":
-        ckpt: Path | None = run_dir / "checkpoints" / "last.pt"
-        if not ckpt.is_file():
-            if not (restart_without_checkpoint and any(run_files(run_dir))):
-                raise UserError(f"run.resume=auto but {ckpt} does not exist: nothing to resume. "
-                                "Check run.out_dir and run.name, or drop run.resume to start a new run")
-            ckpt = None
-            if (dist or DistInfo()).is_main:
-                print(f"run.resume=auto: {run_dir} has no checkpoint yet (it stopped before its first epoch "
-                      "ended); starting it from the beginning")
-        if program is not None:
-            check_program(run_program(run_dir), program, f"the run directory {run_dir}")
-        return RunPlan(run_dir, ckpt, True, _stamp(ckpt))
+        return _plan_auto(run_dir, program, restart_without_checkpoint, dist)
     if resume:
         ckpt = Path(resume)
         if ckpt.is_dir():

@@ -101,6 +101,13 @@ def render_synthetic_image(attrs: tuple[int, int, int], difficulty: float, size:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _png(arr: np.ndarray) -> dict:
+    """An image as a `datasets.Image` value: PNG bytes, compress_level=1 (fast to write)."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return {"bytes": buf.getvalue(), "path": None}
+
+
 def make_synthetic_dataset(num_classes: int = 10, images_per_class: int = 100, image_size: int = 32,
                            seed: int = 0, eval_images_per_class: int | None = None, label_noise: float = 0.0):
     """A `datasets.DatasetDict` with train / validation / test splits, columns image, label (ClassLabel),
@@ -135,12 +142,7 @@ def make_synthetic_dataset(num_classes: int = 10, images_per_class: int = 100, i
         labels = np.repeat(np.arange(num_classes), n)
         rng.shuffle(labels)
         difficulty = rng.uniform(0, 1, size=len(labels)).astype(np.float32)
-        images = []
-        for y, d in zip(labels, difficulty):
-            arr = render_synthetic_image(attrs[y], d, image_size, rng)
-            buf = io.BytesIO()
-            Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-            images.append({"bytes": buf.getvalue(), "path": None})
+        images = [_png(render_synthetic_image(attrs[y], d, image_size, rng)) for y, d in zip(labels, difficulty)]
         noisy = flip_labels(labels, label_noise, num_classes, np.random.default_rng([seed, split_id, 1009])) \
             if split == "train" and label_noise > 0 else labels
         out[split] = datasets.Dataset.from_dict(

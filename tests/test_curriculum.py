@@ -180,7 +180,7 @@ def test_sampler_is_deterministic_and_reshuffles():
 
 
 def test_sampler_bad_input():
-    with pytest.raises(UserError, match="unknown curriculum strategy 'hardest'"):
+    with pytest.raises(UserError, match="unknown curriculum.strategy 'hardest'"):
         CurriculumSampler(DIFF, "hardest")
     with pytest.raises(UserError, match="fraction"):
         CurriculumSampler(DIFF, "adaptive", fraction=0.0)

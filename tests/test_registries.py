@@ -186,8 +186,10 @@ class TryEachTarget:
 
 @pytest.fixture
 def registered(monkeypatch):
+    # a copy of the registry's entries, restored after the test, holds the test's strategy
+    monkeypatch.setattr(STRATEGY_REGISTRY, "_entries", dict(STRATEGY_REGISTRY._entries))
+    STRATEGY_REGISTRY.register("median_band", help="the samples nearest the median difficulty")(MedianBand)
     import agents
-    monkeypatch.setitem(STRATEGY_REGISTRY, "median_band", MedianBand())
     agents.AGENT_REGISTRY.register("try_each_target", help="each target once, then the best")(TryEachTarget)
     yield
     agents.AGENT_REGISTRY.unregister("try_each_target")
