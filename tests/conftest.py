@@ -138,3 +138,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+def export_commit(commit: str, dest: Path) -> Path:
+    """The repository's files at `commit` (`git archive`) extracted into `dest`, for running older code next to the
+    current one; a pytest skip where the checkout lacks that commit (a shallow clone, an exported tarball)."""
+    import io
+    import tarfile
+    proc = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"commit {commit} is not in this checkout (a shallow clone?): {proc.stderr[-200:]!r}")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
