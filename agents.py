@@ -10,7 +10,7 @@ size of each action component) and has this interface:
     agent.state_dict() / agent.load_state_dict(state)     # saved in the checkpoint
     AGENT_REGISTRY[name].validate(cfg)                    # optional: checks of several keys, before any work
 
-Under DDP only rank 0's agent acts and observes (train_student_rl.CurriculumTrainer.decide). A new agent is a
+Under DDP only rank 0's agent acts and observes (engine.curriculum_run.CurriculumRun.decide). A new agent is a
 class with these methods, registered with `@AGENT_REGISTRY.register("name", config=ItsConfig, help="...")`, here
 or in a file named by run.plugins (examples/plugins/epsilon_greedy.py); its keys are then agent.<name>.*.
 """

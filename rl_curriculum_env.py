@@ -3,7 +3,7 @@
 The action of step t sets the target difficulty and the distillation temperature of the epoch that step t trains;
 the observation and reward step t returns describe that same epoch. The reward is `curriculum_reward`.
 
-    env = CurriculumEnv(trainer, num_epochs)      # trainer: a CurriculumTraining (train_student_rl.CurriculumTrainer)
+    env = CurriculumEnv(trainer, num_epochs)      # trainer: a CurriculumTraining (engine.curriculum_run.CurriculumRun)
     obs, info = env.reset(seed=0)
     obs, reward, terminated, truncated, info = env.step(np.array([2, 1]))   # target 0.5, temperature unchanged
 """
@@ -55,7 +55,7 @@ def decode_action(action, temperature: float) -> tuple[float, float]:
 
 
 class CurriculumTraining(Protocol):
-    """What the environment drives: one training run whose curriculum it sets (train_student_rl.CurriculumTrainer
+    """What the environment drives: one training run whose curriculum it sets (engine.curriculum_run.CurriculumRun
     is one). The environment needs nothing else of it."""
 
     temperature: float  # the distillation temperature of the next epoch

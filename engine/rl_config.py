@@ -9,11 +9,13 @@ import kd_methods
 from agents import AGENT_REGISTRY, AgentConfig
 from common.config import opt, section
 from common.errors import check
+from common.registry import holds_sections_of
 from curriculum_dataloader import STRATEGIES, STRATEGY_REGISTRY
 from engine.config import Config, validate
 from rl_curriculum_env import ACTION_NVEC
 
 
+@holds_sections_of(STRATEGY_REGISTRY)
 @dataclass
 class CurriculumConfig:
     strategy: str = opt("adaptive", f"which samples an epoch uses: {', '.join(STRATEGIES)}",
