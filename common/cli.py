@@ -1,37 +1,45 @@
 """The command-line wrapper every script's `main` runs under (`run_cli`): a UserError or a torch.compile failure becomes
-`error: <message>` and exit 2, Ctrl-C exit 130, with progress bars closed first.
+`error: <message>` and exit 2, Ctrl-C exit 130, with progress bars closed first. A process that ran in a process
+group (torchrun) ends through common.distributed.end_process, with the same exit codes.
 """
 from __future__ import annotations
 
 import sys
 from typing import Any, Callable
 
-from common.distributed import cleanup_distributed
+from common.distributed import cleanup_distributed, end_process, ran_process_group
 from common.errors import UserError, user_error_message
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
-    """Run `main(argv)` as a command-line program: UserError becomes a short message and exit code 2."""
+    """Run `main(argv)` as a command-line program: UserError becomes a short message and exit code 2. In a process
+    group, every way out (success 0, errors 2, Ctrl-C 130, any other exception 1 after its traceback, as Python
+    itself would) goes through end_process; a single process returns or raises as before."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         main(argv)
     except UserError as exc:
         end_progress_bars()
         print(f"error: {user_error_message(exc)}", file=sys.stderr)
-        cleanup_distributed()
-        sys.exit(2)
+        cleanup_distributed(wait_for_peers=False)
+        end_process(2)
     except KeyboardInterrupt:
         end_progress_bars()
         print("interrupted; the last checkpoint is kept and `run.resume=auto` continues from it", file=sys.stderr)
-        cleanup_distributed()
-        sys.exit(130)
+        cleanup_distributed(wait_for_peers=False)
+        end_process(130)
     except Exception as exc:  # noqa: BLE001 - only torch.compile's failures are translated; the rest re-raise
         end_progress_bars()  # a traceback, too, starts on its own line
         if not is_compile_failure(exc):
-            raise
+            if not ran_process_group():
+                raise
+            sys.excepthook(type(exc), exc, exc.__traceback__)  # what Python prints for an uncaught exception
+            end_process(1)
         print(f"error: {compile_failure_message(exc)}", file=sys.stderr)
-        cleanup_distributed()
-        sys.exit(2)
+        cleanup_distributed(wait_for_peers=False)
+        end_process(2)
+    if ran_process_group():
+        end_process(0)
 
 
 def end_progress_bars() -> None:
