@@ -9,8 +9,9 @@ next to it; the training loop never names a method.
     python train_student.py kd.method=fitnet teacher.mode=online  # FitNets, Romero et al. ICLR 2015 (mdistiller)
 
 A method is a `KDMethod` (an nn.Module, so it can own trainable parts). It declares what it needs from the teacher
-(`teacher_outputs`: "logits", "features", or "feature_map", online only), runs the student (`forward`, inside the module that DDP, torch.compile,
-the optimizer and the checkpoint cover: `Distiller`), and returns its loss as named terms with their weights
+(`teacher_outputs`: "logits", "features", or a method's own online-only output such as fitnet's "feature_map",
+computed by its `teacher_online`), runs the student (`forward`, inside the module that DDP, torch.compile, the
+optimizer and the checkpoint cover: `Distiller`), and returns its loss as named terms with their weights
 (`loss_terms`). The loop sums weight x term and logs every term as `train/loss_<name>`. The loss functions
 themselves are pure functions in models.py, with their formulas.
 
@@ -283,10 +284,10 @@ class PooledHint(KD):
 
 @dataclass
 class FitNetConfig:
-    stage: int = opt(2, "the hint stage: an index into timm's feature_info of both teacher and student (ResNet: 0 stem, "
-                        "1-4 layer1-layer4; MobileNetV2: the blocks ending strides 2-32). Default: mdistiller's hint "
-                        "layer 2 (its cfg FITNET.HINT_LAYER), the stride-8 maps: ResNet-152 layer2, 512 x 28 x 28 at "
-                        "224 px; MobileNetV2 blocks.2, 32 x 28 x 28", ge=0)
+    stage: int = opt(2, "the hint stage: an index into timm's feature_info of both teacher and student (ResNet: 0 "
+                        "stem, 1-4 layer1-layer4; MobileNetV2: the blocks ending strides 2-32). Default: mdistiller's "
+                        "hint layer 2 (its cfg FITNET.HINT_LAYER), the stride-8 maps: ResNet-152 layer2, 512 x 28 x 28 "
+                        "at 224 px; MobileNetV2 blocks.2, 32 x 28 x 28", ge=0)
     ce_weight: float = opt(1.0, "weight of the label cross-entropy (mdistiller FITNET.LOSS.CE_WEIGHT: 1)", ge=0)
     hint_weight: float = opt(100.0, "weight of the hint MSE (mdistiller FITNET.LOSS.FEAT_WEIGHT: 100)", ge=0)
     regressor_relu: bool = opt(True, "ReLU after the regressor's conv + BatchNorm, as mdistiller's ConvReg (the hinted "
@@ -327,7 +328,8 @@ class FitNet(KDMethod):
     @classmethod
     def build(cls, cfg, student: nn.Module, teacher) -> "FitNet":
         stage, size = int(cfg.kd.fitnet.stage), int(cfg.data.image_size)
-        return cls(cfg, stage_shape(student, stage, size, "student"), stage_shape(teacher.model, stage, size, "teacher"))
+        return cls(cfg, stage_shape(student, stage, size, "student"),
+                   stage_shape(teacher.model, stage, size, "teacher"))
 
     def __init__(self, cfg, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int]):
         super().__init__(cfg, None, None)

@@ -92,12 +92,13 @@ class StudentConfig:
 @holds_sections_of(kd_methods.KD_METHODS)
 @dataclass
 class KDConfig:
-    """The keys every method shares; each method's own section (kd.dkd.*, kd.dist.*, kd.pooled_hint.*, kd.fitnet.*, a plugin's) is
-    declared beside the method in kd_methods.py and added from the registry (common.registry.compose_schema)."""
+    """The keys every method shares; each method's own section (kd.dkd.*, kd.dist.*, kd.pooled_hint.*, kd.fitnet.*,
+    a plugin's) is declared beside the method in kd_methods.py and added from the registry
+    (common.registry.compose_schema)."""
     method: str = opt("kd", "KD method (kd_methods.KD_METHODS, or one a run.plugins file registers)",
                       choices=kd_methods.KD_METHODS)
-    alpha: float = opt(0.0, "kd / pooled_hint: weight of the label cross-entropy; 1 - alpha weighs the distillation term "
-                            "(0 = teacher only, 1 = labels only: no teacher is built for kd)", ge=0, le=1)
+    alpha: float = opt(0.0, "kd / pooled_hint: weight of the label cross-entropy; 1 - alpha weighs the distillation "
+                            "term (0 = teacher only, 1 = labels only: no teacher is built for kd)", ge=0, le=1)
     temperature: float = opt(4.0, "kd / pooled_hint: distillation temperature T", gt=0)
     logit_standardize: bool = opt(False, "kd, dkd, pooled_hint: z-score each sample's logits before the temperature "
                                          "(Sun et al. CVPR 2024, logit standardisation); refused with kd.method=dist "
