@@ -4,12 +4,14 @@ next to it; the training loop never names a method.
     python train_student.py kd.method=kd                          # Hinton et al. 2015 (the default)
     python train_student.py kd.method=dkd                         # Decoupled KD, Zhao et al. CVPR 2022
     python train_student.py kd.method=dist                        # DIST, Huang et al. NeurIPS 2022
-    python train_student.py kd.method=kd kd.logit_standardize=true    # Sun et al. CVPR 2024 (kd, dkd, fitnet)
-    python train_student.py kd.method=fitnet                      # KD + a FitNets hint on pooled features
+    python train_student.py kd.method=kd kd.logit_standardize=true    # Sun et al. CVPR 2024 (kd, dkd, pooled_hint)
+    python train_student.py kd.method=pooled_hint                 # kd + an MSE hint on pooled features (cached)
+    python train_student.py kd.method=fitnet teacher.mode=online  # FitNets, Romero et al. ICLR 2015 (mdistiller)
 
 A method is a `KDMethod` (an nn.Module, so it can own trainable parts). It declares what it needs from the teacher
-(`teacher_outputs`: "logits", "features"), runs the student (`forward`, inside the module that DDP, torch.compile,
-the optimizer and the checkpoint cover: `Distiller`), and returns its loss as named terms with their weights
+(`teacher_outputs`: "logits", "features", or a method's own online-only output such as fitnet's "feature_map",
+computed by its `teacher_online`), runs the student (`forward`, inside the module that DDP, torch.compile, the
+optimizer and the checkpoint cover: `Distiller`), and returns its loss as named terms with their weights
 (`loss_terms`). The loop sums weight x term and logs every term as `train/loss_<name>`. The loss functions
 themselves are pure functions in models.py, with their formulas.
 
@@ -34,14 +36,15 @@ import torch
 import torch.nn as nn
 
 from common.config import opt
-from common.errors import check
+from common.errors import UserError, check
 from common.registry import Registry
-from models import dist_loss_terms, dkd_loss_terms, dkd_warmup, hint_loss, kd_loss_terms, logits_and_pooled_features
+from models import (HintRegressor, dist_loss_terms, dkd_loss_terms, dkd_warmup, fitnet_loss_terms, hint_loss,
+                    kd_loss_terms, logits_and_pooled_features, logits_and_stage_map, stage_shape)
 
 # name -> (weight, value): the loss is sum(weight * value); every value is logged as train/loss_<name>
 LossTerms = dict[str, tuple[float, torch.Tensor]]
 KD_METHODS = Registry("KD method", key="kd.method", sections="kd")
-TEACHER_OUTPUTS = ("logits", "features")
+TEACHER_OUTPUTS = ("logits", "features")  # what the teacher cache can hold (teacher.mode=cached)
 
 
 def method_class(cfg) -> type["KDMethod"]:
@@ -71,9 +74,27 @@ class KDMethod(nn.Module):
         anything is built. Each key's own range is declared with the key in its config section (common.config.opt,
         checked for every method's keys when the config is loaded)."""
 
+    @classmethod
+    def build(cls, cfg, student: nn.Module, teacher) -> "KDMethod":
+        """The method for this student and teacher (a `models.FrozenTeacher`, or None without one). A method whose
+        parts depend on more than the teacher's pooled width (FitNet's regressor) overrides this."""
+        teacher_dim = teacher.feature_dim if teacher is not None else None
+        if "features" in cls.teacher_outputs and cls.uses_teacher(cfg):
+            check(teacher_dim is not None, f"kd.method={cls.name} distils the teacher's pooled features, but teacher "
+                                           f"{cfg.teacher.name} exposes none (no forward_features / forward_head / "
+                                           "num_features); use a timm classifier as the teacher, or a logit method")
+        return cls(cfg, student, teacher_dim)
+
     def __init__(self, cfg, student: nn.Module, teacher_feature_dim: int | None):
         super().__init__()
         self.cfg = cfg
+
+    def teacher_online(self, teacher, x: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """teacher.mode=online: the teacher's outputs that loss_terms reads, computed now from the batch `x`."""
+        if "features" in self.teacher_outputs:
+            logits, features = teacher.logits_and_features(x)
+            return {"logits": logits, "features": features}
+        return {"logits": teacher(x), "features": None}
 
     def forward(self, student: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The student's outputs this method's loss reads: at least {"logits": [B, C]}."""
@@ -87,7 +108,7 @@ class KDMethod(nn.Module):
 
 
 class Distiller(nn.Module):
-    """Everything that trains: the student and its method's trainable parts (e.g. FitNet's regressor). DDP,
+    """Everything that trains: the student and its method's trainable parts (e.g. the hint regressors). DDP,
     torch.compile and the optimizer wrap this module, so a method's parameters are synchronised, compiled and
     optimised with the student's. forward(x) -> the method's student outputs."""
 
@@ -101,13 +122,7 @@ class Distiller(nn.Module):
 
 def build_method(cfg, student: nn.Module, teacher) -> KDMethod:
     """The configured method for this student and teacher (a `models.FrozenTeacher`, or None without one)."""
-    cls = method_class(cfg)
-    teacher_dim = teacher.feature_dim if teacher is not None else None
-    if "features" in cls.teacher_outputs and cls.uses_teacher(cfg):
-        check(teacher_dim is not None, f"kd.method={cls.name} distils the teacher's pooled features, but teacher "
-                                       f"{cfg.teacher.name} exposes none (no forward_features / forward_head / "
-                                       "num_features); use a timm classifier as the teacher, or a logit method")
-    return cls(cfg, student, teacher_dim)
+    return method_class(cfg).build(cfg, student, teacher)
 
 
 def validate_method(cfg) -> None:
@@ -118,6 +133,18 @@ def validate_method(cfg) -> None:
         check(cfg.teacher.cache_features, f"kd.method={cls.name} needs the teacher's pooled features, which "
                                           "teacher.cache_features=false keeps out of the cache; set "
                                           "teacher.cache_features=true (or teacher.mode=online)")
+
+
+def check_saved_method(saved: dict | None) -> None:
+    """On resume: refuse a run whose saved config used kd.method=fitnet before it named FitNets, when that name
+    meant the pooled hint now called pooled_hint (its section then held kd.fitnet.weight). The key's value is the
+    same string, so the config comparison alone would let the run continue with another method."""
+    kd = (saved or {}).get("kd") or {}
+    if kd.get("method") == "fitnet" and "weight" in (kd.get("fitnet") or {}):
+        raise UserError("this run was trained with kd.method=fitnet as it was before issue 18: the hint on pooled "
+                        "features, now kd.method=pooled_hint (kd.pooled_hint.weight); kd.method=fitnet is now "
+                        "FitNets' feature-map hint, another method. It cannot be continued under either name: start "
+                        "a new run (another run.name) with kd.method=pooled_hint or kd.method=fitnet")
 
 
 def uses_teacher(cfg) -> bool:
@@ -202,7 +229,7 @@ class DIST(KDMethod):
     def validate(cls, cfg) -> None:
         # refused rather than ignored: DIST correlates the teacher's and the student's softmax probabilities, and
         # neither Huang et al. nor Sun et al. define it with standardised logits
-        check(not cfg.kd.logit_standardize, "kd.logit_standardize=true applies to kd.method=kd, dkd and fitnet; "
+        check(not cfg.kd.logit_standardize, "kd.logit_standardize=true applies to kd.method=kd, dkd and pooled_hint; "
                                             "kd.method=dist does not implement it. Set kd.logit_standardize=false "
                                             "or pick another method")
 
@@ -215,18 +242,25 @@ class DIST(KDMethod):
 
 
 @dataclass
-class FitNetConfig:
-    weight: float = opt(1.0, "weight of the hint loss (MSE between the regressed student and the teacher pooled "
-                             "features). Romero et al. ICLR 2015 train hints as a separate stage on CIFAR and give no "
-                             "ImageNet setting; 1 keeps the hint on the scale of the KD term here", ge=0)
+class PooledHintConfig:
+    weight: float = opt(1.0, "weight of the pooled hint (MSE between the student's pooled penultimate features, mapped "
+                             "by a learned linear regressor, and the teacher's). No paper sets it: 1 keeps the hint on "
+                             "the scale of the KD term here", ge=0)
 
 
-@KD_METHODS.register("fitnet", config=FitNetConfig, help="kd plus a FitNets hint (Romero et al. ICLR 2015) on the "
-                                                         "pooled features, through a learned regressor (kd.fitnet.*)")
-class FitNet(KD):
-    """KD plus a FitNets hint (Romero et al. 2015, models.hint_loss) on the pooled penultimate features: a learned
-    linear regressor maps the student's width to the teacher's, trained with the student; weight kd.fitnet.weight.
-    The KD part is the `kd` method with its settings (kd.alpha, kd.temperature); kd.alpha=1 keeps only CE + hint."""
+@KD_METHODS.register("pooled_hint", config=PooledHintConfig,
+                     help="kd plus an MSE hint between a learned linear map of the student's pooled penultimate "
+                          "features and the teacher's, which the teacher cache can hold (kd.pooled_hint.*). Not "
+                          "FitNets: that hints a middle-stage feature map through a conv regressor (kd.method=fitnet)")
+class PooledHint(KD):
+    """The `kd` method plus a hint on the pooled penultimate features (models.hint_loss): a learned linear regressor
+    maps the student's width to the teacher's, trained with the student; weight kd.pooled_hint.weight. The KD part
+    is the `kd` entry with its settings (kd.alpha, kd.temperature); kd.alpha=1 keeps only CE + hint.
+
+    How it differs from FitNets (Romero et al. 2015; kd.method=fitnet): FitNets hints a middle layer's spatial
+    feature map through a convolutional regressor, with CE and no KD term in mdistiller's one-stage form; this hints
+    the pooled vectors after the last stage, on top of KD. A pooled vector per view is small enough to cache (2
+    bytes x width x K per image), so it runs on the cached teacher; its numbers are not FitNets numbers."""
 
     teacher_outputs = ("logits", "features")
 
@@ -244,5 +278,72 @@ class FitNet(KD):
 
     def loss_terms(self, outputs, teacher, labels, epoch, temperature) -> LossTerms:
         terms = super().loss_terms(outputs, teacher, labels, epoch, temperature)
-        terms["hint"] = (float(self.cfg.kd.fitnet.weight), hint_loss(outputs["hint"], teacher["features"]))
+        terms["hint"] = (float(self.cfg.kd.pooled_hint.weight), hint_loss(outputs["hint"], teacher["features"]))
         return terms
+
+
+@dataclass
+class FitNetConfig:
+    stage: int = opt(2, "the hint stage: an index into timm's feature_info of both teacher and student (ResNet: 0 "
+                        "stem, 1-4 layer1-layer4; MobileNetV2: the blocks ending strides 2-32). Default: mdistiller's "
+                        "hint layer 2 (its cfg FITNET.HINT_LAYER), the stride-8 maps: ResNet-152 layer2, 512 x 28 x 28 "
+                        "at 224 px; MobileNetV2 blocks.2, 32 x 28 x 28", ge=0)
+    ce_weight: float = opt(1.0, "weight of the label cross-entropy (mdistiller FITNET.LOSS.CE_WEIGHT: 1)", ge=0)
+    hint_weight: float = opt(100.0, "weight of the hint MSE (mdistiller FITNET.LOSS.FEAT_WEIGHT: 100)", ge=0)
+    regressor_relu: bool = opt(True, "ReLU after the regressor's conv + BatchNorm, as mdistiller's ConvReg (the hinted "
+                                     "ResNet maps are post-ReLU)")
+
+
+# 50,000 mini-ImageNet training images; ResNet-152's stride-8 map at 224 px (the default stage)
+_MINI_IMAGENET_MAP = (50_000, 512, 28, 28)
+
+
+@KD_METHODS.register("fitnet", config=FitNetConfig,
+                     help="FitNets (Romero et al. ICLR 2015) in mdistiller's one-stage form: kd.fitnet.ce_weight x CE "
+                          "+ kd.fitnet.hint_weight x MSE(r(F_s), F_t), F the stage-kd.fitnet.stage feature maps, r a "
+                          "conv + BatchNorm regressor; no KD term. Online teacher only (teacher.mode=online)")
+class FitNet(KDMethod):
+    """FitNets (Romero et al. 2015, models.fitnet_loss_terms) as mdistiller runs it (mdistiller/distillers/FitNet.py,
+    defaults in mdistiller/engine/cfg.py; it ships no ImageNet FitNet config): CE weight 1, hint weight 100, hint
+    layer 2, regressor conv + BN + ReLU (models.HintRegressor), trained with the student in one stage, no KD term.
+    The teacher's map comes from the online teacher, which stops after that stage; the map is too large to cache."""
+
+    teacher_outputs = ("feature_map",)
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        if cfg.teacher.mode == "cached":
+            n, c, h, w = _MINI_IMAGENET_MAP
+            k = int(cfg.teacher.cache_views)
+            size = n * k * c * h * w * 2
+            check(False, f"kd.method=fitnet cannot use teacher.mode=cached: it hints the teacher's whole stage-"
+                         f"{cfg.kd.fitnet.stage} feature map, and caching one per view is too large (mini-ImageNet, "
+                         f"ResNet-152 at 224 px: {n:,} images x K={k} x {c} x {h} x {w} x 2 bytes (fp16) = "
+                         f"{size / 1e9:,.0f} GB, against {n * k * 100 * 2 / 1e6:,.0f} MB of cached logits); use "
+                         "teacher.mode=online, or kd.method=pooled_hint (a hint on pooled features, which caches)")
+        check(not cfg.kd.logit_standardize, "kd.logit_standardize=true applies to kd.method=kd, dkd and pooled_hint; "
+                                            "kd.method=fitnet compares feature maps, not the teacher's logits. Set "
+                                            "kd.logit_standardize=false")
+
+    @classmethod
+    def build(cls, cfg, student: nn.Module, teacher) -> "FitNet":
+        stage, size = int(cfg.kd.fitnet.stage), int(cfg.data.image_size)
+        return cls(cfg, stage_shape(student, stage, size, "student"),
+                   stage_shape(teacher.model, stage, size, "teacher"))
+
+    def __init__(self, cfg, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int]):
+        super().__init__(cfg, None, None)
+        self.stage = int(cfg.kd.fitnet.stage)
+        self.regressor = HintRegressor(student_shape, teacher_shape, cfg.kd.fitnet.regressor_relu)
+
+    def teacher_online(self, teacher, x):
+        return {"feature_map": teacher.feature_map(x, self.stage)}
+
+    def forward(self, student, x):
+        logits, feature_map = logits_and_stage_map(student, x, self.stage)
+        return {"logits": logits, "hint": self.regressor(feature_map)}
+
+    def loss_terms(self, outputs, teacher, labels, epoch, temperature) -> LossTerms:
+        f = self.cfg.kd.fitnet
+        t = fitnet_loss_terms(outputs["logits"], outputs["hint"], teacher["feature_map"], labels)
+        return {"ce": (float(f.ce_weight), t["ce"]), "hint": (float(f.hint_weight), t["hint"])}

@@ -2,10 +2,11 @@
 
 - Distillation losses of the KD methods (kd_methods.py): `kd_loss_terms` (Hinton et al. 2015), `standardize_logits`
   (Sun et al. 2024), `dkd_loss_terms` and `dkd_warmup` (Zhao et al. 2022), `dist_loss_terms` (Huang et al. 2022),
-  `hint_loss` (Romero et al. 2015).
+  `hint_loss` (pooled_hint), `fitnet_loss_terms` and its `HintRegressor` (Romero et al. 2015).
 - Teacher and student: timm models created by name (`create_student`, `create_teacher`), the `FrozenTeacher` that
   restricts a 1000-way ImageNet teacher to the dataset's classes and re-normalises its input, weight files
-  (`load_state_file`), pooled features for feature methods (`logits_and_pooled_features`).
+  (`load_state_file`), pooled features and middle-stage maps for feature methods (`logits_and_pooled_features`,
+  `stage_map`, `logits_and_stage_map`, `stage_shape`).
 - The curriculum's per-sample `difficulty_score` (train_student_rl.py).
 - gan_vae/: the WGAN-GP experts (`Generator`, `Critic`, `gradient_penalty`, the WGAN losses), the beta-VAE student
   (`TaskVAE`, `vae_loss_terms`) and its distillation losses (`relational_kd`, `nt_xent`, `gaussian_kl`,
@@ -141,14 +142,61 @@ def dist_loss_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def hint_loss(student_hint: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
-    """FitNets' hint loss (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015, Eq. 3), here on pooled
-    penultimate features: the mean squared error between the student's features mapped by the learned regressor r
-    (`student_hint` = r(f_s), [B, D_t]) and the teacher's features f_t [B, D_t],
+    """The pooled hint of kd.method=pooled_hint: the mean squared error between the student's pooled penultimate
+    features mapped by a learned linear regressor r (`student_hint` = r(f_s), [B, D_t]) and the teacher's pooled
+    penultimate features f_t [B, D_t],
 
-        L_hint = (1 / (B D_t)) sum_{i,d} (r(f_s)_{i,d} - f_t,{i,d})^2
+        L_hint = (1 / (B D_t)) sum_{i,d} (r(f_s)_{i,d} - f_t,{i,d})^2.
 
-    (the paper's 1/2 ||.||^2 up to a constant factor absorbed by the weight)."""
+    The squared error of FitNets' hint (Romero et al., ICLR 2015, Eq. 3, up to its factor 1/2), but on pooled
+    vectors rather than a middle layer's feature maps: not FitNets (that is `fitnet_loss_terms`). fp32."""
     return F.mse_loss(student_hint.float(), teacher_features.float())
+
+
+def fitnet_loss_terms(student_logits: torch.Tensor, student_hint: torch.Tensor, teacher_map: torch.Tensor,
+                      labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """FitNets (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015) trained in one stage with the labels,
+    as mdistiller runs it (megvii-research/mdistiller, mdistiller/distillers/FitNet.py): the loss is
+
+        L = w_ce CE(z_s, y) + w_hint L_hint,
+        L_hint = (1 / (B C H W)) sum_{i,c,h,w} (r(F_s)_{i,c,h,w} - F_t,{i,c,h,w})^2,
+
+    F_s [B, C_s, H_s, W_s] and F_t [B, C, H, W] the student's and the teacher's feature maps at a middle stage (the
+    paper's guided and hint layers), r the learned convolutional regressor (`HintRegressor`; `student_hint` =
+    r(F_s)), z_s the student's logits, y the labels. The paper's Eq. 3 is 1/2 ||.||^2; the mean here changes only
+    the scale, which w_hint sets (mdistiller: 100, CE weight 1). Returns the unweighted {"ce", "hint"}, both in
+    fp32 (under autocast the maps arrive in fp16 / bf16)."""
+    return {"ce": F.cross_entropy(student_logits.float(), labels),
+            "hint": F.mse_loss(student_hint.float(), teacher_map.float())}
+
+
+class HintRegressor(nn.Module):
+    """FitNets' regressor r: the student's feature map [B, C_s, H_s, W_s] -> the teacher's shape [B, C_t, H_t, W_t]:
+    a convolution, BatchNorm, then ReLU (optional), as mdistiller's ConvReg. The convolution follows the spatial
+    sizes: equal -> 1x1; the student's twice the teacher's -> 3x3 stride 2; half -> a 4x4 transposed convolution,
+    stride 2; larger by d -> a valid (1 + d) x (1 + d) convolution (the paper's fully convolutional regressor); any
+    other pair is refused. No bias: the BatchNorm's shift follows it."""
+
+    def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int], relu: bool = True):
+        super().__init__()
+        (cs, hs, ws), (ct, ht, wt) = student_shape, teacher_shape
+        if (hs, ws) == (ht, wt):
+            conv = nn.Conv2d(cs, ct, 1, bias=False)
+        elif (hs, ws) == (2 * ht, 2 * wt):
+            conv = nn.Conv2d(cs, ct, 3, stride=2, padding=1, bias=False)
+        elif (2 * hs, 2 * ws) == (ht, wt):
+            conv = nn.ConvTranspose2d(cs, ct, 4, stride=2, padding=1, bias=False)
+        elif hs >= ht and ws >= wt:
+            conv = nn.Conv2d(cs, ct, (1 + hs - ht, 1 + ws - wt), bias=False)
+        else:
+            raise UserError(f"no FitNets regressor maps the student's {hs}x{ws} feature map to the teacher's "
+                            f"{ht}x{wt} (the student's must be as large, larger, or half as large): pick another "
+                            "kd.fitnet.stage")
+        self.conv, self.bn = conv, nn.BatchNorm2d(ct)
+        self.act = nn.ReLU() if relu else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,6 +299,12 @@ class FrozenTeacher(nn.Module):
         logits, features = logits_and_pooled_features(self.model, self.own_input(x))
         return self.restrict_logits(logits), features
 
+    @torch.no_grad()
+    def feature_map(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """The feature map [B, C, H, W] at the end of timm stage `stage` (models.stage_map); the later stages and
+        the head do not run."""
+        return stage_map(self.model, self.own_input(x), stage)
+
 
 def pooled_feature_dim(model: nn.Module) -> int | None:
     """timm's `num_features` (the width `forward_head(..., pre_logits=True)` returns), None when the model lacks
@@ -269,6 +323,45 @@ def logits_and_pooled_features(model: nn.Module, x: torch.Tensor) -> tuple[torch
     drop = float(getattr(model, "drop_rate", 0.0) or 0.0)
     head_in = F.dropout(pooled, p=drop, training=model.training) if drop > 0 else pooled
     return model.get_classifier()(head_in), pooled
+
+
+def _check_stage(model: nn.Module, stage: int, what: str) -> None:
+    stages = len(getattr(model, "feature_info", None) or [])
+    if not hasattr(model, "forward_intermediates") or not stages:
+        raise UserError(f"kd.method=fitnet reads a middle stage of the {what} through timm's forward_intermediates, "
+                        f"which {type(model).__name__} lacks: use a timm CNN (ResNet, MobileNetV2, ...)")
+    if not 0 <= stage < stages:
+        raise UserError(f"kd.fitnet.stage={stage}: the {what} ({type(model).__name__}) has stages 0 to {stages - 1} "
+                        "(timm's feature_info: the stem, then one per resolution)")
+
+
+def stage_map(model: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
+    """The feature map [B, C, H, W] at the end of timm stage `stage` (an index into model.feature_info: for a
+    ResNet 0 = the stem, 1-4 = layer1-layer4; for MobileNetV2 the block ending each resolution), without running
+    the later stages."""
+    return model.forward_intermediates(x, indices=[stage], intermediates_only=True)[0]
+
+
+def logits_and_stage_map(model: nn.Module, x: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of a timm classifier returning (logits, its feature map at `stage`): forward_intermediates, then
+    forward_head, so the logits are those of `model(x)`."""
+    final, maps = model.forward_intermediates(x, indices=[stage])
+    return model.forward_head(final), maps[0]
+
+
+@torch.no_grad()
+def stage_shape(model: nn.Module, stage: int, image_size: int, what: str) -> tuple[int, int, int]:
+    """(C, H, W) of `model`'s feature map at `stage` for image_size x image_size inputs, from one forward of zeros
+    in eval mode (no BatchNorm statistic moves, nothing random is drawn); the model's mode is restored."""
+    _check_stage(model, stage, what)
+    was_training = model.training
+    model.eval()
+    try:
+        p = next(model.parameters())
+        x = torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype)
+        return tuple(stage_map(model, x, stage).shape[1:])
+    finally:
+        model.train(was_training)
 
 
 def teacher_output_classes(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:

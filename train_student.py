@@ -14,7 +14,7 @@
     # teacher (configs/quickstart_teacher.yaml) unless it exists, distils it, trains the label-only baseline
     python train_student.py --config configs/quickstart.yaml
 
-The loss is the KD method's (kd.method: kd, dkd, dist, fitnet or a plugin's; each term with its formula and paper
+The loss is the KD method's (kd.method: kd, dkd, dist, pooled_hint, fitnet or a plugin's; each term with its formula and paper
 in kd_methods.py). This program is the command line only: the schema is engine.config, the training loop
 engine.trainer, the run lifecycle engine.run. Outputs in <run.out_dir>/<run.name>/: config.yaml, metrics.jsonl,
 checkpoints/{last,best}.pt, results.json, student.safetensors, curves.png, tensorboard/ (log.tensorboard=true);

@@ -74,7 +74,7 @@ class TeacherConfig:
                               "'online': run it on every training batch", choices=("cached", "online"))
     cache_views: int = opt(10, "K: augmented views per training image stored in the teacher cache", ge=1)
     cache_features: bool = opt(True, "also store the teacher's pooled features of every cached view (fp16) when "
-                                      "kd.method needs them (fitnet); false refuses such a method")
+                                      "kd.method needs them (pooled_hint); false refuses such a method")
     prepare: str = opt("", "a config file that trains the teacher when teacher.checkpoint does not exist yet: that "
                            "run goes first, into this run.out_dir, and must write teacher.checkpoint (its "
                            "student.safetensors); a stopped one is continued. configs/quickstart.yaml uses "
@@ -92,16 +92,17 @@ class StudentConfig:
 @holds_sections_of(kd_methods.KD_METHODS)
 @dataclass
 class KDConfig:
-    """The keys every method shares; each method's own section (kd.dkd.*, kd.dist.*, kd.fitnet.*, a plugin's) is
-    declared beside the method in kd_methods.py and added from the registry (common.registry.compose_schema)."""
+    """The keys every method shares; each method's own section (kd.dkd.*, kd.dist.*, kd.pooled_hint.*, kd.fitnet.*,
+    a plugin's) is declared beside the method in kd_methods.py and added from the registry
+    (common.registry.compose_schema)."""
     method: str = opt("kd", "KD method (kd_methods.KD_METHODS, or one a run.plugins file registers)",
                       choices=kd_methods.KD_METHODS)
-    alpha: float = opt(0.0, "kd / fitnet: weight of the label cross-entropy; 1 - alpha weighs the distillation term "
-                            "(0 = teacher only, 1 = labels only: no teacher is built for kd)", ge=0, le=1)
-    temperature: float = opt(4.0, "kd / fitnet: distillation temperature T", gt=0)
-    logit_standardize: bool = opt(False, "kd, dkd, fitnet: z-score each sample's logits before the temperature (Sun "
-                                         "et al. CVPR 2024, logit standardisation); refused with kd.method=dist, "
-                                         "which does not implement it")
+    alpha: float = opt(0.0, "kd / pooled_hint: weight of the label cross-entropy; 1 - alpha weighs the distillation "
+                            "term (0 = teacher only, 1 = labels only: no teacher is built for kd)", ge=0, le=1)
+    temperature: float = opt(4.0, "kd / pooled_hint: distillation temperature T", gt=0)
+    logit_standardize: bool = opt(False, "kd, dkd, pooled_hint: z-score each sample's logits before the temperature "
+                                         "(Sun et al. CVPR 2024, logit standardisation); refused with kd.method=dist "
+                                         "and fitnet, which do not implement it")
     baseline: bool = opt(False, "also train a label-only student (kd.alpha=1) with the same budget and seed into "
                                 "<run>/label_only/ and print both side by side")
 

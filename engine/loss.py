@@ -96,13 +96,10 @@ class EpochTotals:
 
 
 def teacher_targets(method, teacher, device: torch.device, x: torch.Tensor, batch: dict, online: bool) -> dict:
-    """What `method` reads from the teacher for this batch, on the device: {"logits", "features"} (None where
-    absent): from the cache (replayed with the batch), or from the teacher now (online)."""
+    """What `method` reads from the teacher for this batch, on the device: from the cache, replayed with the batch
+    ({"logits", "features"}, None where absent), or from the teacher now (online: `method.teacher_online`)."""
     if online:
-        if "features" in method.teacher_outputs:
-            logits, features = teacher.logits_and_features(x)
-            return {"logits": logits, "features": features}
-        return {"logits": teacher(x), "features": None}
+        return method.teacher_online(teacher, x)
     return {name: (batch[f"teacher_{name}"].to(device, non_blocking=True) if f"teacher_{name}" in batch else None)
             for name in kd_methods.TEACHER_OUTPUTS}
 

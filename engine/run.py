@@ -72,6 +72,7 @@ def check_resumable(ckpt: dict | None, path: Path | None, cfg, run_dir: Path, pr
         check_program(checkpoint_program(ckpt), program, f"checkpoint {path}")
         require_entries(ckpt, TRAIN_CHECKPOINT_KEYS, path, program)
     saved = ckpt.get("config") if ckpt is not None else read_saved_config(run_dir)
+    kd_methods.check_saved_method(saved)
     check_resume_config(saved, cfg, str(path if ckpt is not None else run_dir / "config.yaml"),
                         TRAIN_RESUME_SAFE_KEYS)
 

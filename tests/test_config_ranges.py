@@ -158,7 +158,7 @@ def test_choices_and_registries():
 
 def test_a_kd_method_registered_later_is_a_valid_choice():
     import kd_methods
-    with pytest.raises(UserError, match="unknown kd.method 'mine'; choose one of kd, dkd, dist, fitnet .*run.plugins"):
+    with pytest.raises(UserError, match="unknown kd.method 'mine'; choose one of kd, dkd, dist, pooled_hint, fitnet .*run.plugins"):
         load_config(Config, None, ["kd.method=mine"])
 
     class Mine(kd_methods.KD):
@@ -200,11 +200,11 @@ def test_cross_key_checks(entry, args, message, tmp_path):
 
 def test_dist_refuses_logit_standardize(tmp_path):
     proc = run_entry("train_student", tmp_path, "kd.method=dist", "kd.logit_standardize=true")
-    assert_clean_error(proc, "kd.logit_standardize=true applies to kd.method=kd, dkd and fitnet",
+    assert_clean_error(proc, "kd.logit_standardize=true applies to kd.method=kd, dkd and pooled_hint",
                        "kd.method=dist does not implement it")
     assert not any(tmp_path.iterdir())
     from engine import config as engine_config
-    for method in ("kd", "dkd", "fitnet"):  # applied there
+    for method in ("kd", "dkd", "pooled_hint"):  # applied there
         engine_config.validate(load_config(Config, None, [f"kd.method={method}", "kd.logit_standardize=true"]))
 
 
@@ -238,7 +238,7 @@ def test_a_value_given_to_a_section_in_a_yaml_file(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("entry,lines", [
     ("train_student", ["kd.temperature (float, > 0) = 4.0", "kd.alpha (float, in [0, 1]) = 0.0",
-                       "train.grad_clip (float, >= 0) = 0.0", "kd.method (str, one of kd, dkd, dist, fitnet)"]),
+                       "train.grad_clip (float, >= 0) = 0.0", "kd.method (str, one of kd, dkd, dist, pooled_hint, fitnet)"]),
     ("train_student_rl", ["agent.ppo.n_steps (int, >= 2) = 5", "agent.bandit.prior_std (float, > 0) = 10.0"]),
     ("gan_vae", ["run.checkpoint_every (int, >= 1) = 500", "teacher.batch_size (int, >= 1) = 64",
                  "student.lr (float, > 0) = 0.001"]),

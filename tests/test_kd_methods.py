@@ -224,7 +224,7 @@ def test_a_method_registered_in_a_test_file_trains_end_to_end(tmp_path, logit_ma
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# FitNet: features cached per view, and the same run online
+# pooled_hint: features cached per view, and the same run online
 # ---------------------------------------------------------------------------------------------------------------
 def test_cache_stores_the_teachers_pooled_features_of_each_replayed_view(tmp_path):
     from common.config import load_config
@@ -258,9 +258,9 @@ def test_cache_stores_the_teachers_pooled_features_of_each_replayed_view(tmp_pat
     assert np.array_equal(np.asarray(plain.eval_logits("test")), np.asarray(feats.eval_logits("test")))
 
 
-def test_fitnet_trains_cached_and_online(tmp_path):
+def test_pooled_hint_trains_cached_and_online(tmp_path):
     for mode in ("cached", "online"):
-        proc = run_script("train_student.py", *TINY, "train.epochs=1", "kd.method=fitnet", f"teacher.mode={mode}",
+        proc = run_script("train_student.py", *TINY, "train.epochs=1", "kd.method=pooled_hint", f"teacher.mode={mode}",
                           f"run.out_dir={tmp_path}", f"run.name={mode}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         (m,) = read_metrics(tmp_path / mode)
@@ -274,10 +274,10 @@ def test_fitnet_trains_cached_and_online(tmp_path):
 # Bad input
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, fragments", [
-    (["kd.method=crd"], ["unknown kd.method 'crd'", "kd, dkd, dist, fitnet"]),
+    (["kd.method=crd"], ["unknown kd.method 'crd'", "kd, dkd, dist, pooled_hint, fitnet"]),
     (["kd.method=dkd", "kd.dkd.beta=-1"], ["kd.dkd.beta=-1.0 must be >= 0"]),
     (["kd.method=dist", "kd.dist.temperature=0"], ["kd.dist.temperature=0.0 must be > 0"]),
-    (["kd.method=fitnet", "teacher.cache_features=false"], ["teacher.cache_features=false", "teacher.mode=online"]),
+    (["kd.method=pooled_hint", "teacher.cache_features=false"], ["teacher.cache_features=false", "teacher.mode=online"]),
 ])
 def test_bad_method_settings_are_refused(tmp_path, args, fragments):
     proc = run_main("train_student.py", *TINY, *args, f"run.out_dir={tmp_path}")
@@ -293,7 +293,7 @@ def test_a_feature_method_with_a_teacher_without_features_is_refused():
         def forward(self, x):
             return x.mean((2, 3))
 
-    cfg = load_config(Config, None, [*TINY, "kd.method=fitnet"])
+    cfg = load_config(Config, None, [*TINY, "kd.method=pooled_hint"])
     teacher = FrozenTeacher(LogitsOnly(), None)
     assert teacher.feature_dim is None
     with pytest.raises(UserError, match="exposes none"):

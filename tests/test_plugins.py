@@ -127,7 +127,7 @@ def test_help_with_a_plugin_lists_its_keys_and_entry(tmp_path, isolated):
     proc = run_main("train_student.py", f"run.plugins=[{plugin}]", "--help")
     assert proc.returncode == 0
     assert "  kd.scaled_kd.weight (float, in [0, 1]) = 0.5\n      weight of the label cross-entropy" in proc.stdout
-    assert "  kd.method (str, one of kd, dkd, dist, fitnet, scaled_kd) = " in proc.stdout
+    assert "  kd.method (str, one of kd, dkd, dist, pooled_hint, fitnet, scaled_kd) = " in proc.stdout
     assert "scaled_kd: KD through a learned logit scale (a test plugin)" in proc.stdout
     assert "dkd: Decoupled KD (Zhao et al. CVPR 2022)" in proc.stdout  # every entry with its help
 
@@ -152,7 +152,7 @@ def test_one_plugin_may_be_given_without_brackets(tmp_path, isolated):
 def test_an_unknown_method_lists_the_choices(tmp_path, isolated):
     plugin = _plugin(tmp_path, SCALED_KD)
     proc = run_main("train_student.py", *TINY, f"run.plugins=[{plugin}]", "kd.method=scaled", f"run.out_dir={tmp_path}")
-    assert_clean_error(proc, "unknown kd.method 'scaled'; choose one of kd, dkd, dist, fitnet, scaled_kd",
+    assert_clean_error(proc, "unknown kd.method 'scaled'; choose one of kd, dkd, dist, pooled_hint, fitnet, scaled_kd",
                        "run.plugins")
 
 

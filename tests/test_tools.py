@@ -15,7 +15,9 @@ def test_bench_runs_and_writes_json_and_markdown(tmp_path):
     assert {"cpu", "cores", "torch", "device"} <= set(result["machine"])
     rows = {r["item"]: r for r in result["rows"]}
     assert rows["KD epoch, label-only"]["ratio"] == 1.0
-    for item in ("KD epoch, cached", "KD epoch, online", "teacher-cache build", "difficulty refresh",
+    for item in ("KD epoch, cached", "KD epoch, online", "KD epoch, cached pooled_hint (+ kd)",
+                 "KD epoch, online fitnet", "teacher-cache build", "teacher-cache build, with pooled features",
+                 "difficulty refresh",
                  "curriculum epoch, plain KD", "curriculum epoch, RL ppo", "curriculum epoch, RL bandit",
                  "input pipeline, JPEG decode + augment in loader", "input pipeline, pre-decoded, augment in loader",
                  "input pipeline, pre-decoded, augment on device", "gan_vae teacher (WGAN-GP) steps",

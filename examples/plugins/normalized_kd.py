@@ -68,7 +68,7 @@ class NKD(KDMethod):
     def validate(cls, cfg) -> None:
         # the paper defines NKD on raw logits; refused rather than silently ignored
         check(not cfg.kd.logit_standardize, "kd.method=nkd does not implement kd.logit_standardize=true; set "
-                                            "kd.logit_standardize=false or pick kd, dkd or fitnet")
+                                            "kd.logit_standardize=false or pick kd, dkd or pooled_hint")
 
     def loss_terms(self, outputs, teacher, labels, epoch, temperature) -> LossTerms:
         n = self.cfg.kd.nkd
