@@ -96,8 +96,14 @@ class KDConfig:
     declared beside the method in kd_methods.py and added from the registry (common.registry.compose_schema)."""
     method: str = opt("kd", "KD method (kd_methods.KD_METHODS, or one a run.plugins file registers)",
                       choices=kd_methods.KD_METHODS)
-    alpha: float = opt(0.0, "kd / fitnet: weight of the label cross-entropy; 1 - alpha weighs the distillation term "
-                            "(0 = teacher only, 1 = labels only: no teacher is built for kd)", ge=0, le=1)
+    alpha: float = opt(0.0, "kd / fitnet: shorthand for the two weights below, CE weight alpha and KD weight "
+                            "1 - alpha (0 = teacher only, 1 = labels only: no teacher is built for kd)", ge=0, le=1)
+    ce_weight: float | None = opt(None, "kd / fitnet: weight of the label cross-entropy, set together with "
+                                        "kd.kd_weight (then kd.alpha stays at its default 0); null = from kd.alpha. "
+                                        "configs/methods/ has the authors' settings, e.g. 0.5 / 0.5 (mdistiller "
+                                        "ImageNet), 0.1 / 9 (Sun et al. 2024)", ge=0)
+    kd_weight: float | None = opt(None, "kd / fitnet: weight of the T² KL term, set together with kd.ce_weight; 0 "
+                                        "= labels only (no teacher is built for kd); null = 1 - kd.alpha", ge=0)
     temperature: float = opt(4.0, "kd / fitnet: distillation temperature T", gt=0)
     logit_standardize: bool = opt(False, "kd, dkd, fitnet: z-score each sample's logits before the temperature (Sun "
                                          "et al. CVPR 2024, logit standardisation); refused with kd.method=dist, "
