@@ -211,9 +211,11 @@ class DKD(KDMethod):
 class DISTConfig:
     beta: float = opt(2.0, "inter-class (per sample) relation weight. Default: what Huang et al. (NeurIPS 2022) run on "
                            "ImageNet, CE 1 + 2 x (inter + intra) at tau 1, i.e. beta = gamma = 2: their loss "
-                           "DIST(beta=1, gamma=1) times a loss weight of 2 (hunto/DIST_KD configs/strategies/distill/"
+                           "DIST(beta=1, gamma=1) times a loss weight of 2 (hunto/image_classification_sota "
+                           "lib/models/losses/kd_loss.py with hunto/DIST_KD configs/strategies/distill/"
                            "resnet_dist.yaml; PaddleClas ppcls/configs/ImageNet/Distillation/"
-                           "resnet34_distill_resnet18_dist.yaml: DistillationDISTLoss weight 2.0, CE 1.0)", ge=0)
+                           "resnet34_distill_resnet18_dist.yaml: DistillationDISTLoss weight 2.0, CE 1.0). "
+                           "configs/methods/dist_imagenet.yaml", ge=0)
     gamma: float = opt(2.0, "intra-class (per class, over the batch) relation weight (ImageNet: 2, as beta)", ge=0)
     temperature: float = opt(1.0, "DIST's temperature tau (ImageNet: 1)", gt=0)
     ce_weight: float = opt(1.0, "weight of the label cross-entropy", ge=0)
