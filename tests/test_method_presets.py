@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
 from conftest import ROOT, TINY, assert_clean_error, run_main
+from omegaconf import OmegaConf
 
 import kd_methods
 from common.config import load_config, parse_config
