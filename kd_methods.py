@@ -6,6 +6,9 @@ next to it; the training loop never names a method.
     python train_student.py kd.method=dist                        # DIST, Huang et al. NeurIPS 2022
     python train_student.py kd.method=kd kd.logit_standardize=true    # Sun et al. CVPR 2024 (kd, dkd, fitnet)
     python train_student.py kd.method=fitnet                      # KD + a FitNets hint on pooled features
+    python train_student.py kd.ce_weight=0.5 kd.kd_weight=0.5 kd.temperature=1     # kd with weights of its own
+    python train_student.py --config configs/quickstart.yaml --config configs/methods/dist_imagenet.yaml
+                                                                  # a published setting (configs/methods/*.yaml)
 
 A method is a `KDMethod` (an nn.Module, so it can own trainable parts). It declares what it needs from the teacher
 (`teacher_outputs`: "logits", "features"), runs the student (`forward`, inside the module that DDP, torch.compile,
