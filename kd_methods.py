@@ -7,6 +7,9 @@ next to it; the training loop never names a method.
     python train_student.py kd.method=kd kd.logit_standardize=true    # Sun et al. CVPR 2024 (kd, dkd, pooled_hint)
     python train_student.py kd.method=pooled_hint                 # kd + an MSE hint on pooled features (cached)
     python train_student.py kd.method=fitnet teacher.mode=online  # FitNets, Romero et al. ICLR 2015 (mdistiller)
+    python train_student.py kd.ce_weight=0.5 kd.kd_weight=0.5 kd.temperature=1     # kd with weights of its own
+    python train_student.py --config configs/quickstart.yaml --config configs/methods/dist_imagenet.yaml
+                                                                  # a published setting (configs/methods/*.yaml)
 
 A method is a `KDMethod` (an nn.Module, so it can own trainable parts). It declares what it needs from the teacher
 (`teacher_outputs`: "logits", "features", or a method's own online-only output such as fitnet's "feature_map",
@@ -159,29 +162,58 @@ def needs_teacher_features(cfg) -> bool:
 # ================================================================================================================
 # The methods.
 # ================================================================================================================
-@KD_METHODS.register("kd", help="Hinton et al. 2015: kd.alpha x CE + (1 - kd.alpha) x T² KL(teacher || student)")
+def kd_weights(cfg) -> tuple[float, float]:
+    """(CE weight, KD weight) of the `kd` loss, for `kd` and every method built on it: kd.ce_weight and kd.kd_weight
+    when they are given (both: one alone is a UserError; `KD.validate` also refuses them with a kd.alpha of its
+    own), else the shorthand kd.alpha, i.e. (alpha, 1 - alpha)."""
+    k = cfg.kd
+    if k.ce_weight is None and k.kd_weight is None:
+        return float(k.alpha), 1.0 - float(k.alpha)
+    # one weight alone would leave the other to a rule a reader has to look up: ask for both
+    check(k.ce_weight is not None and k.kd_weight is not None,
+          f"kd.ce_weight={k.ce_weight} and kd.kd_weight={k.kd_weight}: set the two together (or neither, and use "
+          "the shorthand kd.alpha)")
+    return float(k.ce_weight), float(k.kd_weight)
+
+
+@KD_METHODS.register("kd", help="Hinton et al. 2015: kd.ce_weight x CE + kd.kd_weight x T² KL(teacher || student) "
+                                "(shorthand: kd.alpha, 1 - kd.alpha)")
 class KD(KDMethod):
-    """Hinton et al. 2015 (models.kd_loss_terms): kd.alpha x CE + (1 - kd.alpha) x T² KL, T = kd.temperature; with
-    kd.logit_standardize, the KL compares z-scored logits (Sun et al. 2024). kd.alpha=1: labels only, no teacher."""
+    """Hinton et al. 2015 (models.kd_loss_terms): w_ce x CE + w_kd x T² KL, T = kd.temperature, (w_ce, w_kd) =
+    `kd_weights` (kd.ce_weight / kd.kd_weight, or kd.alpha / 1 - kd.alpha); with kd.logit_standardize, the KL compares
+    z-scored logits (Sun et al. 2024). w_kd = 0 (kd.alpha=1): labels only, no teacher."""
 
     @classmethod
     def uses_teacher(cls, cfg) -> bool:
-        return cfg.kd.alpha < 1.0
+        return kd_weights(cfg)[1] > 0.0
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        k = cfg.kd
+        kd_weights(cfg)  # refuses a weight without its pair
+        # an explicit pair and a kd.alpha of its own would say two things about the same weights
+        check(k.ce_weight is None or k.alpha == 0.0,
+              f"kd.alpha={k.alpha} and kd.ce_weight={k.ce_weight} / kd.kd_weight={k.kd_weight} both set the kd "
+              "weights; use kd.alpha alone or the two weights alone (kd.alpha left at its default 0)")
 
     def loss_terms(self, outputs, teacher, labels, epoch, temperature) -> LossTerms:
-        alpha = self.cfg.kd.alpha
-        t = kd_loss_terms(outputs["logits"], teacher.get("logits"), labels, alpha, temperature,
-                          self.cfg.kd.logit_standardize)
-        return {"ce": (alpha, t["ce"]), "kd": (1.0 - alpha, t["kd"])}  # alpha = 1: kd is a zero, weighted 0
+        ce_w, kd_w = kd_weights(self.cfg)
+        # kd_loss_terms' alpha only decides here whether the KL is computed (alpha 1: not, and no teacher is read);
+        # its own convex "loss" is unused: the loop weighs the two terms with (ce_w, kd_w)
+        t = kd_loss_terms(outputs["logits"], teacher.get("logits"), labels, 1.0 if kd_w == 0.0 else 0.0,
+                          temperature, self.cfg.kd.logit_standardize)
+        return {"ce": (ce_w, t["ce"]), "kd": (kd_w, t["kd"])}  # KD weight 0: kd is a zero, weighted 0
 
 
 @dataclass
 class DKDConfig:
-    alpha: float = opt(1.0, "TCKD weight (target-class term). Defaults: Zhao et al. CVPR 2022 / mdistiller's ImageNet "
-                            "ResNet-50 -> MobileNetV2 setting: alpha 1, beta 2, T 1, warm-up 1 epoch, CE weight 1",
-                      ge=0)
-    beta: float = opt(2.0, "NCKD weight (non-target term; 0.5 for ImageNet ResNet-34 -> ResNet-18)", ge=0)
-    temperature: float = opt(1.0, "DKD's temperature T (ImageNet: 1)", gt=0)
+    alpha: float = opt(1.0, "TCKD weight (target-class term). Defaults: Zhao et al. CVPR 2022, ImageNet ResNet-50 -> "
+                            "MobileNet-V1 (mdistiller configs/imagenet/r50_mv1/dkd.yaml): alpha 1, beta 2, T 1, "
+                            "warm-up 1 epoch, CE weight 1", ge=0)
+    beta: float = opt(2.0, "NCKD weight (non-target term; 0.5 for ImageNet ResNet-34 -> ResNet-18, mdistiller "
+                           "configs/imagenet/r34_r18/dkd.yaml)", ge=0)
+    temperature: float = opt(1.0, "DKD's temperature T (ImageNet: 1); with kd.logit_standardize it is the base "
+                                  "temperature of Sun et al. 2024 (their DKD setting: 2, alpha and beta x 9)", gt=0)
     warmup_epochs: float = opt(1.0, "linear warm-up of the DKD weight: min((epoch + 1) / W, 1); 0 = off", ge=0)
     ce_weight: float = opt(1.0, "weight of the label cross-entropy", ge=0)
 
@@ -207,10 +239,14 @@ class DKD(KDMethod):
 
 @dataclass
 class DISTConfig:
-    beta: float = opt(1.0, "inter-class (per sample) relation weight. Defaults: Huang et al. NeurIPS 2022, "
-                           "ImageNet: beta 1, gamma 1, tau 1, CE weight 1 (CIFAR-100: beta = gamma = 2, tau 4)",
-                     ge=0)
-    gamma: float = opt(1.0, "intra-class (per class, over the batch) relation weight", ge=0)
+    beta: float = opt(2.0, "inter-class (per sample) relation weight. Default: what Huang et al. (NeurIPS 2022) run on "
+                           "ImageNet, CE 1 + 2 x (inter + intra) at tau 1, i.e. beta = gamma = 2: their loss "
+                           "DIST(beta=1, gamma=1) times a loss weight of 2 (hunto/image_classification_sota "
+                           "lib/models/losses/kd_loss.py with hunto/DIST_KD configs/strategies/distill/"
+                           "resnet_dist.yaml; PaddleClas ppcls/configs/ImageNet/Distillation/"
+                           "resnet34_distill_resnet18_dist.yaml: DistillationDISTLoss weight 2.0, CE 1.0). "
+                           "configs/methods/dist_imagenet.yaml", ge=0)
+    gamma: float = opt(2.0, "intra-class (per class, over the batch) relation weight (ImageNet: 2, as beta)", ge=0)
     temperature: float = opt(1.0, "DIST's temperature tau (ImageNet: 1)", gt=0)
     ce_weight: float = opt(1.0, "weight of the label cross-entropy", ge=0)
 

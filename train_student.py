@@ -59,6 +59,7 @@ def baseline_config(cfg):
     base = copy.deepcopy(cfg)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     base.kd.method, base.kd.alpha, base.kd.baseline = "kd", 1.0, False
+    base.kd.ce_weight = base.kd.kd_weight = None  # kd.alpha=1 alone: CE only (kd_methods.kd_weights)
     base.run.out_dir, base.run.name = str(run_dir), "label_only"
     # continue the baseline too when it had started (even if it stopped before its first checkpoint)
     base.run.resume = "auto" if cfg.run.resume and any(run_files(run_dir / "label_only")) else ""

@@ -200,8 +200,8 @@ def _restore_yaml_booleans(cfg: DictConfig, schema: type) -> None:
 
 
 def config_help(schema: type, prog: str, doc: str | None) -> str:
-    lines = [(doc or "").strip(), "", f"usage: {prog} [--config FILE.yaml] [key=value ...]", "",
-             "Values come from the defaults below, then --config FILE.yaml, then key=value overrides.",
+    lines = [(doc or "").strip(), "", f"usage: {prog} [--config FILE.yaml ...] [key=value ...]", "",
+             "Values come from the defaults below, then each --config FILE.yaml in order, then key=value overrides.",
              "", "keys (type, valid values = default: description); a float is never NaN or infinite:"]
     ranges = schema_ranges(schema)
     for key, type_name, default, text in iter_schema(schema):
@@ -316,18 +316,21 @@ def _one_plugin_as_list(incoming: DictConfig) -> None:
         run[key] = [value] if value else []
 
 
-def load_config(schema: type, config_file: str | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Build the config: schema defaults, then the YAML file, then dotted `key=value` overrides.
+def load_config(schema: type, config_file: str | list[str] | None = None,
+                overrides: list[str] | None = None) -> DictConfig:
+    """Build the config: schema defaults, then the YAML file (or files, in order: a later one overrides an earlier
+    one's keys, e.g. a data config and then a KD preset of configs/methods/), then dotted `key=value` overrides.
 
     Unknown keys, values of the wrong type and values outside a key's declared range (`opt(..., ge=0)`, see
     `check_ranges`) raise UserError naming the key, before the caller does any work. The plugins that the file or
     the overrides name (run.plugins) are imported first, and the schema gets the config sections of every registry
     entry (common.registry.compose_schema)."""
-    plugins.load(plugins.requested(config_file, overrides or []))
+    files = [config_file] if isinstance(config_file, str) else list(config_file or [])
+    plugins.load(plugins.requested(files, overrides or []))
     schema = compose_schema(schema)
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
-    if config_file is not None:
+    for config_file in files:
         file_cfg, path = _read_config_file(config_file)
         _one_plugin_as_list(file_cfg)
         _check_sections(cfg, OmegaConf.to_container(file_cfg, resolve=False), f"in {path}")
@@ -351,15 +354,17 @@ def load_config(schema: type, config_file: str | None = None, overrides: list[st
 
 
 def parse_config(schema: type, argv: list[str], prog: str, doc: str | None = None) -> DictConfig:
-    """Command-line front end of `load_config`: handles --help, --config FILE and key=value overrides."""
-    config_file, overrides, it = None, [], iter(argv)
+    """Command-line front end of `load_config`: handles --help, --config FILE (repeatable: merged in order) and
+    key=value overrides."""
+    config_files, overrides, it = [], [], iter(argv)
     for arg in it:
         if arg == "--config":
             config_file = next(it, None)
             if config_file is None:
                 raise UserError("--config needs a YAML file")
+            config_files.append(config_file)
         elif arg.startswith("--config="):
-            config_file = arg.split("=", 1)[1]
+            config_files.append(arg.split("=", 1)[1])
         elif arg in ("-h", "--help"):
             continue
         elif arg.startswith("-"):
@@ -367,10 +372,10 @@ def parse_config(schema: type, argv: list[str], prog: str, doc: str | None = Non
         else:
             overrides.append(arg)
     if any(a in ("-h", "--help") for a in argv):  # after the plugins that the arguments name: --help lists theirs too
-        plugins.load(plugins.requested(config_file, overrides))
+        plugins.load(plugins.requested(config_files, overrides))
         print(config_help(compose_schema(schema), prog, doc))
         sys.exit(0)
-    return load_config(schema, config_file, overrides)
+    return load_config(schema, config_files, overrides)
 
 
 def to_plain(cfg: DictConfig | ListConfig) -> Any:

@@ -27,17 +27,18 @@ KEY = "run.plugins"
 _loaded: dict[str, Any] = {}  # item (a resolved path or a module name) -> its module: each is imported once
 
 
-def requested(config_file: str | None, overrides: list[str]) -> list[str]:
-    """The run.plugins items of a YAML file and key=value overrides, read without the schema (which they extend).
-    Anything unreadable is left for load_config to report."""
+def requested(config_file: str | list[str] | None, overrides: list[str]) -> list[str]:
+    """The run.plugins items of YAML files (in order: a later one's value replaces an earlier one's) and key=value
+    overrides, read without the schema (which they extend). Anything unreadable is left for load_config to report."""
     items: list[str] = []
-    if config_file and Path(config_file).is_file():
+    files = [config_file] if isinstance(config_file, str) else list(config_file or [])
+    for path in (f for f in files if f and Path(f).is_file()):
         try:
-            value = OmegaConf.select(OmegaConf.load(config_file), KEY)
+            value = OmegaConf.select(OmegaConf.load(path), KEY)
         except Exception:  # noqa: BLE001 - load_config names the problem with the file
             value = None
         if value is not None:
-            items = _as_list(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, config_file)
+            items = _as_list(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value, path)
     for item in overrides:
         if item.split("=", 1)[0].strip() == KEY and "=" in item:
             try:

@@ -97,8 +97,15 @@ class KDConfig:
     (common.registry.compose_schema)."""
     method: str = opt("kd", "KD method (kd_methods.KD_METHODS, or one a run.plugins file registers)",
                       choices=kd_methods.KD_METHODS)
-    alpha: float = opt(0.0, "kd / pooled_hint: weight of the label cross-entropy; 1 - alpha weighs the distillation "
-                            "term (0 = teacher only, 1 = labels only: no teacher is built for kd)", ge=0, le=1)
+    alpha: float = opt(0.0, "kd / pooled_hint: shorthand for the two weights below, CE weight alpha and KD weight "
+                            "1 - alpha (0 = teacher only, 1 = labels only: no teacher is built for kd)", ge=0, le=1)
+    ce_weight: float | None = opt(None, "kd / pooled_hint: weight of the label cross-entropy, set together with "
+                                        "kd.kd_weight (then kd.alpha stays at its default 0); null = from kd.alpha. "
+                                        "configs/methods/ has the authors' settings, e.g. 0.5 / 0.5 (mdistiller "
+                                        "ImageNet), 0.1 / 9 (Sun et al. 2024)", ge=0)
+    kd_weight: float | None = opt(None, "kd / pooled_hint: weight of the T² KL term, set together with "
+                                        "kd.ce_weight; 0 = labels only (no teacher is built for kd); null = "
+                                        "1 - kd.alpha", ge=0)
     temperature: float = opt(4.0, "kd / pooled_hint: distillation temperature T", gt=0)
     logit_standardize: bool = opt(False, "kd, dkd, pooled_hint: z-score each sample's logits before the temperature "
                                          "(Sun et al. CVPR 2024, logit standardisation); refused with kd.method=dist "

@@ -106,7 +106,7 @@ def assert_same_weights(runs: dict[str, Path], name: str = "student.safetensors"
 # ---------------------------------------------------------------------------------------------------------------
 KD_CASES = {"kd": ["kd.method=kd", "kd.alpha=0.5"],
             "dkd": ["kd.method=dkd", "kd.logit_standardize=true"],
-            "dist": ["kd.method=dist"],
+            "dist": ["kd.method=dist", "kd.dist.beta=2", "kd.dist.gamma=2"],  # the defaults since issue 18
             "pooled_hint": ["kd.method=pooled_hint"]}
 OLD_NAMES = {"pooled_hint": ["kd.method=fitnet"]}  # its name in the old tree (issue 18 renamed it)
 
