@@ -237,6 +237,10 @@ FIXED_KEYS = {"data.tasks", "data.channels", "data.test_fraction", "teacher.z_di
               "fid.classifier_epochs", "train.seed"}
 
 
+# what the student phase reads: a branch from the start of a student phase may change these
+STUDENT_PHASE_SECTIONS = ("student", "kd")
+
+
 def changed_config_keys(saved: dict, current, branching: bool) -> list[tuple[str, object, object]]:
     """(key, saved value, current value) for every config key whose change alters results: any key but the
     RESULT_NEUTRAL_KEYS when a run continues (run.resume=auto, or a checkpoint of its own), only FIXED_KEYS when a
@@ -288,11 +292,18 @@ def check_config_matches_checkpoint(ckpt: dict, path: Path, cfg, run_dir: Path) 
         raise UserError(f"{path} was made with {listing}. These change results, and {why}. "
                         "Resume with the checkpoint's values, or start a new run with another run.name (add "
                         "run.resume=<run>/checkpoints/task_<i>.pt to start it from a finished task)")
-    mid_task = ckpt.get("progress", {}).get("phase") != "decide"
-    if branching and mid_task and changed_config_keys(saved, current, False):
-        raise UserError(f"{path} stopped in the middle of a task, and this run changes its training keys "
-                        f"({', '.join(k for k, *_ in changed_config_keys(saved, current, False))}); a new run may "
-                        "do that only from a finished task: run.resume=<run>/checkpoints/task_<i>.pt")
+    progress = ckpt.get("progress", {})
+    mid_task = progress.get("phase") != "decide"
+    # at the start of a task's student phase (task_<i>_teacher.pt) only the teacher has run: the student's keys
+    # may still change, which lets an ablation of the student reuse one expert
+    student_start = progress.get("phase") == "student" and progress.get("step") == 0
+    refused = [k for k, *_ in changed_config_keys(saved, current, False)
+               if not (student_start and k.split(".")[0] in STUDENT_PHASE_SECTIONS)]
+    if branching and mid_task and refused:
+        raise UserError(f"{path} stopped in the middle of a task, and this run changes its keys "
+                        f"{', '.join(refused)}; a new run may do that only from a finished task "
+                        "(run.resume=<run>/checkpoints/task_<i>.pt), or, for student.* and kd.* keys only, from "
+                        "the end of a task's teacher phase (run.resume=<run>/checkpoints/task_<i>_teacher.pt)")
 
 
 # ================================================================================================================
@@ -427,6 +438,9 @@ class ContinualRun:
             if phase == "teacher":
                 self.train_teacher(t, step)
                 phase, step = "student", 0
+                self.progress = {"task": t, "phase": "student", "step": 0}
+                if self.run_dir is not None:  # where a new run may branch with other student.* / kd.* keys
+                    self.save(f"task_{t}_teacher.pt")
             if phase == "student":
                 self.train_student(t, step)
             check_finite_state(self, t, "student", self.cfg.student.steps - 1)  # before evaluating and saving
