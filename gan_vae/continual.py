@@ -110,6 +110,16 @@ class StudentConfig:
     replay: bool = opt(True, "replay earlier tasks from their experts (false: current task only, to measure "
                              "what distillation buys)")
     mixup: bool = opt(False, "mix real and replayed images (Beta(0.4, 0.4)) with interpolated task priors")
+    replay_share: float = opt(0.0, "share of each batch given to the replayed tasks together, split equally among "
+                                    "them, from the second task on (0: equal shares for every seen task, "
+                                    "1 / (t + 1) each)", ge=0, lt=1)
+    self_replay: float = opt(0.0, "share of each replayed task's rows drawn from the student's frozen copy from "
+                                   "before the task (its own samples of that task, as in brain-inspired replay, van "
+                                   "de Ven et al. 2020) instead of the task's expert", ge=0, le=1)
+    steps_per_earlier_task: int = opt(0, "extra student steps per earlier task: task t trains student.steps + t x "
+                                         "this (later tasks have more to keep)", ge=0)
+    freeze_old_priors: bool = opt(False, "keep the task priors p(u | j) of finished tasks fixed while later tasks "
+                                         "train")
 
 
 @dataclass
@@ -186,6 +196,16 @@ def validate(cfg) -> None:
         size = OmegaConf.select(cfg, key)
         check(size >= tasks, f"{key}={size} is split in equal shares over the tasks, {tasks} in data.tasks, so a "
                              f"task would get no image in a batch; use {key} >= {tasks}")
+    sc = cfg.student
+    if sc.replay_share > 0 and tasks > 1:  # every replayed task and the current one keep a row
+        n_replay = round(sc.batch_size * sc.replay_share)
+        check(tasks - 1 <= n_replay < sc.batch_size,
+              f"student.replay_share={sc.replay_share} gives the {tasks - 1} replayed task(s) {n_replay} of "
+              f"student.batch_size={sc.batch_size} rows; each replayed task and the current one need at least one: "
+              "change student.replay_share or student.batch_size")
+    check(sc.replay or (sc.self_replay == 0 and sc.replay_share == 0),
+          "student.self_replay and student.replay_share shape the replay, and student.replay=false turns it off; "
+          "set them to 0 or student.replay=true")
     kd = cfg.kd
     check(kd.weight_floor <= kd.weight_ceiling,
           f"kd.weight_floor={kd.weight_floor} is above kd.weight_ceiling={kd.weight_ceiling}; need floor <= ceiling")
@@ -377,7 +397,7 @@ class ContinualRun:
                                                    len(self.test_x[t]))["fid"]
 
     def train_student(self, t: int, start_step: int) -> None:
-        steps = self.cfg.student.steps
+        steps = self.learner.steps(t)
         seen = self.learner.begin_task(t)
         bar = tqdm(range(start_step, steps), desc=f"task {t} student", dynamic_ncols=True, initial=start_step,
                    total=steps)
@@ -443,7 +463,7 @@ class ContinualRun:
                     self.save(f"task_{t}_teacher.pt")
             if phase == "student":
                 self.train_student(t, step)
-            check_finite_state(self, t, "student", self.cfg.student.steps - 1)  # before evaluating and saving
+            check_finite_state(self, t, "student", self.learner.steps(t) - 1)  # before evaluating and saving
             rows = self.evaluate(t)
             for k, row in rows.items():
                 self.evaluation.matrices[k] = self.evaluation.matrices[k][:t] + [row]
