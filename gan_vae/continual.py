@@ -135,6 +135,9 @@ class KDConfig:
     previous_weight: float = opt(8.0, "self-distillation on replayed images from the student's frozen copy taken "
                                       "before the task: Bernoulli KL of its mean reconstruction plus squared "
                                       "distance of its posterior means (0: off)", ge=0)
+    previous_posterior: str = opt("means", "how self-distillation matches the copy's posterior on replayed images: "
+                                           "means (squared distance of the posterior means) or kl (KL between the "
+                                           "Gaussian posteriors, variances included)", choices=("means", "kl"))
     weight_floor: float = opt(0.3, "lowest weight of a replayed expert (scales its rows in the replay loss and in "
                                    "every distillation term)", gt=0)
     weight_ceiling: float = opt(1.0, "highest weight of a replayed expert (>= weight_floor)", gt=0)

@@ -81,3 +81,36 @@ def test_bad_replay_options_are_refused(domains, tmp_path, overrides, fragment):
     with pytest.raises(UserError) as err:
         validate(load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs", "crosses"]), *overrides]))
     assert fragment in str(err.value)
+
+
+def test_posterior_kl_self_distillation_by_hand(monkeypatch):
+    """kd.previous_posterior=kl: the latent part of the self-distillation is KL(q' || q) of the diagonal
+    Gaussians, here on hand-set posteriors: z (1 dim) N(0, 1) vs N(1, e^2): 0.5 (2 + (1 + 1) / e^2 - 1);
+    u N(2, e^-2) vs N(2, 1): 0.5 (0 + e^-2 - (-2) - 1). means: (0 - 1)^2 + 0 = 1."""
+    import math
+
+    import gan_vae.losses as losses
+    from models import TaskVAE
+
+    posteriors = {"previous": ((torch.tensor([[0.0]]), torch.tensor([[0.0]])),
+                               (torch.tensor([[2.0]]), torch.tensor([[-2.0]]))),
+                  "student": ((torch.tensor([[1.0]]), torch.tensor([[2.0]])),
+                              (torch.tensor([[2.0]]), torch.tensor([[0.0]])))}
+
+    class Fixed(TaskVAE):
+        def __init__(self, who):
+            super().__init__(1, 1, 1, 4)
+            self.who = who
+
+        def encode(self, x):
+            return None, *posteriors[self.who]
+
+        def decode_logits(self, z, u):
+            return torch.zeros(len(z), 1, 2, 2)  # equal reconstructions: the Bernoulli KL is 0
+
+    x, replayed = torch.zeros(1, 1, 32, 32), torch.tensor([True])
+    kl = losses.self_distillation(Fixed("student"), Fixed("previous"), x, replayed, "kl")
+    by_hand = 0.5 * (2 + 2 / math.e ** 2 - 1) + 0.5 * (math.e ** -2 + 2 - 1)
+    assert kl.item() == pytest.approx(by_hand, rel=1e-6)
+    means = losses.self_distillation(Fixed("student"), Fixed("previous"), x, replayed, "means")
+    assert means.item() == pytest.approx(1.0, rel=1e-6)
