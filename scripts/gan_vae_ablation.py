@@ -72,11 +72,13 @@ def launch(out: Path, name: str, args: list[str]) -> int:
     return rc
 
 
-def run_all(out: Path, rows: list[str], seeds: list[int], jobs: int) -> bool:
-    with ThreadPoolExecutor(jobs) as pool:  # the full runs first: every row starts from one
-        ok = all(rc == 0 for rc in pool.map(lambda s: launch(out, full_run(s), [f"train.seed={s}"]), seeds))
-    if not ok:
-        return False
+def run_all(out: Path, rows: list[str], seeds: list[int], jobs: int, full_runs: bool = True) -> bool:
+    """The full runs (unless full_runs is False: then they must have written the rows' checkpoints), then the
+    rows, `jobs` at a time."""
+    if full_runs:
+        with ThreadPoolExecutor(jobs) as pool:  # the full runs first: every row starts from one
+            if not all(rc == 0 for rc in pool.map(lambda s: launch(out, full_run(s), [f"train.seed={s}"]), seeds)):
+                return False
     work = [(run_name(r, s), [f"train.seed={s}", *ROWS[r][1],
                               f"run.resume={out / full_run(s) / 'checkpoints' / (ROWS[r][2] + '.pt')}"])
             for r in rows if ROWS[r][2] is not None for s in seeds]
@@ -127,8 +129,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs", help="run.out_dir of every run")
     parser.add_argument("--table-only", action="store_true", help="print the table of the finished runs only")
+    parser.add_argument("--rows-only", action="store_true",
+                        help="run only the rows (each seed's full run has written its task_1_teacher.pt already)")
     args = parser.parse_args()
-    ok = True if args.table_only else run_all(args.out.resolve(), args.rows, args.seeds, args.jobs)
+    ok = True if args.table_only else run_all(args.out.resolve(), args.rows, args.seeds, args.jobs,
+                                              not args.rows_only)
     text = table(args.out, args.rows, args.seeds)
     (args.out / "gan_vae_ablation.md").write_text(text)
     print(text)
