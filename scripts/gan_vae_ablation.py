@@ -38,6 +38,7 @@ ROWS = {
                ["student.freeze_old_priors=true"], "task_1_teacher"),
     "postkl": ("self-distillation of the whole posterior (`kd.previous_posterior=kl`)", ["kd.previous_posterior=kl"],
                "task_1_teacher"),
+    "steps_half": ("task 1 trains 300 steps (`student.steps=300`)", ["student.steps=300"], "task_1_teacher"),
     "steps2x": ("task 1 trains 1,200 steps (`student.steps_per_earlier_task=600`)",
                 ["student.steps_per_earlier_task=600"], "task_1_teacher"),
 }
