@@ -113,9 +113,11 @@ class StudentConfig:
     replay_share: float = opt(0.0, "share of each batch given to the replayed tasks together, split equally among "
                                     "them, from the second task on (0: equal shares for every seen task, "
                                     "1 / (t + 1) each)", ge=0, lt=1)
-    self_replay: float = opt(0.0, "share of each replayed task's rows drawn from the student's frozen copy from "
-                                   "before the task (its own samples of that task, as in brain-inspired replay, van "
-                                   "de Ven et al. 2020) instead of the task's expert", ge=0, le=1)
+    self_replay: float = opt(0.5, "share of each replayed task's rows drawn from the student's frozen copy from "
+                                   "before the task (its own samples of that task, as in generative replay, Shin et "
+                                   "al. 2017, and brain-inspired replay, van de Ven et al. 2020) instead of the "
+                                   "task's expert; 0: the experts alone (the default before issue 18; the README's "
+                                   "ablation measures both). No effect with student.replay=false", ge=0, le=1)
     steps_per_earlier_task: int = opt(0, "extra student steps per earlier task: task t trains student.steps + t x "
                                          "this (later tasks have more to keep)", ge=0)
     freeze_old_priors: bool = opt(False, "keep the task priors p(u | j) of finished tasks fixed while later tasks "
@@ -206,9 +208,8 @@ def validate(cfg) -> None:
               f"student.replay_share={sc.replay_share} gives the {tasks - 1} replayed task(s) {n_replay} of "
               f"student.batch_size={sc.batch_size} rows; each replayed task and the current one need at least one: "
               "change student.replay_share or student.batch_size")
-    check(sc.replay or (sc.self_replay == 0 and sc.replay_share == 0),
-          "student.self_replay and student.replay_share shape the replay, and student.replay=false turns it off; "
-          "set them to 0 or student.replay=true")
+    check(sc.replay or sc.replay_share == 0, "student.replay_share sets the replay's share of a batch, and "
+                                              "student.replay=false turns replay off; set it to 0 or student.replay=true")
     kd = cfg.kd
     check(kd.weight_floor <= kd.weight_ceiling,
           f"kd.weight_floor={kd.weight_floor} is above kd.weight_ceiling={kd.weight_ceiling}; need floor <= ceiling")

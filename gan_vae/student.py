@@ -133,7 +133,8 @@ class StudentLearner:
         """n replayed images of earlier task j [n, C, 32, 32]: the expert's, except the first
         round(n x student.self_replay), which the student's frozen copy from before the task generates from its
         prior p(u | j)."""
-        n_self = round(n * self.cfg.student.self_replay) if self.previous is not None else 0
+        knows = self.previous is not None and j < self.previous.num_tasks  # (a copy always knows its earlier tasks)
+        n_self = round(n * self.cfg.student.self_replay) if knows else 0
         parts = []
         if n_self:
             with torch.no_grad():

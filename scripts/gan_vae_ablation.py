@@ -1,6 +1,7 @@
 """The continual learner's ablation on ../shared/data (MNIST, then Fashion-MNIST), over seeds.
 
-For each seed, the full run of configs/gan_vae_shared_data.yaml (runs/gv_s<seed>), then one new run per row that
+For each seed, the full run of configs/gan_vae_shared_data.yaml with the replay of the defaults before issue 18
+(student.self_replay=0: the experts replay alone; runs/gv_s<seed>), then one new run per row that
 starts from that run's checkpoint at the end of the task-1 teacher phase (checkpoints/task_1_teacher.pt) with the
 row's student.* / kd.* overrides: every row of a seed shares task 0 and the task-1 expert, and differs only in how
 the student learns task 1. A row marked `from task 0` starts from task_0_teacher.pt instead (it changes the student
@@ -26,13 +27,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/gan_vae_shared_data.yaml"
+# every run starts from the defaults before issue 18 (replay from the experts alone); a row's overrides come after
+BASE = ["student.self_replay=0"]
 # name: (label, overrides, branch point); branch point None: the full run itself
 ROWS = {
-    "default": ("the default (the full run)", [], None),
+    "default": ("experts' replay only, `student.self_replay=0` (the default before; the full run)", [], None),
     "noreplay": ("no replay (`student.replay=false`)", ["student.replay=false"], "task_1_teacher"),
     "prev0": ("`kd.previous_weight=0`", ["kd.previous_weight=0"], "task_1_teacher"),
     "share75": ("replay share 0.75 (`student.replay_share=0.75`)", ["student.replay_share=0.75"], "task_1_teacher"),
-    "self50": ("half the replay from the student's copy (`student.self_replay=0.5`)", ["student.self_replay=0.5"],
+    "self50": ("half the replay from the student's copy, `student.self_replay=0.5` (**the new default**)",
+               ["student.self_replay=0.5"],
                "task_1_teacher"),
     "self100": ("all the replay from the student's copy (`student.self_replay=1`)", ["student.self_replay=1"],
                 "task_1_teacher"),
@@ -84,9 +88,9 @@ def run_all(out: Path, rows: list[str], seeds: list[int], jobs: int, full_runs: 
     rows, `jobs` at a time."""
     if full_runs:
         with ThreadPoolExecutor(jobs) as pool:  # the full runs first: every row starts from one
-            if not all(rc == 0 for rc in pool.map(lambda s: launch(out, full_run(s), [f"train.seed={s}"]), seeds)):
+            if not all(rc == 0 for rc in pool.map(lambda s: launch(out, full_run(s), [f"train.seed={s}", *BASE]), seeds)):
                 return False
-    work = [(run_name(r, s), [f"train.seed={s}", *ROWS[r][1],
+    work = [(run_name(r, s), [f"train.seed={s}", *BASE, *ROWS[r][1],
                               f"run.resume={out / full_run(s) / 'checkpoints' / (ROWS[r][2] + '.pt')}"])
             for r in rows if ROWS[r][2] is not None for s in seeds]
     with ThreadPoolExecutor(jobs) as pool:

@@ -74,7 +74,7 @@ def test_finished_tasks_priors_stay_fixed_when_frozen(domains, tmp_path, freeze)
 @pytest.mark.parametrize("overrides,fragment", [
     (["student.replay_share=0.99", "student.batch_size=16"], "student.replay_share=0.99 gives the 1 replayed"),
     (["student.replay_share=1"], "student.replay_share=1.0 must lie in [0, 1)"),
-    (["student.self_replay=0.5", "student.replay=false"], "set them to 0 or student.replay=true"),
+    (["student.replay_share=0.5", "student.replay=false"], "set it to 0 or student.replay=true"),
     (["student.self_replay=1.5"], "student.self_replay=1.5 must lie in [0, 1]"),
 ])
 def test_bad_replay_options_are_refused(domains, tmp_path, overrides, fragment):  # noqa: F811
