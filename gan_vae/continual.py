@@ -110,6 +110,18 @@ class StudentConfig:
     replay: bool = opt(True, "replay earlier tasks from their experts (false: current task only, to measure "
                              "what distillation buys)")
     mixup: bool = opt(False, "mix real and replayed images (Beta(0.4, 0.4)) with interpolated task priors")
+    replay_share: float = opt(0.0, "share of each batch given to the replayed tasks together, split equally among "
+                                    "them, from the second task on (0: equal shares for every seen task, "
+                                    "1 / (t + 1) each)", ge=0, lt=1)
+    self_replay: float = opt(0.5, "share of each replayed task's rows drawn from the student's frozen copy from "
+                                   "before the task (its own samples of that task, as in generative replay, Shin et "
+                                   "al. 2017, and brain-inspired replay, van de Ven et al. 2020) instead of the "
+                                   "task's expert; 0: the experts alone (the default before issue 18; the README's "
+                                   "ablation measures both). No effect with student.replay=false", ge=0, le=1)
+    steps_per_earlier_task: int = opt(0, "extra student steps per earlier task: task t trains student.steps + t x "
+                                         "this (later tasks have more to keep)", ge=0)
+    freeze_old_priors: bool = opt(False, "keep the task priors p(u | j) of finished tasks fixed while later tasks "
+                                         "train")
 
 
 @dataclass
@@ -125,6 +137,9 @@ class KDConfig:
     previous_weight: float = opt(8.0, "self-distillation on replayed images from the student's frozen copy taken "
                                       "before the task: Bernoulli KL of its mean reconstruction plus squared "
                                       "distance of its posterior means (0: off)", ge=0)
+    previous_posterior: str = opt("means", "how self-distillation matches the copy's posterior on replayed images: "
+                                           "means (squared distance of the posterior means) or kl (KL between the "
+                                           "Gaussian posteriors, variances included)", choices=("means", "kl"))
     weight_floor: float = opt(0.3, "lowest weight of a replayed expert (scales its rows in the replay loss and in "
                                    "every distillation term)", gt=0)
     weight_ceiling: float = opt(1.0, "highest weight of a replayed expert (>= weight_floor)", gt=0)
@@ -186,6 +201,15 @@ def validate(cfg) -> None:
         size = OmegaConf.select(cfg, key)
         check(size >= tasks, f"{key}={size} is split in equal shares over the tasks, {tasks} in data.tasks, so a "
                              f"task would get no image in a batch; use {key} >= {tasks}")
+    sc = cfg.student
+    if sc.replay_share > 0 and tasks > 1:  # every replayed task and the current one keep a row
+        n_replay = round(sc.batch_size * sc.replay_share)
+        check(tasks - 1 <= n_replay < sc.batch_size,
+              f"student.replay_share={sc.replay_share} gives the {tasks - 1} replayed task(s) {n_replay} of "
+              f"student.batch_size={sc.batch_size} rows; each replayed task and the current one need at least one: "
+              "change student.replay_share or student.batch_size")
+    check(sc.replay or sc.replay_share == 0, "student.replay_share sets the replay's share of a batch, and "
+                                              "student.replay=false turns replay off; set it to 0 or student.replay=true")
     kd = cfg.kd
     check(kd.weight_floor <= kd.weight_ceiling,
           f"kd.weight_floor={kd.weight_floor} is above kd.weight_ceiling={kd.weight_ceiling}; need floor <= ceiling")
@@ -235,6 +259,10 @@ RESULT_NEUTRAL_KEYS = ("run.*", "log.*", "fid.cache_dir", "fid.inception_path", 
 FIXED_KEYS = {"data.tasks", "data.channels", "data.test_fraction", "teacher.z_dim", "teacher.width",
               "teacher.attention", "student.z_dim", "student.u_dim", "student.width", "fid.backend", "fid.samples",
               "fid.classifier_epochs", "train.seed"}
+
+
+# what the student phase reads: a branch from the start of a student phase may change these
+STUDENT_PHASE_SECTIONS = ("student", "kd")
 
 
 def changed_config_keys(saved: dict, current, branching: bool) -> list[tuple[str, object, object]]:
@@ -288,11 +316,18 @@ def check_config_matches_checkpoint(ckpt: dict, path: Path, cfg, run_dir: Path) 
         raise UserError(f"{path} was made with {listing}. These change results, and {why}. "
                         "Resume with the checkpoint's values, or start a new run with another run.name (add "
                         "run.resume=<run>/checkpoints/task_<i>.pt to start it from a finished task)")
-    mid_task = ckpt.get("progress", {}).get("phase") != "decide"
-    if branching and mid_task and changed_config_keys(saved, current, False):
-        raise UserError(f"{path} stopped in the middle of a task, and this run changes its training keys "
-                        f"({', '.join(k for k, *_ in changed_config_keys(saved, current, False))}); a new run may "
-                        "do that only from a finished task: run.resume=<run>/checkpoints/task_<i>.pt")
+    progress = ckpt.get("progress", {})
+    mid_task = progress.get("phase") != "decide"
+    # at the start of a task's student phase (task_<i>_teacher.pt) only the teacher has run: the student's keys
+    # may still change, which lets an ablation of the student reuse one expert
+    student_start = progress.get("phase") == "student" and progress.get("step") == 0
+    refused = [k for k, *_ in changed_config_keys(saved, current, False)
+               if not (student_start and k.split(".")[0] in STUDENT_PHASE_SECTIONS)]
+    if branching and mid_task and refused:
+        raise UserError(f"{path} stopped in the middle of a task, and this run changes its keys "
+                        f"{', '.join(refused)}; a new run may do that only from a finished task "
+                        "(run.resume=<run>/checkpoints/task_<i>.pt), or, for student.* and kd.* keys only, from "
+                        "the end of a task's teacher phase (run.resume=<run>/checkpoints/task_<i>_teacher.pt)")
 
 
 # ================================================================================================================
@@ -366,7 +401,7 @@ class ContinualRun:
                                                    len(self.test_x[t]))["fid"]
 
     def train_student(self, t: int, start_step: int) -> None:
-        steps = self.cfg.student.steps
+        steps = self.learner.steps(t)
         seen = self.learner.begin_task(t)
         bar = tqdm(range(start_step, steps), desc=f"task {t} student", dynamic_ncols=True, initial=start_step,
                    total=steps)
@@ -427,9 +462,12 @@ class ContinualRun:
             if phase == "teacher":
                 self.train_teacher(t, step)
                 phase, step = "student", 0
+                self.progress = {"task": t, "phase": "student", "step": 0}
+                if self.run_dir is not None:  # where a new run may branch with other student.* / kd.* keys
+                    self.save(f"task_{t}_teacher.pt")
             if phase == "student":
                 self.train_student(t, step)
-            check_finite_state(self, t, "student", self.cfg.student.steps - 1)  # before evaluating and saving
+            check_finite_state(self, t, "student", self.learner.steps(t) - 1)  # before evaluating and saving
             rows = self.evaluate(t)
             for k, row in rows.items():
                 self.evaluation.matrices[k] = self.evaluation.matrices[k][:t] + [row]

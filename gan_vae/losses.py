@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from common.errors import check
 from common.registry import Entry, Registry
-from models import Critic, TaskVAE, bernoulli_kl, nt_xent, relational_kd, vae_loss_terms
+from models import Critic, TaskVAE, bernoulli_kl, gaussian_kl, nt_xent, relational_kd, vae_loss_terms
 
 # No key selects among them: every registered term is summed (a weight of 0 keeps a term computed but adds 0).
 STUDENT_LOSSES = Registry("gan_vae student loss", key="gan_vae student loss", sections="student")
@@ -207,12 +207,17 @@ class RelationalKDTerm(LossTerm):
                                        groups=step.expert_of, weights=step.row_weight))
 
 
-def self_distillation(student: TaskVAE, previous: TaskVAE, x: torch.Tensor, replayed: torch.Tensor) -> torch.Tensor:
+def self_distillation(student: TaskVAE, previous: TaskVAE, x: torch.Tensor, replayed: torch.Tensor,
+                      posterior: str = "means") -> torch.Tensor:
     """Per-row self-distillation [B] (zero on current-task rows): on replayed images x[replayed], the student's
-    mean reconstruction is matched to that of its frozen copy from before the task and its posterior means to the
-    copy's:
+    mean reconstruction is matched to that of its frozen copy from before the task and its posterior to the
+    copy's, by its means (posterior="means"):
 
         d_b = KL( Bern(sigmoid(l'_b)) || Bern(sigmoid(l_b)) ) + ||mu_z,b - mu'_z,b||^2 + ||mu_u,b - mu'_u,b||^2
+
+    or as distributions (posterior="kl"): the two squared distances replaced by
+    KL( q'(z | x_b) || q(z | x_b) ) + KL( q'(u | x_b) || q(u | x_b) ) of the diagonal Gaussians (models.gaussian_kl),
+    which also keeps the copy's posterior variances (what the replayed image's latent uncertainty was).
 
     (the Bernoulli KL summed over pixels, the scale of the reconstruction term; primes: the copy). Both run in eval
     mode: the copy as it was (BatchNorm with the running statistics of its own tasks, not the batch statistics of a
@@ -224,14 +229,18 @@ def self_distillation(student: TaskVAE, previous: TaskVAE, x: torch.Tensor, repl
     old = x[replayed]
     previous.eval()
     with torch.no_grad():
-        _, (p_mu_z, _), (p_mu_u, _) = previous.encode(old)
+        _, (p_mu_z, p_lv_z), (p_mu_u, p_lv_u) = previous.encode(old)
         p_logits = previous.decode_logits(p_mu_z, p_mu_u)
     was_training = student.training
     student.eval()
-    _, (mu_z, _), (mu_u, _) = student.encode(old)
+    _, (mu_z, lv_z), (mu_u, lv_u) = student.encode(old)
     logits = student.decode_logits(mu_z, mu_u)
     student.train(was_training)
-    per[replayed] = bernoulli_kl(p_logits, logits) + (mu_z - p_mu_z).pow(2).sum(1) + (mu_u - p_mu_u).pow(2).sum(1)
+    if posterior == "kl":
+        latent = gaussian_kl(p_mu_z, p_lv_z, mu_z, lv_z) + gaussian_kl(p_mu_u, p_lv_u, mu_u, lv_u)
+    else:
+        latent = (mu_z - p_mu_z).pow(2).sum(1) + (mu_u - p_mu_u).pow(2).sum(1)
+    per[replayed] = bernoulli_kl(p_logits, logits) + latent
     return per
 
 
@@ -244,7 +253,7 @@ class PreviousKDTerm(LossTerm):
         # before the training-mode forward: at a task's first step the student's running statistics are still
         # exactly the copy's, so the term starts at exactly 0
         return None if step.previous is None else self_distillation(step.student, step.previous, step.x,
-                                                                    step.replayed)
+                                                                    step.replayed, step.cfg.kd.previous_posterior)
 
     @staticmethod
     def compute(step: StudentStep, per_row: torch.Tensor | None) -> TermValue | None:

@@ -25,6 +25,16 @@ def dynamic_temperature(step: int, steps: int, t_max: float, t_min: float, fid: 
     return t * (1 + gain * float(np.clip(fid / threshold - 1, 0, 1)))
 
 
+def replay_counts(batch_size: int, n_seen: int, replay_share: float) -> list[int]:
+    """Rows of each seen task in a student batch, the current task last: equal shares, batch_size // n_seen per
+    replayed task and the rest for the current task; or, with replay_share > 0 and an earlier task,
+    round(batch_size x replay_share) rows for the replayed tasks together, split equally (the remainder goes to the
+    current task)."""
+    n_old = n_seen - 1
+    share = round(batch_size * replay_share) // n_old if replay_share > 0 and n_old else batch_size // n_seen
+    return [share] * n_old + [batch_size - share * n_old]
+
+
 class StudentLearner:
     """The student phase: the beta-VAE student, its projections (feature KD: one per expert, onto that expert
     critic's feature space) and optimiser, and `previous`, the student as it was before the current task
@@ -45,12 +55,17 @@ class StudentLearner:
     def _projection(self) -> nn.Linear:
         return nn.Linear(self.student.feature_dim, self.pool.experts[0].critic.feature_dim).to(self.device)
 
+    def steps(self, t: int) -> int:
+        """Student steps of task t: student.steps + t x student.steps_per_earlier_task."""
+        return self.cfg.student.steps + t * self.cfg.student.steps_per_earlier_task
+
     def begin_task(self, t: int) -> list[int]:
         """Ready for task t (a new task prior, a projection per new expert, a fresh optimiser, the copy from
         before the task, unless resuming within it); returns the tasks its batches cover."""
         sc, kd = self.cfg.student, self.cfg.kd
         if self.student.num_tasks <= t:
-            self.previous = frozen_copy(self.student) if t > 0 and sc.replay and kd.previous_weight > 0 else None
+            keep_copy = kd.previous_weight > 0 or sc.self_replay > 0
+            self.previous = frozen_copy(self.student) if t > 0 and sc.replay and keep_copy else None
             while self.student.num_tasks <= t:
                 self.student.add_task()
             while len(self.projections) < len(self.pool.experts):  # a new expert brings its own projection
@@ -65,6 +80,9 @@ class StudentLearner:
         loss, logged = student_loss(batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.cfg.student.freeze_old_priors:  # no gradient, so Adam leaves them as they were
+            for j in range(t):
+                self.student.prior_mu[j].grad = self.student.prior_logvar[j].grad = None
         self.opt.step()
         record = {"student/loss": loss.item(), **{f"student/{k}": v.item() for k, v in logged.items()}}
         record["kd/temperature"] = batch.temperature
@@ -80,7 +98,7 @@ class StudentLearner:
         g = torch.Generator().manual_seed(step_seed(cfg.train.seed, t, 1, step))
         x, task_ids, mix = self.batch(t, seen, g)
         fid_now = float(np.mean([self.pool.of_task(j).latest_fid for j in seen]))
-        temperature = dynamic_temperature(step, cfg.student.steps, kd.temperature_max, kd.temperature_min, fid_now,
+        temperature = dynamic_temperature(step, self.steps(t), kd.temperature_max, kd.temperature_min, fid_now,
                                           cfg.teacher.fid_threshold, kd.temperature_fid_gain)
         expert_of = torch.tensor([self.pool.task_to_expert[j] for j in task_ids.tolist()], device=self.device)
         return StudentStep(cfg=cfg, student=self.student, previous=self.previous,
@@ -93,14 +111,12 @@ class StudentLearner:
         (replay), in equal shares; with student.mixup, each real image mixed with a replayed one. Returns images
         [B, C, 32, 32], task ids [B] and the mixup pairing (other task ids, lambda) or None."""
         sc = self.cfg.student
-        share = sc.batch_size // len(seen)
         xs, tasks = [], []
-        for j in seen:
-            n = share if j != t else sc.batch_size - share * (len(seen) - 1)
+        for j, n in zip(seen, replay_counts(sc.batch_size, len(seen), sc.replay_share)):
             if j == t:
                 xs.append(self.train_x[t][torch.randint(0, len(self.train_x[t]), (n,), generator=g)].to(self.device))
             else:  # replay: the task's expert generates it (output-level distillation target)
-                xs.append(self.pool.of_task(j).sample(n, g))
+                xs.append(self.replay(j, n, g))
             tasks.append(torch.full((n,), j, dtype=torch.long))
         x, task_ids = torch.cat(xs), torch.cat(tasks).to(self.device)
         mix = None
@@ -112,6 +128,21 @@ class StudentLearner:
             x = lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x[perm]
             mix = (task_ids[perm], lam)
         return x, task_ids, mix
+
+    def replay(self, j: int, n: int, g: torch.Generator) -> torch.Tensor:
+        """n replayed images of earlier task j [n, C, 32, 32]: the expert's, except the first
+        round(n x student.self_replay), which the student's frozen copy from before the task generates from its
+        prior p(u | j)."""
+        knows = self.previous is not None and j < self.previous.num_tasks  # (a copy always knows its earlier tasks)
+        n_self = round(n * self.cfg.student.self_replay) if knows else 0
+        parts = []
+        if n_self:
+            with torch.no_grad():
+                tasks = torch.full((n_self,), j, dtype=torch.long, device=self.device)
+                parts.append(self.previous.eval().sample(tasks, g))
+        if n - n_self:
+            parts.append(self.pool.of_task(j).sample(n - n_self, g))
+        return torch.cat(parts)
 
     def row_weights(self, task_ids: torch.Tensor, t: int) -> torch.Tensor:
         """Per-row weight [B]: 1 for the current task, and for a replayed task its expert's adaptive weight

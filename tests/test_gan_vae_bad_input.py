@@ -127,6 +127,30 @@ def test_a_truncated_fid_classifier_cache_is_named_and_rebuilt(tmp_path, capsys)
     assert torch.load(cached, weights_only=False)["info"] == info  # replaced by a whole one
 
 
+def test_a_branch_from_the_end_of_a_teacher_phase_equals_one_from_the_finished_task(domains, origin,  # noqa: F811
+                                                                                      tmp_path):
+    """task_<i>_teacher.pt (written when task i's teacher phase ends) lets a student ablation reuse the expert: a new
+    run from origin's task_1_teacher.pt with another kd.* key ends with exactly the numbers of a new run from
+    origin's task_0.pt with that key (which trains the same task-1 expert again). A teacher key is refused there
+    (the expert was made with the checkpoint's), naming the key and both ways."""
+    ckpts = origin / "checkpoints"
+    assert (ckpts / "task_0_teacher.pt").is_file() and (ckpts / "task_1_teacher.pt").is_file()
+    assert torch.load(ckpts / "task_1_teacher.pt", weights_only=False)["progress"] == {
+        "task": 1, "phase": "student", "step": 0}
+    name = tmp_path.name
+    from_task = _branch(domains, origin, ckpts / "task_0.pt", f"from_task_{name}")
+    from_teacher = _branch(domains, origin, ckpts / "task_1_teacher.pt", f"from_teacher_{name}")
+    assert from_task.returncode is None and from_teacher.returncode is None, from_teacher.stderr[-3000:]
+    a, b = (json.loads((origin.parent / f"{k}_{name}" / "results.json").read_text())
+            for k in ("from_task", "from_teacher"))
+    assert a["recon_mse"] != json.loads((origin / "results.json").read_text())["recon_mse"]  # the key mattered
+    for key in ("teacher_fid", "student_fid", "recon_mse", "recon_fid", "student_fid_samples", "forgetting"):
+        assert a[key] == b[key], key
+    refused = _branch(domains, origin, ckpts / "task_1_teacher.pt", f"teacher_key_{name}", "teacher.lr=0.002")
+    assert_clean_error(refused, "teacher.lr", "task_<i>.pt", "task_<i>_teacher.pt")
+    assert not (origin.parent / f"teacher_key_{name}").exists()
+
+
 @pytest.mark.parametrize("damage,fragment", [("empty", "empty"), ("truncated", "cut short")])
 def test_a_damaged_inception_weights_file_is_refused_before_the_run(tmp_path, damage, fragment):
     from gan_vae.fid import check_inception_path
@@ -206,7 +230,7 @@ def test_evaluate_a_run_branched_from_another_runs_task_checkpoint(domains, orig
     proc = _branch(domains, origin, source / "checkpoints" / "task_0.pt", name)
     assert proc.returncode is None, proc.stderr[-3000:]
     branch = origin.parent / name
-    assert sorted(p.name for p in (branch / "checkpoints").glob("task_*.pt")) == ["task_1.pt"]
+    assert sorted(p.name for p in (branch / "checkpoints").glob("task_*.pt")) == ["task_1.pt", "task_1_teacher.pt"]
     written = json.loads((branch / "results.json").read_text())
     assert written["tasks_done"] == 2
 

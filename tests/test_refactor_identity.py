@@ -162,7 +162,7 @@ def test_gan_vae_is_bit_identical_to_the_code_before_the_refactor(tmp_path, pre_
                 "teacher.width=8", "teacher.batch_size=32", "student.steps=10", "student.width=8",
                 "student.batch_size=32", "student.mixup=true", "fid.samples=48", "fid.classifier_epochs=2",
                 "teacher.fid_threshold=120", "log.every_steps=5", "log.sample_every=10", "run.checkpoint_every=5",
-                f"fid.cache_dir={side_dir / 'fid'}"]
+                f"fid.cache_dir={side_dir / 'fid'}", *(["student.self_replay=0"] if side_dir.name == "after" else [])]
 
     runs = run_both(pre_refactor_tree, tmp_path, ["-m", "gan_vae.continual"], args)
     # 2 tasks x (teacher steps 5, 10, 12 + student steps 5, 10) lines

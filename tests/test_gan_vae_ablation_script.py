@@ -1,0 +1,43 @@
+"""scripts/gan_vae_ablation.py: its rows are valid branches of the shared-data config, and its table averages the
+seeds right (hand-made results.json files)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config import load_config
+from gan_vae.continual import STUDENT_PHASE_SECTIONS, ContinualConfig, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("gan_vae_ablation", ROOT / "scripts" / "gan_vae_ablation.py")
+ablation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation)
+
+
+@pytest.mark.parametrize("row", list(ablation.ROWS))
+def test_every_row_is_a_valid_config_that_changes_only_student_keys(row):
+    label, overrides, branch = ablation.ROWS[row]
+    validate(load_config(ContinualConfig, ROOT / ablation.CONFIG, ["train.seed=1", *ablation.BASE, *overrides]))
+    assert branch in (None, "task_1_teacher", "task_0_teacher")
+    assert all(o.split(".")[0] in STUDENT_PHASE_SECTIONS for o in overrides)  # what a branch there may change
+
+
+def _results(path: Path, mse0: float, mse1: float, fashion: float, fid: list[float]) -> None:
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({
+        "tasks_done": 2, "recon_mse": [[mse0, None], [mse1, fashion]], "student_fid": [[30.0, None], fid],
+        "student_fid_samples": [[[2000, 2000], None], [[2000, 2000], [889, 889]]]}))
+
+
+def test_the_table_gives_mean_and_sd_over_the_seeds(tmp_path):
+    _results(tmp_path / "gv_s0", 0.010, 0.012, 0.015, [40.0, 20.0])   # forgetting +20%
+    _results(tmp_path / "gv_s1", 0.008, 0.008, 0.013, [50.0, 30.0])   # +0%
+    _results(tmp_path / "gv_s0_prev0", 0.010, 0.011, 0.014, [40.0, 20.0])
+    text = ablation.table(tmp_path, ["default", "prev0"], [0, 1])
+    assert "after task 0, the start of every row: 0.00900 ± 0.00141 (seeds 0, 1)" in text
+    default = next(line for line in text.splitlines() if line.startswith("| experts' replay only"))
+    assert default == (f"| {ablation.ROWS['default'][0]} | 0, 1 | 0.01000 ± 0.00283 | +10.0 ± 14.1 | 0.01400 ± 0.00141 | "
+                       "45.00 ± 7.07 | 25.00 ± 7.07 | [[2000, 2000], [889, 889]] |")
+    prev0 = next(line for line in text.splitlines() if line.startswith("| `kd.previous_weight=0`"))
+    assert prev0.startswith("| `kd.previous_weight=0` | 0 | 0.01100 ± 0.00000 | +10.0 ± 0.0 |")

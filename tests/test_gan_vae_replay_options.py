@@ -1,0 +1,116 @@
+"""The student's replay options (gan_vae.continual StudentConfig): the replay share of a batch, replay of the
+student's own samples from before the task, extra steps for later tasks, and fixed priors of finished tasks. Each
+test looks inside student steps of an in-process run with untrained experts (test_gan_vae._in_process_run)."""
+import pytest
+import torch
+from test_gan_vae import _args, _in_process_run, domains  # noqa: F401 - a fixture
+
+from common.config import load_config
+from common.errors import UserError
+from gan_vae.continual import ContinualConfig, validate
+from gan_vae.student import replay_counts
+
+
+@pytest.mark.parametrize("batch,seen,share,expected", [
+    (16, 1, 0.0, [16]), (16, 1, 0.75, [16]),            # the first task: nothing to replay
+    (16, 2, 0.0, [8, 8]), (17, 2, 0.0, [8, 9]),          # equal shares, the remainder to the current task
+    (16, 3, 0.0, [5, 5, 6]),
+    (16, 2, 0.75, [12, 4]), (64, 2, 0.75, [48, 16]),     # round(16 x 0.75) = 12 replayed rows
+    (16, 3, 0.75, [6, 6, 4]), (10, 2, 0.66, [7, 3]),     # 12 split over two tasks; round(6.6) = 7
+])
+def test_replay_counts_by_hand(batch, seen, share, expected):
+    assert replay_counts(batch, seen, share) == expected
+    assert sum(expected) == batch
+
+
+def test_a_replay_share_puts_that_share_of_the_batch_on_earlier_tasks(domains, tmp_path):  # noqa: F811
+    run = _in_process_run(domains, tmp_path, ["discs", "crosses"], "student.replay_share=0.75")
+    seen = run.learner.begin_task(1)
+    step = run.learner.step_inputs(1, seen, 0)
+    assert step.task_ids.tolist() == [0] * 12 + [1] * 4 and step.replayed.sum() == 12
+
+
+def test_self_replay_draws_that_share_of_replayed_rows_from_the_copy_before_the_task(domains, tmp_path):  # noqa: F811
+    """With student.self_replay=0.5 the first half of task 0's replayed rows are the frozen copy's own samples of
+    task 0 (drawn from the step's generator), the rest the expert's; the copy exists even with kd.previous_weight=0."""
+    run = _in_process_run(domains, tmp_path, ["discs", "crosses"], "student.self_replay=0.5", "kd.previous_weight=0")
+    run.train_student(0, 0)
+    seen = run.learner.begin_task(1)
+    assert run.learner.previous is not None
+    g = torch.Generator().manual_seed(5)
+    x = run.learner.replay(0, 8, g)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        own = run.learner.previous.sample(torch.zeros(4, dtype=torch.long), g)
+    expert = run.pool.of_task(0).sample(4, g)
+    assert torch.equal(x[:4], own) and torch.equal(x[4:], expert)
+    step = run.learner.step_inputs(1, seen, 0)  # the batch uses it
+    assert step.replayed.sum() == 8
+
+
+def test_later_tasks_train_extra_steps(domains, tmp_path):  # noqa: F811
+    run = _in_process_run(domains, tmp_path, ["discs", "crosses", "discs"], "student.steps=1",
+                          "student.steps_per_earlier_task=2")
+    assert [run.learner.steps(t) for t in (0, 1, 2)] == [1, 3, 5]
+    logged = []
+    run.after_step = lambda t, phase, step, steps, record: logged.append((t, step, steps))
+    run.train_student(1, 0)
+    assert logged == [(1, s, 3) for s in range(3)]
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_finished_tasks_priors_stay_fixed_when_frozen(domains, tmp_path, freeze):  # noqa: F811
+    run = _in_process_run(domains, tmp_path, ["discs", "crosses"], "student.steps=1",
+                          f"student.freeze_old_priors={str(freeze).lower()}")
+    run.train_student(0, 0)
+    before = [p.detach().clone() for p in (run.learner.student.prior_mu[0], run.learner.student.prior_logvar[0])]
+    run.train_student(1, 0)
+    s = run.learner.student
+    after = [s.prior_mu[0], s.prior_logvar[0]]
+    assert all(torch.equal(a, b) for a, b in zip(after, before)) == freeze
+    assert not torch.equal(s.prior_mu[1], s.prior_mu[1].detach() * 0)  # the current task's prior trains
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["student.replay_share=0.99", "student.batch_size=16"], "student.replay_share=0.99 gives the 1 replayed"),
+    (["student.replay_share=1"], "student.replay_share=1.0 must lie in [0, 1)"),
+    (["student.replay_share=0.5", "student.replay=false"], "set it to 0 or student.replay=true"),
+    (["student.self_replay=1.5"], "student.self_replay=1.5 must lie in [0, 1]"),
+])
+def test_bad_replay_options_are_refused(domains, tmp_path, overrides, fragment):  # noqa: F811
+    with pytest.raises(UserError) as err:
+        validate(load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs", "crosses"]), *overrides]))
+    assert fragment in str(err.value)
+
+
+def test_posterior_kl_self_distillation_by_hand(monkeypatch):
+    """kd.previous_posterior=kl: the latent part of the self-distillation is KL(q' || q) of the diagonal
+    Gaussians, here on hand-set posteriors: z (1 dim) N(0, 1) vs N(1, e^2): 0.5 (2 + (1 + 1) / e^2 - 1);
+    u N(2, e^-2) vs N(2, 1): 0.5 (0 + e^-2 - (-2) - 1). means: (0 - 1)^2 + 0 = 1."""
+    import math
+
+    import gan_vae.losses as losses
+    from models import TaskVAE
+
+    posteriors = {"previous": ((torch.tensor([[0.0]]), torch.tensor([[0.0]])),
+                               (torch.tensor([[2.0]]), torch.tensor([[-2.0]]))),
+                  "student": ((torch.tensor([[1.0]]), torch.tensor([[2.0]])),
+                              (torch.tensor([[2.0]]), torch.tensor([[0.0]])))}
+
+    class Fixed(TaskVAE):
+        def __init__(self, who):
+            super().__init__(1, 1, 1, 4)
+            self.who = who
+
+        def encode(self, x):
+            return None, *posteriors[self.who]
+
+        def decode_logits(self, z, u):
+            return torch.zeros(len(z), 1, 2, 2)  # equal reconstructions: the Bernoulli KL is 0
+
+    x, replayed = torch.zeros(1, 1, 32, 32), torch.tensor([True])
+    kl = losses.self_distillation(Fixed("student"), Fixed("previous"), x, replayed, "kl")
+    by_hand = 0.5 * (2 + 2 / math.e ** 2 - 1) + 0.5 * (math.e ** -2 + 2 - 1)
+    assert kl.item() == pytest.approx(by_hand, rel=1e-6)
+    means = losses.self_distillation(Fixed("student"), Fixed("previous"), x, replayed, "means")
+    assert means.item() == pytest.approx(1.0, rel=1e-6)
