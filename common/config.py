@@ -316,7 +316,7 @@ def _one_plugin_as_list(incoming: DictConfig) -> None:
         run[key] = [value] if value else []
 
 
-def load_config(schema: type, config_file: str | list[str] | None = None,
+def load_config(schema: type, config_file: str | Path | list[str | Path] | None = None,
                 overrides: list[str] | None = None) -> DictConfig:
     """Build the config: schema defaults, then the YAML file (or files, in order: a later one overrides an earlier
     one's keys, e.g. a data config and then a KD preset of configs/methods/), then dotted `key=value` overrides.
@@ -325,7 +325,7 @@ def load_config(schema: type, config_file: str | list[str] | None = None,
     `check_ranges`) raise UserError naming the key, before the caller does any work. The plugins that the file or
     the overrides name (run.plugins) are imported first, and the schema gets the config sections of every registry
     entry (common.registry.compose_schema)."""
-    files = [config_file] if isinstance(config_file, str) else list(config_file or [])
+    files = [config_file] if isinstance(config_file, (str, Path)) else list(config_file or [])
     plugins.load(plugins.requested(files, overrides or []))
     schema = compose_schema(schema)
     cfg = OmegaConf.structured(schema)
