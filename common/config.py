@@ -395,11 +395,12 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(saved: dict, current: DictConfig | dict, allowed: tuple[str, ...] = RESUME_SAFE_KEYS
-                       ) -> list[tuple[str, Any, Any]]:
+def config_differences(saved: dict, current: DictConfig | dict, allowed: tuple[str, ...] = RESUME_SAFE_KEYS,
+                       gained: dict[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every dotted key whose value differs, skipping keys that match a
     pattern of `allowed` (fnmatch: "log.*", "data.workers"). A key the saved config lacks (one the schema gained
-    since) counts as having the schema's default; a key only the saved config has is ignored."""
+    since) counts as having the value in `gained` (what the code did before the key existed, where its default is
+    something else), else the schema's default; a key only the saved config has is ignored."""
     import fnmatch
     now = _flatten(to_plain(current) if isinstance(current, (DictConfig, ListConfig)) else current)
     before = _flatten(saved)
@@ -410,7 +411,7 @@ def config_differences(saved: dict, current: DictConfig | dict, allowed: tuple[s
     for key, value in now.items():
         if any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed):
             continue
-        old = before.get(key, defaults.get(key, "<absent>"))
+        old = before.get(key, (gained or {}).get(key, defaults.get(key, "<absent>")))
         if old != value:
             diffs.append((key, old, value))
     return diffs

@@ -261,6 +261,9 @@ FIXED_KEYS = {"data.tasks", "data.channels", "data.test_fraction", "teacher.z_di
               "fid.classifier_epochs", "train.seed"}
 
 
+# keys added with a default that differs from what the code did before them: a run saved before a key existed ran
+# with this value (common.config.config_differences)
+GAINED_KEYS = {"student.self_replay": 0.0}  # issue 18: the experts alone replayed
 # what the student phase reads: a branch from the start of a student phase may change these
 STUDENT_PHASE_SECTIONS = ("student", "kd")
 
@@ -272,7 +275,7 @@ def changed_config_keys(saved: dict, current, branching: bool) -> list[tuple[str
     # the composed schema: a loss term's own keys (student.<term>.*) are training keys too
     allowed = (tuple(key for key, *_ in iter_schema(compose_schema(ContinualConfig)) if key not in FIXED_KEYS)
                if branching else RESULT_NEUTRAL_KEYS)
-    return config_differences(saved, current, allowed)
+    return config_differences(saved, current, allowed, GAINED_KEYS)
 
 
 # The program name a run directory's run.json and every checkpoint record (utils.check_program).

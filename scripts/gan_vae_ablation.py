@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,10 @@ def launch(out: Path, name: str, args: list[str]) -> int:
     if finished(out, name):
         print(f"[ablation] {name}: done, skipped", flush=True)
         return 0
+    if (out / name / "checkpoints" / "last.pt").is_file():  # stopped midway: the run continues itself
+        args = [a for a in args if not a.startswith("run.resume=")] + ["run.resume=auto"]
+    elif (out / name).exists():  # stopped before its first checkpoint: nothing of it to keep
+        shutil.rmtree(out / name)
     cmd = [sys.executable, "-m", "gan_vae.continual", "--config", CONFIG, f"run.out_dir={out}", f"run.name={name}",
            *args]
     print(f"[ablation] {name}: {' '.join(cmd[1:])}", flush=True)
@@ -147,9 +152,12 @@ def main() -> None:
     parser.add_argument("--rows-only", action="store_true",
                         help="run only the rows (each seed's full run has written its task_1_teacher.pt already)")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: at least 1 run at a time")
     ok = True if args.table_only else run_all(args.out.resolve(), args.rows, args.seeds, args.jobs,
                                               not args.rows_only)
     text = table(args.out, args.rows, args.seeds)
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gan_vae_ablation.md").write_text(text)
     print(text)
     if not ok:

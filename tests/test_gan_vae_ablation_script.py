@@ -41,3 +41,21 @@ def test_the_table_gives_mean_and_sd_over_the_seeds(tmp_path):
                        "45.00 ± 7.07 | 25.00 ± 7.07 | [[2000, 2000], [889, 889]] |")
     prev0 = next(line for line in text.splitlines() if line.startswith("| `kd.previous_weight=0`"))
     assert prev0.startswith("| `kd.previous_weight=0` | 0 | 0.01100 ± 0.00000 | +10.0 ± 0.0 |")
+
+
+def test_an_interrupted_run_continues_itself_and_one_without_a_checkpoint_starts_over(tmp_path, monkeypatch):
+    """launch: a row stopped midway (its own checkpoints/last.pt) resumes with run.resume=auto, not from the branch
+    checkpoint again (refused: the directory holds a run); one stopped before any checkpoint is removed and started
+    afresh from the branch."""
+    calls = []
+    monkeypatch.setattr(ablation.subprocess, "run", lambda cmd, **kw: (calls.append(cmd), type("P", (), {
+        "returncode": 0})())[1])
+    branch = ["train.seed=0", "kd.previous_weight=0", "run.resume=/x/gv_s0/checkpoints/task_1_teacher.pt"]
+    (tmp_path / "midway" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "midway" / "checkpoints" / "last.pt").write_bytes(b"")
+    assert ablation.launch(tmp_path, "midway", branch) == 0
+    assert calls[-1][-3:] == ["train.seed=0", "kd.previous_weight=0", "run.resume=auto"]
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "config.yaml").write_text("{}")
+    assert ablation.launch(tmp_path, "early", branch) == 0
+    assert calls[-1][-3:] == branch and not (tmp_path / "early").exists()

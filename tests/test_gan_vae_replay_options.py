@@ -114,3 +114,19 @@ def test_posterior_kl_self_distillation_by_hand(monkeypatch):
     assert kl.item() == pytest.approx(by_hand, rel=1e-6)
     means = losses.self_distillation(Fixed("student"), Fixed("previous"), x, replayed, "means")
     assert means.item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_a_run_saved_before_self_replay_existed_is_not_resumed_with_the_new_default(domains, tmp_path):  # noqa: F811
+    """A run saved before issue 18 has no student.self_replay and replayed from the experts alone (0); resuming it
+    with today's default 0.5 would change it midway, so it is refused naming the key, and resumes with 0."""
+    from common.config import to_plain
+    from gan_vae.continual import check_config_matches_checkpoint
+    cfg = load_config(ContinualConfig, None, _args(domains, tmp_path, ["discs", "crosses"]))
+    saved = to_plain(cfg)
+    del saved["student"]["self_replay"]
+    run_dir = tmp_path / "old_run"
+    ckpt = {"config": saved, "progress": {"task": 1, "phase": "student", "step": 20}}
+    with pytest.raises(UserError, match=r"student\.self_replay = 0\.0 \(this run: 0\.5\)"):
+        check_config_matches_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt", cfg, run_dir)
+    same = load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs", "crosses"]), "student.self_replay=0"])
+    check_config_matches_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt", same, run_dir)
