@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from common.checkpoint import freeze, load_checkpoint, load_state_strict
 from common.errors import UserError
-from imagedata.normalization import IMAGENET_NORM, Norm, named_norm, pretrained_norm, renormalize
+from imagedata.normalization import IMAGENET_NORM, Norm, model_cfg, named_norm, pretrained_norm, renormalize
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,14 +260,14 @@ class FrozenTeacher(nn.Module):
     `.train()` is called on it. Its logits are restricted to the dataset's classes with one `index_select`.
 
     Its input is normalised with `input_norm` (the student's mean and std, so one batch serves both); when the
-    teacher's own statistics (`own_norm`, from its timm pretrained_cfg) differ, forward re-expresses the batch in
+    teacher's own statistics (`own_norm`, from its timm config, `normalization.model_cfg`) differ, forward re-expresses the batch in
     them first (`normalization.renormalize`), so the teacher sees the pixels normalised as its weights expect.
 
     forward(x [B, 3, H, W]) -> logits [B, C], C = len(class_index) or the model's own number of outputs."""
 
     def __init__(self, model: nn.Module, class_index: list[int] | None, input_norm: Norm = IMAGENET_NORM):
         super().__init__()
-        self.input_norm, self.own_norm = input_norm, pretrained_norm(getattr(model, "pretrained_cfg", None))
+        self.input_norm, self.own_norm = input_norm, pretrained_norm(model_cfg(model))
         self.model = freeze(model)
         index = torch.as_tensor(class_index if class_index is not None else [], dtype=torch.long)
         self.register_buffer("class_index", index, persistent=False)
@@ -365,8 +365,10 @@ def stage_shape(model: nn.Module, stage: int, image_size: int, what: str) -> tup
 
 
 def teacher_output_classes(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:
-    """Number of outputs of the classifier stored in `state`, for the model's classifier key (timm's cfg)."""
-    key = model.default_cfg.get("classifier", "fc") if hasattr(model, "default_cfg") else "fc"
+    """Number of outputs of the classifier stored in `state`, for the model's classifier key (`classifier` of its
+    timm config, `normalization.model_cfg`: the config normalisation reads too; "fc" when it names none)."""
+    key = model_cfg(model).get("classifier") or "fc"
+    key = key[0] if isinstance(key, (tuple, list)) else key  # a distilled model's (head, head_dist): the first
     weight = state.get(f"{key}.weight")
     return int(weight.shape[0]) if weight is not None else None
 

@@ -1,7 +1,7 @@
 """Input normalisation: uint8 images -> the float input a model was trained on, with that model's mean and std.
 
-A timm model's `pretrained_cfg` names the mean and std its weights expect (ImageNet's for most CNNs, 0.5 for many
-ViTs); a model without them gets ImageNet's. The student's inputs are normalised with the student's statistics
+A timm model's `pretrained_cfg` (`model_cfg`: or `default_cfg`, its older name) names the mean and std its weights
+expect (ImageNet's for most CNNs, 0.5 for many ViTs); a model without them gets ImageNet's. The student's inputs are normalised with the student's statistics
 (`normalize_batch(..., input_norm(student))`); the teacher (`models.FrozenTeacher`) receives that same batch and
 re-expresses it in its own statistics (`renormalize`) only when the two differ.
 """
@@ -16,6 +16,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_NORM = (IMAGENET_MEAN, IMAGENET_STD)
 
 Norm = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel, on the [0, 1] pixel scale
+
+
+def model_cfg(model: torch.nn.Module) -> dict:
+    """The timm config a model carries: its `pretrained_cfg`, else its `default_cfg` (timm's older name, which timm's
+    builder still sets as an alias of the first; a model made outside that builder may have either one), else {}.
+    The teacher loader (the classifier's name, `models.teacher_output_classes`) and normalisation (mean and std)
+    both read this one config."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 def pretrained_norm(pretrained_cfg: dict | None) -> Norm:
@@ -35,9 +44,9 @@ def named_norm(name: str) -> Norm:
 
 def input_norm(model: torch.nn.Module) -> Norm:
     """The (mean, std) `model` expects its input normalised with: the `input_norm` a model declares (a
-    `models.FrozenTeacher` takes the student's), else its timm `pretrained_cfg`'s, else ImageNet's."""
+    `models.FrozenTeacher` takes the student's), else its timm config's (`model_cfg`), else ImageNet's."""
     declared = getattr(model, "input_norm", None)
-    return declared if declared is not None else pretrained_norm(getattr(model, "pretrained_cfg", None))
+    return declared if declared is not None else pretrained_norm(model_cfg(model))
 
 
 def _pixel_scale(norm: Norm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

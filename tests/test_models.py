@@ -101,3 +101,36 @@ def test_unreachable_hub_weights_and_dataset(tmp_path):
                        "python train_student.py --config configs/quickstart.yaml")
     proc = run_script("train_student.py", f"data.path={tmp_path}", f"run.out_dir={tmp_path}")
     assert_clean_error(proc, "is not a dataset")
+
+
+class HeadNet(torch.nn.Module):
+    """A custom model as a newcomer writes one for timm: its classifier is `head.fc`, and it carries a timm
+    config under one name only (`pretrained_cfg`, or the older `default_cfg`), not both as timm's builder sets."""
+
+    def __init__(self, num_classes: int = 1000, cfg_attr: str = "pretrained_cfg"):
+        super().__init__()
+        self.num_classes = num_classes
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.ModuleDict({"fc": torch.nn.Linear(8, num_classes)})
+        setattr(self, cfg_attr, {"classifier": "head.fc", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})
+
+    def forward(self, x):
+        return self.head["fc"](self.body(x))
+
+
+@pytest.mark.parametrize("cfg_attr", ["pretrained_cfg", "default_cfg"])
+def test_teacher_loader_and_normalisation_read_the_same_timm_config(tmp_path, monkeypatch, cfg_attr):
+    """Issue 24, item 6: a teacher from a local checkpoint whose model has no default_cfg (or only default_cfg):
+    its classifier is found from the config normalisation reads, so the checkpoint's 4-way head loads."""
+    import models
+    monkeypatch.setattr(models, "_create", lambda name, pretrained, num_classes, what:
+                        HeadNet(1000 if num_classes is None else num_classes, cfg_attr))
+    trained = HeadNet(4, cfg_attr)
+    assert not hasattr(trained, {"pretrained_cfg": "default_cfg", "default_cfg": "pretrained_cfg"}[cfg_attr])
+    torch.save(trained.state_dict(), tmp_path / "teacher.pt")
+    cfg = load_config(Config, None, ["student.name=resnet10t", f"teacher.checkpoint={tmp_path / 'teacher.pt'}"])
+    teacher = create_teacher(cfg, imagedata.label_alignment.mini_imagenet_synsets()[:4])
+    assert not teacher.restrict and teacher.model.num_classes == 4
+    assert teacher.own_norm == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # the same config's mean and std
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(teacher.model(x), trained.eval()(x))
