@@ -5,9 +5,10 @@
     trainer.add_hook(curriculum)               # refreshes when due around each epoch; saved under "curriculum"
 
 The difficulty refresh (every `difficulty.refresh_every` epochs from `difficulty.warmup_epochs` on) scores every
-training image with `models.difficulty_score` from the teacher cache's evaluation-view logits and the student's
-logits on the same views, hands the scores to the sampler and writes difficulty/epoch_XXX.{npy,png}. Before the
-first refresh a strategy that ranks by difficulty uses the whole set.
+training image with the score that difficulty.score selects (`score_difficulty`, models.DIFFICULTY_SCORES) from
+the teacher cache's evaluation-view logits and the student's logits on the same views, hands the scores to the
+sampler and writes difficulty/epoch_XXX.{npy,png}. Before the first refresh a strategy that ranks by difficulty
+uses the whole set.
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import to_plain
 from common.distributed import all_gather_objects, broadcast_buffers, broadcast_object
+from common.errors import UserError
 from common.rng import rng_isolated
 from curriculum_dataloader import CurriculumSampler, own_section, strategy_named
 from imagedata.normalization import input_norm, normalize_batch
 from imagedata.samplers import ShardSampler
 from imagedata.views import EvalViews, make_loader
-from models import difficulty_score
+from models import DIFFICULTY_SCORES
 
 
 def build_sampler(cfg, dist, num_samples: int) -> CurriculumSampler:
@@ -35,6 +38,27 @@ def build_sampler(cfg, dist, num_samples: int) -> CurriculumSampler:
                                 own_section(c, c.strategy))
     sampler.use_all = strategy_named(c.strategy).needs_difficulty
     return sampler
+
+
+def score_difficulty(cfg, teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> np.ndarray:
+    """The difficulty of every training image, float32 [N], from the score difficulty.score selects, called with
+    its own keys (difficulty.<score>.*) as keyword arguments. What it returns must be one finite number in [0, 1]
+    per image (the strategies compare it with targets in [0, 1]): anything else stops the run, naming the score."""
+    name = cfg.difficulty.score
+    entry = DIFFICULTY_SCORES.entry(name)
+    options = to_plain(cfg.difficulty[name]) if entry.config is not None else {}
+    scores = entry.obj(teacher_logits, student_logits, **options)
+    n = teacher_logits.shape[0]
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (n,):
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise UserError(f"difficulty.score={name} returned {got}, not a tensor of {n} scores (one per training "
+                        "image): a score maps logits [N, C] to D [N]")
+    d = scores.detach().float().cpu()
+    if not bool(torch.isfinite(d).all()) or bool(((d < 0) | (d > 1)).any()):
+        bad = d[~torch.isfinite(d) | (d < 0) | (d > 1)][0].item()
+        raise UserError(f"difficulty.score={name} returned {bad} for some image; a difficulty score must be a "
+                        "finite number in [0, 1]")
+    return d.numpy()
 
 
 class Curriculum:
@@ -112,7 +136,7 @@ class Curriculum:
         teacher = torch.from_numpy(np.asarray(self.trainer.cache.eval_logits("train"), dtype=np.float32))
         student = torch.from_numpy(self.student_train_logits())
         # rank 0's scores on every rank, so that all of them derive the same selection from them
-        self.difficulty = broadcast_object(difficulty_score(teacher, student).numpy())
+        self.difficulty = broadcast_object(score_difficulty(self.cfg, teacher, student))
         self.sampler.update_difficulty(self.difficulty)
         self.sampler.use_all = False
         self.refreshed_for = epoch

@@ -7,7 +7,8 @@
   restricts a 1000-way ImageNet teacher to the dataset's classes and re-normalises its input, weight files
   (`load_state_file`), pooled features and middle-stage maps for feature methods (`logits_and_pooled_features`,
   `stage_map`, `logits_and_stage_map`, `stage_shape`).
-- The curriculum's per-sample `difficulty_score` (train_student_rl.py).
+- The curriculum's per-sample difficulty scores, `DIFFICULTY_SCORES` (difficulty.score; the built-in one is
+  `difficulty_score`).
 - gan_vae/: the WGAN-GP experts (`Generator`, `Critic`, `gradient_penalty`, the WGAN losses), the beta-VAE student
   (`TaskVAE`, `vae_loss_terms`) and its distillation losses (`relational_kd`, `nt_xent`, `gaussian_kl`,
   `bernoulli_kl`).
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from common.checkpoint import freeze, load_checkpoint, load_state_strict
 from common.errors import UserError
+from common.registry import Registry
 from imagedata.normalization import IMAGENET_NORM, Norm, model_cfg, named_norm, pretrained_norm, renormalize
 
 
@@ -260,8 +262,9 @@ class FrozenTeacher(nn.Module):
     `.train()` is called on it. Its logits are restricted to the dataset's classes with one `index_select`.
 
     Its input is normalised with `input_norm` (the student's mean and std, so one batch serves both); when the
-    teacher's own statistics (`own_norm`, from its timm config, `normalization.model_cfg`) differ, forward re-expresses the batch in
-    them first (`normalization.renormalize`), so the teacher sees the pixels normalised as its weights expect.
+    teacher's own statistics (`own_norm`, from its timm config, `normalization.model_cfg`) differ, forward
+    re-expresses the batch in them first (`normalization.renormalize`), so the teacher sees the pixels normalised
+    as its weights expect.
 
     forward(x [B, 3, H, W]) -> logits [B, C], C = len(class_index) or the model's own number of outputs."""
 
@@ -403,8 +406,19 @@ def create_teacher(cfg, class_names: list[str], input_norm: Norm | None = None) 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Per-sample difficulty (curriculum).
+# Per-sample difficulty (curriculum): DIFFICULTY_SCORES, selected by difficulty.score.
 # ----------------------------------------------------------------------------------------------------------------
+# A score is a pure function `score(teacher_logits [N, C], student_logits [N, C], **options) -> D [N]` in [0, 1]:
+# both float32 at temperature 1, the teacher cache's evaluation-view logits and the student's eval-mode logits on the
+# same views. `options` are the keys of its own config section, difficulty.<name>.* (registered with `config=`).
+# curriculum.score_difficulty calls the selected one and checks what it returns. A new score registers here or from
+# a file named by run.plugins (examples/plugins/margin_difficulty.py).
+DIFFICULTY_SCORES = Registry("difficulty score", key="difficulty.score", sections="difficulty")
+
+
+@DIFFICULTY_SCORES.register("confidence_entropy_kl", help="0.3 (1 - max p_t) + 0.3 H(p_t) / log C + 0.4 "
+                                                          "min(KL(p_t || p_s) / 5, 1): teacher confidence and "
+                                                          "entropy, teacher-student disagreement")
 def difficulty_score(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Difficulty of each sample in [0, 1] from the teacher's and the student's logits (both at temperature 1).
 
@@ -414,6 +428,9 @@ def difficulty_score(teacher_logits: torch.Tensor, student_logits: torch.Tensor)
         D_kl      = min(KL(p_t || p_s) / 5, 1),  KL(p_t || p_s) = sum_i p_t(i) log(p_t(i) / p_s(i))
         D         = 0.3 D_conf + 0.3 D_entropy + 0.4 D_kl
 
+    Least confidence and entropy are the uncertainty measures of active learning (Settles, "Active Learning
+    Literature Survey", 2009, Sec. 3.1); the KL term adds the student's disagreement with the teacher. The weights
+    and the KL scale 5 are this repository's choice (difficulty.score=confidence_entropy_kl, the default).
     Computed in float32 from log_softmax, with 0 log 0 = 0 (a class with p_t(i) = 0 adds nothing).
     Shapes: teacher_logits, student_logits [B, C] -> D [B]."""
     t, s = teacher_logits.float(), student_logits.float()

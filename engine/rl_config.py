@@ -1,6 +1,7 @@
 """The configuration of train_student_rl.py: train_student.py's schema (engine.config.Config) plus the curriculum,
-difficulty and agent sections, and `validate_rl`, the checks that involve several keys. An agent's or a strategy's
-own keys live beside its code (agents.AGENT_REGISTRY, curriculum_dataloader.STRATEGY_REGISTRY)."""
+difficulty and agent sections, and `validate_rl`, the checks that involve several keys. An agent's, a strategy's or
+a difficulty score's own keys live beside its code (agents.AGENT_REGISTRY, curriculum_dataloader.STRATEGY_REGISTRY,
+models.DIFFICULTY_SCORES)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from common.errors import check
 from common.registry import holds_sections_of
 from curriculum_dataloader import STRATEGIES, STRATEGY_REGISTRY
 from engine.config import Config, validate
+from models import DIFFICULTY_SCORES
 from rl_curriculum_env import ACTION_NVEC
 
 
@@ -27,8 +29,12 @@ class CurriculumConfig:
                              ge=0)
 
 
+@holds_sections_of(DIFFICULTY_SCORES)  # a score's own keys: difficulty.<score>.* (models.DIFFICULTY_SCORES)
 @dataclass
 class DifficultyConfig:
+    score: str = opt("confidence_entropy_kl", "how each training image's difficulty is scored from the teacher's "
+                                              "and the student's logits (models.DIFFICULTY_SCORES, or one a "
+                                              "run.plugins file registers)", choices=DIFFICULTY_SCORES)
     refresh_every: int = opt(5, "recompute the difficulty scores every this many epochs", ge=1)
     warmup_epochs: int = opt(5, "first refresh before this epoch; until then the curriculum uses the whole set", ge=0)
 
@@ -42,12 +48,14 @@ class RLConfig(Config):
 
 def validate_rl(cfg) -> None:
     """engine.config.validate, then the curriculum's checks that involve several keys and those of the selected
-    agent and strategy (their `validate(cfg)` hooks, when they have one). Each key's own range is declared with it."""
+    agent, strategy and difficulty score (their `validate(cfg)` hooks, when they have one). Each key's own range is
+    declared with it."""
     validate(cfg)
     c = cfg.curriculum
     for component in (AGENT_REGISTRY[cfg.agent.name], STRATEGY_REGISTRY[c.strategy]):
         if hasattr(component, "validate"):
             component.validate(cfg)
+    DIFFICULTY_SCORES.validate(cfg, cfg.difficulty.score)
     for a in cfg.agent.fixed_actions:
         check(len(a) == len(ACTION_NVEC) and all(0 <= x < n for x, n in zip(a, ACTION_NVEC)),
               f"agent.fixed_actions entry {list(a)}: need [target index 0-{ACTION_NVEC[0] - 1}, temperature step "

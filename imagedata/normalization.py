@@ -1,9 +1,10 @@
 """Input normalisation: uint8 images -> the float input a model was trained on, with that model's mean and std.
 
 A timm model's `pretrained_cfg` (`model_cfg`: or `default_cfg`, its older name) names the mean and std its weights
-expect (ImageNet's for most CNNs, 0.5 for many ViTs); a model without them gets ImageNet's. The student's inputs are normalised with the student's statistics
-(`normalize_batch(..., input_norm(student))`); the teacher (`models.FrozenTeacher`) receives that same batch and
-re-expresses it in its own statistics (`renormalize`) only when the two differ.
+expect (ImageNet's for most CNNs, 0.5 for many ViTs); a model without them gets ImageNet's. The student's inputs
+are normalised with the student's statistics (`normalize_batch(..., input_norm(student))`); the teacher
+(`models.FrozenTeacher`) receives that same batch and re-expresses it in its own statistics (`renormalize`) only
+when the two differ.
 """
 from __future__ import annotations
 

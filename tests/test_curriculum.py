@@ -1,6 +1,7 @@
 """Curriculum: difficulty score, reward, sampler, Gymnasium environment, agents, train_student_rl.py end to end."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -51,6 +52,41 @@ def test_difficulty_lies_in_unit_interval():
     g = torch.Generator().manual_seed(0)
     d = difficulty_score(torch.randn(500, 10, generator=g) * 5, torch.randn(500, 10, generator=g) * 5)
     assert d.shape == (500,) and d.min() >= 0 and d.max() <= 1
+
+
+def test_difficulty_scores_are_a_registry_whose_default_is_the_builtin_score():
+    from common.config import load_config
+    from curriculum import score_difficulty
+    from engine.rl_config import RLConfig
+    from models import DIFFICULTY_SCORES
+    cfg = load_config(RLConfig)
+    assert cfg.difficulty.score == "confidence_entropy_kl"
+    assert DIFFICULTY_SCORES["confidence_entropy_kl"] is difficulty_score
+    g = torch.Generator().manual_seed(1)
+    teacher, student = torch.randn(64, 5, generator=g) * 4, torch.randn(64, 5, generator=g) * 4
+    d = score_difficulty(cfg, teacher, student)
+    assert d.dtype == np.float32 and np.array_equal(d, difficulty_score(teacher, student).numpy())
+
+
+@pytest.mark.parametrize("returned,message", [
+    (lambda t: torch.full((len(t),), 1.5), "returned 1.5 for some image; a difficulty score must be a finite number "
+                                          "in [0, 1]"),
+    (lambda t: torch.full((len(t),), math.nan), "returned nan"),
+    (lambda t: torch.zeros(len(t), 1), "returned (8, 1), not a tensor of 8 scores"),
+    (lambda t: [0.5] * len(t), "returned list, not a tensor of 8 scores"),
+])
+def test_a_score_that_is_not_one_number_in_0_1_per_image_stops_the_run(returned, message):
+    from common.config import load_config
+    from curriculum import score_difficulty
+    from engine.rl_config import RLConfig
+    from models import DIFFICULTY_SCORES
+    DIFFICULTY_SCORES.register("broken")(lambda teacher, student: returned(teacher))
+    try:
+        cfg = load_config(RLConfig, None, ["difficulty.score=broken"])
+        with pytest.raises(UserError, match=re.escape(f"difficulty.score=broken {message}")):
+            score_difficulty(cfg, torch.zeros(8, 3), torch.zeros(8, 3))
+    finally:
+        DIFFICULTY_SCORES.unregister("broken")
 
 
 # ---------------------------------------------------------------------------------------------------------------

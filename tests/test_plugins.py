@@ -14,6 +14,7 @@ from conftest import ROOT, TINY, assert_clean_error, read_metrics, run_and_sigki
 
 import agents
 import kd_methods
+import models
 from common import plugins
 from common.config import load_config
 from common.errors import UserError
@@ -57,7 +58,8 @@ SCALED_KD = textwrap.dedent('''
 @pytest.fixture
 def isolated():
     """Whatever a test's plugins register, and the record of imported plugins, is taken out again afterwards."""
-    before = {registry: set(registry) for registry in (kd_methods.KD_METHODS, agents.AGENT_REGISTRY)}
+    before = {registry: set(registry) for registry in (kd_methods.KD_METHODS, agents.AGENT_REGISTRY,
+                                                       models.DIFFICULTY_SCORES)}
     loaded = dict(plugins._loaded)
     yield
     for registry, names in before.items():
@@ -269,6 +271,46 @@ def test_epsilon_greedy_explores_with_probability_epsilon(tmp_path, isolated):
     explorer.means[4] = 10.0
     picks = {tuple(int(x) for x in explorer.act(obs)) for _ in range(200)}
     assert len(picks) == 6  # epsilon 1: uniform over every joint action
+
+
+def test_margin_difficulty_by_hand(tmp_path, isolated):
+    (module,) = plugins.load([str(_example(tmp_path, "margin_difficulty.py"))])
+    student = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2]]))  # margins 0.5 and 0 (a tie)
+    teacher = torch.log(torch.tensor([[0.1, 0.1, 0.8], [0.3, 0.6, 0.1]]))  # margins 0.7 and 0.3
+    assert module.margin_difficulty(teacher, student).tolist() == pytest.approx([0.5, 1.0], abs=1e-6)
+    assert module.margin_difficulty(teacher, student, model="teacher").tolist() == pytest.approx([0.3, 0.7], abs=1e-6)
+
+
+def test_margin_difficulty_plugin_decides_what_the_curriculum_trains_on(tmp_path, isolated):
+    """Issue 24: a difficulty score as one outside file, no monkeypatching. Its key is checked and listed, and the
+    refresh's scores are the plugin's formula on the teacher cache's logits (difficulty.margin.model=teacher), so
+    easy_to_hard trains on the images of smallest margin difficulty."""
+    plugin = _example(tmp_path, "margin_difficulty.py")
+    out = tmp_path / "runs"
+    args = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refresh_every=1", "agent.name=fixed",
+            "curriculum.strategy=easy_to_hard", f"run.plugins=[{plugin}]", "difficulty.score=margin",
+            f"run.out_dir={out}"]
+    listed = run_main("train_student_rl.py", *args, "--help")
+    assert "  difficulty.margin.model (str, one of student, teacher) = \"student\"" in listed.stdout
+    assert "margin: 1 - (p_(1) - p_(2))" in listed.stdout
+    bad = run_main("train_student_rl.py", *args, "difficulty.margin.model=both")
+    assert_clean_error(bad, "unknown difficulty.margin.model 'both'; choose one of student, teacher")
+    assert not out.exists()
+
+    proc = run_script("train_student_rl.py", *args, "difficulty.margin.model=teacher", "run.name=r",
+                      env={"KD_TRACE_DIR": str(tmp_path / "trace")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (cache,) = (out / "teacher_cache").glob("*/train.npy")
+    teacher = torch.from_numpy(np.load(cache)["eval_logits"].astype(np.float32))
+    p = torch.softmax(teacher, dim=1).topk(2, dim=1).values
+    difficulty = np.load(out / "r" / "difficulty" / "epoch_001.npy")
+    np.testing.assert_array_equal(difficulty, (1.0 - (p[:, 0] - p[:, 1])).clamp(0, 1).numpy())
+    decisions = {d["epoch"]: d for d in map(json.loads, (tmp_path / "trace" / "decisions.rank0.jsonl").open())}
+    chosen = np.asarray(decisions[1]["selection"])
+    assert 0 < len(chosen) < len(difficulty)  # pacing: ceil(g(1) N) of them
+    assert difficulty[chosen].max() <= np.delete(difficulty, chosen).min()  # the easiest by the plugin's score
+    saved = (out / "r" / "config.yaml").read_text()
+    assert "score: margin" in saved and "model: teacher" in saved
 
 
 def test_composing_a_composed_schema_gives_it_back(isolated):
