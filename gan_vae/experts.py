@@ -1,9 +1,27 @@
 """The gan_vae teachers: WGAN-GP experts (Gulrajani et al., 2017: gradient penalty, n_critic critic steps per
-generator step), the decision to add an expert for a task or reuse the nearest one, and the teacher phase's step."""
+generator step), the decision to add an expert for a task or reuse one (a registry of expansion rules,
+EXPANSION_RULES, selected by teacher.expansion), and the teacher phase's step.
+
+    @dataclass
+    class RelativeConfig:                               # the rule's own keys, with ranges: teacher.relative_fid.*
+        ratio: float = opt(2.0, "...", gt=0)
+
+    @EXPANSION_RULES.register("relative_fid", config=RelativeConfig, help="...")
+    def relative_fid(choice: ExpansionChoice) -> Expansion:
+        ...
+        return Expansion("new", len(choice.fids), {"teacher.relative_fid.ratio": ratio, ...})
+
+A rule reads what the pool measured before task t (`ExpansionChoice`) and returns its decision with the values it
+decided with (`Expansion`); experts.json records both, under the rule's name. The pool checks the decision
+(`ExpertPool.choose`). A rule defined outside the repository registers the same way from a file named by
+run.plugins (examples/plugins/relative_fid.py).
+"""
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -11,18 +29,61 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common.checkpoint import freeze, unfreeze
+from common.errors import UserError
+from common.registry import Registry
 from models import Critic, Generator, gradient_penalty, wgan_critic_loss, wgan_generator_loss
+
+EXPANSION_RULES = Registry("expert-expansion rule", key="teacher.expansion", sections="teacher")
+
+
+@dataclass(frozen=True)
+class ExpansionChoice:
+    """What an expansion rule reads before task t: `fids[e]`, the FID between expert e's samples and task t's real
+    training images (one per existing expert, none before the first task); `own_fids[e]`, expert e's latest FID on
+    the test images of the last task it learned (the quality it reached on its own data); `max_experts`
+    (teacher.max_experts); the run's `cfg` (a rule's own keys: cfg.teacher.<name>.*)."""
+    task: int
+    fids: list[float]
+    own_fids: list[float]
+    max_experts: int
+    cfg: Any
+
+
+class Expansion(NamedTuple):
+    """An expansion rule's decision: `action` "new" (then `expert` = len(fids), the new expert's index) or "reuse"
+    (`expert`: an existing expert's index); `values`: what the rule decided with, by name (config keys dotted, e.g.
+    {"teacher.fid_threshold": 50.0}; measured quantities by a name of the rule's own), recorded in experts.json."""
+    action: str
+    expert: int
+    values: dict[str, Any]
 
 
 def decide_expert(fids: list[float], threshold: float, max_experts: int) -> tuple[str, int]:
     """("new", index of the new expert) when there is no expert yet, or when the best FID exceeds the threshold
-    and fewer than max_experts exist; otherwise ("reuse", index of the expert with the lowest FID)."""
+    and fewer than max_experts exist; otherwise ("reuse", index of the expert with the lowest FID):
+
+        new  iff  E = 0  or  (min_e FID_e > threshold  and  E < max_experts),   E = len(fids)
+
+    This repository's rule, in the spirit of dynamic-expansion continual learners, which add an expert when no
+    existing one fits the new data (e.g. CN-DPM: Lee et al., "A Neural Dirichlet Process Mixture Model for
+    Task-Free Continual Learning", ICLR 2020); here the fit is the FID between an expert's samples and the task's
+    images (Heusel et al., NeurIPS 2017)."""
     if not fids:
         return "new", 0
     best = int(np.argmin(fids))
     if fids[best] > threshold and len(fids) < max_experts:
         return "new", len(fids)
     return "reuse", best
+
+
+@EXPANSION_RULES.register("fid_threshold", help="a new expert when every existing expert's FID on the task exceeds "
+                                                "teacher.fid_threshold (and fewer than teacher.max_experts exist); "
+                                                "else the nearest is reused")
+def fid_threshold(choice: ExpansionChoice) -> Expansion:
+    """`decide_expert(fids, teacher.fid_threshold, teacher.max_experts)`; records both keys' values."""
+    threshold = float(choice.cfg.teacher.fid_threshold)
+    action, index = decide_expert(choice.fids, threshold, choice.max_experts)
+    return Expansion(action, index, {"teacher.fid_threshold": threshold, "teacher.max_experts": choice.max_experts})
 
 
 def step_seed(seed: int, task: int, phase: int, step: int) -> int:
@@ -97,20 +158,43 @@ class ExpertPool:
 
     def choose(self, t: int, measured: list[dict]) -> None:
         """Task t's expert, from each existing expert's FID on it (`measured`, with sample counts): a new expert,
-        or the nearest one reused (decide_expert), which then replays its own earlier tasks from a frozen copy."""
+        or one reused, as the rule teacher.expansion decides (`decide`); a reused expert then replays its own
+        earlier tasks from a frozen copy."""
         cfg = self.cfg
         fids = [m["fid"] for m in measured]
-        action, index = decide_expert(fids, cfg.teacher.fid_threshold, cfg.teacher.max_experts)
+        action, index, values = self.decide(t, fids)
         if action == "new":
             self.experts.append(Expert(cfg, cfg.data.channels, self.device))
         self.task_to_expert.append(index)
         self.decisions.append({"task": t, "task_name": cfg.data.tasks[t], "fid_per_expert": fids,
-                               "threshold": cfg.teacher.fid_threshold, "action": action, "expert": index,
-                               "fid_samples": [[m["n_real"], m["n_fake"]] for m in measured]})
+                               "rule": cfg.teacher.expansion, "rule_values": values, "action": action,
+                               "expert": index, "fid_samples": [[m["n_real"], m["n_fake"]] for m in measured]})
         tqdm.write(f"task {t} ({cfg.data.tasks[t]}): FIDs of existing experts {[round(f, 2) for f in fids]} -> "
                    f"{action} expert {index}")
         expert = self.experts[index]
         self.frozen = frozen_copy(expert.generator) if expert.tasks else None  # replay of its old tasks
+
+    def decide(self, t: int, fids: list[float]) -> Expansion:
+        """The decision of the rule teacher.expansion for task t, checked: the first task makes expert 0, a new
+        expert gets the next index and only below teacher.max_experts, a reused one exists. A rule that breaks
+        this stops the run with its name, rather than growing the pool past its bound or training a missing
+        expert."""
+        cfg, name = self.cfg, self.cfg.teacher.expansion
+        choice = ExpansionChoice(t, list(fids), [float(e.latest_fid) for e in self.experts], cfg.teacher.max_experts,
+                                 cfg)
+        decision = EXPANSION_RULES[name](choice)
+        if not isinstance(decision, Expansion):
+            raise UserError(f"teacher.expansion={name} returned {type(decision).__name__}; an expansion rule returns "
+                            "gan_vae.experts.Expansion(action, expert, values)")
+        action, index, n = decision.action, int(decision.expert), len(fids)
+        if action == "new" and index == n and n < cfg.teacher.max_experts:
+            return Expansion(action, index, dict(decision.values))
+        if action == "reuse" and 0 <= index < n:
+            return Expansion(action, index, dict(decision.values))
+        raise UserError(f"teacher.expansion={name} decided ({action!r}, expert {index}) for task {t} with {n} "
+                        f"expert(s) and teacher.max_experts={cfg.teacher.max_experts}: a rule adds expert {n} "
+                        f"(\"new\", only below teacher.max_experts, and always for the first task) or reuses one of "
+                        f"0..{n - 1} (\"reuse\")")
 
     def step(self, t: int, step: int, expert: Expert, x_real: torch.Tensor, n_old: int) -> dict:
         """One WGAN-GP generator step of `expert` on task t (n_critic critic steps first); returns the losses."""

@@ -1,7 +1,9 @@
 """gan_vae: losses against closed forms, FID, expert decisions, forgetting, and the continual script end to end."""
 import json
 import math
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -251,6 +253,41 @@ def test_expert_decisions_with_stubbed_fids():
     assert decide_expert([40.0, 12.0], 10.0, 3) == ("new", 2)
     assert decide_expert([40.0, 12.0, 30.0], 10.0, 3) == ("reuse", 1)  # at the cap: the nearest expert
     assert decide_expert([40.0, 8.0], 10.0, 3) == ("reuse", 1)
+
+
+def test_expansion_rules_are_a_registry_whose_default_is_the_fid_threshold_rule():
+    from common.config import load_config
+    from gan_vae.continual import ContinualConfig
+    from gan_vae.experts import EXPANSION_RULES, ExpansionChoice
+    cfg = load_config(ContinualConfig, None, ["teacher.fid_threshold=10", "teacher.max_experts=3"])
+    assert cfg.teacher.expansion == "fid_threshold"
+    rule = EXPANSION_RULES["fid_threshold"]
+    for fids in ([], [4.0], [40.0], [40.0, 12.0], [40.0, 12.0, 30.0], [40.0, 8.0]):
+        decision = rule(ExpansionChoice(len(fids), fids, [1.0] * len(fids), 3, cfg))
+        assert decision[:2] == decide_expert(fids, 10.0, 3)
+        assert decision.values == {"teacher.fid_threshold": 10.0, "teacher.max_experts": 3}  # what it decided with
+
+
+@pytest.mark.parametrize("decision,fragment", [
+    (("new", 1), "decided ('new', expert 1) for task 1 with 1 expert(s) and teacher.max_experts=1"),  # at the cap
+    (("new", 3), "decided ('new', expert 3)"),  # not the next index
+    (("reuse", 1), "decided ('reuse', expert 1)"),  # no such expert
+    (("grow", 0), "decided ('grow', expert 0)"),
+])
+def test_an_expansion_rule_that_breaks_the_pool_bounds_stops_the_run(decision, fragment):
+    from common.config import load_config
+    from common.errors import UserError
+    from gan_vae.continual import ContinualConfig
+    from gan_vae.experts import EXPANSION_RULES, Expansion, ExpertPool
+    EXPANSION_RULES.register("broken")(lambda choice: Expansion(*decision, {}))
+    try:
+        cfg = load_config(ContinualConfig, None, ["teacher.expansion=broken", "teacher.max_experts=1"])
+        pool = ExpertPool(cfg, torch.device("cpu"))
+        pool.experts = [SimpleNamespace(latest_fid=3.0)]  # one expert exists: the pool reads only its latest FID
+        with pytest.raises(UserError, match=re.escape(f"teacher.expansion=broken {fragment}")):
+            pool.decide(1, [5.0])
+    finally:
+        EXPANSION_RULES.unregister("broken")
 
 
 def test_adaptive_weight_and_dynamic_temperature():

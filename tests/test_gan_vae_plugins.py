@@ -68,3 +68,56 @@ def test_a_plugin_term_trains_is_logged_range_checked_and_imported_again(domains
     # continuing the run without its plugin would drop the term: refused, naming it and the run's run.plugins
     dropped = run_script("-m", "gan_vae.continual", *args[:-1], "run.resume=auto")
     assert_clean_error(dropped, "loss terms ['tv']", f"run.plugins=[\"{plugin}\"]")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An expert-expansion rule from a plugin file (examples/plugins/relative_fid.py)
+# ---------------------------------------------------------------------------------------------------------------
+RELATIVE = PLUGIN.parent / "relative_fid.py"
+
+
+def test_relative_fid_decision_by_hand():
+    spec = importlib.util.spec_from_file_location("relative_fid_under_test", RELATIVE)
+    module = importlib.util.module_from_spec(spec)
+    from gan_vae.experts import EXPANSION_RULES
+    before = dict(EXPANSION_RULES._entries)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        decide = module.relative_fid_decision
+        assert decide([], [], 2.0, 3) == ("new", 0)
+        assert decide([30.0, 25.0], [10.0, 20.0], 2.0, 3) == ("reuse", 1)  # nearest: 25 <= 2 x 20
+        assert decide([30.0, 41.0], [10.0, 20.0], 2.0, 3) == ("new", 2)    # nearest: 30 > 2 x 10
+        assert decide([30.0, 41.0, 50.0], [10.0, 20.0, 1.0], 2.0, 3) == ("reuse", 0)  # at the cap
+    finally:
+        EXPANSION_RULES._entries.clear()
+        EXPANSION_RULES._entries.update(before)
+        sys.modules.pop(spec.name, None)
+
+
+def test_an_expansion_rule_plugin_decides_and_experts_json_records_its_values(domains, tmp_path):  # noqa: F811
+    """Issue 24: an expansion rule as one outside file, no monkeypatching. Its key is range-checked before any
+    work; with an absolute threshold no FID reaches (the built-in rule would reuse expert 0 for the second task),
+    the plugin's ratio test adds expert 1, and experts.json records the rule's name and the values it used, not
+    the threshold it never read."""
+    plugin = Path(shutil.copy(RELATIVE, tmp_path / "my_rule.py"))
+    args = [*_args(domains, tmp_path, ["discs", "discs"]), "teacher.steps=4", "student.steps=4",
+            "log.sample_every=4", "teacher.fid_threshold=1e9", "run.name=rule", f"run.plugins=[{plugin}]",
+            "teacher.expansion=relative_fid"]
+    bad = run_script("-m", "gan_vae.continual", *args, "teacher.relative_fid.ratio=0", env=ONE_THREAD)
+    assert_clean_error(bad, "teacher.relative_fid.ratio=0.0 must be > 0")
+    assert not (tmp_path / "rule").exists()
+
+    proc = run_script("-m", "gan_vae.continual", *args, "teacher.relative_fid.ratio=0.001", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "rule"
+    decisions = json.loads((run / "experts.json").read_text())["decisions"]
+    own_fid = torch.load(run / "checkpoints" / "task_0.pt", map_location="cpu",
+                         weights_only=False)["experts"][0]["latest_fid"]
+    assert [d["action"] for d in decisions] == ["new", "new"]
+    assert json.loads((run / "results.json").read_text())["task_to_expert"] == [0, 1]
+    assert all(d["rule"] == "relative_fid" and "threshold" not in d for d in decisions)
+    assert decisions[0]["rule_values"] == {"teacher.relative_fid.ratio": 0.001, "teacher.max_experts": 4}
+    assert decisions[1]["rule_values"] == {"teacher.relative_fid.ratio": 0.001, "teacher.max_experts": 4,
+                                           "nearest_expert_own_fid": own_fid}
+    assert decisions[1]["fid_per_expert"][0] < 1e9 and decisions[1]["fid_per_expert"][0] > 0.001 * own_fid

@@ -166,6 +166,13 @@ def test_gan_vae_is_bit_identical_to_the_code_before_the_refactor(tmp_path, pre_
 
     runs = run_both(pre_refactor_tree, tmp_path, ["-m", "gan_vae.continual"], args)
     # 2 tasks x (teacher steps 5, 10, 12 + student steps 5, 10) lines
-    assert_same_logs(runs, ("metrics.jsonl",), ("results.json", "experts.json"), lines=10)
+    assert_same_logs(runs, ("metrics.jsonl",), ("results.json",), lines=10)
+    # experts.json: since issue 24 a decision records the expansion rule and the values it decided with (the rule
+    # fid_threshold: the threshold, as before, and the cap) where it recorded the threshold alone
+    before, after = read_json(runs["before"] / "experts.json"), read_json(runs["after"] / "experts.json")
+    for decision in before["decisions"]:
+        decision["rule"] = "fid_threshold"
+        decision["rule_values"] = {"teacher.fid_threshold": decision.pop("threshold"), "teacher.max_experts": 4}
+    assert len(before["decisions"]) == 2 and after == before
     logged = set().union(*read_jsonl(runs["after"] / "metrics.jsonl"))
     assert {"student/previous_kd", "student/relational_kd", "student/feature_kd", "student/contrastive"} <= logged
