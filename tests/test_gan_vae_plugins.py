@@ -76,23 +76,18 @@ def test_a_plugin_term_trains_is_logged_range_checked_and_imported_again(domains
 RELATIVE = PLUGIN.parent / "relative_fid.py"
 
 
-def test_relative_fid_decision_by_hand():
+def test_relative_fid_decision_by_hand(monkeypatch):
+    from gan_vae.experts import EXPANSION_RULES
+    monkeypatch.setattr(EXPANSION_RULES, "_entries", dict(EXPANSION_RULES._entries))  # restored after the test
     spec = importlib.util.spec_from_file_location("relative_fid_under_test", RELATIVE)
     module = importlib.util.module_from_spec(spec)
-    from gan_vae.experts import EXPANSION_RULES
-    before = dict(EXPANSION_RULES._entries)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        decide = module.relative_fid_decision
-        assert decide([], [], 2.0, 3) == ("new", 0)
-        assert decide([30.0, 25.0], [10.0, 20.0], 2.0, 3) == ("reuse", 1)  # nearest: 25 <= 2 x 20
-        assert decide([30.0, 41.0], [10.0, 20.0], 2.0, 3) == ("new", 2)    # nearest: 30 > 2 x 10
-        assert decide([30.0, 41.0, 50.0], [10.0, 20.0, 1.0], 2.0, 3) == ("reuse", 0)  # at the cap
-    finally:
-        EXPANSION_RULES._entries.clear()
-        EXPANSION_RULES._entries.update(before)
-        sys.modules.pop(spec.name, None)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclass resolves its annotations there
+    spec.loader.exec_module(module)
+    decide = module.relative_fid_decision
+    assert decide([], [], 2.0, 3) == ("new", 0)
+    assert decide([30.0, 25.0], [10.0, 20.0], 2.0, 3) == ("reuse", 1)  # nearest: 25 <= 2 x 20
+    assert decide([30.0, 41.0], [10.0, 20.0], 2.0, 3) == ("new", 2)    # nearest: 30 > 2 x 10
+    assert decide([30.0, 41.0, 50.0], [10.0, 20.0, 1.0], 2.0, 3) == ("reuse", 0)  # at the cap
 
 
 def test_an_expansion_rule_plugin_decides_and_experts_json_records_its_values(domains, tmp_path):  # noqa: F811
