@@ -90,6 +90,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
       or TIFF opens as): v >> 8, the high byte. That is what Pillow itself does with 16-bit RGB, RGBA and LA PNGs
       (it opens them as 8-bit RGB / RGBA), so a 16-bit image decodes alike in every band layout, and 8-bit data
       stored as 16 bits (v = 257 k) comes back as k exactly. Mode I with values outside 0..65535 is refused.
+    - mode I whose values all lie in 0..255: 8-bit grey kept in a 32-bit container (an int32 TIFF written from 8-bit
+      data), taken as is; its high byte would be 0, a black image. (Mode I declares no bit depth, so the values tell;
+      a 16-bit image that dark, under 0.4% of full scale, would read alike, and is black either way to the eye.)
     - float (F): values in [0, 1] are scaled by 255 and rounded; others (or NaN) are refused, their scale is unknown.
     - alpha (LA, La, PA, RGBA, RGBa, and 1, L, P or RGB with a `transparency` entry): composited over
       ALPHA_BACKGROUND (white), never dropped: the colour under a transparent pixel is whatever the encoder left there
@@ -104,7 +107,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
             raise UndecodableImage(f"its pixels are 32-bit integers (mode {mode}) ranging over {low}..{high}, beyond "
                                    "the 16-bit range 0..65535 that is scaled to 8 bits; store it as an 8- or 16-bit "
                                    "image")
-        return Image.fromarray((values.astype(np.int64) >> 8).astype(np.uint8), "L").convert("RGB")
+        shift = 0 if mode == "I" and high <= 255 else 8  # mode I: the value range says whether it is 8-bit data
+        return Image.fromarray((values.astype(np.int64) >> shift).astype(np.uint8), "L").convert("RGB")
     if mode == "F":
         values = np.asarray(img, dtype=np.float32)
         if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
