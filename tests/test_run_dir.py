@@ -15,6 +15,7 @@ from conftest import RL_ARGS, ROOT, TINY, read_metrics
 from test_bad_input import _copy_run, assert_user_error, cli, digest
 
 import common.cli
+import common.files
 import common.rundir
 import gan_vae.continual
 import train_student
@@ -334,17 +335,23 @@ needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="nee
 
 @needs_dev_full
 @pytest.mark.parametrize("size", [10, 3_000_000], ids=["small", "large: torch's own error first"])
-def test_a_full_disk_while_writing_a_checkpoint(tmp_path, size):
+def test_a_full_disk_while_writing_a_checkpoint(tmp_path, size, monkeypatch):
     path = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint({"epoch": 1}, path)
     before = path.read_bytes()
-    (tmp_path / "checkpoints" / "last.pt.tmp").symlink_to("/dev/full")  # every write: ENOSPC
+
+    def full_temp(target: Path):  # the temp file is /dev/full: every write fails with ENOSPC
+        tmp = target.with_name(f".{target.name}.full.tmp")
+        tmp.symlink_to("/dev/full")
+        return os.open(tmp, os.O_WRONLY), tmp
+
+    monkeypatch.setattr(common.files, "open_temp", full_temp)
     with pytest.raises(UserError, match=r"cannot write .*last.pt: the disk is full .*the earlier last.pt is kept"):
         save_checkpoint({"epoch": 2, "model": torch.zeros(size)}, path)
-    assert path.read_bytes() == before and not (tmp_path / "checkpoints" / "last.pt.tmp").exists()
-    (tmp_path / "r.json.tmp").symlink_to("/dev/full")
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
     with pytest.raises(UserError, match=r"r.json: the disk is full .*there was no earlier r.json"):
         write_json(tmp_path / "r.json", {"a": 1})
+    assert not list(tmp_path.glob(".r.json*"))
 
 
 @needs_dev_full
@@ -353,3 +360,82 @@ def test_a_full_disk_while_logging_metrics(tmp_path):
     path.symlink_to("/dev/full")
     with pytest.raises(UserError, match=r"metrics.jsonl: the disk is full .*run.resume=auto drops"):
         MetricLogger(path, True).log({"epoch": 0, "train/loss": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run files of the wrong kind; what the lock guards
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rel,kind", [("checkpoints/last.pt", "folder"), ("checkpoints/best.pt", "folder"),
+                                      ("metrics.jsonl", "folder"), ("config.yaml", "folder"),
+                                      ("results.json", "folder"), ("metrics.jsonl", "dangling link"),
+                                      ("checkpoints", "file")])
+def test_a_run_file_of_the_wrong_kind_stops_the_resume_before_anything_is_touched(stopped_runs, tmp_path, rel,
+                                                                                   kind):
+    """Issue 23: a finished run whose checkpoints/last.pt was a directory was taken for one never checkpointed:
+    run.resume=auto restarted it from epoch 1, cut metrics.jsonl back and overwrote best.pt, and only then stopped
+    with "Nothing was replaced"."""
+    run = _copy_run(stopped_runs, "ts", tmp_path)
+    path = run / rel
+    kept = tmp_path / "kept"
+    if path.exists():
+        path.rename(kept)
+    if kind == "folder":
+        path.mkdir()
+        (path / "inside").write_text("x")
+    elif kind == "file":
+        path.write_text("x")
+    else:
+        path.symlink_to(tmp_path / "nowhere")
+    before = digest(run)
+    code, err = cli(train_student.main, [*TS_ARGS, f"run.out_dir={tmp_path}", "run.name=ts", "run.resume=auto"],
+                    None)
+    assert_user_error(code, err, f"{path} is a {kind}, not a ", "Nothing was touched")
+    assert digest(run) == before
+
+
+def test_a_failed_start_deletes_its_directory_before_releasing_the_lock(tmp_path, monkeypatch):
+    """Issue 23: claim_run_dir released run.lock, then deleted the directory of a start that failed; a second
+    process that claimed the same fresh name in between had its live run directory deleted under it. The window
+    is widened here: the second process claims (and starts writing) at the moment of the deletion."""
+    rmtree, second = common.rundir.shutil.rmtree, {}
+
+    def second_process_claims_first(path, *args, **kwargs):
+        if not second:
+            try:
+                plan = common.rundir.plan_run_dir(str(tmp_path), "fresh", "", "p")
+                with common.rundir.claim_run_dir(plan, "p", DistInfo()) as run_dir:
+                    (run_dir / "metrics.jsonl").write_text('{"epoch": 0}\n')  # its run is under way
+                second["ran"] = True
+            except UserError as exc:
+                second["refused"] = str(exc)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(common.rundir.shutil, "rmtree", second_process_claims_first)
+    with pytest.raises(UserError, match="bad data"):
+        with common.rundir.claim_run_dir(common.rundir.plan_run_dir(str(tmp_path), "fresh", "", "p"), "p",
+                                         DistInfo()):
+            raise UserError("bad data")
+    assert "in use by another process" in second.get("refused", ""), second
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_the_plan_is_checked_again_under_the_lock(stopped_runs, tmp_path):
+    """What plan_run_dir saw may change before the directory is locked (_check_plan_still_holds): a fresh run whose
+    directory another process filled meanwhile, or a resume whose last.pt another process rewrote meanwhile."""
+    fresh = common.rundir.plan_run_dir(str(tmp_path), "new", "", "train_student.py")
+    (tmp_path / "new" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "new" / "metrics.jsonl").write_text('{"epoch": 0}\n')  # another process started it meanwhile
+    with pytest.raises(UserError, match="already holds a run \\(another process started it just now\\)"):
+        with common.rundir.claim_run_dir(fresh, "train_student.py", DistInfo()):
+            pytest.fail("claimed a directory another run had started")
+    assert (tmp_path / "new" / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
+
+    run = _copy_run(stopped_runs, "ts", tmp_path)
+    plan = common.rundir.plan_run_dir(str(tmp_path), "ts", "auto", "train_student.py")
+    last = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=False)
+    save_checkpoint({**ckpt, "epoch": ckpt["epoch"] + 1}, last)  # another process checkpointed meanwhile
+    os.utime(last, ns=(plan.stamp[0] + 10**9, plan.stamp[0] + 10**9))
+    with pytest.raises(UserError, match="another process wrote .*last.pt while this one was starting"):
+        with common.rundir.claim_run_dir(plan, "train_student.py", DistInfo()):
+            pytest.fail("continued from a checkpoint other than the one it planned")
