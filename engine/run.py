@@ -108,7 +108,10 @@ def run_training(cfg, dist: DistInfo, make_run=Trainer, label: str | None = None
     if cfg.run.resume:
         check_resumable(ckpt, resume_from, cfg, plan.run_dir, program)
     check_inputs(cfg)
-    make_dirs({"run.out_dir": Path(cfg.run.out_dir), **output_dirs(cfg)}, dist, probe=True)
+    make_dirs({"run.out_dir": Path(cfg.run.out_dir)}, dist, probe=True)
+    # created, not probed: a shared read-only cache that holds what this run needs is read without writing; a build
+    # probes its folder first (teacher_cache, predecode)
+    make_dirs(output_dirs(cfg), dist)
     with claim_run_dir(plan, program, dist) as run_dir:
         if dist.is_main:  # written now, so a run killed before its first checkpoint can be resumed (and checked)
             save_config(cfg, run_dir)

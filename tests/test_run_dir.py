@@ -228,6 +228,77 @@ def test_read_only_teacher_cache_dir_is_refused_before_the_run(tmp_path, monkeyp
     assert not (tmp_path / "r").exists()
 
 
+def _read_only(monkeypatch, folder: Path) -> None:
+    """Make `folder` read-only for this process (the tests run as root, whom permission bits do not stop): every
+    way the code creates, writes, renames or deletes something below it fails with EROFS, as on a read-only
+    shared filesystem."""
+    import builtins
+    import io
+    import tempfile
+    folder, real_mkdtemp = os.path.abspath(folder), tempfile.mkdtemp
+
+    def below(path) -> bool:
+        if not isinstance(path, (str, os.PathLike)):
+            return False
+        path = os.path.abspath(os.fspath(path))
+        return path == folder or path.startswith(folder + os.sep)
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def guard(fn, writes=lambda *a, **k: True):
+        def guarded(path, *args, **kwargs):
+            if below(path) and writes(*args, **kwargs):
+                refuse(path)
+            return fn(path, *args, **kwargs)
+        return guarded
+
+    def guard2(fn):  # two paths: either one below the folder
+        def guarded(src, dst, *args, **kwargs):
+            if below(src) or below(dst):
+                refuse(src)
+            return fn(src, dst, *args, **kwargs)
+        return guarded
+
+    writing_mode = lambda mode="r", *a, **k: any(c in mode for c in "wax+")  # noqa: E731
+    writing_flags = lambda flags, *a, **k: bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))  # noqa: E731
+    monkeypatch.setattr(builtins, "open", guard(builtins.open, writing_mode))
+    monkeypatch.setattr(io, "open", guard(io.open, writing_mode))
+    monkeypatch.setattr(os, "open", guard(os.open, writing_flags))
+    for name in ("mkdir", "unlink", "remove", "rmdir", "utime", "chmod"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    for name in ("rename", "replace", "symlink", "link"):
+        monkeypatch.setattr(os, name, guard2(getattr(os, name)))
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, dir=None, **k: refuse(dir) if below(dir) else
+                        real_mkdtemp(*a, dir=dir, **k))
+
+
+@pytest.mark.parametrize("key,extra", [("teacher.cache_dir", ["kd.alpha=0.5"]),
+                                       ("data.preprocess_dir", ["kd.alpha=1", "data.preprocessed=true"])])
+def test_a_read_only_shared_cache_holding_what_the_run_needs_is_reused(tmp_path, monkeypatch, key, extra):
+    """Issue 23 (a regression): a read-only teacher.cache_dir that holds the complete cache the run needs was
+    refused ("cannot write to ..."): reading a published cache needs no write access and no lock. Writability is
+    probed only when a build is needed, and a read-only folder without the cache is still refused, naming it.
+    The same for the pre-decoded store."""
+    cache = tmp_path / "shared_cache"
+    args = [*TINY, *extra, "train.epochs=1", f"{key}={cache}", f"run.out_dir={tmp_path}"]
+    code, err = cli(train_student.main, [*args, "run.name=builds"], None)
+    assert code is None, err
+    published = digest(cache)
+    with monkeypatch.context() as ro:
+        _read_only(ro, cache)
+        with pytest.raises(OSError, match="Read-only"):  # the mechanism works, root or not
+            (cache / "probe").write_bytes(b"")
+        code, err = cli(train_student.main, [*args, "run.name=reuses"], None)
+        assert code is None, err
+        assert read_metrics(tmp_path / "reuses")[-1]["epoch"] == 0
+        # a run that needs another cache (other data) must build it: refused, naming the key, no run left
+        code, err = cli(train_student.main, [*args, "data.synthetic.seed=1", "run.name=needs_a_build"], None)
+        assert_user_error(code, err, f"({key})", "Read-only file system")
+        assert not (tmp_path / "needs_a_build").exists()
+    assert digest(cache) == published
+
+
 def test_rl_trains_its_teacher_with_teacher_prepare(tmp_path, monkeypatch):
     """The offline RL config ran before its teacher exists said only 'checkpoint ... does not exist'."""
     missing = tmp_path / "teacher" / "student.safetensors"
