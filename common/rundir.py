@@ -140,6 +140,11 @@ def read_run_record(run_dir: Path) -> dict:
     return record
 
 
+def update_run_record(run_dir: Path, entries: dict) -> None:
+    """Add `entries` to run.json (main rank; the run directory is claimed): what the run read, for the record."""
+    write_json(Path(run_dir) / RUN_RECORD, {**read_run_record(run_dir), **entries})
+
+
 def run_program(run_dir: Path) -> str | None:
     """The program that made `run_dir`: its run.json's, or for an older run the one its config.yaml belongs to."""
     return read_run_record(run_dir).get("program") or infer_program(read_saved_config(run_dir))
