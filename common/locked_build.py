@@ -68,10 +68,11 @@ def write_errors(folder: Path, what: str, key: str, need: int | None = None) -> 
         raise write_error(exc, folder, what, key, need) from None
 
 
-def probe_writable(folder: Path, key: str) -> None:
+def probe_writable(folder: Path, key: str, what: str | None = None) -> None:
     """Create `folder` (parents included), then write and remove a file in it: a folder that cannot be created or
-    written (no permission, a read-only filesystem, a parent that is a file) is a UserError naming its config key.
-    Only where something will be written: reading a published directory needs no write access."""
+    written (no permission, a read-only filesystem, a parent that is a file) is a UserError naming its config key
+    (and `what` is written there, as `write_error` says it). Only where something will be written: reading a
+    published directory needs no write access."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -79,6 +80,8 @@ def probe_writable(folder: Path, key: str) -> None:
         test.write_bytes(b"")
         test.unlink()
     except OSError as exc:
+        if what is not None:
+            raise write_error(exc, folder, what, key) from None
         raise UserError(f"cannot write to {folder} ({key}): {exc.strerror or exc}. Set {key} to a folder this user "
                         "can create and write") from None
 

@@ -290,7 +290,7 @@ def _build_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_vi
         def prepare() -> tuple[dict | None, str | None]:
             """Rank 0: take the lock; reuse what another run published meanwhile, or start a build directory."""
             nonlocal build_dir
-            probe_writable(root.parent, CACHE_KEY)  # only now: reading a published cache needs no write access
+            probe_writable(root.parent, CACHE_KEY, CACHE_WHAT)  # only now: reading a published cache needs no write access
             lock.enter_context(build_lock(root, CACHE_WHAT, CACHE_KEY))
             published = _valid(root, fingerprint, sources, num_classes, feature_dim)
             if published is not None:

@@ -108,7 +108,7 @@ def predecode_split(source: ImageSource, size: int, cache_dir: Path, split: str,
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"{split}-{digest}"
     if not _predecoded_valid(folder, fingerprint):  # published, so whole: read without the lock (or write access)
-        probe_writable(folder.parent, STORE_KEY)
+        probe_writable(folder.parent, STORE_KEY, STORE_WHAT)
         with build_lock(folder, STORE_WHAT, STORE_KEY):
             if not _predecoded_valid(folder, fingerprint):  # another run may have published it while this waited
                 _build_store(source, size, folder, split, fingerprint, workers, show_progress)
