@@ -75,8 +75,9 @@ LEGACY_PROGRAM_SECTIONS = (("train_student_rl.py", {"curriculum", "agent"}), ("g
 # would be taken for "no such file" and overwritten, or fail half-way through the run: `check_run_file_kinds`
 # refuses it before anything is touched.
 RUN_FILE_PATHS = ("config.yaml", RUN_RECORD, RUN_LOCK, "metrics.jsonl", "results.json", "student.safetensors",
-                  "curriculum.jsonl", "experts.json", "checkpoints/last.pt", "checkpoints/best.pt")
-RUN_FOLDERS = ("checkpoints",)
+                  "curriculum.jsonl", "experts.json", "checkpoints/last.pt", "checkpoints/best.pt", "curves.png",
+                  "curriculum.png", "forgetting_report.md")
+RUN_FOLDERS = ("checkpoints", "difficulty", "tensorboard", "label_only")
 
 
 def _kind(path: Path) -> str:

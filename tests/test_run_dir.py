@@ -439,7 +439,8 @@ def test_a_full_disk_while_logging_metrics(tmp_path):
 @pytest.mark.parametrize("rel,kind", [("checkpoints/last.pt", "folder"), ("checkpoints/best.pt", "folder"),
                                       ("metrics.jsonl", "folder"), ("config.yaml", "folder"),
                                       ("results.json", "folder"), ("metrics.jsonl", "dangling link"),
-                                      ("checkpoints", "file")])
+                                      ("checkpoints", "file"), ("curves.png", "folder"),
+                                      ("label_only", "file")])
 def test_a_run_file_of_the_wrong_kind_stops_the_resume_before_anything_is_touched(stopped_runs, tmp_path, rel,
                                                                                    kind):
     """Issue 23: a finished run whose checkpoints/last.pt was a directory was taken for one never checkpointed:
