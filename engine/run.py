@@ -193,13 +193,25 @@ def same_data_source(saved_data: dict, data_cfg) -> bool:
             and saved_data.get("synthetic") in (None, to_plain(data_cfg.synthetic)))
 
 
+def saved_record(path: Path) -> dict:
+    """A saved student's record of its run: a .pt checkpoint itself, or the JSON entries in a .safetensors file's
+    metadata (engine.report.save_student_safetensors); {} where there are none."""
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as fh:
+        metadata = fh.metadata() or {}
+    try:
+        return {key: json.loads(value) for key, value in metadata.items() if key in ("config", "inputs")}
+    except ValueError:
+        return {}
+
+
 def check_test_split_unchanged(path: Path, cfg, dist: DistInfo) -> None:
-    """eval.checkpoint: refuse a .pt checkpoint whose run read this dataset with another test split (changed or
+    """eval.checkpoint: refuse a checkpoint whose run read this dataset with another test split (changed or
     repainted images), naming it. Evaluating on another dataset on purpose (other data.name or data.path) is not
-    compared; a checkpoint from before the record, or a .safetensors file, carries nothing to compare."""
-    if path.suffix == ".safetensors":
-        return
-    ckpt = load_checkpoint(path)
+    compared; a checkpoint from before the record (or a file from elsewhere) carries nothing to compare."""
+    ckpt = saved_record(path)
     recorded, saved = ckpt.get("inputs"), ckpt.get("config")
     if not (isinstance(recorded, dict) and isinstance(saved, dict) and isinstance(saved.get("data"), dict)
             and same_data_source(saved["data"], cfg.data)):

@@ -111,20 +111,24 @@ def test_an_added_image_and_a_replaced_arrow_file_stop_the_resume(tmp_path, monk
 
 
 def test_eval_checkpoint_refuses_a_changed_test_split(tmp_path, monkeypatch):
-    """eval.checkpoint compares the test split it measures (a changed training split does not change that number);
-    another dataset, named on purpose, is not compared."""
+    """eval.checkpoint (best.pt, or the student.safetensors of a finished run) compares the test split it measures
+    (a changed training split does not change that number); another dataset, named on purpose, is not compared."""
     data = _image_folder(tmp_path / "data")
-    _stop_after_first_epoch(monkeypatch, train_student.main, _args(tmp_path, data, "r"))
-    best = tmp_path / "runs" / "r" / "checkpoints" / "best.pt"
-    _repaint(sorted((data / "train").rglob("*.bmp"))[0])
-    code, err = cli(train_student.main, [*_args(tmp_path, data, "e"), f"eval.checkpoint={best}"], None)
+    code, err = cli(train_student.main, [*_args(tmp_path, data, "r", "train.epochs=1")], None)
     assert code is None, err
+    saved = [tmp_path / "runs" / "r" / "checkpoints" / "best.pt", tmp_path / "runs" / "r" / "student.safetensors"]
+    _repaint(sorted((data / "train").rglob("*.bmp"))[0])
+    for path in saved:
+        code, err = cli(train_student.main, [*_args(tmp_path, data, "e"), f"eval.checkpoint={path}"], None)
+        assert code is None, err
     image = sorted((data / "test").rglob("*.bmp"))[1]
     _repaint(image)
-    code, err = cli(train_student.main, [*_args(tmp_path, data, "e"), f"eval.checkpoint={best}"], None)
-    assert_user_error(code, err, f"eval.checkpoint={best}", "the test split's images changed", str(image))
+    for path in saved:  # the file is named while the digest index knows it was written since it was read
+        code, err = cli(train_student.main, [*_args(tmp_path, data, "e"), f"eval.checkpoint={path}"], None)
+        assert_user_error(code, err, f"eval.checkpoint={path}", "the test split's images changed",
+                          *([str(image)] if path == saved[0] else []))
     copy = shutil.copytree(data, tmp_path / "another_dataset")
-    code, err = cli(train_student.main, [*_args(tmp_path, copy, "e"), f"eval.checkpoint={best}"], None)
+    code, err = cli(train_student.main, [*_args(tmp_path, copy, "e"), f"eval.checkpoint={saved[1]}"], None)
     assert code is None, err
 
 
