@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,21 +55,24 @@ def write_failure(exc: BaseException, path: Path, kept: str) -> UserError | None
 
 @contextmanager
 def atomic_write(path: Path, mode: str = "w") -> Iterator[IO]:
-    """Open `<path>.tmp` for writing (mode "w" or "wb"); on a clean exit flush, fsync and rename it over `path`, so
-    a reader or a crash mid-write finds the old file or the new one, never half of one (os.replace is atomic on
-    POSIX). On an error the temp file is removed and `path` is left as it was; a write the disk refused (full, over
-    quota, read-only) becomes a UserError saying so. The one atomic writer: checkpoints, JSON, configs, metrics and
-    exported weights all go through it."""
+    """Open a temp file beside `path` for writing (mode "w" or "wb"); on a clean exit flush, fsync and rename it
+    over `path`, so a reader or a crash mid-write finds the old file or the new one, never half of one (os.replace
+    is atomic on POSIX). The temp file's name is unique (`.<name>.<random>.tmp`), so two processes writing the same
+    file never write into one temp file: the last rename wins, whole. On an error the temp file is removed and
+    `path` is left as it was; a write the disk refused (full, over quota, read-only) becomes a UserError saying so.
+    The one atomic writer: checkpoints, JSON, configs, metrics and exported weights all go through it."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = None
     try:
-        with open(tmp, mode) as fh:
+        fd, tmp = open_temp(path)
+        with os.fdopen(fd, mode) as fh:  # owns fd from here
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except Exception as exc:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         kept = (f"Nothing was replaced: the earlier {path.name} is kept" if path.exists() else
                 f"Nothing was written (there was no earlier {path.name})")
         failure = write_failure(exc, path, kept)
@@ -76,8 +80,22 @@ def atomic_write(path: Path, mode: str = "w") -> Iterator[IO]:
             raise failure from None
         raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def open_temp(path: Path) -> tuple[int, Path]:
+    """A new file `.<name>.<random>.tmp` beside `path`, opened for writing: (fd, its path). Created with O_EXCL and
+    mode 0666 less the umask, the mode open() gives `path` itself (mkstemp's 0600 would hide a shared run's files
+    from the other users)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -13,7 +13,8 @@ Why each part:
   naming the folder, its config key and the bytes needed (`write_errors`). A memory map written on a full disk
   would otherwise kill the process with SIGBUS (exit 135) and no message.
 
-Readers need no lock: a published directory is complete by construction, so a read-only shared cache works.
+Readers need no lock and no write access: a published directory is complete by construction, so a read-only
+shared cache works. Writability is probed (`probe_writable`) only once a build is needed.
 """
 from __future__ import annotations
 
@@ -65,6 +66,24 @@ def write_errors(folder: Path, what: str, key: str, need: int | None = None) -> 
         yield
     except OSError as exc:
         raise write_error(exc, folder, what, key, need) from None
+
+
+def probe_writable(folder: Path, key: str, what: str | None = None) -> None:
+    """Create `folder` (parents included), then write and remove a file in it: a folder that cannot be created or
+    written (no permission, a read-only filesystem, a parent that is a file) is a UserError naming its config key
+    (and `what` is written there, as `write_error` says it). Only where something will be written: reading a
+    published directory needs no write access."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        test = folder / f".write-test-{os.getpid()}"
+        test.write_bytes(b"")
+        test.unlink()
+    except OSError as exc:
+        if what is not None:
+            raise write_error(exc, folder, what, key) from None
+        raise UserError(f"cannot write to {folder} ({key}): {exc.strerror or exc}. Set {key} to a folder this user "
+                        "can create and write") from None
 
 
 def free_bytes(folder: Path) -> int | None:

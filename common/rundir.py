@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from omegaconf import OmegaConf
 from common.distributed import DistInfo, barrier, on_main_rank
 from common.errors import UserError
 from common.files import write_json
+from common.locked_build import probe_writable
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -40,17 +42,15 @@ def run_name(run_cfg, default: Callable[[], str]) -> str:
 def make_dirs(dirs: dict[str, Path | str], dist: DistInfo | None = None, probe: bool = False) -> None:
     """Create each directory (parents included) on the main rank. One that cannot be created (a parent is a
     regular file, no permission, a read-only filesystem) stops every rank with a UserError naming its config key,
-    before anything is computed. With `probe`, a file is also written and removed in each, which catches an
-    existing directory that cannot be written."""
+    before anything is computed. With `probe`, a file is also written and removed in each
+    (`locked_build.probe_writable`), which catches an existing directory that cannot be written."""
     def create() -> None:
         for key, folder in dirs.items():
-            folder = Path(folder)
+            if probe:
+                probe_writable(Path(folder), key)
+                continue
             try:
-                folder.mkdir(parents=True, exist_ok=True)
-                if probe:
-                    test = folder / f".write-test-{os.getpid()}"
-                    test.write_bytes(b"")
-                    test.unlink()
+                Path(folder).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"cannot write to {folder} ({key}): {exc.strerror or exc}. Set {key} to a folder "
                                 "this user can create and write") from None
@@ -68,6 +68,40 @@ START_UP_FILES = frozenset({"config.yaml", RUN_RECORD, RUN_LOCK})
 # tell (first match wins: train_student_rl.py's schema extends train_student.py's).
 LEGACY_PROGRAM_SECTIONS = (("train_student_rl.py", {"curriculum", "agent"}), ("gan_vae.continual", {"fid"}),
                            ("train_student.py", {"kd", "eval"}))
+
+
+# The paths a run reads back or rewrites on a resume (every program's; "checkpoints" is a folder, the rest files).
+# Something of another kind at one of them (a directory at checkpoints/last.pt, a dangling link at metrics.jsonl)
+# would be taken for "no such file" and overwritten, or fail half-way through the run: `check_run_file_kinds`
+# refuses it before anything is touched.
+RUN_FILE_PATHS = ("config.yaml", RUN_RECORD, RUN_LOCK, "metrics.jsonl", "results.json", "student.safetensors",
+                  "curriculum.jsonl", "experts.json", "checkpoints/last.pt", "checkpoints/best.pt", "curves.png",
+                  "curriculum.png", "forgetting_report.md")
+RUN_FOLDERS = ("checkpoints", "difficulty", "tensorboard", "label_only")
+
+
+def _kind(path: Path) -> str:
+    """What is at `path`, following links: "file", "folder", "missing", "dangling link" or "special file"."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "dangling link" if path.is_symlink() else "missing"
+    except OSError:
+        return "special file"
+    return "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "special file"
+
+
+def check_run_file_kinds(run_dir: Path) -> None:
+    """Refuse a run directory where a path of RUN_FILE_PATHS holds anything but a file (or RUN_FOLDERS anything but
+    a folder), naming it: reading it as "absent" would restart a finished run over its own results."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for rel, want in [*((d, "folder") for d in RUN_FOLDERS), *((f, "file") for f in RUN_FILE_PATHS)]:
+        found = _kind(run_dir / rel)
+        if found not in ("missing", want):
+            raise UserError(f"{run_dir / rel} is a {found}, not a {want}: the run keeps its {rel} there. Nothing was "
+                            f"touched. Move it out of the way (or restore the run's {want}), then run again")
 
 
 def run_files(run_dir: Path) -> Iterator[Path]:
@@ -105,6 +139,11 @@ def read_run_record(run_dir: Path) -> dict:
         raise UserError(f"{path} is not the record of a run (a JSON object with a 'program' entry); restore it, or "
                         "start a new run with another run.name")
     return record
+
+
+def update_run_record(run_dir: Path, entries: dict) -> None:
+    """Add `entries` to run.json (main rank; the run directory is claimed): what the run read, for the record."""
+    write_json(Path(run_dir) / RUN_RECORD, {**read_run_record(run_dir), **entries})
 
 
 def run_program(run_dir: Path) -> str | None:
@@ -192,6 +231,7 @@ def plan_run_dir(out_dir: str, name: str, resume: str, program: str | None = Non
     that is an error ("nothing to resume"). Callers that set it must drop the metrics lines a restarted run logged
     before."""
     run_dir = Path(out_dir) / name
+    check_run_file_kinds(run_dir)
     if resume == "auto":
         return _plan_auto(run_dir, program, restart_without_checkpoint, dist)
     if resume:
@@ -220,6 +260,7 @@ def plan_run_dir(out_dir: str, name: str, resume: str, program: str | None = Non
 
 def _check_plan_still_holds(plan: RunPlan) -> None:
     """Under the lock: nothing changed since `plan_run_dir` looked (another process could have written meanwhile)."""
+    check_run_file_kinds(plan.run_dir)
     if not plan.continues and holds_results(plan.run_dir):
         raise UserError(f"{plan.run_dir} already holds a run (another process started it just now). Continue it "
                         "with run.resume=auto, or pick another run.name so nothing is overwritten")
@@ -280,8 +321,9 @@ def claim_run_dir(plan: RunPlan, program: str, dist: DistInfo) -> Iterator[Path]
         barrier()
         yield run_dir
     except UserError:
+        # deleted while still locked: released first, a second process could claim this fresh name in between,
+        # and then have its live run directory deleted under it
         if created and "lock" in held and not holds_results(run_dir):
-            held.pop("lock").release()
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:

@@ -14,21 +14,60 @@ import torch.nn as nn
 import kd_methods
 from common.distributed import DistInfo, broadcast_module
 from imagedata.augment import AugSpec
-from imagedata.image_sources import load_splits
+from common.content_hash import file_digests
+from imagedata.image_sources import SPLITS, data_changes, data_record, load_splits
 from imagedata.predecode import predecode_splits
 from imagedata.samplers import EpochSampler, ShardSampler, TrainBatchSampler
 from imagedata.views import EvalViews, TrainViews, make_loader
 from models import create_student, create_teacher
 
 
-def load_training_splits(cfg, dist: DistInfo) -> dict:
-    """train / validation / test of `data.*`, as memory-mapped pre-decoded copies when data.preprocessed."""
+def load_training_splits(cfg, dist: DistInfo) -> tuple[dict, dict]:
+    """(train / validation / test of `data.*`, as memory-mapped pre-decoded copies when data.preprocessed; the
+    `data_record` of the splits as loaded, which the run records)."""
     splits = load_splits(cfg.data)
+    record = data_record(splits)
     if cfg.data.preprocessed:
         splits = predecode_splits(splits, cfg.data.preprocess_size,
                                   Path(cfg.data.preprocess_dir or Path(cfg.run.out_dir) / "predecoded"), dist,
                                   cfg.data.workers)
-    return splits
+    return splits, record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run read: recorded in run.json and every checkpoint, compared on resume and by eval.checkpoint.
+# ----------------------------------------------------------------------------------------------------------------
+def teacher_file_digest(cfg) -> str | None:
+    """SHA-256 of the teacher.checkpoint file a run distils from (None when it reads none): a teacher retrained or
+    replaced at the same path gives other soft targets."""
+    if not (kd_methods.uses_teacher(cfg) and cfg.teacher.checkpoint):
+        return None
+    path = Path(cfg.teacher.checkpoint).absolute()
+    return file_digests(path.parent, [str(path)])[0]
+
+
+def input_record(cfg, data: dict) -> dict:
+    """What a run read that can change on disk under it: `data` (its `data_record`) and the teacher.checkpoint
+    file's digest."""
+    record = {"data": data}
+    teacher = teacher_file_digest(cfg)
+    if teacher is not None:
+        record["teacher_checkpoint"] = teacher
+    return record
+
+
+def input_changes(recorded: dict, cfg, splits=SPLITS, teacher: bool = True) -> list[str]:
+    """What changed since `recorded` (an `input_record`; entries it lacks are not compared): the data of `splits`,
+    and with `teacher` the teacher.checkpoint file. Loads the data (no pre-decoding)."""
+    changes = []
+    if isinstance(recorded.get("data"), dict):
+        changes += data_changes(recorded["data"], load_splits(cfg.data), splits)
+    if teacher and recorded.get("teacher_checkpoint"):
+        now = teacher_file_digest(cfg)
+        if now is not None and now != recorded["teacher_checkpoint"]:
+            changes.append(f"the teacher weights teacher.checkpoint={cfg.teacher.checkpoint} changed (a retrained or "
+                           "replaced file at the same path)")
+    return changes
 
 
 def augments_on_device(data_cfg, device: torch.device) -> bool:

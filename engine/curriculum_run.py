@@ -60,6 +60,10 @@ class CurriculumRun:
     def final_report(self) -> dict:
         return self.trainer.final_report()
 
+    @property
+    def inputs(self) -> dict:
+        return self.trainer.inputs
+
     # ---- rl_curriculum_env.CurriculumTraining: what the environment drives --------------------------------------
     @property
     def num_classes(self) -> int:

@@ -3,12 +3,14 @@ results table printed at the end, and curves.png."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch.nn as nn
 
 import kd_methods
 from common.checkpoint import load_checkpoint, load_state_strict
+from common.config import to_plain
 from common.files import atomic_write, write_json
 from common.metrics import read_jsonl
 from common.plots import plot_curves
@@ -70,18 +72,21 @@ def final_report(t) -> dict:
         results["latency_device"] = str(t.device)
     if t.dist.is_main:
         write_json(t.run_dir / "results.json", results)
-        save_student_safetensors(t.student, t.run_dir / "student.safetensors")
+        save_student_safetensors(t.student, t.run_dir / "student.safetensors",
+                                 {"config": {"data": to_plain(cfg.data)}, "inputs": t.inputs})
     return results
 
 
-def save_student_safetensors(model: nn.Module, path: Path) -> None:
+def save_student_safetensors(model: nn.Module, path: Path, record: dict | None = None) -> None:
     """Weights loadable with timm.create_model(name, num_classes=C, pretrained=True,
     pretrained_cfg_overlay=dict(file=path, num_classes=C)). The overlay's num_classes matters: without it timm
-    assumes the 1000-way ImageNet head and silently drops our classifier weights."""
+    assumes the 1000-way ImageNet head and silently drops our classifier weights. `record`: JSON-able entries
+    (the run's data section and inputs) kept in the file's metadata, each as a JSON string, for eval.checkpoint."""
     from safetensors.torch import save
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {key: json.dumps(value) for key, value in (record or {}).items()} or None
     with atomic_write(path, "wb") as fh:
-        fh.write(save(state))
+        fh.write(save(state, metadata=metadata))
 
 def loss_curve_keys(records: list[dict]) -> list[str]:
     """The loss panel of curves.png: train/loss, then every train/loss_<term> the run logged (its KD method's:

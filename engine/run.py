@@ -9,13 +9,14 @@ from typing import Protocol
 
 import kd_methods
 from common.checkpoint import load_checkpoint, load_state_strict
-from common.config import RESUME_SAFE_KEYS, check_resume_config, parse_config
-from common.distributed import DistInfo, barrier, broadcast_object
+from common.config import RESUME_SAFE_KEYS, check_resume_config, parse_config, to_plain
+from common.distributed import DistInfo, barrier, broadcast_object, on_main_rank
 from common.errors import UserError, check
 from common.files import save_config
 from common.metrics import MetricLogger
 from common.rundir import (check_program, checkpoint_program, claim_run_dir, default_run_name, make_dirs, plan_run_dir,
-                           read_saved_config, require_entries, run_files, run_name)
+                           read_saved_config, require_entries, run_files, run_name, update_run_record)
+from engine.build import input_changes
 from engine.config import Config, validate
 from engine.evaluation import evaluate
 from engine.optim import autocast_for
@@ -41,6 +42,9 @@ class TrainingRun(Protocol):
     def fit(self, logger: MetricLogger) -> None: ...
 
     def final_report(self) -> dict: ...
+
+    @property
+    def inputs(self) -> dict: ...  # engine.build.input_record: what it read, recorded in run.json and checkpoints
 
 
 # Keys a resumed run may change: none of them changes a number the run prints. Where files go (run.*, the cache
@@ -77,6 +81,23 @@ def check_resumable(ckpt: dict | None, path: Path | None, cfg, run_dir: Path, pr
                         TRAIN_RESUME_SAFE_KEYS)
 
 
+def check_inputs_unchanged(ckpt: dict, path: Path, cfg, dist: DistInfo) -> None:
+    """Before anything is written: a resume from `ckpt` (read from `path`) refuses data or a teacher.checkpoint file
+    that changed since the checkpoint's run read them (engine.build.input_changes), naming the split or file:
+    continuing would train the remaining epochs on other images or other soft targets. The main rank compares."""
+    recorded = ckpt.get("inputs")
+    if not isinstance(recorded, dict):  # a checkpoint from before the record: nothing to compare with
+        return
+
+    def compare() -> None:
+        changes = input_changes(recorded, cfg)
+        if changes:
+            raise UserError(f"cannot resume from {path}: what its run read changed since: {'; '.join(changes)}. "
+                            "Continuing would train the remaining epochs on other inputs than the first ones. Restore "
+                            "them, or start a new run on these: drop run.resume and pick a new run.name")
+    on_main_rank(compare, dist)
+
+
 def check_inputs(cfg) -> None:
     """Files the config names that this run only reads: checked before its run directory is created."""
     if cfg.data.path and cfg.data.name != "synthetic":
@@ -108,11 +129,18 @@ def run_training(cfg, dist: DistInfo, make_run=Trainer, label: str | None = None
     if cfg.run.resume:
         check_resumable(ckpt, resume_from, cfg, plan.run_dir, program)
     check_inputs(cfg)
-    make_dirs({"run.out_dir": Path(cfg.run.out_dir), **output_dirs(cfg)}, dist, probe=True)
+    if ckpt is not None:
+        check_inputs_unchanged(ckpt, resume_from, cfg, dist)
+    make_dirs({"run.out_dir": Path(cfg.run.out_dir)}, dist, probe=True)
+    # created, not probed: a shared read-only cache that holds what this run needs is read without writing; a build
+    # probes its folder first (teacher_cache, predecode)
+    make_dirs(output_dirs(cfg), dist)
     with claim_run_dir(plan, program, dist) as run_dir:
         if dist.is_main:  # written now, so a run killed before its first checkpoint can be resumed (and checked)
             save_config(cfg, run_dir)
         run: TrainingRun = make_run(cfg, dist, run_dir)
+        if dist.is_main:
+            update_run_record(run_dir, {"inputs": run.inputs})
         if ckpt is not None:
             run.load_state(ckpt, resume_from)
             del ckpt
@@ -137,9 +165,11 @@ def fit_and_report(run: TrainingRun, cfg, dist: DistInfo, run_dir: Path) -> dict
 
 
 def evaluate_checkpoint(cfg, dist: DistInfo) -> dict:
-    """`eval.checkpoint=PATH`: test-split accuracy of a saved student (best.pt, last.pt or .safetensors)."""
+    """`eval.checkpoint=PATH`: test-split accuracy of a saved student (best.pt, last.pt or .safetensors). A checkpoint
+    that records the data its run read (`inputs`) is refused when that dataset's test split changed since."""
     from models import load_state_file
     state = load_state_file(Path(cfg.eval.checkpoint))  # before the data: a wrong path fails at once
+    check_test_split_unchanged(Path(cfg.eval.checkpoint), cfg, dist)
     splits = load_splits(cfg.data)
     student = create_student(cfg, len(splits["train"].class_names)).to(dist.device)
     load_state_strict(student, state, f"eval.checkpoint={cfg.eval.checkpoint}")
@@ -152,6 +182,48 @@ def evaluate_checkpoint(cfg, dist: DistInfo) -> dict:
     if dist.is_main:
         print(json.dumps(out))
     return out
+
+
+def same_data_source(saved_data: dict, data_cfg) -> bool:
+    """Whether a saved config's data section names the dataset `data_cfg` names (data.name, and data.path as a
+    resolved path), so that a changed fingerprint means changed data rather than another dataset."""
+    def where(path) -> str:
+        return str(Path(path).resolve()) if path else ""
+    return (saved_data.get("name") == data_cfg.name and where(saved_data.get("path")) == where(data_cfg.path)
+            and saved_data.get("synthetic") in (None, to_plain(data_cfg.synthetic)))
+
+
+def saved_record(path: Path) -> dict:
+    """A saved student's record of its run: a .pt checkpoint itself, or the JSON entries in a .safetensors file's
+    metadata (engine.report.save_student_safetensors); {} where there are none."""
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as fh:
+        metadata = fh.metadata() or {}
+    try:
+        return {key: json.loads(value) for key, value in metadata.items() if key in ("config", "inputs")}
+    except ValueError:
+        return {}
+
+
+def check_test_split_unchanged(path: Path, cfg, dist: DistInfo) -> None:
+    """eval.checkpoint: refuse a checkpoint whose run read this dataset with another test split (changed or
+    repainted images), naming it. Evaluating on another dataset on purpose (other data.name or data.path) is not
+    compared; a checkpoint from before the record (or a file from elsewhere) carries nothing to compare."""
+    ckpt = saved_record(path)
+    recorded, saved = ckpt.get("inputs"), ckpt.get("config")
+    if not (isinstance(recorded, dict) and isinstance(saved, dict) and isinstance(saved.get("data"), dict)
+            and same_data_source(saved["data"], cfg.data)):
+        return
+
+    def compare() -> None:
+        changes = input_changes(recorded, cfg, splits=("test",), teacher=False)
+        if changes:
+            raise UserError(f"eval.checkpoint={path}: the data changed since its run read it: {'; '.join(changes)}. "
+                            "Its accuracy on these images would be reported as the run's. Restore the data, or "
+                            "evaluate on another dataset on purpose (another data.path)")
+    on_main_rank(compare, dist)
 
 
 def prepare_teacher(cfg, dist: DistInfo) -> None:

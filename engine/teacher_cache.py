@@ -32,7 +32,8 @@ from tqdm import tqdm
 from common.distributed import DistInfo, all_gather_objects, barrier, broadcast_object, on_main_rank
 from common.errors import UserError
 from common.files import write_json
-from common.locked_build import build_lock, check_free_space, discard, new_build_dir, publish, reserve, write_errors
+from common.locked_build import (build_lock, check_free_space, discard, new_build_dir, probe_writable, publish, reserve,
+                                 write_errors)
 from common.rng import trace
 from imagedata.augment import (AUG_RECORD_LEN, AugSpec, apply_aug_record, apply_aug_records, cache_record_rng,
                                eval_view, sample_aug_record)
@@ -216,16 +217,28 @@ CACHE_WHAT, CACHE_KEY = "teacher cache", "teacher.cache_dir"
 
 
 def _all_ranks(step, dist: DistInfo) -> None:
-    """Run `step()` on every rank; a UserError on any rank is raised on all of them (one collective), so no rank
-    waits at a later barrier for a rank that stopped."""
+    """Run `step()` on every rank, then agree (one collective) on whether every rank finished it, so that no rank
+    waits at a later collective for a rank that stopped. A UserError on any rank is raised on all of them. Any other
+    exception is re-raised on its own rank (with its traceback), and the other ranks stop with a UserError naming
+    that rank and the error. `step` itself must hold no collective: a rank that failed would never reach it."""
+    failure, error = None, None
     try:
         step()
-        error = None
     except UserError as exc:
-        error = str(exc)
-    errors = [e for e in all_gather_objects(error) if e is not None]
-    if errors:
-        raise UserError(errors[0])
+        failure, error = exc, ("user", str(exc))
+    except Exception as exc:  # a bug, or an error of a library: the ranks must still agree that this one stopped
+        failure, error = exc, ("other", f"{type(exc).__name__}: {exc}")
+    errors = [(rank, e) for rank, e in enumerate(all_gather_objects(error)) if e is not None]
+    if not errors:
+        return
+    if failure is not None and not isinstance(failure, UserError):
+        raise failure
+    user = [message for _, (kind, message) in errors if kind == "user"]
+    if user and len(user) == len(errors):
+        raise UserError(user[0])
+    rank, (_, message) = next((r, e) for r, e in errors if e[0] == "other")
+    raise UserError(f"rank {rank} stopped while building the {CACHE_WHAT} ({message}); see its traceback above. "
+                    "This rank stopped with it")
 
 
 def _new_array(path: Path, dtype: np.dtype, rows: int) -> None:
@@ -277,6 +290,7 @@ def _build_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_vi
         def prepare() -> tuple[dict | None, str | None]:
             """Rank 0: take the lock; reuse what another run published meanwhile, or start a build directory."""
             nonlocal build_dir
+            probe_writable(root.parent, CACHE_KEY, CACHE_WHAT)  # only now: reading a published cache needs no write access
             lock.enter_context(build_lock(root, CACHE_WHAT, CACHE_KEY))
             published = _valid(root, fingerprint, sources, num_classes, feature_dim)
             if published is not None:
@@ -333,7 +347,6 @@ def _score_all(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_view
     Several ranks write into files of their own, merged by rank 0 afterwards: ranks on different nodes never
     write pages of one file (a shared filesystem such as NFS writes back whole pages, which could undo another
     node's rows that share a page)."""
-    device = dist.device
     sharded = dist.world_size > 1
     samplers = {split: ShardSampler(len(sources[split]), dist.world_size, dist.rank) for split in SPLITS}
     shard_path = {split: build_dir / f"{split}.rank{dist.rank}.npy" for split in SPLITS}
@@ -345,37 +358,53 @@ def _score_all(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_view
 
     if sharded:  # every rank's space reserved before any rank scores; a rank that cannot stops them all
         _all_ranks(allocate_shards, dist)
-    for split in SPLITS:
-        src = sources[split]
-        k = num_views if split == "train" else 0
-        with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
-            out = np.load(shard_path[split] if sharded else build_dir / f"{split}.npy", mmap_mode="r+")
-        views = CacheViews(src, spec, seed, k, device_aug)
-        loader = make_loader(views, samplers[split], max(1, batch_size // (k + 1)), workers, device)
-        scored = []  # the indices this rank scored, in order (KD_TRACE_DIR: tests check the ranks partition them)
-        for batch in tqdm(loader, desc=f"teacher cache [{split}]", disable=not dist.is_main, dynamic_ncols=True):
-            # rows of `out`: the images' own (one shared file) or the next ones of this rank's shard file
-            idx = np.arange(len(scored), len(scored) + len(batch["index"])) if sharded else batch["index"].numpy()
-            scored += batch["index"].tolist()
-            images = batch_views(batch, spec, device)  # [B, V, 3, S, S]
-            b, v = images.shape[:2]
-            with autocast():
-                x = normalize_batch(images.flatten(0, 1), device, True, input_norm(teacher))
-                logits, features = teacher.logits_and_features(x) if feature_dim and k else (teacher(x), None)
-            logits = logits.float().view(b, v, -1).cpu().numpy().astype(np.float16)
-            out["eval_logits"][idx] = logits[:, -1]
-            if k:
-                out["view_logits"][idx] = logits[:, :k]
-                out["view_records"][idx] = batch["records"].numpy()
-            if features is not None:
-                out["view_features"][idx] = features.float().view(b, v, -1)[:, :k].cpu().numpy().astype(np.float16)
-        with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
-            out.flush()
-        del out
-        if sharded:
-            _all_ranks(lambda: _save_index(build_dir / f"{split}.rank{dist.rank}.index.npy", scored, need), dist)
-        trace("cache_shard", {"split": split, "indices": scored})
+
+    def score_splits() -> None:
+        for split in SPLITS:
+            _score_split(teacher, sources[split], split, spec, num_views if split == "train" else 0, seed, build_dir,
+                         shard_path[split] if sharded else build_dir / f"{split}.npy", samplers[split], dist,
+                         batch_size, workers, autocast, device_aug, feature_dim, need)
+
+    # an error on one rank (an unreadable image, a failed forward) stops every rank, instead of leaving the others
+    # at the barrier for good
+    _all_ranks(score_splits, dist)
     barrier()
+
+
+def _score_split(teacher, src: ImageSource, split: str, spec: AugSpec, k: int, seed: int, build_dir: Path,
+                 out_path: Path, sampler: ShardSampler, dist: DistInfo, batch_size: int, workers: int, autocast,
+                 device_aug: bool, feature_dim: int | None, need: int) -> None:
+    """This rank's shard of one split (`k` training views per image, 0 for validation and test) into `out_path`:
+    the merged array (one process) or this rank's shard file, with the image indices it scored beside it. No
+    collective."""
+    device, sharded = dist.device, dist.world_size > 1
+    with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
+        out = np.load(out_path, mmap_mode="r+")
+    views = CacheViews(src, spec, seed, k, device_aug)
+    loader = make_loader(views, sampler, max(1, batch_size // (k + 1)), workers, device)
+    scored = []  # the indices this rank scored, in order (KD_TRACE_DIR: tests check the ranks partition them)
+    for batch in tqdm(loader, desc=f"teacher cache [{split}]", disable=not dist.is_main, dynamic_ncols=True):
+        # rows of `out`: the images' own (one shared file) or the next ones of this rank's shard file
+        idx = np.arange(len(scored), len(scored) + len(batch["index"])) if sharded else batch["index"].numpy()
+        scored += batch["index"].tolist()
+        images = batch_views(batch, spec, device)  # [B, V, 3, S, S]
+        b, v = images.shape[:2]
+        with autocast():
+            x = normalize_batch(images.flatten(0, 1), device, True, input_norm(teacher))
+            logits, features = teacher.logits_and_features(x) if feature_dim and k else (teacher(x), None)
+        logits = logits.float().view(b, v, -1).cpu().numpy().astype(np.float16)
+        out["eval_logits"][idx] = logits[:, -1]
+        if k:
+            out["view_logits"][idx] = logits[:, :k]
+            out["view_records"][idx] = batch["records"].numpy()
+        if features is not None:
+            out["view_features"][idx] = features.float().view(b, v, -1)[:, :k].cpu().numpy().astype(np.float16)
+    with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
+        out.flush()
+    del out
+    if sharded:
+        _save_index(build_dir / f"{split}.rank{dist.rank}.index.npy", scored, need)
+    trace("cache_shard", {"split": split, "indices": scored})
 
 
 def _save_index(path: Path, scored: list[int], need: int) -> None:

@@ -21,7 +21,7 @@ from common.distributed import DistInfo, barrier, broadcast_buffers
 from common.metrics import MetricLogger
 from common.rng import rng_isolated, seed_everything
 from engine.build import (augments_on_device, build_loaders, build_student, build_teacher, build_teacher_cache,
-                          load_training_splits, wrap_for_training)
+                          input_record, load_training_splits, wrap_for_training)
 from engine.evaluation import evaluate, trace_weights
 from engine.loss import EpochTotals, check_finite, masked_loss_terms, rows_of, teacher_targets
 from engine.optim import CosineSchedule, autocast_for, build_optimizer, optimizer_step, resolve_amp
@@ -67,7 +67,8 @@ class Trainer:
         # Every other step here runs under rng_isolated: whether a pre-decoded copy or teacher cache is built now
         # or reused, or whether a (randomly initialised) teacher exists at all, must not change a training number.
         with rng_isolated():
-            self.splits = load_training_splits(cfg, dist)
+            self.splits, data = load_training_splits(cfg, dist)
+        self.inputs = input_record(cfg, data)  # in run.json and every checkpoint: a resume compares them
         self.device_aug = augments_on_device(cfg.data, self.device)
         self.class_names = self.splits["train"].class_names
         self.num_classes = len(self.class_names)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from common.content_hash import folder_fingerprint
+from common.content_hash import changed_since_hashed, folder_fingerprint
 from common.errors import UserError
 from imagedata.synthetic_data import make_synthetic_dataset
 
@@ -48,6 +48,12 @@ class ImageSource:
 
     def describe(self, index: int) -> str:
         raise NotImplementedError
+
+    def changed_files(self) -> list[str]:
+        """Files of this split written since they were last hashed (`content_hash.changed_since_hashed`): which
+        files a changed fingerprint comes from, when that is known. Call it before `fingerprint`, which re-hashes
+        them. [] for data that is not read from files."""
+        return []
 
     def _open(self, fp, index: int) -> Image.Image:
         """The image in `fp` (a path or a file object) as 8-bit RGB (`to_rgb`): the first frame of a multi-frame
@@ -90,6 +96,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
       or TIFF opens as): v >> 8, the high byte. That is what Pillow itself does with 16-bit RGB, RGBA and LA PNGs
       (it opens them as 8-bit RGB / RGBA), so a 16-bit image decodes alike in every band layout, and 8-bit data
       stored as 16 bits (v = 257 k) comes back as k exactly. Mode I with values outside 0..65535 is refused.
+    - mode I whose values all lie in 0..255: 8-bit grey kept in a 32-bit container (an int32 TIFF written from 8-bit
+      data), taken as is; its high byte would be 0, a black image. (Mode I declares no bit depth, so the values tell;
+      a 16-bit image that dark, under 0.4% of full scale, would read alike, and is black either way to the eye.)
     - float (F): values in [0, 1] are scaled by 255 and rounded; others (or NaN) are refused, their scale is unknown.
     - alpha (LA, La, PA, RGBA, RGBa, and 1, L, P or RGB with a `transparency` entry): composited over
       ALPHA_BACKGROUND (white), never dropped: the colour under a transparent pixel is whatever the encoder left there
@@ -104,7 +113,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
             raise UndecodableImage(f"its pixels are 32-bit integers (mode {mode}) ranging over {low}..{high}, beyond "
                                    "the 16-bit range 0..65535 that is scaled to 8 bits; store it as an 8- or 16-bit "
                                    "image")
-        return Image.fromarray((values.astype(np.int64) >> 8).astype(np.uint8), "L").convert("RGB")
+        shift = 0 if mode == "I" and high <= 255 else 8  # mode I: the value range says whether it is 8-bit data
+        return Image.fromarray((values.astype(np.int64) >> shift).astype(np.uint8), "L").convert("RGB")
     if mode == "F":
         values = np.asarray(img, dtype=np.float32)
         if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
@@ -183,8 +193,13 @@ class HFImageSource(ImageSource):
         arrow files' bytes are hashed in too (`content_hash`, once per file)."""
         if not self.data_files:
             return self.hf_fingerprint
-        root = os.path.commonpath([os.path.dirname(f) for f in self.data_files])
-        return folder_fingerprint(root, self.data_files, salt=self.hf_fingerprint)
+        return folder_fingerprint(self._files_root(), self.data_files, salt=self.hf_fingerprint)
+
+    def _files_root(self) -> str:
+        return os.path.commonpath([os.path.dirname(f) for f in self.data_files])
+
+    def changed_files(self) -> list[str]:
+        return changed_since_hashed(self._files_root(), self.data_files) if self.data_files else []
 
     def describe(self, index: int) -> str:
         path = (self.ds[int(index)][self.image_col] or {}).get("path")
@@ -230,6 +245,9 @@ class FolderImageSource(ImageSource):
         """Of the files' relative paths and bytes (`content_hash`), computed when a cache or pre-decoded copy first
         asks: a changed image gets new ones even when it keeps its name and byte size."""
         return folder_fingerprint(self.root, self.paths)
+
+    def changed_files(self) -> list[str]:
+        return changed_since_hashed(self.root, self.paths)
 
     def describe(self, index: int) -> str:
         return self.paths[int(index)]
@@ -367,6 +385,9 @@ class SubsetSource(ImageSource):
     def describe(self, index: int) -> str:
         return self.base.describe(int(self.indices[index]))
 
+    def changed_files(self) -> list[str]:
+        return self.base.changed_files()
+
 
 def carve_validation(train: ImageSource, fraction: float, seed: int) -> tuple[SubsetSource, SubsetSource]:
     """(remaining train, validation): M = round(fraction * N) of the N training images, drawn uniformly without
@@ -400,3 +421,39 @@ def _with_validation(sources: dict[str, ImageSource], origin: str, fraction: flo
                   f"as validation (data.val_fraction={fraction}, data.val_seed={seed}); training uses the other "
                   f"{n_train}")
     return {s: sources[s] for s in SPLITS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a run read: each split's content fingerprint, recorded in the run and its checkpoints.
+# ----------------------------------------------------------------------------------------------------------------
+def data_record(sources: dict[str, ImageSource]) -> dict[str, dict]:
+    """{split: {"fingerprint", "images", "classes"}} of the splits as loaded (before any pre-decoding): the content
+    fingerprint (`content_hash` for files), the number of images and a digest of the class names. A run records
+    it in run.json and its checkpoints, so that a resume or an evaluation can tell that the data changed."""
+    return {split: {"fingerprint": src.fingerprint, "images": len(src),
+                    "classes": hashlib.sha256(json.dumps(list(src.class_names)).encode()).hexdigest()[:16]}
+            for split, src in sources.items()}
+
+
+def data_changes(recorded: dict, sources: dict[str, ImageSource], splits=SPLITS) -> list[str]:
+    """One line per split of `splits` whose data differs from the `recorded` `data_record`: its images (with the
+    files written since they were last hashed, when the digest index knows them), their number or its classes.
+    Splits the record lacks are not compared."""
+    changes = []
+    for split in splits:
+        if not isinstance(recorded.get(split), dict) or split not in sources:
+            continue
+        src, then = sources[split], recorded[split]
+        suspects = src.changed_files()  # before the fingerprint, which hashes them again
+        now = {"fingerprint": src.fingerprint, "images": len(src),
+               "classes": hashlib.sha256(json.dumps(list(src.class_names)).encode()).hexdigest()[:16]}
+        if then.get("images") not in (None, now["images"]):
+            changes.append(f"the {split} split had {then['images']} images, it has {now['images']} now")
+        elif then.get("classes") not in (None, now["classes"]):
+            changes.append(f"the {split} split's class names changed")
+        elif then.get("fingerprint") != now["fingerprint"]:
+            named = (f"; written since they were last read: {', '.join(suspects[:5])}"
+                     f"{f' and {len(suspects) - 5} more' if len(suspects) > 5 else ''}" if suspects else "")
+            changes.append(f"the {split} split's images changed (content fingerprint {then.get('fingerprint')} in "
+                           f"the run, {now['fingerprint']} now{named})")
+    return changes

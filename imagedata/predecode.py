@@ -20,7 +20,8 @@ from PIL import Image
 from common.distributed import on_main_rank
 from common.errors import UserError
 from common.files import write_json
-from common.locked_build import build_lock, discard, free_bytes, human_bytes, new_build_dir, publish, write_error
+from common.locked_build import (build_lock, discard, free_bytes, human_bytes, new_build_dir, probe_writable, publish,
+                                 write_error)
 from imagedata.image_sources import ImageSource
 
 PREDECODE_VERSION = "predecoded-v2"  # v2: images decoded by image_sources.to_rgb (16-bit scaled, alpha over white)
@@ -106,7 +107,8 @@ def predecode_split(source: ImageSource, size: int, cache_dir: Path, split: str,
     fingerprint = {"version": PREDECODE_VERSION, "data": source.fingerprint, "count": len(source), "size": size}
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"{split}-{digest}"
-    if not _predecoded_valid(folder, fingerprint):  # published, so whole: read without the lock
+    if not _predecoded_valid(folder, fingerprint):  # published, so whole: read without the lock (or write access)
+        probe_writable(folder.parent, STORE_KEY, STORE_WHAT)
         with build_lock(folder, STORE_WHAT, STORE_KEY):
             if not _predecoded_valid(folder, fingerprint):  # another run may have published it while this waited
                 _build_store(source, size, folder, split, fingerprint, workers, show_progress)

@@ -17,6 +17,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+# The test session's own HOME and XDG_CACHE_HOME (set here, inside pytest only: .ci/run keeps its virtual environment
+# under the real $HOME/.cache), so that nothing a test runs writes into the user's ~/.cache/kd-distill (the file
+# digest indexes); scripts the tests start inherit them. Caches of downloaded weights and fonts keep their real
+# places, so pre-downloaded models stay usable offline.
+REAL_HOME = Path.home()
+REAL_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or REAL_HOME / ".cache")
+if not os.environ.get("KD_TEST_HOME"):
+    import atexit
+    import shutil
+    import tempfile
+    for var, place in (("HF_HOME", REAL_CACHE / "huggingface"), ("TORCH_HOME", REAL_CACHE / "torch"),
+                       ("MPLCONFIGDIR", REAL_CACHE / "matplotlib")):
+        os.environ.setdefault(var, str(place))
+    _test_home = tempfile.mkdtemp(prefix="kd-test-home-")
+    atexit.register(shutil.rmtree, _test_home, ignore_errors=True)
+    os.environ.update({"KD_TEST_HOME": _test_home, "HOME": _test_home,
+                       "XDG_CACHE_HOME": str(Path(_test_home) / ".cache")})
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))

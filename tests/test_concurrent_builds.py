@@ -359,3 +359,114 @@ def test_save_to_disk_dataset_changed_under_the_same_datasets_fingerprint_gets_a
         hf_fingerprints.append(train.hf_fingerprint)
     assert hf_fingerprints[0] == hf_fingerprints[1] and fingerprints[0] != fingerprints[1]
     assert load_local(tmp_path / "ds0")["train"].fingerprint == fingerprints[0]  # and stable
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The file-digest index (common.content_hash)
+# ----------------------------------------------------------------------------------------------------------------
+def _count_hashing(monkeypatch) -> list[str]:
+    """The files common.content_hash hashes from now on (a list that grows)."""
+    import hashlib
+
+    from common import content_hash
+    hashed, file_digest = [], hashlib.file_digest
+
+    def counting(fh, digest):
+        hashed.append(Path(fh.name).name)
+        return file_digest(fh, digest)
+
+    monkeypatch.setattr(content_hash.hashlib, "file_digest", counting)
+    return hashed
+
+
+def test_two_splits_in_one_folder_keep_each_others_digests(tmp_path, monkeypatch):
+    """Issue 23: the index of a folder kept only the last caller's files, so two splits whose files share a folder
+    (the hub cache's *-train.arrow and *-test.arrow) re-hashed each other's files on every start."""
+    from common.content_hash import file_digests, index_path
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    for name in ("a-train.arrow", "a-test.arrow"):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+    train, test = [str(tmp_path / "a-train.arrow")], [str(tmp_path / "a-test.arrow")]
+    hashed = _count_hashing(monkeypatch)
+    first = file_digests(tmp_path, train), file_digests(tmp_path, test)
+    assert hashed == ["a-train.arrow", "a-test.arrow"]
+    for _ in range(2):  # the next starts: one stat per file, no hashing
+        assert (file_digests(tmp_path, train), file_digests(tmp_path, test)) == first
+    assert hashed == ["a-train.arrow", "a-test.arrow"]
+    assert set(json.loads(index_path(tmp_path).read_text())) == {"a-train.arrow", "a-test.arrow"}
+
+
+def test_the_digest_index_is_pruned(tmp_path, monkeypatch):
+    """Nothing pruned ~/.cache/kd-distill/file-hashes: entries of deleted files stayed, and so did the index of
+    every dataset folder ever read. A save drops entries of files that are gone; an index no run read for
+    INDEX_MAX_AGE_DAYS is deleted."""
+    from common import content_hash
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("x.png", "y.png", "z.png"):
+        (data / name).write_bytes(name.encode())
+    content_hash.file_digests(data, [str(data / "x.png"), str(data / "y.png")])
+    (data / "y.png").unlink()
+    content_hash.file_digests(data, [str(data / "z.png")])
+    assert set(json.loads(content_hash.index_path(data).read_text())) == {"x.png", "z.png"}
+
+    stale = content_hash.index_dir() / "0123456789abcdef.json"  # a dataset folder not read for a long time
+    stale.write_text("{}")
+    old = time.time() - (content_hash.INDEX_MAX_AGE_DAYS + 1) * content_hash.DAY_S
+    os.utime(stale, (old, old))
+    recent = content_hash.index_path(data)
+    os.utime(recent, (old, old))
+    content_hash.file_digests(data, [str(data / "x.png")])  # a read refreshes this index; no save needed
+    assert recent.stat().st_mtime > old
+    (data / "w.png").write_bytes(b"w")
+    content_hash.file_digests(data, [str(data / "w.png")])  # a save prunes
+    assert not stale.exists() and recent.exists()
+
+
+def test_the_test_session_keeps_the_digest_index_out_of_the_users_home():
+    """The suite wrote digest index files into the real ~/.cache/kd-distill: conftest gives the session (and the
+    scripts it starts) a HOME and XDG_CACHE_HOME of its own."""
+    import pwd
+    import subprocess
+    import sys
+
+    from common.content_hash import index_dir
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir).resolve()
+    assert not index_dir().resolve().is_relative_to(home), index_dir()
+    child = subprocess.run([sys.executable, "-c", "from common.content_hash import index_dir; print(index_dir())"],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
+    assert Path(child.stdout.strip()) == index_dir()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Publication
+# ----------------------------------------------------------------------------------------------------------------
+def test_publishing_over_a_damaged_directory_that_cannot_be_fully_deleted(tmp_path, monkeypatch):
+    """A damaged published directory is renamed aside, then deleted: deleting it in place first (rmtree, then
+    rename) showed readers a half-deleted directory, and where a file in it could not be deleted (a busy NFS
+    file, a reader holding it open) left the half-deleted one published and the new build unpublished."""
+    final = tmp_path / "cache" / "abc"
+    final.mkdir(parents=True)
+    for name in ("meta.json", "train.npy", "test.npy"):
+        (final / name).write_text("old")
+    build = locked_build.new_build_dir(final, "teacher cache", "teacher.cache_dir")
+    for name in ("meta.json", "train.npy", "test.npy"):
+        (build / name).write_text("new")
+    rmtree = locked_build.shutil.rmtree
+
+    def busy_rmtree(path, ignore_errors=False, **kwargs):  # deletes one file, then hits one it cannot delete
+        victim = sorted(Path(path).rglob("*.json"))
+        if victim:
+            victim[0].unlink()
+        if not ignore_errors:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+
+    monkeypatch.setattr(locked_build.shutil, "rmtree", busy_rmtree)
+    locked_build.publish(build, final, "teacher cache", "teacher.cache_dir")
+    monkeypatch.setattr(locked_build.shutil, "rmtree", rmtree)
+    assert {p.name: p.read_text() for p in final.iterdir()} == {n: "new" for n in ("meta.json", "train.npy",
+                                                                                    "test.npy")}
+    assert not build.exists()
+    locked_build.new_build_dir(final, "teacher cache", "teacher.cache_dir")  # the next builder deletes the rest
+    assert not [p for p in final.parent.iterdir() if locked_build.OLD_INFIX in p.name]

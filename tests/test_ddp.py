@@ -274,3 +274,64 @@ def test_every_rank_applies_rank_0s_decision_when_the_ranks_agents_differ(tmp_pa
         assert sorted(a["shard"] + b["shard"]) == sorted(a["selection"])
     logged = [json.loads(ln) for ln in (tmp_path / "run" / "curriculum.jsonl").read_text().splitlines()]
     assert [ln["action"] for ln in logged] == [d["action"] for d in rank0]
+
+
+def _rank_1_fails_while_scoring_the_cache(rank: int, port: int, out_dir: str) -> None:
+    """One rank of a 2-rank teacher cache build in which rank 1's image decoder crashes (a RuntimeError, not a
+    UserError) on its first training image. Each rank writes how its build ended to rank<r>.txt. The failed rank
+    stays alive for a while, as a process of a launch does while it prints its traceback and its launcher reacts:
+    a rank left waiting at a collective shows as no file."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    import contextlib
+
+    import torch
+    torch.set_num_threads(1)
+    from common.config import load_config
+    from common.distributed import setup_distributed
+    from engine.config import Config
+    from engine.teacher_cache import build_or_load_cache
+    from imagedata.augment import AugSpec
+    from imagedata.image_sources import load_splits
+    from models import create_teacher
+    cfg = load_config(Config, None, TINY)
+    dist = setup_distributed("cpu")
+    sources = load_splits(cfg.data)
+    teacher = create_teacher(cfg, sources["train"].class_names)
+    if rank == 1:
+        def crash(index):
+            raise RuntimeError("the image decoder crashed")
+        sources["train"].load = crash
+    try:
+        build_or_load_cache(teacher, sources, AugSpec.from_cfg(cfg.data), 2, 0, Path(out_dir) / "cache", dist, 16, 0,
+                            contextlib.nullcontext)
+        outcome = "finished"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {exc}"
+    Path(out_dir, f"rank{rank}.txt").write_text(outcome)
+    deadline = time.time() + 40
+    while time.time() < deadline and not Path(out_dir, f"rank{1 - rank}.txt").exists():
+        time.sleep(0.1)
+    os._exit(0)  # no process-group teardown: a peer may be gone
+
+
+def test_an_error_on_one_rank_while_scoring_the_cache_stops_every_rank(tmp_path):
+    """Issue 23: an exception on one rank while the teacher cache was scored left the other ranks waiting at the
+    next collective for good. The ranks now agree on failure before the barrier: the failed rank raises its own
+    error, every other rank stops with a UserError naming it, and nothing partial is published."""
+    import torch.multiprocessing as mp
+    context = mp.start_processes(_rank_1_fails_while_scoring_the_cache, args=(_free_port(), str(tmp_path)),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 180
+    while not context.join(timeout=1) and time.time() < deadline:
+        pass
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+    outcomes = {r: (tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists() else None
+                for r in (0, 1)}
+    assert outcomes[1] == "RuntimeError: the image decoder crashed", outcomes
+    assert outcomes[0] is not None and outcomes[0].startswith("UserError: rank 1 stopped while building the "
+                                                              "teacher cache (RuntimeError: the image decoder "
+                                                              "crashed)"), outcomes
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]

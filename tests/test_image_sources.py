@@ -178,6 +178,9 @@ def _image_files():
         "rgb16.png": (_png16(np.stack([row, row, row], -1), 2), _grey(WIDE_8)),  # Pillow keeps the high byte
         "grey_alpha16.png": (_png16(np.stack([row, np.full_like(row, 65535)], -1), 4), _grey(WIDE_8)),
         "int32.tiff": (saved(Image.fromarray(row.astype(np.int32)), "TIFF"), _grey(WIDE_8)),  # mode I
+        # mode I holding 8-bit values: taken as they are (v >> 8 made it black)
+        "int32_8bit.tiff": (saved(Image.fromarray(np.array([[0, 7, 128, 255]], np.int32)), "TIFF"),
+                            _grey([0, 7, 128, 255])),
         "float.tiff": (saved(Image.fromarray(np.array([[0, 0.5, 1]], np.float32)), "TIFF"), _grey([0, 128, 255])),
         "two_frames.gif": (multi("GIF"), [[255, 0, 0]] * 4),  # the first frame
         "two_frames.tiff": (multi("TIFF"), [[255, 0, 0]] * 4),

@@ -15,6 +15,7 @@ from conftest import RL_ARGS, ROOT, TINY, read_metrics
 from test_bad_input import _copy_run, assert_user_error, cli, digest
 
 import common.cli
+import common.files
 import common.rundir
 import gan_vae.continual
 import train_student
@@ -227,6 +228,77 @@ def test_read_only_teacher_cache_dir_is_refused_before_the_run(tmp_path, monkeyp
     assert not (tmp_path / "r").exists()
 
 
+def _read_only(monkeypatch, folder: Path) -> None:
+    """Make `folder` read-only for this process (the tests run as root, whom permission bits do not stop): every
+    way the code creates, writes, renames or deletes something below it fails with EROFS, as on a read-only
+    shared filesystem."""
+    import builtins
+    import io
+    import tempfile
+    folder, real_mkdtemp = os.path.abspath(folder), tempfile.mkdtemp
+
+    def below(path) -> bool:
+        if not isinstance(path, (str, os.PathLike)):
+            return False
+        path = os.path.abspath(os.fspath(path))
+        return path == folder or path.startswith(folder + os.sep)
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def guard(fn, writes=lambda *a, **k: True):
+        def guarded(path, *args, **kwargs):
+            if below(path) and writes(*args, **kwargs):
+                refuse(path)
+            return fn(path, *args, **kwargs)
+        return guarded
+
+    def guard2(fn):  # two paths: either one below the folder
+        def guarded(src, dst, *args, **kwargs):
+            if below(src) or below(dst):
+                refuse(src)
+            return fn(src, dst, *args, **kwargs)
+        return guarded
+
+    writing_mode = lambda mode="r", *a, **k: any(c in mode for c in "wax+")  # noqa: E731
+    writing_flags = lambda flags, *a, **k: bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))  # noqa: E731
+    monkeypatch.setattr(builtins, "open", guard(builtins.open, writing_mode))
+    monkeypatch.setattr(io, "open", guard(io.open, writing_mode))
+    monkeypatch.setattr(os, "open", guard(os.open, writing_flags))
+    for name in ("mkdir", "unlink", "remove", "rmdir", "utime", "chmod"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+    for name in ("rename", "replace", "symlink", "link"):
+        monkeypatch.setattr(os, name, guard2(getattr(os, name)))
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, dir=None, **k: refuse(dir) if below(dir) else
+                        real_mkdtemp(*a, dir=dir, **k))
+
+
+@pytest.mark.parametrize("key,extra", [("teacher.cache_dir", ["kd.alpha=0.5"]),
+                                       ("data.preprocess_dir", ["kd.alpha=1", "data.preprocessed=true"])])
+def test_a_read_only_shared_cache_holding_what_the_run_needs_is_reused(tmp_path, monkeypatch, key, extra):
+    """Issue 23 (a regression): a read-only teacher.cache_dir that holds the complete cache the run needs was
+    refused ("cannot write to ..."): reading a published cache needs no write access and no lock. Writability is
+    probed only when a build is needed, and a read-only folder without the cache is still refused, naming it.
+    The same for the pre-decoded store."""
+    cache = tmp_path / "shared_cache"
+    args = [*TINY, *extra, "train.epochs=1", f"{key}={cache}", f"run.out_dir={tmp_path}"]
+    code, err = cli(train_student.main, [*args, "run.name=builds"], None)
+    assert code is None, err
+    published = digest(cache)
+    with monkeypatch.context() as ro:
+        _read_only(ro, cache)
+        with pytest.raises(OSError, match="Read-only"):  # the mechanism works, root or not
+            (cache / "probe").write_bytes(b"")
+        code, err = cli(train_student.main, [*args, "run.name=reuses"], None)
+        assert code is None, err
+        assert read_metrics(tmp_path / "reuses")[-1]["epoch"] == 0
+        # a run that needs another cache (other data) must build it: refused, naming the key, no run left
+        code, err = cli(train_student.main, [*args, "data.synthetic.seed=1", "run.name=needs_a_build"], None)
+        assert_user_error(code, err, f"({key})", "Read-only file system")
+        assert not (tmp_path / "needs_a_build").exists()
+    assert digest(cache) == published
+
+
 def test_rl_trains_its_teacher_with_teacher_prepare(tmp_path, monkeypatch):
     """The offline RL config ran before its teacher exists said only 'checkpoint ... does not exist'."""
     missing = tmp_path / "teacher" / "student.safetensors"
@@ -334,17 +406,23 @@ needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="nee
 
 @needs_dev_full
 @pytest.mark.parametrize("size", [10, 3_000_000], ids=["small", "large: torch's own error first"])
-def test_a_full_disk_while_writing_a_checkpoint(tmp_path, size):
+def test_a_full_disk_while_writing_a_checkpoint(tmp_path, size, monkeypatch):
     path = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint({"epoch": 1}, path)
     before = path.read_bytes()
-    (tmp_path / "checkpoints" / "last.pt.tmp").symlink_to("/dev/full")  # every write: ENOSPC
+
+    def full_temp(target: Path):  # the temp file is /dev/full: every write fails with ENOSPC
+        tmp = target.with_name(f".{target.name}.full.tmp")
+        tmp.symlink_to("/dev/full")
+        return os.open(tmp, os.O_WRONLY), tmp
+
+    monkeypatch.setattr(common.files, "open_temp", full_temp)
     with pytest.raises(UserError, match=r"cannot write .*last.pt: the disk is full .*the earlier last.pt is kept"):
         save_checkpoint({"epoch": 2, "model": torch.zeros(size)}, path)
-    assert path.read_bytes() == before and not (tmp_path / "checkpoints" / "last.pt.tmp").exists()
-    (tmp_path / "r.json.tmp").symlink_to("/dev/full")
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
     with pytest.raises(UserError, match=r"r.json: the disk is full .*there was no earlier r.json"):
         write_json(tmp_path / "r.json", {"a": 1})
+    assert not list(tmp_path.glob(".r.json*"))
 
 
 @needs_dev_full
@@ -353,3 +431,83 @@ def test_a_full_disk_while_logging_metrics(tmp_path):
     path.symlink_to("/dev/full")
     with pytest.raises(UserError, match=r"metrics.jsonl: the disk is full .*run.resume=auto drops"):
         MetricLogger(path, True).log({"epoch": 0, "train/loss": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run files of the wrong kind; what the lock guards
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rel,kind", [("checkpoints/last.pt", "folder"), ("checkpoints/best.pt", "folder"),
+                                      ("metrics.jsonl", "folder"), ("config.yaml", "folder"),
+                                      ("results.json", "folder"), ("metrics.jsonl", "dangling link"),
+                                      ("checkpoints", "file"), ("curves.png", "folder"),
+                                      ("label_only", "file")])
+def test_a_run_file_of_the_wrong_kind_stops_the_resume_before_anything_is_touched(stopped_runs, tmp_path, rel,
+                                                                                   kind):
+    """Issue 23: a finished run whose checkpoints/last.pt was a directory was taken for one never checkpointed:
+    run.resume=auto restarted it from epoch 1, cut metrics.jsonl back and overwrote best.pt, and only then stopped
+    with "Nothing was replaced"."""
+    run = _copy_run(stopped_runs, "ts", tmp_path)
+    path = run / rel
+    kept = tmp_path / "kept"
+    if path.exists():
+        path.rename(kept)
+    if kind == "folder":
+        path.mkdir()
+        (path / "inside").write_text("x")
+    elif kind == "file":
+        path.write_text("x")
+    else:
+        path.symlink_to(tmp_path / "nowhere")
+    before = digest(run)
+    code, err = cli(train_student.main, [*TS_ARGS, f"run.out_dir={tmp_path}", "run.name=ts", "run.resume=auto"],
+                    None)
+    assert_user_error(code, err, f"{path} is a {kind}, not a ", "Nothing was touched")
+    assert digest(run) == before
+
+
+def test_a_failed_start_deletes_its_directory_before_releasing_the_lock(tmp_path, monkeypatch):
+    """Issue 23: claim_run_dir released run.lock, then deleted the directory of a start that failed; a second
+    process that claimed the same fresh name in between had its live run directory deleted under it. The window
+    is widened here: the second process claims (and starts writing) at the moment of the deletion."""
+    rmtree, second = common.rundir.shutil.rmtree, {}
+
+    def second_process_claims_first(path, *args, **kwargs):
+        if not second:
+            try:
+                plan = common.rundir.plan_run_dir(str(tmp_path), "fresh", "", "p")
+                with common.rundir.claim_run_dir(plan, "p", DistInfo()) as run_dir:
+                    (run_dir / "metrics.jsonl").write_text('{"epoch": 0}\n')  # its run is under way
+                second["ran"] = True
+            except UserError as exc:
+                second["refused"] = str(exc)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(common.rundir.shutil, "rmtree", second_process_claims_first)
+    with pytest.raises(UserError, match="bad data"):
+        with common.rundir.claim_run_dir(common.rundir.plan_run_dir(str(tmp_path), "fresh", "", "p"), "p",
+                                         DistInfo()):
+            raise UserError("bad data")
+    assert "in use by another process" in second.get("refused", ""), second
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_the_plan_is_checked_again_under_the_lock(stopped_runs, tmp_path):
+    """What plan_run_dir saw may change before the directory is locked (_check_plan_still_holds): a fresh run whose
+    directory another process filled meanwhile, or a resume whose last.pt another process rewrote meanwhile."""
+    fresh = common.rundir.plan_run_dir(str(tmp_path), "new", "", "train_student.py")
+    (tmp_path / "new" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "new" / "metrics.jsonl").write_text('{"epoch": 0}\n')  # another process started it meanwhile
+    with pytest.raises(UserError, match="already holds a run \\(another process started it just now\\)"):
+        with common.rundir.claim_run_dir(fresh, "train_student.py", DistInfo()):
+            pytest.fail("claimed a directory another run had started")
+    assert (tmp_path / "new" / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
+
+    run = _copy_run(stopped_runs, "ts", tmp_path)
+    plan = common.rundir.plan_run_dir(str(tmp_path), "ts", "auto", "train_student.py")
+    last = run / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=False)
+    save_checkpoint({**ckpt, "epoch": ckpt["epoch"] + 1}, last)  # another process checkpointed meanwhile
+    os.utime(last, ns=(plan.stamp[0] + 10**9, plan.stamp[0] + 10**9))
+    with pytest.raises(UserError, match="another process wrote .*last.pt while this one was starting"):
+        with common.rundir.claim_run_dir(plan, "train_student.py", DistInfo()):
+            pytest.fail("continued from a checkpoint other than the one it planned")

@@ -1,5 +1,6 @@
 """bench.py and summarize.py run end to end on tiny inputs (their numbers are not checked, only their form)."""
 import json
+import os
 
 from conftest import run_script
 
@@ -64,3 +65,25 @@ def test_summarize_groups_seeds_and_baselines(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "| qs | 2 | 81.00 ± 1.41 |" in proc.stdout
     assert "| qs/label_only | 2 | 72.00 ± 2.83 |" in proc.stdout
+
+
+def test_two_writers_of_one_file_do_not_share_a_temp_file(tmp_path):
+    """atomic_write wrote every file through `<path>.tmp`: a second writer of the same file (two processes) opened
+    the same temp file, so the first one's rename published the second one's half-written bytes and the second's
+    rename failed. Each writer now has a temp file of its own; the last rename wins, whole."""
+    from common.files import atomic_write
+    path = tmp_path / "results.json"
+    with atomic_write(path) as first:
+        first.write("first writer\n")
+        with atomic_write(path) as second:
+            second.write("second writer\n")
+        assert path.read_text() == "second writer\n"
+    assert path.read_text() == "first writer\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # the mode open() would give it
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
