@@ -1,18 +1,24 @@
 """Registries of curriculum strategies and agents: a new entry registered from this file alone runs end to end
 through train_student_rl.py; the built-in entries select exactly what they selected before the registries; the
-environment needs only its small interface (rl_curriculum_env.CurriculumTraining)."""
+environment needs only its small interface (rl_curriculum_env.CurriculumTraining); and the contract test over every
+entry of the six registries, built-in or an example plugin (at the end)."""
 import hashlib
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, read_metrics
+from conftest import ROOT, TINY, assert_clean_error, read_metrics, run_main
 from omegaconf import OmegaConf
+from test_gan_vae import _args as gan_vae_args
+from test_gan_vae import domains  # noqa: F401 - a fixture
 
 from common.errors import UserError
 from curriculum_dataloader import STRATEGY_REGISTRY, CurriculumSampler, Strategy
+from gan_vae.continual import ContinualConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,14 +252,6 @@ def test_registered_strategy_and_agent_train_end_to_end(registered, tmp_path, mo
 #                 expansion rules: one run set per rule other than the default (whose run and SIGKILL resume
 #                 test_gan_vae.py has), with every loss, killed at its first mid-phase checkpoint.
 # ---------------------------------------------------------------------------------------------------------------
-import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from conftest import ROOT, assert_clean_error, run_main  # noqa: E402
-from test_gan_vae import _args as gan_vae_args  # noqa: E402
-from test_gan_vae import domains  # noqa: E402,F401 - a fixture
-
-from gan_vae.continual import ContinualConfig  # noqa: E402
 
 
 def _kinds() -> dict:
@@ -346,8 +344,6 @@ def _out_of_range(valid, current):
 
 @pytest.mark.parametrize("kind,name,plugin", ENTRIES, ids=ENTRY_IDS)
 def test_every_entry_checks_its_ranges_and_is_listed_by_help(kind, name, plugin, restored_registries):
-    from omegaconf import OmegaConf
-
     from common.config import iter_schema, load_config
     from common.registry import compose_schema
     registry, program, schema = _kinds()[kind]
