@@ -18,6 +18,19 @@ optimizer and the checkpoint cover: `Distiller`), and returns its loss as named 
 (`loss_terms`). The loop sums weight x term and logs every term as `train/loss_<name>`. The loss functions
 themselves are pure functions in models.py, with their formulas.
 
+The output-dict contract. `forward` (the student's outputs) and `teacher_online` (the teacher's) return flat dicts
+from a name to one tensor (or None) whose first dimension is the batch: {"logits": [B, K], "hint": [B, C, H, W],
+...}, never a list or a nested dict. The loop selects rows of every entry alike (DDP padding, `engine.loss.rows_of`)
+and the cache replays its entries row by row, so an entry that is not batch-first would be cut wrongly.
+
+The declaration, read by the engine before any work (engine.config.check_method_needs, engine.build.check_stages):
+`student_reads` and `teacher_reads`, what the method takes from each model, among MODEL_OUTPUTS ("logits", pooled
+"features", "stage_maps": feature maps at the stages `stages(cfg)`, read with models.stage_maps /
+logits_and_stage_maps); `teacher_outputs`, the names of the teacher dict that `loss_terms` reads. The teacher cache
+holds TEACHER_OUTPUTS only, so a method whose `teacher_outputs` go beyond them (`can_cache`) is refused with
+teacher.mode=cached by the engine, with the method's `cache_refusal(cfg)` text added; every declared stage is
+checked against the student and the teacher once they are built, before the cache or training.
+
 Adding a method: subclass KDMethod and register it,
 
     @dataclass
@@ -48,6 +61,7 @@ from models import (HintRegressor, dist_loss_terms, dkd_loss_terms, dkd_warmup, 
 LossTerms = dict[str, tuple[float, torch.Tensor]]
 KD_METHODS = Registry("KD method", key="kd.method", sections="kd")
 TEACHER_OUTPUTS = ("logits", "features")  # what the teacher cache can hold (teacher.mode=cached)
+MODEL_OUTPUTS = ("logits", "features", "stage_maps")  # what a method may read from a model (student_reads, ...)
 
 
 def method_class(cfg) -> type["KDMethod"]:
@@ -61,6 +75,24 @@ class KDMethod(nn.Module):
 
     name = "?"
     teacher_outputs: tuple[str, ...] = ("logits",)  # what loss_terms reads from the teacher
+    student_reads: tuple[str, ...] = ("logits",)  # from the student, among MODEL_OUTPUTS
+    teacher_reads: tuple[str, ...] = ("logits",)  # from the teacher, among MODEL_OUTPUTS
+
+    @classmethod
+    def stages(cls, cfg) -> tuple[int, ...]:
+        """The stage indices (timm feature_info) whose maps a method reading "stage_maps" takes from each model that
+        it reads them from; the engine checks them against the built models (engine.build.check_stages)."""
+        return ()
+
+    @classmethod
+    def can_cache(cls, cfg) -> bool:
+        """Whether teacher.mode=cached can serve this method: its teacher outputs are among what the cache holds."""
+        return set(cls.teacher_outputs) <= set(TEACHER_OUTPUTS)
+
+    @classmethod
+    def cache_refusal(cls, cfg) -> str:
+        """Text the engine adds to its refusal of teacher.mode=cached (e.g. how large such a cache would be)."""
+        return ""
 
     @classmethod
     def uses_teacher(cls, cfg) -> bool:
@@ -299,6 +331,7 @@ class PooledHint(KD):
     bytes x width x K per image), so it runs on the cached teacher; its numbers are not FitNets numbers."""
 
     teacher_outputs = ("logits", "features")
+    student_reads = teacher_reads = ("logits", "features")
 
     @classmethod
     def uses_teacher(cls, cfg) -> bool:
@@ -345,18 +378,24 @@ class FitNet(KDMethod):
     The teacher's map comes from the online teacher, which stops after that stage; the map is too large to cache."""
 
     teacher_outputs = ("feature_map",)
+    student_reads, teacher_reads = ("logits", "stage_maps"), ("stage_maps",)
+
+    @classmethod
+    def stages(cls, cfg) -> tuple[int, ...]:
+        return (int(cfg.kd.fitnet.stage),)
+
+    @classmethod
+    def cache_refusal(cls, cfg) -> str:
+        n, c, h, w = _MINI_IMAGENET_MAP
+        k = int(cfg.teacher.cache_views)
+        size = n * k * c * h * w * 2
+        return (f"FitNets hints the teacher's whole stage-{cfg.kd.fitnet.stage} feature map, and caching one per view "
+                f"would be too large (mini-ImageNet, ResNet-152 at 224 px: {n:,} images x K={k} x {c} x {h} x {w} x 2 "
+                f"bytes (fp16) = {size / 1e9:,.0f} GB, against {n * k * 100 * 2 / 1e6:,.0f} MB of cached logits); "
+                "kd.method=pooled_hint is a hint on pooled features, which caches")
 
     @classmethod
     def validate(cls, cfg) -> None:
-        if cfg.teacher.mode == "cached":
-            n, c, h, w = _MINI_IMAGENET_MAP
-            k = int(cfg.teacher.cache_views)
-            size = n * k * c * h * w * 2
-            check(False, f"kd.method=fitnet cannot use teacher.mode=cached: it hints the teacher's whole stage-"
-                         f"{cfg.kd.fitnet.stage} feature map, and caching one per view is too large (mini-ImageNet, "
-                         f"ResNet-152 at 224 px: {n:,} images x K={k} x {c} x {h} x {w} x 2 bytes (fp16) = "
-                         f"{size / 1e9:,.0f} GB, against {n * k * 100 * 2 / 1e6:,.0f} MB of cached logits); use "
-                         "teacher.mode=online, or kd.method=pooled_hint (a hint on pooled features, which caches)")
         check(not cfg.kd.logit_standardize, "kd.logit_standardize=true applies to kd.method=kd, dkd and pooled_hint; "
                                             "kd.method=fitnet compares feature maps, not the teacher's logits. Set "
                                             "kd.logit_standardize=false")

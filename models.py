@@ -5,8 +5,9 @@
   `hint_loss` (pooled_hint), `fitnet_loss_terms` and its `HintRegressor` (Romero et al. 2015).
 - Teacher and student: timm models created by name (`create_student`, `create_teacher`), the `FrozenTeacher` that
   restricts a 1000-way ImageNet teacher to the dataset's classes and re-normalises its input, weight files
-  (`load_state_file`), pooled features and middle-stage maps for feature methods (`logits_and_pooled_features`,
-  `stage_map`, `logits_and_stage_map`, `stage_shape`).
+  (`load_state_file`), pooled features and middle-stage maps for feature methods (`logits_and_pooled_features`;
+  `num_stages`, `check_stage`, `stage_map`, `stage_maps`, `logits_and_stage_map`, `logits_and_stage_maps`,
+  `stage_shape`: public, for plugins too).
 - The curriculum's per-sample difficulty scores, `DIFFICULTY_SCORES` (difficulty.score; the built-in one is
   `difficulty_score`).
 - gan_vae/: the WGAN-GP experts (`Generator`, `Critic`, `gradient_penalty`, the WGAN losses), the beta-VAE student
@@ -308,6 +309,12 @@ class FrozenTeacher(nn.Module):
         the head do not run."""
         return stage_map(self.model, self.own_input(x), stage)
 
+    @torch.no_grad()
+    def feature_maps(self, x: torch.Tensor, stages: list[int]) -> list[torch.Tensor]:
+        """The feature maps at each stage of `stages` (models.stage_maps), from one forward that stops after the
+        last of them."""
+        return stage_maps(self.model, self.own_input(x), stages)
+
 
 def pooled_feature_dim(model: nn.Module) -> int | None:
     """timm's `num_features` (the width `forward_head(..., pre_logits=True)` returns), None when the model lacks
@@ -328,14 +335,24 @@ def logits_and_pooled_features(model: nn.Module, x: torch.Tensor) -> tuple[torch
     return model.get_classifier()(head_in), pooled
 
 
-def _check_stage(model: nn.Module, stage: int, what: str) -> None:
-    stages = len(getattr(model, "feature_info", None) or [])
-    if not hasattr(model, "forward_intermediates") or not stages:
-        raise UserError(f"kd.method=fitnet reads a middle stage of the {what} through timm's forward_intermediates, "
-                        f"which {type(model).__name__} lacks: use a timm CNN (ResNet, MobileNetV2, ...)")
+def num_stages(model: nn.Module) -> int:
+    """How many stages `stage_map` can read from `model`: the length of timm's feature_info (0 for a model without
+    forward_intermediates or feature_info)."""
+    if not hasattr(model, "forward_intermediates"):
+        return 0
+    return len(getattr(model, "feature_info", None) or [])
+
+
+def check_stage(model: nn.Module, stage: int, what: str, reader: str = "this run") -> None:
+    """A UserError unless `stage` is a stage index of `model` (0 <= stage < num_stages(model)). `what` names the
+    model in the message ("student", "teacher resnet18"), `reader` what reads the stage ("kd.method=at")."""
+    stages = num_stages(model)
+    if not stages:
+        raise UserError(f"{reader} reads a middle stage of the {what} through timm's forward_intermediates and "
+                        f"feature_info, which {type(model).__name__} lacks: use a timm CNN (ResNet, MobileNetV2, ...)")
     if not 0 <= stage < stages:
-        raise UserError(f"kd.fitnet.stage={stage}: the {what} ({type(model).__name__}) has stages 0 to {stages - 1} "
-                        "(timm's feature_info: the stem, then one per resolution)")
+        raise UserError(f"{reader} reads stage {stage} of the {what} ({type(model).__name__}), which has stages 0 to "
+                        f"{stages - 1} (timm's feature_info: the stem, then one per resolution)")
 
 
 def stage_map(model: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
@@ -345,6 +362,14 @@ def stage_map(model: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
     return model.forward_intermediates(x, indices=[stage], intermediates_only=True)[0]
 
 
+def stage_maps(model: nn.Module, x: torch.Tensor, stages: list[int]) -> list[torch.Tensor]:
+    """The feature maps [B, C_j, H_j, W_j] at the end of each timm stage in `stages` (as `stage_map`), in that
+    order, from one forward that stops after the last of them."""
+    order = sorted(set(stages))
+    maps = model.forward_intermediates(x, indices=order, intermediates_only=True)
+    return [maps[order.index(s)] for s in stages]
+
+
 def logits_and_stage_map(model: nn.Module, x: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of a timm classifier returning (logits, its feature map at `stage`): forward_intermediates, then
     forward_head, so the logits are those of `model(x)`."""
@@ -352,11 +377,21 @@ def logits_and_stage_map(model: nn.Module, x: torch.Tensor, stage: int) -> tuple
     return model.forward_head(final), maps[0]
 
 
+def logits_and_stage_maps(model: nn.Module, x: torch.Tensor,
+                          stages: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(logits [B, K], [the feature map at each stage of `stages`, in that order]) from one forward of a timm
+    classifier (as `logits_and_stage_map`)."""
+    order = sorted(set(stages))
+    final, maps = model.forward_intermediates(x, indices=order)
+    return model.forward_head(final), [maps[order.index(s)] for s in stages]
+
+
 @torch.no_grad()
 def stage_shape(model: nn.Module, stage: int, image_size: int, what: str) -> tuple[int, int, int]:
     """(C, H, W) of `model`'s feature map at `stage` for image_size x image_size inputs, from one forward of zeros
-    in eval mode (no BatchNorm statistic moves, nothing random is drawn); the model's mode is restored."""
-    _check_stage(model, stage, what)
+    in eval mode (no BatchNorm statistic moves, nothing random is drawn); the model's mode is restored. A stage
+    `model` lacks is a UserError (`check_stage`; `what` names the model)."""
+    check_stage(model, stage, what)
     was_training = model.training
     model.eval()
     try:

@@ -19,7 +19,7 @@ from imagedata.image_sources import SPLITS, data_changes, data_record, load_spli
 from imagedata.predecode import predecode_splits
 from imagedata.samplers import EpochSampler, ShardSampler, TrainBatchSampler
 from imagedata.views import EvalViews, TrainViews, make_loader
-from models import create_student, create_teacher
+from models import check_stage, create_student, create_teacher
 
 
 def load_training_splits(cfg, dist: DistInfo) -> tuple[dict, dict]:
@@ -86,6 +86,18 @@ def build_teacher(cfg, class_names: list[str], device: torch.device, channels_la
     teacher = create_teacher(cfg, class_names).to(device)
     broadcast_module(teacher)
     return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
+
+
+def check_stages(cfg, model: nn.Module, what: str) -> None:
+    """The selected KD method's declared stages (its `stages(cfg)`) against `model`, the student or the teacher
+    (`what`), when the method reads stage maps from it: a UserError naming the valid range, before any work that
+    would read them (the teacher cache, training)."""
+    cls = kd_methods.method_class(cfg)
+    if "stage_maps" not in (cls.student_reads if what == "student" else cls.teacher_reads):
+        return
+    for stage in cls.stages(cfg):
+        check_stage(model, int(stage), f"{what} {getattr(cfg, what).name}", f"kd.method={cls.name} (its stages: "
+                                                                           f"{list(cls.stages(cfg))})")
 
 
 def build_teacher_cache(cfg, teacher: nn.Module, splits: dict, spec: AugSpec, dist: DistInfo, autocast,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import kd_methods
 from common.config import check_ranges, opt, run_config, section
-from common.errors import check
+from common.errors import UserError, check
 from common.registry import holds_sections_of
 from imagedata.image_sources import VAL_FRACTION
 
@@ -185,4 +185,30 @@ def validate(cfg) -> None:
           "or 0 (store images as decoded)")
     check(cfg.data.augment_on != "device" or cfg.data.preprocessed,
           "data.augment_on=device needs data.preprocessed=true (JPEGs are decoded in the workers)")
+    check_method_needs(cfg)
     kd_methods.validate_method(cfg)
+
+
+def check_method_needs(cfg) -> None:
+    """The selected KD method's declaration (kd_methods.KDMethod: student_reads, teacher_reads, stages,
+    teacher_outputs), checked before any work: what it reads is among kd_methods.MODEL_OUTPUTS, a method reading
+    stage maps names its stages, and teacher.mode=cached is refused for a method whose teacher outputs the cache
+    cannot hold (the method's `cache_refusal` text added). The stages themselves are checked against the models
+    once they are built (engine.build.check_stages)."""
+    cls = kd_methods.method_class(cfg)
+    method = f"kd.method={cls.name}"
+    for model, reads in (("student", cls.student_reads), ("teacher", cls.teacher_reads)):
+        unknown = [r for r in reads if r not in kd_methods.MODEL_OUTPUTS]
+        check(not unknown, f"{method} declares that it reads {unknown} from the {model}; a method reads "
+                           f"{', '.join(kd_methods.MODEL_OUTPUTS)} (fix {cls.__name__}.{model}_reads)")
+    stages = tuple(cls.stages(cfg))
+    reads_maps = "stage_maps" in (*cls.student_reads, *cls.teacher_reads)
+    check(bool(stages) == reads_maps, f"{method} reads stage maps but declares no stages (its stages(cfg))"
+                                      if reads_maps else f"{method} declares stages {list(stages)} but reads no "
+                                                         "stage maps (student_reads / teacher_reads)")
+    if cls.uses_teacher(cfg) and cfg.teacher.mode == "cached" and not cls.can_cache(cfg):
+        extra = cls.cache_refusal(cfg)
+        raise UserError(f"{method} cannot use teacher.mode=cached: it reads the teacher's "
+                        f"{', '.join(cls.teacher_outputs)}, and the teacher cache holds only "
+                        f"{', '.join(kd_methods.TEACHER_OUTPUTS)}. {extra + '. ' if extra else ''}"
+                        "Use teacher.mode=online")

@@ -21,7 +21,7 @@ from common.distributed import DistInfo, barrier, broadcast_buffers
 from common.metrics import MetricLogger
 from common.rng import rng_isolated, seed_everything
 from engine.build import (augments_on_device, build_loaders, build_student, build_teacher, build_teacher_cache,
-                          input_record, load_training_splits, wrap_for_training)
+                          check_stages, input_record, load_training_splits, wrap_for_training)
 from engine.evaluation import evaluate, trace_weights
 from engine.loss import EpochTotals, check_finite, masked_loss_terms, rows_of, teacher_targets
 from engine.optim import CosineSchedule, autocast_for, build_optimizer, optimizer_step, resolve_amp
@@ -74,10 +74,12 @@ class Trainer:
         self.num_classes = len(self.class_names)
         self.spec = AugSpec.from_cfg(cfg.data)
         self.student = build_student(cfg, self.num_classes, self.device, self.channels_last)
+        check_stages(cfg, self.student, "student")  # the method's declared stages, before any work reads them
         self.teacher, self.cache, self.cache_info = None, None, {}
         if self.uses_teacher:
             with rng_isolated():
                 self.teacher = build_teacher(cfg, self.class_names, self.device, self.channels_last)
+                check_stages(cfg, self.teacher.model, "teacher")
                 if cfg.teacher.mode == "cached":
                     self.cache, self.cache_info = build_teacher_cache(cfg, self.teacher, self.splits, self.spec,
                                                                       dist, self.autocast, self.device_aug)

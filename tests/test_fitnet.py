@@ -97,7 +97,8 @@ def test_regressor_follows_the_spatial_sizes():
 
 def test_a_stage_the_models_lack_is_refused():
     from engine.trainer import Trainer
-    with pytest.raises(UserError, match=r"kd.fitnet.stage=7: the student .* has stages 0 to 4"):
+    with pytest.raises(UserError, match=r"kd.method=fitnet \(its stages: \[7\]\) reads stage 7 of the student "
+                                        r"mobilenetv2_035 .* has stages 0 to 4"):
         Trainer(_cfg("kd.fitnet.stage=7"), DistInfo(), None)
 
 
@@ -107,9 +108,11 @@ def test_a_stage_the_models_lack_is_refused():
 def test_cached_teacher_is_refused_with_the_cache_size(tmp_path):
     proc = run_main("train_student.py", *TINY, "kd.method=fitnet", "teacher.cache_views=10", f"run.out_dir={tmp_path}")
     # 50,000 x 10 x 512 x 28 x 28 x 2 bytes = 401,408,000,000 bytes
-    assert_clean_error(proc, "kd.method=fitnet cannot use teacher.mode=cached",
+    # the engine's refusal (engine.config.check_method_needs), with FitNet's size estimate (its cache_refusal)
+    assert_clean_error(proc, "kd.method=fitnet cannot use teacher.mode=cached: it reads the teacher's feature_map, "
+                             "and the teacher cache holds only logits, features.",
                        "50,000 images x K=10 x 512 x 28 x 28 x 2 bytes (fp16) = 401 GB", "100 MB of cached logits",
-                       "use teacher.mode=online, or kd.method=pooled_hint")
+                       "kd.method=pooled_hint is a hint on pooled features", "Use teacher.mode=online")
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())  # refused before the run directory (or a cache) exists
 

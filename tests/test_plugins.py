@@ -334,3 +334,104 @@ def test_composing_a_composed_schema_gives_it_back(isolated):
     kd_methods.KD_METHODS.unregister("extra")
     keys = {key for key, *_ in iter_schema(composed)}
     assert "kd.dkd.beta" in keys and "kd.extra.x" not in keys and compose_schema(Config) is composed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention Transfer (examples/plugins/attention_transfer.py): a method on stage maps, checked by the engine
+# ---------------------------------------------------------------------------------------------------------------
+def test_attention_transfer_loss_by_hand(tmp_path, isolated):
+    (module,) = plugins.load([str(_example(tmp_path, "attention_transfer.py"))])
+    # one sample, a map with C=2 channels of 1 x 2: F(A) = mean_c A_c^2 = [(1 + 9) / 2, (4 + 0) / 2] = [5, 2]
+    a = torch.tensor([[[[1.0, -2.0]], [[3.0, 0.0]]]])
+    q = module.attention_map(a)
+    assert q[0].tolist() == pytest.approx([5 / math.sqrt(29), 2 / math.sqrt(29)], rel=1e-6)
+    # two stages of 2 and 1 positions: at = mean_k (dq_1)^2 + mean_k (dq_2)^2
+    qs, qt = torch.tensor([[0.6, 0.8, 1.0]]), torch.tensor([[1.0, 0.0, 1.0]])
+    z = [0.5, -0.5]
+    terms = module.at_loss_terms(torch.tensor([z]), qs, qt, torch.tensor([1]), [2, 1])
+    assert terms["at"].item() == pytest.approx((0.4**2 + 0.8**2) / 2 + 0.0, rel=1e-6)
+    assert terms["ce"].item() == pytest.approx(-math.log(math.exp(-0.5) / (math.exp(0.5) + math.exp(-0.5))), rel=1e-6)
+
+
+def test_attention_transfer_trains_online_and_its_loss_is_the_formula(tmp_path, isolated):
+    """A tiny online run end to end; on one batch, the method's terms equal the formula computed here from timm's own
+    stage maps of the run's student and teacher."""
+    from common.distributed import DistInfo
+    from engine.config import validate
+    from engine.trainer import Trainer
+    plugin = _example(tmp_path, "attention_transfer.py")
+    args = [*TINY, "train.epochs=1", f"run.plugins=[{plugin}]", "kd.method=at", "teacher.mode=online",
+            "kd.at.stages=[2,1]", "kd.at.weight=50"]
+    proc = run_main("train_student.py", *args, f"run.out_dir={tmp_path / 'runs'}", "run.name=r")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (m,) = read_metrics(tmp_path / "runs" / "r")
+    assert m["train/loss_at"] > 0 and m["train/loss"] == pytest.approx(m["train/loss_ce"] + 50 * m["train/loss_at"],
+                                                                       rel=1e-6)
+    cfg = load_config(Config, None, [*args, "train.channels_last=false"])
+    validate(cfg)
+    trainer = Trainer(cfg, DistInfo(), None)
+    trainer.distiller.eval()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        terms = trainer.method.loss_terms(trainer.distiller(x), trainer.method.teacher_online(trainer.teacher, x), y,
+                                          0, 1.0)
+        student, teacher = trainer.student, trainer.teacher.model
+        at = 0.0
+        for stage in (2, 1):
+            s = student.forward_intermediates(x, indices=[stage], intermediates_only=True)[0]
+            t = teacher.forward_intermediates(x, indices=[stage], intermediates_only=True)[0]
+            assert s.shape[2:] == t.shape[2:]  # the tiny pair's maps agree in size: no pooling
+            qs, qt = (v.pow(2).mean(1).flatten(1) for v in (s, t))
+            at += ((qs / qs.norm(dim=1, keepdim=True) - qt / qt.norm(dim=1, keepdim=True)) ** 2).mean()
+        ce = torch.nn.functional.cross_entropy(student(x), y)
+    assert terms["at"][0] == 50.0 and terms["at"][1].item() == pytest.approx(at.item(), rel=1e-5)
+    assert terms["ce"][0] == 1.0 and terms["ce"][1].item() == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_attention_transfer_cached_and_a_bad_stage_are_refused_by_the_engine(tmp_path, isolated):
+    """Issue 24: the plugin has no refusal of its own; the engine reads its declaration (teacher outputs beyond
+    what the cache holds; stage maps at kd.at.stages) and refuses before any work, naming the method and the range."""
+    plugin = _example(tmp_path, "attention_transfer.py")
+    assert "teacher.mode" not in plugin.read_text().split('"""')[2]  # no check of its own below the docstring
+    out = tmp_path / "runs"
+    args = [*TINY, f"run.plugins=[{plugin}]", "kd.method=at", f"run.out_dir={out}"]
+    cached = run_main("train_student.py", *args, "teacher.mode=cached")
+    assert_clean_error(cached, "kd.method=at cannot use teacher.mode=cached: it reads the teacher's attention, and "
+                               "the teacher cache holds only logits, features. Use teacher.mode=online")
+    assert not out.exists()  # before the run directory or a cache
+    bad = run_main("train_student.py", *args, "teacher.mode=online", "kd.at.stages=[1,9]")
+    assert_clean_error(bad, "kd.method=at (its stages: [1, 9]) reads stage 9 of the student mobilenetv2_035",
+                       "which has stages 0 to 4")
+    assert not (out / "teacher_cache").exists()
+
+
+def test_the_engine_checks_any_method_declaration(isolated):
+    """Declarations of a method registered here: an unknown output kind, stage maps without stages, and an explicit
+    can_cache=False (on cacheable outputs) are refused by engine.config.validate, naming the method."""
+    from engine.config import validate
+
+    class Odd(kd_methods.KD):
+        student_reads = ("logits", "attention")
+
+    class NoStages(kd_methods.KD):
+        teacher_reads = ("stage_maps",)
+
+    class Uncached(kd_methods.KD):
+        @classmethod
+        def can_cache(cls, cfg):
+            return False
+
+        @classmethod
+        def cache_refusal(cls, cfg):
+            return "its targets change every epoch"
+
+    for name, cls in (("odd", Odd), ("no_stages", NoStages), ("uncached", Uncached)):
+        kd_methods.KD_METHODS.register(name)(cls)
+    with pytest.raises(UserError, match=r"kd.method=odd declares that it reads \['attention'\] from the student"):
+        validate(load_config(Config, None, ["kd.method=odd"]))
+    with pytest.raises(UserError, match="kd.method=no_stages reads stage maps but declares no stages"):
+        validate(load_config(Config, None, ["kd.method=no_stages"]))
+    with pytest.raises(UserError, match="kd.method=uncached cannot use teacher.mode=cached: .*its targets change every "
+                                        "epoch. Use teacher.mode=online"):
+        validate(load_config(Config, None, ["kd.method=uncached"]))
+    validate(load_config(Config, None, ["kd.method=uncached", "teacher.mode=online"]))

@@ -1,18 +1,24 @@
 """Registries of curriculum strategies and agents: a new entry registered from this file alone runs end to end
 through train_student_rl.py; the built-in entries select exactly what they selected before the registries; the
-environment needs only its small interface (rl_curriculum_env.CurriculumTraining)."""
+environment needs only its small interface (rl_curriculum_env.CurriculumTraining); and the contract test over every
+entry of the six registries, built-in or an example plugin (at the end)."""
 import hashlib
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, read_metrics
+from conftest import ROOT, TINY, assert_clean_error, read_metrics, run_main
 from omegaconf import OmegaConf
+from test_gan_vae import _args as gan_vae_args
+from test_gan_vae import domains  # noqa: F401 - a fixture
 
 from common.errors import UserError
 from curriculum_dataloader import STRATEGY_REGISTRY, CurriculumSampler, Strategy
+from gan_vae.continual import ContinualConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,3 +235,262 @@ def test_registered_strategy_and_agent_train_end_to_end(registered, tmp_path, mo
         assert distance[chosen].max() <= np.sort(distance)[len(chosen) - 1]
     ckpt = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["extra"]["agent"]["agent"] == {"rewards": [ln["reward"] for ln in lines]} and ckpt["extra"]["curriculum"]["refreshed_for"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The contract of every registry entry (issue 24, item 7), parametrised from the registries themselves: the built-in
+# entries and those of the example plugins (examples/plugins/*.py, collected by importing each file once, then taken
+# out again). A new entry, in the repository or in examples/plugins/, gets every check below by being registered.
+#   every entry:  each ranged key of its section refused out of its range (load_config, as the scripts load it);
+#                 `--help` lists its keys and its name with its help; a KD method's undeclared teacher mode
+#                 (teacher.mode=cached where can_cache is false) refused with exit 2 before any run directory.
+#   runs:         a 2-epoch run, and the same run killed after its first epoch's checkpoint and resumed, with the
+#                 same metrics lines and weights (`_run_and_resume`). KD methods: one run set per method in its first
+#                 declared teacher mode (cached when it can be), plus a 1-epoch run in the other declared mode.
+#                 Agents, strategies and difficulty scores: train_student_rl.py run sets that combine one entry of
+#                 each kind (cycled, so every entry is in one). gan_vae losses (all active in every run) and
+#                 expansion rules: one run set per rule other than the default (whose run and SIGKILL resume
+#                 test_gan_vae.py has), with every loss, killed at its first mid-phase checkpoint.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _kinds() -> dict:
+    """kind -> (registry, program run_main takes, its config schema)."""
+    import agents
+    import kd_methods
+    import models
+    from engine.config import Config
+    from engine.rl_config import RLConfig
+    from gan_vae.continual import ContinualConfig
+    from gan_vae.experts import EXPANSION_RULES
+    from gan_vae.losses import STUDENT_LOSSES
+    return {"kd_method": (kd_methods.KD_METHODS, ("train_student.py",), Config),
+            "agent": (agents.AGENT_REGISTRY, ("train_student_rl.py",), RLConfig),
+            "strategy": (STRATEGY_REGISTRY, ("train_student_rl.py",), RLConfig),
+            "difficulty_score": (models.DIFFICULTY_SCORES, ("train_student_rl.py",), RLConfig),
+            "gan_vae_loss": (STUDENT_LOSSES, ("-m", "gan_vae.continual"), ContinualConfig),
+            "expansion_rule": (EXPANSION_RULES, ("-m", "gan_vae.continual"), ContinualConfig)}
+
+
+def _collect_entries() -> list[tuple[str, str, str | None]]:
+    """(kind, name, the example plugin's path or None) of every entry: built-ins, then each example plugin's,
+    found by importing the file and seeing what it registers (taken out again, with the record of loaded plugins)."""
+    from common import plugins
+    kinds = _kinds()
+    found = [(kind, name, None) for kind, (registry, *_) in kinds.items() for name in registry]
+    loaded = dict(plugins._loaded)
+    for path in sorted((ROOT / "examples" / "plugins").glob("*.py")):
+        before = {kind: set(registry) for kind, (registry, *_) in kinds.items()}
+        plugins.load([str(path)])
+        for kind, (registry, *_) in kinds.items():
+            for name in [n for n in registry if n not in before[kind]]:
+                found.append((kind, name, str(path)))
+                registry.unregister(name)
+    plugins._loaded.clear()
+    plugins._loaded.update(loaded)
+    return found
+
+
+ENTRIES = _collect_entries()
+ENTRY_IDS = [f"{kind}-{name}" for kind, name, _ in ENTRIES]
+
+
+@pytest.fixture
+def restored_registries():
+    """Whatever a run's plugins register is taken out again afterwards (plugins outlive a run in one process)."""
+    from common import plugins
+    kinds = _kinds()
+    before = {kind: dict(registry._entries) for kind, (registry, *_) in kinds.items()}
+    loaded = dict(plugins._loaded)
+    yield
+    for kind, (registry, *_) in kinds.items():
+        registry._entries.clear()
+        registry._entries.update(before[kind])
+    plugins._loaded.clear()
+    plugins._loaded.update(loaded)
+
+
+def _plugin_args(*paths) -> list[str]:
+    paths = sorted({p for p in paths if p})
+    return [f"run.plugins=[{','.join(paths)}]"] if paths else []
+
+
+def _entry_keys(kind: str, name: str) -> list[tuple[str, object]]:
+    """(key, Range or None) of the entry's own keys: its section, and a gan_vae loss's weight key."""
+    from common.config import iter_schema, schema_ranges
+    from common.registry import compose_schema
+    from gan_vae.losses import weight_key
+    registry, _, schema = _kinds()[kind]
+    composed = compose_schema(schema)
+    ranges = schema_ranges(composed)
+    keys = [key for key, *_ in iter_schema(composed) if key.startswith(f"{registry.sections}.{name}.")]
+    if kind == "gan_vae_loss" and weight_key(registry.entry(name)) and weight_key(registry.entry(name)) not in keys:
+        keys.append(weight_key(registry.entry(name)))
+    return [(key, ranges.get(key)) for key in keys]
+
+
+def _out_of_range(valid, current):
+    """A value outside the Range `valid`, as a command-line string (a list key gets a one-item list)."""
+    if valid.choices is not None:
+        return "no_such_choice"
+    as_int = isinstance(current, int) or (isinstance(current, list) and current and isinstance(current[0], int))
+    for bound, delta in ((valid.ge, -1), (valid.gt, 0), (valid.le, 1), (valid.lt, 0)):
+        if bound is not None:
+            bad = bound + delta
+            bad = int(bad) if as_int else float(bad)
+            return f"[{bad}]" if isinstance(current, list) else str(bad)
+    return None
+
+
+@pytest.mark.parametrize("kind,name,plugin", ENTRIES, ids=ENTRY_IDS)
+def test_every_entry_checks_its_ranges_and_is_listed_by_help(kind, name, plugin, restored_registries):
+    from common.config import iter_schema, load_config
+    from common.registry import compose_schema
+    registry, program, schema = _kinds()[kind]
+    extra = _plugin_args(plugin)
+    cfg = load_config(schema, None, extra)
+    assert name in registry
+    for key, valid in _entry_keys(kind, name):
+        current = OmegaConf.select(cfg, key)
+        current = OmegaConf.to_object(current) if OmegaConf.is_config(current) else current
+        bad = _out_of_range(valid, current) if valid else None
+        if bad is None:  # a key without a range (a flag, a free string): nothing to refuse
+            continue
+        with pytest.raises(UserError, match=key.replace(".", r"\.")):
+            load_config(schema, None, [*extra, f"{key}={bad}"])
+    listed = run_main(*program, *extra, "--help")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    for key, _ in _entry_keys(kind, name):
+        assert f"\n  {key} (" in listed.stdout, key
+    if registry.key in {key for key, *_ in iter_schema(compose_schema(schema))}:
+        assert f"{name}: {registry.entry(name).help}" in listed.stdout  # among the selector's choices
+
+
+def _teacher_modes(name: str, cfg) -> tuple[str, ...]:
+    """The teacher modes a KD method declares: online always, cached when the cache can hold its teacher outputs."""
+    import kd_methods
+    return ("cached", "online") if kd_methods.KD_METHODS[name].can_cache(cfg) else ("online",)
+
+
+KD_ENTRIES = [(name, plugin) for kind, name, plugin in ENTRIES if kind == "kd_method"]
+
+
+@pytest.mark.parametrize("name,plugin", KD_ENTRIES, ids=[n for n, _ in KD_ENTRIES])
+def test_every_kd_method_refuses_the_teacher_modes_it_does_not_declare(name, plugin, tmp_path, restored_registries):
+    from common.config import load_config
+    from engine.config import Config
+    extra = [*TINY, *_plugin_args(plugin), f"kd.method={name}"]
+    declared = _teacher_modes(name, load_config(Config, None, extra))
+    for mode in {"online", "cached"} - set(declared):
+        proc = run_main("train_student.py", *extra, f"teacher.mode={mode}", f"run.out_dir={tmp_path / 'runs'}")
+        assert_clean_error(proc, f"kd.method={name} cannot use teacher.mode={mode}")
+        assert not (tmp_path / "runs").exists()
+
+
+# The smallest run that still trains: 16 training images in 2 steps of 8, 1 validation and test image per class.
+CONTRACT_RUN = [*TINY, "data.synthetic.images_per_class=4", "train.epochs=2"]
+
+
+def _same_run(full: Path, resumed: Path) -> None:
+    a, b = read_metrics(full), read_metrics(resumed)
+    strip = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in (*a, *b)]
+    assert len(a) == len(b) and strip[:len(a)] == strip[len(a):]
+    wa, wb = (torch.load(d / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["model"]
+              for d in (full, resumed))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _run_and_resume(script: str, argv: list[str], out: Path) -> None:
+    """The uninterrupted run (out/full), and the same run killed after its first epoch's checkpoint, then resumed
+    (out/killed): the same metrics lines and weights. The killed run costs no run of its own: its directory is the
+    full run's copied right after epoch 1's checkpoint, what a kill there leaves on disk (the run lock is an
+    flock, which a copy does not hold)."""
+    from engine.trainer import Trainer
+    finish_epoch = Trainer.finish_epoch
+
+    def finish_then_copy(self, epoch, *args, **kwargs):
+        finish_epoch(self, epoch, *args, **kwargs)
+        if epoch == 0:
+            shutil.copytree(self.run_dir, out / "killed")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "finish_epoch", finish_then_copy)
+        full = run_main(script, *argv, f"run.out_dir={out}", "run.name=full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert len(read_metrics(out / "killed")) == 1 and not (out / "killed" / "results.json").exists()
+    resumed = run_main(script, *argv, f"run.out_dir={out}", "run.name=killed", "run.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at epoch 1" in resumed.stdout
+    _same_run(out / "full", out / "killed")
+
+
+@pytest.mark.parametrize("name,plugin", KD_ENTRIES, ids=[n for n, _ in KD_ENTRIES])
+def test_every_kd_method_runs_in_its_teacher_modes_and_resumes_exactly(name, plugin, tmp_path, restored_registries):
+    from common.config import load_config
+    from engine.config import Config
+    argv = [*CONTRACT_RUN, *_plugin_args(plugin), f"kd.method={name}"]
+    first, *others = _teacher_modes(name, load_config(Config, None, argv))
+    _run_and_resume("train_student.py", [*argv, f"teacher.mode={first}"], tmp_path / first)
+    for mode in others:  # one epoch in each other declared mode
+        proc = run_main("train_student.py", *argv, f"teacher.mode={mode}", "train.epochs=1",
+                        f"run.out_dir={tmp_path / mode}", "run.name=r")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(read_metrics(tmp_path / mode / "r")) == 1
+
+
+def _rl_run_sets() -> list[tuple[tuple[str, str | None], ...]]:
+    """Agents, strategies and difficulty scores cycled together: run set i takes entry i (mod its count) of each."""
+    kinds = [[(n, p) for k, n, p in ENTRIES if k == kind] for kind in ("agent", "strategy", "difficulty_score")]
+    count = max(len(entries) for entries in kinds)
+    return [tuple(entries[i % len(entries)] for entries in kinds) for i in range(count)]
+
+
+RL_SETS = _rl_run_sets()
+
+
+@pytest.mark.parametrize("agent,strategy,score", RL_SETS, ids=["-".join(n for n, _ in s) for s in RL_SETS])
+def test_every_agent_strategy_and_difficulty_score_runs_and_resumes_exactly(agent, strategy, score, tmp_path,
+                                                                            restored_registries):
+    argv = [*CONTRACT_RUN, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refresh_every=1",
+            *_plugin_args(agent[1], strategy[1], score[1]), f"agent.name={agent[0]}",
+            f"curriculum.strategy={strategy[0]}", f"difficulty.score={score[0]}"]
+    _run_and_resume("train_student_rl.py", argv, tmp_path / "runs")
+    assert len(list((tmp_path / "runs" / "killed" / "difficulty").glob("epoch_*.npy"))) == 1  # epoch 2 refreshed
+
+
+# the default rule (fid_threshold) runs, is SIGKILLed and resumes exactly in test_gan_vae.py
+# (test_repeated_domain_reuses_expert_and_new_domain_adds_one); every other rule gets a run set here
+GAN_VAE_RULES = [(name, plugin) for kind, name, plugin in ENTRIES if kind == "expansion_rule"
+                 and name != ContinualConfig().teacher.expansion]
+GAN_VAE_LOSS_PLUGINS = sorted({plugin for kind, _, plugin in ENTRIES if kind == "gan_vae_loss" and plugin})
+
+
+@pytest.mark.parametrize("rule,plugin", GAN_VAE_RULES, ids=[n for n, _ in GAN_VAE_RULES])
+def test_every_expansion_rule_and_gan_vae_loss_runs_and_resumes_exactly(rule, plugin, domains, tmp_path,  # noqa: F811
+                                                                        restored_registries):
+    from gan_vae.continual import ContinualRun
+    out = tmp_path / "runs"
+    argv = [*gan_vae_args(domains, out, ["discs", "crosses"]), "teacher.steps=4", "student.steps=4",
+            "run.checkpoint_every=2", "log.every_steps=1", "log.sample_every=4", "fid.samples=24",
+            "fid.classifier_epochs=1", *_plugin_args(plugin, *GAN_VAE_LOSS_PLUGINS), f"teacher.expansion={rule}"]
+    save = ContinualRun.save
+
+    def save_then_copy(self, name):  # the first mid-phase checkpoint: the run as a kill right after it leaves it
+        save(self, name)
+        if name == "last.pt" and not (out / "killed").exists():
+            shutil.copytree(self.run_dir, out / "killed")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ContinualRun, "save", save_then_copy)
+        full = run_main("-m", "gan_vae.continual", *argv, "run.name=full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    resumed = run_main("-m", "gan_vae.continual", *argv, "run.name=killed", "run.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = (json.loads((out / d / "results.json").read_text()) for d in ("full", "killed"))
+    assert {k: v for k, v in a.items() if "time" not in k} == {k: v for k, v in b.items() if "time" not in k}
+    strip = [[{k: v for k, v in r.items() if "time" not in k} for r in read_metrics(out / d)] for d in ("full", "killed")]
+    assert strip[0] == strip[1]
+    logged = {k for r in strip[0] for k in r}
+    from gan_vae.losses import STUDENT_LOSSES
+    assert {f"student/{n}" for n in STUDENT_LOSSES} & logged  # the terms were logged
