@@ -7,7 +7,7 @@
     python train_student.py kd.alpha=1                       # label-only baseline: no teacher is built or run
     python train_student.py teacher.mode=online              # run the teacher on every batch (slow, for comparison)
     python train_student.py run.name=my_run run.resume=auto  # continue a killed run
-    python train_student.py eval.checkpoint=runs/x/checkpoints/best.pt   # test-split accuracy of a saved student
+    python train_student.py --config runs/x/config.yaml eval.checkpoint=runs/x/checkpoints/best.pt  # its test acc.
     torchrun --nproc_per_node=4 train_student.py             # DDP: NCCL on GPU, gloo on CPU
 
     # offline quickstart on generated data, one command (under 3 minutes on a 2-core CPU): trains the quickstart
