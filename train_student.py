@@ -25,6 +25,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 import kd_methods
 from common.cli import run_cli
 from common.config import check_same_config_on_all_ranks, parse_config
@@ -58,8 +60,10 @@ def baseline_config(cfg):
     """kd.baseline: the label-only student (kd.alpha=1) of the same budget and seed, in <run>/label_only/."""
     base = copy.deepcopy(cfg)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    base.kd.method, base.kd.alpha, base.kd.baseline = "kd", 1.0, False
-    base.kd.ce_weight = base.kd.kd_weight = None  # kd.alpha=1 alone: CE only (kd_methods.kd_weights)
+    # every kd.* key back at its default, then kd.alpha=1 alone: CE only (kd_methods.kd_weights). The method's keys
+    # would be unread by labels-only kd, and its config.yaml must load as a config of its own
+    base.kd = OmegaConf.structured(OmegaConf.get_type(cfg)).kd
+    base.kd.alpha = 1.0
     base.run.out_dir, base.run.name = str(run_dir), "label_only"
     # continue the baseline too when it had started (even if it stopped before its first checkpoint)
     base.run.resume = "auto" if cfg.run.resume and any(run_files(run_dir / "label_only")) else ""

@@ -45,6 +45,9 @@ def validate_rl(cfg) -> None:
     agent and strategy (their `validate(cfg)` hooks, when they have one). Each key's own range is declared with it."""
     validate(cfg)
     c = cfg.curriculum
+    check(not cfg.kd.baseline, "kd.baseline=true: train_student_rl.py trains no label-only baseline beside its run "
+                               "(train_student.py does); set kd.baseline=false and run the baseline as its own "
+                               "run (kd.alpha=1, or an agent.name=fixed control)")
     for component in (AGENT_REGISTRY[cfg.agent.name], STRATEGY_REGISTRY[c.strategy]):
         if hasattr(component, "validate"):
             component.validate(cfg)
