@@ -259,9 +259,10 @@ def _check_sections(cfg: DictConfig, incoming: Any, source: str, prefix: str = "
             continue  # an unknown key: the merge names it
         path = f"{prefix}{name}"
         if not isinstance(cfg[name], DictConfig):
-            if isinstance(value, dict) and not isinstance(cfg[name], ListConfig):
+            if isinstance(value, dict):
+                what = "a list" if isinstance(cfg[name], ListConfig) else "one value"
                 raise UserError(f"'{path}' is a key, not a section, so it cannot hold keys ({source}): give it "
-                                f"one value, e.g. {path}={_flow(OmegaConf.to_container(cfg, resolve=False)[name])}")
+                                f"{what}, e.g. {path}={_flow(OmegaConf.to_container(cfg, resolve=False)[name])}")
             continue  # a leaf: the merge checks its type
         if isinstance(value, dict):
             _check_sections(cfg[name], value, source, path + ".")
@@ -275,6 +276,22 @@ def _check_sections(cfg: DictConfig, incoming: Any, source: str, prefix: str = "
         raise UserError(f"'{path}' is a section of the config, not a key, so it cannot take the value "
                         f"{json.dumps(value)} ({source}): set the keys inside it, e.g. {path}.{leaf}={example} "
                         f"(in a YAML file: `{nested}`); run with --help to list the keys of {path}")
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """Resolve every `${...}` of the merged config once, so that one that cannot be resolved (a key that does not
+    exist, a circular reference, an unset `${oc.env:...}`, a value of the wrong type for its key) is a UserError
+    naming the key as written, before the range check reads the values. The config keeps its interpolations."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        written = _flatten(OmegaConf.to_container(cfg, resolve=False)).get(key, "?")
+        detail = " ".join(str(exc).split("\n")[0].split())
+        raise UserError(f"config key '{key}' = {written} cannot be resolved: {detail}. An interpolation ${{a.b}} "
+                        "takes the value of the key a.b, which must exist, must not lead back to this key, and must "
+                        "have this key's type; ${oc.env:NAME} needs the environment variable NAME set (or a default: "
+                        "${oc.env:NAME,default})") from None
 
 
 def _config_error(exc: OmegaConfBaseException, source: str) -> UserError:
@@ -358,6 +375,7 @@ def load_config(schema: type, config_file: str | Path | list[str | Path] | None 
             cfg = OmegaConf.merge(cfg, incoming)
         except OmegaConfBaseException as exc:
             raise _config_error(exc, f"override '{item}'") from None
+    _check_interpolations(cfg)
     _restore_yaml_booleans(cfg, schema)
     check_ranges(cfg, schema)
     check_unread_keys(cfg)
