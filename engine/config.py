@@ -170,6 +170,26 @@ class Config:
     log: LogConfig = section(LogConfig)
 
 
+def check_read_only_when_used(cfg) -> None:
+    """Keys that only one setting of another key reads, refused (not ignored) when set away from their defaults
+    under another: the generator's keys without data.name=synthetic, data.path with it, the pre-decoded copy's size
+    without data.preprocessed, SGD's momentum with another optimizer."""
+    d, defaults = cfg.data, SyntheticConfig()
+    if d.name != "synthetic":
+        changed = [f"data.synthetic.{k}" for k in SyntheticConfig.__dataclass_fields__
+                   if getattr(d.synthetic, k) != getattr(defaults, k)]
+        check(not changed, f"{', '.join(changed)} set, but data.name={d.name} is not the generated data "
+                           "(data.name=synthetic), so they would change nothing: leave them at their defaults")
+    check(d.name != "synthetic" or not d.path, f"data.path={d.path} is not read with data.name=synthetic (the data "
+                                               "are generated): drop data.path, or name the dataset in data.name")
+    check(d.preprocessed or d.preprocess_size == 0,
+          f"data.preprocess_size={d.preprocess_size} sizes the pre-decoded copy, which data.preprocessed=false does "
+          "not make: set data.preprocessed=true, or leave data.preprocess_size at 0")
+    check(cfg.train.optimizer == "sgd" or cfg.train.momentum == TrainingConfig.momentum,
+          f"train.momentum={cfg.train.momentum} is read by train.optimizer=sgd only (train.optimizer="
+          f"{cfg.train.optimizer}): leave it at its default {TrainingConfig.momentum}, or use train.optimizer=sgd")
+
+
 def validate(cfg) -> None:
     """Every key against its declared range (utils.check_ranges; load_config has done it already, this covers a
     config changed in code), the keys the selected components do not read (check_unread_keys, likewise), then the
@@ -191,6 +211,7 @@ def validate(cfg) -> None:
     check(not cfg.kd.baseline or kd_methods.uses_teacher(cfg),
           "kd.baseline=true trains a label-only student beside a distilled one, but this run has no teacher (it is "
           "the label-only run itself): set kd.baseline=false")
+    check_read_only_when_used(cfg)
     check(cfg.data.augment_on != "device" or cfg.data.preprocessed,
           "data.augment_on=device needs data.preprocessed=true (JPEGs are decoded in the workers)")
     kd_methods.validate_method(cfg)

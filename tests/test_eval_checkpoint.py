@@ -35,7 +35,7 @@ def test_rl_eval_checkpoint_evaluates_and_trains_nothing(stopped_runs, tmp_path)
 @pytest.mark.parametrize("override,key", [
     ("data.synthetic.seed=3", "data.synthetic.seed = 0 in the checkpoint, 3 now"),  # other test images
     ("data.image_size=48", "data.image_size = 32 in the checkpoint, 48 now"),      # another view
-    ("kd.temperature=2", "kd.temperature = 4.0 in the checkpoint, 2.0 now"),      # read by no evaluation
+    ("train.weight_decay=0.001", "train.weight_decay = 0.0001 in the checkpoint, 0.001 now"),  # not evaluated
     ("train.epochs=5", "train.epochs = 2 in the checkpoint, 5 now"),
 ])
 @pytest.mark.parametrize("script", ["train_student", "train_student_rl"])

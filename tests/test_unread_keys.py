@@ -158,6 +158,11 @@ def test_all_weights_zero_is_refused_on_the_command_line(tmp_path):
     (Config, validate, ["train.warmup_epochs=2"], "train.warmup_epochs=2.0 is not below train.epochs=2"),
     (RLConfig, validate_rl, ["kd.alpha=0.5", "agent.name=ppo", "agent.ppo.n_steps=3", "agent.ppo.batch_size=2"],
      "agent.ppo.n_steps=3 is more than train.epochs=2: PPO updates its policy once per rollout"),
+    (Config, validate, ["data.name=timm/mini-imagenet"], "data.synthetic.num_classes, data.synthetic.images_per_class set, "
+                                                         "but data.name=timm/mini-imagenet is not the generated"),
+    (Config, validate, ["data.path=/data/x"], "data.path=/data/x is not read with data.name=synthetic"),
+    (Config, validate, ["data.preprocess_size=64"], "data.preprocess_size=64 sizes the pre-decoded copy"),
+    (Config, validate, ["train.momentum=0.5"], "train.momentum=0.5 is read by train.optimizer=sgd only"),
 ])
 def test_settings_that_would_do_nothing_are_refused(schema, check, args, fragment):
     with pytest.raises(UserError) as err:
