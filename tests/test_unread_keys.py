@@ -163,6 +163,8 @@ def test_all_weights_zero_is_refused_on_the_command_line(tmp_path):
     (Config, validate, ["data.path=/data/x"], "data.path=/data/x is not read with data.name=synthetic"),
     (Config, validate, ["data.preprocess_size=64"], "data.preprocess_size=64 sizes the pre-decoded copy"),
     (Config, validate, ["train.momentum=0.5"], "train.momentum=0.5 is read by train.optimizer=sgd only"),
+    (RLConfig, validate_rl, ["kd.alpha=1", "curriculum.strategy=all", "agent.name=bandit", "difficulty.refresh_every=2"],
+     "difficulty.refresh_every=2: the difficulty scores come from the cached teacher's logits"),
 ])
 def test_settings_that_would_do_nothing_are_refused(schema, check, args, fragment):
     with pytest.raises(UserError) as err:
