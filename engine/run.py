@@ -138,10 +138,11 @@ def fit_and_report(run: TrainingRun, cfg, dist: DistInfo, run_dir: Path) -> dict
 
 # eval.checkpoint: the keys that may differ from the config saved in the checkpoint. None of them changes the number
 # measured: where files go, logging, loader processes, the device and precision it runs at, the evaluation batch
-# size, tracing. Every other key either sets what is measured (data.*, student.*) or is not read by an evaluation
-# (kd.*, teacher.*, the training keys), and is refused rather than ignored.
+# size, and train.compile (a checkpoint trained compiled is evaluated eagerly). Every other key either sets what is
+# measured (data.*, student.*) or is not read by an evaluation (kd.*, teacher.*, the other training keys), and is
+# refused rather than ignored.
 EVAL_SAFE_KEYS = (*RESUME_SAFE_KEYS, "eval.*", "data.workers", "data.preprocess_dir", "teacher.cache_dir",
-                  "train.device", "train.amp", "train.eval_batch_size", "train.compile", "train.profile")
+                  "train.device", "train.amp", "train.eval_batch_size", "train.compile")
 
 
 def check_evaluation_config(saved: dict | None, cfg, path: Path) -> None:

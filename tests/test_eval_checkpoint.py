@@ -36,6 +36,7 @@ def test_rl_eval_checkpoint_evaluates_and_trains_nothing(stopped_runs, tmp_path)
     ("data.synthetic.seed=3", "data.synthetic.seed = 0 in the checkpoint, 3 now"),  # other test images
     ("data.image_size=48", "data.image_size = 32 in the checkpoint, 48 now"),      # another view
     ("train.weight_decay=0.001", "train.weight_decay = 0.0001 in the checkpoint, 0.001 now"),  # not evaluated
+    ("train.profile=true", "train.profile = false in the checkpoint, true now"),  # an evaluation profiles nothing
     ("train.epochs=5", "train.epochs = 2 in the checkpoint, 5 now"),
 ])
 @pytest.mark.parametrize("script", ["train_student", "train_student_rl"])
