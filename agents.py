@@ -44,7 +44,8 @@ class Agent(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-AGENT_REGISTRY = Registry("agent", key="agent.name", sections="agent")
+# agent.fixed_actions: read by the fixed agent alone (its `reads`); set with another agent it is refused
+AGENT_REGISTRY = Registry("agent", key="agent.name", sections="agent", shared=("agent.fixed_actions",))
 
 
 # ================================================================================================================
@@ -134,6 +135,10 @@ class PPOAgent:
         check(p.batch_size <= p.n_steps, f"agent.ppo.batch_size={p.batch_size} is larger than the rollout, "
                                          f"agent.ppo.n_steps={p.n_steps} transitions (one per epoch): use "
                                          "agent.ppo.batch_size <= agent.ppo.n_steps")
+        check(p.n_steps <= cfg.train.epochs, f"agent.ppo.n_steps={p.n_steps} is more than train.epochs="
+                                             f"{cfg.train.epochs}: PPO updates its policy once per rollout of "
+                                             "n_steps epochs, so it would never learn and act at random all run; "
+                                             "use agent.ppo.n_steps <= train.epochs (or agent.name=bandit)")
 
     def act(self, obs):
         from stable_baselines3.common.utils import obs_as_tensor
@@ -224,6 +229,8 @@ class BanditAgent:
 @AGENT_REGISTRY.register("fixed", help="a control: the actions of agent.fixed_actions, one per epoch")
 class FixedAgent:
     """A control: a configured action per epoch (the last one repeats)."""
+
+    reads = ("agent.fixed_actions",)
 
     def __init__(self, actions):
         self.actions, self.t = [np.asarray(a, dtype=np.int64) for a in actions], 0

@@ -123,6 +123,7 @@ class Strategy:
 
     needs_difficulty = True  # ranks samples by difficulty: the whole set until the first refresh, needs a teacher
     ordered = False
+    reads: tuple[str, ...] = ("curriculum.fraction",)  # the shared keys read (`size`: M = ceil(f N))
 
     def __init__(self, options=None):
         self.options = options
@@ -143,7 +144,9 @@ class Strategy:
         raise NotImplementedError
 
 
-STRATEGY_REGISTRY = Registry("curriculum strategy", key="curriculum.strategy", sections="curriculum")
+# the curriculum.* keys that some strategies read and others not (each strategy's `reads`); refused when unread
+STRATEGY_REGISTRY = Registry("curriculum strategy", key="curriculum.strategy", sections="curriculum",
+                             shared=("curriculum.fraction", "curriculum.start_fraction", "curriculum.pacing_epochs"))
 
 
 @STRATEGY_REGISTRY.register("all", help="every sample, reshuffled each epoch (no curriculum)")
@@ -151,6 +154,7 @@ class AllSamples(Strategy):
     """all: every sample, reshuffled each epoch (no curriculum); M = N."""
 
     needs_difficulty = False
+    reads = ()
 
     def size(self, pool: EpochPool) -> int:
         return len(pool.difficulty)
@@ -179,6 +183,8 @@ class Adaptive(Strategy):
 
 class Pacing(Strategy):
     """M = ceil(g(e) N) with g(e) = `pacing_fraction` (linear from start_fraction to 1 over pacing_epochs)."""
+
+    reads = ("curriculum.start_fraction", "curriculum.pacing_epochs")
 
     def size(self, pool: EpochPool) -> int:
         return ceil_share(pacing_fraction(pool.epoch, pool.start_fraction, pool.pacing_epochs), len(pool.difficulty))

@@ -59,7 +59,9 @@ from models import (HintRegressor, dist_loss_terms, dkd_loss_terms, dkd_warmup, 
 
 # name -> (weight, value): the loss is sum(weight * value); every value is logged as train/loss_<name>
 LossTerms = dict[str, tuple[float, torch.Tensor]]
-KD_METHODS = Registry("KD method", key="kd.method", sections="kd")
+# the kd.* keys of KDConfig that some methods read and others not: each method declares its own (`KDMethod.reads`)
+KD_METHODS = Registry("KD method", key="kd.method", sections="kd",
+                      shared=("kd.alpha", "kd.ce_weight", "kd.kd_weight", "kd.temperature", "kd.logit_standardize"))
 TEACHER_OUTPUTS = ("logits", "features")  # what the teacher cache can hold (teacher.mode=cached)
 MODEL_OUTPUTS = ("logits", "features", "stage_maps")  # what a method may read from a model (student_reads, ...)
 
@@ -99,9 +101,28 @@ class KDMethod(nn.Module):
         return True
 
     @classmethod
+    def reads(cls, cfg) -> tuple[str, ...]:
+        """The shared kd.* keys (KD_METHODS.shared) this method reads under `cfg`; the others, set away from their
+        defaults, are refused before any work (common.config.check_unread_keys), as are other methods' sections.
+        Here: kd.temperature, which `temperature` reads; a method with a temperature of its own declares ()."""
+        return ("kd.temperature",)
+
+    @classmethod
     def temperature(cls, cfg) -> float:
         """The starting temperature (logged as kd/temperature; train_student_rl.py's agent may change it)."""
         return float(cfg.kd.temperature)
+
+    @classmethod
+    def loss_weights(cls, cfg) -> dict[str, float]:
+        """The weight of each term `loss_terms` returns, before any schedule (DKD's warm-up). Not all may be 0: the
+        run would train nothing (validate_method). {} when the method does not say."""
+        return {}
+
+    @classmethod
+    def loss_label(cls, cfg) -> str:
+        """What the loss is, with its weights, for the epoch line and the results table, e.g. "0.5 CE + 0.5 T² KL".
+        By default the terms of `loss_weights` by name."""
+        return " + ".join(f"{_w(w)} {name}" for name, w in cls.loss_weights(cfg).items()) or cls.name
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -161,9 +182,14 @@ def build_method(cfg, student: nn.Module, teacher) -> KDMethod:
 
 
 def validate_method(cfg) -> None:
-    """Config checks for kd.method, before anything is built."""
+    """Config checks for kd.method, before anything is built. (The shared keys it does not read are refused when the
+    config is loaded: common.config.check_unread_keys, from its `reads`.)"""
     cls = method_class(cfg)
     cls.validate(cfg)
+    weights = cls.loss_weights(cfg)
+    check(not weights or any(w > 0 for w in weights.values()),
+          f"every loss weight of kd.method={cls.name} is 0 ({cls.loss_label(cfg)}): the run would train nothing and "
+          "report the accuracy of an untrained student. Give at least one term a weight above 0")
     if "features" in cls.teacher_outputs and cls.uses_teacher(cfg) and cfg.teacher.mode == "cached":
         check(cfg.teacher.cache_features, f"kd.method={cls.name} needs the teacher's pooled features, which "
                                           "teacher.cache_features=false keeps out of the cache; set "
@@ -184,6 +210,15 @@ def check_saved_method(saved: dict | None) -> None:
 
 def uses_teacher(cfg) -> bool:
     return method_class(cfg).uses_teacher(cfg)
+
+
+def loss_label(cfg) -> str:
+    """The configured method's loss with its weights (KDMethod.loss_label), as the epoch line and results show it."""
+    return method_class(cfg).loss_label(cfg)
+
+
+def _w(weight: float) -> str:
+    return f"{float(weight):g}"
 
 
 def needs_teacher_features(cfg) -> bool:
@@ -218,6 +253,25 @@ class KD(KDMethod):
     @classmethod
     def uses_teacher(cls, cfg) -> bool:
         return kd_weights(cfg)[1] > 0.0
+
+    @classmethod
+    def reads(cls, cfg) -> tuple[str, ...]:
+        # labels only (KD weight 0): no KL term, so neither its temperature nor the standardisation of its logits
+        k = cfg.kd
+        labels_only = k.kd_weight == 0.0 if k.kd_weight is not None else k.alpha == 1.0
+        weights = ("kd.alpha", "kd.ce_weight", "kd.kd_weight")
+        return weights if labels_only else (*weights, "kd.temperature", "kd.logit_standardize")
+
+    @classmethod
+    def loss_weights(cls, cfg) -> dict[str, float]:
+        ce_w, kd_w = kd_weights(cfg)
+        return {"ce": ce_w, "kd": kd_w}
+
+    @classmethod
+    def loss_label(cls, cfg) -> str:
+        ce_w, kd_w = kd_weights(cfg)
+        standardized = " of z-scored logits" if cfg.kd.logit_standardize else ""
+        return f"{_w(ce_w)} CE + {_w(kd_w)} T² KL{standardized}" if kd_w else f"{_w(ce_w)} CE, labels only"
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -256,9 +310,23 @@ class DKD(KDMethod):
     """Decoupled KD (Zhao et al. 2022, models.dkd_loss_terms): kd.dkd.ce_weight x CE + w(e) x (alpha TCKD +
     beta NCKD), w(e) the linear warm-up (models.dkd_warmup). kd.logit_standardize z-scores both logits first."""
 
+    reads = ("kd.logit_standardize",)
+
     @classmethod
     def temperature(cls, cfg) -> float:
         return float(cfg.kd.dkd.temperature)
+
+    @classmethod
+    def loss_weights(cls, cfg) -> dict[str, float]:
+        d = cfg.kd.dkd
+        return {"ce": d.ce_weight, "tckd": d.alpha, "nckd": d.beta}
+
+    @classmethod
+    def loss_label(cls, cfg) -> str:
+        d = cfg.kd.dkd
+        standardized = " of z-scored logits" if cfg.kd.logit_standardize else ""
+        return (f"{_w(d.ce_weight)} CE + warm-up x ({_w(d.alpha)} TCKD + {_w(d.beta)} NCKD), T²-scaled"
+                f"{standardized}")
 
     def loss_terms(self, outputs, teacher, labels, epoch, temperature) -> LossTerms:
         d = self.cfg.kd.dkd
@@ -277,8 +345,9 @@ class DISTConfig:
                            "lib/models/losses/kd_loss.py with hunto/DIST_KD configs/strategies/distill/"
                            "resnet_dist.yaml; PaddleClas ppcls/configs/ImageNet/Distillation/"
                            "resnet34_distill_resnet18_dist.yaml: DistillationDISTLoss weight 2.0, CE 1.0). "
-                           "configs/methods/dist_imagenet.yaml", ge=0)
-    gamma: float = opt(2.0, "intra-class (per class, over the batch) relation weight (ImageNet: 2, as beta)", ge=0)
+                           "configs/methods/dist_imagenet.yaml", ge=0, before=1.0)  # 1 until commit ca48427
+    gamma: float = opt(2.0, "intra-class (per class, over the batch) relation weight (ImageNet: 2, as beta)", ge=0,
+                       before=1.0)
     temperature: float = opt(1.0, "DIST's temperature tau (ImageNet: 1)", gt=0)
     ce_weight: float = opt(1.0, "weight of the label cross-entropy", ge=0)
 
@@ -289,17 +358,23 @@ class DIST(KDMethod):
     """DIST (Huang et al. 2022, models.dist_loss_terms): kd.dist.ce_weight x CE + beta tau² inter +
     gamma tau² intra."""
 
+    # no shared key: DIST has its own weights and temperature, and correlates the softmax probabilities, which
+    # neither Huang et al. nor Sun et al. define with standardised logits (kd.logit_standardize is refused)
+    reads = ()
+
     @classmethod
     def temperature(cls, cfg) -> float:
         return float(cfg.kd.dist.temperature)
 
     @classmethod
-    def validate(cls, cfg) -> None:
-        # refused rather than ignored: DIST correlates the teacher's and the student's softmax probabilities, and
-        # neither Huang et al. nor Sun et al. define it with standardised logits
-        check(not cfg.kd.logit_standardize, "kd.logit_standardize=true applies to kd.method=kd, dkd and pooled_hint; "
-                                            "kd.method=dist does not implement it. Set kd.logit_standardize=false "
-                                            "or pick another method")
+    def loss_weights(cls, cfg) -> dict[str, float]:
+        d = cfg.kd.dist
+        return {"ce": d.ce_weight, "inter": d.beta, "intra": d.gamma}
+
+    @classmethod
+    def loss_label(cls, cfg) -> str:
+        d = cfg.kd.dist
+        return f"{_w(d.ce_weight)} CE + {_w(d.beta)} inter + {_w(d.gamma)} intra, τ²-scaled"
 
     def loss_terms(self, outputs, teacher, labels, epoch, temperature) -> LossTerms:
         d = self.cfg.kd.dist
@@ -336,6 +411,14 @@ class PooledHint(KD):
     @classmethod
     def uses_teacher(cls, cfg) -> bool:
         return True
+
+    @classmethod
+    def loss_weights(cls, cfg) -> dict[str, float]:
+        return {**super().loss_weights(cfg), "hint": cfg.kd.pooled_hint.weight}
+
+    @classmethod
+    def loss_label(cls, cfg) -> str:
+        return f"{super().loss_label(cfg)} + {_w(cfg.kd.pooled_hint.weight)} pooled-feature MSE"
 
     def __init__(self, cfg, student: nn.Module, teacher_feature_dim: int | None):
         super().__init__(cfg, student, teacher_feature_dim)
@@ -379,6 +462,7 @@ class FitNet(KDMethod):
 
     teacher_outputs = ("feature_map",)
     student_reads, teacher_reads = ("logits", "stage_maps"), ("stage_maps",)
+    reads = ()  # no KD term, so no temperature; it compares feature maps, not logits (no kd.logit_standardize)
 
     @classmethod
     def stages(cls, cfg) -> tuple[int, ...]:
@@ -395,10 +479,14 @@ class FitNet(KDMethod):
                 "kd.method=pooled_hint is a hint on pooled features, which caches")
 
     @classmethod
-    def validate(cls, cfg) -> None:
-        check(not cfg.kd.logit_standardize, "kd.logit_standardize=true applies to kd.method=kd, dkd and pooled_hint; "
-                                            "kd.method=fitnet compares feature maps, not the teacher's logits. Set "
-                                            "kd.logit_standardize=false")
+    def loss_weights(cls, cfg) -> dict[str, float]:
+        f = cfg.kd.fitnet
+        return {"ce": f.ce_weight, "hint": f.hint_weight}
+
+    @classmethod
+    def loss_label(cls, cfg) -> str:
+        f = cfg.kd.fitnet
+        return f"{_w(f.ce_weight)} CE + {_w(f.hint_weight)} feature-map MSE"
 
     @classmethod
     def build(cls, cfg, student: nn.Module, teacher) -> "FitNet":

@@ -7,7 +7,7 @@
     python train_student.py kd.alpha=1                       # label-only baseline: no teacher is built or run
     python train_student.py teacher.mode=online              # run the teacher on every batch (slow, for comparison)
     python train_student.py run.name=my_run run.resume=auto  # continue a killed run
-    python train_student.py eval.checkpoint=runs/x/checkpoints/best.pt   # test-split accuracy of a saved student
+    python train_student.py --config runs/x/config.yaml eval.checkpoint=runs/x/checkpoints/best.pt  # its test acc.
     torchrun --nproc_per_node=4 train_student.py             # DDP: NCCL on GPU, gloo on CPU
 
     # offline quickstart on generated data, one command (under 3 minutes on a 2-core CPU): trains the quickstart
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 import kd_methods
 from common.cli import run_cli
@@ -58,8 +60,10 @@ def baseline_config(cfg):
     """kd.baseline: the label-only student (kd.alpha=1) of the same budget and seed, in <run>/label_only/."""
     base = copy.deepcopy(cfg)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    base.kd.method, base.kd.alpha, base.kd.baseline = "kd", 1.0, False
-    base.kd.ce_weight = base.kd.kd_weight = None  # kd.alpha=1 alone: CE only (kd_methods.kd_weights)
+    # every kd.* key back at its default, then kd.alpha=1 alone: CE only (kd_methods.kd_weights). The method's keys
+    # would be unread by labels-only kd, and its config.yaml must load as a config of its own
+    base.kd = OmegaConf.structured(OmegaConf.get_type(cfg)).kd
+    base.kd.alpha = 1.0
     base.run.out_dir, base.run.name = str(run_dir), "label_only"
     # continue the baseline too when it had started (even if it stopped before its first checkpoint)
     base.run.resume = "auto" if cfg.run.resume and any(run_files(run_dir / "label_only")) else ""

@@ -5,6 +5,7 @@
     python train_student_rl.py agent.name=fixed agent.fixed_actions=[[2,1]]     # control: target 0.5, T unchanged
     python train_student_rl.py curriculum.strategy=easy_to_hard agent.name=fixed   # pacing control
     python train_student_rl.py run.name=my_run run.resume=auto     # continue a killed run (agent included)
+    python train_student_rl.py --config runs/x/config.yaml eval.checkpoint=runs/x/checkpoints/best.pt  # test split
     torchrun --nproc_per_node=4 train_student_rl.py
 
     # on the offline quickstart's data and teacher (trained first by teacher.prepare unless it exists)
@@ -26,7 +27,7 @@ from common.config import check_same_config_on_all_ranks, parse_config
 from common.distributed import cleanup_distributed, setup_distributed
 from engine.curriculum_run import CurriculumRun
 from engine.rl_config import RLConfig, validate_rl
-from engine.run import prepare_teacher, run_training
+from engine.run import evaluate_checkpoint, prepare_teacher, run_training
 
 
 def main(argv: list[str]) -> None:
@@ -34,6 +35,9 @@ def main(argv: list[str]) -> None:
     validate_rl(cfg)
     dist = setup_distributed(cfg.train.device)
     check_same_config_on_all_ranks(cfg)
+    if cfg.eval.checkpoint:  # the student a curriculum run saved, on the test split, as train_student.py does it
+        evaluate_checkpoint(cfg, dist)
+        return cleanup_distributed()
     if cfg.teacher.prepare and kd_methods.uses_teacher(cfg):
         prepare_teacher(cfg, dist)  # a train_student.py run, in its own run directory
     run_training(cfg, dist, CurriculumRun)

@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from common import plugins
 from common.distributed import _dist_on, all_gather_objects
 from common.errors import UserError
-from common.registry import Registry, compose_schema
+from common.registry import Registry, compose_schema, registries_of
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,13 +67,23 @@ def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
+_NOT_GIVEN = object()
+
+
 def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,  # noqa: A002
         le: float | None = None, lt: float | None = None, choices: Any = None, allow_inf: bool = False,
-        why: str = "") -> Any:
+        why: str = "", before: Any = _NOT_GIVEN) -> Any:
     """A config field with its one-line description (shown by --help and in the README) and, for a number or a
     name from a fixed set, its valid values (see `Range`; checked by `check_ranges` when the config is loaded).
-    "help" reads best at the call site."""
+    "help" reads best at the call site.
+
+    `before`: for a key added after runs were saved, or whose default changed, the value those runs had (what the
+    code did before). A resume compares a saved config that lacks the key as having this value, and names it when a
+    saved value equals it (`config_differences`, `check_resume_config`): the one record of changed defaults, for
+    every program."""
     metadata: dict[str, Any] = {"help": help}
+    if before is not _NOT_GIVEN:
+        metadata["before"] = before
     if any(v is not None for v in (ge, gt, le, lt, choices)) or allow_inf:
         metadata["range"] = Range(ge, gt, le, lt, choices, allow_inf, why)
     if isinstance(default, (list, dict)):
@@ -249,9 +259,10 @@ def _check_sections(cfg: DictConfig, incoming: Any, source: str, prefix: str = "
             continue  # an unknown key: the merge names it
         path = f"{prefix}{name}"
         if not isinstance(cfg[name], DictConfig):
-            if isinstance(value, dict) and not isinstance(cfg[name], ListConfig):
+            if isinstance(value, dict):
+                what = "a list" if isinstance(cfg[name], ListConfig) else "one value"
                 raise UserError(f"'{path}' is a key, not a section, so it cannot hold keys ({source}): give it "
-                                f"one value, e.g. {path}={_flow(OmegaConf.to_container(cfg, resolve=False)[name])}")
+                                f"{what}, e.g. {path}={_flow(OmegaConf.to_container(cfg, resolve=False)[name])}")
             continue  # a leaf: the merge checks its type
         if isinstance(value, dict):
             _check_sections(cfg[name], value, source, path + ".")
@@ -265,6 +276,22 @@ def _check_sections(cfg: DictConfig, incoming: Any, source: str, prefix: str = "
         raise UserError(f"'{path}' is a section of the config, not a key, so it cannot take the value "
                         f"{json.dumps(value)} ({source}): set the keys inside it, e.g. {path}.{leaf}={example} "
                         f"(in a YAML file: `{nested}`); run with --help to list the keys of {path}")
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """Resolve every `${...}` of the merged config once, so that one that cannot be resolved (a key that does not
+    exist, a circular reference, an unset `${oc.env:...}`, a value of the wrong type for its key) is a UserError
+    naming the key as written, before the range check reads the values. The config keeps its interpolations."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        written = _flatten(OmegaConf.to_container(cfg, resolve=False)).get(key, "?")
+        detail = " ".join(str(exc).split("\n")[0].split())
+        raise UserError(f"config key '{key}' = {written} cannot be resolved: {detail}. An interpolation ${{a.b}} "
+                        "takes the value of the key a.b, which must exist, must not lead back to this key, and must "
+                        "have this key's type; ${oc.env:NAME} needs the environment variable NAME set (or a default: "
+                        "${oc.env:NAME,default})") from None
 
 
 def _config_error(exc: OmegaConfBaseException, source: str) -> UserError:
@@ -348,8 +375,10 @@ def load_config(schema: type, config_file: str | Path | list[str | Path] | None 
             cfg = OmegaConf.merge(cfg, incoming)
         except OmegaConfBaseException as exc:
             raise _config_error(exc, f"override '{item}'") from None
+    _check_interpolations(cfg)
     _restore_yaml_booleans(cfg, schema)
     check_ranges(cfg, schema)
+    check_unread_keys(cfg)
     return cfg
 
 
@@ -395,26 +424,101 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(saved: dict, current: DictConfig | dict, allowed: tuple[str, ...] = RESUME_SAFE_KEYS,
-                       gained: dict[str, Any] | None = None) -> list[tuple[str, Any, Any]]:
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def unread_keys(cfg: DictConfig) -> dict[str, tuple[Registry, str]]:
+    """The keys that the components a config selects do not read, each with the registry (common.registry) and the
+    entry that makes it unread: the registry's `shared` keys that its selected entry does not declare in `reads`
+    (kd.alpha under kd.method=dkd), and the keys of the other entries' sections (kd.dist.beta under kd.method=dkd).
+    Empty for a config without such registries (or a plain dict)."""
+    schema = OmegaConf.get_type(cfg) if isinstance(cfg, DictConfig) else None
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return {}
+    leaves = [key for key, *_ in _schema_leaves(schema)]
+    out: dict[str, tuple[Registry, str]] = {}
+    for registry in registries_of(compose_schema(schema)):
+        if registry.key not in leaves:
+            continue  # not chosen by one config key (gan_vae's student losses: each term has its weight)
+        name = OmegaConf.select(cfg, registry.key)
+        if name not in registry:
+            continue  # check_ranges names it
+        reads = registry.reads(cfg, name)
+        out.update({key: (registry, name) for key in registry.shared if key not in reads})
+        prefix = f"{registry.sections}." if registry.sections else None
+        for key in leaves if prefix else ():
+            owner, _, rest = key.removeprefix(prefix).partition(".")
+            if key.startswith(prefix) and rest and owner != name and owner in registry:
+                out[key] = (registry, name)
+    return out
+
+
+def check_unread_keys(cfg: DictConfig) -> None:
+    """Refuse, before any work, a key set away from its default that the selected components do not read
+    (`unread_keys`): it would be recorded in config.yaml and change nothing. The message names what the selected
+    entry reads and, for a shared key, the entries that read it."""
+    unread = unread_keys(cfg)
+    if not unread:
+        return
+    defaults = {key: default for key, _, default in _schema_leaves(OmegaConf.get_type(cfg))}
+    for key, (registry, name) in unread.items():
+        value = _plain(OmegaConf.select(cfg, key))
+        if value == defaults[key]:
+            continue
+        chosen = f"{registry.key}={name}"
+        reads = [k for k in registry.shared if k in registry.reads(cfg, name)]
+        section = registry.entry(name).config
+        if section is not None:
+            own = ", ".join(f.name for f in dataclasses.fields(section))
+            reads.append(f"its own {registry.sections}.{name}.* ({own})")
+        listed = ", ".join(reads[:-1]) + " and " + reads[-1] if len(reads) > 1 else "".join(reads)
+        what = f"{chosen} reads " + (listed if reads else f"none of {', '.join(registry.shared)}")
+        prefix = f"{registry.sections}."
+        owner = key.removeprefix(prefix).split(".")[0] if key.startswith(prefix) else None
+        if owner in registry and owner != name and key not in registry.shared:
+            instead = f"; it is a key of {registry.key}={owner}"
+        else:
+            readers = [n for n in registry if key in registry.reads(cfg, n)]
+            instead = f"; {', '.join(readers)} read it" if readers else ""
+        raise UserError(f"{key}={_flow(value)} is not read by {chosen}, so it would change nothing: {what}. Leave "
+                        f"{key} at its default {_flow(defaults[key])}, or choose another {registry.kind}{instead}")
+
+
+def config_differences(saved: dict, current: DictConfig | dict,
+                       allowed: tuple[str, ...] = RESUME_SAFE_KEYS) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every dotted key whose value differs, skipping keys that match a
-    pattern of `allowed` (fnmatch: "log.*", "data.workers"). A key the saved config lacks (one the schema gained
-    since) counts as having the value in `gained` (what the code did before the key existed, where its default is
-    something else), else the schema's default; a key only the saved config has is ignored."""
+    pattern of `allowed` (fnmatch: "log.*", "data.workers") and keys that the current config's components do not read
+    (`unread_keys`: another KD method's section, say). A key the saved config lacks (one the schema gained since)
+    counts as having the value its `opt(..., before=...)` records (what the code did before the key existed), else
+    the schema's default; a key only the saved config has is ignored."""
     import fnmatch
     now = _flatten(to_plain(current) if isinstance(current, (DictConfig, ListConfig)) else current)
     before = _flatten(saved)
     schema = OmegaConf.get_type(current) if isinstance(current, DictConfig) else None
-    defaults = ({key: default for key, _, default, _ in iter_schema(schema)}
-                if schema is not None and dataclasses.is_dataclass(schema) else {})
+    fields = ({key: (f, default) for key, f, default in _schema_leaves(schema)}
+              if schema is not None and dataclasses.is_dataclass(schema) else {})
+    unread = unread_keys(current) if isinstance(current, DictConfig) else {}
     diffs = []
     for key, value in now.items():
-        if any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed):
+        if key in unread or any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed):
             continue
-        old = before.get(key, (gained or {}).get(key, defaults.get(key, "<absent>")))
+        f, default = fields.get(key, (None, "<absent>"))
+        old = before.get(key, f.metadata.get("before", default) if f is not None else default)
         if old != value:
             diffs.append((key, old, value))
     return diffs
+
+
+def changed_default_note(schema: type, key: str, old: Any, saved_has_it: bool) -> str:
+    """What a resume message adds when `old` is the value that `key`'s `opt(..., before=...)` records: the run was
+    saved before the key existed, or before its default changed."""
+    f = next((f for k, f, _ in _schema_leaves(schema) if k == key), None)
+    if f is None or "before" not in f.metadata or f.metadata["before"] != old:
+        return ""
+    return (" (its default before it changed: resume with " if saved_has_it else
+            " (saved before this key existed, the run did what it does now at this value: resume with ") + \
+        f"{key}={_flow(old)})"
 
 
 def check_same_config_on_all_ranks(cfg: DictConfig, allowed: tuple[str, ...] = ()) -> None:
@@ -444,7 +548,10 @@ def check_resume_config(saved: dict | None, current: DictConfig, source: str,
     diffs = config_differences(saved, current, allowed)
     if not diffs:
         return
-    listed = "; ".join(f"{key} = {json.dumps(old)} in the run, {json.dumps(new)} now" for key, old, new in diffs)
+    schema = OmegaConf.get_type(current)
+    present = _flatten(saved)
+    listed = "; ".join(f"{key} = {json.dumps(old)} in the run{changed_default_note(schema, key, old, key in present)}"
+                       f", {json.dumps(new)} now" for key, old, new in diffs)
     safe = ", ".join(allowed)
     raise UserError(f"cannot resume from {source}: the run was made with a different config, and continuing it "
                     f"with this one would mix two configs in one set of results. Differences: {listed}. Resume "

@@ -37,10 +37,15 @@ class Registry:
     """name -> entry. `kind` names it in messages ("KD method"), `key` is the config key that selects an entry
     ("kd.method"), and `sections` the config section under which each entry's own section goes ("kd": kd.<name>.*).
     Iterating, `in` and `len` see the names, so a Registry serves as `opt(..., choices=REGISTRY)`: the check and
-    `--help` then follow whatever is registered when the config is loaded."""
+    `--help` then follow whatever is registered when the config is loaded.
 
-    def __init__(self, kind: str, key: str, sections: str | None = None):
-        self.kind, self.key, self.sections = kind, key, sections
+    `shared`: the dotted keys outside the entries' own sections that some entries read and others do not
+    ("kd.alpha"). An entry declares the ones it reads as `reads`, a tuple or a classmethod `reads(cfg)` (none when
+    it declares nothing); common.config.check_unread_keys refuses the others, and another entry's section, set away
+    from their defaults, and a resume compares only what the selected entry reads."""
+
+    def __init__(self, kind: str, key: str, sections: str | None = None, shared: tuple[str, ...] = ()):
+        self.kind, self.key, self.sections, self.shared = kind, key, sections, tuple(shared)
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, *, config: type | None = None, help: str = "") -> Callable[[Any], Any]:  # noqa: A002
@@ -98,6 +103,11 @@ class Registry:
         """One line per entry, for --help and the README: `name: help`."""
         return "; ".join(f"{e.name}: {e.help}" if e.help else e.name for e in self._entries.values())
 
+    def reads(self, cfg: Any, name: str) -> tuple[str, ...]:
+        """The `shared` keys that entry `name` reads under `cfg` (its `reads` declaration)."""
+        declared = getattr(self.entry(name).obj, "reads", ())
+        return tuple(declared(cfg) if callable(declared) else declared)
+
     def validate(self, cfg: Any, name: str) -> None:
         """The selected entry's `validate(cfg)`, when it has one: checks that involve several keys (UserError)."""
         check = getattr(self.entry(name).obj, "validate", None)
@@ -127,6 +137,18 @@ def holds_sections_of(*registries: Registry) -> Callable[[type], type]:
         setattr(cls, REGISTRIES_ATTR, registries)
         return cls
     return mark
+
+
+def registries_of(schema: type) -> list[Registry]:
+    """Every registry whose entries' sections a section of `schema` holds (`holds_sections_of`), in schema order."""
+    found = list(getattr(schema, REGISTRIES_ATTR, ()))
+    for f in dataclasses.fields(schema):
+        sub = f.type if isinstance(f.type, type) and dataclasses.is_dataclass(f.type) else None
+        if sub is None and isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            sub = f.default_factory
+        if sub is not None:
+            found += [r for r in registries_of(sub) if r not in found]
+    return found
 
 
 _COMPOSED: dict[tuple, type] = {}

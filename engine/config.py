@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import kd_methods
-from common.config import check_ranges, opt, run_config, section
+from common.config import check_ranges, check_unread_keys, opt, run_config, section
 from common.errors import UserError, check
 from common.registry import holds_sections_of
 from imagedata.image_sources import VAL_FRACTION
@@ -108,8 +108,8 @@ class KDConfig:
                                         "1 - kd.alpha", ge=0)
     temperature: float = opt(4.0, "kd / pooled_hint: distillation temperature T", gt=0)
     logit_standardize: bool = opt(False, "kd, dkd, pooled_hint: z-score each sample's logits before the temperature "
-                                         "(Sun et al. CVPR 2024, logit standardisation); refused with kd.method=dist "
-                                         "and fitnet, which do not implement it")
+                                         "(Sun et al. CVPR 2024, logit standardisation); refused with methods that do "
+                                         "not implement it (dist, fitnet)")
     baseline: bool = opt(False, "also train a label-only student (kd.alpha=1) with the same budget and seed into "
                                 "<run>/label_only/ and print both side by side")
 
@@ -170,10 +170,32 @@ class Config:
     log: LogConfig = section(LogConfig)
 
 
+def check_read_only_when_used(cfg) -> None:
+    """Keys that only one setting of another key reads, refused (not ignored) when set away from their defaults
+    under another: the generator's keys without data.name=synthetic, data.path with it, the pre-decoded copy's size
+    without data.preprocessed, SGD's momentum with another optimizer."""
+    d, defaults = cfg.data, SyntheticConfig()
+    if d.name != "synthetic":
+        changed = [f"data.synthetic.{k}" for k in SyntheticConfig.__dataclass_fields__
+                   if getattr(d.synthetic, k) != getattr(defaults, k)]
+        check(not changed, f"{', '.join(changed)} set, but data.name={d.name} is not the generated data "
+                           "(data.name=synthetic), so they would change nothing: leave them at their defaults")
+    check(d.name != "synthetic" or not d.path, f"data.path={d.path} is not read with data.name=synthetic (the data "
+                                               "are generated): drop data.path, or name the dataset in data.name")
+    check(d.preprocessed or d.preprocess_size == 0,
+          f"data.preprocess_size={d.preprocess_size} sizes the pre-decoded copy, which data.preprocessed=false does "
+          "not make: set data.preprocessed=true, or leave data.preprocess_size at 0")
+    check(cfg.train.optimizer == "sgd" or cfg.train.momentum == TrainingConfig.momentum,
+          f"train.momentum={cfg.train.momentum} is read by train.optimizer=sgd only (train.optimizer="
+          f"{cfg.train.optimizer}): leave it at its default {TrainingConfig.momentum}, or use train.optimizer=sgd")
+
+
 def validate(cfg) -> None:
     """Every key against its declared range (utils.check_ranges; load_config has done it already, this covers a
-    config changed in code), then the checks that involve several keys, and the selected KD method's own."""
+    config changed in code), the keys the selected components do not read (check_unread_keys, likewise), then the
+    checks that involve several keys, and the selected KD method's own."""
     check_ranges(cfg)
+    check_unread_keys(cfg)
     t = cfg.train
     check(t.min_lr <= t.lr, f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the cosine schedule would raise "
                             "the learning rate; use train.min_lr <= train.lr")
@@ -183,6 +205,13 @@ def validate(cfg) -> None:
     check(cfg.data.preprocess_size == 0 or cfg.data.preprocess_size >= cfg.data.image_size,
           f"data.preprocess_size={cfg.data.preprocess_size} must be >= data.image_size={cfg.data.image_size}, "
           "or 0 (store images as decoded)")
+    check(t.warmup_epochs < t.epochs, f"train.warmup_epochs={t.warmup_epochs} is not below train.epochs={t.epochs}: "
+                                      "the learning rate would never reach its cosine decay (the run would end "
+                                      "still warming up); use train.warmup_epochs < train.epochs")
+    check(not cfg.kd.baseline or kd_methods.uses_teacher(cfg),
+          "kd.baseline=true trains a label-only student beside a distilled one, but this run has no teacher (it is "
+          "the label-only run itself): set kd.baseline=false")
+    check_read_only_when_used(cfg)
     check(cfg.data.augment_on != "device" or cfg.data.preprocessed,
           "data.augment_on=device needs data.preprocessed=true (JPEGs are decoded in the workers)")
     check_method_needs(cfg)

@@ -19,13 +19,14 @@ from models import count_params
 
 
 def epoch_line(cfg, epoch: int, record: dict, uses_teacher: bool, note: str = "") -> str:
-    """The console line of an epoch. The loss is labelled with what it is: a distillation loss holds terms
-    scaled by T² (a KL of about 0.5 at T = 4 reads as 8), so it is several times a label-only run's CE and
-    moves with the temperature; its terms follow it (train/loss_<name> in metrics.jsonl)."""
+    """The console line of an epoch. The loss is labelled with what it is, by its method
+    (kd_methods.loss_label: its terms and weights, e.g. "0 CE + 1 T² KL"): a term scaled by T² (a KL of about 0.5
+    at T = 4 reads as 8) makes it several times a label-only run's CE; its terms follow it (train/loss_<name> in
+    metrics.jsonl)."""
     if uses_teacher:
         terms = ", ".join(f"{key.removeprefix('train/loss_')} {value:.4f}" for key, value in record.items()
                           if key.startswith("train/loss_"))
-        loss = f"loss ({cfg.kd.method}, T²-scaled) {record['train/loss']:.4f} [{terms}]"
+        loss = f"loss ({cfg.kd.method}: {kd_methods.loss_label(cfg)}) {record['train/loss']:.4f} [{terms}]"
     else:
         loss = f"loss (labels only, CE) {record['train/loss']:.4f}"
     return (f"epoch {epoch + 1}/{cfg.train.epochs}  {note + '  ' if note else ''}{loss}  "
@@ -58,7 +59,8 @@ def final_report(t) -> dict:
     results = {"test/acc1": best["acc1"], "test/acc5": best["acc5"], "test/loss": best["loss"],
                "test/acc1_last": last["acc1"], "test/acc5_last": last["acc5"], "test/n": best["n"],
                "val/acc1_best": t.best_acc1, "best_epoch": best_ckpt["epoch"],
-               "params/student": count_params(t.student), "kd/method": cfg.kd.method, "kd/alpha": t.alpha,
+               "params/student": count_params(t.student), "kd/method": cfg.kd.method,
+               "kd/loss": kd_methods.loss_label(cfg),
                "teacher/mode": cfg.teacher.mode if t.uses_teacher else "none", **teacher_accuracy(t)}
     if t.teacher is not None:
         results["params/teacher"] = count_params(t.teacher.model)
@@ -107,7 +109,7 @@ def plot_run(run_dir: Path) -> None:
 # What each row of a printed results table is (print_results says it under the table); {key}: that results entry.
 ROW_MEANINGS = {
     "teacher": "the teacher, trained first by teacher.prepare (a run of its own); the student distils from it",
-    "KD student": "the student distilled from the teacher (kd.method={kd/method}, kd.alpha={kd/alpha})",
+    "KD student": "the student distilled from the teacher (kd.method={kd/method}: {kd/loss})",
     "labels only": "a student trained on labels alone (kd.alpha=1, no teacher): what distillation must beat",
 }
 COLUMN_MEANINGS = ("test/acc1, acc5: the best-validation checkpoint on the test split; test/acc1_last: the last "

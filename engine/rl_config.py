@@ -52,6 +52,9 @@ def validate_rl(cfg) -> None:
     declared with it."""
     validate(cfg)
     c = cfg.curriculum
+    check(not cfg.kd.baseline, "kd.baseline=true: train_student_rl.py trains no label-only baseline beside its run "
+                               "(train_student.py does); set kd.baseline=false and run the baseline as its own "
+                               "run (kd.alpha=1, or an agent.name=fixed control)")
     for component in (AGENT_REGISTRY[cfg.agent.name], STRATEGY_REGISTRY[c.strategy]):
         if hasattr(component, "validate"):
             component.validate(cfg)
@@ -69,3 +72,9 @@ def validate_rl(cfg) -> None:
               f"curriculum.strategy={c.strategy} scores difficulty from the teacher's cached evaluation-view logits "
               "of the training set, which teacher.mode=online does not build. Use teacher.mode=cached (the "
               "default: it also makes every epoch as cheap as label-only training)")
+    if not (kd_methods.uses_teacher(cfg) and cfg.teacher.mode == "cached"):
+        changed = [f"difficulty.{k}={getattr(cfg.difficulty, k)}" for k in DifficultyConfig.__dataclass_fields__
+                   if getattr(cfg.difficulty, k) != getattr(DifficultyConfig(), k)]
+        check(not changed, f"{', '.join(changed)}: the difficulty scores come from the cached teacher's logits, "
+                           "which this run does not build (no teacher, or teacher.mode=online), so they would "
+                           "change nothing; leave difficulty.* at its defaults")

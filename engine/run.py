@@ -9,7 +9,7 @@ from typing import Protocol
 
 import kd_methods
 from common.checkpoint import load_checkpoint, load_state_strict
-from common.config import RESUME_SAFE_KEYS, check_resume_config, parse_config, to_plain
+from common.config import RESUME_SAFE_KEYS, check_resume_config, config_differences, parse_config, to_plain
 from common.distributed import DistInfo, barrier, broadcast_object, on_main_rank
 from common.errors import UserError, check
 from common.files import save_config
@@ -164,12 +164,38 @@ def fit_and_report(run: TrainingRun, cfg, dist: DistInfo, run_dir: Path) -> dict
     return results
 
 
+# eval.checkpoint: the keys that may differ from the config saved in the checkpoint. None of them changes the number
+# measured: where files go, logging, loader processes, the device and precision it runs at, the evaluation batch
+# size, and train.compile (a checkpoint trained compiled is evaluated eagerly). Every other key either sets what is
+# measured (data.*, student.*) or is not read by an evaluation (kd.*, teacher.*, the other training keys), and is
+# refused rather than ignored.
+EVAL_SAFE_KEYS = (*RESUME_SAFE_KEYS, "eval.*", "data.workers", "data.preprocess_dir", "teacher.cache_dir",
+                  "train.device", "train.amp", "train.eval_batch_size", "train.compile")
+
+
+def check_evaluation_config(saved: dict | None, cfg, path: Path) -> None:
+    """eval.checkpoint: refuse a config that differs from the one saved in the checkpoint (None: a .safetensors or a
+    bare state dict, which records none) outside EVAL_SAFE_KEYS, naming every such key with both values."""
+    diffs = config_differences(saved, cfg, EVAL_SAFE_KEYS) if saved is not None else []
+    if diffs:
+        listed = "; ".join(f"{key} = {json.dumps(old)} in the checkpoint, {json.dumps(new)} now"
+                           for key, old, new in diffs)
+        raise UserError(f"eval.checkpoint={path} was trained with another config: {listed}. An evaluation measures "
+                        "the checkpoint with the data and student it was trained with, and reads no other key, so "
+                        "these would change the number or do nothing. Give the run's own config (--config "
+                        "<run>/config.yaml); only " + ", ".join(EVAL_SAFE_KEYS) + " may differ")
+
+
 def evaluate_checkpoint(cfg, dist: DistInfo) -> dict:
-    """`eval.checkpoint=PATH`: test-split accuracy of a saved student (best.pt, last.pt or .safetensors). A checkpoint
-    that records the data its run read (`inputs`) is refused when that dataset's test split changed since."""
+    """`eval.checkpoint=PATH`: test-split accuracy of a saved student (best.pt, last.pt or .safetensors), with the
+    config the checkpoint records (`check_evaluation_config`). Trains nothing and writes no run directory. A
+    checkpoint that records the data its run read (`inputs`) is refused when that dataset's test split changed since."""
     from models import load_state_file
-    state = load_state_file(Path(cfg.eval.checkpoint))  # before the data: a wrong path fails at once
-    check_test_split_unchanged(Path(cfg.eval.checkpoint), cfg, dist)
+    path = Path(cfg.eval.checkpoint)
+    state = load_state_file(path)  # before the data: a wrong path fails at once
+    if path.suffix != ".safetensors":
+        check_evaluation_config(load_checkpoint(path).get("config"), cfg, path)
+    check_test_split_unchanged(path, cfg, dist)
     splits = load_splits(cfg.data)
     student = create_student(cfg, len(splits["train"].class_names)).to(dist.device)
     load_state_strict(student, state, f"eval.checkpoint={cfg.eval.checkpoint}")

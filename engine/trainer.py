@@ -60,7 +60,6 @@ class Trainer:
         self.device = dist.device
         self.autocast = autocast_for(cfg.train.amp, self.device)
         self.channels_last = cfg.train.channels_last
-        self.alpha = cfg.kd.alpha
         self.temperature = kd_methods.method_class(cfg).temperature(cfg)
         seed_everything(cfg.train.seed, dist.rank)
         # Training's random streams are drawn by the student's and the method's initialisation, then by training.

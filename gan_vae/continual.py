@@ -122,7 +122,8 @@ class StudentConfig:
                                    "before the task (its own samples of that task, as in generative replay, Shin et "
                                    "al. 2017, and brain-inspired replay, van de Ven et al. 2020) instead of the "
                                    "task's expert; 0: the experts alone (the default before issue 18; the README's "
-                                   "ablation measures both). No effect with student.replay=false", ge=0, le=1)
+                                   "ablation measures both). No effect with student.replay=false", ge=0, le=1,
+                              before=0.0)  # issue 18: the experts alone replayed
     steps_per_earlier_task: int = opt(0, "extra student steps per earlier task: task t trains student.steps + t x "
                                          "this (later tasks have more to keep)", ge=0)
     freeze_old_priors: bool = opt(False, "keep the task priors p(u | j) of finished tasks fixed while later tasks "
@@ -266,10 +267,6 @@ FIXED_KEYS = {"data.tasks", "data.channels", "data.test_fraction", "teacher.z_di
               "teacher.attention", "student.z_dim", "student.u_dim", "student.width", "fid.backend", "fid.samples",
               "fid.classifier_epochs", "train.seed"}
 
-
-# keys added with a default that differs from what the code did before them: a run saved before a key existed ran
-# with this value (common.config.config_differences)
-GAINED_KEYS = {"student.self_replay": 0.0}  # issue 18: the experts alone replayed
 # what the student phase reads: a branch from the start of a student phase may change these
 STUDENT_PHASE_SECTIONS = ("student", "kd")
 
@@ -281,7 +278,8 @@ def changed_config_keys(saved: dict, current, branching: bool) -> list[tuple[str
     # the composed schema: a loss term's own keys (student.<term>.*) are training keys too
     allowed = (tuple(key for key, *_ in iter_schema(compose_schema(ContinualConfig)) if key not in FIXED_KEYS)
                if branching else RESULT_NEUTRAL_KEYS)
-    return config_differences(saved, current, allowed, GAINED_KEYS)
+    # a key added later counts with the value its opt(..., before=...) records (student.self_replay: 0)
+    return config_differences(saved, current, allowed)
 
 
 # The program name a run directory's run.json and every checkpoint record (utils.check_program).

@@ -28,7 +28,7 @@ teacher.pretrained=false train.epochs=1 run.out_dir=$out/runs"
 step bench_gpu python bench.py --suite gpu --out "$out/bench_gpu"
 step student_cached python train_student.py $SYN train.compile=true data.preprocessed=true run.name=cached
 step student_online python train_student.py $SYN teacher.mode=online run.name=online
-step student_rl python train_student_rl.py $SYN train.epochs=2 difficulty.warmup_epochs=1 run.name=rl
+step student_rl python train_student_rl.py $SYN train.epochs=2 difficulty.warmup_epochs=1 agent.ppo.n_steps=2 agent.ppo.batch_size=2 run.name=rl
 python - "$out" <<'PY'
 import numpy as np, sys
 rng = np.random.default_rng(0)

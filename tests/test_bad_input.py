@@ -130,7 +130,8 @@ def test_zero_epochs_is_refused_before_anything_is_written(main, tmp_path, capsy
 GAN_VAE_TINY = ["data.tasks=[mnist]", "teacher.steps=2", "student.steps=2"]
 
 
-@pytest.mark.parametrize("main,args", [(train_student.main, TINY), (train_student_rl.main, [*TINY, "kd.alpha=0.5"]),
+@pytest.mark.parametrize("main,args", [(train_student.main, TINY), (train_student_rl.main, [*TINY, "kd.alpha=0.5",
+                                                                                            "agent.name=bandit"]),
                                        (gan_vae.continual.main, GAN_VAE_TINY)],
                          ids=["train_student", "train_student_rl", "gan_vae"])
 def test_run_out_dir_that_cannot_be_written(main, args, tmp_path, capsys):
@@ -238,8 +239,8 @@ def test_resume_may_change_keys_that_change_no_result(stopped_runs, tmp_path, ca
 def test_rl_resume_with_another_agent_names_the_key(stopped_runs, tmp_path, capsys):
     run = _copy_run(stopped_runs, "rl", tmp_path)
     before = digest(run)
-    code, err = cli(train_student_rl.main, [*RL_ARGS, "agent.name=ppo", f"run.out_dir={tmp_path}", "run.name=rl",
-                                            "run.resume=auto"], capsys)
+    code, err = cli(train_student_rl.main, [*RL_ARGS, "agent.name=ppo", "agent.ppo.n_steps=2", "agent.ppo.batch_size=2",
+                                            f"run.out_dir={tmp_path}", "run.name=rl", "run.resume=auto"], capsys)
     assert_user_error(code, err, 'agent.name = "bandit" in the run, "ppo" now')
     assert digest(run) == before
 
@@ -247,7 +248,7 @@ def test_rl_resume_with_another_agent_names_the_key(stopped_runs, tmp_path, caps
 def test_rl_cannot_continue_a_train_student_checkpoint(stopped_runs, capsys, tmp_path):
     ckpt = stopped_runs / "ts" / "checkpoints" / "last.pt"
     code, err = cli(train_student_rl.main, [*TINY, "kd.alpha=1", "curriculum.strategy=random_subset",
-                                            f"run.out_dir={tmp_path}", "run.name=x", f"run.resume={ckpt}"], capsys)
+                                            "agent.name=bandit", f"run.out_dir={tmp_path}", "run.name=x", f"run.resume={ckpt}"], capsys)
     assert_user_error(code, err, "made by another script")
     # the last line of defence, should a config ever match: no curriculum or agent state to continue
     from engine.curriculum_run import CurriculumRun

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script
 
 from common.errors import UserError
-from curriculum_dataloader import STRATEGIES, CurriculumSampler, allocate, pacing_fraction
+from curriculum_dataloader import STRATEGIES, STRATEGY_REGISTRY, CurriculumSampler, allocate, pacing_fraction
 from models import difficulty_score
 from rl_curriculum_env import curriculum_reward, curriculum_reward_terms, decode_action
 
@@ -368,7 +368,8 @@ RL_TINY = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refr
 
 @pytest.mark.parametrize("agent", ["ppo", "bandit"])
 def test_tiny_agent_runs(tmp_path, agent):
-    proc = run_script("train_student_rl.py", *RL_TINY, f"agent.name={agent}", f"run.out_dir={tmp_path}", "run.name=r")
+    args = RL_TINY if agent == "ppo" else [a for a in RL_TINY if not a.startswith("agent.ppo.")]  # PPO's keys
+    proc = run_script("train_student_rl.py", *args, f"agent.name={agent}", f"run.out_dir={tmp_path}", "run.name=r")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "r"
     for name in ("curriculum.jsonl", "curriculum.png", "metrics.jsonl", "results.json", "checkpoints/last.pt",
@@ -385,7 +386,7 @@ def test_tiny_agent_runs(tmp_path, agent):
     assert lines[0]["num_samples"] == 48  # whole set before the first refresh
     for ln in lines:  # each epoch's console line shows the action that shaped it
         assert (f"epoch {ln['epoch'] + 1}/3  action {ln['action']}: target {ln['target']:.2f}, "
-                f"T {ln['temperature']:.2f}, {ln['num_samples']}/48 samples  loss (kd, T²-scaled)") in proc.stdout
+                f"T {ln['temperature']:.2f}, {ln['num_samples']}/48 samples  loss (kd: 0.5 CE + 0.5 T² KL)") in proc.stdout
     assert lines[1]["num_samples"] == math.ceil(0.7 * 48)
     metrics = read_metrics(run)
     assert [m["rl/reward"] for m in metrics] == [ln["reward"] for ln in lines]
@@ -424,13 +425,14 @@ def test_rl_bad_input_on_the_command_line(override, fragment):
     ("curriculum.fraction=1.2", "must lie in (0, 1]"),
     ("curriculum.target=-0.5", "curriculum.target=-0.5 must lie in [0, 1]"),
     ("kd.alpha=1", "needs a teacher"),
-    ("agent.fixed_actions=[[5,1]]", "agent.fixed_actions entry [5, 1]"),
+    ("agent.name=fixed agent.fixed_actions=[[5,1]]", "agent.fixed_actions entry [5, 1]"),
 ])
 def test_rl_bad_input(override, fragment):
     from common.config import load_config
     from engine.rl_config import RLConfig, validate_rl
     with pytest.raises(UserError) as err:
-        validate_rl(load_config(RLConfig, None, [*RL_TINY, override]))
+        args = RL_TINY if "agent.name=" not in override else [a for a in RL_TINY if not a.startswith("agent.ppo.")]
+        validate_rl(load_config(RLConfig, None, [*args, *override.split()]))
     assert fragment in str(err.value)
 
 
@@ -621,9 +623,10 @@ def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accountin
             "kd.alpha=0.5", "train.batch_size=64", f"train.epochs={epochs}", "train.channels_last=false",
             "eval.latency=false", f"run.out_dir={tmp_path}", "run.name=r"]
     if strategy != "train_student":
-        args += [f"curriculum.strategy={strategy}", f"curriculum.fraction={f}", f"curriculum.start_fraction={f}",
-                 "curriculum.pacing_epochs=15", f"difficulty.warmup_epochs={warmup}", "difficulty.refresh_every=5",
-                 "agent.name=fixed"]
+        shared = {"curriculum.fraction": f, "curriculum.start_fraction": f, "curriculum.pacing_epochs": 15}
+        reads = STRATEGY_REGISTRY.entry(strategy).obj.reads  # a key the strategy does not read is refused
+        args += [f"curriculum.strategy={strategy}", *(f"{k}={v}" for k, v in shared.items() if k in reads),
+                 f"difficulty.warmup_epochs={warmup}", "difficulty.refresh_every=5", "agent.name=fixed"]
     cfg = load_config(Config if strategy == "train_student" else RLConfig, None, args)
     monkeypatch.setattr(build, "create_student", _tiny_student)
     real_load_splits = build.load_splits

@@ -177,6 +177,9 @@ def test_config_files_merge_in_order():
     after = parse_config(Config, ["--config", "configs/quickstart.yaml", "--config", str(ls)], prog="t")
     before = parse_config(Config, ["--config", str(ls), "--config", "configs/quickstart.yaml"], prog="t")
     assert after.kd.temperature == 2.0 and before.kd.temperature == 4.0  # quickstart.yaml sets 4.0
+    for cfg in (after, before):  # merged, not replaced: each file's other keys survive the other file
+        assert cfg.data.name == "synthetic" and cfg.train.epochs == 15 and cfg.kd.baseline  # quickstart.yaml only
+        assert (cfg.kd.ce_weight, cfg.kd.kd_weight, cfg.kd.logit_standardize) == (0.1, 9.0, True)  # kd_ls only
     last = parse_config(Config, ["--config", "configs/quickstart.yaml", "--config", str(ls), "kd.temperature=3"],
                         prog="t")
     assert last.kd.temperature == 3.0  # key=value overrides come after every file

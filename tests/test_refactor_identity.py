@@ -90,6 +90,10 @@ def assert_same_logs(runs: dict[str, Path], jsonl: tuple[str, ...], json_files: 
         for key, (old, new) in (renamed or {}).items():
             assert before[key] == old, (key, before[key])
             before[key] = new
+        # issue 23: results.json names the loss its method trained on (kd/loss) instead of kd.alpha, which most
+        # methods do not read
+        if name == "results.json" and "kd/loss" in after:
+            before.pop("kd/alpha"), after.pop("kd/loss")
         assert after == before, name
 
 

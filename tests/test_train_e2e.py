@@ -42,10 +42,10 @@ def test_tiny_run_in_each_teacher_mode(tmp_path, mode):
         assert all(m["train/loss_kd"] > 0 for m in metrics)
         assert results["compression_ratio"] > 1
         m = metrics[1]
-        assert (f"epoch 2/2  loss (kd, T²-scaled) {m['train/loss']:.4f} [ce {m['train/loss_ce']:.4f}, "
+        assert (f"epoch 2/2  loss (kd: 0.5 CE + 0.5 T² KL) {m['train/loss']:.4f} [ce {m['train/loss_ce']:.4f}, "
                 f"kd {m['train/loss_kd']:.4f}]  val acc1") in proc.stdout
-        assert "| KD student |" in proc.stdout and "KD student: the student distilled from the teacher (kd.method=kd, " \
-                                                    "kd.alpha=0.5)" in proc.stdout
+        assert "| KD student |" in proc.stdout and "KD student: the student distilled from the teacher (kd.method=kd: " \
+                                                    "0.5 CE + 0.5 T² KL)" in proc.stdout
     assert "| student |" not in proc.stdout
     assert list((tmp_path / "r" / "tensorboard").iterdir())
 

@@ -76,6 +76,16 @@ class AttentionTransfer(KDMethod):
 
     teacher_outputs = ("attention",)  # the teacher's attention maps, concatenated: [B, sum_j n_j]
     student_reads, teacher_reads = ("logits", "stage_maps"), ("stage_maps",)
+    reads = ()  # no KD term, so no kd.temperature; it compares attention maps, not logits (no kd.logit_standardize)
+
+    @classmethod
+    def loss_weights(cls, cfg) -> dict[str, float]:
+        return {"ce": float(cfg.kd.at.ce_weight), "at": float(cfg.kd.at.weight)}
+
+    @classmethod
+    def loss_label(cls, cfg) -> str:
+        a = cfg.kd.at
+        return f"{a.ce_weight:g} CE + {a.weight:g} attention-map distance"
 
     @classmethod
     def stages(cls, cfg) -> tuple[int, ...]:
@@ -86,8 +96,6 @@ class AttentionTransfer(KDMethod):
         stages = cls.stages(cfg)
         check(len(stages) > 0 and len(set(stages)) == len(stages),
               f"kd.at.stages={list(stages)}: name each stage once, at least one")
-        check(not cfg.kd.logit_standardize, "kd.logit_standardize=true applies to logit methods; kd.method=at "
-                                            "compares attention maps. Set kd.logit_standardize=false")
 
     @classmethod
     def build(cls, cfg, student, teacher) -> "AttentionTransfer":

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from common.config import opt
-from common.errors import check
 from kd_methods import KD_METHODS, KDMethod, LossTerms
 
 
@@ -64,11 +63,14 @@ class NKD(KDMethod):
     def temperature(cls, cfg) -> float:
         return float(cfg.kd.nkd.temperature)
 
+    # no shared kd.* key: its own temperature and weights, and the paper defines NKD on raw logits, so
+    # kd.logit_standardize (and kd.temperature, kd.alpha, ...) set with kd.method=nkd are refused, not ignored
+    reads = ()
+
     @classmethod
-    def validate(cls, cfg) -> None:
-        # the paper defines NKD on raw logits; refused rather than silently ignored
-        check(not cfg.kd.logit_standardize, "kd.method=nkd does not implement kd.logit_standardize=true; set "
-                                            "kd.logit_standardize=false or pick kd, dkd or pooled_hint")
+    def loss_weights(cls, cfg) -> dict[str, float]:
+        n = cfg.kd.nkd
+        return {"ce": n.ce_weight, "nkd_target": 1.0, "nkd_non_target": n.gamma}
 
     def loss_terms(self, outputs, teacher, labels, epoch, temperature) -> LossTerms:
         n = self.cfg.kd.nkd

@@ -1,0 +1,252 @@
+"""Keys a component does not read are refused, not ignored (common.config.check_unread_keys): each registry entry
+(KD method, agent, curriculum strategy) declares the shared keys it reads (`reads`); the others, and other entries'
+sections, set away from their defaults are refused before any work. A loss whose weights are all 0 is refused. A
+resume compares only what the run reads, and names a value that was a default before it changed. Each method labels
+its own loss."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from conftest import TINY, assert_clean_error, read_metrics, run_main
+from test_bad_input import _copy_run
+
+import kd_methods
+from agents import AGENT_REGISTRY
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.config import check_resume_config, check_unread_keys, iter_schema, load_config
+from common.errors import UserError
+from curriculum_dataloader import STRATEGY_REGISTRY
+from engine.config import Config, validate
+from engine.rl_config import RLConfig, validate_rl
+
+REGISTRIES = [(kd_methods.KD_METHODS, Config), (AGENT_REGISTRY, RLConfig), (STRATEGY_REGISTRY, RLConfig)]
+
+
+def _defaults(schema) -> dict:
+    return {key: default for key, _, default, _ in iter_schema(schema)}
+
+
+def _other(value):
+    """A valid value other than a key's default."""
+    if isinstance(value, bool):
+        return not value
+    if value is None:
+        return 0.5
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 if value > 0 else 0.5
+    if isinstance(value, list):
+        return [[1, 1]]
+    raise AssertionError(value)
+
+
+def _cases():
+    for registry, schema in REGISTRIES:
+        for name in list(registry):
+            yield pytest.param(registry, schema, name, id=f"{registry.key}={name}")
+
+
+@pytest.mark.parametrize("registry,schema,name", _cases())
+def test_every_entry_refuses_the_keys_it_does_not_read(registry, schema, name):
+    """Over every registered entry: a shared key it does not declare, or a key of another entry's section, set away
+    from its default, is refused naming the key, the entry and the entry's own keys; the shared keys it reads, and
+    its own section, are accepted."""
+    cfg = load_config(schema, None, [f"{registry.key}={name}"])
+    defaults = _defaults(OmegaConf.get_type(cfg))
+    reads = registry.reads(cfg, name)
+    prefix = f"{registry.sections}."
+    for key, default in defaults.items():
+        owner = key.removeprefix(prefix).split(".")[0]
+        in_section = key.startswith(prefix) and "." in key.removeprefix(prefix) and owner in registry
+        if key not in registry.shared and not in_section:
+            continue
+        changed = copy.deepcopy(cfg)  # the check load_config makes, on the loaded config with one key changed
+        OmegaConf.update(changed, key, _other(default))
+        if key in reads or (in_section and owner == name):
+            check_unread_keys(changed)  # read: accepted
+            continue
+        with pytest.raises(UserError) as err:
+            check_unread_keys(changed)
+        message = str(err.value)
+        assert f"{key}=" in message and f"is not read by {registry.key}={name}" in message, message
+        if registry.entry(name).config is not None:
+            assert f"its own {registry.sections}.{name}.* (" in message, message
+        if in_section:
+            assert f"it is a key of {registry.key}={owner}" in message, message
+
+
+def test_dkd_with_kd_alpha_1_is_refused_before_any_work(tmp_path):
+    """kd.alpha=1 means labels only for kd; dkd does not read it, and would build and distil a teacher."""
+    proc = run_main("train_student.py", *TINY, "kd.method=dkd", "kd.alpha=1", f"run.out_dir={tmp_path}")
+    assert_clean_error(proc, "kd.alpha=1.0 is not read by kd.method=dkd",
+                       "kd.method=dkd reads kd.logit_standardize and its own kd.dkd.* (alpha, beta, temperature, "
+                       "warmup_epochs, ce_weight)", "kd, pooled_hint read it")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["kd.method=dkd", "kd.ce_weight=0.1", "kd.kd_weight=9"], "kd.ce_weight=0.1 is not read by kd.method=dkd"),
+    (["kd.method=dist", "kd.temperature=2"], "kd.temperature=2.0 is not read by kd.method=dist"),
+    (["kd.method=fitnet", "teacher.mode=online", "kd.alpha=0.5"], "kd.alpha=0.5 is not read by kd.method=fitnet"),
+    (["kd.method=dkd", "kd.dist.beta=1"], "kd.dist.beta=1.0 is not read by kd.method=dkd"),
+    (["kd.dkd.alpha=9"], "it is a key of kd.method=dkd"),
+    (["kd.alpha=1", "kd.temperature=2"], "kd.temperature=2.0 is not read by kd.method=kd"),  # labels only: no KL
+    (["kd.alpha=1", "kd.logit_standardize=true"], "kd.logit_standardize=true is not read by kd.method=kd"),
+])
+def test_unread_kd_keys_are_refused(args, fragment):
+    with pytest.raises(UserError, match="so it would change nothing") as err:
+        load_config(Config, None, [*TINY, *args])
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["agent.name=bandit", "agent.fixed_actions=[[1,1]]"], "agent.fixed_actions=[[1, 1]] is not read by agent.name=bandit"),
+    (["agent.name=bandit", "agent.ppo.lr=0.1"], "it is a key of agent.name=ppo"),
+    (["curriculum.strategy=easy_to_hard", "curriculum.fraction=0.5"],
+     "curriculum.fraction=0.5 is not read by curriculum.strategy=easy_to_hard"),
+    (["curriculum.strategy=adaptive", "curriculum.pacing_epochs=3"],
+     "curriculum.pacing_epochs=3 is not read by curriculum.strategy=adaptive"),
+    (["curriculum.strategy=all", "curriculum.fraction=0.5"], "curriculum.fraction=0.5 is not read by "
+                                                               "curriculum.strategy=all"),
+])
+def test_unread_agent_and_strategy_keys_are_refused(args, fragment):
+    with pytest.raises(UserError) as err:
+        load_config(RLConfig, None, [*TINY, "kd.alpha=0.5", *args])
+    assert fragment in str(err.value)
+
+
+# ---- all loss weights 0 ---------------------------------------------------------------------------------------
+ZERO = {
+    "kd": ["kd.ce_weight=0", "kd.kd_weight=0"],
+    "pooled_hint": ["kd.ce_weight=0", "kd.kd_weight=0", "kd.pooled_hint.weight=0"],
+    "dkd": ["kd.dkd.ce_weight=0", "kd.dkd.alpha=0", "kd.dkd.beta=0"],
+    "dist": ["kd.dist.ce_weight=0", "kd.dist.beta=0", "kd.dist.gamma=0"],
+    "fitnet": ["teacher.mode=online", "kd.fitnet.ce_weight=0", "kd.fitnet.hint_weight=0"],
+}
+
+
+@pytest.mark.parametrize("method", list(kd_methods.KD_METHODS))
+def test_every_method_declares_its_loss_weights_and_refuses_them_all_at_zero(method):
+    cfg = load_config(Config, None, [f"kd.method={method}", *(["teacher.mode=online"] if method == "fitnet" else [])])
+    weights = kd_methods.KD_METHODS[method].loss_weights(cfg)
+    assert weights and any(w > 0 for w in weights.values())
+    if method not in ZERO:
+        return
+    with pytest.raises(UserError, match=f"every loss weight of kd.method={method} is 0"):
+        validate(load_config(Config, None, [f"kd.method={method}", *ZERO[method]]))
+    # one weight above 0 is a run
+    validate(load_config(Config, None, [f"kd.method={method}", *ZERO[method][:-1],
+                                        ZERO[method][-1].replace("=0", "=1")]))
+
+
+def test_all_weights_zero_is_refused_on_the_command_line(tmp_path):
+    proc = run_main("train_student.py", *TINY, "kd.ce_weight=0", "kd.kd_weight=0", f"run.out_dir={tmp_path}")
+    assert_clean_error(proc, "every loss weight of kd.method=kd is 0 (0 CE, labels only)", "would train nothing")
+    assert not any(tmp_path.iterdir())
+
+
+# ---- other keys a program does not read ------------------------------------------------------------------------
+@pytest.mark.parametrize("schema,check,args,fragment", [
+    (Config, validate, ["kd.alpha=1", "kd.baseline=true"], "kd.baseline=true trains a label-only student beside"),
+    (RLConfig, validate_rl, ["kd.alpha=0.5", "kd.baseline=true", "agent.name=bandit"],
+     "train_student_rl.py trains no label-only baseline"),
+    (Config, validate, ["train.warmup_epochs=2"], "train.warmup_epochs=2.0 is not below train.epochs=2"),
+    (RLConfig, validate_rl, ["kd.alpha=0.5", "agent.name=ppo", "agent.ppo.n_steps=3", "agent.ppo.batch_size=2"],
+     "agent.ppo.n_steps=3 is more than train.epochs=2: PPO updates its policy once per rollout"),
+    (Config, validate, ["data.name=timm/mini-imagenet"], "data.synthetic.num_classes, data.synthetic.images_per_class set, "
+                                                         "but data.name=timm/mini-imagenet is not the generated"),
+    (Config, validate, ["data.path=/data/x"], "data.path=/data/x is not read with data.name=synthetic"),
+    (Config, validate, ["data.preprocess_size=64"], "data.preprocess_size=64 sizes the pre-decoded copy"),
+    (Config, validate, ["train.momentum=0.5"], "train.momentum=0.5 is read by train.optimizer=sgd only"),
+    (RLConfig, validate_rl, ["kd.alpha=1", "curriculum.strategy=all", "agent.name=bandit", "difficulty.refresh_every=2"],
+     "difficulty.refresh_every=2: the difficulty scores come from the cached teacher's logits"),
+])
+def test_settings_that_would_do_nothing_are_refused(schema, check, args, fragment):
+    with pytest.raises(UserError) as err:
+        check(load_config(schema, None, [*TINY, *args]))
+    assert fragment in str(err.value)
+
+
+def test_ppo_rollout_as_long_as_the_run_is_accepted():
+    validate_rl(load_config(RLConfig, None, [*TINY, "kd.alpha=0.5", "agent.ppo.n_steps=2", "agent.ppo.batch_size=2"]))
+    validate(load_config(Config, None, [*TINY, "train.warmup_epochs=1.5"]))
+
+
+def test_baseline_config_is_a_config_of_its_own(tmp_path):
+    """kd.baseline's label-only run (train_student.baseline_config) keeps no key of the method it is compared
+    with: its config validates, so its config.yaml can be fed back in."""
+    import train_student
+    cfg = load_config(Config, None, [*TINY, "kd.method=dkd", "kd.dkd.alpha=9", "kd.logit_standardize=true",
+                                     "kd.baseline=true", f"run.out_dir={tmp_path}", "run.name=x"])
+    base = train_student.baseline_config(cfg)
+    validate(base)
+    assert base.kd.method == "kd" and base.kd.alpha == 1.0 and not kd_methods.uses_teacher(base)
+    assert base.kd.dkd.alpha == 1.0 and not base.kd.logit_standardize
+
+
+# ---- resume: what the run reads, and changed defaults -----------------------------------------------------------
+def test_a_kd_run_saved_with_the_old_dist_defaults_resumes(stopped_runs, tmp_path):
+    """A plain kd run saved when kd.dist.beta and gamma defaulted to 1 continues: DIST's section does not affect
+    it (it was refused with "kd.dist.beta = 1.0 in the run, 2.0 now")."""
+    run = _copy_run(stopped_runs, "ts", tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    ckpt["config"]["kd"]["dist"].update(beta=1.0, gamma=1.0)
+    save_checkpoint(ckpt, last)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["kd"]["dist"].update(beta=1.0, gamma=1.0)
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    proc = run_main("train_student.py", *TINY, "kd.alpha=1", f"run.out_dir={tmp_path}", "run.name=ts",
+                    "run.resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["epoch"] for m in read_metrics(run)] == [0, 1]
+
+
+def test_a_dist_run_with_the_old_default_is_refused_naming_it():
+    """A dist run saved with beta = 1 (the default before it changed) is refused, and the message says so and how
+    to continue it; a run saved before a key existed counts with the value the key's `before` records."""
+    current = load_config(Config, None, ["kd.method=dist"])
+    saved = load_config(Config, None, ["kd.method=dist", "kd.dist.beta=1"])
+    from common.config import to_plain
+    with pytest.raises(UserError) as err:
+        check_resume_config(to_plain(saved), current, "last.pt")
+    assert ("kd.dist.beta = 1.0 in the run (its default before it changed: resume with kd.dist.beta=1.0), "
+            "2.0 now") in str(err.value)
+    old = to_plain(saved)
+    del old["kd"]["dist"]["gamma"]  # a run saved before the key existed ran with its `before` value, 1
+    with pytest.raises(UserError) as err:
+        check_resume_config(old, load_config(Config, None, ["kd.method=dist", "kd.dist.beta=1"]), "last.pt")
+    assert "kd.dist.gamma = 1.0 in the run (saved before this key existed" in str(err.value)
+    check_resume_config(old, load_config(Config, None, ["kd.method=dist", "kd.dist.beta=1", "kd.dist.gamma=1"]),
+                        "last.pt")
+
+
+def test_gan_vae_records_its_gained_key_with_the_same_mechanism():
+    from gan_vae import continual
+    fields = {f.name: f for f in dataclasses.fields(continual.StudentConfig)}
+    assert fields["self_replay"].metadata["before"] == 0.0
+    assert not hasattr(continual, "GAINED_KEYS")
+
+
+# ---- each method labels its loss --------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", list(kd_methods.KD_METHODS))
+def test_every_method_labels_its_loss_with_its_weights(method):
+    cfg = load_config(Config, None, [f"kd.method={method}", *(["teacher.mode=online"] if method == "fitnet" else [])])
+    label = kd_methods.loss_label(cfg)
+    assert "CE" in label
+    if method == "fitnet":  # no temperature: nothing is T²-scaled
+        assert label == "1 CE + 100 feature-map MSE"
+
+
+def test_the_results_line_names_explicit_weights_not_kd_alpha(capsys):
+    from engine.report import print_results
+    cfg = load_config(Config, None, ["kd.ce_weight=0.1", "kd.kd_weight=9"])
+    print_results("t", {"KD student": {"kd/method": "kd", "kd/loss": kd_methods.loss_label(cfg)}})
+    out = capsys.readouterr().out
+    assert "KD student: the student distilled from the teacher (kd.method=kd: 0.1 CE + 9 T² KL)" in out
+    assert "kd.alpha" not in out
