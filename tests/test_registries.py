@@ -453,7 +453,8 @@ def test_every_agent_strategy_and_difficulty_score_runs_and_resumes_exactly(agen
                                                                             restored_registries):
     argv = [*CONTRACT_RUN, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refresh_every=1",
             *_plugin_args(agent[1], strategy[1], score[1]), f"agent.name={agent[0]}",
-            f"curriculum.strategy={strategy[0]}", f"difficulty.score={score[0]}"]
+            f"curriculum.strategy={strategy[0]}", f"difficulty.score={score[0]}",
+            *(["agent.ppo.n_steps=2", "agent.ppo.batch_size=2"] if agent[0] == "ppo" else [])]  # PPO updates once
     _run_and_resume("train_student_rl.py", argv, tmp_path / "runs")
     assert len(list((tmp_path / "runs" / "killed" / "difficulty").glob("epoch_*.npy"))) == 1  # epoch 2 refreshed
 
