@@ -216,6 +216,25 @@ def validate(cfg) -> None:
     check(kd.temperature_min <= kd.temperature_max, f"kd.temperature_min={kd.temperature_min} is above "
                                                     f"kd.temperature_max={kd.temperature_max}; need min <= max")
     check_terms(cfg)
+    check_read_keys(cfg)
+
+
+def check_read_keys(cfg) -> None:
+    """Refuse, naming them, keys set away from their default that the run's choices do not read (a key that does
+    nothing is refused, not ignored): data.root without an mnist or fashion_mnist task, the Inception weights with
+    the domain classifier's features, the domain classifier's keys with Inception's."""
+    from gan_vae.tasks import DOMAINS, parse_task
+    unread = []
+    if cfg.data.root != DataConfig().root and not any(parse_task(s)["source"] in DOMAINS for s in cfg.data.tasks):
+        unread.append(f"data.root={cfg.data.root} (only mnist and fashion_mnist tasks read it; these tasks are .npz "
+                      "files)")
+    domain_only = {"fid.cache_dir": "", "fid.classifier_epochs": FIDConfig().classifier_epochs}
+    for key, default in ({"fid.inception_path": ""} if cfg.fid.backend == "domain" else domain_only).items():
+        value = OmegaConf.select(cfg, key)
+        if value != default:
+            unread.append(f"{key}={value} (fid.backend={cfg.fid.backend} does not read it: only "
+                          f"fid.backend={'inception' if cfg.fid.backend == 'domain' else 'domain'} does)")
+    check(not unread, f"{'; '.join(unread)}. A key that would do nothing is refused; drop it")
 
 
 def branches_from(path: Path, run_dir: Path) -> bool:

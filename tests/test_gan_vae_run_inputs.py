@@ -279,3 +279,38 @@ def test_a_folder_at_the_fid_classifier_cache_file_is_refused_before_training(tm
         with pytest.raises(UserError, match="in fid.cache_dir is not a file"):
             train_domain_classifier([task], 1, 1, 0, tmp_path, torch.device("cpu"))
     assert trained == [1]  # refused before training again
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keys the run's choices do not read: refused, not ignored
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,fragment", [
+    (["data.root=elsewhere"], "data.root=elsewhere (only mnist and fashion_mnist tasks read it"),
+    (["fid.inception_path=WEIGHTS"], "fid.inception_path=WEIGHTS (fid.backend=domain does not read it"),
+    (["fid.backend=inception", "fid.inception_path=WEIGHTS"], "fid.cache_dir=TMP/fid (fid.backend=inception does not"),
+    (["fid.backend=inception", "fid.inception_path=WEIGHTS"], "fid.classifier_epochs=2 (fid.backend=inception"),
+])
+def test_a_key_the_run_does_not_read_is_refused(domains, tmp_path, overrides, fragment):  # noqa: F811
+    from common.config import load_config
+    from common.errors import UserError
+    weights = tmp_path / "weights.pth"
+    torch.save({"w": torch.zeros(3)}, weights)
+    overrides = [o.replace("WEIGHTS", str(weights)) for o in overrides]
+    cfg = load_config(continual.ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]), *overrides])
+    with pytest.raises(UserError) as err:
+        continual.validate(cfg)
+    assert fragment.replace("WEIGHTS", str(weights)).replace("TMP", str(tmp_path)) in str(err.value)
+    assert "A key that would do nothing is refused" in str(err.value)
+
+
+def test_a_key_the_run_reads_is_accepted(domains, tmp_path):  # noqa: F811
+    from common.config import load_config
+    cfg = load_config(continual.ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]),
+                                                         "data.tasks=[mnist]", "data.root=elsewhere"])
+    continual.validate(cfg)
+
+
+def test_evaluate_refuses_a_key_the_run_does_not_read(finished):
+    _, run_dir = finished
+    proc = call_main(evaluate.main, [run_dir, "data.root=elsewhere"])
+    assert_clean_error(proc, "data.root=elsewhere (only mnist and fashion_mnist tasks read it")
