@@ -314,3 +314,23 @@ def test_evaluate_refuses_a_key_the_run_does_not_read(finished):
     _, run_dir = finished
     proc = call_main(evaluate.main, [run_dir, "data.root=elsewhere"])
     assert_clean_error(proc, "data.root=elsewhere (only mnist and fashion_mnist tasks read it")
+
+
+def test_torchvision_tasks_are_fingerprinted_by_their_raw_files_wherever_data_root_is(tmp_path):
+    """An mnist task reads torchvision's four raw files under data.root: their digests, by names that do not hold
+    data.root (a key a resume may change), so a copy elsewhere matches and a repainted file does not."""
+    from common.config import load_config
+    from gan_vae.tasks import TORCHVISION_FILES, data_fingerprints
+    for root in ("a", "b"):
+        raw = tmp_path / root / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for name in TORCHVISION_FILES:
+            (raw / name).write_bytes(name.encode())
+    first, second = data_fingerprints(["mnist"], str(tmp_path / "a")), data_fingerprints(["mnist"], str(tmp_path / "b"))
+    assert first == second and sorted(first[0]) == sorted(f"MNIST/raw/{n}" for n in TORCHVISION_FILES)
+    (tmp_path / "b" / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(b"repainted")
+    cfg = load_config(continual.ContinualConfig, None, ["data.tasks=[mnist]", f"data.root={tmp_path / 'b'}"])
+    now = data_fingerprints(["mnist"], str(tmp_path / "b"))
+    name = "MNIST/raw/t10k-images-idx3-ubyte"
+    assert continual.data_changes(first, now, cfg) == [
+        f"task 0 (mnist): {tmp_path / 'b' / name} (SHA-256 {first[0][name][:12]}... then, {now[0][name][:12]}... now)"]
