@@ -188,7 +188,7 @@ class ContinualConfig:
     log: LogConfig = section(LogConfig)
 
 
-def validate(cfg) -> None:
+def validate(cfg, unread: bool = True) -> None:
     """Every key against its declared range (utils.check_ranges; load_config has done it already, this covers a
     config changed in code), then the checks that involve several keys or a file."""
     check_ranges(cfg)
@@ -216,13 +216,15 @@ def validate(cfg) -> None:
     check(kd.temperature_min <= kd.temperature_max, f"kd.temperature_min={kd.temperature_min} is above "
                                                     f"kd.temperature_max={kd.temperature_max}; need min <= max")
     check_terms(cfg)
-    check_read_keys(cfg)
+    if unread:
+        check_read_keys(cfg)
 
 
-def check_read_keys(cfg) -> None:
+def check_read_keys(cfg, keys: set[str] | None = None) -> None:
     """Refuse, naming them, keys set away from their default that the run's choices do not read (a key that does
     nothing is refused, not ignored): data.root without an mnist or fashion_mnist task, the Inception weights with
-    the domain classifier's features, the domain classifier's keys with Inception's."""
+    the domain classifier's features, the domain classifier's keys with Inception's. `keys`: only these (None:
+    every key)."""
     from gan_vae.tasks import DOMAINS, parse_task
     unread = []
     if cfg.data.root != DataConfig().root and not any(parse_task(s)["source"] in DOMAINS for s in cfg.data.tasks):
@@ -234,6 +236,7 @@ def check_read_keys(cfg) -> None:
         if value != default:
             unread.append(f"{key}={value} (fid.backend={cfg.fid.backend} does not read it: only "
                           f"fid.backend={'inception' if cfg.fid.backend == 'domain' else 'domain'} does)")
+    unread = [u for u in unread if keys is None or u.split("=")[0] in keys]
     check(not unread, f"{'; '.join(unread)}. A key that would do nothing is refused; drop it")
 
 

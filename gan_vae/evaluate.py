@@ -30,8 +30,8 @@ from common.errors import UserError
 from common.files import write_json
 from common.rundir import lock_run_dir, make_dirs
 from gan_vae import forgetting
-from gan_vae.continual import (ContinualConfig, ContinualRun, changed_config_keys, check_same_data,
-                               check_run_paths, check_same_fid_features, file_digest, validate)
+from gan_vae.continual import (ContinualConfig, ContinualRun, changed_config_keys, check_read_keys, check_run_paths,
+                               check_same_data, check_same_fid_features, file_digest, validate)
 
 # The keys an evaluation may override: where it runs and where it reads from, none of which changes what is measured
 # (the data and the FID features it reads are checked against the run's fingerprints). Every other key was fixed by
@@ -130,7 +130,8 @@ def main(argv: list[str]) -> None:
     saved = load_config(ContinualConfig, str(run_dir / "config.yaml"))  # the run's own config
     cfg = load_config(ContinualConfig, str(run_dir / "config.yaml"), argv[1:])
     check_overrides(saved, cfg, run_dir)
-    validate(cfg)
+    validate(cfg, unread=False)  # what the run's own config.yaml holds was accepted when it started
+    check_read_keys(cfg, {key for key, *_ in config_differences(to_plain(saved), cfg, ())})
     make_dirs({"the run directory": run_dir}, probe=True)  # before the work: it rewrites results.json at the end
     check_run_paths(run_dir, len(cfg.data.tasks))  # and the report and heatmaps
     lock = lock_run_dir(run_dir)  # not while the run trains, nor beside another evaluation of it

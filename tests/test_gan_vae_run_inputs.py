@@ -203,9 +203,14 @@ def test_evaluate_refuses_overrides_that_change_what_was_measured(finished, over
 
 def test_evaluate_takes_the_keys_that_change_no_number_and_old_checkpoints_with_a_note(finished, tmp_path):
     """train.device, fid.cache_dir (the same cache) and a key set to the run's own value are accepted and reproduce
-    the run's matrices; a task checkpoint of an older gan_vae, without fingerprints, is evaluated with a note."""
+    the run's matrices; a task checkpoint of an older gan_vae, without fingerprints, is evaluated with a note, and
+    a key its config.yaml holds that runs now refuse as unread (data.root with .npz tasks) does not stop it."""
+    from omegaconf import OmegaConf
     _, origin = finished
     run_dir = _copy(origin, f"evaluate_ok_{tmp_path.name}")
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    saved.data.root = "elsewhere"
+    OmegaConf.save(saved, run_dir / "config.yaml")
     task_0 = run_dir / "checkpoints" / "task_0.pt"
     ckpt = torch.load(task_0, weights_only=False)
     del ckpt["data"], ckpt["fid_features"]
