@@ -53,15 +53,15 @@ from common.metrics import MetricLogger, read_jsonl
 from common.plots import plot_curves
 from common.registry import compose_schema, holds_sections_of
 from common.rng import rng_state, seed_everything, set_rng_state
-from common.rundir import (check_program, checkpoint_program, claim_run_dir, default_run_name, make_dirs, plan_run_dir,
-                           read_saved_config, require_entries, run_name)
+from common.rundir import (RUN_RECORD, check_program, checkpoint_program, claim_run_dir, default_run_name, make_dirs,
+                           plan_run_dir, read_run_record, read_saved_config, require_entries, run_name)
 from gan_vae import forgetting
 from gan_vae.evaluation import METRICS, Evaluation, fid_bar
 from gan_vae.experts import EXPANSION_RULES, Expert, ExpertPool
 from gan_vae.fid import FIDEvaluator, check_inception_path
 from gan_vae.losses import STUDENT_LOSSES, check_terms
 from gan_vae.student import StudentLearner
-from gan_vae.tasks import domain_tensor, load_task
+from gan_vae.tasks import data_fingerprints, domain_tensor, load_task, task_files
 
 
 # ================================================================================================================
@@ -194,7 +194,7 @@ class ContinualConfig:
     log: LogConfig = section(LogConfig)
 
 
-def validate(cfg) -> None:
+def validate(cfg, unread: bool = True) -> None:
     """Every key against its declared range (utils.check_ranges; load_config has done it already, this covers a
     config changed in code), then the checks that involve several keys or a file."""
     check_ranges(cfg)
@@ -223,6 +223,28 @@ def validate(cfg) -> None:
                                                     f"kd.temperature_max={kd.temperature_max}; need min <= max")
     check_terms(cfg)
     EXPANSION_RULES.validate(cfg, cfg.teacher.expansion)
+    if unread:
+        check_read_keys(cfg)
+
+
+def check_read_keys(cfg, keys: set[str] | None = None) -> None:
+    """Refuse, naming them, keys set away from their default that the run's choices do not read (a key that does
+    nothing is refused, not ignored): data.root without an mnist or fashion_mnist task, the Inception weights with
+    the domain classifier's features, the domain classifier's keys with Inception's. `keys`: only these (None:
+    every key)."""
+    from gan_vae.tasks import DOMAINS, parse_task
+    unread = []
+    if cfg.data.root != DataConfig().root and not any(parse_task(s)["source"] in DOMAINS for s in cfg.data.tasks):
+        unread.append(f"data.root={cfg.data.root} (only mnist and fashion_mnist tasks read it; these tasks are .npz "
+                      "files)")
+    domain_only = {"fid.cache_dir": "", "fid.classifier_epochs": FIDConfig().classifier_epochs}
+    for key, default in ({"fid.inception_path": ""} if cfg.fid.backend == "domain" else domain_only).items():
+        value = OmegaConf.select(cfg, key)
+        if value != default:
+            unread.append(f"{key}={value} (fid.backend={cfg.fid.backend} does not read it: only "
+                          f"fid.backend={'inception' if cfg.fid.backend == 'domain' else 'domain'} does)")
+    unread = [u for u in unread if keys is None or u.split("=")[0] in keys]
+    check(not unread, f"{'; '.join(unread)}. A key that would do nothing is refused; drop it")
 
 
 def branches_from(path: Path, run_dir: Path) -> bool:
@@ -337,6 +359,55 @@ def check_config_matches_checkpoint(ckpt: dict, path: Path, cfg, run_dir: Path) 
                         "the end of a task's teacher phase (run.resume=<run>/checkpoints/task_<i>_teacher.pt)")
 
 
+def data_changes(recorded: list, current: list[dict[str, str]], cfg) -> list[str]:
+    """'task i (spec): file' for each file whose content differs from its digest in `recorded` (a checkpoint's
+    "data": data_fingerprints of the same task list), with both digests."""
+    changes = []
+    for i, (spec, before, now) in enumerate(zip(cfg.data.tasks, recorded, current)):
+        for name, digest in before.items():
+            if now.get(name) != digest:
+                path = task_files(spec, cfg.data.root).get(name, name)
+                changes.append(f"task {i} ({spec}): {path} (SHA-256 {digest[:12]}... then, "
+                               f"{str(now.get(name))[:12]}... now)")
+    return changes
+
+
+def check_same_data(ckpt: dict, path: Path, current: list[dict[str, str]], cfg, doing: str) -> bool:
+    """Refuse, naming each task and file, when a task's data file differs from what checkpoint `ckpt` (read from
+    `path`) recorded: the finished tasks were trained and measured on the old content, so `doing` (continuing,
+    re-evaluating) would mix two datasets in one set of results. A checkpoint of an older gan_vae records no
+    fingerprints: that cannot be checked, which a note says; returns False then (True: checked)."""
+    recorded = ckpt.get("data")
+    if recorded is None:
+        print(f"note: {path} was written by an older gan_vae, which recorded no content fingerprint of the task "
+              "files, so whether they changed since cannot be checked; " + (
+                  "this run records them from now on (run.json: data_recorded_on_resume)" if doing == "resuming"
+                  else "the numbers are those of the files as they are now"), file=sys.stderr)
+        return False
+    changes = data_changes(recorded, current, cfg)
+    if changes:
+        raise UserError(f"the data of {path} changed since it was written: {'; '.join(changes)}. Its tasks were "
+                        f"trained and measured on the old content, and {doing} on the new would mix two datasets in "
+                        "one set of results. Restore the file(s), or start a new run (another run.name) on the new "
+                        "data")
+    return True
+
+
+def check_same_fid_features(ckpt: dict, path: Path, digest: str | None, doing: str) -> None:
+    """Refuse when the FID features (the domain classifier from fid.cache_dir, or the Inception weights) differ
+    from those checkpoint `ckpt` measured with: FIDs in other features do not compare. Older checkpoints record
+    none (nothing to compare)."""
+    recorded = ckpt.get("fid_features")
+    if recorded is not None and recorded != digest:
+        raise UserError(f"the FID features differ from those {path} was measured with (weights SHA-256 "
+                        f"{recorded[:12]}... then, {str(digest)[:12]}... now): the domain classifier cached in "
+                        "fid.cache_dir was trained again (the cache was deleted or moved, or this is another machine "
+                        "or device, whose kernels round differently) or fid.inception_path holds other weights. FIDs "
+                        f"in other features do not compare, so {doing} is refused. Restore the cached classifier "
+                        "(fid_cache/domain_classifier_*.pt) or the weights file the run used, or start a new run "
+                        "(another run.name)")
+
+
 # ================================================================================================================
 # The run: ContinualRun drives the expert pool (gan_vae.experts), the student learner (gan_vae.student) and the
 # evaluation (gan_vae.evaluation) task by task, and logs, draws sample grids and writes checkpoints.
@@ -350,6 +421,7 @@ class ContinualRun:
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
         seed_everything(cfg.train.seed)
         self.tasks = [load_task(spec, cfg.data.root, cfg.train.seed, cfg.data.test_fraction) for spec in cfg.data.tasks]
+        self.data = data_fingerprints(cfg.data.tasks, cfg.data.root)  # recorded in checkpoints, checked on resume
         ch = cfg.data.channels
         self.train_x = [domain_tensor(t.train_images, ch, t.background) for t in self.tasks]
         self.test_x = [domain_tensor(t.test_images, ch, t.background) for t in self.tasks]
@@ -440,7 +512,8 @@ class ContinualRun:
         return {**self.pool.state(), **self.learner.state(), "matrices": self.evaluation.matrices,
                 "progress": self.progress, "tasks": list(self.cfg.data.tasks), "rng": rng_state(),
                 "config": to_plain(self.cfg), "fid_info": self.evaluation.fid_info, "program": PROGRAM,
-                "inherited_tasks": self.inherited_tasks}
+                "inherited_tasks": self.inherited_tasks, "data": self.data,
+                "fid_features": self.evaluation.features_digest}
 
     def save(self, name: str) -> None:
         save_checkpoint(self.state(), self.run_dir / "checkpoints" / name)
@@ -602,6 +675,42 @@ def progress_order(record: dict) -> tuple[int, int, int]:
     return record["task"], PHASES[record["phase"]], record["step"]
 
 
+# What a gan_vae run, and gan_vae.evaluate, write into a run directory beyond what every program writes (common.rundir
+# checks those): folders, and files (per task: task_<i>.pt, task_<i>_teacher.pt).
+RUN_FOLDERS = ("checkpoints", "samples", "mixed_samples")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "experts.json", "forgetting_report.md", "loss_teacher.png",
+             "loss_student.png", *(f"heatmap_{key}.png" for key in METRICS), "checkpoints/last.pt")
+
+
+def check_run_paths(run_dir: Path, tasks: int) -> None:
+    """Refuse, naming them, paths of the run directory that hold something of another kind than the run keeps there
+    (a folder at checkpoints/task_1.pt, a file at samples/, a dangling link): the run would stop at its first write
+    there, after hours of work, or take it for absent. Checked before anything is touched."""
+    files = [*RUN_FILES, *(f"checkpoints/task_{i}{kind}.pt" for i in range(tasks) for kind in ("", "_teacher"))]
+    wrong = [f"{rel} (a folder is expected)" for rel in RUN_FOLDERS
+             if _occupied(run_dir / rel) and not (run_dir / rel).is_dir()]
+    wrong += [f"{rel} (a file is expected)" for rel in files
+              if _occupied(run_dir / rel) and not (run_dir / rel).is_file()]
+    if wrong:
+        raise UserError(f"{run_dir} holds something of another kind where the run keeps its own: "
+                        f"{'; '.join(wrong)}. Nothing was touched. Move it out of the way (or restore the run's own), "
+                        "then run again")
+
+
+def _occupied(path: Path) -> bool:
+    return path.exists() or path.is_symlink()  # a dangling link occupies the name too
+
+
+def record_data(run_dir: Path, data: list[dict[str, str]], cfg, checked: bool) -> None:
+    """The task files' fingerprints in the run's record (run.json), beside those in every checkpoint; a resume from
+    a checkpoint that recorded none notes when the fingerprints started to be recorded."""
+    record = read_run_record(run_dir)
+    record["data"] = [{"task": spec, "files": files} for spec, files in zip(cfg.data.tasks, data)]
+    if not checked:
+        record["data_recorded_on_resume"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json(run_dir / RUN_RECORD, record)
+
+
 def main(argv: list[str]) -> None:
     cfg = parse_config(ContinualConfig, argv, prog="python -m gan_vae.continual", doc=__doc__)
     validate(cfg)
@@ -625,17 +734,24 @@ def main(argv: list[str]) -> None:
     elif cfg.run.resume:  # stopped before its first checkpoint: restart it, with the config it was started with
         check_config_matches_checkpoint({"config": read_saved_config(plan.run_dir) or to_plain(cfg)},
                             plan.run_dir / "config.yaml", cfg, plan.run_dir)
+    check_run_paths(plan.run_dir, len(cfg.data.tasks))
     make_dirs({"run.out_dir": Path(cfg.run.out_dir), **({"fid.cache_dir": Path(cfg.fid.cache_dir)}
                                                           if cfg.fid.cache_dir else {})}, dist, probe=True)
     run = ContinualRun(cfg, None, dist.device)  # loads every task: a task without images fails before the run dir
+    data_checked = ckpt is None or check_same_data(ckpt, resume_from, run.data, cfg, "resuming")
     with claim_run_dir(plan, PROGRAM, dist) as run_dir:  # locked; removed again if a start-up check fails
         run.run_dir = run_dir
+        start = time.perf_counter()
+        if ckpt is not None:  # the FID features are checked before anything in the run directory changes
+            run.build_fid()  # before loading a checkpoint: the RNG state it restores must be the last word
+            check_same_fid_features(ckpt, resume_from, run.evaluation.features_digest, "resuming")
         if resume_from is None and cfg.run.resume:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         save_config(cfg, run_dir)  # now: a run killed before its first checkpoint can be restarted (and checked)
-        start = time.perf_counter()
-        run.build_fid()  # before loading a checkpoint: the RNG state it restores must be the last word
-        if ckpt is not None:
+        record_data(run_dir, run.data, cfg, data_checked)
+        if ckpt is None:
+            run.build_fid()
+        else:
             run.load(ckpt, resume_from)
             print(f"resumed from {resume_from}: task {run.progress['task']}, {run.progress['phase']} step "
                   f"{run.progress['step']}")

@@ -1,15 +1,17 @@
 """Re-evaluate a saved continual run from its per-task checkpoints.
 
     python -m gan_vae.evaluate runs/<run>
-    python -m gan_vae.evaluate runs/<run> fid.samples=2000      # config overrides apply on top of its config.yaml
+    python -m gan_vae.evaluate runs/<run> train.device=cuda     # only keys that cannot change a number: EVALUATE_KEYS
 
 Rebuilds every row R[i][·] from the state after task i with the run's own config (FID features, sample counts,
-seeds), then rewrites results.json (keeping the run's time/wall_s), forgetting_report.md and the heatmaps, and
-prints the report. The state after task i is the run's checkpoints/task_i.pt or, for a run started from another
-run's task checkpoint (run.resume=<run>/checkpoints/task_<k>.pt), the other run's checkpoints of the tasks before
-it, as the run recorded them (path and SHA-256); a missing or replaced one is refused, never skipped. With the
-run's own config the matrices are reproduced exactly: every evaluation draws its samples from a generator seeded by
-(seed, task, evaluated task). Everything it reads is checked before the work starts.
+seeds; an override of any other key is refused, naming it: a new run measures other settings), then rewrites
+results.json (keeping the run's time/wall_s), forgetting_report.md and the heatmaps, and prints the report. The
+state after task i is the run's checkpoints/task_i.pt or, for a run started from another run's task checkpoint
+(run.resume=<run>/checkpoints/task_<k>.pt), the other run's checkpoints of the tasks before it, as the run
+recorded them (path and SHA-256); a missing or replaced one is refused, never skipped. With the run's own config
+the matrices are reproduced exactly: every evaluation draws its samples from a generator seeded by (seed, task,
+evaluated task). Everything it reads is checked before the work starts, the task files and the FID features
+against the fingerprints the checkpoints recorded.
 """
 from __future__ import annotations
 
@@ -22,13 +24,19 @@ from tqdm import tqdm
 
 from common.checkpoint import load_checkpoint
 from common.cli import run_cli
-from common.config import load_config
+from common.config import config_differences, load_config, to_plain
 from common.distributed import setup_distributed
 from common.errors import UserError
 from common.files import write_json
 from common.rundir import lock_run_dir, make_dirs
 from gan_vae import forgetting
-from gan_vae.continual import ContinualConfig, ContinualRun, changed_config_keys, file_digest, validate
+from gan_vae.continual import (ContinualConfig, ContinualRun, changed_config_keys, check_read_keys, check_run_paths,
+                               check_same_data, check_same_fid_features, file_digest, validate)
+
+# The keys an evaluation may override: where it runs and where it reads from, none of which changes what is measured
+# (the data and the FID features it reads are checked against the run's fingerprints). Every other key was fixed by
+# the run: another seed or test split, another network, other FID settings would measure something else.
+EVALUATE_KEYS = ("train.device", "data.root", "fid.cache_dir", "fid.inception_path")
 
 
 def own_task_checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -119,30 +127,49 @@ def main(argv: list[str]) -> None:
     run_dir = Path(argv[0])
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a gan_vae run directory (no config.yaml)")
+    saved = load_config(ContinualConfig, str(run_dir / "config.yaml"))  # the run's own config
     cfg = load_config(ContinualConfig, str(run_dir / "config.yaml"), argv[1:])
-    validate(cfg)
+    check_overrides(saved, cfg, run_dir)
+    validate(cfg, unread=False)  # what the run's own config.yaml holds was accepted when it started
+    check_read_keys(cfg, {key for key, *_ in config_differences(to_plain(saved), cfg, ())})
     make_dirs({"the run directory": run_dir}, probe=True)  # before the work: it rewrites results.json at the end
+    check_run_paths(run_dir, len(cfg.data.tasks))  # and the report and heatmaps
     lock = lock_run_dir(run_dir)  # not while the run trains, nor beside another evaluation of it
     try:
-        evaluate_run(run_dir, cfg)
+        evaluate_run(run_dir, cfg, saved)
     finally:
         lock.release()
 
 
-def evaluate_run(run_dir: Path, cfg) -> None:
+def check_overrides(saved, cfg, run_dir: Path) -> None:
+    """Refuse, naming them, the overrides that would change what the run measured: every key but EVALUATE_KEYS
+    whose value (after the overrides) differs from the run's config.yaml. An override equal to the run's value
+    changes nothing and passes."""
+    changed = config_differences(to_plain(saved), cfg, EVALUATE_KEYS)
+    if changed:
+        listing = "; ".join(f"{k} = {json.dumps(n)} (the run's config.yaml: {json.dumps(o)})" for k, o, n in changed)
+        raise UserError(f"gan_vae.evaluate re-measures {run_dir} as the run was made, and these overrides would "
+                        f"change what it measured: {listing}. It takes only {', '.join(EVALUATE_KEYS)}. To measure "
+                        "other settings, start a new run with them (python -m gan_vae.continual, another run.name)")
+
+
+def evaluate_run(run_dir: Path, cfg, saved) -> None:
     """Check every file evaluation reads, then rebuild the matrices and write results.json and the report."""
     cfg.run.out_dir = str(run_dir.parent)
     dist = setup_distributed(cfg.train.device)
     previous = read_previous_results(run_dir / "results.json")
-    saved = load_config(ContinualConfig, str(run_dir / "config.yaml"))  # without this evaluation's overrides
     sources = task_checkpoints(run_dir)
     checkpoints = []
     for i, (path, digest) in enumerate(sources):  # all of them before any work
         ckpt = load_checkpoint(path)
         check_task_checkpoint(ckpt, path, i, digest, saved, cfg)
         checkpoints.append((path, ckpt))
-    run = ContinualRun(cfg, None, dist.device)
+    run = ContinualRun(cfg, None, dist.device)  # reads the task files: checked against what each checkpoint saw
+    for path, ckpt in checkpoints:
+        check_same_data(ckpt, path, run.data, cfg, "re-evaluating")
     run.build_fid()
+    for path, ckpt in checkpoints:
+        check_same_fid_features(ckpt, path, run.evaluation.features_digest, "re-evaluating")
     evaluator, fid_info = run.evaluation.evaluator, run.evaluation.fid_info
     matrices = {}
     for i, (path, ckpt) in enumerate(tqdm(checkpoints, desc="re-evaluating task checkpoints", leave=False)):

@@ -9,7 +9,8 @@ from tqdm import tqdm
 
 from gan_vae import forgetting
 from gan_vae.experts import ExpertPool
-from gan_vae.fid import FeatureModule, FeaturesOf, FIDEvaluator, inception_features, train_domain_classifier
+from gan_vae.fid import (FeatureModule, FeaturesOf, FIDEvaluator, inception_features, train_domain_classifier,
+                         weights_digest)
 from models import TaskVAE
 
 
@@ -39,6 +40,7 @@ class Evaluation:
         self.matrices = {k: [] for k in (*METRICS, *(f"{k}_samples" for k in FID_METRICS))}
         self.fid_info: dict = {}
         self.evaluator: FIDEvaluator | None = None
+        self.features_digest: str | None = None  # of the FID features' weights (fid.weights_digest), once built
 
     def build(self) -> None:
         cfg = self.cfg
@@ -52,6 +54,7 @@ class Evaluation:
             features = inception_features(cfg.fid.inception_path, cfg.data.channels, self.device)
             self.fid_info = {"backend": "inception"}
         self.evaluator = FIDEvaluator(features, cfg.fid.samples)
+        self.features_digest = weights_digest(features)
         count = len(self.tasks)
         bar = fid_bar(2 * count + count * count, "FID: real statistics and real-vs-real reference")
         for j, x in enumerate(self.test_x):

@@ -79,6 +79,17 @@ class FeatureModule(nn.Module):
         return self.extractor(x).double().cpu()
 
 
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state (each entry's name, dtype, shape and bytes, in state_dict order): identifies the
+    FID features a run measured with, so that a resume or re-evaluation in other features is noticed."""
+    h = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        h.update(f"{name}:{value.dtype}:{list(value.shape)}".encode())
+        h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class FeaturesOf(nn.Module):
     """A model's `features` method as a module's forward."""
 
@@ -113,6 +124,11 @@ def train_domain_classifier(tasks: list[TaskData], channels: int, epochs: int, s
             h.update(np.ascontiguousarray(arr).tobytes())
     h.update(json.dumps(["domain-clf-v2", keys, channels, epochs, seed, [first[k].background for k in keys]]).encode())
     path = Path(cache_dir) / f"domain_classifier_{h.hexdigest()[:16]}.pt"
+    for taken in (path, path.with_suffix(".lock")):  # else found only when the trained classifier is saved
+        if (taken.exists() or taken.is_symlink()) and not taken.is_file():
+            raise UserError(f"{taken} in fid.cache_dir is not a file (a folder, or a dangling link), where the FID "
+                            "domain classifier's cache keeps one; move it out of the way, or set another "
+                            "fid.cache_dir")
     model = DomainClassifier(channels, n).to(device)
     lock = FileLock(str(path.with_suffix(".lock")))
     try:  # runs sharing fid.cache_dir train it once: the others wait, then load it

@@ -1,7 +1,8 @@
 """Image domains for continual generative learning: tasks over MNIST, Fashion-MNIST or .npz arrays.
 
 A task is a spec `source[:classes=...][:invert][:rotate=DEG]` (`parse_task`) loaded into uint8 arrays
-(`load_task`); `domain_tensor` turns them into the models' [-1, 1] input.
+(`load_task`); `domain_tensor` turns them into the models' [-1, 1] input. `data_fingerprints` gives the content
+digest of every file a task reads, which a run records so that a resume or re-evaluation notices changed data.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from common.content_hash import file_digests
 from common.errors import UserError
 
 DOMAINS = ("mnist", "fashion_mnist")
@@ -156,6 +158,35 @@ def _load_torchvision(name: str, root: Path, train: bool) -> tuple[np.ndarray, n
                         f"files under {root}, or use .npz tasks, e.g. data.tasks=[../shared/data/mnist_test.npz,"
                         "../shared/data/fashion_mnist_test_part.npz]") from None
     return ds.data.numpy().astype(np.uint8), ds.targets.numpy().astype(np.int64)
+
+
+TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # torchvision's class names
+
+
+def task_files(spec: str, root: str) -> dict[str, Path]:
+    """The files task `spec` reads, by a name that does not depend on data.root (a key that may change between
+    start and resume): an .npz task's path as the spec gives it, or torchvision's raw files as
+    `<class name>/raw/<file>` under data.root."""
+    source = parse_task(spec)["source"]
+    if source.endswith(".npz"):
+        return {source: Path(source)}
+    folder = f"{TORCHVISION_FOLDERS[source]}/raw"
+    return {f"{folder}/{name}": Path(root) / folder / name for name in TORCHVISION_FILES}
+
+
+def data_fingerprints(specs: list[str], root: str) -> list[dict[str, str]]:
+    """For each task of `specs`, {file name (task_files): SHA-256 of its bytes}. The digests come from
+    common.content_hash (memoised per folder: an unchanged file costs one stat), one call per folder, so that tasks
+    whose files share a folder keep each other's digests in its index."""
+    files = [task_files(spec, root) for spec in specs]
+    by_folder: dict[Path, list[Path]] = {}
+    for path in (p.resolve() for task in files for p in task.values()):
+        if path not in by_folder.setdefault(path.parent, []):
+            by_folder[path.parent].append(path)
+    digests: dict[Path, str] = {}
+    for folder, paths in by_folder.items():
+        digests.update(zip(paths, file_digests(folder, [str(p) for p in paths])))
+    return [{name: digests[path.resolve()] for name, path in task.items()} for task in files]
 
 
 MIN_TRAIN_IMAGES, MIN_TEST_IMAGES = 1, 3  # a task trains on something and has a test FID (more than 2 images)
