@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common import plugins
 from common.checkpoint import load_checkpoint
 from common.cli import run_cli
 from common.config import load_config
@@ -119,6 +120,9 @@ def main(argv: list[str]) -> None:
     run_dir = Path(argv[0])
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a gan_vae run directory (no config.yaml)")
+    run_plugins = plugins.of_run_dir(run_dir)
+    if run_plugins is not None:  # the run's own, from the files it recorded: refused when gone or changed
+        plugins.load_recorded(run_plugins)
     cfg = load_config(ContinualConfig, str(run_dir / "config.yaml"), argv[1:])
     validate(cfg)
     make_dirs({"the run directory": run_dir}, probe=True)  # before the work: it rewrites results.json at the end
