@@ -7,8 +7,7 @@ Each `run.plugins` item is a path to a `.py` file (relative to the working direc
 item may be given without brackets (`run.plugins=my_methods.py`). Its import registers entries (common.registry)
 with their config sections; the config is then composed and checked. The items come from the `--config` YAML file
 and the `run.plugins=[...]` override (the override wins, as for every key). They are saved in the run's
-config.yaml, so `--config <run>/config.yaml` imports them again; a resume (run.resume=auto) repeats the run's
-command line, run.plugins included.
+config.yaml, so `--config <run>/config.yaml` imports them again.
 
 A run's plugins are part of the run. Each item's file is hashed (SHA-256) when it is imported, and the run records
 them (`record`: run.json at its start, and every checkpoint). A resume (run.resume=auto, or a checkpoint path) and
@@ -232,7 +231,7 @@ def of_run_dir(run_dir: Path, continues: bool = True) -> RunPlugins | None:
         recorded = json.loads(record_file.read_text()).get(RECORD) if record_file.is_file() else None
     except (OSError, ValueError, AttributeError):
         recorded = None  # the program names a damaged run.json
-    if isinstance(recorded, list):
+    if _is_record(recorded):
         return RunPlugins([r["item"] for r in recorded], recorded, str(record_file), continues)
     try:
         saved = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
@@ -254,11 +253,17 @@ def _of_checkpoint(path: Path) -> RunPlugins | None:
     if not isinstance(ckpt, dict):  # weights alone (student.safetensors): the run directory they lie in
         return of_run_dir(path.parent, continues=False)
     recorded = ckpt.get(RECORD)
-    if isinstance(recorded, list):
+    if _is_record(recorded):
         return RunPlugins([r["item"] for r in recorded], recorded, str(path), continues=False)
     config = ckpt.get("config")
     items = config.get("run", {}).get("plugins") if isinstance(config, dict) else None
     return RunPlugins(_as_list(items or [], str(path)), None, str(path), continues=False) if items else None
+
+
+def _is_record(recorded: Any) -> bool:
+    """Whether `recorded` is what `record` writes (anything else is read as no record)."""
+    return isinstance(recorded, list) and all(isinstance(r, dict) and isinstance(r.get("item"), str)
+                                              and isinstance(r.get("path") or r.get("module"), str) for r in recorded)
 
 
 def load_recorded(run: RunPlugins) -> list[Any]:

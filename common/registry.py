@@ -13,7 +13,9 @@ An entry is a class or a function. Registering it is the whole of adding it: the
 accepts it, its config section (`kd.dkd.*`) joins the schema when the config is loaded (`compose_schema`), with its
 keys' ranges checked and listed by `--help` and the README tables, and its `validate(cfg)` (a classmethod or
 staticmethod, optional) runs before any work. An entry defined outside the repository is registered the same way
-from a plugin file named by `run.plugins` (common.plugins), imported before the config is read.
+from a plugin file named by `run.plugins` (common.plugins), imported before the config is read. What a plugin
+registers belongs to it: a config sees the built-in entries and those of its own plugins only (`plugin_scope`), so
+another config loaded in the same process neither accepts its names nor gains its sections.
 """
 from __future__ import annotations
 
