@@ -4,6 +4,7 @@ traceback. The example plugins (examples/plugins/) work from a copy of their fil
 computation."""
 import json
 import math
+import re
 import shutil
 import textwrap
 
@@ -171,6 +172,14 @@ def test_a_resume_refuses_keys_and_names_the_current_schema_lacks(tmp_path, isol
         check_resume_config(saved, load_config(Config), "the checkpoint")
     message = str(refused.value)
     assert "kd.nkd.temperature" in message and "kd.method=nkd" in message and str(plugin) in message
+    # gan_vae's resume check too: a loss term's keys the current config lacks
+    from gan_vae.continual import ContinualConfig, check_config_matches_checkpoint
+    tv = _example(tmp_path, "tv_loss.py")
+    saved_gan = to_plain(load_config(ContinualConfig, None, [f"run.plugins=[{tv}]"]))
+    run_dir = tmp_path / "gan_run"
+    with pytest.raises(UserError, match=r"holds student\.tv\.weight, .*run\.plugins=\[\"" + re.escape(str(tv))):
+        check_config_matches_checkpoint({"config": saved_gan}, run_dir / "checkpoints" / "last.pt",
+                                        load_config(ContinualConfig), run_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
