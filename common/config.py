@@ -17,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from common import plugins
 from common.distributed import _dist_on, all_gather_objects
 from common.errors import UserError
-from common.registry import Registry, compose_schema, registries_of
+from common.registry import Registry, compose_schema, plugin_scope, registries_of, schema_plugins
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,10 +190,17 @@ def check_ranges(cfg: DictConfig, schema: type | None = None) -> None:
     in code): every section is checked, also those of components (KD methods, agents) the run does not select, so
     that a bad value fails at once, not late in a run. `schema`: the config's dataclass (by default its own)."""
     schema = schema or OmegaConf.get_type(cfg)
-    for key, f, _ in _schema_leaves(schema):
-        message = range_error(key, OmegaConf.select(cfg, key), f.metadata.get("range"))
-        if message is not None:
-            raise UserError(message)
+    with _own_plugins(schema):
+        for key, f, _ in _schema_leaves(schema):
+            message = range_error(key, OmegaConf.select(cfg, key), f.metadata.get("range"))
+            if message is not None:
+                raise UserError(message)
+
+
+def _own_plugins(schema: type):
+    """The plugin scope of a schema (common.registry.plugin_scope): a registry key accepts the built-in entries and
+    those of the config's own plugins, not those another config loaded in this process imported."""
+    return plugin_scope(schema_plugins(compose_schema(schema)) or frozenset())
 
 
 def _restore_yaml_booleans(cfg: DictConfig, schema: type) -> None:
@@ -213,6 +220,12 @@ def config_help(schema: type, prog: str, doc: str | None) -> str:
     lines = [(doc or "").strip(), "", f"usage: {prog} [--config FILE.yaml ...] [key=value ...]", "",
              "Values come from the defaults below, then each --config FILE.yaml in order, then key=value overrides.",
              "", "keys (type, valid values = default: description); a float is never NaN or infinite:"]
+    with _own_plugins(schema):
+        _help_keys(schema, lines)
+    return "\n".join(lines)
+
+
+def _help_keys(schema: type, lines: list[str]) -> None:
     ranges = schema_ranges(schema)
     for key, type_name, default, text in iter_schema(schema):
         valid = ranges[key].describe() if key in ranges else ""
@@ -220,7 +233,6 @@ def config_help(schema: type, prog: str, doc: str | None) -> str:
         entries = registry_choices(ranges.get(key))
         if entries:
             lines.append(f"      {key} choices: {entries}")
-    return "\n".join(lines)
 
 
 def config_markdown(schema: type, base: type | None = None) -> str:
@@ -350,11 +362,37 @@ def load_config(schema: type, config_file: str | Path | list[str | Path] | None 
 
     Unknown keys, values of the wrong type and values outside a key's declared range (`opt(..., ge=0)`, see
     `check_ranges`) raise UserError naming the key, before the caller does any work. The plugins that the file or
-    the overrides name (run.plugins) are imported first, and the schema gets the config sections of every registry
-    entry (common.registry.compose_schema)."""
+    the overrides name (run.plugins) are imported first, or, for a command that continues a run, starts from its
+    checkpoint or evaluates one without naming any, the run's own (`load_plugins`); the schema gets the config
+    sections of the built-in registry entries and of these plugins' entries alone (common.registry.compose_schema,
+    plugin_scope): what another config's plugins registered is no part of this one."""
     files = [config_file] if isinstance(config_file, (str, Path)) else list(config_file or [])
-    plugins.load(plugins.requested(files, overrides or []))
-    schema = compose_schema(schema)
+    own, implied = load_plugins(schema, files, overrides or [])
+    with plugin_scope(own):
+        cfg = _load_config(compose_schema(schema), files, overrides)
+    if implied is not None:  # the run's own plugins, imported for it: the config names them, as the run's did
+        cfg.run.plugins = implied
+    return cfg
+
+
+def load_plugins(schema: type, files: list, overrides: list[str]) -> tuple[frozenset[str], list[str] | None]:
+    """Import the config's plugins (common.plugins): (their keys, the config's plugin scope; the run's items when
+    they were imported for it, else None). A command that continues a run, starts from its checkpoint or evaluates
+    one, and names no run.plugins, gets the run's own (checked to be there and unchanged); one that continues a run
+    (run.resume=auto) and names them must name files of the same content."""
+    named = plugins.named(files, overrides)
+    run = plugins.recorded_plugins(schema, files, overrides)
+    if run is not None and named is None and run.items:
+        plugins.load_recorded(run)
+        return plugins.recorded_keys(run), list(run.items)
+    items = named or []
+    plugins.load(items)
+    if run is not None and run.continues:
+        plugins.check_same_as_recorded(run, items)
+    return plugins.keys(items), None
+
+
+def _load_config(schema: type, files: list, overrides: list[str] | None) -> DictConfig:
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
     for config_file in files:
@@ -401,8 +439,8 @@ def parse_config(schema: type, argv: list[str], prog: str, doc: str | None = Non
         else:
             overrides.append(arg)
     if any(a in ("-h", "--help") for a in argv):  # after the plugins that the arguments name: --help lists theirs too
-        plugins.load(plugins.requested(config_files, overrides))
-        print(config_help(compose_schema(schema), prog, doc))
+        with plugin_scope(load_plugins(schema, config_files, overrides)[0]):
+            print(config_help(compose_schema(schema), prog, doc))
         sys.exit(0)
     return load_config(schema, config_files, overrides)
 
@@ -521,6 +559,39 @@ def changed_default_note(schema: type, key: str, old: Any, saved_has_it: bool) -
         f"{key}={_flow(old)})"
 
 
+def unknown_saved_keys(saved: dict, current: DictConfig) -> list[str]:
+    """What a run's saved config holds that the current config's schema lacks: keys (`kd.nkd.gamma`) and registry
+    names (`kd.method=nkd`), as the plugins of the run had added them."""
+    schema = OmegaConf.get_type(current)
+    known = {key for key, *_ in iter_schema(schema)} if dataclasses.is_dataclass(schema) else set(_flatten(
+        to_plain(current)))
+    flat = _flatten(saved)
+    unknown = [key for key in flat if key not in known and not any(k.startswith(key + ".") or key.startswith(k + ".")
+                                                                   for k in known)]
+    if dataclasses.is_dataclass(schema):
+        with _own_plugins(schema):
+            for key, valid in schema_ranges(schema).items():
+                if isinstance(valid.choices, Registry) and key in flat and flat[key] not in valid.choices:
+                    unknown.append(f"{key}={flat[key]}")
+    return unknown
+
+
+def check_saved_keys_known(saved: dict, current: DictConfig, source: str) -> None:
+    """Refuse to continue a run whose saved config holds keys or registry names that the current schema lacks
+    (`unknown_saved_keys`), naming them and the run's plugins that brought them: continuing would silently drop
+    its component's keys or switch to a built-in one."""
+    unknown = unknown_saved_keys(saved, current)
+    if not unknown:
+        return
+    items = (saved.get("run") or {}).get("plugins") or [] if isinstance(saved.get("run"), dict) else []
+    origin = (f"they come from the run's plugins {plugins.KEY}={json.dumps(items)}, which this command does not import"
+              if items else "the run names no plugin: a version of this program that had them made it")
+    raise UserError(f"cannot resume from {source}: the run's config holds {', '.join(unknown)}, which this "
+                    f"program's config does not know now; {origin}. Continuing would drop them or switch to a "
+                    f"built-in component. Resume without {plugins.KEY} (the run's own are imported) or with the same "
+                    "files, or start a new run")
+
+
 def check_same_config_on_all_ranks(cfg: DictConfig, allowed: tuple[str, ...] = ()) -> None:
     """At start-up of a multi-process (multi-node) launch: every rank must have been given the same config. A
     collective (all ranks call it); a no-op in a single process. Every rank raises the same UserError, naming the
@@ -545,6 +616,7 @@ def check_resume_config(saved: dict | None, current: DictConfig, source: str,
     both values and how to start a new run instead. Keys matching `allowed` may differ."""
     if saved is None:
         return
+    check_saved_keys_known(saved, current, source)
     diffs = config_differences(saved, current, allowed)
     if not diffs:
         return

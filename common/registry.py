@@ -13,13 +13,16 @@ An entry is a class or a function. Registering it is the whole of adding it: the
 accepts it, its config section (`kd.dkd.*`) joins the schema when the config is loaded (`compose_schema`), with its
 keys' ranges checked and listed by `--help` and the README tables, and its `validate(cfg)` (a classmethod or
 staticmethod, optional) runs before any work. An entry defined outside the repository is registered the same way
-from a plugin file named by `run.plugins` (common.plugins), imported before the config is read.
+from a plugin file named by `run.plugins` (common.plugins), imported before the config is read. What a plugin
+registers belongs to it: a config sees the built-in entries and those of its own plugins only (`plugin_scope`), so
+another config loaded in the same process neither accepts its names nor gains its sections.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from common.errors import UserError
@@ -31,6 +34,55 @@ class Entry:
     obj: Any                        # the class or function registered
     config: type | None             # its config section (a dataclass), or None when it has no keys of its own
     help: str                       # one line: what it is and where it comes from
+    plugin: str | None = None       # the run.plugins item (its key, common.plugins) whose import registered it
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plugins are per config: an entry registered while a run.plugins item was imported belongs to that plugin, and is
+# seen only inside the scope of a config that names it. Built-in entries (registered outside any plugin's import)
+# are seen everywhere. Outside every scope (the run itself, once its config is checked) every entry is seen.
+# ----------------------------------------------------------------------------------------------------------------
+_registering: list[str] = []            # the plugin being imported (innermost last)
+_scope: frozenset[str] | None = None    # the plugins whose entries are seen; None: every entry
+
+
+@contextmanager
+def registering_for(plugin: str) -> Iterator[None]:
+    """While a plugin is imported (common.plugins): what it registers belongs to it."""
+    _registering.append(plugin)
+    try:
+        yield
+    finally:
+        _registering.pop()
+
+
+@contextmanager
+def plugin_scope(plugins: Iterable[str] | None) -> Iterator[None]:
+    """Every registry sees its built-in entries and those of `plugins` alone (None: leave the scope as it is), so
+    that a config is composed and checked against its own plugins, not against those another config imported."""
+    global _scope
+    before = _scope
+    if plugins is not None:
+        _scope = frozenset(plugins)
+    try:
+        yield
+    finally:
+        _scope = before
+
+
+def schema_plugins(schema: Any) -> frozenset[str] | None:
+    """The plugins a composed schema was composed with (`compose_schema`); None for any other class."""
+    return getattr(schema, "__dict__", {}).get(_PLUGINS_ATTR)
+
+
+def config_plugins(cfg: Any) -> frozenset[str]:
+    """The plugins of a loaded config (its schema's): an entry of another config's plugin is no part of it."""
+    from omegaconf import OmegaConf
+    try:
+        schema = OmegaConf.get_type(cfg)
+    except Exception:  # noqa: BLE001 - not an OmegaConf config: no plugins of its own
+        return frozenset()
+    return schema_plugins(schema) or frozenset()
 
 
 class Registry:
@@ -60,7 +112,8 @@ class Registry:
             if name in self._entries:
                 raise UserError(f"{self.kind} '{name}' is registered twice: by {_origin(self._entries[name].obj)} and "
                                 f"by {_origin(obj)}; rename one of them")
-            self._entries[name] = Entry(name, obj, config, help or _first_line(obj))
+            self._entries[name] = Entry(name, obj, config, help or _first_line(obj),
+                                        _registering[-1] if _registering else None)
             if isinstance(obj, type):
                 obj.name = name
             return obj
@@ -68,40 +121,53 @@ class Registry:
 
     def unregister(self, name: str) -> Entry:
         """Remove an entry (tests that register one of their own take it out again); the removed Entry."""
-        return self._entries.pop(self.entry(name).name)
+        if name not in self._entries:
+            self.entry(name)  # the UserError naming the choices
+        return self._entries.pop(name)
 
-    # ---- lookup --------------------------------------------------------------------------------------------------
+    # ---- lookup (what the current plugin scope sees) ----------------------------------------------------------
+    def _seen(self) -> dict[str, Entry]:
+        if _scope is None:
+            return dict(self._entries)
+        return {n: e for n, e in self._entries.items() if e.plugin is None or e.plugin in _scope}
+
     def __getitem__(self, name: str) -> Any:
         return self.entry(name).obj
 
     def entry(self, name: str) -> Entry:
-        if name not in self._entries:
-            raise UserError(f"unknown {self.key} '{name}'; choose one of {', '.join(self._entries)} (an entry of your "
+        seen = self._seen()
+        if name not in seen:
+            raise UserError(f"unknown {self.key} '{name}'; choose one of {', '.join(seen)} (an entry of your "
                             "own is registered from a file named by run.plugins)")
-        return self._entries[name]
+        return seen[name]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._seen()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._entries))
+        return iter(list(self._seen()))
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._seen())
 
     def items(self) -> list[tuple[str, Any]]:
-        return [(name, e.obj) for name, e in self._entries.items()]
+        return [(name, e.obj) for name, e in self._seen().items()]
 
     def entries(self) -> list[Entry]:
-        return list(self._entries.values())
+        return list(self._seen().values())
+
+    def entries_of(self, cfg: Any) -> list[Entry]:
+        """The entries a loaded config sees: the built-in ones and its own plugins' (`config_plugins`)."""
+        with plugin_scope(config_plugins(cfg)):
+            return self.entries()
 
     def __repr__(self) -> str:
-        return f"Registry({self.kind}: {', '.join(self._entries)})"
+        return f"Registry({self.kind}: {', '.join(self._seen())})"
 
     # ---- what the config and the docs read -----------------------------------------------------------------------
     def describe(self) -> str:
         """One line per entry, for --help and the README: `name: help`."""
-        return "; ".join(f"{e.name}: {e.help}" if e.help else e.name for e in self._entries.values())
+        return "; ".join(f"{e.name}: {e.help}" if e.help else e.name for e in self._seen().values())
 
     def reads(self, cfg: Any, name: str) -> tuple[str, ...]:
         """The `shared` keys that entry `name` reads under `cfg` (its `reads` declaration)."""
@@ -153,13 +219,23 @@ def registries_of(schema: type) -> list[Registry]:
 
 _COMPOSED: dict[tuple, type] = {}
 _BASE_ATTR = "_composed_from"
+_PLUGINS_ATTR = "_plugins"
 
 
 def compose_schema(schema: type) -> type:
-    """`schema` with every registry entry's section added where a `holds_sections_of` section asks for it (recursively).
-    The result is a dataclass subclass of each section, made once per set of entries and kept as an attribute of this
-    module, so that a config pickles by reference; with no registry sections the schema itself comes back."""
-    schema = schema.__dict__.get(_BASE_ATTR, schema)  # a composed schema is composed again from its base
+    """`schema` with every registry entry's section added where a `holds_sections_of` section asks for it (recursively):
+    the built-in entries' and those of the plugins in scope (`plugin_scope`; none outside a scope). A composed schema
+    is composed again from its base with its own plugins (recorded on it), so a config never gains the sections of
+    another config's plugins. The result is a dataclass subclass of each section, made once per set of entries and
+    plugins and kept as an attribute of this module, so that a config pickles by reference; with no registry sections
+    and no plugins the schema itself comes back."""
+    own_plugins = schema_plugins(schema)
+    plugins = own_plugins if own_plugins is not None else (_scope if _scope is not None else frozenset())
+    with plugin_scope(plugins):
+        return _compose(schema.__dict__.get(_BASE_ATTR, schema), plugins)
+
+
+def _compose(schema: type, plugins: frozenset[str]) -> type:
     fields = []
     changed = False
     for f in dataclasses.fields(schema):
@@ -169,7 +245,7 @@ def compose_schema(schema: type) -> type:
             sub = f.default_factory
         if sub is None:
             continue
-        composed = compose_schema(sub)
+        composed = _compose(sub, frozenset())  # a section records no plugins: the top-level schema does
         if composed is not sub:
             changed = True
             fields.append((f.name, composed, dataclasses.field(default_factory=composed, metadata=f.metadata)))
@@ -185,14 +261,15 @@ def compose_schema(schema: type) -> type:
             changed = True
             fields.append((e.name, e.config, dataclasses.field(default_factory=e.config)))
             own.add(e.name)
-    if not changed:
+    if not changed and not plugins:
         return schema
-    signature = (schema, tuple((name, typ) for name, typ, _ in fields))
+    signature = (schema, tuple((name, typ) for name, typ, _ in fields), plugins)
     if signature not in _COMPOSED:
         name = f"{schema.__name__}_{len(_COMPOSED)}"
         cls = dataclasses.make_dataclass(name, fields, bases=(schema,), namespace={"__module__": __name__})
         cls.__qualname__ = name
         setattr(cls, _BASE_ATTR, schema)
+        setattr(cls, _PLUGINS_ATTR, plugins)
         setattr(sys.modules[__name__], name, cls)
         _COMPOSED[signature] = cls
     return _COMPOSED[signature]

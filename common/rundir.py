@@ -293,9 +293,10 @@ def lock_run_dir(run_dir: Path) -> Any:
 
 
 @contextmanager
-def claim_run_dir(plan: RunPlan, program: str, dist: DistInfo) -> Iterator[Path]:
+def claim_run_dir(plan: RunPlan, program: str, dist: DistInfo, plugins: list[dict] | None = None) -> Iterator[Path]:
     """Create the planned run directory (and its checkpoints/, probed for writing), lock it for as long as the
-    block runs, record `program` (and the checkpoint a new run starts from) in run.json, and yield it. A UserError
+    block runs, record `program` (and the checkpoint a new run starts from, and its `plugins`: common.plugins.record)
+    in run.json, and yield it. A UserError
     that leaves the block before the run wrote anything but its START_UP_FILES removes a directory this call
     created, so a failed start leaves no empty run behind. Only the main rank creates, locks and writes; a refusal
     reaches every rank."""
@@ -312,7 +313,8 @@ def claim_run_dir(plan: RunPlan, program: str, dist: DistInfo) -> Iterator[Path]
             record = {"program": program, "recorded_on_resume": now}
         else:
             record = {"program": program, "started": now,
-                      **({"started_from": str(plan.checkpoint.resolve())} if plan.checkpoint else {})}
+                      **({"started_from": str(plan.checkpoint.resolve())} if plan.checkpoint else {}),
+                      **({"plugins": plugins} if plugins is not None else {})}
         write_json(run_dir / RUN_RECORD, record)
 
     try:

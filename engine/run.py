@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 import kd_methods
+from common import plugins
 from common.checkpoint import load_checkpoint, load_state_strict
 from common.config import RESUME_SAFE_KEYS, check_resume_config, config_differences, parse_config, to_plain
 from common.distributed import DistInfo, barrier, broadcast_object, on_main_rank
@@ -135,7 +136,7 @@ def run_training(cfg, dist: DistInfo, make_run=Trainer, label: str | None = None
     # created, not probed: a shared read-only cache that holds what this run needs is read without writing; a build
     # probes its folder first (teacher_cache, predecode)
     make_dirs(output_dirs(cfg), dist)
-    with claim_run_dir(plan, program, dist) as run_dir:
+    with claim_run_dir(plan, program, dist, plugins.record(cfg.run.plugins)) as run_dir:
         if dist.is_main:  # written now, so a run killed before its first checkpoint can be resumed (and checked)
             save_config(cfg, run_dir)
         run: TrainingRun = make_run(cfg, dist, run_dir)

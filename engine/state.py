@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from common import plugins
 from common.checkpoint import load_state_strict, save_checkpoint
 from common.config import to_plain
 from common.distributed import all_gather_objects
@@ -24,7 +25,8 @@ def trainer_state(t, next_epoch: int, rng_per_rank: list[dict] | None = None) ->
             "epoch": next_epoch, "best_acc1": t.best_acc1, "best_epoch": t.best_epoch,
             "rng_per_rank": rng_per_rank or [rng_state()], "sampler": {"epoch": t.train_sampler.epoch},
             "temperature": t.temperature, "config": to_plain(t.cfg), "extra": t.extra_state(),
-            "program": f"{t.script}.py", "inputs": t.inputs}
+            "program": f"{t.script}.py", "inputs": t.inputs,
+            plugins.RECORD: plugins.record(t.cfg.run.plugins)}
 
 
 def load_trainer_state(t, ckpt: dict, path: Path) -> None:
@@ -77,5 +79,6 @@ def save_checkpoints(t, epoch: int, improved: bool) -> None:
     ckpt_dir = t.run_dir / "checkpoints"
     if improved:
         save_checkpoint({"model": t.student.state_dict(), "epoch": epoch, "val/acc1": t.best_acc1,
-                         "config": to_plain(t.cfg), "inputs": t.inputs}, ckpt_dir / "best.pt")
+                         "config": to_plain(t.cfg), "inputs": t.inputs,
+                         plugins.RECORD: plugins.record(t.cfg.run.plugins)}, ckpt_dir / "best.pt")
     save_checkpoint(trainer_state(t, epoch + 1, rng_per_rank), ckpt_dir / "last.pt")

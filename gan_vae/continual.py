@@ -1,6 +1,7 @@
 """Continual teacher-student generative learning over a sequence of image domains.
 
-    python -m gan_vae.continual --config configs/gan_vae_mnist_fashion.yaml            # MNIST, then Fashion-MNIST
+    python -m gan_vae --config configs/gan_vae_mnist_fashion.yaml                      # MNIST, then Fashion-MNIST
+    python -m gan_vae.continual --config configs/gan_vae_mnist_fashion.yaml            # the same program
     python -m gan_vae.continual --config configs/gan_vae_shared_data.yaml              # offline: ../shared/data npz
     python -m gan_vae.continual --config configs/gan_vae_shared_data.yaml student.replay=false run.name=no_replay
     python -m gan_vae.continual --config configs/gan_vae_shared_data.yaml run.name=R run.resume=auto
@@ -26,9 +27,16 @@ Per task t:
 
 This module holds the config, the resume checks and ContinualRun, which drives the phases: gan_vae.experts (1, 2),
 gan_vae.student with the loss terms of gan_vae.losses (3; a new term registers there, or from a run.plugins file,
-e.g. examples/plugins/tv_loss.py), gan_vae.evaluation (4).
+e.g. examples/plugins/tv_loss.py), gan_vae.evaluation (4). Run as `python -m gan_vae.continual` or `python -m gan_vae`,
+the program is this module imported as gan_vae.continual, so a plugin that imports it gets the very module the run
+uses (its config sections and registries), never a second copy.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # python -m gan_vae.continual: run gan_vae/__main__.py, which imports this module by name
+    import runpy
+    runpy.run_module("gan_vae", run_name="__main__", alter_sys=True)
+    raise SystemExit(0)
 
 import hashlib
 import json
@@ -42,10 +50,11 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from common import plugins
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.cli import run_cli
-from common.config import (check_ranges, config_differences, iter_schema, opt, parse_config, run_config, section,
-                           to_plain)
+from common.config import (check_ranges, check_saved_keys_known, config_differences, iter_schema, opt, parse_config,
+                           run_config, section, to_plain)
 from common.distributed import setup_distributed
 from common.errors import UserError, check
 from common.files import save_config, write_json
@@ -297,8 +306,10 @@ def changed_config_keys(saved: dict, current, branching: bool) -> list[tuple[str
     """(key, saved value, current value) for every config key whose change alters results: any key but the
     RESULT_NEUTRAL_KEYS when a run continues (run.resume=auto, or a checkpoint of its own), only FIXED_KEYS when a
     new run branches from another run's task checkpoint (the training keys of later tasks may then differ)."""
-    # the composed schema: a loss term's own keys (student.<term>.*) are training keys too
-    allowed = (tuple(key for key, *_ in iter_schema(compose_schema(ContinualConfig)) if key not in FIXED_KEYS)
+    # the composed schema (with the config's own plugins): a loss term's own keys (student.<term>.*) are training
+    # keys too
+    schema = OmegaConf.get_type(current) if OmegaConf.is_config(current) else ContinualConfig
+    allowed = (tuple(key for key, *_ in iter_schema(compose_schema(schema)) if key not in FIXED_KEYS)
                if branching else RESULT_NEUTRAL_KEYS)
     # a key added later counts with the value its opt(..., before=...) records (student.self_replay: 0)
     return config_differences(saved, current, allowed)
@@ -329,6 +340,7 @@ def check_config_matches_checkpoint(ckpt: dict, path: Path, cfg, run_dir: Path) 
     how to start a new run instead."""
     saved, current = ckpt.get("config", {}), cfg
     branching = branches_from(path, run_dir)
+    check_saved_keys_known(saved, current, str(path))
     before, now = loss_term_sections(saved), loss_term_sections(to_plain(current))
     if not branching and before != now:
         raise UserError(f"{path} was made with the student loss terms {before or 'none'} of their own keys "
@@ -513,7 +525,7 @@ class ContinualRun:
                 "progress": self.progress, "tasks": list(self.cfg.data.tasks), "rng": rng_state(),
                 "config": to_plain(self.cfg), "fid_info": self.evaluation.fid_info, "program": PROGRAM,
                 "inherited_tasks": self.inherited_tasks, "data": self.data,
-                "fid_features": self.evaluation.features_digest}
+                "fid_features": self.evaluation.features_digest, plugins.RECORD: plugins.record(self.cfg.run.plugins)}
 
     def save(self, name: str) -> None:
         save_checkpoint(self.state(), self.run_dir / "checkpoints" / name)
@@ -739,7 +751,8 @@ def main(argv: list[str]) -> None:
                                                           if cfg.fid.cache_dir else {})}, dist, probe=True)
     run = ContinualRun(cfg, None, dist.device)  # loads every task: a task without images fails before the run dir
     data_checked = ckpt is None or check_same_data(ckpt, resume_from, run.data, cfg, "resuming")
-    with claim_run_dir(plan, PROGRAM, dist) as run_dir:  # locked; removed again if a start-up check fails
+    # locked; removed again if a start-up check fails
+    with claim_run_dir(plan, PROGRAM, dist, plugins.record(cfg.run.plugins)) as run_dir:
         run.run_dir = run_dir
         start = time.perf_counter()
         if ckpt is not None:  # the FID features are checked before anything in the run directory changes
@@ -766,6 +779,3 @@ def main(argv: list[str]) -> None:
     print((run_dir / "forgetting_report.md").read_text())
     print(f"run directory: {run_dir}", file=sys.stderr)
 
-
-if __name__ == "__main__":
-    run_cli(main)

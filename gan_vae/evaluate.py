@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common import plugins
 from common.checkpoint import load_checkpoint
 from common.cli import run_cli
 from common.config import config_differences, load_config, to_plain
@@ -127,6 +128,9 @@ def main(argv: list[str]) -> None:
     run_dir = Path(argv[0])
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a gan_vae run directory (no config.yaml)")
+    run_plugins = plugins.of_run_dir(run_dir)
+    if run_plugins is not None:  # the run's own, from the files it recorded: refused when gone or changed
+        plugins.load_recorded(run_plugins)
     saved = load_config(ContinualConfig, str(run_dir / "config.yaml"))  # the run's own config
     cfg = load_config(ContinualConfig, str(run_dir / "config.yaml"), argv[1:])
     check_overrides(saved, cfg, run_dir)

@@ -108,7 +108,7 @@ def weight_key(entry: Entry) -> str | None:
 
 def check_terms(cfg) -> None:
     """Every term's weight key names a number of the config, and each term's own `validate(cfg)` passes."""
-    for entry in STUDENT_LOSSES.entries():
+    for entry in STUDENT_LOSSES.entries_of(cfg):
         key = weight_key(entry)
         check(key is None or isinstance(OmegaConf.select(cfg, key), (int, float)),
               f"student loss {entry.name!r} is weighted by {key}, which is not a number in the config")
@@ -118,7 +118,7 @@ def check_terms(cfg) -> None:
 def student_loss(step: StudentStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The student's loss, sum_k w_k L_k over the registered terms active this step (w_k: the term's config weight,
     1 without one), a scalar with its graph; and every logged value, detached, by name."""
-    entries = STUDENT_LOSSES.entries()
+    entries = STUDENT_LOSSES.entries_of(step.cfg)  # the built-in terms and those of the run's own plugins
     prepared = {e.name: e.obj.prepare(step) for e in entries if getattr(e.obj, "prepare", None) is not None}
     total, logged = None, {}
     for entry in entries:

@@ -4,6 +4,7 @@ traceback. The example plugins (examples/plugins/) work from a copy of their fil
 computation."""
 import json
 import math
+import re
 import shutil
 import textwrap
 
@@ -58,15 +59,21 @@ SCALED_KD = textwrap.dedent('''
 @pytest.fixture
 def isolated():
     """Whatever a test's plugins register, and the record of imported plugins, is taken out again afterwards."""
-    before = {registry: set(registry) for registry in (kd_methods.KD_METHODS, agents.AGENT_REGISTRY,
-                                                       models.DIFFICULTY_SCORES)}
-    loaded = dict(plugins._loaded)
+    from curriculum_dataloader import STRATEGY_REGISTRY
+    from gan_vae.losses import STUDENT_LOSSES
+    from gan_vae.experts import EXPANSION_RULES
+    registries = (kd_methods.KD_METHODS, agents.AGENT_REGISTRY, STRATEGY_REGISTRY, STUDENT_LOSSES,
+                  models.DIFFICULTY_SCORES, EXPANSION_RULES)
+    before = {registry: dict(registry._entries) for registry in registries}
+    loaded, records = dict(plugins._loaded), dict(plugins._records)
     yield
-    for registry, names in before.items():
-        for name in set(registry) - names:
-            registry.unregister(name)
+    for registry, entries in before.items():
+        registry._entries.clear()
+        registry._entries.update(entries)
     plugins._loaded.clear()
     plugins._loaded.update(loaded)
+    plugins._records.clear()
+    plugins._records.update(records)
 
 
 def _plugin(tmp_path, text: str, name: str = "my_plugin.py"):
@@ -105,7 +112,9 @@ def test_a_plugin_kd_method_trains_resumes_after_a_kill_and_checks_its_key(tmp_p
     run_and_sigkill("train_student.py", *args, "run.name=killed", watch=tmp_path / "runs" / "killed" / "metrics.jsonl",
                     after_lines=2, settle=0.0)
     assert len(read_metrics(tmp_path / "runs" / "killed")) < 4
-    resumed = run_script("train_student.py", *args, "run.name=killed", "run.resume=auto")
+    # resumed without run.plugins: the run's own plugin is imported again (issue 23 1.6, issue 24 item 3)
+    without = [a for a in args if not a.startswith("run.plugins=")]
+    resumed = run_script("train_student.py", *without, "run.name=killed", "run.resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
 
@@ -117,6 +126,63 @@ def test_a_plugin_kd_method_trains_resumes_after_a_kill_and_checks_its_key(tmp_p
                       weights_only=False)
     assert ckpt["method"]["scale"].item() != 1.0  # the plugin's parameter trained and was checkpointed
     assert ckpt["config"]["kd"]["scaled_kd"] == {"weight": 0.25} and ckpt["config"]["run"]["plugins"] == [str(plugin)]
+    assert ckpt["plugins"] == [{"item": str(plugin), "path": str(plugin), "sha256": plugins.file_sha256(plugin)}]
+    assert json.loads((tmp_path / "runs" / "killed" / "run.json").read_text())["plugins"] == ckpt["plugins"]
+
+
+def test_a_resume_or_evaluation_refuses_a_plugin_that_changed_or_is_gone(tmp_path, isolated):
+    """The run's plugins are recorded with their digests; resuming it (run.resume=auto or from its checkpoint) or
+    evaluating its checkpoint without run.plugins imports them, and refuses, naming the file, one that was edited
+    or deleted since. A resume that names other plugins is refused too. Refused before any work."""
+    plugin = _plugin(tmp_path, SCALED_KD)
+    out = tmp_path / "runs"
+    args = [*TINY, "train.epochs=1", "kd.method=scaled_kd", f"run.out_dir={out}"]
+    done = run_main("train_student.py", *args, f"run.plugins=[{plugin}]", "run.name=r")
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = out / "r" / "checkpoints" / "best.pt"
+    evaluated = run_main("train_student.py", *TINY, f"eval.checkpoint={best}")  # the run's plugin, imported
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["test/n"] > 0
+
+    named_none = run_main("train_student.py", *args, "run.plugins=[]", "run.name=r", "run.resume=auto")
+    assert_clean_error(named_none, f"run.plugins=[] is not what the run was made with ({plugin}")
+    copy = shutil.copy(plugin, tmp_path / "moved.py")  # the same content elsewhere is the same plugin
+    assert plugins.check_same_as_recorded(plugins.of_run_dir(out / "r"), [str(copy)]) is None
+
+    plugin.write_text(SCALED_KD + "\n# edited after the run\n")
+    for command in (["run.name=r", "run.resume=auto"], ["run.name=r2", f"run.resume={out / 'r' / 'checkpoints' / 'last.pt'}"],
+                    [f"eval.checkpoint={best}"]):
+        proc = run_main("train_student.py", *args, *command)
+        assert_clean_error(proc, f"the run's plugin {plugin}", "has changed since the run started")
+    named = run_main("train_student.py", *args, f"run.plugins=[{plugin}]", "run.name=r", "run.resume=auto")
+    assert_clean_error(named, f"the run's plugin {plugin}", "has changed since the run started")
+
+    plugin.unlink()
+    for command in (["run.name=r", "run.resume=auto"], [f"eval.checkpoint={best}"],
+                    [f"eval.checkpoint={out / 'r' / 'student.safetensors'}"]):  # the run directory it lies in
+        proc = run_main("train_student.py", *args, *command)
+        assert_clean_error(proc, f"the run's plugin {plugin}", "no longer exists")
+    assert not (out / "r2").exists()
+
+
+def test_a_resume_refuses_keys_and_names_the_current_schema_lacks(tmp_path, isolated):
+    """The safety net under the re-import: a saved config whose plugin keys or registry names the current config
+    lacks is refused, naming them and the run's plugins, never continued with a built-in component."""
+    from common.config import check_resume_config, to_plain
+    plugin = _example(tmp_path, "normalized_kd.py")
+    saved = to_plain(load_config(Config, None, [f"run.plugins=[{plugin}]", "kd.method=nkd"]))
+    with pytest.raises(UserError) as refused:
+        check_resume_config(saved, load_config(Config), "the checkpoint")
+    message = str(refused.value)
+    assert "kd.nkd.temperature" in message and "kd.method=nkd" in message and str(plugin) in message
+    # gan_vae's resume check too: a loss term's keys the current config lacks
+    from gan_vae.continual import ContinualConfig, check_config_matches_checkpoint
+    tv = _example(tmp_path, "tv_loss.py")
+    saved_gan = to_plain(load_config(ContinualConfig, None, [f"run.plugins=[{tv}]"]))
+    run_dir = tmp_path / "gan_run"
+    with pytest.raises(UserError, match=r"holds student\.tv\.weight, .*run\.plugins=\[\"" + re.escape(str(tv))):
+        check_config_matches_checkpoint({"config": saved_gan}, run_dir / "checkpoints" / "last.pt",
+                                        load_config(ContinualConfig), run_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +307,7 @@ def test_normalized_kd_plugin_trains_from_a_copy_of_its_file(tmp_path):
                                             + m["train/loss_nkd_non_target"], rel=1e-6)
 
 
-def test_epsilon_greedy_plugin_runs_through_train_student_rl(tmp_path):
+def test_epsilon_greedy_plugin_runs_through_train_student_rl(tmp_path, isolated, monkeypatch):
     plugin = _example(tmp_path, "epsilon_greedy.py")
     args = [*TINY, "train.epochs=3", "kd.alpha=0.5", "curriculum.strategy=random_subset", f"run.plugins=[{plugin}]",
             "agent.name=epsilon_greedy", f"run.out_dir={tmp_path / 'runs'}"]
@@ -256,6 +322,33 @@ def test_epsilon_greedy_plugin_runs_through_train_student_rl(tmp_path):
                        weights_only=False)["extra"]["agent"]["agent"]
     assert list(state["counts"][:3]) == [1, 1, 1] and state["counts"].sum() == 3
     assert np.allclose(state["means"][:3], [ln["reward"] for ln in lines])
+
+    # stopped after its first epoch, resumed without run.plugins: the run's agent is imported again, and the run
+    # goes on as the uninterrupted one (issue 23 1.6, issue 24 item 3)
+    import train_student_rl
+    from engine.trainer import Trainer
+    finish_epoch = Trainer.finish_epoch
+
+    def finish_then_stop(self, epoch, *a, **k):
+        finish_epoch(self, epoch, *a, **k)
+        raise Killed
+
+    monkeypatch.setattr(Trainer, "finish_epoch", finish_then_stop)
+    with pytest.raises(Killed):
+        train_student_rl.main([*args, "agent.epsilon_greedy.epsilon=0", "run.name=stopped"])
+    monkeypatch.undo()
+    without = [a for a in args if not a.startswith("run.plugins=")]
+    resumed = run_script("train_student_rl.py", *without, "agent.epsilon_greedy.epsilon=0", "run.name=stopped",
+                         "run.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    stopped = tmp_path / "runs" / "stopped"
+    assert _without_time([json.loads(x) for x in (stopped / "curriculum.jsonl").read_text().splitlines()]) == \
+        _without_time(lines)
+    assert _without_time(read_metrics(stopped)) == _without_time(read_metrics(tmp_path / "runs" / "r"))
+
+
+class Killed(Exception):
+    pass
 
 
 def test_epsilon_greedy_explores_with_probability_epsilon(tmp_path, isolated):
@@ -312,6 +405,42 @@ def test_margin_difficulty_plugin_decides_what_the_curriculum_trains_on(tmp_path
     assert difficulty[chosen].max() <= np.delete(difficulty, chosen).min()  # the easiest by the plugin's score
     saved = (out / "r" / "config.yaml").read_text()
     assert "score: margin" in saved and "model: teacher" in saved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plugins are per config (issue 23 section 4, issue 24 item 4)
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_plugin_belongs_to_the_config_that_names_it(tmp_path, isolated):
+    from common.files import save_config
+    from gan_vae.continual import ContinualConfig
+    from gan_vae.losses import STUDENT_LOSSES
+    plugin = _example(tmp_path, "normalized_kd.py")
+    with_nkd = load_config(Config, None, [f"run.plugins=[{plugin}]", "kd.method=nkd", "kd.nkd.gamma=1"])
+    # a later config that names no plugin: neither the entry nor its section
+    with pytest.raises(UserError, match="unknown kd.method 'nkd'; choose one of kd, dkd, dist, pooled_hint, fitnet"):
+        load_config(Config, None, ["kd.method=nkd"])
+    with pytest.raises(UserError, match="unknown config key 'kd.nkd'"):
+        load_config(Config, None, ["kd.nkd.gamma=1"])
+    plain = load_config(Config)
+    assert "nkd" not in plain.kd
+    help_text = run_main("train_student.py", "--help").stdout
+    assert "kd.nkd" not in help_text and "nkd:" not in help_text
+    (tmp_path / "run").mkdir()
+    save_config(plain, tmp_path / "run")  # what it saves loads in a process that never imported the plugin
+    assert "nkd" not in (tmp_path / "run" / "config.yaml").read_text()
+    # the config that names it keeps it
+    assert with_nkd.kd.nkd.gamma == 1 and kd_methods.method_class(with_nkd).name == "nkd"
+    from common.config import check_ranges
+    check_ranges(with_nkd)
+    again = load_config(Config, None, [f"run.plugins=[{plugin}]", "kd.method=nkd"])
+    assert again.kd.method == "nkd"
+
+    # a gan_vae loss term is summed only by the runs that name its plugin
+    tv = _example(tmp_path, "tv_loss.py")
+    with_tv = load_config(ContinualConfig, None, [f"run.plugins=[{tv}]"])
+    plain_gan = load_config(ContinualConfig)
+    assert "tv" in [e.name for e in STUDENT_LOSSES.entries_of(with_tv)]
+    assert "tv" not in [e.name for e in STUDENT_LOSSES.entries_of(plain_gan)] and "tv" not in plain_gan.student
 
 
 def test_composing_a_composed_schema_gives_it_back(isolated):
