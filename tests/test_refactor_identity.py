@@ -161,11 +161,12 @@ def test_gan_vae_is_bit_identical_to_the_code_before_the_refactor(tmp_path, pre_
         return [f"data.tasks=[{squares},{squares}:invert]", "teacher.steps=12", "teacher.lr=5e-3",
                 "teacher.width=8", "teacher.batch_size=32", "student.steps=10", "student.width=8",
                 "student.batch_size=32", "student.mixup=true", "fid.samples=48", "fid.classifier_epochs=2",
-                "teacher.fid_threshold=120", "log.every_steps=5", "log.sample_every=10", "run.checkpoint_every=5",
+                "teacher.fid_threshold=120", "log.every_steps=1", "log.sample_every=10", "run.checkpoint_every=5",
                 f"fid.cache_dir={side_dir / 'fid'}", *(["student.self_replay=0"] if side_dir.name == "after" else [])]
 
     runs = run_both(pre_refactor_tree, tmp_path, ["-m", "gan_vae.continual"], args)
-    # 2 tasks x (teacher steps 5, 10, 12 + student steps 5, 10) lines
-    assert_same_logs(runs, ("metrics.jsonl",), ("results.json", "experts.json"), lines=10)
+    # every step logged (2 tasks x (12 teacher + 10 student) lines): a logged value computed in another order of
+    # float operations differs in the last bit on some steps only, and which ones depends on the CPU's kernels
+    assert_same_logs(runs, ("metrics.jsonl",), ("results.json", "experts.json"), lines=44)
     logged = set().union(*read_jsonl(runs["after"] / "metrics.jsonl"))
     assert {"student/previous_kd", "student/relational_kd", "student/feature_kd", "student/contrastive"} <= logged
