@@ -116,6 +116,7 @@ def test_posterior_kl_self_distillation_by_hand(monkeypatch):
     assert means.item() == pytest.approx(1.0, rel=1e-6)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("posterior", ["means", "kl"])
 def test_self_distillation_sums_its_parts_left_to_right(posterior):
     """Per row, (Bernoulli KL + z part) + u part in that order, the order before the refactor (a338ef7). Float

@@ -3,7 +3,9 @@
 Each case runs the same command line twice, at the same time: once in the repository's files at a338ef7 (exported
 with `git archive`), once in this tree. Both run here, one thread each (float reductions differ between CPU models,
 so recorded numbers would tie the test to one machine). Compared: every key of metrics.jsonl, results.json and the
-program's other logs except wall times, and the trained weights where a program writes them.
+program's other logs except wall times, and the trained weights where a program writes them. The gan_vae case is
+marked numerics: test_cpu_capabilities.py runs it again under a second CPU capability (issue 23: an addition
+reordered by the refactor rounded alike under AVX-512 and differed by one ulp under AVX2).
 """
 from __future__ import annotations
 
@@ -156,6 +158,7 @@ def squares(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.numerics
 def test_gan_vae_is_bit_identical_to_the_code_before_the_refactor(tmp_path, pre_refactor_tree, squares):
     def args(side_dir):
         return [f"data.tasks=[{squares},{squares}:invert]", "teacher.steps=12", "teacher.lr=5e-3",
