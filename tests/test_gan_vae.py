@@ -96,6 +96,7 @@ def test_previous_student_distillation_acts_on_replayed_rows_only():
     assert student.decoder[-1].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.numerics
 def test_self_distillation_is_exactly_zero_for_identical_weights_in_train_mode():
     """While training, the student's BatchNorm uses batch statistics and the frozen copy its running statistics;
     the term must compare the two in the same mode, or identical weights give a non-zero loss. Neither the copy's

@@ -140,7 +140,7 @@ def test_a_resume_or_evaluation_refuses_a_plugin_that_changed_or_is_gone(tmp_pat
     done = run_main("train_student.py", *args, f"run.plugins=[{plugin}]", "run.name=r")
     assert done.returncode == 0, done.stderr[-3000:]
     best = out / "r" / "checkpoints" / "best.pt"
-    evaluated = run_main("train_student.py", *TINY, f"eval.checkpoint={best}")  # the run's plugin, imported
+    evaluated = run_main("train_student.py", *args, f"eval.checkpoint={best}")  # the run's plugin, imported
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["test/n"] > 0
 

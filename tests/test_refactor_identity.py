@@ -3,7 +3,9 @@
 Each case runs the same command line twice, at the same time: once in the repository's files at a338ef7 (exported
 with `git archive`), once in this tree. Both run here, one thread each (float reductions differ between CPU models,
 so recorded numbers would tie the test to one machine). Compared: every key of metrics.jsonl, results.json and the
-program's other logs except wall times, and the trained weights where a program writes them.
+program's other logs except wall times, and the trained weights where a program writes them. The gan_vae case is
+marked numerics: test_cpu_capabilities.py runs it again under a second CPU capability (issue 23: an addition
+reordered by the refactor rounded alike under AVX-512 and differed by one ulp under AVX2).
 """
 from __future__ import annotations
 
@@ -160,17 +162,19 @@ def squares(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.numerics
 def test_gan_vae_is_bit_identical_to_the_code_before_the_refactor(tmp_path, pre_refactor_tree, squares):
     def args(side_dir):
         return [f"data.tasks=[{squares},{squares}:invert]", "teacher.steps=12", "teacher.lr=5e-3",
                 "teacher.width=8", "teacher.batch_size=32", "student.steps=10", "student.width=8",
                 "student.batch_size=32", "student.mixup=true", "fid.samples=48", "fid.classifier_epochs=2",
-                "teacher.fid_threshold=120", "log.every_steps=5", "log.sample_every=10", "run.checkpoint_every=5",
+                "teacher.fid_threshold=120", "log.every_steps=1", "log.sample_every=10", "run.checkpoint_every=5",
                 f"fid.cache_dir={side_dir / 'fid'}", *(["student.self_replay=0"] if side_dir.name == "after" else [])]
 
     runs = run_both(pre_refactor_tree, tmp_path, ["-m", "gan_vae.continual"], args)
-    # 2 tasks x (teacher steps 5, 10, 12 + student steps 5, 10) lines
-    assert_same_logs(runs, ("metrics.jsonl",), ("results.json",), lines=10)
+    # every step logged (2 tasks x (12 teacher + 10 student) lines): a logged value computed in another order of
+    # float operations differs in the last bit on some steps only, and which ones depends on the CPU's kernels
+    assert_same_logs(runs, ("metrics.jsonl",), ("results.json",), lines=44)
     # experts.json: since issue 24 a decision records the expansion rule and the values it decided with (the rule
     # fid_threshold: the threshold, as before, and the cap) where it recorded the threshold alone
     before, after = read_json(runs["before"] / "experts.json"), read_json(runs["after"] / "experts.json")

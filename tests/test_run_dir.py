@@ -303,7 +303,8 @@ def test_a_read_only_shared_cache_holding_what_the_run_needs_is_reused(tmp_path,
 def test_rl_trains_its_teacher_with_teacher_prepare(tmp_path, monkeypatch):
     """The offline RL config ran before its teacher exists said only 'checkpoint ... does not exist'."""
     missing = tmp_path / "teacher" / "student.safetensors"
-    args = [*TINY, "kd.alpha=0.5", f"teacher.checkpoint={missing}", f"run.out_dir={tmp_path}", "run.name=r"]
+    args = [*TINY, "kd.alpha=0.5", "agent.name=bandit", f"teacher.checkpoint={missing}", f"run.out_dir={tmp_path}",
+            "run.name=r"]
     code, err = cli(train_student_rl.main, args, None)
     assert_user_error(code, err, f"teacher.checkpoint={missing} does not exist",
                       "configs/quickstart_teacher.yaml", "teacher.prepare")
