@@ -43,7 +43,7 @@ import torch
 
 from common.config import load_config
 from common.distributed import DistInfo
-from engine.config import Config
+from engine.schema import Config
 from engine.trainer import Trainer
 
 
@@ -138,7 +138,7 @@ def bench_curriculum(args, cache_dir: str) -> list[dict]:
     `refresh_every` epochs, the difficulty refresh) against plain KD epochs (training + validation), same samples per
     epoch (strategy all), interleaved; then the difficulty refresh alone against a training epoch."""
     from engine.curriculum_run import CurriculumRun
-    from engine.rl_config import RLConfig
+    from engine.rl_schema import RLConfig
     epochs = args.refresh_every * args.rl_cycles + 1
     base = common_overrides(args, cache_dir) + [
         "kd.alpha=0", "curriculum.strategy=all", f"difficulty.refresh_every={args.refresh_every}",

@@ -23,7 +23,7 @@ from a name to one tensor (or None) whose first dimension is the batch: {"logits
 ...}, never a list or a nested dict. The loop selects rows of every entry alike (DDP padding, `engine.loss.rows_of`)
 and the cache replays its entries row by row, so an entry that is not batch-first would be cut wrongly.
 
-The declaration, read by the engine before any work (engine.config.check_method_needs, engine.build.check_stages):
+The declaration, read by the engine before any work (engine.schema.check_method_needs, engine.build.check_stages):
 `student_reads` and `teacher_reads`, what the method takes from each model, among MODEL_OUTPUTS ("logits", pooled
 "features", "stage_maps": feature maps at the stages `stages(cfg)`, read with models.stage_maps /
 logits_and_stage_maps); `teacher_outputs`, the names of the teacher dict that `loss_terms` reads. The teacher cache

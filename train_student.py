@@ -15,7 +15,7 @@
     python train_student.py --config configs/quickstart.yaml
 
 The loss is the KD method's (kd.method: kd, dkd, dist, pooled_hint, fitnet or a plugin's; each term with its formula and paper
-in kd_methods.py). This program is the command line only: the schema is engine.config, the training loop
+in kd_methods.py). This program is the command line only: the schema is engine.schema, the training loop
 engine.trainer, the run lifecycle engine.run. Outputs in <run.out_dir>/<run.name>/: config.yaml, metrics.jsonl,
 checkpoints/{last,best}.pt, results.json, student.safetensors, curves.png, tensorboard/ (log.tensorboard=true);
 with kd.baseline=true also label_only/, the label-only student of the same budget and seed.
@@ -32,7 +32,7 @@ from common.cli import run_cli
 from common.config import check_same_config_on_all_ranks, parse_config
 from common.distributed import cleanup_distributed, setup_distributed
 from common.rundir import run_files
-from engine.config import Config, validate
+from engine.schema import Config, validate
 from engine.report import print_results, run_label
 from engine.run import evaluate_checkpoint, prepare_teacher, run_training
 

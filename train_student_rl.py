@@ -15,7 +15,7 @@ Everything train_student.py has (config, cached teacher, AMP, DDP, resume, run d
 engine.curriculum_run.CurriculumRun composes an engine.trainer.Trainer with the curriculum (curriculum.Curriculum:
 the sampler of curriculum_dataloader.STRATEGY_REGISTRY's strategy and the difficulty refresh), the Gymnasium
 environment (rl_curriculum_env.CurriculumEnv: one step = one epoch, the action of step t applies to the epoch step
-t trains) and the agent (agents.AGENT_REGISTRY); the schema is engine.rl_config. This program is the command line
+t trains) and the agent (agents.AGENT_REGISTRY); the schema is engine.rl_schema. This program is the command line
 only. Extra outputs: curriculum.jsonl (one line per epoch), curriculum.png, difficulty/epoch_XXX.{npy,png} at every
 refresh.
 """
@@ -26,7 +26,7 @@ from common.cli import run_cli
 from common.config import check_same_config_on_all_ranks, parse_config
 from common.distributed import cleanup_distributed, setup_distributed
 from engine.curriculum_run import CurriculumRun
-from engine.rl_config import RLConfig, validate_rl
+from engine.rl_schema import RLConfig, validate_rl
 from engine.run import evaluate_checkpoint, prepare_teacher, run_training
 
 

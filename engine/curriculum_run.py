@@ -1,7 +1,7 @@
 """A curriculum run: an engine.trainer.Trainer whose training sampler, temperature and extra checkpoint state come
 from a curriculum chosen every epoch by a reinforcement-learning agent (train_student_rl.py).
 
-    run = CurriculumRun(cfg, dist, run_dir)    # cfg: engine.rl_config.RLConfig
+    run = CurriculumRun(cfg, dist, run_dir)    # cfg: engine.rl_schema.RLConfig
     run_training(cfg, dist, CurriculumRun)     # engine.run: a TrainingRun like the Trainer itself
 
 The parts: the trainer (run.trainer, built with curriculum.build_sampler as its sampler factory), the curriculum
@@ -24,7 +24,7 @@ from common.distributed import all_gather_objects, broadcast_object
 from common.errors import UserError
 from common.metrics import MetricLogger, read_jsonl
 from common.rng import rng_state, state_digest, trace, trace_dir
-from curriculum import Curriculum, build_sampler
+from engine.curriculum_hook import Curriculum, build_sampler
 from engine.trainer import Trainer
 from rl_curriculum_env import CurriculumEnv
 

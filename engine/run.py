@@ -18,7 +18,7 @@ from common.metrics import MetricLogger
 from common.rundir import (check_program, checkpoint_program, claim_run_dir, default_run_name, make_dirs, plan_run_dir,
                            read_saved_config, require_entries, run_files, run_name, update_run_record)
 from engine.build import input_changes
-from engine.config import Config, validate
+from engine.schema import Config, validate
 from engine.evaluation import evaluate
 from engine.optim import autocast_for
 from engine.report import plot_run, print_results, run_label

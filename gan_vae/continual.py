@@ -27,7 +27,7 @@ Per task t:
 
 This module holds the config, the resume checks and ContinualRun, which drives the phases: gan_vae.experts (1, 2),
 gan_vae.student with the loss terms of gan_vae.losses (3; a new term registers there, or from a run.plugins file,
-e.g. examples/plugins/tv_loss.py), gan_vae.evaluation (4). Run as `python -m gan_vae.continual` or `python -m gan_vae`,
+e.g. examples/plugins/tv_loss.py), gan_vae.task_matrices (4). Run as `python -m gan_vae.continual` or `python -m gan_vae`,
 the program is this module imported as gan_vae.continual, so a plugin that imports it gets the very module the run
 uses (its config sections and registries), never a second copy.
 """
@@ -65,7 +65,7 @@ from common.rng import rng_state, seed_everything, set_rng_state
 from common.rundir import (RUN_RECORD, check_program, checkpoint_program, claim_run_dir, default_run_name, make_dirs,
                            plan_run_dir, read_run_record, read_saved_config, require_entries, run_name)
 from gan_vae import forgetting
-from gan_vae.evaluation import METRICS, Evaluation, fid_bar
+from gan_vae.task_matrices import METRICS, Evaluation, fid_bar
 from gan_vae.experts import EXPANSION_RULES, Expert, ExpertPool
 from gan_vae.fid import FIDEvaluator, check_inception_path
 from gan_vae.losses import STUDENT_LOSSES, check_terms
@@ -422,7 +422,7 @@ def check_same_fid_features(ckpt: dict, path: Path, digest: str | None, doing: s
 
 # ================================================================================================================
 # The run: ContinualRun drives the expert pool (gan_vae.experts), the student learner (gan_vae.student) and the
-# evaluation (gan_vae.evaluation) task by task, and logs, draws sample grids and writes checkpoints.
+# evaluation (gan_vae.task_matrices) task by task, and logs, draws sample grids and writes checkpoints.
 # ================================================================================================================
 class ContinualRun:
     """One continual run: the tasks' images, the expert pool, the student learner and the evaluation, driven task by

@@ -22,8 +22,8 @@ def tables() -> dict[str, str]:
     """NAME -> the markdown table of that program's keys (train_student_rl's: only the keys it adds)."""
     from common.config import config_markdown
     from common.registry import compose_schema
-    from engine.config import Config
-    from engine.rl_config import RLConfig
+    from engine.schema import Config
+    from engine.rl_schema import RLConfig
     from gan_vae.continual import ContinualConfig
     base = compose_schema(Config)
     return {"train_student": config_markdown(base),

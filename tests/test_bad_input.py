@@ -22,7 +22,7 @@ from common.distributed import DistInfo
 from common.errors import UserError
 from common.files import save_config
 from common.rundir import prepare_run_dir
-from engine.config import Config
+from engine.schema import Config
 
 
 def cli(main, argv, capsys) -> tuple[int | None, str]:

@@ -20,7 +20,7 @@ from common.config import load_config
 from common.distributed import DistInfo
 from common.errors import UserError
 from engine import teacher_cache
-from engine.config import Config
+from engine.schema import Config
 from engine.teacher_cache import build_or_load_cache
 from imagedata import predecode
 from imagedata.augment import AugSpec

@@ -12,7 +12,7 @@ import common.files
 from common.checkpoint import load_state_strict, save_checkpoint
 from common.config import load_config
 from common.errors import UserError
-from engine.config import Config, validate
+from engine.schema import Config, validate
 
 
 def test_defaults_reproduce_the_reference_recipe():

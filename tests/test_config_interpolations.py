@@ -23,7 +23,7 @@ def test_an_interpolation_that_cannot_be_resolved_is_a_user_error(args, fragment
 
 def test_an_interpolation_that_resolves_still_works(tmp_path):
     from common.config import load_config
-    from engine.config import Config
+    from engine.schema import Config
     cfg = load_config(Config, None, [*TINY, "run.name=${oc.env:KD_TEST_SURELY_UNSET,fallback}_${train.epochs}"])
     assert cfg.run.name == "fallback_2"
 

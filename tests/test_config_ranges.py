@@ -13,8 +13,8 @@ from conftest import TINY, assert_clean_error, run_main
 import common.config
 from common.config import load_config
 from common.errors import UserError
-from engine.config import Config
-from engine.rl_config import RLConfig
+from engine.schema import Config
+from engine.rl_schema import RLConfig
 from gan_vae.continual import ContinualConfig
 
 SCHEMAS = {"train_student": Config, "train_student_rl": RLConfig, "gan_vae": ContinualConfig}
@@ -175,7 +175,7 @@ def test_a_kd_method_registered_later_is_a_valid_choice():
 
 
 def test_a_config_changed_in_code_is_checked_by_validate():
-    from engine import config as engine_config
+    from engine import schema as engine_config
     cfg = load_config(Config)
     cfg.train.weight_decay = float("nan")
     with pytest.raises(UserError, match="train.weight_decay=nan"):
@@ -204,7 +204,7 @@ def test_dist_refuses_logit_standardize(tmp_path):
                        "kd.method=dist reads its own kd.dist.* (beta, gamma, temperature, ce_weight)",
                        "kd, dkd, pooled_hint read it")
     assert not any(tmp_path.iterdir())
-    from engine import config as engine_config
+    from engine import schema as engine_config
     for method in ("kd", "dkd", "pooled_hint"):  # applied there
         engine_config.validate(load_config(Config, None, [f"kd.method={method}", "kd.logit_standardize=true"]))
 

@@ -120,7 +120,7 @@ def test_state_dicts_of_compiled_and_ddp_models_load_into_plain_ones_and_back():
     from common.checkpoint import load_state_strict
     from common.config import load_config
     from common.errors import UserError
-    from engine.config import Config
+    from engine.schema import Config
     from models import create_student
     cfg = load_config(Config, None, ["student.name=test_resnet"])
     torch.manual_seed(0)

@@ -56,8 +56,8 @@ def test_difficulty_lies_in_unit_interval():
 
 def test_difficulty_scores_are_a_registry_whose_default_is_the_builtin_score():
     from common.config import load_config
-    from curriculum import score_difficulty
-    from engine.rl_config import RLConfig
+    from engine.curriculum_hook import score_difficulty
+    from engine.rl_schema import RLConfig
     from models import DIFFICULTY_SCORES
     cfg = load_config(RLConfig)
     assert cfg.difficulty.score == "confidence_entropy_kl"
@@ -77,8 +77,8 @@ def test_difficulty_scores_are_a_registry_whose_default_is_the_builtin_score():
 ])
 def test_a_score_that_is_not_one_number_in_0_1_per_image_stops_the_run(returned, message):
     from common.config import load_config
-    from curriculum import score_difficulty
-    from engine.rl_config import RLConfig
+    from engine.curriculum_hook import score_difficulty
+    from engine.rl_schema import RLConfig
     from models import DIFFICULTY_SCORES
     DIFFICULTY_SCORES.register("broken")(lambda teacher, student: returned(teacher))
     try:
@@ -237,7 +237,7 @@ def tiny_trainer(tmp_path):
     from common.config import load_config
     from common.distributed import DistInfo
     from engine.curriculum_run import CurriculumRun
-    from engine.rl_config import RLConfig
+    from engine.rl_schema import RLConfig
     cfg = load_config(RLConfig, None, [*TINY, "kd.alpha=0.5", "train.epochs=4", "difficulty.warmup_epochs=1",
                                        "difficulty.refresh_every=1", "agent.name=random",
                                        f"teacher.cache_dir={tmp_path / 'cache'}"])
@@ -429,7 +429,7 @@ def test_rl_bad_input_on_the_command_line(override, fragment):
 ])
 def test_rl_bad_input(override, fragment):
     from common.config import load_config
-    from engine.rl_config import RLConfig, validate_rl
+    from engine.rl_schema import RLConfig, validate_rl
     with pytest.raises(UserError) as err:
         args = RL_TINY if "agent.name=" not in override else [a for a in RL_TINY if not a.startswith("agent.ppo.")]
         validate_rl(load_config(RLConfig, None, [*args, *override.split()]))
@@ -536,7 +536,7 @@ def online_kd_trainer():
     """A single-process Trainer with an online teacher (no cache to build), for unit tests of its steps."""
     from common.config import load_config
     from common.distributed import DistInfo
-    from engine.config import Config
+    from engine.schema import Config
     from engine.trainer import Trainer
     return Trainer(load_config(Config, None, [*TINY, "kd.alpha=0.5", "teacher.mode=online"]), DistInfo(), None)
 
@@ -603,13 +603,12 @@ def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accountin
     loss each epoch are exactly the selection, each once; metrics.jsonl's train/samples and curriculum.jsonl's
     num_samples both equal that count and the README's formula. On the old code (drop_last fixed from the full
     set) 600 images at batch 64 trained 576 per whole-set epoch and 384 of adaptive's 420."""
-    import curriculum
     from common.config import load_config
     from common.distributed import DistInfo
-    from engine import build, curriculum_run, run
-    from engine.config import Config
+    from engine import build, curriculum_hook, curriculum_run, run
+    from engine.schema import Config
     from engine.curriculum_run import CurriculumRun
-    from engine.rl_config import RLConfig
+    from engine.rl_schema import RLConfig
     from engine.run import run_training
     from engine.trainer import Trainer
     n, f = SIZES[case]
@@ -638,7 +637,7 @@ def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accountin
 
     monkeypatch.setattr(build, "load_splits", load_splits)
     for module, name in ((run, "plot_run"), (curriculum_run, "plot_curriculum"),
-                         (curriculum, "save_difficulty_snapshot")):
+                         (curriculum_hook, "save_difficulty_snapshot")):
         monkeypatch.setattr(module, name, lambda *a: None)  # figures cost more than this test's training
     seen: dict[int, list[int]] = {}
     real_batch_images = Trainer.batch_images
@@ -688,7 +687,7 @@ def test_label_noise_flips_exactly_that_fraction_of_training_labels():
 @pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
 def test_label_noise_bad_values(value):
     from common.config import load_config
-    from engine.config import Config, validate
+    from engine.schema import Config, validate
     from imagedata.synthetic_data import make_synthetic_dataset
     with pytest.raises(UserError, match="data.synthetic.label_noise"):
         validate(load_config(Config, None, [*TINY, f"data.synthetic.label_noise={value}"]))

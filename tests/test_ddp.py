@@ -101,7 +101,7 @@ def test_ddp_ranks_share_decisions_rng_and_batchnorm_across_sigkill_and_resume(t
     identical weights and BatchNorm buffers on both ranks; and every epoch's val/acc1 (and the final
     test/acc1_last) equals a single-process evaluation of that epoch's weights."""
     from common.config import load_config
-    from engine.rl_config import RLConfig
+    from engine.rl_schema import RLConfig
     args = [*RL_DDP, f"run.out_dir={tmp_path}", "run.name=ddp"]
     run_dir, before, after = tmp_path / "ddp", tmp_path / "trace_before", tmp_path / "trace_after"
     # a busy machine may let the run go past epoch 2 before the kill lands: any resume epoch from 1 on will do
@@ -187,7 +187,7 @@ def test_resume_restores_each_ranks_rng_state_and_warns_on_another_world_size(tm
     from common.config import load_config
     from common.distributed import DistInfo
     from common.rng import rng_state, seed_everything
-    from engine.config import Config
+    from engine.schema import Config
     from engine.trainer import Trainer
     cfg = load_config(Config, None, [*TINY, "kd.alpha=1", "train.seed=5"])
     trainer = Trainer(cfg, DistInfo(), None)
@@ -246,7 +246,7 @@ def _ranks_with_their_own_agents(rank: int, port: int, out_dir: str, trace_folde
     from common.distributed import cleanup_distributed, setup_distributed
     from common.metrics import MetricLogger
     from engine.curriculum_run import CurriculumRun
-    from engine.rl_config import RLConfig
+    from engine.rl_schema import RLConfig
     cfg = load_config(RLConfig, None, [*TINY, "kd.alpha=0.5", "train.epochs=2", "difficulty.warmup_epochs=0",
                                        "difficulty.refresh_every=1", "agent.name=random", f"run.out_dir={out_dir}",
                                        f"teacher.cache_dir={Path(out_dir) / 'cache'}"])
@@ -289,7 +289,7 @@ def _rank_1_fails_while_scoring_the_cache(rank: int, port: int, out_dir: str) ->
     torch.set_num_threads(1)
     from common.config import load_config
     from common.distributed import setup_distributed
-    from engine.config import Config
+    from engine.schema import Config
     from engine.teacher_cache import build_or_load_cache
     from imagedata.augment import AugSpec
     from imagedata.image_sources import load_splits

@@ -15,7 +15,7 @@ import kd_methods
 from common.config import load_config
 from common.distributed import DistInfo
 from common.errors import UserError
-from engine.config import Config, validate
+from engine.schema import Config, validate
 from models import HintRegressor, fitnet_loss_terms, logits_and_stage_map, stage_map, stage_shape
 
 FITNET = [*TINY, "kd.method=fitnet", "teacher.mode=online"]
@@ -108,7 +108,7 @@ def test_a_stage_the_models_lack_is_refused():
 def test_cached_teacher_is_refused_with_the_cache_size(tmp_path):
     proc = run_main("train_student.py", *TINY, "kd.method=fitnet", "teacher.cache_views=10", f"run.out_dir={tmp_path}")
     # 50,000 x 10 x 512 x 28 x 28 x 2 bytes = 401,408,000,000 bytes
-    # the engine's refusal (engine.config.check_method_needs), with FitNet's size estimate (its cache_refusal)
+    # the engine's refusal (engine.schema.check_method_needs), with FitNet's size estimate (its cache_refusal)
     assert_clean_error(proc, "kd.method=fitnet cannot use teacher.mode=cached: it reads the teacher's feature_map, "
                              "and the teacher cache holds only logits, features.",
                        "50,000 images x K=10 x 512 x 28 x 28 x 2 bytes (fp16) = 401 GB", "100 MB of cached logits",

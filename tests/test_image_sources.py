@@ -10,7 +10,7 @@ from PIL import Image
 
 from common.config import load_config
 from common.errors import UserError
-from engine.config import Config
+from engine.schema import Config
 from imagedata.image_sources import SPLIT_ALIASES, carve_validation, find_split, load_local, load_splits
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

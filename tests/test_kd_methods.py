@@ -202,7 +202,7 @@ def test_a_method_registered_in_a_test_file_trains_end_to_end(tmp_path, logit_ma
     from common.checkpoint import load_checkpoint
     from common.config import load_config
     from common.distributed import DistInfo
-    from engine.config import Config, validate
+    from engine.schema import Config, validate
     from engine.run import run_training
     cfg = load_config(Config, None, [*TINY, "kd.method=logit_match", f"run.out_dir={tmp_path}", "run.name=r"])
     validate(cfg)
@@ -229,7 +229,7 @@ def test_a_method_registered_in_a_test_file_trains_end_to_end(tmp_path, logit_ma
 def test_cache_stores_the_teachers_pooled_features_of_each_replayed_view(tmp_path):
     from common.config import load_config
     from common.distributed import DistInfo
-    from engine.config import Config
+    from engine.schema import Config
     from engine.optim import autocast_for
     from engine.teacher_cache import build_or_load_cache
     from imagedata.augment import AugSpec, replay_view_index
@@ -287,7 +287,7 @@ def test_bad_method_settings_are_refused(tmp_path, args, fragments):
 
 def test_a_feature_method_with_a_teacher_without_features_is_refused():
     from common.config import load_config
-    from engine.config import Config
+    from engine.schema import Config
 
     class LogitsOnly(nn.Module):  # e.g. a scripted or wrapped model: logits, no forward_head / num_features
         def forward(self, x):

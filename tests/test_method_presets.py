@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import kd_methods
 from common.config import load_config, parse_config
-from engine.config import Config, validate
+from engine.schema import Config, validate
 from models import kd_loss_terms
 
 METHODS_DIR = ROOT / "configs" / "methods"

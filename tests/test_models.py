@@ -6,7 +6,7 @@ from conftest import TINY, assert_clean_error, run_script
 import imagedata.label_alignment
 from common.config import load_config
 from common.errors import UserError
-from engine.config import Config
+from engine.schema import Config
 from engine.report import save_student_safetensors
 from models import FrozenTeacher, create_student, create_teacher, load_state_file
 

@@ -91,7 +91,7 @@ def test_two_nodes_train_with_a_cache_built_across_both(tmp_path):
     # the cache was built sharded: each node scored about half of every split, together all of it
     shards = read_trace(trace, "cache_shard")
     from common.config import load_config
-    from engine.config import Config
+    from engine.schema import Config
     from imagedata.image_sources import load_splits
     sizes = {s: len(v) for s, v in load_splits(load_config(Config, str(run_dir / "config.yaml")).data).items()}
     for split, n in sizes.items():
@@ -128,7 +128,7 @@ def test_two_nodes_rl_run_killed_and_resumed(tmp_path):
     check_single_writer(run_dir, 5)
     assert [json.loads(x)["epoch"] for x in (run_dir / "curriculum.jsonl").read_text().splitlines()] == [0, 1, 2, 3, 4]
     results = json.loads((run_dir / "results.json").read_text())
-    from engine.rl_config import RLConfig
+    from engine.rl_schema import RLConfig
     single = single_process_test_acc1(run_dir, RLConfig)
     resumed_at = nodes[0].stdout.split("at epoch ")[1].split()[0]
     print(f"two nodes, RL: killed, resumed at epoch {resumed_at}; test/acc1 {results['test/acc1']}, one process "

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from common.config import load_config
 from common.distributed import DistInfo
-from engine.config import Config
+from engine.schema import Config
 from engine.teacher_cache import build_or_load_cache, cache_fingerprint
 from imagedata.normalization import IMAGENET_MEAN, IMAGENET_NORM, IMAGENET_STD, input_norm, named_norm, normalize_batch
 from models import FrozenTeacher, create_student, create_teacher

@@ -19,7 +19,7 @@ import models
 from common import plugins
 from common.config import load_config
 from common.errors import UserError
-from engine.config import Config
+from engine.schema import Config
 
 # A KD method with a key of its own and a trainable part, as a user would write it in a file of their own.
 SCALED_KD = textwrap.dedent('''
@@ -487,7 +487,7 @@ def test_attention_transfer_trains_online_and_its_loss_is_the_formula(tmp_path, 
     """A tiny online run end to end; on one batch, the method's terms equal the formula computed here from timm's own
     stage maps of the run's student and teacher."""
     from common.distributed import DistInfo
-    from engine.config import validate
+    from engine.schema import validate
     from engine.trainer import Trainer
     plugin = _example(tmp_path, "attention_transfer.py")
     args = [*TINY, "train.epochs=1", f"run.plugins=[{plugin}]", "kd.method=at", "teacher.mode=online",
@@ -537,8 +537,8 @@ def test_attention_transfer_cached_and_a_bad_stage_are_refused_by_the_engine(tmp
 
 def test_the_engine_checks_any_method_declaration(isolated):
     """Declarations of a method registered here: an unknown output kind, stage maps without stages, and an explicit
-    can_cache=False (on cacheable outputs) are refused by engine.config.validate, naming the method."""
-    from engine.config import validate
+    can_cache=False (on cacheable outputs) are refused by engine.schema.validate, naming the method."""
+    from engine.schema import validate
 
     class Odd(kd_methods.KD):
         student_reads = ("logits", "attention")

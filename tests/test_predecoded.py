@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.config import load_config
-from engine.config import Config
+from engine.schema import Config
 from engine.teacher_cache import CacheViews
 from imagedata.augment import AugSpec, apply_aug_record, apply_aug_records, sample_aug_record, train_record_rng
 from imagedata.image_sources import load_local

@@ -207,7 +207,7 @@ RL_ARGS = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refr
 
 def test_registered_strategy_and_agent_pass_config_validation(registered):
     from common.config import load_config
-    from engine.rl_config import RLConfig, validate_rl
+    from engine.rl_schema import RLConfig, validate_rl
     validate_rl(load_config(RLConfig, None, [*RL_ARGS, "curriculum.strategy=median_band", "agent.name=try_each_target"]))
     with pytest.raises(UserError, match="choose one of .*median_band"):
         validate_rl(load_config(RLConfig, None, [*RL_ARGS, "curriculum.strategy=median"]))
@@ -259,8 +259,8 @@ def _kinds() -> dict:
     import agents
     import kd_methods
     import models
-    from engine.config import Config
-    from engine.rl_config import RLConfig
+    from engine.schema import Config
+    from engine.rl_schema import RLConfig
     from gan_vae.continual import ContinualConfig
     from gan_vae.experts import EXPANSION_RULES
     from gan_vae.losses import STUDENT_LOSSES
@@ -378,7 +378,7 @@ KD_ENTRIES = [(name, plugin) for kind, name, plugin in ENTRIES if kind == "kd_me
 @pytest.mark.parametrize("name,plugin", KD_ENTRIES, ids=[n for n, _ in KD_ENTRIES])
 def test_every_kd_method_refuses_the_teacher_modes_it_does_not_declare(name, plugin, tmp_path, restored_registries):
     from common.config import load_config
-    from engine.config import Config
+    from engine.schema import Config
     extra = [*TINY, *_plugin_args(plugin), f"kd.method={name}"]
     declared = _teacher_modes(name, load_config(Config, None, extra))
     for mode in {"online", "cached"} - set(declared):
@@ -427,7 +427,7 @@ def _run_and_resume(script: str, argv: list[str], out: Path) -> None:
 @pytest.mark.parametrize("name,plugin", KD_ENTRIES, ids=[n for n, _ in KD_ENTRIES])
 def test_every_kd_method_runs_in_its_teacher_modes_and_resumes_exactly(name, plugin, tmp_path, restored_registries):
     from common.config import load_config
-    from engine.config import Config
+    from engine.schema import Config
     argv = [*CONTRACT_RUN, *_plugin_args(plugin), f"kd.method={name}"]
     first, *others = _teacher_modes(name, load_config(Config, None, argv))
     _run_and_resume("train_student.py", [*argv, f"teacher.mode={first}"], tmp_path / first)

@@ -23,7 +23,7 @@ CASES = {**{name: [f"kd.method={name}"] for name in kd_methods.KD_METHODS if nam
 
 
 def _config(tmp_path, name: str, extra: list[str]):
-    from engine.config import Config, validate
+    from engine.schema import Config, validate
     cfg = load_config(Config, None, [*TINY, "train.epochs=1", *extra, f"run.out_dir={tmp_path}", f"run.name={name}",
                                      f"teacher.cache_dir={tmp_path / 'cache'}",
                                      f"data.preprocess_dir={tmp_path / 'predecoded'}"])

@@ -319,7 +319,7 @@ def test_rl_trains_its_teacher_with_teacher_prepare(tmp_path, monkeypatch):
     with pytest.raises(Prepared, match="teacher.yaml"):
         train_student_rl.main([*args, f"teacher.prepare={tmp_path / 'teacher.yaml'}"])
     from common.config import load_config
-    from engine.rl_config import RLConfig
+    from engine.rl_schema import RLConfig
     assert load_config(RLConfig, str(ROOT / "configs" / "curriculum_synthetic.yaml")).teacher.prepare == \
         "configs/quickstart_teacher.yaml"
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from common.config import load_config
 from common.distributed import DistInfo
-from engine.config import Config
+from engine.schema import Config
 from engine.optim import autocast_for
 from engine.teacher_cache import build_or_load_cache
 from imagedata.augment import AugSpec, apply_aug_record, apply_aug_records, replay_view_index

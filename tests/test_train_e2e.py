@@ -110,7 +110,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     from common.errors import UserError
     from common.metrics import MetricLogger
     from common.rundir import prepare_run_dir
-    from engine.config import Config
+    from engine.schema import Config
     from engine.trainer import Trainer
 
     cfg = load_config(Config, None, [*TINY, "kd.alpha=0.5", "train.epochs=1", f"run.out_dir={tmp_path}",

@@ -20,8 +20,8 @@ from common.checkpoint import load_checkpoint, save_checkpoint
 from common.config import check_resume_config, check_unread_keys, iter_schema, load_config
 from common.errors import UserError
 from curriculum_dataloader import STRATEGY_REGISTRY
-from engine.config import Config, validate
-from engine.rl_config import RLConfig, validate_rl
+from engine.schema import Config, validate
+from engine.rl_schema import RLConfig, validate_rl
 
 REGISTRIES = [(kd_methods.KD_METHODS, Config), (AGENT_REGISTRY, RLConfig), (STRATEGY_REGISTRY, RLConfig)]
 

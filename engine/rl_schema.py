@@ -1,4 +1,4 @@
-"""The configuration of train_student_rl.py: train_student.py's schema (engine.config.Config) plus the curriculum,
+"""The configuration of train_student_rl.py: train_student.py's schema (engine.schema.Config) plus the curriculum,
 difficulty and agent sections, and `validate_rl`, the checks that involve several keys. An agent's, a strategy's or
 a difficulty score's own keys live beside its code (agents.AGENT_REGISTRY, curriculum_dataloader.STRATEGY_REGISTRY,
 models.DIFFICULTY_SCORES)."""
@@ -12,7 +12,7 @@ from common.config import opt, section
 from common.errors import check
 from common.registry import holds_sections_of
 from curriculum_dataloader import STRATEGIES, STRATEGY_REGISTRY
-from engine.config import Config, validate
+from engine.schema import Config, validate
 from models import DIFFICULTY_SCORES
 from rl_curriculum_env import ACTION_NVEC
 
@@ -47,7 +47,7 @@ class RLConfig(Config):
 
 
 def validate_rl(cfg) -> None:
-    """engine.config.validate, then the curriculum's checks that involve several keys and those of the selected
+    """engine.schema.validate, then the curriculum's checks that involve several keys and those of the selected
     agent, strategy and difficulty score (their `validate(cfg)` hooks, when they have one). Each key's own range is
     declared with it."""
     validate(cfg)

@@ -1,6 +1,6 @@
 """The curriculum as a component of an engine.trainer.Trainer: its sampler, the difficulty refresh, their state.
 
-    trainer = Trainer(cfg, dist, run_dir, sampler=partial(build_sampler, cfg, dist))   # cfg: engine.rl_config.RLConfig
+    trainer = Trainer(cfg, dist, run_dir, sampler=partial(build_sampler, cfg, dist))   # cfg: engine.rl_schema.RLConfig
     curriculum = Curriculum(cfg, trainer)      # scores with the trainer's student, drives the trainer's sampler
     trainer.add_hook(curriculum)               # refreshes when due around each epoch; saved under "curriculum"
 
