@@ -131,7 +131,8 @@ class StudentConfig:
                                    "before the task (its own samples of that task, as in generative replay, Shin et "
                                    "al. 2017, and brain-inspired replay, van de Ven et al. 2020) instead of the "
                                    "task's expert; 0: the experts alone (the default before issue 18; the README's "
-                                   "ablation measures both). No effect with student.replay=false", ge=0, le=1,
+                                   "ablation measures both). Refused with student.replay=false, which replays "
+                                   "nothing", ge=0, le=1,
                               before=0.0)  # issue 18: the experts alone replayed
     steps_per_earlier_task: int = opt(0, "extra student steps per earlier task: task t trains student.steps + t x "
                                          "this (later tasks have more to keep)", ge=0)
@@ -236,13 +237,43 @@ def validate(cfg, unread: bool = True) -> None:
         check_read_keys(cfg)
 
 
+# What the student reads only when it replays earlier tasks (gan_vae.student: the replay batch, the copy from before
+# the task and its self-distillation, the replayed experts' weights, mixup of real and replayed rows)
+REPLAY_ONLY_KEYS = ("student.replay_share", "student.self_replay", "student.mixup", "kd.previous_weight",
+                    "kd.previous_posterior", "kd.weight_floor", "kd.weight_ceiling")
+# ... and what only a later task reads (its extra steps, the finished tasks' priors, whether it replays at all)
+LATER_TASK_KEYS = ("student.replay", "student.steps_per_earlier_task", "student.freeze_old_priors")
+
+
+def unread_student_keys(cfg) -> dict[str, str]:
+    """The student.* / kd.* keys that the run's choices do not read, whatever their value, each with why: with one
+    task there is no earlier task (no replay, no extra steps, no finished task's prior); with student.replay=false
+    every batch holds the current task alone, so nothing is replayed, mixed or self-distilled, no replayed expert is
+    weighted, and the finished tasks' priors get no gradient (student.freeze_old_priors changes nothing)."""
+    if len(cfg.data.tasks) == 1:
+        why = "data.tasks has one task, so there is no earlier task to replay, train extra steps for or keep a prior of"
+        return {key: why for key in (*LATER_TASK_KEYS, *REPLAY_ONLY_KEYS)}
+    if not cfg.student.replay:
+        why = ("student.replay=false: every batch holds the current task alone, so nothing is replayed, mixed or "
+               "self-distilled, and the finished tasks' priors get no gradient")
+        return {key: why for key in (*REPLAY_ONLY_KEYS, "student.freeze_old_priors")}
+    return {}
+
+
 def check_read_keys(cfg, keys: set[str] | None = None) -> None:
     """Refuse, naming them, keys set away from their default that the run's choices do not read (a key that does
     nothing is refused, not ignored): data.root without an mnist or fashion_mnist task, the Inception weights with
-    the domain classifier's features, the domain classifier's keys with Inception's. `keys`: only these (None:
-    every key)."""
+    the domain classifier's features, the domain classifier's keys with Inception's, and the replay's keys with
+    student.replay=false or one task (unread_student_keys). `keys`: only these (None: every key)."""
     from gan_vae.tasks import DOMAINS, parse_task
     unread = []
+    defaults = {"student": StudentConfig(), "kd": KDConfig()}
+    for key, why in unread_student_keys(cfg).items():
+        section, name = key.split(".")
+        value = OmegaConf.select(cfg, key)
+        if value != getattr(defaults[section], name):
+            shown = str(value).lower() if isinstance(value, bool) else value
+            unread.append(f"{key}={shown} ({why})")
     if cfg.data.root != DataConfig().root and not any(parse_task(s)["source"] in DOMAINS for s in cfg.data.tasks):
         unread.append(f"data.root={cfg.data.root} (only mnist and fashion_mnist tasks read it; these tasks are .npz "
                       "files)")
@@ -311,6 +342,9 @@ def changed_config_keys(saved: dict, current, branching: bool) -> list[tuple[str
     schema = OmegaConf.get_type(current) if OmegaConf.is_config(current) else ContinualConfig
     allowed = (tuple(key for key, *_ in iter_schema(compose_schema(schema)) if key not in FIXED_KEYS)
                if branching else RESULT_NEUTRAL_KEYS)
+    # a key this run does not read (unread_student_keys) changes nothing, whatever the checkpoint holds: a run saved
+    # when such keys were accepted (student.self_replay=0 with student.replay=false) resumes without them
+    allowed += tuple(unread_student_keys(current)) if OmegaConf.is_config(current) else ()
     # a key added later counts with the value its opt(..., before=...) records (student.self_replay: 0)
     return config_differences(saved, current, allowed)
 

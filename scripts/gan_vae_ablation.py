@@ -59,6 +59,19 @@ ROWS = {
 }
 
 
+def row_arguments(row: str) -> list[str]:
+    """A row's overrides after BASE, less the BASE keys that the row's choices leave unread (gan_vae.continual's
+    unread_student_keys: `student.replay=false` reads no replay key, so the noreplay row drops
+    `student.self_replay=0`, which the program would refuse as a key that does nothing)."""
+    if str(ROOT) not in sys.path:  # run as python scripts/gan_vae_ablation.py
+        sys.path.insert(0, str(ROOT))
+    from common.config import load_config
+    from gan_vae.continual import ContinualConfig, unread_student_keys
+    overrides = ROWS[row][1]
+    unread = unread_student_keys(load_config(ContinualConfig, ROOT / CONFIG, [*BASE, *overrides]))
+    return [a for a in BASE if a.split("=")[0] not in unread] + overrides
+
+
 def full_run(seed: int) -> str:
     return f"gv_s{seed}"
 
@@ -99,7 +112,7 @@ def run_all(out: Path, rows: list[str], seeds: list[int], jobs: int, full_runs: 
         with ThreadPoolExecutor(jobs) as pool:  # the full runs first: every row starts from one
             if not all(rc == 0 for rc in pool.map(lambda s: launch(out, full_run(s), [f"train.seed={s}", *BASE]), seeds)):
                 return False
-    work = [(run_name(r, s), [f"train.seed={s}", *BASE, *ROWS[r][1],
+    work = [(run_name(r, s), [f"train.seed={s}", *row_arguments(r),
                               f"run.resume={out / full_run(s) / 'checkpoints' / (ROWS[r][2] + '.pt')}"])
             for r in rows if ROWS[r][2] is not None for s in seeds]
     with ThreadPoolExecutor(jobs) as pool:

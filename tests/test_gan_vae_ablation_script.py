@@ -18,9 +18,19 @@ spec.loader.exec_module(ablation)
 @pytest.mark.parametrize("row", list(ablation.ROWS))
 def test_every_row_is_a_valid_config_that_changes_only_student_keys(row):
     label, overrides, branch = ablation.ROWS[row]
-    validate(load_config(ContinualConfig, ROOT / ablation.CONFIG, ["train.seed=1", *ablation.BASE, *overrides]))
+    # the arguments the script gives the row: BASE less the keys the row leaves unread, then the row's own
+    validate(load_config(ContinualConfig, ROOT / ablation.CONFIG, ["train.seed=1", *ablation.row_arguments(row)]))
     assert branch in (None, "task_1_teacher", "task_0_teacher")
     assert all(o.split(".")[0] in STUDENT_PHASE_SECTIONS for o in overrides)  # what a branch there may change
+
+
+def test_only_the_noreplay_row_drops_a_base_key():
+    """student.replay=false reads no replay key, so the noreplay row leaves out BASE's student.self_replay=0 (it
+    would be refused as doing nothing); every other row keeps BASE whole, so its numbers are those of before."""
+    assert ablation.row_arguments("noreplay") == ["student.replay=false"]
+    for row, (_, overrides, _) in ablation.ROWS.items():
+        if row != "noreplay":
+            assert ablation.row_arguments(row) == [*ablation.BASE, *overrides]
 
 
 def _results(path: Path, mse0: float, mse1: float, fashion: float, fid: list[float]) -> None:

@@ -308,6 +308,58 @@ def test_a_key_the_run_does_not_read_is_refused(domains, tmp_path, overrides, fr
     assert "A key that would do nothing is refused" in str(err.value)
 
 
+# every key that only replay reads, at a value away from its default
+REPLAY_ONLY = [["student.self_replay=0.0"], ["student.replay_share=0.5"], ["student.mixup=true"],
+               ["kd.previous_weight=2.0"], ["kd.previous_posterior=kl"], ["kd.weight_floor=0.5"],
+               ["kd.weight_ceiling=0.9"], ["student.freeze_old_priors=true"]]
+
+
+@pytest.mark.parametrize("overrides", REPLAY_ONLY, ids=lambda o: o[0])
+def test_a_replay_key_is_refused_without_replay_and_accepted_with_it(domains, tmp_path, overrides):  # noqa: F811
+    """student.replay=false: every batch holds the current task alone, so no key of the replay is read (the
+    finished tasks' priors get no gradient, frozen or not); with replay the same key is read and accepted."""
+    from common.config import load_config
+    from common.errors import UserError
+    key, value = overrides[0].split("=")
+    two_tasks = _args(domains, tmp_path, ["discs", "crosses"])
+    continual.validate(load_config(continual.ContinualConfig, None, [*two_tasks, *overrides]))
+    cfg = load_config(continual.ContinualConfig, None, [*two_tasks, *overrides, "student.replay=false"])
+    with pytest.raises(UserError) as err:
+        continual.validate(cfg)
+    if key != "student.replay_share":  # refused before, by its own check ("set it to 0 or student.replay=true")
+        assert f"{key}={value} (student.replay=false: every batch holds the current task alone" in str(err.value)
+        assert "A key that would do nothing is refused" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [*REPLAY_ONLY, ["student.replay=false"], ["student.steps_per_earlier_task=2"]],
+                         ids=lambda o: o[0])
+def test_a_key_of_later_tasks_is_refused_with_one_task(domains, tmp_path, overrides):  # noqa: F811
+    """With one task there is no earlier task: nothing to replay, no extra steps, no finished task's prior."""
+    from common.config import load_config
+    from common.errors import UserError
+    cfg = load_config(continual.ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]), *overrides])
+    with pytest.raises(UserError, match="A key that would do nothing is refused") as err:
+        continual.validate(cfg)
+    assert f"{overrides[0]} (data.tasks has one task, so there is no earlier task" in str(err.value)
+
+
+def test_a_run_saved_with_a_replay_key_resumes_without_it(domains, tmp_path):  # noqa: F811
+    """A run saved while such keys were accepted (student.replay=false with student.self_replay=0, as the
+    ablation script gave them) resumes without the key, which it never read; a key it reads is still compared."""
+    from common.config import load_config, to_plain
+    from common.errors import UserError
+    no_replay = [*_args(domains, tmp_path, ["discs", "crosses"]), "student.replay=false"]
+    saved = to_plain(load_config(continual.ContinualConfig, None, no_replay))
+    saved["student"]["self_replay"] = 0.0
+    run_dir = tmp_path / "old_run"
+    ckpt = {"config": saved, "progress": {"task": 1, "phase": "student", "step": 20}}
+    now = load_config(continual.ContinualConfig, None, no_replay)
+    continual.check_config_matches_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt", now, run_dir)
+    saved["student"]["contrastive_weight"] = 0.5
+    with pytest.raises(UserError, match=r"student\.contrastive_weight = 0\.5"):
+        continual.check_config_matches_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt", now, run_dir)
+
+
 def test_a_key_the_run_reads_is_accepted(domains, tmp_path):  # noqa: F811
     from common.config import load_config
     cfg = load_config(continual.ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]),
