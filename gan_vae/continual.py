@@ -249,7 +249,9 @@ def unread_student_keys(cfg) -> dict[str, str]:
     """The student.* / kd.* keys that the run's choices do not read, whatever their value, each with why: with one
     task there is no earlier task (no replay, no extra steps, no finished task's prior); with student.replay=false
     every batch holds the current task alone, so nothing is replayed, mixed or self-distilled, no replayed expert is
-    weighted, and the finished tasks' priors get no gradient (student.freeze_old_priors changes nothing)."""
+    weighted, and the finished tasks' priors get no gradient (student.freeze_old_priors changes nothing); with
+    kd.previous_weight=0 and student.self_replay=0 no copy from before the task is kept, so kd.previous_posterior
+    has no self-distillation to shape."""
     if len(cfg.data.tasks) == 1:
         why = "data.tasks has one task, so there is no earlier task to replay, train extra steps for or keep a prior of"
         return {key: why for key in (*LATER_TASK_KEYS, *REPLAY_ONLY_KEYS)}
@@ -257,6 +259,9 @@ def unread_student_keys(cfg) -> dict[str, str]:
         why = ("student.replay=false: every batch holds the current task alone, so nothing is replayed, mixed or "
                "self-distilled, and the finished tasks' priors get no gradient")
         return {key: why for key in (*REPLAY_ONLY_KEYS, "student.freeze_old_priors")}
+    if cfg.kd.previous_weight == 0 and cfg.student.self_replay == 0:  # no copy from before the task is kept
+        return {"kd.previous_posterior": "kd.previous_weight=0 and student.self_replay=0 keep no copy from before "
+                                         "the task, so there is no self-distillation"}
     return {}
 
 

@@ -343,6 +343,20 @@ def test_a_key_of_later_tasks_is_refused_with_one_task(domains, tmp_path, overri
     assert f"{overrides[0]} (data.tasks has one task, so there is no earlier task" in str(err.value)
 
 
+def test_the_posterior_of_self_distillation_is_refused_when_no_copy_is_kept(domains, tmp_path):  # noqa: F811
+    """kd.previous_weight=0 and student.self_replay=0: the student keeps no copy from before the task, so there is
+    no self-distillation whose posterior kd.previous_posterior could choose; with either of them on it is read."""
+    from common.config import load_config
+    from common.errors import UserError
+    args = [*_args(domains, tmp_path, ["discs", "crosses"]), "kd.previous_posterior=kl"]
+    with pytest.raises(UserError, match=r"kd\.previous_posterior=kl \(kd\.previous_weight=0 and student\.self_replay=0 "
+                                        "keep no copy"):
+        continual.validate(load_config(continual.ContinualConfig, None,
+                                       [*args, "kd.previous_weight=0", "student.self_replay=0"]))
+    for on in (["kd.previous_weight=0"], ["student.self_replay=0"]):
+        continual.validate(load_config(continual.ContinualConfig, None, [*args, *on]))
+
+
 def test_a_run_saved_with_a_replay_key_resumes_without_it(domains, tmp_path):  # noqa: F811
     """A run saved while such keys were accepted (student.replay=false with student.self_replay=0, as the
     ablation script gave them) resumes without the key, which it never read; a key it reads is still compared."""
