@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import RL_ARGS, TINY, assert_clean_error, run_main
+from conftest import RL_ARGS, TINY, TINY_LABEL_ONLY, assert_clean_error, run_main
 
-TS_ARGS = [*TINY, "kd.alpha=1"]
+TS_ARGS = TINY_LABEL_ONLY
 
 
 def _evaluated(proc) -> dict:
