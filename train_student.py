@@ -60,9 +60,11 @@ def baseline_config(cfg):
     """kd.baseline: the label-only student (kd.alpha=1) of the same budget and seed, in <run>/label_only/."""
     base = copy.deepcopy(cfg)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    # every kd.* key back at its default, then kd.alpha=1 alone: CE only (kd_methods.kd_weights). The method's keys
-    # would be unread by labels-only kd, and its config.yaml must load as a config of its own
-    base.kd = OmegaConf.structured(OmegaConf.get_type(cfg)).kd
+    # every kd.* and teacher.* key back at its default, then kd.alpha=1 alone: CE only (kd_methods.kd_weights). The
+    # method's keys would be unread by labels-only kd, the teacher's by a run that builds no teacher
+    # (engine.schema.check_unread_teacher_keys), and its config.yaml must load as a config of its own
+    defaults = OmegaConf.structured(OmegaConf.get_type(cfg))
+    base.kd, base.teacher = defaults.kd, defaults.teacher
     base.kd.alpha = 1.0
     base.run.out_dir, base.run.name = str(run_dir), "label_only"
     # continue the baseline too when it had started (even if it stopped before its first checkpoint)

@@ -47,11 +47,21 @@ class RLConfig(Config):
 
 
 def validate_rl(cfg) -> None:
-    """engine.schema.validate, then the curriculum's checks that involve several keys and those of the selected
-    agent, strategy and difficulty score (their `validate(cfg)` hooks, when they have one). Each key's own range is
-    declared with it."""
-    validate(cfg)
+    """Whether the strategy has the cached teacher it needs, engine.schema.validate, then the curriculum's checks
+    that involve several keys and those of the selected agent, strategy and difficulty score (their `validate(cfg)`
+    hooks, when they have one). Each key's own range is declared with it."""
     c = cfg.curriculum
+    # the strategy's need of a cached teacher first: without one, the teacher.* keys are unread, and validate would
+    # name those rather than the strategy that needs them read
+    if STRATEGY_REGISTRY[c.strategy].needs_difficulty:
+        check(kd_methods.uses_teacher(cfg), f"curriculum.strategy={c.strategy} ranks samples by difficulty, "
+              "which needs a teacher: set kd.alpha < 1 (or a KD method other than label-only kd), or use strategy "
+              "all or random_subset")
+        check(cfg.teacher.mode == "cached",
+              f"curriculum.strategy={c.strategy} scores difficulty from the teacher's cached evaluation-view logits "
+              "of the training set, which teacher.mode=online does not build. Use teacher.mode=cached (the "
+              "default: it also makes every epoch as cheap as label-only training)")
+    validate(cfg)
     check(not cfg.kd.baseline, "kd.baseline=true: train_student_rl.py trains no label-only baseline beside its run "
                                "(train_student.py does); set kd.baseline=false and run the baseline as its own "
                                "run (kd.alpha=1, or an agent.name=fixed control)")
@@ -64,14 +74,6 @@ def validate_rl(cfg) -> None:
               f"agent.fixed_actions entry {list(a)}: need [target index 0-{ACTION_NVEC[0] - 1}, temperature step "
               f"0-{ACTION_NVEC[1] - 1}]")
     check(len(cfg.agent.fixed_actions) >= 1, "agent.fixed_actions needs at least one action")
-    if STRATEGY_REGISTRY[c.strategy].needs_difficulty:
-        check(kd_methods.uses_teacher(cfg), f"curriculum.strategy={c.strategy} ranks samples by difficulty, "
-              "which needs a teacher: set kd.alpha < 1 (or a KD method other than label-only kd), or use strategy "
-              "all or random_subset")
-        check(cfg.teacher.mode == "cached",
-              f"curriculum.strategy={c.strategy} scores difficulty from the teacher's cached evaluation-view logits "
-              "of the training set, which teacher.mode=online does not build. Use teacher.mode=cached (the "
-              "default: it also makes every epoch as cheap as label-only training)")
     if not (kd_methods.uses_teacher(cfg) and cfg.teacher.mode == "cached"):
         changed = [f"difficulty.{k}={getattr(cfg.difficulty, k)}" for k in DifficultyConfig.__dataclass_fields__
                    if getattr(cfg.difficulty, k) != getattr(DifficultyConfig(), k)]

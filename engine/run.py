@@ -18,7 +18,7 @@ from common.metrics import MetricLogger
 from common.rundir import (check_program, checkpoint_program, claim_run_dir, default_run_name, make_dirs, plan_run_dir,
                            read_saved_config, require_entries, run_files, run_name, update_run_record)
 from engine.build import input_changes
-from engine.schema import Config, validate
+from engine.schema import Config, unread_teacher_keys, validate
 from engine.evaluation import evaluate
 from engine.optim import autocast_for
 from engine.report import plot_run, print_results, run_label
@@ -59,6 +59,13 @@ TRAIN_RESUME_SAFE_KEYS = (*RESUME_SAFE_KEYS, "data.workers", "data.preprocess_di
                           "train.profile", "train.compile", "eval.*", "kd.baseline")
 
 
+def unread_teacher_patterns(cfg) -> tuple[str, ...]:
+    """The teacher.* keys that `cfg` does not read (engine.schema.unread_teacher_keys): a resume or an evaluation lets
+    them differ from the run's saved config, which may hold values that an older version accepted unread (a
+    label-only run with the teacher keys of its config file)."""
+    return tuple(f"teacher.{key}" for key in unread_teacher_keys(cfg))
+
+
 def output_dirs(cfg) -> dict[str, Path]:
     """The folders outside the run directory that this config writes to, by config key."""
     dirs = {}
@@ -79,7 +86,7 @@ def check_resumable(ckpt: dict | None, path: Path | None, cfg, run_dir: Path, pr
     saved = ckpt.get("config") if ckpt is not None else read_saved_config(run_dir)
     kd_methods.check_saved_method(saved)
     check_resume_config(saved, cfg, str(path if ckpt is not None else run_dir / "config.yaml"),
-                        TRAIN_RESUME_SAFE_KEYS)
+                        (*TRAIN_RESUME_SAFE_KEYS, *unread_teacher_patterns(cfg)))
 
 
 def check_inputs_unchanged(ckpt: dict, path: Path, cfg, dist: DistInfo) -> None:
@@ -177,7 +184,8 @@ EVAL_SAFE_KEYS = (*RESUME_SAFE_KEYS, "eval.*", "data.workers", "data.preprocess_
 def check_evaluation_config(saved: dict | None, cfg, path: Path) -> None:
     """eval.checkpoint: refuse a config that differs from the one saved in the checkpoint (None: a .safetensors or a
     bare state dict, which records none) outside EVAL_SAFE_KEYS, naming every such key with both values."""
-    diffs = config_differences(saved, cfg, EVAL_SAFE_KEYS) if saved is not None else []
+    allowed = (*EVAL_SAFE_KEYS, *unread_teacher_patterns(cfg))
+    diffs = config_differences(saved, cfg, allowed) if saved is not None else []
     if diffs:
         listed = "; ".join(f"{key} = {json.dumps(old)} in the checkpoint, {json.dumps(new)} now"
                            for key, old, new in diffs)

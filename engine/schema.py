@@ -170,10 +170,49 @@ class Config:
     log: LogConfig = section(LogConfig)
 
 
+# The teacher.* keys that only the teacher cache (teacher.mode=cached) reads.
+CACHE_ONLY_TEACHER_KEYS = ("cache_views", "cache_features", "cache_dir", "batch_size")
+
+
+def unread_teacher_keys(cfg) -> tuple[str, ...]:
+    """The teacher.* keys (without the prefix) that no code reads under `cfg`: all of them when the run builds no
+    teacher (kd_methods.uses_teacher: labels only, e.g. kd.alpha=1; teacher.prepare included, which trains a teacher
+    only for a run that uses one), the cache's (CACHE_ONLY_TEACHER_KEYS) with teacher.mode=online, and
+    teacher.cache_features with a cached teacher whose method reads no teacher features."""
+    if not kd_methods.uses_teacher(cfg):
+        return tuple(TeacherConfig.__dataclass_fields__)
+    if cfg.teacher.mode == "online":
+        return CACHE_ONLY_TEACHER_KEYS
+    return () if kd_methods.needs_teacher_features(cfg) else ("cache_features",)
+
+
+def check_unread_teacher_keys(cfg) -> None:
+    """Refuse teacher.* keys set away from their defaults that this config does not read (unread_teacher_keys),
+    naming them, why they are unread and what to do instead."""
+    unread, defaults = unread_teacher_keys(cfg), TeacherConfig()
+    shown = {True: "true", False: "false"}
+    changed = [f"teacher.{k}={shown.get(getattr(cfg.teacher, k), getattr(cfg.teacher, k))}" for k in unread
+               if getattr(cfg.teacher, k) != getattr(defaults, k)]
+    if not changed:
+        return
+    if not kd_methods.uses_teacher(cfg):
+        raise UserError(f"{', '.join(changed)} set, but this run builds no teacher (kd.method={cfg.kd.method}, "
+                        f"{kd_methods.loss_label(cfg)}), so they would change nothing. Drop the teacher.* keys "
+                        "(leave them at their defaults): for the quickstart's label-only run use --config "
+                        "configs/quickstart_label_only.yaml, not configs/quickstart.yaml with kd.alpha=1")
+    if cfg.teacher.mode == "online":
+        raise UserError(f"{', '.join(changed)} set, but teacher.mode=online builds no teacher cache, which is all "
+                        "that reads them, so they would change nothing: leave them at their defaults, or use "
+                        "teacher.mode=cached")
+    raise UserError(f"{', '.join(changed)} set, but kd.method={cfg.kd.method} reads no teacher features, so the "
+                    "cache holds none either way and it would change nothing: leave it at its default")
+
+
 def check_read_only_when_used(cfg) -> None:
     """Keys that only one setting of another key reads, refused (not ignored) when set away from their defaults
     under another: the generator's keys without data.name=synthetic, data.path with it, the pre-decoded copy's size
-    without data.preprocessed, SGD's momentum with another optimizer."""
+    without data.preprocessed, SGD's momentum with another optimizer. (The teacher's keys without a teacher, and its
+    cache's without the cache: check_unread_teacher_keys, which validate runs last.)"""
     d, defaults = cfg.data, SyntheticConfig()
     if d.name != "synthetic":
         changed = [f"data.synthetic.{k}" for k in SyntheticConfig.__dataclass_fields__
@@ -193,7 +232,8 @@ def check_read_only_when_used(cfg) -> None:
 def validate(cfg) -> None:
     """Every key against its declared range (utils.check_ranges; load_config has done it already, this covers a
     config changed in code), the keys the selected components do not read (check_unread_keys, likewise), then the
-    checks that involve several keys, and the selected KD method's own."""
+    checks that involve several keys, the selected KD method's own, and the teacher.* keys this config does not
+    read (check_unread_teacher_keys)."""
     check_ranges(cfg)
     check_unread_keys(cfg)
     t = cfg.train
@@ -216,6 +256,8 @@ def validate(cfg) -> None:
           "data.augment_on=device needs data.preprocessed=true (JPEGs are decoded in the workers)")
     check_method_needs(cfg)
     kd_methods.validate_method(cfg)
+    # last: a run without a teacher because its loss weights are all 0, say, is told that first
+    check_unread_teacher_keys(cfg)
 
 
 def check_method_needs(cfg) -> None:

@@ -8,8 +8,9 @@
 #   bash scripts/compare_kd_methods.sh 0 1                          # chosen seeds
 #   ROWS="pooled_hint fitnet" bash scripts/compare_kd_methods.sh    # chosen rows (kd always runs: the pairing)
 #
-# Rows: label_only (kd.alpha=1), kd (kd.alpha=0, T=4: the quickstart), dkd, dist (each at its paper's ImageNet
-# defaults), kd_ls (kd + kd.logit_standardize=true), pooled_hint (kd + a hint on pooled features, cached), fitnet
+# Rows: label_only (configs/quickstart_label_only.yaml: kd.alpha=1, no teacher), kd (kd.alpha=0, T=4: the
+# quickstart), dkd, dist (each at its paper's ImageNet defaults), kd_ls (kd + kd.logit_standardize=true),
+# pooled_hint (kd + a hint on pooled features, cached), fitnet
 # (FitNets: CE + 100 x a stage-2 feature-map hint, mdistiller's defaults, on the online teacher: the maps are too
 # large to cache). Two runs at a time, OMP_NUM_THREADS=1 each; runs whose results.json exists are skipped, so an
 # interrupted comparison continues. Each seed's kd run goes first and builds that seed's logits cache; the
@@ -25,15 +26,19 @@ if [[ ! -f runs/quickstart_teacher/student.safetensors ]]; then  # the quickstar
   rm -rf runs/quickstart_teacher
   python train_student.py --config configs/quickstart_teacher.yaml
 fi
+row_config() {  # label_only builds no teacher, so it has a config without the quickstart's teacher.* keys
+  if [[ $1 == label_only ]]; then echo configs/quickstart_label_only.yaml; else echo "$C"; fi
+}
 row_args() {
   case $1 in
-    label_only) echo "kd.alpha=1" ;;
+    label_only) echo "" ;;  # kd.alpha=1 in its config
     kd) echo "kd.method=kd" ;;
     dkd) echo "kd.method=dkd" ;;
     dist) echo "kd.method=dist" ;;
     kd_ls) echo "kd.method=kd kd.logit_standardize=true" ;;
     pooled_hint) echo "kd.method=pooled_hint" ;;
-    fitnet) echo "kd.method=fitnet teacher.mode=online" ;;
+    # an online teacher has no cache: C's teacher.cache_views back at its default (a cache key is refused online)
+    fitnet) echo "kd.method=fitnet teacher.mode=online teacher.cache_views=10" ;;
     *) echo "error: unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -44,7 +49,7 @@ jobs_for() {  # rows... -> one command line per run not yet finished
       local name=kdm_${row}_s$s
       [[ -f runs/$name/results.json ]] && continue
       rm -rf "runs/$name"
-      echo "python train_student.py --config $C kd.baseline=false $(row_args "$row") train.seed=$s run.name=$name > runs/logs/$name.log 2>&1"
+      echo "python train_student.py --config $(row_config "$row") kd.baseline=false $(row_args "$row") train.seed=$s run.name=$name > runs/logs/$name.log 2>&1"
     done
   done
 }

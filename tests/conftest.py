@@ -44,9 +44,13 @@ TINY = ["data.name=synthetic", "data.synthetic.num_classes=4", "data.synthetic.i
         "data.synthetic.image_size=32", "data.image_size=32", "data.crop_scale_min=0.35", "data.workers=0",
         "teacher.name=resnet10t", "teacher.pretrained=false", "teacher.cache_views=2", "student.name=mobilenetv2_035",
         "train.batch_size=8", "train.eval_batch_size=16", "train.epochs=2", "eval.latency=false"]
+# TINY with an online teacher: without the cache's teacher.cache_views, which teacher.mode=online does not read
+TINY_ONLINE = [*(a for a in TINY if not a.startswith("teacher.cache_views=")), "teacher.mode=online"]
+# TINY on labels only (kd.alpha=1): no teacher is built, so none of TINY's teacher.* keys (they would be refused)
+TINY_LABEL_ONLY = [*(a for a in TINY if not a.startswith("teacher.")), "kd.alpha=1"]
 
 
-RL_ARGS = [*TINY, "kd.alpha=1", "curriculum.strategy=random_subset", "agent.name=bandit"]
+RL_ARGS = [*TINY_LABEL_ONLY, "curriculum.strategy=random_subset", "agent.name=bandit"]
 
 
 class Killed(Exception):
@@ -70,7 +74,7 @@ def stopped_runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Trainer, "finish_epoch", finish_then_die)
         with pytest.raises(Killed):
-            train_student.main([*TINY, "kd.alpha=1", f"run.out_dir={root}", "run.name=ts"])
+            train_student.main([*TINY_LABEL_ONLY, f"run.out_dir={root}", "run.name=ts"])
         with pytest.raises(Killed):
             train_student_rl.main([*RL_ARGS, f"run.out_dir={root}", "run.name=rl"])
     return root

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import RL_ARGS, ROOT, TINY, assert_clean_error, call_main, read_metrics, run_script
+from conftest import RL_ARGS, ROOT, TINY, TINY_LABEL_ONLY, assert_clean_error, call_main, read_metrics, run_script
 
 import gan_vae.continual
 import train_student
@@ -142,12 +142,12 @@ def test_run_out_dir_that_cannot_be_written(main, args, tmp_path, capsys):
     assert blocker.read_text() == "keep me\n"
 
 
-@pytest.mark.parametrize("key,extra", [("teacher.cache_dir", ["kd.alpha=0.5"]),
-                                       ("data.preprocess_dir", ["kd.alpha=1", "data.preprocessed=true"])])
+@pytest.mark.parametrize("key,extra", [("teacher.cache_dir", [*TINY, "kd.alpha=0.5"]),
+                                       ("data.preprocess_dir", [*TINY_LABEL_ONLY, "data.preprocessed=true"])])
 def test_cache_dirs_that_cannot_be_written(key, extra, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me\n")
-    code, err = cli(train_student.main, [*TINY, *extra, f"{key}={blocker / 'x'}", f"run.out_dir={tmp_path}",
+    code, err = cli(train_student.main, [*extra, f"{key}={blocker / 'x'}", f"run.out_dir={tmp_path}",
                                          "run.name=r"], capsys)
     assert_user_error(code, err, f"({key})", f"Set {key} to a folder")
     assert blocker.read_text() == "keep me\n"
@@ -206,7 +206,7 @@ def _copy_run(stopped_runs: Path, name: str, tmp_path: Path) -> Path:
 def test_resume_with_another_optimizer_names_the_key(stopped_runs, tmp_path, capsys):
     run = _copy_run(stopped_runs, "ts", tmp_path)
     before = digest(run)
-    code, err = cli(train_student.main, [*TINY, "kd.alpha=1", "train.optimizer=sgd",
+    code, err = cli(train_student.main, [*TINY_LABEL_ONLY, "train.optimizer=sgd",
                                          f"run.out_dir={tmp_path}", "run.name=ts", "run.resume=auto"], capsys)
     assert_user_error(code, err, 'train.optimizer = "adam" in the run, "sgd" now',
                       "drop run.resume and pick a new run.name")
@@ -216,7 +216,7 @@ def test_resume_with_another_optimizer_names_the_key(stopped_runs, tmp_path, cap
 def test_resume_names_every_differing_key(stopped_runs, tmp_path, capsys):
     run = _copy_run(stopped_runs, "ts", tmp_path)
     before = digest(run)
-    code, err = cli(train_student.main, [*TINY, "kd.alpha=1", "train.epochs=3", "train.lr=0.01",
+    code, err = cli(train_student.main, [*TINY_LABEL_ONLY, "train.epochs=3", "train.lr=0.01",
                                          "student.name=resnet10t", "data.synthetic.seed=4", f"run.out_dir={tmp_path}",
                                          "run.name=ts", "run.resume=auto"], capsys)
     assert_user_error(code, err, "train.epochs = 2 in the run, 3 now", "train.lr = 0.001 in the run, 0.01 now",
@@ -228,7 +228,7 @@ def test_resume_names_every_differing_key(stopped_runs, tmp_path, capsys):
 def test_resume_may_change_keys_that_change_no_result(stopped_runs, tmp_path, capsys):
     run = _copy_run(stopped_runs, "ts", tmp_path)
     first = read_metrics(run)[0]
-    code, err = cli(train_student.main, [*TINY, "kd.alpha=1", "log.every_steps=3", "eval.latency=false",
+    code, err = cli(train_student.main, [*TINY_LABEL_ONLY, "log.every_steps=3", "eval.latency=false",
                                          f"run.out_dir={tmp_path}", "run.name=ts", "run.resume=auto"], capsys)
     assert code is None, err[-3000:]
     assert [m["epoch"] for m in read_metrics(run)] == [0, 1] and read_metrics(run)[0] == first
@@ -247,7 +247,7 @@ def test_rl_resume_with_another_agent_names_the_key(stopped_runs, tmp_path, caps
 
 def test_rl_cannot_continue_a_train_student_checkpoint(stopped_runs, capsys, tmp_path):
     ckpt = stopped_runs / "ts" / "checkpoints" / "last.pt"
-    code, err = cli(train_student_rl.main, [*TINY, "kd.alpha=1", "curriculum.strategy=random_subset",
+    code, err = cli(train_student_rl.main, [*TINY_LABEL_ONLY, "curriculum.strategy=random_subset",
                                             "agent.name=bandit", f"run.out_dir={tmp_path}", "run.name=x", f"run.resume={ckpt}"], capsys)
     assert_user_error(code, err, "made by another script")
     # the last line of defence, should a config ever match: no curriculum or agent state to continue

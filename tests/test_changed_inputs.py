@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, Killed
+from conftest import TINY, TINY_LABEL_ONLY, Killed
 
 # TINY without the generated data's keys, which a run on data from disk refuses (it does not read them)
-TINY_DATA_ON_DISK = [a for a in TINY if not a.startswith(("data.name=", "data.synthetic."))]
+TINY_DATA_ON_DISK = [a for a in TINY_LABEL_ONLY if not a.startswith(("data.name=", "data.synthetic."))]  # kd.alpha=1
 from PIL import Image
 from test_bad_input import assert_user_error, cli, digest
 
@@ -59,7 +59,7 @@ def _image_folder(root: Path) -> Path:
 
 
 def _args(tmp_path: Path, data: Path, name: str, *extra: str) -> list[str]:
-    return [*TINY_DATA_ON_DISK, "kd.alpha=1", "data.name=folder", f"data.path={data}", f"run.out_dir={tmp_path / 'runs'}",
+    return [*TINY_DATA_ON_DISK, "data.name=folder", f"data.path={data}", f"run.out_dir={tmp_path / 'runs'}",
             f"run.name={name}", *extra]
 
 
@@ -101,7 +101,7 @@ def test_an_added_image_and_a_replaced_arrow_file_stop_the_resume(tmp_path, monk
 
     hub = tmp_path / "hub"
     make_synthetic_dataset(num_classes=4, images_per_class=12, image_size=32, seed=0).save_to_disk(hub)
-    args = [*TINY_DATA_ON_DISK, "kd.alpha=1", "data.name=hub", f"data.path={hub}", f"run.out_dir={tmp_path / 'runs'}",
+    args = [*TINY_DATA_ON_DISK, "data.name=hub", f"data.path={hub}", f"run.out_dir={tmp_path / 'runs'}",
             "run.name=h"]
     _stop_after_first_epoch(monkeypatch, train_student.main, args)
     other = tmp_path / "other"

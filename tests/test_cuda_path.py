@@ -11,11 +11,12 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, assert_clean_error, call_main, read_metrics, run_script
+from conftest import TINY, TINY_LABEL_ONLY, assert_clean_error, call_main, read_metrics, run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # test_resnet compiles in about a minute on one core; kd.alpha=0.5 runs the cached teacher's KD term too
 BASE = [*TINY, "student.name=test_resnet", "kd.alpha=0.5", "train.epochs=1"]
+LABEL_ONLY = [*TINY_LABEL_ONLY, "student.name=test_resnet", "train.epochs=1"]  # BASE on labels only, no teacher keys
 EAGER_FP32 = ["train.compile=false", "train.amp=off", "train.channels_last=false"]
 
 
@@ -153,12 +154,12 @@ def test_compile_failure_names_it_and_the_eager_way(tmp_path):
     """A C++ compiler that does not exist makes inductor fail at the first step: a clear error naming
     torch.compile and train.compile=false, exit 2, no traceback, and the run continues eagerly from where it was."""
     env = {**ONE_THREAD, "CXX": "/nonexistent/g++", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
-    proc = run_script("train_student.py", *BASE, "kd.alpha=1", "train.compile=true", f"run.out_dir={tmp_path}",
+    proc = run_script("train_student.py", *LABEL_ONLY, "train.compile=true", f"run.out_dir={tmp_path}",
                       "run.name=r", env=env)
     assert_clean_error(proc, "torch.compile failed (train.compile=true)", "InvalidCxxCompiler",
                        "train.compile=false")
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
-    eager_run = run_script("train_student.py", *BASE, "kd.alpha=1", "train.compile=false", f"run.out_dir={tmp_path}",
+    eager_run = run_script("train_student.py", *LABEL_ONLY, "train.compile=false", f"run.out_dir={tmp_path}",
                            "run.name=r", "run.resume=auto", env=ONE_THREAD)
     assert eager_run.returncode == 0, eager_run.stderr[-3000:]
     assert (tmp_path / "r" / "results.json").exists()

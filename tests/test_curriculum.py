@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script
+from conftest import TINY, TINY_ONLINE, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script
 
 from common.errors import UserError
 from curriculum_dataloader import STRATEGIES, STRATEGY_REGISTRY, CurriculumSampler, allocate, pacing_fraction
@@ -538,7 +538,7 @@ def online_kd_trainer():
     from common.distributed import DistInfo
     from engine.schema import Config
     from engine.trainer import Trainer
-    return Trainer(load_config(Config, None, [*TINY, "kd.alpha=0.5", "teacher.mode=online"]), DistInfo(), None)
+    return Trainer(load_config(Config, None, [*TINY_ONLINE, "kd.alpha=0.5"]), DistInfo(), None)
 
 
 @pytest.mark.parametrize("online", [False, True], ids=["cached_teacher", "online_teacher"])

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, read_metrics, run_script
+from conftest import ROOT, TINY, TINY_LABEL_ONLY, read_metrics, run_script
 
 LAUNCHER = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 EPOCHS = 6
@@ -189,7 +189,7 @@ def test_resume_restores_each_ranks_rng_state_and_warns_on_another_world_size(tm
     from common.rng import rng_state, seed_everything
     from engine.schema import Config
     from engine.trainer import Trainer
-    cfg = load_config(Config, None, [*TINY, "kd.alpha=1", "train.seed=5"])
+    cfg = load_config(Config, None, [*TINY_LABEL_ONLY, "train.seed=5"])
     trainer = Trainer(cfg, DistInfo(), None)
     states = []
     for seed in (1, 2):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import RL_ARGS, TINY, assert_clean_error, run_main
+from conftest import RL_ARGS, TINY, TINY_LABEL_ONLY, assert_clean_error, run_main
 
-TS_ARGS = [*TINY, "kd.alpha=1"]
+TS_ARGS = TINY_LABEL_ONLY
 
 
 def _evaluated(proc) -> dict:
@@ -55,3 +55,18 @@ def test_eval_checkpoint_accepts_how_and_where_it_runs(stopped_runs, tmp_path):
     other = _evaluated(run_main("train_student.py", *TS_ARGS, "train.eval_batch_size=5", "train.device=cpu",
                                 f"run.out_dir={tmp_path}", "log.every_steps=3", f"eval.checkpoint={best}"))
     assert other["test/acc1"] == base["test/acc1"]
+
+
+def test_eval_checkpoint_of_a_label_only_run_saved_with_teacher_keys(stopped_runs, tmp_path):
+    """A label-only checkpoint saved when unread teacher.* keys were accepted (teacher.name=resnet10t, ...) is
+    evaluated with the run's config less those keys, which are refused now: a run that builds no teacher does not
+    read them, so they may differ from the checkpoint's."""
+    from common.checkpoint import load_checkpoint, save_checkpoint
+    ckpt = load_checkpoint(stopped_runs / "ts" / "checkpoints" / "best.pt")
+    ckpt["config"]["teacher"].update(name="resnet10t", pretrained=False, cache_views=2)
+    best = tmp_path / "best.pt"
+    save_checkpoint(ckpt, best)
+    original = stopped_runs / "ts" / "checkpoints" / "best.pt"
+    base = _evaluated(run_main("train_student.py", *TS_ARGS, f"eval.checkpoint={original}"))
+    old = _evaluated(run_main("train_student.py", *TS_ARGS, f"eval.checkpoint={best}"))
+    assert old["test/acc1"] == base["test/acc1"]

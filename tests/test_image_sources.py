@@ -5,7 +5,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from conftest import TINY, read_metrics, run_script
+from conftest import TINY, TINY_LABEL_ONLY, read_metrics, run_script
 from PIL import Image
 
 from common.config import load_config
@@ -104,8 +104,8 @@ def test_one_split_alias_rule_for_datasetdicts_and_folders(tmp_path):
 
 def test_train_student_runs_on_a_train_test_only_save_to_disk_folder(tmp_path):
     path = _cifar_like(tmp_path / "cifar", n_train=24, n_test=8, size=32)
-    args = [a for a in TINY if not a.startswith("data.synthetic") and a != "data.name=synthetic"]
-    proc = run_script("train_student.py", *args, f"data.path={path}", "kd.alpha=1", "train.epochs=1",
+    args = [a for a in TINY_LABEL_ONLY if not a.startswith("data.synthetic") and a != "data.name=synthetic"]
+    proc = run_script("train_student.py", *args, f"data.path={path}", "train.epochs=1",
                       "data.val_fraction=0.25", f"run.out_dir={tmp_path / 'runs'}", "run.name=cifar")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "has no validation split: carved 6 of its 24 training images" in proc.stdout

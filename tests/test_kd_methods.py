@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import TINY, assert_clean_error, read_metrics, run_main, run_script
+from conftest import TINY, TINY_LABEL_ONLY, TINY_ONLINE, assert_clean_error, read_metrics, run_main, run_script
 
 import kd_methods
 from common.errors import UserError
@@ -159,7 +159,9 @@ def pre_registry_tree(tmp_path_factory):
 
 @pytest.mark.parametrize("case", sorted(KD_CASES))
 def test_kd_method_kd_is_bit_identical_to_the_code_before_the_registry(tmp_path, case, pre_registry_tree):
-    args = [*TINY, *KD_CASES[case]]
+    # labels only: without TINY's teacher.* keys; online: without its teacher.cache_views (both unread, refused)
+    base = {"labels_only": TINY_LABEL_ONLY, "online_alpha_0.5": TINY_ONLINE}.get(case, TINY)
+    args = [*base, *KD_CASES[case]]
     before = subprocess.run([sys.executable, "train_student.py", *args, f"run.out_dir={tmp_path / 'before'}",
                              "run.name=r"], cwd=pre_registry_tree, capture_output=True, text=True, timeout=300,
                             env={**os.environ, **ONE_THREAD})
@@ -260,7 +262,8 @@ def test_cache_stores_the_teachers_pooled_features_of_each_replayed_view(tmp_pat
 
 def test_pooled_hint_trains_cached_and_online(tmp_path):
     for mode in ("cached", "online"):
-        proc = run_script("train_student.py", *TINY, "train.epochs=1", "kd.method=pooled_hint", f"teacher.mode={mode}",
+        base = TINY_ONLINE if mode == "online" else TINY
+        proc = run_script("train_student.py", *base, "train.epochs=1", "kd.method=pooled_hint", f"teacher.mode={mode}",
                           f"run.out_dir={tmp_path}", f"run.name={mode}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         (m,) = read_metrics(tmp_path / mode)

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script
+from conftest import ROOT, TINY, TINY_ONLINE, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script
 
 import agents
 import kd_methods
@@ -490,7 +490,7 @@ def test_attention_transfer_trains_online_and_its_loss_is_the_formula(tmp_path, 
     from engine.schema import validate
     from engine.trainer import Trainer
     plugin = _example(tmp_path, "attention_transfer.py")
-    args = [*TINY, "train.epochs=1", f"run.plugins=[{plugin}]", "kd.method=at", "teacher.mode=online",
+    args = [*TINY_ONLINE, "train.epochs=1", f"run.plugins=[{plugin}]", "kd.method=at", "teacher.mode=online",
             "kd.at.stages=[2,1]", "kd.at.weight=50"]
     proc = run_main("train_student.py", *args, f"run.out_dir={tmp_path / 'runs'}", "run.name=r")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -529,7 +529,8 @@ def test_attention_transfer_cached_and_a_bad_stage_are_refused_by_the_engine(tmp
     assert_clean_error(cached, "kd.method=at cannot use teacher.mode=cached: it reads the teacher's attention, and "
                                "the teacher cache holds only logits, features. Use teacher.mode=online")
     assert not out.exists()  # before the run directory or a cache
-    bad = run_main("train_student.py", *args, "teacher.mode=online", "kd.at.stages=[1,9]")
+    online = [a for a in args if not a.startswith("teacher.cache_views=")]  # a cache key: refused online
+    bad = run_main("train_student.py", *online, "teacher.mode=online", "kd.at.stages=[1,9]")
     assert_clean_error(bad, "kd.method=at (its stages: [1, 9]) reads stage 9 of the student mobilenetv2_035",
                        "which has stages 0 to 4")
     assert not (out / "teacher_cache").exists()

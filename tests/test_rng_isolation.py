@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, read_metrics
+from conftest import TINY, TINY_ONLINE, read_metrics
 
 import kd_methods
 from common.config import load_config
@@ -24,8 +24,10 @@ CASES = {**{name: [f"kd.method={name}"] for name in kd_methods.KD_METHODS if nam
 
 def _config(tmp_path, name: str, extra: list[str]):
     from engine.schema import Config, validate
-    cfg = load_config(Config, None, [*TINY, "train.epochs=1", *extra, f"run.out_dir={tmp_path}", f"run.name={name}",
-                                     f"teacher.cache_dir={tmp_path / 'cache'}",
+    online = "teacher.mode=online" in extra  # no cache: without TINY's cache keys, which it would refuse unread
+    cache = [] if online else [f"teacher.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(Config, None, [*(TINY_ONLINE if online else TINY), "train.epochs=1", *extra,
+                                     f"run.out_dir={tmp_path}", f"run.name={name}", *cache,
                                      f"data.preprocess_dir={tmp_path / 'predecoded'}"])
     validate(cfg)
     return cfg

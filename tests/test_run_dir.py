@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RL_ARGS, ROOT, TINY, read_metrics
+from conftest import RL_ARGS, ROOT, TINY, TINY_LABEL_ONLY, read_metrics
 from test_bad_input import _copy_run, assert_user_error, cli, digest
 
 import common.cli
@@ -26,7 +26,7 @@ from common.errors import UserError
 from common.files import write_json
 from common.metrics import MetricLogger, read_jsonl
 
-TS_ARGS = [*TINY, "kd.alpha=1"]
+TS_ARGS = TINY_LABEL_ONLY
 MAINS = {"train_student": (train_student.main, TS_ARGS), "train_student_rl": (train_student_rl.main, RL_ARGS)}
 
 
@@ -274,15 +274,15 @@ def _read_only(monkeypatch, folder: Path) -> None:
                         real_mkdtemp(*a, dir=dir, **k))
 
 
-@pytest.mark.parametrize("key,extra", [("teacher.cache_dir", ["kd.alpha=0.5"]),
-                                       ("data.preprocess_dir", ["kd.alpha=1", "data.preprocessed=true"])])
+@pytest.mark.parametrize("key,extra", [("teacher.cache_dir", [*TINY, "kd.alpha=0.5"]),
+                                       ("data.preprocess_dir", [*TINY_LABEL_ONLY, "data.preprocessed=true"])])
 def test_a_read_only_shared_cache_holding_what_the_run_needs_is_reused(tmp_path, monkeypatch, key, extra):
     """Issue 23 (a regression): a read-only teacher.cache_dir that holds the complete cache the run needs was
     refused ("cannot write to ..."): reading a published cache needs no write access and no lock. Writability is
     probed only when a build is needed, and a read-only folder without the cache is still refused, naming it.
     The same for the pre-decoded store."""
     cache = tmp_path / "shared_cache"
-    args = [*TINY, *extra, "train.epochs=1", f"{key}={cache}", f"run.out_dir={tmp_path}"]
+    args = [*extra, "train.epochs=1", f"{key}={cache}", f"run.out_dir={tmp_path}"]
     code, err = cli(train_student.main, [*args, "run.name=builds"], None)
     assert code is None, err
     published = digest(cache)

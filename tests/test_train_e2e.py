@@ -3,7 +3,7 @@ import json
 import sys
 
 import pytest
-from conftest import TINY, assert_clean_error, read_metrics, run_and_sigkill, run_script
+from conftest import TINY, TINY_LABEL_ONLY, TINY_ONLINE, assert_clean_error, read_metrics, run_and_sigkill, run_script
 
 TIME_KEYS = ("time/",)
 
@@ -26,8 +26,9 @@ def _files_ok(run_dir, with_teacher: bool):
 
 @pytest.mark.parametrize("mode", ["cached", "online", "labels"])
 def test_tiny_run_in_each_teacher_mode(tmp_path, mode):
-    extra = ["kd.alpha=1"] if mode == "labels" else [f"teacher.mode={mode}", "kd.alpha=0.5"]
-    proc = run_script("train_student.py", *TINY, *extra, f"run.out_dir={tmp_path}", "run.name=r",
+    args = {"cached": [*TINY, "teacher.mode=cached"], "online": TINY_ONLINE, "labels": TINY_LABEL_ONLY}[mode]
+    extra = [] if mode == "labels" else ["kd.alpha=0.5"]
+    proc = run_script("train_student.py", *args, *extra, f"run.out_dir={tmp_path}", "run.name=r",
                       "log.tensorboard=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics, results = _files_ok(tmp_path / "r", with_teacher=mode != "labels")
@@ -138,20 +139,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 
 def test_checkpoint_from_a_different_model(tmp_path):
-    ok = run_script("train_student.py", *TINY, "kd.alpha=1", "train.epochs=1", f"run.out_dir={tmp_path}", "run.name=a")
+    ok = run_script("train_student.py", *TINY_LABEL_ONLY, "train.epochs=1", f"run.out_dir={tmp_path}", "run.name=a")
     assert ok.returncode == 0, ok.stderr[-2000:]
     ckpt = tmp_path / "a" / "checkpoints" / "last.pt"
-    proc = run_script("train_student.py", *TINY, "kd.alpha=1", "student.name=resnet10t", f"run.out_dir={tmp_path}",
+    proc = run_script("train_student.py", *TINY_LABEL_ONLY, "student.name=resnet10t", f"run.out_dir={tmp_path}",
                       "run.name=b", f"run.resume={ckpt}", "train.epochs=1")
     # refused before anything is built, naming the key (the strict load behind it: test_strict_load_names_the_mismatch)
     assert_clean_error(proc, 'student.name = "mobilenetv2_035" in the run, "resnet10t" now')
 
 
 def test_fresh_run_never_overwrites(tmp_path):
-    ok = run_script("train_student.py", *TINY, "kd.alpha=1", "train.epochs=1", f"run.out_dir={tmp_path}", "run.name=a")
+    ok = run_script("train_student.py", *TINY_LABEL_ONLY, "train.epochs=1", f"run.out_dir={tmp_path}", "run.name=a")
     assert ok.returncode == 0
     before = (tmp_path / "a" / "metrics.jsonl").read_text()
-    proc = run_script("train_student.py", *TINY, "kd.alpha=1", f"run.out_dir={tmp_path}", "run.name=a")
+    proc = run_script("train_student.py", *TINY_LABEL_ONLY, f"run.out_dir={tmp_path}", "run.name=a")
     assert_clean_error(proc, "already holds a run")
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == before
 

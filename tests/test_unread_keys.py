@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import yaml
 from omegaconf import OmegaConf
-from conftest import TINY, assert_clean_error, read_metrics, run_main
+from conftest import TINY, TINY_LABEL_ONLY, assert_clean_error, read_metrics, run_main
 from test_bad_input import _copy_run
 
 import kd_methods
@@ -167,8 +167,9 @@ def test_all_weights_zero_is_refused_on_the_command_line(tmp_path):
      "difficulty.refresh_every=2: the difficulty scores come from the cached teacher's logits"),
 ])
 def test_settings_that_would_do_nothing_are_refused(schema, check, args, fragment):
+    base = TINY_LABEL_ONLY if "kd.alpha=1" in args else TINY  # labels only: without TINY's teacher.* keys
     with pytest.raises(UserError) as err:
-        check(load_config(schema, None, [*TINY, *args]))
+        check(load_config(schema, None, [*base, *args]))
     assert fragment in str(err.value)
 
 
@@ -179,7 +180,8 @@ def test_ppo_rollout_as_long_as_the_run_is_accepted():
 
 def test_baseline_config_is_a_config_of_its_own(tmp_path):
     """kd.baseline's label-only run (train_student.baseline_config) keeps no key of the method it is compared
-    with: its config validates, so its config.yaml can be fed back in."""
+    with, nor of the teacher it does not build (TINY sets teacher.name, pretrained, cache_views): its config
+    validates, so its config.yaml can be fed back in."""
     import train_student
     cfg = load_config(Config, None, [*TINY, "kd.method=dkd", "kd.dkd.alpha=9", "kd.logit_standardize=true",
                                      "kd.baseline=true", f"run.out_dir={tmp_path}", "run.name=x"])
@@ -187,6 +189,9 @@ def test_baseline_config_is_a_config_of_its_own(tmp_path):
     validate(base)
     assert base.kd.method == "kd" and base.kd.alpha == 1.0 and not kd_methods.uses_teacher(base)
     assert base.kd.dkd.alpha == 1.0 and not base.kd.logit_standardize
+    assert OmegaConf.to_container(base.teacher) == OmegaConf.to_container(OmegaConf.structured(Config).teacher)
+    OmegaConf.save(base, tmp_path / "config.yaml")
+    validate(load_config(Config, str(tmp_path / "config.yaml"), None))
 
 
 # ---- resume: what the run reads, and changed defaults -----------------------------------------------------------
@@ -201,7 +206,7 @@ def test_a_kd_run_saved_with_the_old_dist_defaults_resumes(stopped_runs, tmp_pat
     saved = yaml.safe_load((run / "config.yaml").read_text())
     saved["kd"]["dist"].update(beta=1.0, gamma=1.0)
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
-    proc = run_main("train_student.py", *TINY, "kd.alpha=1", f"run.out_dir={tmp_path}", "run.name=ts",
+    proc = run_main("train_student.py", *TINY_LABEL_ONLY, f"run.out_dir={tmp_path}", "run.name=ts",
                     "run.resume=auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["epoch"] for m in read_metrics(run)] == [0, 1]
@@ -250,3 +255,86 @@ def test_the_results_line_names_explicit_weights_not_kd_alpha(capsys):
     out = capsys.readouterr().out
     assert "KD student: the student distilled from the teacher (kd.method=kd: 0.1 CE + 9 T² KL)" in out
     assert "kd.alpha" not in out
+
+
+# ---- teacher.* keys that no code reads: without a teacher, and the cache's with an online teacher --------------
+# One value away from its default for every teacher.* key (TINY sets teacher.name, pretrained and cache_views too).
+TEACHER_KEYS = {"teacher.name": "resnet18", "teacher.pretrained": "false", "teacher.checkpoint": "t.safetensors",
+                "teacher.mode": "online", "teacher.cache_views": "3", "teacher.cache_features": "false",
+                "teacher.prepare": "configs/quickstart_teacher.yaml", "teacher.cache_dir": "shared_cache",
+                "teacher.batch_size": "32"}
+CACHE_KEYS = ("teacher.cache_views", "teacher.cache_features", "teacher.cache_dir", "teacher.batch_size")
+NO_TEACHER = {"kd_alpha_1": ["kd.alpha=1"], "kd_weight_0": ["kd.ce_weight=1", "kd.kd_weight=0"]}
+
+
+@pytest.mark.parametrize("script", ["train_student.py", "train_student_rl.py"])
+@pytest.mark.parametrize("labels_only", sorted(NO_TEACHER))
+@pytest.mark.parametrize("key", sorted(TEACHER_KEYS))
+def test_a_teacher_key_without_a_teacher_is_refused(tmp_path, key, labels_only, script):
+    """Labels only (kd.alpha=1, or a KD weight of 0): no teacher is built, so every teacher.* key is unread. It was
+    accepted, recorded in config.yaml and ignored; now it is refused before any work, named, with the way out."""
+    base = [a for a in TINY_LABEL_ONLY if a != "kd.alpha=1"] + NO_TEACHER[labels_only]
+    if script == "train_student_rl.py":
+        base += ["curriculum.strategy=random_subset", "agent.name=bandit"]
+    out = tmp_path / "runs"
+    proc = run_main(script, *base, f"{key}={TEACHER_KEYS[key]}", f"run.out_dir={out}")
+    assert_clean_error(proc, f"{key}={TEACHER_KEYS[key]} set, but this run builds no teacher",
+                       "so they would change nothing", "configs/quickstart_label_only.yaml")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", ["train_student.py", "train_student_rl.py"])
+@pytest.mark.parametrize("key", CACHE_KEYS)
+def test_a_cache_key_with_an_online_teacher_is_refused(tmp_path, key, script):
+    """teacher.mode=online builds no teacher cache: the cache's keys are unread there, so they are refused."""
+    base = [a for a in TINY if not a.startswith("teacher.cache_views=")] + ["kd.alpha=0.5", "teacher.mode=online"]
+    if script == "train_student_rl.py":
+        base += ["curriculum.strategy=random_subset", "agent.name=bandit"]
+    out = tmp_path / "runs"
+    proc = run_main(script, *base, f"{key}={TEACHER_KEYS[key]}", f"run.out_dir={out}")
+    assert_clean_error(proc, f"{key}={TEACHER_KEYS[key]} set, but teacher.mode=online builds no teacher cache",
+                       "use teacher.mode=cached")
+    assert not out.exists()
+
+
+def test_cache_features_without_a_feature_method_is_refused():
+    """A cached teacher keeps features only for a method that reads them (pooled_hint): with kd the cache holds
+    none either way, so teacher.cache_features=false would change nothing."""
+    with pytest.raises(UserError, match="teacher.cache_features=false set, but kd.method=kd reads no teacher "
+                                        "features"):
+        validate(load_config(Config, None, [*TINY, "kd.alpha=0.5", "teacher.cache_features=false"]))
+
+
+@pytest.mark.parametrize("key", sorted(set(TEACHER_KEYS) - {"teacher.cache_features"}))
+def test_a_teacher_key_is_accepted_where_it_is_read(key):
+    """The same values where they are read: with a teacher (kd.alpha=0.5), the cache's keys with a cached one,
+    teacher.mode=online (TINY's cache key left out)."""
+    base = [a for a in TINY if not a.startswith("teacher.cache_views=")] if key == "teacher.mode" else TINY
+    args = [*base, "kd.alpha=0.5", f"{key}={TEACHER_KEYS[key]}"]
+    validate(load_config(Config, None, args))
+    validate_rl(load_config(RLConfig, None, [*args, "curriculum.strategy=random_subset", "agent.name=bandit"]))
+
+
+def test_cache_features_is_read_by_a_cached_feature_method():
+    """teacher.cache_features=false is read where the cached teacher's method needs features: pooled_hint refuses
+    it for what it does (no features in the cache), not as a key that would change nothing."""
+    with pytest.raises(UserError, match="kd.method=pooled_hint needs the teacher's pooled features"):
+        validate(load_config(Config, None, [*TINY, "kd.method=pooled_hint", "teacher.cache_features=false"]))
+
+
+def test_a_label_only_run_saved_with_teacher_keys_resumes(stopped_runs, tmp_path):
+    """A label-only run saved when unread teacher.* keys were accepted (its config.yaml and checkpoint hold
+    teacher.name=resnet10t, ...) continues without them: the resume compares only what the run reads."""
+    run = _copy_run(stopped_runs, "ts", tmp_path)
+    old = {"name": "resnet10t", "pretrained": False, "cache_views": 2}
+    last = run / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    ckpt["config"]["teacher"].update(old)
+    save_checkpoint(ckpt, last)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["teacher"].update(old)
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    proc = run_main("train_student.py", *TINY_LABEL_ONLY, f"run.out_dir={tmp_path}", "run.name=ts",
+                    "run.resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["epoch"] for m in read_metrics(run)] == [0, 1]
