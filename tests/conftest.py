@@ -124,15 +124,18 @@ def call_main(main, argv: list) -> subprocess.CompletedProcess:
 
 
 def run_and_sigkill(script: str, *args: str, watch: Path, after_lines: int, settle: float = 0.3,
-                    module: str | None = None, env: dict | None = None) -> int:
-    """Start a script (or `python -m module` with script="-m"), wait until `watch` has `after_lines` lines, let it
-    run `settle` seconds more, then SIGKILL it. Returns the number of lines `watch` had at the kill."""
+                    module: str | None = None, env: dict | None = None, written: Path | None = None) -> int:
+    """Start a script (or `python -m module` with script="-m"), wait until `watch` has `after_lines` lines (and the
+    file `written` exists: an epoch's metrics line comes before its checkpoint, which a loaded machine may take
+    longer than `settle` to write), let it run `settle` seconds more, then SIGKILL it. Returns the number of lines
+    `watch` had at the kill."""
     target = ["-m", module] if script == "-m" else [str(ROOT / script)]
     proc = subprocess.Popen([sys.executable, *target, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if watch.exists() and len(watch.read_text().splitlines()) >= after_lines:
+        if watch.exists() and len(watch.read_text().splitlines()) >= after_lines and (written is None
+                                                                                       or written.exists()):
             break
         time.sleep(0.05)
     time.sleep(settle)

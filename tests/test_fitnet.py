@@ -195,7 +195,7 @@ def test_sigkill_after_epoch_1_then_resume_matches_the_uninterrupted_run(tmp_pat
     assert optimised == len(student_params) + 3  # the student's parameters and the regressor's conv, BN weight, bias
 
     assert run_and_sigkill("train_student.py", *args, "run.name=killed", watch=tmp_path / "killed" / "metrics.jsonl",
-                           after_lines=1, env=env) < 4
+                           after_lines=1, env=env, written=tmp_path / "killed" / "checkpoints" / "last.pt") < 4
     resumed = run_script("train_student.py", *args, "run.name=killed", "run.resume=auto", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
