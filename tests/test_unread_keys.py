@@ -51,7 +51,7 @@ def _cases():
             yield pytest.param(registry, schema, name, id=f"{registry.key}={name}")
 
 
-@pytest.mark.parametrize("registry,schema,name", _cases())
+@pytest.mark.parametrize("registry,schema,name", list(_cases()))
 def test_every_entry_refuses_the_keys_it_does_not_read(registry, schema, name):
     """Over every registered entry: a shared key it does not declare, or a key of another entry's section, set away
     from its default, is refused naming the key, the entry and the entry's own keys; the shared keys it reads, and
