@@ -73,6 +73,19 @@ def common_overrides(args, cache_dir: str) -> list[str]:
             f"teacher.cache_dir={cache_dir}", "eval.latency=false", f"run.out_dir={cache_dir}"]
 
 
+def checked_config(schema, args: list[str]):
+    """The config the bench times, checked as the scripts check theirs: load_config less the teacher.* keys that
+    this mode does not read (the modes share common_overrides: labels only builds no teacher, an online teacher no
+    cache, a local checkpoint no hub weights), then the program's own validation, so nothing is timed that
+    train_student.py or train_student_rl.py would refuse."""
+    from engine.rl_schema import RLConfig, validate_rl
+    from engine.schema import unread_teacher_keys, validate
+    unread = {f"teacher.{k}" for k in unread_teacher_keys(load_config(schema, None, args))}
+    cfg = load_config(schema, None, [a for a in args if a.split("=", 1)[0] not in unread])
+    (validate_rl if issubclass(schema, RLConfig) else validate)(cfg)
+    return cfg
+
+
 def interleaved(alternatives: dict, repeats: int, label: str, unit: str = "s") -> dict[str, list[float]]:
     """Run each alternative (name -> callable returning seconds) once per round, in turn, for 1 + `repeats`
     rounds; the first round is the warm-up. Returns name -> timed seconds."""
@@ -117,7 +130,7 @@ def bench_kd(args, cache_dir: str) -> tuple[list[dict], dict[str, Trainer]]:
                       "cached kd + logit standardisation": ["kd.alpha=0", "kd.logit_standardize=true"],
                       "cached pooled_hint (+ kd)": ["kd.alpha=0", "kd.method=pooled_hint"],
                       "online fitnet": ["kd.method=fitnet", "teacher.mode=online"]})
-    trainers = {name: Trainer(load_config(Config, None, base + extra), DistInfo(device=device()), None)
+    trainers = {name: Trainer(checked_config(Config, base + extra), DistInfo(device=device()), None)
                 for name, extra in modes.items()}
     epochs = interleaved({name: (lambda rep, t=t: t.train_epoch(rep)["time/epoch_s"]) for name, t in trainers.items()},
                          args.repeats, "KD epoch")
@@ -143,9 +156,13 @@ def bench_curriculum(args, cache_dir: str) -> list[dict]:
     base = common_overrides(args, cache_dir) + [
         "kd.alpha=0", "curriculum.strategy=all", f"difficulty.refresh_every={args.refresh_every}",
         "difficulty.warmup_epochs=0", f"train.epochs={epochs}"]
-    plain = Trainer(load_config(RLConfig, None, base), DistInfo(device=device()), None)
-    rl = {a: CurriculumRun(load_config(RLConfig, None, base + [f"agent.name={a}"]), DistInfo(device=device()),
-                               None) for a in ("ppo", "bandit")}
+    # PPO's rollout fits the run (agent.ppo.n_steps <= train.epochs, as train_student_rl.py requires)
+    steps = min(5, epochs)
+    agents = {"ppo": ["agent.name=ppo", f"agent.ppo.n_steps={steps}", f"agent.ppo.batch_size={steps}"],
+              "bandit": ["agent.name=bandit"]}
+    plain = Trainer(checked_config(RLConfig, base + agents["ppo"]), DistInfo(device=device()), None)
+    rl = {a: CurriculumRun(checked_config(RLConfig, base + extra), DistInfo(device=device()), None)
+          for a, extra in agents.items()}
     obs = {a: t.env.reset(seed=0)[0] for a, t in rl.items()}
 
     def timed(fn):
@@ -324,7 +341,7 @@ def gpu_trainers(args, work: Path, compiles: list[str]) -> tuple[dict[str, Train
             name = f"{mode}, compile {c}"
             before = memory_allocated()
             reset_peak()
-            t = Trainer(load_config(Config, None, base + extra + [f"train.compile={'true' if c == 'on' else 'false'}"]),
+            t = Trainer(checked_config(Config, base + extra + [f"train.compile={'true' if c == 'on' else 'false'}"]),
                         DistInfo(device=dev), None)
             if t.cache_info.get("built"):
                 n = {s: len(t.splits[s]) for s in t.splits}
@@ -375,12 +392,13 @@ def gpu_pipeline_rows(args, work: Path, t: Trainer, best_training: float) -> lis
 
 # ---- 6: gan_vae ----------------------------------------------------------------------------------------------------
 def bench_gan_vae(args, work: Path) -> list[dict]:
-    from gan_vae.continual import ContinualConfig, ContinualRun
+    from gan_vae.continual import ContinualConfig, ContinualRun, validate
     write_shapes(work / "shapes.npz", args.gan_images)
     cfg = load_config(ContinualConfig, None, [
         f"data.tasks=[{work / 'shapes.npz'}]", "teacher.steps=100000", "student.steps=100000",
         "fid.classifier_epochs=1", f"fid.samples={args.fid_samples}", f"fid.cache_dir={work / 'fid'}",
         f"train.device={device().type}"])
+    validate(cfg)  # as python -m gan_vae checks it
     run = ContinualRun(cfg, None, device())
     run.build_fid()
     run.decide(0)

@@ -122,6 +122,7 @@ class Strategy:
     entry's own config section (curriculum.<name>.*, registered with `config=`), or None when it has none."""
 
     needs_difficulty = True  # ranks samples by difficulty: the whole set until the first refresh, needs a teacher
+    reads_target = True  # selects by the target difficulty (pool.target), which the agent sets each epoch
     ordered = False
     reads: tuple[str, ...] = ("curriculum.fraction",)  # the shared keys read (`size`: M = ceil(f N))
 
@@ -153,7 +154,7 @@ STRATEGY_REGISTRY = Registry("curriculum strategy", key="curriculum.strategy", s
 class AllSamples(Strategy):
     """all: every sample, reshuffled each epoch (no curriculum); M = N."""
 
-    needs_difficulty = False
+    needs_difficulty = reads_target = False
     reads = ()
 
     def size(self, pool: EpochPool) -> int:
@@ -167,7 +168,7 @@ class AllSamples(Strategy):
 class RandomSubset(Strategy):
     """random_subset: a uniformly random M = ceil(f N) samples each epoch (the control with the same budget)."""
 
-    needs_difficulty = False
+    needs_difficulty = reads_target = False
 
     def choose(self, pool, m, rng, tie_break):
         return rng.choice(len(pool.difficulty), size=m, replace=False)
@@ -185,6 +186,7 @@ class Pacing(Strategy):
     """M = ceil(g(e) N) with g(e) = `pacing_fraction` (linear from start_fraction to 1 over pacing_epochs)."""
 
     reads = ("curriculum.start_fraction", "curriculum.pacing_epochs")
+    reads_target = False  # the pacing sets the size; the order is by difficulty alone
 
     def size(self, pool: EpochPool) -> int:
         return ceil_share(pacing_fraction(pool.epoch, pool.start_fraction, pool.pacing_epochs), len(pool.difficulty))

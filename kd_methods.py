@@ -108,6 +108,13 @@ class KDMethod(nn.Module):
         return ("kd.temperature",)
 
     @classmethod
+    def uses_temperature(cls, cfg) -> bool:
+        """Whether the loss reads the temperature that `loss_terms` is given: train_student_rl.py's agent changes
+        it only where it does (engine.curriculum_run), and refuses an agent whose actions would change nothing.
+        By default: whenever a teacher is used."""
+        return cls.uses_teacher(cfg)
+
+    @classmethod
     def temperature(cls, cfg) -> float:
         """The starting temperature (logged as kd/temperature; train_student_rl.py's agent may change it)."""
         return float(cfg.kd.temperature)
@@ -210,6 +217,10 @@ def check_saved_method(saved: dict | None) -> None:
 
 def uses_teacher(cfg) -> bool:
     return method_class(cfg).uses_teacher(cfg)
+
+
+def uses_temperature(cfg) -> bool:
+    return method_class(cfg).uses_temperature(cfg)
 
 
 def loss_label(cfg) -> str:
@@ -463,6 +474,10 @@ class FitNet(KDMethod):
     teacher_outputs = ("feature_map",)
     student_reads, teacher_reads = ("logits", "stage_maps"), ("stage_maps",)
     reads = ()  # no KD term, so no temperature; it compares feature maps, not logits (no kd.logit_standardize)
+
+    @classmethod
+    def uses_temperature(cls, cfg) -> bool:
+        return False
 
     @classmethod
     def stages(cls, cfg) -> tuple[int, ...]:

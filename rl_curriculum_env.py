@@ -132,6 +132,7 @@ class CurriculumEnv(gym.Env):
     def step(self, action):
         target, temperature = decode_action(action, self.trainer.temperature)
         self.trainer.apply_curriculum(target, temperature)  # applies to the epoch trained right now
+        temperature = self.trainer.temperature  # as applied: a run whose loss has no temperature keeps its own
         record, improved = self.trainer.train_and_validate(self.epoch)
         acc, loss = record["val/acc1"], record["train/loss"]
         terms = curriculum_reward_terms(acc, self.prev_acc, loss, self.prev_loss, self.epoch, self.num_epochs)

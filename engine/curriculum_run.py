@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+import kd_methods
 from agents import make_agent
 from common.distributed import all_gather_objects, broadcast_object
 from common.errors import UserError
@@ -40,6 +41,7 @@ class CurriculumRun:
 
     def __init__(self, cfg, dist, run_dir: Path | None):
         self.cfg, self.dist, self.run_dir = cfg, dist, run_dir
+        self.uses_temperature = kd_methods.uses_temperature(cfg)
         self.trainer = Trainer(cfg, dist, run_dir, sampler=partial(build_sampler, cfg, dist), script=self.script)
         self.curriculum = Curriculum(cfg, self.trainer)
         self.env = CurriculumEnv(self, cfg.train.epochs)
@@ -81,7 +83,8 @@ class CurriculumRun:
         # rank 0's values on every rank: the shards must partition one selection, trained at one temperature
         target, temperature = broadcast_object((target, temperature))
         self.curriculum.set_target(target)
-        self.trainer.set_temperature(temperature)
+        if self.uses_temperature:  # else the loss has none: the agent's step is not applied (rl_schema)
+            self.trainer.set_temperature(temperature)
 
     def train_and_validate(self, epoch: int) -> tuple[dict, bool]:
         return self.trainer.train_and_validate(epoch)

@@ -80,3 +80,37 @@ def validate_rl(cfg) -> None:
         check(not changed, f"{', '.join(changed)}: the difficulty scores come from the cached teacher's logits, "
                            "which this run does not build (no teacher, or teacher.mode=online), so they would "
                            "change nothing; leave difficulty.* at its defaults")
+    check_actions_are_read(cfg)
+
+
+def check_actions_are_read(cfg) -> None:
+    """The agent's action is a target difficulty, which only a strategy that selects by it reads
+    (Strategy.reads_target: adaptive, mixed), and a temperature step, which only a method whose loss has a
+    temperature reads (KDMethod.uses_temperature: not labels only, not fitnet). Refused, as a key that would change
+    nothing is: agent.fixed_actions (and curriculum.target) away from their defaults in a part nothing reads, and an
+    agent that chooses actions of which no part is read. An agent that chooses both where only the target is read
+    trains at the method's own temperature (engine.curriculum_run keeps it)."""
+    from agents import AgentConfig
+    strategy, agent = cfg.curriculum.strategy, cfg.agent.name
+    reads_target = STRATEGY_REGISTRY[strategy].reads_target
+    reads_temperature = kd_methods.uses_temperature(cfg)
+    no_target = f"curriculum.strategy={strategy} does not select by a target difficulty"
+    no_temperature = (f"kd.method={cfg.kd.method} ({kd_methods.loss_label(cfg)}) has no temperature"
+                      if kd_methods.uses_teacher(cfg) else "this run trains on labels only, with no temperature")
+    check(reads_target or cfg.curriculum.target == CurriculumConfig.target,
+          f"curriculum.target={cfg.curriculum.target} is not read: {no_target} (adaptive and mixed do), so it would "
+          f"change nothing; leave it at its default {CurriculumConfig.target}")
+    if agent == "fixed":
+        default_target, kept = AgentConfig().fixed_actions[0]
+        for a in cfg.agent.fixed_actions:
+            check(reads_target or a[0] == default_target,
+                  f"agent.fixed_actions entry {list(a)} sets target index {a[0]}, but {no_target}, so it would "
+                  f"change nothing; use target index {default_target} (the default), or strategy adaptive or mixed")
+            check(reads_temperature or a[1] == kept,
+                  f"agent.fixed_actions entry {list(a)} sets temperature step {a[1]}, but {no_temperature}, so it "
+                  f"would change nothing; use temperature step {kept} (T kept)")
+        return
+    check(reads_target or reads_temperature,
+          f"agent.name={agent} chooses a target difficulty and a temperature every epoch, but {no_target} and "
+          f"{no_temperature}, so its actions would change nothing. Use agent.name=fixed (a control), strategy "
+          "adaptive or mixed, or a KD method with a temperature")

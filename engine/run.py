@@ -147,13 +147,13 @@ def run_training(cfg, dist: DistInfo, make_run=Trainer, label: str | None = None
         if dist.is_main:  # written now, so a run killed before its first checkpoint can be resumed (and checked)
             save_config(cfg, run_dir)
         run: TrainingRun = make_run(cfg, dist, run_dir)
-        if dist.is_main:
-            update_run_record(run_dir, {"inputs": run.inputs})
-        if ckpt is not None:
+        if ckpt is not None:  # first: it compares what the run reads (the teacher's hub weights) with the record
             run.load_state(ckpt, resume_from)
             del ckpt
             if dist.is_main:
                 print(f"resumed from {resume_from} at epoch {run.start_epoch}")
+        if dist.is_main:
+            update_run_record(run_dir, {"inputs": run.inputs})
         results = fit_and_report(run, cfg, dist, run_dir)
         if dist.is_main:
             plot_run(run_dir)

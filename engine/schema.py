@@ -177,13 +177,14 @@ CACHE_ONLY_TEACHER_KEYS = ("cache_views", "cache_features", "cache_dir", "batch_
 def unread_teacher_keys(cfg) -> tuple[str, ...]:
     """The teacher.* keys (without the prefix) that no code reads under `cfg`: all of them when the run builds no
     teacher (kd_methods.uses_teacher: labels only, e.g. kd.alpha=1; teacher.prepare included, which trains a teacher
-    only for a run that uses one), the cache's (CACHE_ONLY_TEACHER_KEYS) with teacher.mode=online, and
+    only for a run that uses one), teacher.pretrained when teacher.checkpoint gives the weights, the cache's (CACHE_ONLY_TEACHER_KEYS) with teacher.mode=online, and
     teacher.cache_features with a cached teacher whose method reads no teacher features."""
     if not kd_methods.uses_teacher(cfg):
         return tuple(TeacherConfig.__dataclass_fields__)
+    hub = ("pretrained",) if cfg.teacher.checkpoint else ()  # local weights replace the hub's: it is never read
     if cfg.teacher.mode == "online":
-        return CACHE_ONLY_TEACHER_KEYS
-    return () if kd_methods.needs_teacher_features(cfg) else ("cache_features",)
+        return (*hub, *CACHE_ONLY_TEACHER_KEYS)
+    return (*hub, *(() if kd_methods.needs_teacher_features(cfg) else ("cache_features",)))
 
 
 def check_unread_teacher_keys(cfg) -> None:
@@ -195,6 +196,10 @@ def check_unread_teacher_keys(cfg) -> None:
                if getattr(cfg.teacher, k) != getattr(defaults, k)]
     if not changed:
         return
+    if kd_methods.uses_teacher(cfg) and "pretrained" in unread and cfg.teacher.pretrained != defaults.pretrained:
+        raise UserError(f"teacher.pretrained={str(cfg.teacher.pretrained).lower()} set, but teacher.checkpoint="
+                        f"{cfg.teacher.checkpoint} gives the teacher's weights, so the hub's are never loaded and it "
+                        "would change nothing: drop teacher.pretrained (no hub download happens with a checkpoint)")
     if not kd_methods.uses_teacher(cfg):
         raise UserError(f"{', '.join(changed)} set, but this run builds no teacher (kd.method={cfg.kd.method}, "
                         f"{kd_methods.loss_label(cfg)}), so they would change nothing. Drop the teacher.* keys "

@@ -32,6 +32,7 @@ def trainer_state(t, next_epoch: int, rng_per_rank: list[dict] | None = None) ->
 def load_trainer_state(t, ckpt: dict, path: Path) -> None:
     """Trainer `t` as `ckpt` (read from `path`, named in messages) left it; its hooks get their extra state."""
     require_entries(ckpt, TRAIN_CHECKPOINT_KEYS, path, f"{t.script}.py")
+    check_same_hub_teacher(t, ckpt, path)
     load_state_strict(t.student, ckpt["model"], f"checkpoint {path}")
     load_state_strict(t.method, ckpt.get("method", {}), f"checkpoint {path} (kd.method={t.cfg.kd.method})")
     try:
@@ -50,6 +51,20 @@ def load_trainer_state(t, ckpt: dict, path: Path) -> None:
     restore_rng_states(t.cfg.train.seed, t.dist, t.start_epoch, ckpt.get("rng_per_rank") or [ckpt["rng"]], path)
     trace("rng_restored", {"epoch": t.start_epoch, "digest": state_digest(rng_state())})
     t.load_extra_state(ckpt.get("extra", {}))
+
+
+def check_same_hub_teacher(t, ckpt: dict, path: Path) -> None:
+    """The teacher's hub weights (teacher.pretrained=true without teacher.checkpoint), recorded by their digest when
+    the run built its teacher, must be the ones this resume built: another revision on the hub, or another copy in
+    the local cache, would distil the remaining epochs from another teacher. (A teacher.checkpoint file is compared
+    before any work, engine.build.input_changes; hub weights are known only once loaded.)"""
+    recorded = (ckpt.get("inputs") or {}).get("teacher_hub_weights")
+    now = t.inputs.get("teacher_hub_weights")
+    if recorded and now and recorded != now:
+        raise UserError(f"cannot resume from {path}: the hub weights of teacher.name={t.cfg.teacher.name} changed "
+                        "since its run loaded them (another revision on the hub or in the local cache), so the "
+                        "remaining epochs would distil another teacher. Restore the cached weights, pin them with "
+                        "teacher.checkpoint=<file>, or start a new run: drop run.resume and pick a new run.name")
 
 
 def restore_rng_states(seed: int, dist, start_epoch: int, per_rank: list[dict], path: Path) -> None:

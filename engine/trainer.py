@@ -27,6 +27,7 @@ from engine.loss import EpochTotals, check_finite, masked_loss_terms, rows_of, t
 from engine.optim import CosineSchedule, autocast_for, build_optimizer, optimizer_step, resolve_amp
 from engine.report import epoch_line, final_report
 from engine.state import load_trainer_state, save_checkpoints, trainer_state
+from engine.teacher_cache import weights_digest
 from engine.timing import StepTimer, start_profiler
 from imagedata.augment import AugSpec, apply_aug_records
 from imagedata.normalization import input_norm, normalize_batch
@@ -79,6 +80,8 @@ class Trainer:
             with rng_isolated():
                 self.teacher = build_teacher(cfg, self.class_names, self.device, self.channels_last)
                 check_stages(cfg, self.teacher.model, "teacher")
+                if cfg.teacher.pretrained and not cfg.teacher.checkpoint:  # the hub's weights: a resume compares
+                    self.inputs["teacher_hub_weights"] = weights_digest(self.teacher.model)
                 if cfg.teacher.mode == "cached":
                     self.cache, self.cache_info = build_teacher_cache(cfg, self.teacher, self.splits, self.spec,
                                                                       dist, self.autocast, self.device_aug)

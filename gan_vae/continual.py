@@ -251,18 +251,23 @@ def unread_student_keys(cfg) -> dict[str, str]:
     every batch holds the current task alone, so nothing is replayed, mixed or self-distilled, no replayed expert is
     weighted, and the finished tasks' priors get no gradient (student.freeze_old_priors changes nothing); with
     kd.previous_weight=0 and student.self_replay=0 no copy from before the task is kept, so kd.previous_posterior
-    has no self-distillation to shape."""
+    has no self-distillation to shape. Then, whatever the tasks: the keys that only a loss term weighted 0 reads
+    (gan_vae.losses.unread_at_weight_zero: student.contrastive_temperature with student.contrastive_weight=0, the
+    relational temperature's keys with kd.relational_weight=0, ...)."""
+    from gan_vae.losses import unread_at_weight_zero
     if len(cfg.data.tasks) == 1:
         why = "data.tasks has one task, so there is no earlier task to replay, train extra steps for or keep a prior of"
-        return {key: why for key in (*LATER_TASK_KEYS, *REPLAY_ONLY_KEYS)}
-    if not cfg.student.replay:
+        out = {key: why for key in (*LATER_TASK_KEYS, *REPLAY_ONLY_KEYS)}
+    elif not cfg.student.replay:
         why = ("student.replay=false: every batch holds the current task alone, so nothing is replayed, mixed or "
                "self-distilled, and the finished tasks' priors get no gradient")
-        return {key: why for key in (*REPLAY_ONLY_KEYS, "student.freeze_old_priors")}
-    if cfg.kd.previous_weight == 0 and cfg.student.self_replay == 0:  # no copy from before the task is kept
-        return {"kd.previous_posterior": "kd.previous_weight=0 and student.self_replay=0 keep no copy from before "
-                                         "the task, so there is no self-distillation"}
-    return {}
+        out = {key: why for key in (*REPLAY_ONLY_KEYS, "student.freeze_old_priors")}
+    elif cfg.kd.previous_weight == 0 and cfg.student.self_replay == 0:  # no copy from before the task is kept
+        out = {"kd.previous_posterior": "kd.previous_weight=0 and student.self_replay=0 keep no copy from before "
+                                        "the task, so there is no self-distillation"}
+    else:
+        out = {}
+    return {**unread_at_weight_zero(cfg), **out}
 
 
 def check_read_keys(cfg, keys: set[str] | None = None) -> None:
@@ -272,11 +277,10 @@ def check_read_keys(cfg, keys: set[str] | None = None) -> None:
     student.replay=false or one task (unread_student_keys). `keys`: only these (None: every key)."""
     from gan_vae.tasks import DOMAINS, parse_task
     unread = []
-    defaults = {"student": StudentConfig(), "kd": KDConfig()}
+    defaults = {key: default for key, _, default, _ in iter_schema(OmegaConf.get_type(cfg))}
     for key, why in unread_student_keys(cfg).items():
-        section, name = key.split(".")
         value = OmegaConf.select(cfg, key)
-        if value != getattr(defaults[section], name):
+        if value != defaults[key]:
             shown = str(value).lower() if isinstance(value, bool) else value
             unread.append(f"{key}={shown} ({why})")
     if cfg.data.root != DataConfig().root and not any(parse_task(s)["source"] in DOMAINS for s in cfg.data.tasks):

@@ -90,10 +90,13 @@ class LossTerm:
 
     compute(step) -> TermValue | None: the term on this step (None: left out of the sum and the log this step).
     weight_key: the dotted config key of its weight (default: its section's `weight`, else weight 1).
+    reads: the dotted config keys, beyond its weight and its own section, that only this term reads: with its
+        weight at 0 they change nothing and are refused (`unread_at_weight_zero`).
     prepare(step) -> anything (optional): runs for every term, in registration order, before any compute, so before
         the student's training-mode forward moves its BatchNorm running statistics; compute is then called as
         compute(step, prepared)."""
     weight_key: str | None = None
+    reads: tuple[str, ...] = ()
     prepare = None
 
 
@@ -104,6 +107,22 @@ def weight_key(entry: Entry) -> str | None:
     if key is None and entry.config is not None and "weight" in {f.name for f in dataclasses.fields(entry.config)}:
         key = f"{STUDENT_LOSSES.sections}.{entry.name}.weight"
     return key
+
+
+def unread_at_weight_zero(cfg) -> dict[str, str]:
+    """The keys that only a term weighted 0 reads, each with why: the term still runs (and is logged), but its
+    value is multiplied by 0, so its own keys (`reads`, its section's keys other than the weight) change no
+    number the run trains or measures."""
+    out = {}
+    for entry in STUDENT_LOSSES.entries_of(cfg):
+        key = weight_key(entry)
+        if key is None or OmegaConf.select(cfg, key) != 0:
+            continue
+        own = [f"{STUDENT_LOSSES.sections}.{entry.name}.{f.name}" for f in dataclasses.fields(entry.config)
+               if f.name != "weight"] if entry.config is not None else []
+        for read in (*getattr(entry.obj, "reads", ()), *own):
+            out[read] = f"{key}=0 takes the {entry.name} term, which alone reads it, out of the loss"
+    return out
 
 
 def check_terms(cfg) -> None:
@@ -165,6 +184,7 @@ class VAETerm(LossTerm):
 @STUDENT_LOSSES.register("contrastive", help="NT-Xent between two augmented views (SimCLR, Chen et al. 2020)")
 class ContrastiveTerm(LossTerm):
     weight_key = "student.contrastive_weight"
+    reads = ("student.contrastive_temperature",)
 
     @staticmethod
     def compute(step: StudentStep) -> TermValue:
@@ -197,6 +217,7 @@ class FeatureKDTerm(LossTerm):
 @STUDENT_LOSSES.register("relational_kd", help="relational distillation (after Park et al. 2019)")
 class RelationalKDTerm(LossTerm):
     weight_key = "kd.relational_weight"
+    reads = ("kd.temperature_max", "kd.temperature_min", "kd.temperature_fid_gain")  # its dynamic temperature
 
     @staticmethod
     def compute(step: StudentStep) -> TermValue:
@@ -249,6 +270,7 @@ def self_distillation(student: TaskVAE, previous: TaskVAE, x: torch.Tensor, repl
 @STUDENT_LOSSES.register("previous_kd", help="self-distillation to the student's copy from before the task")
 class PreviousKDTerm(LossTerm):
     weight_key = "kd.previous_weight"
+    reads = ("kd.previous_posterior",)
 
     @staticmethod
     def prepare(step: StudentStep) -> torch.Tensor | None:

@@ -46,11 +46,13 @@ TINY = ["data.name=synthetic", "data.synthetic.num_classes=4", "data.synthetic.i
         "train.batch_size=8", "train.eval_batch_size=16", "train.epochs=2", "eval.latency=false"]
 # TINY with an online teacher: without the cache's teacher.cache_views, which teacher.mode=online does not read
 TINY_ONLINE = [*(a for a in TINY if not a.startswith("teacher.cache_views=")), "teacher.mode=online"]
+# TINY with local teacher weights (teacher.checkpoint): without teacher.pretrained, which the checkpoint makes unread
+TINY_LOCAL_TEACHER = [a for a in TINY if not a.startswith("teacher.pretrained=")]
 # TINY on labels only (kd.alpha=1): no teacher is built, so none of TINY's teacher.* keys (they would be refused)
 TINY_LABEL_ONLY = [*(a for a in TINY if not a.startswith("teacher.")), "kd.alpha=1"]
 
 
-RL_ARGS = [*TINY_LABEL_ONLY, "curriculum.strategy=random_subset", "agent.name=bandit"]
+RL_ARGS = [*TINY_LABEL_ONLY, "curriculum.strategy=random_subset", "agent.name=fixed"]
 
 
 class Killed(Exception):

@@ -236,19 +236,19 @@ def test_resume_may_change_keys_that_change_no_result(stopped_runs, tmp_path, ca
     assert saved.log.every_steps == 3 and saved.run.resume == ""
 
 
-def test_rl_resume_with_another_agent_names_the_key(stopped_runs, tmp_path, capsys):
+def test_rl_resume_with_other_agent_settings_names_the_key(stopped_runs, tmp_path, capsys):
     run = _copy_run(stopped_runs, "rl", tmp_path)
     before = digest(run)
-    code, err = cli(train_student_rl.main, [*RL_ARGS, "agent.name=ppo", "agent.ppo.n_steps=2", "agent.ppo.batch_size=2",
+    code, err = cli(train_student_rl.main, [*RL_ARGS, "agent.fixed_actions=[[2,1],[2,1]]",
                                             f"run.out_dir={tmp_path}", "run.name=rl", "run.resume=auto"], capsys)
-    assert_user_error(code, err, 'agent.name = "bandit" in the run, "ppo" now')
+    assert_user_error(code, err, "agent.fixed_actions = [[2, 1]] in the run, [[2, 1], [2, 1]] now")
     assert digest(run) == before
 
 
 def test_rl_cannot_continue_a_train_student_checkpoint(stopped_runs, capsys, tmp_path):
     ckpt = stopped_runs / "ts" / "checkpoints" / "last.pt"
     code, err = cli(train_student_rl.main, [*TINY_LABEL_ONLY, "curriculum.strategy=random_subset",
-                                            "agent.name=bandit", f"run.out_dir={tmp_path}", "run.name=x", f"run.resume={ckpt}"], capsys)
+                                            "agent.name=fixed", f"run.out_dir={tmp_path}", "run.name=x", f"run.resume={ckpt}"], capsys)
     assert_user_error(code, err, "made by another script")
     # the last line of defence, should a config ever match: no curriculum or agent state to continue
     from engine.curriculum_run import CurriculumRun

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, TINY_LABEL_ONLY, Killed
+from conftest import TINY, TINY_LABEL_ONLY, TINY_LOCAL_TEACHER, Killed
 
 # TINY without the generated data's keys, which a run on data from disk refuses (it does not read them)
 TINY_DATA_ON_DISK = [a for a in TINY_LABEL_ONLY if not a.startswith(("data.name=", "data.synthetic."))]  # kd.alpha=1
@@ -23,7 +23,7 @@ from engine.trainer import Trainer
 from imagedata.synthetic_data import make_synthetic_dataset, write_synthetic_jpeg_folder
 
 MAINS = {"train_student": train_student.main, "train_student_rl": train_student_rl.main}
-RL_EXTRA = ["curriculum.strategy=random_subset", "agent.name=bandit"]
+RL_EXTRA = ["curriculum.strategy=random_subset", "agent.name=fixed"]
 
 
 def _stop_after_first_epoch(monkeypatch, main, argv) -> None:
@@ -148,7 +148,7 @@ def test_a_replaced_teacher_checkpoint_stops_the_resume(tmp_path, monkeypatch):
         torch.manual_seed(seed)
         state = timm.create_model("resnet10t", num_classes=4).state_dict()
         save_file({k: v.contiguous() for k, v in state.items()}, teacher if seed == 0 else tmp_path / "other.st")
-    args = [*TINY, "kd.alpha=0.5", f"teacher.checkpoint={teacher}", f"run.out_dir={tmp_path / 'runs'}", "run.name=r"]
+    args = [*TINY_LOCAL_TEACHER, "kd.alpha=0.5", f"teacher.checkpoint={teacher}", f"run.out_dir={tmp_path / 'runs'}", "run.name=r"]
     _stop_after_first_epoch(monkeypatch, train_student.main, args)
     run = tmp_path / "runs" / "r"
     assert load_checkpoint(run / "checkpoints" / "last.pt")["inputs"]["teacher_checkpoint"]
@@ -157,3 +157,38 @@ def test_a_replaced_teacher_checkpoint_stops_the_resume(tmp_path, monkeypatch):
     code, err = cli(train_student.main, [*args, "run.resume=auto"], None)
     assert_user_error(code, err, f"the teacher weights teacher.checkpoint={teacher} changed")
     assert digest(run) == before
+
+
+def test_changed_hub_weights_of_the_teacher_stop_the_resume(tmp_path, monkeypatch):
+    """teacher.pretrained=true without teacher.checkpoint: the weights come from the hub (or its local cache), and
+    another revision there gave the resumed epochs another teacher without a word. The digest of the loaded weights
+    is now recorded in the checkpoint and compared on resume. (The hub is simulated: timm.create_model with
+    pretrained=True returns seeded random weights; the seed stands for the revision.)"""
+    import timm
+    create = timm.create_model
+    revision = {"seed": 0}
+
+    def hub(name, pretrained=False, **kwargs):
+        if not pretrained:
+            return create(name, **kwargs)
+        with torch.random.fork_rng():
+            torch.manual_seed(revision["seed"])
+            return create(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", hub)
+    args = [*TINY_LOCAL_TEACHER, "kd.alpha=0.5", f"run.out_dir={tmp_path / 'runs'}", "run.name=r"]
+    _stop_after_first_epoch(monkeypatch, train_student.main, args)
+    run = tmp_path / "runs" / "r"
+    recorded = load_checkpoint(run / "checkpoints" / "last.pt")["inputs"]["teacher_hub_weights"]
+    assert json.loads((run / "run.json").read_text())["inputs"]["teacher_hub_weights"] == recorded
+    revision["seed"] = 1
+    before = digest(run)
+    code, err = cli(train_student.main, [*args, "run.resume=auto"], None)
+    # known only once the teacher is loaded (after the teacher cache of the new weights is built): the last line
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1].startswith(f"error: cannot resume from {run / 'checkpoints' / 'last.pt'}: the hub "
+                                           "weights of teacher.name=resnet10t changed since its run loaded them")
+    assert digest(run) == before
+    revision["seed"] = 0  # the same weights again: the run continues
+    code, err = cli(train_student.main, [*args, "run.resume=auto"], None)
+    assert code is None, err

@@ -353,8 +353,31 @@ def test_the_posterior_of_self_distillation_is_refused_when_no_copy_is_kept(doma
                                         "keep no copy"):
         continual.validate(load_config(continual.ContinualConfig, None,
                                        [*args, "kd.previous_weight=0", "student.self_replay=0"]))
-    for on in (["kd.previous_weight=0"], ["student.self_replay=0"]):
-        continual.validate(load_config(continual.ContinualConfig, None, [*args, *on]))
+    continual.validate(load_config(continual.ContinualConfig, None, [*args, "student.self_replay=0"]))
+
+
+# a term weighted 0 still runs (and is logged) but adds 0 x its value: the keys only it reads change nothing
+WEIGHT_ZERO = {"student.contrastive_temperature=0.2": "student.contrastive_weight=0",
+               "kd.temperature_max=6.0": "kd.relational_weight=0", "kd.temperature_min=2.0": "kd.relational_weight=0",
+               "kd.temperature_fid_gain=1.0": "kd.relational_weight=0", "kd.previous_posterior=kl": "kd.previous_weight=0"}
+
+
+@pytest.mark.parametrize("key", sorted(WEIGHT_ZERO))
+def test_a_key_of_a_term_weighted_zero_is_refused(domains, tmp_path, key):  # noqa: F811
+    """student.contrastive_temperature with student.contrastive_weight=0, the relational temperature's keys with
+    kd.relational_weight=0, kd.previous_posterior with kd.previous_weight=0: the term is computed and multiplied by
+    0, so the key changed only a logged diagnostic and was accepted; now refused, naming the weight. With the
+    weight on, the same key is read and accepted."""
+    from common.config import load_config
+    from common.errors import UserError
+    args = [*_args(domains, tmp_path, ["discs", "crosses"]), key]
+    continual.validate(load_config(continual.ContinualConfig, None, args))
+    weight = WEIGHT_ZERO[key]
+    with pytest.raises(UserError, match="A key that would do nothing is refused") as err:
+        continual.validate(load_config(continual.ContinualConfig, None, [*args, weight]))
+    term = {"student.contrastive_weight": "contrastive", "kd.relational_weight": "relational_kd",
+            "kd.previous_weight": "previous_kd"}[weight.split("=")[0]]
+    assert f"{key} ({weight} takes the {term} term, which alone reads it, out of the loss)" in str(err.value)
 
 
 def test_a_run_saved_with_a_replay_key_resumes_without_it(domains, tmp_path):  # noqa: F811

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RL_ARGS, ROOT, TINY, TINY_LABEL_ONLY, read_metrics
+from conftest import RL_ARGS, ROOT, TINY, TINY_LABEL_ONLY, TINY_LOCAL_TEACHER, read_metrics
 from test_bad_input import _copy_run, assert_user_error, cli, digest
 
 import common.cli
@@ -303,7 +303,7 @@ def test_a_read_only_shared_cache_holding_what_the_run_needs_is_reused(tmp_path,
 def test_rl_trains_its_teacher_with_teacher_prepare(tmp_path, monkeypatch):
     """The offline RL config ran before its teacher exists said only 'checkpoint ... does not exist'."""
     missing = tmp_path / "teacher" / "student.safetensors"
-    args = [*TINY, "kd.alpha=0.5", "agent.name=bandit", f"teacher.checkpoint={missing}", f"run.out_dir={tmp_path}",
+    args = [*TINY_LOCAL_TEACHER, "kd.alpha=0.5", "agent.name=bandit", f"teacher.checkpoint={missing}", f"run.out_dir={tmp_path}",
             "run.name=r"]
     code, err = cli(train_student_rl.main, args, None)
     assert_user_error(code, err, f"teacher.checkpoint={missing} does not exist",
@@ -389,7 +389,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named(stopped_runs, tmp_path, entry,
     elif entry == "eval.checkpoint":
         main, argv = train_student.main, [*TS_ARGS, *out, f"eval.checkpoint={bad}"]
     else:
-        main, argv = train_student.main, [*TINY, "kd.alpha=0.5", *out, f"teacher.checkpoint={bad}"]
+        main, argv = train_student.main, [*TINY_LOCAL_TEACHER, "kd.alpha=0.5", *out, f"teacher.checkpoint={bad}"]
     fragment = FRAGMENTS[kind]
     if entry == "gan_vae" and kind == "dict without the keys":
         fragment = "gan_vae.continual (no 'experts' entry"

@@ -2,6 +2,8 @@
 import json
 import os
 
+import pytest
+
 from conftest import run_script
 
 
@@ -87,3 +89,22 @@ def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def test_bench_times_only_configs_the_scripts_accept(tmp_path):
+    """bench.py built its trainers from load_config alone: its shared overrides set teacher.* keys for the
+    label-only mode too (which the scripts refuse as unread), and nothing it timed was validated. checked_config
+    drops the teacher keys a mode does not read, then validates as the scripts do."""
+    import argparse
+    import bench
+    from common.errors import UserError
+    from engine.schema import Config, TeacherConfig
+    args = argparse.Namespace(classes=3, images_per_class=8, image_size=32, workers=0, batch_size=8,
+                              teacher="resnet10t", student="test_resnet", cache_views=2)
+    base = bench.common_overrides(args, str(tmp_path))
+    labels = bench.checked_config(Config, [*base, "kd.alpha=1"])
+    assert labels.teacher == TeacherConfig()  # every teacher.* key at its default: none is read
+    online = bench.checked_config(Config, [*base, "kd.alpha=0", "teacher.mode=online"])
+    assert (online.teacher.name, online.teacher.cache_views) == ("resnet10t", TeacherConfig.cache_views)
+    with pytest.raises(UserError, match="train.warmup_epochs=3.0 is not below train.epochs=2"):
+        bench.checked_config(Config, [*base, "kd.alpha=0", "train.epochs=2", "train.warmup_epochs=3"])

@@ -3,7 +3,7 @@ import json
 import sys
 
 import pytest
-from conftest import TINY, TINY_LABEL_ONLY, TINY_ONLINE, assert_clean_error, read_metrics, run_and_sigkill, run_script
+from conftest import TINY, TINY_LABEL_ONLY, TINY_LOCAL_TEACHER, TINY_ONLINE, assert_clean_error, read_metrics, run_and_sigkill, run_script
 
 TIME_KEYS = ("time/",)
 
@@ -182,7 +182,7 @@ def test_teacher_prepare_trains_the_teacher_once_then_reuses_it(tmp_path):
                                        "kd:", "  alpha: 1.0", "train:", "  epochs: 1", "  batch_size: 8",
                                        "eval:", "  latency: false", "run:", "  name: tiny_teacher", ""]))
     checkpoint = tmp_path / "tiny_teacher" / "student.safetensors"
-    args = [*TINY, "teacher.name=test_resnet", f"teacher.checkpoint={checkpoint}", f"teacher.prepare={teacher_yaml}",
+    args = [*TINY_LOCAL_TEACHER, "teacher.name=test_resnet", f"teacher.checkpoint={checkpoint}", f"teacher.prepare={teacher_yaml}",
             "kd.alpha=0", "kd.baseline=true", "train.epochs=1", f"run.out_dir={tmp_path}"]
     first = run_script("train_student.py", *args, "run.name=first")
     assert first.returncode == 0, first.stderr[-3000:]

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import yaml
 from omegaconf import OmegaConf
-from conftest import TINY, TINY_LABEL_ONLY, assert_clean_error, read_metrics, run_main
+from conftest import TINY, TINY_LABEL_ONLY, TINY_LOCAL_TEACHER, TINY_ONLINE, assert_clean_error, read_metrics, run_main
 from test_bad_input import _copy_run
 
 import kd_methods
@@ -309,10 +309,24 @@ def test_cache_features_without_a_feature_method_is_refused():
 def test_a_teacher_key_is_accepted_where_it_is_read(key):
     """The same values where they are read: with a teacher (kd.alpha=0.5), the cache's keys with a cached one,
     teacher.mode=online (TINY's cache key left out)."""
-    base = [a for a in TINY if not a.startswith("teacher.cache_views=")] if key == "teacher.mode" else TINY
+    base = {"teacher.mode": [a for a in TINY if not a.startswith("teacher.cache_views=")],
+            "teacher.checkpoint": TINY_LOCAL_TEACHER}.get(key, TINY)
     args = [*base, "kd.alpha=0.5", f"{key}={TEACHER_KEYS[key]}"]
     validate(load_config(Config, None, args))
     validate_rl(load_config(RLConfig, None, [*args, "curriculum.strategy=random_subset", "agent.name=bandit"]))
+
+
+@pytest.mark.parametrize("mode", ["cached", "online"])
+def test_teacher_pretrained_with_a_teacher_checkpoint_is_refused(mode):
+    """teacher.checkpoint gives the teacher's weights, so the hub's are never loaded (models.create_teacher):
+    teacher.pretrained=false beside it changed nothing and was accepted; now it is refused, named, and the same
+    config without it is accepted."""
+    base = TINY_LOCAL_TEACHER if mode == "cached" else [a for a in TINY_ONLINE if a != "teacher.pretrained=false"]
+    args = [*base, "kd.alpha=0.5", "teacher.checkpoint=t.safetensors"]
+    with pytest.raises(UserError, match="teacher.pretrained=false set, but teacher.checkpoint=t.safetensors gives "
+                                        "the teacher's weights"):
+        validate(load_config(Config, None, [*args, "teacher.pretrained=false"]))
+    validate(load_config(Config, None, args))
 
 
 def test_cache_features_is_read_by_a_cached_feature_method():
@@ -338,3 +352,49 @@ def test_a_label_only_run_saved_with_teacher_keys_resumes(stopped_runs, tmp_path
                     "run.resume=auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["epoch"] for m in read_metrics(run)] == [0, 1]
+
+
+# ---- the RL agent's action: a target difficulty and a temperature step, each read only where something uses it ----
+FITNET_ONLINE = [*TINY_ONLINE, "kd.method=fitnet"]
+UNREAD_ACTIONS = {
+    "learning agent, labels only, random_subset": (
+        [*TINY_LABEL_ONLY, "curriculum.strategy=random_subset", "agent.name=bandit"],
+        "agent.name=bandit chooses a target difficulty and a temperature every epoch, but curriculum.strategy="
+        "random_subset does not select by a target difficulty and this run trains on labels only"),
+    "learning agent, fitnet, all": (
+        [*FITNET_ONLINE, "curriculum.strategy=all", "agent.name=ppo", "agent.ppo.n_steps=2", "agent.ppo.batch_size=2"],
+        "agent.name=ppo chooses a target difficulty and a temperature every epoch, but curriculum.strategy=all does "
+        "not select by a target difficulty and kd.method=fitnet"),
+    "fixed temperature step, fitnet": (
+        [*FITNET_ONLINE, "curriculum.strategy=random_subset", "agent.name=fixed", "agent.fixed_actions=[[2,2]]"],
+        "agent.fixed_actions entry [2, 2] sets temperature step 2, but kd.method=fitnet"),
+    "fixed target index, random_subset": (
+        [*TINY, "kd.alpha=0.5", "curriculum.strategy=random_subset", "agent.name=fixed",
+         "agent.fixed_actions=[[4,1]]"],
+        "agent.fixed_actions entry [4, 1] sets target index 4, but curriculum.strategy=random_subset does not "
+        "select by a target difficulty"),
+    "curriculum.target, easy_to_hard": (
+        [*TINY, "kd.alpha=0.5", "curriculum.strategy=easy_to_hard", "agent.name=fixed", "curriculum.target=0.3"],
+        "curriculum.target=0.3 is not read: curriculum.strategy=easy_to_hard does not select by a target"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNREAD_ACTIONS))
+def test_an_agent_action_that_nothing_reads_is_refused(case):
+    """The agent's action sets the epoch's target difficulty (read by adaptive and mixed only) and its temperature
+    (read by a loss that has one: not labels only, not fitnet). A learning agent on a run that reads neither, and a
+    fixed action or curriculum.target set away from its default where it is not read, trained and logged actions
+    that changed nothing; now refused before any work, naming what does not read them."""
+    args, message = UNREAD_ACTIONS[case]
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        validate_rl(load_config(RLConfig, None, args))
+
+
+@pytest.mark.parametrize("args", [
+    [*TINY, "kd.alpha=0.5", "curriculum.strategy=random_subset", "agent.name=bandit"],   # the temperature is read
+    [*TINY, "kd.alpha=0.5", "curriculum.strategy=adaptive", "agent.name=fixed", "agent.fixed_actions=[[4,0]]"],
+    [*TINY_LABEL_ONLY, "curriculum.strategy=random_subset", "agent.name=fixed"],          # the controls' default
+    [*FITNET_ONLINE, "curriculum.strategy=random_subset", "agent.name=fixed"],
+], ids=["bandit-kd", "fixed-adaptive", "fixed-labels", "fixed-fitnet"])
+def test_an_agent_action_is_accepted_where_it_is_read(args):
+    validate_rl(load_config(RLConfig, None, args))
