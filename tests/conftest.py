@@ -89,13 +89,54 @@ def pytest_xdist_auto_num_workers(config):
     return min(4, (os.cpu_count() or 1) + 1)
 
 
+_FORK_SERVER = None
+
+
+def start_script(argv: list[str], env: dict, stdout, stderr):
+    """`python *argv` in the repository root, as subprocess.Popen does it, or forked from this worker's fork
+    server (tests/forkserver.py: the libraries imported once, the script run in a new process of its own) when the
+    environment allows it. KD_TEST_FRESH_PROCESSES=1: always a fresh interpreter."""
+    global _FORK_SERVER
+    if os.environ.get("KD_TEST_FRESH_PROCESSES") != "1":
+        import forkserver
+        if _FORK_SERVER is None:
+            import atexit
+            _FORK_SERVER = forkserver.ForkServer(sys.executable)
+            atexit.register(_FORK_SERVER.close)
+        if forkserver.eligible(_FORK_SERVER.env, env):
+            with open(os.devnull) as null, open(os.devnull, "w") as sink:
+                fds = [sink.fileno() if f == subprocess.DEVNULL else f if isinstance(f, int) else f.fileno()
+                       for f in (stdout, stderr)]
+                return _FORK_SERVER.spawn(argv, str(ROOT), env, null.fileno(), *fds)
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=stdout,
+                            stderr=stderr, env=env)
+
+
 def run_script(script: str, *args: str, timeout: float = 300, env: dict | None = None,
                launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `python <script> args...` (or `python -m <module> args...` with script="-m", module first in args)."""
+    import locale
+    import tempfile
     target = [script] if script == "-m" else [str(ROOT / script)]
-    cmd = (launcher or [sys.executable]) + target + list(args)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if launcher is not None:
+        return subprocess.run(launcher + target + list(args), cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout, env=full_env)
+    cmd = [sys.executable, *target, *args]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = start_script([*target, *args], full_env, out, err)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise subprocess.TimeoutExpired(cmd, timeout) from None
+        # as text=True reads it: the locale's encoding, universal newlines
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace("\r", "\n"))
+    return subprocess.CompletedProcess(cmd, code, *texts)
 
 
 def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -132,8 +173,7 @@ def run_and_sigkill(script: str, *args: str, watch: Path, after_lines: int, sett
     longer than `settle` to write), let it run `settle` seconds more, then SIGKILL it. Returns the number of lines
     `watch` had at the kill."""
     target = ["-m", module] if script == "-m" else [str(ROOT / script)]
-    proc = subprocess.Popen([sys.executable, *target, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    proc = start_script([*target, *args], {**os.environ, **(env or {})}, subprocess.DEVNULL, subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if watch.exists() and len(watch.read_text().splitlines()) >= after_lines and (written is None
