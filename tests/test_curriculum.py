@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, TINY_ONLINE, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script
+from conftest import (TINY, TINY_ONLINE, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script,
+                      runs_documented_command)
 
 from common.errors import UserError
 from curriculum_dataloader import STRATEGIES, STRATEGY_REGISTRY, CurriculumSampler, allocate, pacing_fraction
@@ -366,9 +367,15 @@ RL_TINY = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refr
            "agent.ppo.n_steps=2", "agent.ppo.batch_size=2"]
 
 
+@runs_documented_command("python train_student_rl.py --config configs/curriculum_synthetic.yaml")
 @pytest.mark.parametrize("agent", ["ppo", "bandit"])
 def test_tiny_agent_runs(tmp_path, agent):
+    """Each agent end to end; the bandit case runs the documented offline command, configs/curriculum_synthetic.yaml,
+    at tiny size: TINY's data, models and epochs, and a random teacher instead of the quickstart teacher."""
     args = RL_TINY if agent == "ppo" else [a for a in RL_TINY if not a.startswith("agent.ppo.")]  # PPO's keys
+    if agent == "bandit":
+        args = ["--config", "configs/curriculum_synthetic.yaml", *args, "data.synthetic.eval_images_per_class=0",
+                "teacher.checkpoint=''", "teacher.prepare=''"]
     proc = run_script("train_student_rl.py", *args, f"agent.name={agent}", f"run.out_dir={tmp_path}", "run.name=r")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "r"
