@@ -469,7 +469,7 @@ def test_difficulty_tracks_the_true_difficulty(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 def _expected_size(strategy: str, epoch: int, n: int, fraction: float, start: float, pacing: int,
                    warmup: int) -> int:
-    """The README's contract: N (all, and before the first difficulty refresh), ceil(g(e) N) (pacing) or
+    """docs/curriculum.md's contract: N (all, and before the first difficulty refresh), ceil(g(e) N) (pacing) or
     ceil(f N) (adaptive, mixed, random_subset)."""
     from fractions import Fraction
     if strategy in ("all", "train_student") or (strategy != "random_subset" and epoch < warmup):
@@ -608,7 +608,7 @@ def accounting_cache(tmp_path_factory):
 def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accounting_cache, strategy, case):
     """train_student.py / train_student_rl.py in process (a tiny BatchNorm student): the samples that reach the
     loss each epoch are exactly the selection, each once; metrics.jsonl's train/samples and curriculum.jsonl's
-    num_samples both equal that count and the README's formula. On the old code (drop_last fixed from the full
+    num_samples both equal that count and docs/curriculum.md's formula. On the old code (drop_last fixed from the full
     set) 600 images at batch 64 trained 576 per whole-set epoch and 384 of adaptive's 420."""
     from common.config import load_config
     from common.distributed import DistInfo
