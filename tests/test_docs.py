@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKS = {"gpu", "network", "long"}
 SHELL = {"bash", "sh", "shell", "console"}
 PROGRAM_WORDS = ("python ", "python3 ", "bash ", "torchrun ", "pip ", "$ ")
