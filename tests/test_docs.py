@@ -371,7 +371,7 @@ def test_a_broken_link_is_caught(text, fragment):
 
 
 @pytest.mark.parametrize("text", [
-    "# A\n\nSee [a](#a), [the README](README.md#documentation), [it](https://example.org#x).\n",
+    "# A\n\nSee [a](#a), [the changelog](CHANGELOG.md#changelog), [it](https://example.org#x).\n",
     "# A\n# A\n\n[second](#a-1) and `[not a link](#nowhere)`\n\n```\n[in code](#nowhere)\n```\n",
 ])
 def test_a_good_link_passes(text):
