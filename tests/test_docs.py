@@ -10,7 +10,10 @@ from the test sources, so an unmarked command that no test declares fails here."
 from __future__ import annotations
 
 import ast
+import json
 import re
+import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -183,21 +186,33 @@ PROGRAMS = {"train_student.py": "train_student", "train_student_rl.py": "train_s
             "gan_vae.continual": "gan_vae", "gan_vae": "gan_vae"}
 
 
+# Run in a subprocess: importing the example plugins registers their entries in this process's registries, whose
+# listings (--help, the configuration tables) other tests in the same worker compare with the built-in ones.
+_SCHEMA_KEYS = """
+import json, sys
+from pathlib import Path
+from common import plugins
+from common.config import iter_schema
+from common.registry import compose_schema, plugin_scope
+from engine.rl_schema import RLConfig
+from engine.schema import Config
+from gan_vae.continual import ContinualConfig
+items = [str(p) for p in sorted(Path("examples/plugins").resolve().glob("*.py"))]
+plugins.load(items)
+with plugin_scope(plugins.keys(items)):
+    print(json.dumps({name: [key for key, *_ in iter_schema(compose_schema(schema))]
+                      for name, schema in [("train_student", Config), ("train_student_rl", RLConfig),
+                                           ("gan_vae", ContinualConfig)]}))
+"""
+
+
 @lru_cache(maxsize=None)
 def schema_keys() -> dict[str, frozenset[str]]:
     """Every key `--help` lists, per program, with the example plugins' entries in scope (the docs use them)."""
-    from common import plugins
-    from common.config import iter_schema
-    from common.registry import compose_schema, plugin_scope
-    from engine.rl_schema import RLConfig
-    from engine.schema import Config
-    from gan_vae.continual import ContinualConfig
-    items = [str(p) for p in sorted((ROOT / "examples" / "plugins").glob("*.py"))]
-    plugins.load(items)
-    with plugin_scope(plugins.keys(items)):
-        return {name: frozenset(key for key, *_ in iter_schema(compose_schema(schema)))
-                for name, schema in [("train_student", Config), ("train_student_rl", RLConfig),
-                                     ("gan_vae", ContinualConfig)]}
+    proc = subprocess.run([sys.executable, "-c", _SCHEMA_KEYS], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {name: frozenset(keys) for name, keys in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
 
 
 def key_tokens(text: str, sections: set[str]) -> list[tuple[int, str]]:
