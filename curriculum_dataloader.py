@@ -19,7 +19,7 @@ class's docstring. With N the dataset size and f the fraction (M = ceil(f * N)):
 These choose membership: the sampler shuffles what they choose. A strategy whose class sets `ordered = True` also
 sets the order within the epoch: its selection is trained in the order it returns (examples/plugins/hard_first.py).
 A new strategy is a `Strategy` subclass registered with `@STRATEGY_REGISTRY.register(name, config=..., help=...)`,
-in this file or in a plugin file named by run.plugins (README, "Adding an agent or a strategy");
+in this file or in a plugin file named by run.plugins (docs/extending.md);
 `curriculum.strategy` accepts every registered name, and an entry's own keys are curriculum.<name>.*.
 """
 from __future__ import annotations

@@ -41,7 +41,7 @@ Adding a method: subclass KDMethod and register it,
     class Mine(KDMethod): ...
 
 here or in a file of your own named by `run.plugins` (examples/plugins/normalized_kd.py). Nothing else changes:
-kd.method accepts it, kd.mine.* joins the schema, --help and the README tables list them, its `validate(cfg)` runs
+kd.method accepts it, kd.mine.* joins the schema, --help and the docs tables list them, its `validate(cfg)` runs
 before any work, and its parameters train, checkpoint and resume with the student.
 """
 from __future__ import annotations

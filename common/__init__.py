@@ -1,2 +1,2 @@
-"""Shared plumbing of every program, one module per concern (README, "Code map"). Nothing here knows about
+"""Shared plumbing of every program, one module per concern (docs/extending.md). Nothing here knows about
 distillation."""

@@ -1,5 +1,5 @@
 """Config schemas and loading: `opt`/`section` declare keys with defaults, help and ranges; `load_config` merges
-defaults < --config YAML < dotted overrides; `--help` and the README tables are generated from the schema;
+defaults < --config YAML < dotted overrides; `--help` and the docs tables are generated from the schema;
 resume checks compare a run's saved config with the current one.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from common.registry import Registry, compose_schema, plugin_scope, registries_o
 @dataclasses.dataclass(frozen=True)
 class Range:
     """The valid values of a numeric or categorical config key, declared once beside the key (`opt(..., ge=0)`).
-    `check_ranges` checks every key of a loaded config against its Range before any work; `--help` and the README
+    `check_ranges` checks every key of a loaded config against its Range before any work; `--help` and the docs
     table show `describe()`. Bounds: ge (>=), gt (>), le (<=), lt (<). `choices`: the allowed values; a Registry
     (common.registry) counts as the names it holds when the check runs, so an entry registered later (by a plugin)
     is accepted, and --help lists the entries with their help. A float is also refused when NaN or infinite, unless
@@ -73,7 +73,7 @@ _NOT_GIVEN = object()
 def opt(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,  # noqa: A002
         le: float | None = None, lt: float | None = None, choices: Any = None, allow_inf: bool = False,
         why: str = "", before: Any = _NOT_GIVEN) -> Any:
-    """A config field with its one-line description (shown by --help and in the README) and, for a number or a
+    """A config field with its one-line description (shown by --help and in the docs) and, for a number or a
     name from a fixed set, its valid values (see `Range`; checked by `check_ranges` when the config is loaded).
     "help" reads best at the call site.
 
@@ -140,7 +140,7 @@ def iter_schema(schema: type, prefix: str = ""):
 
 def registry_choices(valid: Range | None) -> str:
     """For a key that selects a registry entry (`opt(..., choices=REGISTRY)`): "name: help; ..." of what the registry
-    holds now, built-in and plugin entries alike ("" for any other key). --help and the README list it."""
+    holds now, built-in and plugin entries alike ("" for any other key). --help and the docs list it."""
     return valid.choices.describe() if valid is not None and isinstance(valid.choices, Registry) else ""
 
 
@@ -236,7 +236,7 @@ def _help_keys(schema: type, lines: list[str]) -> None:
 
 
 def config_markdown(schema: type, base: type | None = None) -> str:
-    """The configuration reference as a markdown table (pasted into the README; a test keeps them in sync).
+    """The configuration reference as a markdown table (pasted into the docs; a test keeps them in sync).
     With `base`, only the keys the schema adds to it."""
     skip = {key for key, *_ in iter_schema(base)} if base is not None else set()
     ranges = schema_ranges(schema)

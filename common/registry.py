@@ -11,7 +11,7 @@
 
 An entry is a class or a function. Registering it is the whole of adding it: the key that names it (`kd.method`)
 accepts it, its config section (`kd.dkd.*`) joins the schema when the config is loaded (`compose_schema`), with its
-keys' ranges checked and listed by `--help` and the README tables, and its `validate(cfg)` (a classmethod or
+keys' ranges checked and listed by `--help` and the docs tables, and its `validate(cfg)` (a classmethod or
 staticmethod, optional) runs before any work. An entry defined outside the repository is registered the same way
 from a plugin file named by `run.plugins` (common.plugins), imported before the config is read. What a plugin
 registers belongs to it: a config sees the built-in entries and those of its own plugins only (`plugin_scope`), so
@@ -166,7 +166,7 @@ class Registry:
 
     # ---- what the config and the docs read -----------------------------------------------------------------------
     def describe(self) -> str:
-        """One line per entry, for --help and the README: `name: help`."""
+        """One line per entry, for --help and the docs: `name: help`."""
         return "; ".join(f"{e.name}: {e.help}" if e.help else e.name for e in self._seen().values())
 
     def reads(self, cfg: Any, name: str) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The training engine of train_student.py and train_student_rl.py (README, "Code map"), one concern per module:
+"""The training engine of train_student.py and train_student_rl.py (docs/extending.md), one concern per module:
 
 schema          train_student.py's schema (Config) and validate
 rl_schema       train_student_rl.py's sections (RLConfig) and validate_rl

@@ -1,5 +1,5 @@
 """The configuration of train_student.py: every key, its default, its valid values and its meaning (`--help` and the
-README tables are generated from it), and `validate`, the checks that involve several keys. train_student_rl.py
+docs tables are generated from it), and `validate`, the checks that involve several keys. train_student_rl.py
 extends it (RLConfig). A component's own keys (a KD method's, an agent's) live beside its code and join this schema
 when the config is loaded (common.registry.compose_schema)."""
 from __future__ import annotations

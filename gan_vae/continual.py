@@ -93,7 +93,7 @@ class TeacherConfig:
                                           "an existing one reused (gan_vae.experts.EXPANSION_RULES, or one a "
                                           "run.plugins file registers)", choices=EXPANSION_RULES)
     fid_threshold: float = opt(50.0, "a new expert is added when every existing expert's FID on the new task "
-                                     "exceeds this (see the README on choosing it)", gt=0)
+                                     "exceeds this (docs/gan_vae.md: choosing it)", gt=0)
     max_experts: int = opt(4, "upper bound on the number of experts", ge=1)
     steps: int = opt(1500, "generator steps per task", ge=1)
     batch_size: int = opt(64, "WGAN-GP batch size (split in equal shares over the expert's tasks: at least the "
@@ -130,8 +130,8 @@ class StudentConfig:
     self_replay: float = opt(0.5, "share of each replayed task's rows drawn from the student's frozen copy from "
                                    "before the task (its own samples of that task, as in generative replay, Shin et "
                                    "al. 2017, and brain-inspired replay, van de Ven et al. 2020) instead of the "
-                                   "task's expert; 0: the experts alone (the default before issue 18; the README's "
-                                   "ablation measures both). Refused with student.replay=false, which replays "
+                                   "task's expert; 0: the experts alone (docs/results.md's ablation measures both). "
+                                   "Refused with student.replay=false, which replays "
                                    "nothing", ge=0, le=1,
                               before=0.0)  # issue 18: the experts alone replayed
     steps_per_earlier_task: int = opt(0, "extra student steps per earlier task: task t trains student.steps + t x "

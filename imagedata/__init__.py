@@ -1,2 +1,2 @@
 """Image-classification data: sources, label alignment, the synthetic generator, augmentation records,
-normalisation, pre-decoding, views, loaders and samplers (README, "Code map")."""
+normalisation, pre-decoding, views, loaders and samplers (docs/extending.md)."""

@@ -1,5 +1,5 @@
 """Compiled, bf16 and channels_last runs of train_student.py against eager fp32, on the quickstart data:
-first-epoch loss difference and steady-state epoch time ratio (the README's "GPU switches" table).
+first-epoch loss difference and steady-state epoch time ratio (docs/distributed.md's "GPU switches" table).
 
     python scripts/compile_vs_eager.py [OUT_DIR]      # default /tmp/compile_vs_eager; about 3 minutes on 2 cores
 """

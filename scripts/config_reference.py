@@ -1,11 +1,12 @@
-"""Regenerate the README's configuration tables from the schemas (and the registries' sections in them).
+"""Regenerate the configuration tables of docs/configuration.md from the schemas (and the registries' sections
+in them).
 
-    python scripts/config_reference.py            # rewrite the tables in README.md
-    python scripts/config_reference.py --check    # exit 1 when README.md is out of date (the tests run this check)
+    python scripts/config_reference.py            # rewrite the tables in docs/configuration.md
+    python scripts/config_reference.py --check    # exit 1 when the page is out of date (the tests run this check)
 
-Each table sits between `<!-- config:NAME -->` and `<!-- /config:NAME -->` in README.md. Run it after adding or
-changing a config key, a KD method, an agent, a strategy or a gan_vae loss term: the schema is composed from the
-registries, so their sections appear in the tables with their ranges and help.
+Each table sits between `<!-- config:NAME -->` and `<!-- /config:NAME -->` in docs/configuration.md. Run it after
+adding or changing a config key, a KD method, an agent, a strategy or a gan_vae loss term: the schema is composed
+from the registries, so their sections appear in the tables with their ranges and help.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "configuration.md"
 
 
 def tables() -> dict[str, str]:
@@ -35,22 +36,23 @@ def render(text: str) -> str:
     for name, table in tables().items():
         pattern = re.compile(rf"(<!-- config:{name} -->\n).*?(\n<!-- /config:{name} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md has no <!-- config:{name} --> ... <!-- /config:{name} --> block")
+            raise SystemExit(f"docs/configuration.md has no <!-- config:{name} --> ... <!-- /config:{name} --> block")
         text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
     return text
 
 
 def main(argv: list[str]) -> int:
-    current = README.read_text()
+    current = PAGE.read_text()
     wanted = render(current)
     if "--check" in argv:
         if wanted != current:
-            print("README.md's configuration tables are out of date: run `python scripts/config_reference.py`")
+            print("docs/configuration.md's configuration tables are out of date: "
+                  "run `python scripts/config_reference.py`")
             return 1
         return 0
     if wanted != current:
-        README.write_text(wanted)
-        print("README.md: configuration tables regenerated")
+        PAGE.write_text(wanted)
+        print("docs/configuration.md: configuration tables regenerated")
     return 0
 
 

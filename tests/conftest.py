@@ -112,6 +112,16 @@ def start_script(argv: list[str], env: dict, stdout, stderr):
                             stderr=stderr, env=env)
 
 
+def runs_documented_command(*commands: str):
+    """Declares that the decorated test runs these shell commands of README.md or docs/ (at tiny size where its
+    docstring says so). tests/test_docs.py reads the declarations from the test sources: a documented command that
+    no test declares must be marked <!-- cmd: gpu|network|long --> in the docs."""
+    def declare(test):
+        test.documented_commands = commands
+        return test
+    return declare
+
+
 def run_script(script: str, *args: str, timeout: float = 300, env: dict | None = None,
                launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `python <script> args...` (or `python -m <module> args...` with script="-m", module first in args)."""

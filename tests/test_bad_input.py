@@ -257,7 +257,7 @@ def test_rl_cannot_continue_a_train_student_checkpoint(stopped_runs, capsys, tmp
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The saved config re-runs as the README says, also after a resume
+# The saved config re-runs as docs/getting-started.md says, also after a resume
 # ---------------------------------------------------------------------------------------------------------------
 def test_saved_config_of_a_resumed_run_reruns_under_a_new_name(tmp_path):
     cfg = load_config(Config, None, ["data.name=synthetic", f"run.out_dir={tmp_path}", "run.name=first",

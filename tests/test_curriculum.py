@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, TINY_ONLINE, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script
+from conftest import (TINY, TINY_ONLINE, assert_clean_error, read_metrics, run_and_sigkill, run_main, run_script,
+                      runs_documented_command)
 
 from common.errors import UserError
 from curriculum_dataloader import STRATEGIES, STRATEGY_REGISTRY, CurriculumSampler, allocate, pacing_fraction
@@ -366,9 +367,15 @@ RL_TINY = [*TINY, "kd.alpha=0.5", "difficulty.warmup_epochs=1", "difficulty.refr
            "agent.ppo.n_steps=2", "agent.ppo.batch_size=2"]
 
 
+@runs_documented_command("python train_student_rl.py --config configs/curriculum_synthetic.yaml")
 @pytest.mark.parametrize("agent", ["ppo", "bandit"])
 def test_tiny_agent_runs(tmp_path, agent):
+    """Each agent end to end; the bandit case runs the documented offline command, configs/curriculum_synthetic.yaml,
+    at tiny size: TINY's data, models and epochs, and a random teacher instead of the quickstart teacher."""
     args = RL_TINY if agent == "ppo" else [a for a in RL_TINY if not a.startswith("agent.ppo.")]  # PPO's keys
+    if agent == "bandit":
+        args = ["--config", "configs/curriculum_synthetic.yaml", *args, "data.synthetic.eval_images_per_class=0",
+                "teacher.checkpoint=''", "teacher.prepare=''"]
     proc = run_script("train_student_rl.py", *args, f"agent.name={agent}", f"run.out_dir={tmp_path}", "run.name=r")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "r"
@@ -462,7 +469,7 @@ def test_difficulty_tracks_the_true_difficulty(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 def _expected_size(strategy: str, epoch: int, n: int, fraction: float, start: float, pacing: int,
                    warmup: int) -> int:
-    """The README's contract: N (all, and before the first difficulty refresh), ceil(g(e) N) (pacing) or
+    """docs/curriculum.md's contract: N (all, and before the first difficulty refresh), ceil(g(e) N) (pacing) or
     ceil(f N) (adaptive, mixed, random_subset)."""
     from fractions import Fraction
     if strategy in ("all", "train_student") or (strategy != "random_subset" and epoch < warmup):
@@ -601,7 +608,7 @@ def accounting_cache(tmp_path_factory):
 def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accounting_cache, strategy, case):
     """train_student.py / train_student_rl.py in process (a tiny BatchNorm student): the samples that reach the
     loss each epoch are exactly the selection, each once; metrics.jsonl's train/samples and curriculum.jsonl's
-    num_samples both equal that count and the README's formula. On the old code (drop_last fixed from the full
+    num_samples both equal that count and docs/curriculum.md's formula. On the old code (drop_last fixed from the full
     set) 600 images at batch 64 trained 576 per whole-set epoch and 384 of adaptive's 420."""
     from common.config import load_config
     from common.distributed import DistInfo

@@ -181,7 +181,7 @@ def test_ddp_ranks_share_decisions_rng_and_batchnorm_across_sigkill_and_resume(t
 def test_resume_restores_each_ranks_rng_state_and_warns_on_another_world_size(tmp_path, capsys):
     """Each rank restores its own saved RNG state; checkpoints from before per-rank states ("rng": rank 0's) still
     load; with a different number of processes the run continues, ranks without a saved state are reseeded from
-    (train.seed, epoch, rank) and rank 0 warns (README, "run.resume")."""
+    (train.seed, epoch, rank) and rank 0 warns (docs/getting-started.md, "Resume a run")."""
     import torch
 
     from common.config import load_config

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_error, run_and_sigkill, run_main, run_script
+from conftest import assert_clean_error, run_and_sigkill, run_main, run_script, runs_documented_command
 
 from gan_vae import forgetting
 from gan_vae.experts import decide_expert
@@ -766,9 +766,11 @@ def test_unwritable_directories_are_named(tmp_path):
     assert (tmp_path / "new" / "runs").is_dir() and not any((tmp_path / "new" / "runs").iterdir())
 
 
+@runs_documented_command("python -m gan_vae.continual --config configs/gan_vae_shared_data.yaml teacher.steps=100 "
+                         "student.steps=100 fid.samples=500 run.name=gan_vae_small")
 def test_real_data_run_on_shared_arrays(shared_data, tmp_path):
     """The offline config on the real MNIST / Fashion-MNIST arrays (classes 0-4 of each, to halve the domain
-    classifier's training), with a short budget."""
+    classifier's training), with a short budget: the documented small run, smaller still."""
     tasks = (f"data.tasks=[{shared_data}/mnist_test.npz:classes=0-4,"
              f"{shared_data}/fashion_mnist_test_part.npz:classes=0-4]")
     proc = run_script("-m", "gan_vae.continual", "--config", "configs/gan_vae_shared_data.yaml", tasks,

@@ -36,7 +36,7 @@ def _copy(run_dir, tmp_path, name):
 
 
 def _branch(domains, origin_dir, task_ckpt, name, *extra):  # noqa: F811
-    """A new run in origin's run.out_dir started from `task_ckpt` with another training key (the README's
+    """A new run in origin's run.out_dir started from `task_ckpt` with another training key (docs/results.md's
     ablation pattern)."""
     return call_main(continual.main, [*_args(domains, origin_dir.parent, ["discs", "inverted"]), *TINY_RUN,
                                       f"run.name={name}", f"run.resume={task_ckpt}", "kd.previous_weight=2", *extra])
@@ -222,7 +222,7 @@ def test_non_finite_weights_behind_a_finite_loss_stop_before_the_experts_fid(dom
 # gan_vae.evaluate: the right checkpoints, checked before the work
 # ---------------------------------------------------------------------------------------------------------------
 def test_evaluate_a_run_branched_from_another_runs_task_checkpoint(domains, origin, tmp_path):  # noqa: F811
-    """README's ablation pattern: a new run from another run's task_0.pt holds only task_1.pt of its own. Its
+    """docs/results.md's ablation pattern: a new run from another run's task_0.pt holds only task_1.pt of its own. Its
     re-evaluation takes task 0 from the other run's task_0.pt (as the run recorded it) and reproduces its matrices;
     when that file is replaced or gone, it refuses and leaves results.json alone."""
     source = _copy(origin, origin.parent, f"source_{tmp_path.name}")

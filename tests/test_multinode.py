@@ -1,5 +1,5 @@
 """Multi-node on one machine: two torchrun launchers (--nnodes=2, --node_rank=0 and 1, one process each,
---master_addr=127.0.0.1 and a free port), the launch the README documents for clusters. Gloo on CPU."""
+--master_addr=127.0.0.1 and a free port), the launch docs/distributed.md documents. Gloo on CPU."""
 import json
 import os
 import re

@@ -3,7 +3,8 @@ import json
 import sys
 
 import pytest
-from conftest import TINY, TINY_LABEL_ONLY, TINY_LOCAL_TEACHER, TINY_ONLINE, assert_clean_error, read_metrics, run_and_sigkill, run_script
+from conftest import (TINY, TINY_LABEL_ONLY, TINY_LOCAL_TEACHER, TINY_ONLINE, assert_clean_error, read_metrics,
+                      run_and_sigkill, run_script, runs_documented_command)
 
 TIME_KEYS = ("time/",)
 
@@ -172,9 +173,11 @@ def test_corrupt_image_in_a_worker_is_named_without_traceback(tmp_path):
     assert_clean_error(proc, "cannot read image", "img2.png")
 
 
+@runs_documented_command("python train_student.py --config configs/quickstart.yaml")
 def test_teacher_prepare_trains_the_teacher_once_then_reuses_it(tmp_path):
-    """configs/quickstart.yaml's one-command route, at tiny size: teacher.prepare trains the teacher first when
-    teacher.checkpoint is missing, a second run reuses it, and a teacher run that would write elsewhere is refused."""
+    """configs/quickstart.yaml's one-command route, at tiny size (the file, then TINY's data, models and epochs and a
+    tiny teacher config): teacher.prepare trains the teacher first when teacher.checkpoint is missing, a second run
+    reuses it, and a teacher run that would write elsewhere is refused."""
     teacher_yaml = tmp_path / "teacher.yaml"
     teacher_yaml.write_text("\n".join(["data:", "  name: synthetic", "  image_size: 32", "  workers: 0",
                                        "  synthetic:", "    num_classes: 4", "    images_per_class: 12",
@@ -182,7 +185,8 @@ def test_teacher_prepare_trains_the_teacher_once_then_reuses_it(tmp_path):
                                        "kd:", "  alpha: 1.0", "train:", "  epochs: 1", "  batch_size: 8",
                                        "eval:", "  latency: false", "run:", "  name: tiny_teacher", ""]))
     checkpoint = tmp_path / "tiny_teacher" / "student.safetensors"
-    args = [*TINY_LOCAL_TEACHER, "teacher.name=test_resnet", f"teacher.checkpoint={checkpoint}", f"teacher.prepare={teacher_yaml}",
+    args = ["--config", "configs/quickstart.yaml", *TINY_LOCAL_TEACHER, "data.synthetic.eval_images_per_class=0",
+            "teacher.name=test_resnet", f"teacher.checkpoint={checkpoint}", f"teacher.prepare={teacher_yaml}",
             "kd.alpha=0", "kd.baseline=true", "train.epochs=1", f"run.out_dir={tmp_path}"]
     first = run_script("train_student.py", *args, "run.name=first")
     assert first.returncode == 0, first.stderr[-3000:]
