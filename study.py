@@ -92,7 +92,7 @@ def with_cli_resources(study, args):
 def run_study(study, args) -> int:
     """Submit what has not finished and is not in flight; the exit code."""
     todo = [r for r in study.ordered_runs()
-            if not study.program.finished(r.run_dir) and not execute.in_flight(study, r)]
+            if not study.finished(r) and not execute.in_flight(study, r)]
     execute._check_resources(args.executor, study, todo)
     print(f"[study] {study.name}: {len(study.runs)} runs, {len(study.runs) - len(todo)} finished or in flight, "
           f"{len(todo)} to run ({args.executor}); folder {study.folder}")

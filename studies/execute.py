@@ -94,7 +94,7 @@ def slurm_state(job_id: str) -> str:
 def run_state(study: Study, run: PlannedRun) -> tuple[str, int]:
     """(state, times requeued): done, running, queued, failed, stopped (a local job whose process is gone) or not
     submitted."""
-    if study.program.finished(run.run_dir):
+    if study.finished(run):
         requeues = sum(e["event"] == "requeue" for e in read_events(run))
         return "done", requeues
     record, events = read_record(study, run), read_events(run)
@@ -187,17 +187,16 @@ def _check_resources(kind: str, study: Study, runs: list[PlannedRun]) -> None:
 def submit_slurm(study: Study, runs: list[PlannedRun], slurm: SlurmOptions) -> list[tuple[PlannedRun, str]]:
     """Submit every run at once; a run that starts from (or waits for) another depends on that run's job
     (afterok). Returns (run, job id) pairs."""
-    executor = make_executor("slurm", study)
     job_ids: dict[str, str] = {}
     submitted = []
     for run in runs:
         params = _parameters("slurm", study, run, slurm)
         parent_job = job_ids.get(run.parent) if run.parent else None
-        if run.parent and parent_job is None and not study.program.finished(study.runs[run.parent].run_dir):
+        if run.parent and parent_job is None and not study.finished(study.runs[run.parent]):
             parent_job = read_record(study, study.runs[run.parent]).get("job_id")  # in flight from before
-        params["dependency"] = f"afterok:{parent_job}" if parent_job else None
-        if params["dependency"] is None:
-            params.pop("dependency")
+        if parent_job:
+            params["dependency"] = f"afterok:{parent_job}"
+        executor = make_executor("slurm", study)  # one per run: update_parameters keeps the previous run's values
         executor.update_parameters(**params)
         job = executor.submit(_job(study, run))
         job_ids[run.name] = job.job_id
@@ -228,7 +227,7 @@ def run_here(kind: str, study: Study, runs: list[PlannedRun], max_cores: int | N
                     failed_names.add(run.name)
                     failures.append((run, f"not run: it starts from {run.parent}, which failed"))
                     continue
-                if run.parent and not study.program.finished(study.runs[run.parent].run_dir):
+                if run.parent and not study.finished(study.runs[run.parent]):
                     if not any(r.name == run.parent for r in [*waiting, *active]) and not in_flight(
                             study, study.runs[run.parent]):
                         waiting.remove(run)

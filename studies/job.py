@@ -116,7 +116,10 @@ class RunJob(submitit.helpers.Checkpointable):
             if rank == 0:
                 add_event(self.run, "start", pid=os.getpid(), host=socket.gethostname(), resume=self.resume)
             try:
-                code = child.wait()
+                # poll, not child.wait(): wait() holds the Popen's lock while blocked, so that `checkpoint`, which
+                # submitit calls from the signal handler in this very thread, could never wait for the child
+                while (code := child.poll()) is None:
+                    time.sleep(0.2)
             finally:
                 _CHILDREN.pop(self.run.name, None)
         if rank == 0:

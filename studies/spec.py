@@ -17,6 +17,7 @@
         after: {row: kd, checkpoint: last}   # start from that row's run (same seed) checkpoint; without
                                              # `checkpoint`, only wait for that run to finish
         label: "DKD (Zhao et al.)"      # the row's name in the tables
+        program: train_student          # instead of the study's (e.g. a teacher the other rows distil from)
         report: false                   # leave the row out of the summary (e.g. a teacher the others need)
         resources: {threads: 2}
 
@@ -41,7 +42,7 @@ from studies.programs import PROGRAMS, Program, checkpoint_name_ok
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_KEYS = ("program", "configs", "overrides", "seeds", "reference", "metrics", "resources", "slurm", "rows",
               "description")
-ROW_KEYS = ("overrides", "configs", "seeds", "after", "label", "report", "resources")
+ROW_KEYS = ("program", "overrides", "configs", "seeds", "after", "label", "report", "resources")
 AFTER_KEYS = ("row", "checkpoint")
 SLURM_KEYS = ("partition", "account", "qos", "constraint", "signal_delay_s", "setup")
 
@@ -63,6 +64,8 @@ class Resources:
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
+    program_name: str
+    program: Program
     label: str
     configs: tuple[str, ...]
     overrides: tuple[str, ...]
@@ -97,12 +100,15 @@ class Study:
     digest: str
     program_name: str
     program: Program
-    rows: dict[str, Row]
+    rows: dict[str, Row]  # each with its program (the study's, unless the row names another)
     reference: str
     metrics: tuple[tuple[str, str], ...]  # (label, metric)
     slurm: dict
     folder: Path
     runs: dict[str, PlannedRun]
+
+    def finished(self, run: PlannedRun) -> bool:
+        return self.rows[run.row].program.finished(run.run_dir)
 
     def ordered_runs(self) -> list[PlannedRun]:
         """Every run after the run it waits for (rows in `after:` order, seeds in order)."""
@@ -174,7 +180,10 @@ def _row(name, value, study: dict, path: Path) -> Row:
     if not isinstance(report, bool):
         raise _fail(path, f"row {name}: report is true or false, got {report!r}")
     configs = value["configs"] if "configs" in value else study.get("configs")
-    return Row(name=name, label=str(value.get("label", name)),
+    program = value.get("program", study["program"])
+    if program not in PROGRAMS:
+        raise _fail(path, f"row {name}: unknown program '{program}'; one of {', '.join(PROGRAMS)}")
+    return Row(name=name, program_name=program, program=PROGRAMS[program], label=str(value.get("label", name)),
                configs=_strings(configs, f"configs of row {name}", path),
                overrides=_strings(study.get("overrides"), "overrides", path)
                + _strings(value.get("overrides"), f"overrides of row {name}", path),
@@ -252,10 +261,10 @@ def load_study(path: str | Path, out: str | Path = "runs/studies") -> Study:
     for key in ("program", "rows", "seeds", "reference", "metrics"):
         if key not in data:
             raise _fail(path, f"missing key '{key}'")
-    if data["program"] not in PROGRAMS:
-        raise _fail(path, f"unknown program '{data['program']}'; one of {', '.join(PROGRAMS)}")
     if not isinstance(data["rows"], dict) or not data["rows"]:
         raise _fail(path, "rows must be a non-empty mapping of row name -> overrides")
+    if data["program"] not in PROGRAMS:
+        raise _fail(path, f"unknown program '{data['program']}'; one of {', '.join(PROGRAMS)}")
     rows = {name: _row(name, value, data, path) for name, value in data["rows"].items()}
     _check_after(rows, path)
     if data["reference"] not in rows:
@@ -266,16 +275,17 @@ def load_study(path: str | Path, out: str | Path = "runs/studies") -> Study:
     _unknown(slurm, SLURM_KEYS, "in slurm", path)
     program = PROGRAMS[data["program"]]
     folder = (Path(out) / path.stem).resolve()
-    runs = _plan(rows, program, folder, path)
+    runs = _plan(rows, folder, path)
     return Study(name=path.stem, path=path, digest=file_digest(path), program_name=data["program"], program=program,
                  rows=rows, reference=data["reference"], metrics=_metrics(data["metrics"], path),
                  slurm=slurm, folder=folder, runs=runs)
 
 
-def _plan(rows: dict[str, Row], program: Program, folder: Path, path: Path) -> dict[str, PlannedRun]:
+def _plan(rows: dict[str, Row], folder: Path, path: Path) -> dict[str, PlannedRun]:
     runs: dict[str, PlannedRun] = {}
     for row_name in _row_order(rows):
         row = rows[row_name]
+        program = row.program
         for seed in row.seeds:
             name = run_name(row_name, seed)
             parent = None

@@ -109,7 +109,7 @@ def collect_values(study) -> list[dict]:
     out = []
     for run in study.ordered_runs():
         row = study.rows[run.row]
-        if not row.report or not study.program.finished(run.run_dir):
+        if not row.report or not study.finished(run):
             continue
         results = json.loads((run.run_dir / "results.json").read_text())
         lines = read_metrics_lines(run.run_dir)
