@@ -22,8 +22,8 @@
         resources: {threads: 2}
 
 Every run is the program with the configs, the study's and the row's overrides, then train.seed=<seed>
-run.out_dir=<study folder>/runs run.name=<row>_s<seed>; each is loaded and checked with the program's own config
-loader (load_config and its validate) here. Anything wrong (an unknown key, a row `after:` names that does not
+run.out_dir=<study folder>/runs run.name=<row>_s<seed>; each row is loaded and checked with the program's own config
+loader (load_config and its validate) here, once per row (the other seeds' train.seed against its range). Anything wrong (an unknown key, a row `after:` names that does not
 exist, a cycle of `after:`, an override the program refuses) is a UserError: `error: ...`, exit 2, nothing
 submitted.
 """
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from common.config import schema_ranges
 from common.errors import UserError, user_error_message
 from studies.programs import PROGRAMS, Program, checkpoint_name_ok
 
@@ -306,8 +307,11 @@ def _plan(rows: dict[str, Row], folder: Path, path: Path) -> dict[str, PlannedRu
             args = (*(a for c in configs for a in ("--config", c)), *row.overrides, f"train.seed={seed}",
                     f"run.out_dir={folder / 'runs'}", f"run.name={name}")
             try:
-                program.load(list(configs), [*row.overrides, f"train.seed={seed}", f"run.out_dir={folder / 'runs'}",
-                                             f"run.name={name}"])
+                if seed == row.seeds[0]:  # the whole config once per row; the other seeds differ in train.seed only
+                    program.load(list(configs), [*row.overrides, f"train.seed={seed}",
+                                                 f"run.out_dir={folder / 'runs'}", f"run.name={name}"])
+                else:
+                    check_seed(program, seed)
             except UserError as exc:
                 raise _fail(path, f"row {row_name} (seed {seed}): the program refuses its config: "
                                   f"{user_error_message(exc)}") from None
@@ -317,6 +321,13 @@ def _plan(rows: dict[str, Row], folder: Path, path: Path) -> dict[str, PlannedRu
                                     run_dir=folder / "runs" / name, log=folder / "logs" / f"{name}.log",
                                     parent=parent, branch=branch, resources=row.resources, digest=digest)
     return runs
+
+
+def check_seed(program: Program, seed: int) -> None:
+    """train.seed's declared range, as load_config checks it."""
+    valid = schema_ranges(program.schema()).get("train.seed")
+    if valid is not None and not valid.contains(seed):
+        raise UserError(f"train.seed={seed}: {valid.describe()}")
 
 
 def run_digest(command, configs, args, parent_digest: str | None, checkpoint: str | None) -> str:

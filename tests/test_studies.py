@@ -101,8 +101,7 @@ def test_generated_blocks_in_the_docs_are_up_to_date():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the failing row fails for want of CUDA")
 def test_tiny_study_end_to_end_on_the_local_executor(tmp_path):
-    rows = {"a": [], "b": ["train.lr=0.003"], "broken": {"overrides": ["train.device=cuda"], "seeds": [0]},
-            "c": {"after": {"row": "a", "checkpoint": "last"}, "seeds": [0]}}
+    rows = {"a": [], "b": ["train.lr=0.003"], "broken": {"overrides": ["train.device=cuda"], "seeds": [0]}}
     path = study_file(tmp_path, rows=rows)
     out = tmp_path / "out"
     proc = run_script("study.py", str(path), "--out", str(out))
@@ -127,31 +126,24 @@ def test_tiny_study_end_to_end_on_the_local_executor(tmp_path):
     samples = sum(m["train/samples"] for m in read_metrics(folder / "runs" / "a_s0"))
     assert float(table[("a", "train_samples")]["mean"]) == samples
     assert (folder / "summary.png").stat().st_size > 0 and (folder / "summary.md").is_file()
-    # the branch row started from a_s0's last.pt, after a_s0 ended, and equals the same run made by hand
-    assert f"run.resume={folder / 'runs' / 'a_s0' / 'checkpoints' / 'last.pt'}" in (folder / "logs" / "c_s0.log").read_text()
-    hand = run_script("train_student.py", *FAST, "train.seed=0", f"run.out_dir={tmp_path}", "run.name=hand",
-                      f"run.resume={folder / 'runs' / 'a_s0' / 'checkpoints' / 'last.pt'}")
-    assert hand.returncode == 0, hand.stderr[-2000:]
-    assert _comparable(folder / "runs" / "c_s0") == _comparable(tmp_path / "hand")
     # the run records the study that made it
     assert json.loads((folder / "runs" / "a_s0" / "run.json").read_text())["study"]["row"] == "a"
     # --status: one line per run
     status = run_script("study.py", str(path), "--out", str(out), "--status").stdout.splitlines()
     assert [ln.split()[:2] for ln in status] == [["a_s0", "done"], ["a_s1", "done"], ["b_s0", "done"],
-                                                  ["b_s1", "done"], ["broken_s0", "failed"],
-                                                  ["c_s0", "done"]]
+                                                  ["b_s1", "done"], ["broken_s0", "failed"]]
     assert status[0].split()[-1] == str(folder / "logs" / "a_s0.log")
     # continuing (the failing row taken out of the file): nothing new is submitted
     del rows["broken"]
     path = study_file(tmp_path, rows=rows)
     again = run_script("study.py", str(path), "--out", str(out))
-    assert again.returncode == 0 and "5 finished or in flight, 0 to run" in again.stdout, again.stdout
-    assert len(list((folder / "submitit").glob("*_submitted.pkl"))) == 6
+    assert again.returncode == 0 and "4 finished or in flight, 0 to run" in again.stdout, again.stdout
+    assert len(list((folder / "submitit").glob("*_submitted.pkl"))) == 5
     # an edited row: refused, nothing submitted
     rows["b"] = ["train.lr=0.004"]
     edited = run_script("study.py", str(study_file(tmp_path, rows=rows)), "--out", str(out))
     assert edited.returncode == 2 and "changed since these runs" in edited.stderr and "b_s0, b_s1" in edited.stderr
-    assert len(list((folder / "submitit").glob("*_submitted.pkl"))) == 6
+    assert len(list((folder / "submitit").glob("*_submitted.pkl"))) == 5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,6 +202,34 @@ def test_a_preempted_local_job_is_requeued_and_equals_an_uninterrupted_run(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# A branch row (gan_vae: from the parent's task_1_teacher.pt), on the debug executor
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_branch_row_equals_the_same_run_made_by_hand(tmp_path):
+    import numpy as np
+    from test_gan_vae import _domain
+    for i, kind in enumerate(("discs", "crosses")):
+        x, y = _domain(kind, 120, i)
+        np.savez(tmp_path / f"{kind}.npz", images=x, labels=y)
+    tiny = [f"data.tasks=[{tmp_path / 'discs.npz'},{tmp_path / 'crosses.npz'}]", "teacher.steps=4", "student.steps=4",
+            "teacher.width=8", "student.width=8", "teacher.batch_size=16", "student.batch_size=16", "fid.samples=24",
+            "fid.classifier_epochs=1", "log.every_steps=2", "log.sample_every=4", f"fid.cache_dir={tmp_path / 'fid'}"]
+    rows = {"full": [], "prev0": {"overrides": ["kd.previous_weight=0"], "after": {"row": "full",
+                                                                                  "checkpoint": "task_1_teacher"}}}
+    path = study_file(tmp_path, program="gan_vae", overrides=tiny, seeds=[0], reference="full",
+                      metrics=["recon_mse[1][0]", "forgetting"], rows=rows)
+    proc = study_main(str(path), "--out", str(tmp_path / "out"), "--executor", "debug")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = tmp_path / "out" / "tiny" / "runs"
+    branch = runs / "full_s0" / "checkpoints" / "task_1_teacher.pt"
+    assert f"run.resume={branch}" in (tmp_path / "out" / "tiny" / "logs" / "prev0_s0.log").read_text()
+    hand = run_script("-m", "gan_vae.continual", *tiny, "kd.previous_weight=0", "train.seed=0",
+                      f"run.out_dir={tmp_path}", "run.name=hand", f"run.resume={branch}",
+                      env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})  # the study's runs: one thread
+    assert hand.returncode == 0, hand.stderr[-2000:]
+    assert _comparable(runs / "prev0_s0") == _comparable(tmp_path / "hand")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # SLURM: the submission script, through a stand-in sbatch
 # ---------------------------------------------------------------------------------------------------------------
 def test_slurm_submission_script(tmp_path, monkeypatch):
@@ -257,3 +277,22 @@ def test_a_multi_gpu_task_gets_torchruns_variables(monkeypatch):
     assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")} == {
         "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "gpu01"}
     assert 20000 <= int(env["MASTER_PORT"]) <= 60000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The repository's study files
+# ---------------------------------------------------------------------------------------------------------------
+def test_the_repositorys_study_files_are_valid(tmp_path, shared_data):
+    """Every configs/studies/*.yaml passes the checks a submission makes (each run through its program's config
+    loader), and every branch row of the gan_vae ablation changes only what a branch at task_1_teacher may change
+    (the student phase's sections), as gan_vae.continual checks when the run starts."""
+    from gan_vae.continual import STUDENT_PHASE_SECTIONS
+    from studies.spec import load_study
+    studies = {p.stem: load_study(p, tmp_path) for p in sorted((ROOT / "configs" / "studies").glob("*.yaml"))}
+    assert {"kd_methods", "curriculum_a", "curriculum_b", "curriculum_c", "gan_vae_ablation"} <= set(studies)
+    ablation = studies["gan_vae_ablation"]
+    default = set(ablation.rows["default"].overrides)
+    for row in ablation.rows.values():
+        if row.after is not None:
+            assert (row.after, row.checkpoint) == ("default", "task_1_teacher")
+            assert all(o.split(".")[0] in STUDENT_PHASE_SECTIONS for o in set(row.overrides) - default), row.name
