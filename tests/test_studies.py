@@ -259,6 +259,7 @@ n=$(ls {scripts} | wc -l); id=$((4200 + n)); cp "$1" {scripts}/$id.sh; echo "Sub
         assert line in ddp.splitlines(), (line, ddp)
     assert "#SBATCH --ntasks-per-node=1" in a.splitlines() and "gpus-per-node" not in a
     assert "#SBATCH --dependency=afterok:4200" in c.splitlines() and "dependency" not in a
+    assert "gpus-per-node" not in c and "#SBATCH --cpus-per-task=1" in c.splitlines()  # nothing left from ddp_s0
     assert "srun --unbuffered" in ddp and "submitit.core._submit" in ddp
     # the same command again: every run is in flight, nothing is submitted twice
     again = study_main(str(path), "--out", str(tmp_path / "out"), "--executor", "slurm", "--account", "lab")
