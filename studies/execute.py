@@ -33,6 +33,9 @@ SLURM_ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "
                 "REQUEUE_HOLD", "REQUEUE_FED", "UNKNOWN")
 
 
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60
+
+
 @dataclasses.dataclass
 class SlurmOptions:
     """--executor slurm's settings: the study file's `slurm:` section, then the command line."""
@@ -158,7 +161,8 @@ def make_executor(kind: str, study: Study):
 def _parameters(kind: str, study: Study, run: PlannedRun, slurm: SlurmOptions | None) -> dict:
     res = run.resources
     if kind == "local":
-        return {"timeout_min": res.time_min, "tasks_per_node": res.tasks_per_node, "gpus_per_node": res.gpus}
+        # time_min is the cluster's limit: nothing preempts a run here, so no timeout stops (and requeues) it
+        return {"timeout_min": LOCAL_TIMEOUT_MIN, "tasks_per_node": res.tasks_per_node, "gpus_per_node": res.gpus}
     if kind == "slurm":
         params = {"job_name": f"{study.name}:{run.name}", "time": res.time_min, "nodes": res.nodes,
                   "ntasks_per_node": res.tasks_per_node, "cpus_per_task": res.threads,

@@ -51,7 +51,7 @@ SLURM_KEYS = ("partition", "account", "qos", "constraint", "signal_delay_s", "se
 @dataclasses.dataclass(frozen=True)
 class Resources:
     """What one run asks for: CPU threads (OMP_NUM_THREADS; cores per task on SLURM), GPUs per node (one DDP
-    task per GPU), nodes, and its time limit in minutes (SLURM --time; the local executor's timeout)."""
+    task per GPU), nodes, and its time limit in minutes (SLURM --time; the local executor sets none)."""
     threads: int = 1
     gpus: int = 0
     nodes: int = 1
