@@ -2,6 +2,7 @@
 
     python study.py configs/studies/kd_methods.yaml                  # run or continue it here (local executor)
     python study.py configs/studies/kd_methods.yaml --status         # one line per run: state, epoch or task, log
+    python study.py configs/studies/kd_methods.yaml --rows kd fitnet # only these rows
     python study.py configs/studies/kd_methods.yaml --summary        # the summary of the finished runs only
     python study.py configs/studies/kd_methods.yaml --executor slurm --partition gpu --account lab --time-min 120
     python study.py configs/studies/kd_methods.yaml --publish        # docs/studies/kd_methods.csv + the doc blocks
@@ -36,6 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--publish", action="store_true", help="copy the summary's values to docs/studies/ and "
                                                                "regenerate the doc blocks; submits nothing")
     parser.add_argument("--update-docs", action="store_true", help="regenerate every doc block from docs/studies/")
+    parser.add_argument("--rows", nargs="+", metavar="ROW", help="run only these rows (a row waits for the run "
+                                                                  "it starts from, which must have finished)")
     parser.add_argument("--max-cores", type=int, default=None, help="local: cores the runs may use at once "
                                                                     "(default: all of this machine's)")
     slurm = parser.add_argument_group("slurm (override the study file's slurm: and resources:)")
@@ -91,8 +94,11 @@ def with_cli_resources(study, args):
 
 def run_study(study, args) -> int:
     """Submit what has not finished and is not in flight; the exit code."""
-    todo = [r for r in study.ordered_runs()
-            if not study.finished(r) and not execute.in_flight(study, r)]
+    unknown = sorted(set(args.rows or ()) - set(study.rows))
+    if unknown:
+        raise UserError(f"--rows: {', '.join(unknown)} not in the study (rows: {', '.join(study.rows)})")
+    todo = [r for r in study.ordered_runs() if (not args.rows or r.row in args.rows)
+            and not study.finished(r) and not execute.in_flight(study, r)]
     execute._check_resources(args.executor, study, todo)
     print(f"[study] {study.name}: {len(study.runs)} runs, {len(study.runs) - len(todo)} finished or in flight, "
           f"{len(todo)} to run ({args.executor}); folder {study.folder}")

@@ -150,7 +150,7 @@ def summarize(values: list[dict]) -> list[dict]:
     for row in rows:
         for metric in metrics:
             mine = {v["seed"]: v["value"] for v in values if v["row"] == row and v["metric"] == metric
-                    and v["value"] is not None}
+                    and v["value"] is not None}  # None: no value on that seed (epochs_to_X never reached)
             ref = {v["seed"]: v["value"] for v in values if v["row"] == reference and v["metric"] == metric
                    and v["value"] is not None}
             entry = {"row": row, "metric": metric, "n": len(mine), "mean": None, "sd": None,
@@ -229,12 +229,13 @@ def markdown_table(table: list[dict]) -> str:
         cells = [row, ", ".join(map(str, seeds))]
         for m in metrics:
             e, d = cell[(row, m)], decimals[m]
+            missing = f" ({e['n']} of {len(seeds)})" if e["n"] < len(seeds) else ""  # e.g. never reached X
             if e["mean"] is None:
                 cells.append("-")
             elif e["sd"] is None or e["sd"] == 0:  # one seed, or the same value on every seed
-                cells.append(_number(e["mean"], d))
+                cells.append(_number(e["mean"], d) + missing)
             else:
-                cells.append(f"{_number(e['mean'], d)} ± {_number(e['sd'], d)}")
+                cells.append(f"{_number(e['mean'], d)} ± {_number(e['sd'], d)}{missing}")
             if row == reference or e["diff_mean"] is None:
                 cells.append("-")
             elif e["ci_low"] is None:

@@ -77,6 +77,10 @@ def test_summary_statistics_against_a_hand_computation():
     assert (new["ci_low"], new["ci_high"]) == (pytest.approx(statistics.mean(d) - half),
                                               pytest.approx(statistics.mean(d) + half))
     assert "| new | 0, 1, 2 | 73.83 ± 1.04 | +2.83 [-0.29, +5.96] |" in markdown_table(summarize(values))
+    # a metric a seed has no value of (epochs_to_X never reached) counts the seeds that have one
+    reach = [{"row": "ref", "seed": s, "metric": "epochs_to_70", "value": v, "reference": True}
+             for s, v in [(0, 8), (1, None), (2, 10)]]
+    assert "| ref | 0, 1, 2 | 9.00 ± 1.41 (2 of 3) | - |" in markdown_table(summarize(reach))
 
 
 def test_generated_blocks_are_replaced_between_their_markers(tmp_path):
