@@ -153,7 +153,8 @@ def summarize(values: list[dict]) -> list[dict]:
                     and v["value"] is not None}  # None: no value on that seed (epochs_to_X never reached)
             ref = {v["seed"]: v["value"] for v in values if v["row"] == reference and v["metric"] == metric
                    and v["value"] is not None}
-            entry = {"row": row, "metric": metric, "n": len(mine), "mean": None, "sd": None,
+            seeds_of_row = sorted({v["seed"] for v in values if v["row"] == row})
+            entry = {"row": row, "metric": metric, "n": len(mine), "seeds": seeds_of_row, "mean": None, "sd": None,
                      "per_seed": mine, "diff_mean": None, "diff_sd": None, "ci_low": None, "ci_high": None,
                      "pairs": 0, "reference": reference}
             if mine:
@@ -225,7 +226,7 @@ def markdown_table(table: list[dict]) -> str:
     head = ["row", "seeds"] + [x for m in metrics for x in (m, f"Δ {m} vs {reference} [95% CI]")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        seeds = sorted({s for m in metrics for s in cell[(row, m)]["per_seed"]})
+        seeds = cell[(row, metrics[0])]["seeds"]
         cells = [row, ", ".join(map(str, seeds))]
         for m in metrics:
             e, d = cell[(row, m)], decimals[m]

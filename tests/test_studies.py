@@ -80,7 +80,7 @@ def test_summary_statistics_against_a_hand_computation():
     # a metric a seed has no value of (epochs_to_X never reached) counts the seeds that have one
     reach = [{"row": "ref", "seed": s, "metric": "epochs_to_70", "value": v, "reference": True}
              for s, v in [(0, 8), (1, None), (2, 10)]]
-    assert "| ref | 0, 1, 2 | 9.00 ± 1.41 (2 of 3) | - |" in markdown_table(summarize(reach))
+    assert "| ref | 0, 1, 2 | 9 ± 1.41 (2 of 3) | - |" in markdown_table(summarize(reach))
 
 
 def test_generated_blocks_are_replaced_between_their_markers(tmp_path):
