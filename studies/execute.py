@@ -95,8 +95,8 @@ def slurm_state(job_id: str) -> str:
 
 
 def run_state(study: Study, run: PlannedRun) -> tuple[str, int]:
-    """(state, times requeued): done, running, queued, failed, stopped (a local job whose process is gone) or not
-    submitted."""
+    """(state, times requeued): done, running, queued, failed, stopped (submitted, but its job is gone: the study
+    command was interrupted, or a SLURM job was cancelled) or not submitted."""
     if study.finished(run):
         requeues = sum(e["event"] == "requeue" for e in read_events(run))
         return "done", requeues
@@ -116,9 +116,12 @@ def run_state(study: Study, run: PlannedRun) -> tuple[str, int]:
     if last is not None and last["event"] == "start" and starts[-1].get("host") == socket.gethostname() \
             and _alive(starts[-1]["pid"]):
         return "running", requeues
-    if last is not None and last["event"] == "requeue":
-        return "queued", requeues  # between the stop and the requeued start
-    return ("stopped" if events else "queued"), requeues
+    # a local job's id is its controller's pid: alive, the job is about to start (or restart after a requeue)
+    controller = str(record.get("job_id", ""))
+    if record.get("executor") == "local" and controller.isdigit() and _alive(int(controller)) \
+            and (last is None or last["event"] != "end"):
+        return "queued", requeues
+    return "stopped", requeues
 
 
 def status_lines(study: Study) -> list[str]:

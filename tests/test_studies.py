@@ -301,3 +301,21 @@ def test_the_repositorys_study_files_are_valid(tmp_path, shared_data):
         if row.after is not None:
             assert (row.after, row.checkpoint) == ("default", "task_1_teacher")
             assert all(o.split(".")[0] in STUDENT_PHASE_SECTIONS for o in set(row.overrides) - default), row.name
+
+
+def test_a_run_whose_local_job_is_gone_is_submitted_again(tmp_path):
+    """A record without a live job (the study command was interrupted before the job started) is 'stopped', not
+    in flight: the next command submits it again instead of waiting for it forever."""
+    import subprocess
+    import sys
+
+    from studies.execute import _record, in_flight, run_state
+    from studies.spec import load_study
+    study = load_study(study_file(tmp_path, seeds=[0]), tmp_path / "out")
+    run = study.runs["a_s0"]
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _record(study, run, "local", str(gone.pid))
+    assert run_state(study, run) == ("stopped", 0) and not in_flight(study, run)
+    _record(study, run, "local", str(os.getpid()))  # a controller alive, the job not started yet
+    assert run_state(study, run) == ("queued", 0) and in_flight(study, run)
