@@ -16,7 +16,6 @@ import math
 import re
 import statistics
 from pathlib import Path
-from typing import Callable
 
 from common.errors import UserError
 from common.files import write_text_atomic

@@ -108,7 +108,7 @@ def test_tiny_study_end_to_end_on_the_local_executor(tmp_path):
     rows = {"a": [], "b": ["train.lr=0.003"], "broken": {"overrides": ["train.device=cuda"], "seeds": [0]}}
     path = study_file(tmp_path, rows=rows)
     out = tmp_path / "out"
-    proc = run_script("study.py", str(path), "--out", str(out))
+    proc = study_main(str(path), "--out", str(out))  # in this process; each run is a process of its own
     folder = out / "tiny"
     # the failing row: named with its log, the others finish, exit code 1
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -133,19 +133,19 @@ def test_tiny_study_end_to_end_on_the_local_executor(tmp_path):
     # the run records the study that made it
     assert json.loads((folder / "runs" / "a_s0" / "run.json").read_text())["study"]["row"] == "a"
     # --status: one line per run
-    status = run_script("study.py", str(path), "--out", str(out), "--status").stdout.splitlines()
+    status = study_main(str(path), "--out", str(out), "--status").stdout.splitlines()
     assert [ln.split()[:2] for ln in status] == [["a_s0", "done"], ["a_s1", "done"], ["b_s0", "done"],
                                                   ["b_s1", "done"], ["broken_s0", "failed"]]
     assert status[0].split()[-1] == str(folder / "logs" / "a_s0.log")
     # continuing (the failing row taken out of the file): nothing new is submitted
     del rows["broken"]
     path = study_file(tmp_path, rows=rows)
-    again = run_script("study.py", str(path), "--out", str(out))
+    again = study_main(str(path), "--out", str(out))
     assert again.returncode == 0 and "4 finished or in flight, 0 to run" in again.stdout, again.stdout
     assert len(list((folder / "submitit").glob("*_submitted.pkl"))) == 5
     # an edited row: refused, nothing submitted
     rows["b"] = ["train.lr=0.004"]
-    edited = run_script("study.py", str(study_file(tmp_path, rows=rows)), "--out", str(out))
+    edited = study_main(str(study_file(tmp_path, rows=rows)), "--out", str(out))
     assert edited.returncode == 2 and "changed since these runs" in edited.stderr and "b_s0, b_s1" in edited.stderr
     assert len(list((folder / "submitit").glob("*_submitted.pkl"))) == 5
 
