@@ -216,6 +216,12 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def parent_ready(study: Study, run: PlannedRun, active: set[str]) -> bool:
+    """Whether the run that `run` starts from (or waits for) has finished and its job has ended: a program writes
+    results.json before its last files (train_student.py: student.safetensors, which a distilling row reads)."""
+    return run.parent is None or (study.finished(study.runs[run.parent]) and run.parent not in active)
+
+
 def run_here(kind: str, study: Study, runs: list[PlannedRun], max_cores: int | None = None,
              poll_s: float = 0.5, say=print) -> list[tuple[PlannedRun, str]]:
     """Run `runs` with the local or debug executor and wait for them: a run starts when the run it starts from
@@ -234,7 +240,7 @@ def run_here(kind: str, study: Study, runs: list[PlannedRun], max_cores: int | N
                     failed_names.add(run.name)
                     failures.append((run, f"not run: it starts from {run.parent}, which failed"))
                     continue
-                if run.parent and not study.finished(study.runs[run.parent]):
+                if run.parent and not parent_ready(study, run, {r.name for r in active}):
                     if not any(r.name == run.parent for r in [*waiting, *active]) and not in_flight(
                             study, study.runs[run.parent]):
                         waiting.remove(run)

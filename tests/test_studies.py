@@ -319,3 +319,16 @@ def test_a_run_whose_local_job_is_gone_is_submitted_again(tmp_path):
     assert run_state(study, run) == ("stopped", 0) and not in_flight(study, run)
     _record(study, run, "local", str(os.getpid()))  # a controller alive, the job not started yet
     assert run_state(study, run) == ("queued", 0) and in_flight(study, run)
+
+
+def test_a_row_waits_for_its_parents_job_to_end_not_only_for_its_results(tmp_path):
+    """train_student.py writes results.json before student.safetensors: a row distilling from a teacher row must
+    not start while the teacher's job still runs."""
+    from studies.execute import parent_ready
+    from studies.spec import load_study
+    study = load_study(study_file(tmp_path, seeds=[0], rows={"a": [], "b": {"after": {"row": "a"}}}), tmp_path / "o")
+    parent = study.runs["a_s0"].run_dir
+    parent.mkdir(parents=True)
+    (parent / "results.json").write_text("{}")
+    assert not parent_ready(study, study.runs["b_s0"], {"a_s0"})
+    assert parent_ready(study, study.runs["b_s0"], set())
