@@ -5,6 +5,10 @@
     python summarize.py runs/cur_*_s* --reach 70     # plus epochs to reach 70% validation top-1
     python summarize.py runs/cur_a_*_s* --keys test/acc1 --paired cur_a_random_subset cur_a_all
 
+For a whole comparison, use a study (python study.py configs/studies/<name>.yaml, docs/studies.md): it runs the
+rows and seeds and writes this summary with 95% intervals. This command summarises any run directories; reading a
+run is studies.summary.read_run.
+
 Each argument is a run directory holding results.json; a `label_only/` run inside it (from kd.baseline=true)
 is summarised too. Runs whose names differ only by a trailing `_s<seed>` or `__s<seed>...` form one row.
 From metrics.jsonl come `train_samples` (the samples that reached the loss over the whole run: the sum of every
@@ -20,11 +24,12 @@ its name). A reference may be named in full or by its last part (`random_subset`
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
 from pathlib import Path
+
+from studies.summary import read_run, run_seed  # noqa: F401 - the reading of runs lives in the study package
 
 
 def group_name(run_dir: Path) -> str:
@@ -32,31 +37,8 @@ def group_name(run_dir: Path) -> str:
     return re.sub(r"(_s\d+|__s\d+__[\w-]+)(?=/|$)", "", name)
 
 
-def run_seed(run_dir: Path) -> int | None:
-    """train.seed from the run's config.yaml, else the `_s<seed>` of its (or its parent's) name."""
-    config = run_dir / "config.yaml"
-    if config.is_file():
-        import yaml
-        seed = ((yaml.safe_load(config.read_text()) or {}).get("train") or {}).get("seed")
-        if isinstance(seed, int):
-            return seed
-    name = run_dir.name if run_dir.name != "label_only" else run_dir.parent.name
-    match = re.search(r"(?:_s|__s)(\d+)(?:__[\w-]+)?$", name)
-    return int(match.group(1)) if match else None
-
-
 def run_summary(run: Path, reach: float | None) -> dict:
-    result = json.loads((run / "results.json").read_text())
-    result["seed"] = run_seed(run)
-    metrics_path = run / "metrics.jsonl"
-    if metrics_path.is_file():
-        metrics = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-        if metrics and all("train/samples" in m for m in metrics):
-            result["train_samples"] = sum(m["train/samples"] for m in metrics)
-        if reach is not None:
-            hit = [m["epoch"] + 1 for m in metrics if m["val/acc1"] >= reach]
-            result[f"epochs_to_{reach:g}"] = hit[0] if hit else None
-    return result
+    return read_run(run, reach)
 
 
 def collect(paths: list[str], reach: float | None = None) -> dict[str, list[dict]]:

@@ -1,0 +1,349 @@
+"""A study's summary: per row and metric, the mean ± sample sd over seeds, and the paired per-seed difference
+against the reference row with its 95% t interval; written as markdown, CSV and a plot into the study folder.
+
+`values.csv` holds every (row, seed, metric, value); the tables are computed from it alone (`summarize`), so the
+generated blocks of the docs (`<!-- study:NAME -->` ... `<!-- /study:NAME -->` in README.md or docs/*.md) are
+refreshed, and checked for staleness, from the committed docs/studies/<NAME>.csv.
+
+Reading a run (results.json, sums over metrics.jsonl, its seed) is `read_run`; summarize.py uses it too.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+from common.errors import UserError
+from common.files import write_text_atomic
+from common.registry import Registry
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED = ROOT / "docs" / "studies"
+BLOCK = re.compile(r"(<!-- study:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /study:(?P=name) -->)", re.S)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading runs
+# ----------------------------------------------------------------------------------------------------------------
+def read_metrics_lines(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def run_seed(run_dir: Path) -> int | None:
+    """train.seed from the run's config.yaml, else the `_s<seed>` of its (or its parent's) name."""
+    config = Path(run_dir) / "config.yaml"
+    if config.is_file():
+        import yaml
+        seed = ((yaml.safe_load(config.read_text()) or {}).get("train") or {}).get("seed")
+        if isinstance(seed, int):
+            return seed
+    run_dir = Path(run_dir)
+    name = run_dir.name if run_dir.name != "label_only" else run_dir.parent.name
+    match = re.search(r"(?:_s|__s)(\d+)(?:__[\w-]+)?$", name)
+    return int(match.group(1)) if match else None
+
+
+def read_run(run_dir: Path, reach: float | None = None) -> dict:
+    """results.json of a run, with its `seed`, `train_samples` (the sum of every epoch's train/samples: every
+    sample that reached the loss) and, with `reach`, `epochs_to_<reach>` (first 1-based epoch with
+    val/acc1 >= reach; None when never)."""
+    result = json.loads((Path(run_dir) / "results.json").read_text())
+    result["seed"] = run_seed(run_dir)
+    lines = read_metrics_lines(run_dir)
+    if lines and all("train/samples" in m for m in lines):
+        result["train_samples"] = sum(m["train/samples"] for m in lines)
+    if reach is not None:
+        result[f"epochs_to_{reach:g}"] = epochs_to(lines, reach)
+    return result
+
+
+def epochs_to(lines: list[dict], reach: float) -> int | None:
+    hit = [m["epoch"] + 1 for m in lines if m.get("val/acc1", -math.inf) >= reach]
+    return hit[0] if hit else None
+
+
+# derived metrics, by name: (results.json, metrics.jsonl lines) -> number or None
+METRICS = Registry("study metric", "metrics")
+
+
+@METRICS.register("train_samples", help="samples that reached the loss, summed over the run's epochs")
+def train_samples(results: dict, lines: list[dict]) -> float | None:
+    return sum(m["train/samples"] for m in lines) if lines and all("train/samples" in m for m in lines) else None
+
+
+@METRICS.register("forgetting", help="gan_vae: change of task 0's reconstruction MSE from after task 0 to after "
+                                     "task 1, in %")
+def forgetting(results: dict, lines: list[dict]) -> float | None:
+    before, after = results["recon_mse"][0][0], results["recon_mse"][1][0]
+    return 100 * (after - before) / before
+
+
+def metric_value(name: str, results: dict, lines: list[dict]) -> float | None:
+    """A metric of one run: a registered derived metric, `epochs_to_<X>`, or a results.json key with optional
+    indices (`recon_mse[1][0]`). UserError when the run has no such value."""
+    if name in METRICS:
+        return METRICS[name](results, lines)
+    match = re.fullmatch(r"epochs_to_(\d+(?:\.\d+)?)", name)
+    if match:
+        return epochs_to(lines, float(match.group(1)))
+    match = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", name)
+    if not match or match.group(1) not in results:
+        raise UserError(f"metric '{name}': not in results.json (keys: {', '.join(results)}) nor a derived metric "
+                        f"({', '.join(METRICS)}, epochs_to_<X>)")
+    value = results[match.group(1)]
+    for index in map(int, re.findall(r"\[(\d+)\]", match.group(2))):
+        value = value[index] if isinstance(value, list) and index < len(value) else None
+    if value is not None and not isinstance(value, (int, float)):
+        raise UserError(f"metric '{name}' is not a number in results.json: {value!r}")
+    return value
+
+
+def collect_values(study) -> list[dict]:
+    """Every (row, seed, metric, value) of the study's finished runs of reported rows, in row and seed order."""
+    out = []
+    for run in study.ordered_runs():
+        row = study.rows[run.row]
+        if not row.report or not study.finished(run):
+            continue
+        results = json.loads((run.run_dir / "results.json").read_text())
+        lines = read_metrics_lines(run.run_dir)
+        for label, metric in study.metrics:
+            out.append({"row": row.label, "seed": run.seed, "metric": label,
+                        "value": metric_value(metric, results, lines),
+                        "reference": run.row == study.reference})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics (pure)
+# ----------------------------------------------------------------------------------------------------------------
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1; None for one value)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float | None, float | None,
+                                                                          float | None]:
+    """Paired differences d_s = row(s) - reference(s) over seeds s: (mean, sd, low, high) with the two-sided t
+    interval mean ± t_{(1+level)/2, n-1} · sd / sqrt(n); sd and the interval are None for one pair."""
+    mean, sd = mean_sd(diffs)
+    if sd is None:
+        return mean, None, None, None
+    from scipy import stats
+    half = stats.t.ppf((1 + level) / 2, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return mean, sd, mean - half, mean + half
+
+
+def summarize(values: list[dict]) -> list[dict]:
+    """Per row and metric (in first-seen order): n, mean, sd, the per-seed values, and against the reference row
+    (same metric, seeds both have): the paired mean difference, its sd, 95% t interval and number of pairs."""
+    rows = list(dict.fromkeys(v["row"] for v in values))
+    metrics = list(dict.fromkeys(v["metric"] for v in values))
+    reference = next((v["row"] for v in values if v["reference"]), None)
+    table = []
+    for row in rows:
+        for metric in metrics:
+            mine = {v["seed"]: v["value"] for v in values if v["row"] == row and v["metric"] == metric
+                    and v["value"] is not None}  # None: no value on that seed (epochs_to_X never reached)
+            ref = {v["seed"]: v["value"] for v in values if v["row"] == reference and v["metric"] == metric
+                   and v["value"] is not None}
+            seeds_of_row = sorted({v["seed"] for v in values if v["row"] == row})
+            entry = {"row": row, "metric": metric, "n": len(mine), "seeds": seeds_of_row, "mean": None, "sd": None,
+                     "per_seed": mine, "diff_mean": None, "diff_sd": None, "ci_low": None, "ci_high": None,
+                     "pairs": 0, "reference": reference}
+            if mine:
+                entry["mean"], entry["sd"] = mean_sd(list(mine.values()))
+            seeds = sorted(set(mine) & set(ref))
+            if row != reference and seeds:
+                diffs = [mine[s] - ref[s] for s in seeds]
+                entry["diff_mean"], entry["diff_sd"], entry["ci_low"], entry["ci_high"] = paired_interval(diffs)
+                entry["pairs"] = len(seeds)
+            table.append(entry)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output: values.csv, summary.csv, summary.md, summary.png
+# ----------------------------------------------------------------------------------------------------------------
+VALUE_FIELDS = ("row", "seed", "metric", "value", "reference")
+SUMMARY_FIELDS = ("row", "metric", "n", "mean", "sd", "diff_mean", "diff_sd", "ci_low", "ci_high", "pairs",
+                  "reference")
+
+
+def values_csv(values: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, VALUE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for v in values:
+        writer.writerow({**v, "value": "" if v["value"] is None else repr(v["value"]),
+                         "reference": int(v["reference"])})
+    return out.getvalue()
+
+
+def read_values_csv(text: str) -> list[dict]:
+    def number(s: str):
+        return None if s == "" else (int(s) if re.fullmatch(r"-?\d+", s) else float(s))
+    return [{"row": r["row"], "seed": int(r["seed"]), "metric": r["metric"], "value": number(r["value"]),
+             "reference": r["reference"] == "1"} for r in csv.DictReader(io.StringIO(text))]
+
+
+def summary_csv(table: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for entry in table:
+        writer.writerow({k: ("" if entry[k] is None else entry[k]) for k in SUMMARY_FIELDS})
+    return out.getvalue()
+
+
+def _decimals(values: list[float]) -> int:
+    """Three significant digits of the largest value, at least 2 decimals (0.01099 -> 5, 77.4 -> 2)."""
+    top = max((abs(v) for v in values if v), default=1.0)
+    return max(2, 2 - math.floor(math.log10(top)))
+
+
+def _number(x: float, decimals: int, sign: bool = False) -> str:
+    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) >= 100):
+        return f"{int(x):+,}" if sign else f"{int(x):,}"
+    return f"{x:+.{decimals}f}" if sign else f"{x:.{decimals}f}"
+
+
+def markdown_table(table: list[dict]) -> str:
+    """One line per row: each metric's mean ± sd (n seeds), and its paired difference against the reference with
+    the 95% t interval. A pure function of summarize's table."""
+    rows = list(dict.fromkeys(e["row"] for e in table))
+    metrics = list(dict.fromkeys(e["metric"] for e in table))
+    reference = table[0]["reference"] if table else None
+    cell = {(e["row"], e["metric"]): e for e in table}
+    decimals = {m: _decimals([e["mean"] for e in table if e["metric"] == m and e["mean"] is not None])
+                for m in metrics}
+    head = ["row", "seeds"] + [x for m in metrics for x in (m, f"Δ {m} vs {reference} [95% CI]")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        seeds = cell[(row, metrics[0])]["seeds"]
+        cells = [row, ", ".join(map(str, seeds))]
+        for m in metrics:
+            e, d = cell[(row, m)], decimals[m]
+            missing = f" ({e['n']} of {len(seeds)})" if e["n"] < len(seeds) else ""  # e.g. never reached X
+            if e["mean"] is None:
+                cells.append("-")
+            elif e["sd"] is None or e["sd"] == 0:  # one seed, or the same value on every seed
+                cells.append(_number(e["mean"], d) + missing)
+            else:
+                cells.append(f"{_number(e['mean'], d)} ± {_number(e['sd'], d)}{missing}")
+            if row == reference or e["diff_mean"] is None:
+                cells.append("-")
+            elif e["ci_low"] is None:
+                cells.append(f"{_number(e['diff_mean'], d, True)} (1 pair)")
+            elif e["diff_sd"] == 0:
+                cells.append(f"{_number(e['diff_mean'], d, True)} (every pair)")
+            else:
+                cells.append(f"{_number(e['diff_mean'], d, True)} [{_number(e['ci_low'], d, True)}, "
+                             f"{_number(e['ci_high'], d, True)}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(values: list[dict], study_name: str) -> str:
+    """The text of a generated block: the table and what its cells are."""
+    table = summarize(values)
+    return (markdown_table(table) + "\nMean ± sample sd over the seeds; Δ: the paired per-seed difference against "
+            f"the reference row, mean [95% t interval], from `python study.py configs/studies/{study_name}.yaml` "
+            f"(values: docs/studies/{study_name}.csv).\n")
+
+
+def plot(table: list[dict], path: Path) -> None:
+    """One panel per metric: one point per seed, the mean and its 95% t interval, per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy import stats
+    rows = list(dict.fromkeys(e["row"] for e in table))
+    metrics = list(dict.fromkeys(e["metric"] for e in table))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4, 0.9 * len(rows) + 1) * len(metrics), 3.6),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for x, row in enumerate(rows):
+            e = next(e for e in table if e["row"] == row and e["metric"] == metric)
+            values = list(e["per_seed"].values())
+            if not values:
+                continue
+            offsets = [(i - (len(values) - 1) / 2) * 0.08 for i in range(len(values))]
+            ax.scatter([x + o for o in offsets], values, s=14, color="tab:blue", alpha=0.7, zorder=2)
+            if e["sd"] is not None:
+                half = stats.t.ppf(0.975, len(values) - 1) * e["sd"] / math.sqrt(len(values))
+                ax.errorbar(x + 0.25, e["mean"], yerr=half, fmt="o", color="black", capsize=3, zorder=3)
+            else:
+                ax.plot(x + 0.25, e["mean"], "o", color="black")
+        ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("points: seeds; black: mean and 95% t interval", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(study) -> list[dict]:
+    """values.csv, summary.csv, summary.md and summary.png in the study folder, from its finished runs."""
+    values = collect_values(study)
+    if not values:
+        return []
+    table = summarize(values)
+    study.folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(study.folder / "values.csv", values_csv(values))
+    write_text_atomic(study.folder / "summary.csv", summary_csv(table))
+    write_text_atomic(study.folder / "summary.md", f"# Study {study.name}\n\n" + markdown(values, study.name))
+    plot(table, study.folder / "summary.png")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generated blocks of the docs
+# ----------------------------------------------------------------------------------------------------------------
+def doc_files(root: Path = ROOT) -> list[Path]:
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.is_file()]
+
+
+def refresh_blocks(text: str, published: Path = PUBLISHED) -> tuple[str, list[str]]:
+    """`text` with every `<!-- study:NAME -->` block regenerated from published/NAME.csv; and the names."""
+    names = []
+
+    def body(match: re.Match) -> str:
+        name = match.group("name")
+        source = published / f"{name}.csv"
+        if not source.is_file():
+            raise UserError(f"a generated block names study '{name}', but {source} does not exist: publish it "
+                            f"with python study.py configs/studies/{name}.yaml --publish")
+        names.append(name)
+        return match.group(1) + markdown(read_values_csv(source.read_text()), name) + match.group(4)
+
+    return BLOCK.sub(body, text), names
+
+
+def update_docs(root: Path = ROOT, published: Path = PUBLISHED) -> list[Path]:
+    """Regenerate every block in README.md and docs/*.md; the files that changed."""
+    changed = []
+    for path in doc_files(root):
+        text = path.read_text()
+        new, _ = refresh_blocks(text, published)
+        if new != text:
+            write_text_atomic(path, new)
+            changed.append(path)
+    return changed
+
+
+def publish(study, published: Path = PUBLISHED) -> Path:
+    """Copy the study's values.csv to docs/studies/<name>.csv (committed; the blocks are generated from it)."""
+    source = study.folder / "values.csv"
+    if not source.is_file():
+        raise UserError(f"{source} does not exist: no run of the study has finished (run it first)")
+    published.mkdir(parents=True, exist_ok=True)
+    target = published / f"{study.name}.csv"
+    write_text_atomic(target, source.read_text())
+    return target
