@@ -92,8 +92,8 @@ def pytest_xdist_auto_num_workers(config):
 _FORK_SERVER = None
 
 
-def start_script(argv: list[str], env: dict, stdout, stderr):
-    """`python *argv` in the repository root, as subprocess.Popen does it, or forked from this worker's fork
+def start_script(argv: list[str], env: dict, stdout, stderr, cwd: Path = ROOT):
+    """`python *argv` in `cwd` (the repository root), as subprocess.Popen does it, or forked from this worker's fork
     server (tests/forkserver.py: the libraries imported once, the script run in a new process of its own) when the
     environment allows it. KD_TEST_FRESH_PROCESSES=1: always a fresh interpreter."""
     global _FORK_SERVER
@@ -107,8 +107,10 @@ def start_script(argv: list[str], env: dict, stdout, stderr):
             with open(os.devnull) as null, open(os.devnull, "w") as sink:
                 fds = [sink.fileno() if f == subprocess.DEVNULL else f if isinstance(f, int) else f.fileno()
                        for f in (stdout, stderr)]
-                return _FORK_SERVER.spawn(argv, str(ROOT), env, null.fileno(), *fds)
-    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=stdout,
+                if stderr == subprocess.STDOUT:
+                    fds[1] = fds[0]
+                return _FORK_SERVER.spawn(argv, str(cwd), env, null.fileno(), *fds)
+    return subprocess.Popen([sys.executable, *argv], cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout,
                             stderr=stderr, env=env)
 
 

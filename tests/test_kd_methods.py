@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import TINY, TINY_LABEL_ONLY, TINY_ONLINE, assert_clean_error, read_metrics, run_main, run_script
+from conftest import (TINY, TINY_LABEL_ONLY, TINY_ONLINE, assert_clean_error, read_metrics, run_main, run_script,
+                      start_script)
 
 import kd_methods
 from common.errors import UserError
@@ -162,10 +163,10 @@ def test_kd_method_kd_is_bit_identical_to_the_code_before_the_registry(tmp_path,
     # labels only: without TINY's teacher.* keys; online: without its teacher.cache_views (both unread, refused)
     base = {"labels_only": TINY_LABEL_ONLY, "online_alpha_0.5": TINY_ONLINE}.get(case, TINY)
     args = [*base, *KD_CASES[case]]
-    before = subprocess.run([sys.executable, "train_student.py", *args, f"run.out_dir={tmp_path / 'before'}",
-                             "run.name=r"], cwd=pre_registry_tree, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, **ONE_THREAD})
-    assert before.returncode == 0, before.stderr[-3000:]
+    with open(tmp_path / "before.log", "w") as log:
+        before = start_script(["train_student.py", *args, f"run.out_dir={tmp_path / 'before'}", "run.name=r"],
+                              {**os.environ, **ONE_THREAD}, log, subprocess.STDOUT, cwd=pre_registry_tree)
+        assert before.wait(300) == 0, (tmp_path / "before.log").read_text()[-3000:]
     proc = run_script("train_student.py", *args, "kd.method=kd", f"run.out_dir={tmp_path}", "run.name=r",
                       env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,13 +13,12 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, export_commit
+from conftest import ROOT, TINY, export_commit, start_script
 
 PRE_REFACTOR = "a338ef7"  # the last commit before issue 17
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -40,8 +39,8 @@ def run_both(tree: Path, out: Path, target: list[str], args) -> dict[str, Path]:
         side_dir = out / side
         side_dir.mkdir(parents=True)
         log = open(out / f"{side}.log", "w")
-        procs[side] = (subprocess.Popen([sys.executable, *target, *args(side_dir), f"run.out_dir={side_dir}",
-                                         "run.name=r"], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+        procs[side] = (start_script([*target, *args(side_dir), f"run.out_dir={side_dir}", "run.name=r"], env, log,
+                                    subprocess.STDOUT, cwd=cwd), log)
     for side, (proc, log) in procs.items():
         try:
             proc.wait(timeout=300)
