@@ -87,6 +87,11 @@ def check_resumable(ckpt: dict | None, path: Path | None, cfg, run_dir: Path, pr
     kd_methods.check_saved_method(saved)
     check_resume_config(saved, cfg, str(path if ckpt is not None else run_dir / "config.yaml"),
                         (*TRAIN_RESUME_SAFE_KEYS, *unread_teacher_patterns(cfg)))
+    branch = ckpt is not None and Path(run_dir).resolve() not in Path(path).resolve().parents
+    if branch and ckpt["epoch"] >= cfg.train.epochs:
+        raise UserError(f"run.resume={path} has trained {ckpt['epoch']} of train.epochs={cfg.train.epochs} epochs, so "
+                        f"a new run from it ({run_dir}) would train nothing and have no results of its own. Raise "
+                        "train.epochs to train on from it, or evaluate it: eval.checkpoint=<its best.pt>")
 
 
 def check_inputs_unchanged(ckpt: dict, path: Path, cfg, dist: DistInfo) -> None:

@@ -513,3 +513,20 @@ def test_the_plan_is_checked_again_under_the_lock(stopped_runs, tmp_path):
     with pytest.raises(UserError, match="another process wrote .*last.pt while this one was starting"):
         with common.rundir.claim_run_dir(plan, "train_student.py", DistInfo()):
             pytest.fail("continued from a checkpoint other than the one it planned")
+
+
+@pytest.mark.parametrize("script", ["train_student", "train_student_rl"])
+def test_a_new_run_from_a_checkpoint_with_no_epochs_left_is_refused(stopped_runs, tmp_path, script):
+    """A new run (run.resume=<another run's last.pt>) whose checkpoint has trained all of train.epochs trained
+    nothing and ended in a traceback (no metrics.jsonl of its own to plot); now refused before any work, with the
+    way on. With epochs left the same branch trains them."""
+    main, args = MAINS[script]
+    source = _copy_run(stopped_runs, "ts" if script == "train_student" else "rl", tmp_path)
+    last = source / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["train"]["epochs"] == 2
+    ckpt["epoch"] = 2  # as the finished run's last.pt holds it
+    save_checkpoint(ckpt, last)
+    code, err = cli(main, [*args, f"run.out_dir={tmp_path}", "run.name=new", f"run.resume={last}"], None)
+    assert_user_error(code, err, f"run.resume={last} has trained 2 of train.epochs=2 epochs, so a new run from it")
+    assert not (tmp_path / "new").exists()
