@@ -359,14 +359,15 @@ def stage_map(model: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
     """The feature map [B, C, H, W] at the end of timm stage `stage` (an index into model.feature_info: for a
     ResNet 0 = the stem, 1-4 = layer1-layer4; for MobileNetV2 the block ending each resolution), without running
     the later stages."""
-    return model.forward_intermediates(x, indices=[stage], intermediates_only=True)[0]
+    # stop_early: without it timm runs every later stage too and drops their outputs
+    return model.forward_intermediates(x, indices=[stage], intermediates_only=True, stop_early=True)[0]
 
 
 def stage_maps(model: nn.Module, x: torch.Tensor, stages: list[int]) -> list[torch.Tensor]:
     """The feature maps [B, C_j, H_j, W_j] at the end of each timm stage in `stages` (as `stage_map`), in that
     order, from one forward that stops after the last of them."""
     order = sorted(set(stages))
-    maps = model.forward_intermediates(x, indices=order, intermediates_only=True)
+    maps = model.forward_intermediates(x, indices=order, intermediates_only=True, stop_early=True)
     return [maps[order.index(s)] for s in stages]
 
 

@@ -16,7 +16,7 @@ from common.config import load_config
 from common.distributed import DistInfo
 from common.errors import UserError
 from engine.schema import Config, validate
-from models import HintRegressor, fitnet_loss_terms, logits_and_stage_map, stage_map, stage_shape
+from models import HintRegressor, fitnet_loss_terms, logits_and_stage_map, stage_map, stage_maps, stage_shape
 
 FITNET = [*TINY_ONLINE, "kd.method=fitnet"]
 TIME_KEYS = ("time/",)
@@ -82,6 +82,27 @@ def test_stage_2_maps_and_the_regressor_for_real_architectures(teacher, student,
     logits, fmap = logits_and_stage_map(s, x, 2)
     assert torch.equal(logits, s(x)) and torch.equal(fmap, stage_map(s, x, 2))
     assert r(fmap).shape == (2, *t_shape) and stage_map(t, x, 2).shape == (2, *t_shape)
+
+
+@pytest.mark.parametrize("name, after", [("resnet10t", ("layer3", "layer4", "fc")),
+                                         ("mobilenetv2_035", ("blocks.3", "blocks.4", "blocks.5", "blocks.6", "conv_head"))])
+def test_the_online_teacher_stops_after_the_hinted_stage(name, after):
+    """Issue 28: the hint's teacher forward runs no layer after the hinted stage (forward hooks), and its maps equal
+    those of a forward that runs every stage, bit for bit."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=4).eval()
+    ran = []
+    for layer in after:
+        model.get_submodule(layer).register_forward_hook(lambda *_, layer=layer: ran.append(layer))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fmap, maps = stage_map(model, x, 2), stage_maps(model, x, [1, 2])
+        assert ran == []
+        full = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+        model(x)
+    assert sorted(set(ran)) == sorted(after)  # the hooks do see the later layers when they run
+    assert torch.equal(fmap, full[1]) and torch.equal(maps[0], full[0]) and torch.equal(maps[1], full[1])
 
 
 def test_regressor_follows_the_spatial_sizes():
