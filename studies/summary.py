@@ -253,8 +253,8 @@ def markdown(values: list[dict], study_name: str) -> str:
     """The text of a generated block: the table and what its cells are."""
     table = summarize(values)
     return (markdown_table(table) + "\nMean ± sample sd over the seeds; Δ: the paired per-seed difference against "
-            f"the reference row, mean [95% t interval], from `python study.py configs/studies/{study_name}.yaml` "
-            f"(values: docs/studies/{study_name}.csv).\n")
+            "the reference row,\nmean [95% t interval], from "
+            f"`python study.py configs/studies/{study_name}.yaml` (values: docs/studies/{study_name}.csv).\n")
 
 
 def plot(table: list[dict], path: Path) -> None:

@@ -22,7 +22,7 @@ import pytest
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
-MARKS = {"gpu", "network", "long"}
+MARKS = {"gpu", "network", "long", "cluster"}
 SHELL = {"bash", "sh", "shell", "console"}
 PROGRAM_WORDS = ("python ", "python3 ", "bash ", "torchrun ", "pip ", "$ ")
 EXTENSIONS = {"py", "yaml", "yml", "json", "jsonl", "md", "pt", "pth", "npy", "npz", "png", "lock", "safetensors",
