@@ -231,3 +231,50 @@ def export_commit(commit: str, dest: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
         tar.extractall(dest, filter="data")
     return dest
+
+
+# The longest tests (measured: 30-110 s each with the suite's three workers on two cores), longest first. Under
+# pytest-xdist they are dealt out so that each worker starts its first share of the collection with them
+# (`pytest_collection_modifyitems`): started last, one of them kept a single worker busy after the others had
+# finished. Only the order changes; every test still runs.
+SLOW_FIRST = (
+    "tests/test_gan_vae.py::test_repeated_domain_reuses_expert_and_new_domain_adds_one",
+    "tests/test_gan_vae.py::test_real_data_run_on_shared_arrays",
+    "tests/test_curriculum.py::test_difficulty_tracks_the_true_difficulty",
+    "tests/test_gan_vae.py::test_inception_backend_runs_offline_with_a_local_weights_file",
+    "tests/test_train_e2e.py::test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run",
+    "tests/test_curriculum.py::test_rl_resume_after_kill_matches_uninterrupted",
+    "tests/test_cuda_path.py::test_compile_bf16_channels_last_together_in_both_scripts",
+    "tests/test_studies.py::test_tiny_study_end_to_end_on_the_local_executor",
+    "tests/test_cpu_capabilities.py::test_numerics_tests_pass_under_another_cpu_capability",
+    "tests/test_studies.py::test_a_branch_row_equals_the_same_run_made_by_hand",
+    "tests/test_models.py::test_unreachable_hub_weights_and_dataset",
+    "tests/test_clean_exit.py::test_errors_in_a_process_group_keep_their_exit_codes",
+    "tests/test_studies.py::test_a_preempted_local_job_is_requeued_and_equals_an_uninterrupted_run",
+    "tests/test_cuda_path.py::test_compile_failure_names_it_and_the_eager_way",
+    "tests/test_ddp.py::test_ddp_ranks_share_decisions_rng_and_batchnorm_across_sigkill_and_resume",
+    "tests/test_multinode.py::test_two_nodes_rl_run_killed_and_resumed",
+)
+
+
+def deal_slow_first(items: list, workers: int, slow: tuple[str, ...] = SLOW_FIRST) -> list:
+    """`items` reordered for `workers` xdist workers: worksteal's first distribution gives worker i the i-th of
+    `workers` contiguous shares (share i: what is left // (workers - i) items), so the tests named in `slow` are
+    dealt round-robin, longest first, to the head of each share; the rest keep their order."""
+    rank = {name: i for i, name in enumerate(slow)}
+    first = sorted((it for it in items if it.nodeid in rank), key=lambda it: rank[it.nodeid])
+    rest = iter([it for it in items if it.nodeid not in rank])
+    out, left = [], len(items)
+    for i in range(workers):
+        size = left // (workers - i)
+        left -= size
+        head = first[i::workers]
+        out += head + [next(rest) for _ in range(max(0, size - len(head)))]
+    out += list(rest)
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        items[:] = deal_slow_first(items, workers)

@@ -100,3 +100,15 @@ def test_an_environment_a_library_reads_at_import_gets_a_fresh_interpreter(probe
 def test_a_timeout_kills_the_forked_run(probe, tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         run_script(str(probe), "sleep", str(tmp_path / "s"), timeout=3)
+
+
+def test_the_longest_tests_head_every_workers_first_share():
+    """conftest.deal_slow_first: each of 3 workers' first shares (worksteal's split) starts with its long tests,
+    longest first, and no test is lost or repeated."""
+    from types import SimpleNamespace
+    from conftest import deal_slow_first
+    items = [SimpleNamespace(nodeid=f"t{i}") for i in range(20)]
+    out = deal_slow_first(items, 3, slow=("t19", "t3", "t12", "t7"))
+    assert sorted(it.nodeid for it in out) == sorted(it.nodeid for it in items)
+    shares = [out[0:6], out[6:13], out[13:20]]  # 20 // 3, 14 // 2, 7
+    assert [s[0].nodeid for s in shares] == ["t19", "t3", "t12"] and shares[0][1].nodeid == "t7"
