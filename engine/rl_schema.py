@@ -90,7 +90,6 @@ def check_actions_are_read(cfg) -> None:
     nothing is: agent.fixed_actions (and curriculum.target) away from their defaults in a part nothing reads, and an
     agent that chooses actions of which no part is read. An agent that chooses both where only the target is read
     trains at the method's own temperature (engine.curriculum_run keeps it)."""
-    from agents import AgentConfig
     strategy, agent = cfg.curriculum.strategy, cfg.agent.name
     reads_target = STRATEGY_REGISTRY[strategy].reads_target
     reads_temperature = kd_methods.uses_temperature(cfg)

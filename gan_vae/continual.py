@@ -68,7 +68,7 @@ from gan_vae import forgetting
 from gan_vae.task_matrices import METRICS, Evaluation, fid_bar
 from gan_vae.experts import EXPANSION_RULES, Expert, ExpertPool
 from gan_vae.fid import FIDEvaluator, check_inception_path
-from gan_vae.losses import STUDENT_LOSSES, check_terms
+from gan_vae.losses import STUDENT_LOSSES, check_terms, unread_at_weight_zero
 from gan_vae.student import StudentLearner
 from gan_vae.tasks import data_fingerprints, domain_tensor, load_task, task_files
 
@@ -254,7 +254,6 @@ def unread_student_keys(cfg) -> dict[str, str]:
     has no self-distillation to shape. Then, whatever the tasks: the keys that only a loss term weighted 0 reads
     (gan_vae.losses.unread_at_weight_zero: student.contrastive_temperature with student.contrastive_weight=0, the
     relational temperature's keys with kd.relational_weight=0, ...)."""
-    from gan_vae.losses import unread_at_weight_zero
     if len(cfg.data.tasks) == 1:
         why = "data.tasks has one task, so there is no earlier task to replay, train extra steps for or keep a prior of"
         out = {key: why for key in (*LATER_TASK_KEYS, *REPLAY_ONLY_KEYS)}
