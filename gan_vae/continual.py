@@ -134,6 +134,14 @@ class StudentConfig:
                                    "Refused with student.replay=false, which replays "
                                    "nothing", ge=0, le=1,
                               before=0.0)  # issue 18: the experts alone replayed
+    replay_source: str = opt("generated", "where replayed images come from: generated (the experts, and the "
+                                          "student's copy by student.self_replay) or real (the earlier tasks' own "
+                                          "training images, weight 1: a reference row, the oracle that bounds "
+                                          "generative replay, not a method)", choices=("generated", "real"))
+    joint: bool = opt(False, "joint training, a reference row (the upper bound of any sequential method), not a "
+                             "method: every task's real training images in every student batch from the first "
+                             "task on, with the same student steps per task; the distillation terms read only rows "
+                             "of tasks that have an expert yet")
     steps_per_earlier_task: int = opt(0, "extra student steps per earlier task: task t trains student.steps + t x "
                                          "this (later tasks have more to keep)", ge=0)
     freeze_old_priors: bool = opt(False, "keep the task priors p(u | j) of finished tasks fixed while later tasks "
@@ -240,7 +248,11 @@ def validate(cfg, unread: bool = True) -> None:
 # What the student reads only when it replays earlier tasks (gan_vae.student: the replay batch, the copy from before
 # the task and its self-distillation, the replayed experts' weights, mixup of real and replayed rows)
 REPLAY_ONLY_KEYS = ("student.replay_share", "student.self_replay", "student.mixup", "kd.previous_weight",
-                    "kd.previous_posterior", "kd.weight_floor", "kd.weight_ceiling")
+                    "kd.previous_posterior", "kd.weight_floor", "kd.weight_ceiling", "student.replay_source",
+                    "student.joint")
+# ... and what only generated replay reads (the copy's share, the replayed experts' FID weights): not the reference
+# rows whose rows are all real images (student.replay_source=real, student.joint)
+GENERATED_ONLY_KEYS = ("student.self_replay", "kd.weight_floor", "kd.weight_ceiling")
 # ... and what only a later task reads (its extra steps, the finished tasks' priors, whether it replays at all)
 LATER_TASK_KEYS = ("student.replay", "student.steps_per_earlier_task", "student.freeze_old_priors")
 
@@ -251,7 +263,8 @@ def unread_student_keys(cfg) -> dict[str, str]:
     every batch holds the current task alone, so nothing is replayed, mixed or self-distilled, no replayed expert is
     weighted, and the finished tasks' priors get no gradient (student.freeze_old_priors changes nothing); with
     kd.previous_weight=0 and student.self_replay=0 no copy from before the task is kept, so kd.previous_posterior
-    has no self-distillation to shape. Then, whatever the tasks: the keys that only a loss term weighted 0 reads
+    has no self-distillation to shape; with real replayed rows (the reference rows student.replay_source=real and
+    student.joint=true) nothing is generated, so the copy's share and the experts' FID weights are unread. Then, whatever the tasks: the keys that only a loss term weighted 0 reads
     (gan_vae.losses.unread_at_weight_zero: student.contrastive_temperature with student.contrastive_weight=0, the
     relational temperature's keys with kd.relational_weight=0, ...)."""
     if len(cfg.data.tasks) == 1:
@@ -261,11 +274,19 @@ def unread_student_keys(cfg) -> dict[str, str]:
         why = ("student.replay=false: every batch holds the current task alone, so nothing is replayed, mixed or "
                "self-distilled, and the finished tasks' priors get no gradient")
         out = {key: why for key in (*REPLAY_ONLY_KEYS, "student.freeze_old_priors")}
-    elif cfg.kd.previous_weight == 0 and cfg.student.self_replay == 0:  # no copy from before the task is kept
-        out = {"kd.previous_posterior": "kd.previous_weight=0 and student.self_replay=0 keep no copy from before "
-                                        "the task, so there is no self-distillation"}
     else:
         out = {}
+        if cfg.student.joint:
+            why = ("student.joint=true: every row is a real training image of its task, weighted 1, so nothing is "
+                   "generated for replay")
+            out = {key: why for key in ("student.replay_source", *GENERATED_ONLY_KEYS)}
+        elif cfg.student.replay_source == "real":
+            why = ("student.replay_source=real: every replayed row is a real training image of its task, weighted 1, "
+                   "so nothing is generated for replay")
+            out = {key: why for key in GENERATED_ONLY_KEYS}
+        if cfg.kd.previous_weight == 0 and cfg.student.self_replay == 0:  # no copy from before the task is kept
+            out["kd.previous_posterior"] = ("kd.previous_weight=0 and student.self_replay=0 keep no copy from before "
+                                            "the task, so there is no self-distillation")
     return {**unread_at_weight_zero(cfg), **out}
 
 
@@ -333,9 +354,10 @@ def inherited_tasks(ckpt: dict, path: Path) -> list[dict]:
 # Resuming: which config keys may differ from the checkpoint's (utils.config_differences compares them).
 RESULT_NEUTRAL_KEYS = ("run.*", "log.*", "fid.cache_dir", "fid.inception_path", "data.root", "train.device")
 # what finished tasks were built and measured with: never changes within a run or in a branch of it
+# (student.joint: a joint run trains every task from the first on, so a branch of a sequential run cannot be one)
 FIXED_KEYS = {"data.tasks", "data.channels", "data.test_fraction", "teacher.z_dim", "teacher.width",
               "teacher.attention", "student.z_dim", "student.u_dim", "student.width", "fid.backend", "fid.samples",
-              "fid.classifier_epochs", "train.seed"}
+              "fid.classifier_epochs", "train.seed", "student.joint"}
 
 # what the student phase reads: a branch from the start of a student phase may change these
 STUDENT_PHASE_SECTIONS = ("student", "kd")

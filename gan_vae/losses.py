@@ -42,7 +42,8 @@ class StudentStep:
     x [B, C, 32, 32]: the images the student sees (mixed ones with student.mixup); task_ids [B]; mix: (partner task
     ids [B], lambda [B]) or None; replayed [B] bool: the rows of earlier tasks; row_weight [B]: 1 on current-task
     rows, the replayed expert's adaptive weight on the others (every replay and distillation term scales its rows
-    by it); expert_of [B]: the expert behind each row; temperature: the relational-KD temperature; generator: this
+    by it); expert_of [B]: the expert behind each row, -1 for a task that has no expert yet (only with
+    student.joint: the distillation terms leave such rows out); temperature: the relational-KD temperature; generator: this
     step's seeded RNG (augmentations draw from it, in registration order). student; previous: its frozen copy from
     before the task, or None; critics and projections: one per expert; cfg: the run's config."""
     cfg: Any
@@ -72,10 +73,21 @@ class StudentStep:
         ones included); no gradient. Once per step."""
         features = torch.zeros(len(self.x), self.critics[0].feature_dim, device=self.x.device)
         with torch.no_grad():
-            for e in self.expert_of.unique().tolist():
+            for e in self.taught_experts:
                 rows = self.expert_of == e
                 features[rows] = self.critics[e].features(self.x[rows])
         return features
+
+    @cached_property
+    def taught_experts(self) -> list[int]:
+        """The experts behind the batch's rows (ascending); rows of a task without an expert yet (-1) have none."""
+        return [e for e in self.expert_of.unique().tolist() if e >= 0]
+
+    @cached_property
+    def distill_weight(self) -> torch.Tensor:
+        """[B]: row_weight on rows that have an expert, 0 on rows of a task without one (student.joint's later
+        tasks): the weights of the terms that distil an expert."""
+        return torch.where(self.expert_of >= 0, self.row_weight, torch.zeros_like(self.row_weight))
 
 
 class TermValue(NamedTuple):
@@ -205,10 +217,11 @@ class FeatureKDTerm(LossTerm):
 
             L = mean_b w_b mean_d ( P_e(b)(h_b) - phi_e(b)(x_b) )_d^2
 
-        h [B, H]: the student's encoder features; phi_e(b) [F]: the critic features of row b's expert."""
+        h [B, H]: the student's encoder features; phi_e(b) [F]: the critic features of row b's expert (a row of a
+        task without an expert yet, student.joint's later tasks, adds 0)."""
         h, target = step.vae["h"], step.critic_features
         error = torch.zeros(len(step.x), device=step.x.device)
-        for e in step.expert_of.unique().tolist():
+        for e in step.taught_experts:
             rows = step.expert_of == e
             error[rows] = (step.projections[e](h[rows]) - target[rows]).pow(2).mean(1)
         return TermValue((step.row_weight * error).mean())
@@ -225,7 +238,7 @@ class RelationalKDTerm(LossTerm):
         against that expert critic's features [B, F], compared as softmax distributions at the dynamic
         temperature; row b's KL scaled by w_b."""
         return TermValue(relational_kd(step.critic_features, step.vae["mu_z"], step.temperature,
-                                       groups=step.expert_of, weights=step.row_weight))
+                                       groups=step.expert_of, weights=step.distill_weight))
 
 
 def self_distillation(student: TaskVAE, previous: TaskVAE, x: torch.Tensor, replayed: torch.Tensor,

@@ -35,6 +35,21 @@ def replay_counts(batch_size: int, n_seen: int, replay_share: float) -> list[int
     return [share] * n_old + [batch_size - share * n_old]
 
 
+def replays_generated(student_cfg) -> bool:
+    """Whether replayed rows are generated (by the experts, and by the student's copy as student.self_replay says):
+    not in the reference rows student.replay_source=real (the oracle) and student.joint=true (joint training), whose
+    rows are all real training images, each weighted 1."""
+    return student_cfg.replay_source == "generated" and not student_cfg.joint
+
+
+def seen_tasks(t: int, n_tasks: int, replay: bool, joint: bool) -> list[int]:
+    """The tasks a student batch of task t covers, the current task last (replay_counts gives it the remainder):
+    0..t with replay, t alone without, and every task of the sequence with joint training."""
+    if joint:
+        return [j for j in range(n_tasks) if j != t] + [t]
+    return list(range(t + 1)) if replay else [t]
+
+
 class StudentLearner:
     """The student phase: the beta-VAE student, its projections (feature KD: one per expert, onto that expert
     critic's feature space) and optimiser, and `previous`, the student as it was before the current task
@@ -47,6 +62,7 @@ class StudentLearner:
         self.projections = nn.ModuleList()
         self.opt = self._optimizer()
         self.previous: TaskVAE | None = None
+        self.began = -1  # the last task whose student phase has begun (begin_task)
 
     def _optimizer(self):
         return torch.optim.Adam(list(self.student.parameters()) + list(self.projections.parameters()),
@@ -60,19 +76,22 @@ class StudentLearner:
         return self.cfg.student.steps + t * self.cfg.student.steps_per_earlier_task
 
     def begin_task(self, t: int) -> list[int]:
-        """Ready for task t (a new task prior, a projection per new expert, a fresh optimiser, the copy from
-        before the task, unless resuming within it); returns the tasks its batches cover."""
+        """Ready for task t (a new task prior, or with student.joint every task's from the first task on, a
+        projection per new expert, a fresh optimiser, the copy from before the task, unless resuming within it);
+        returns the tasks its batches cover (seen_tasks)."""
         sc, kd = self.cfg.student, self.cfg.kd
-        if self.student.num_tasks <= t:
-            keep_copy = kd.previous_weight > 0 or sc.self_replay > 0
+        n_tasks = len(self.train_x)
+        if self.began < t:
+            keep_copy = kd.previous_weight > 0 or (sc.self_replay > 0 and replays_generated(sc))
             self.previous = frozen_copy(self.student) if t > 0 and sc.replay and keep_copy else None
-            while self.student.num_tasks <= t:
+            while self.student.num_tasks < (n_tasks if sc.joint else t + 1):
                 self.student.add_task()
             while len(self.projections) < len(self.pool.experts):  # a new expert brings its own projection
                 self.projections.append(self._projection())
             self.opt = self._optimizer()
+            self.began = t
         self.student.train()
-        return list(range(t + 1)) if sc.replay else [t]
+        return seen_tasks(t, n_tasks, sc.replay, sc.joint)
 
     def update(self, t: int, seen: list[int], step: int) -> dict:
         """One training step on the sum of the loss terms; returns what metrics.jsonl records of it."""
@@ -97,24 +116,28 @@ class StudentLearner:
         cfg, kd = self.cfg, self.cfg.kd
         g = torch.Generator().manual_seed(step_seed(cfg.train.seed, t, 1, step))
         x, task_ids, mix = self.batch(t, seen, g)
-        fid_now = float(np.mean([self.pool.of_task(j).latest_fid for j in seen]))
+        taught = [j for j in seen if j < len(self.pool.task_to_expert)]  # (student.joint: later tasks have none yet)
+        fid_now = float(np.mean([self.pool.of_task(j).latest_fid for j in taught]))
         temperature = dynamic_temperature(step, self.steps(t), kd.temperature_max, kd.temperature_min, fid_now,
                                           cfg.teacher.fid_threshold, kd.temperature_fid_gain)
-        expert_of = torch.tensor([self.pool.task_to_expert[j] for j in task_ids.tolist()], device=self.device)
+        expert_of = torch.tensor([self.pool.task_to_expert[j] if j in taught else -1 for j in task_ids.tolist()],
+                                 device=self.device)
         return StudentStep(cfg=cfg, student=self.student, previous=self.previous,
                            critics=[e.critic for e in self.pool.experts], projections=self.projections, x=x,
                            task_ids=task_ids, mix=mix, replayed=task_ids != t, row_weight=self.row_weights(task_ids, t),
                            expert_of=expert_of, temperature=temperature, generator=g)
 
     def batch(self, t: int, seen: list[int], g: torch.Generator):
-        """One student batch: real task-t images and, for every earlier seen task, images from that task's expert
-        (replay), in equal shares; with student.mixup, each real image mixed with a replayed one. Returns images
-        [B, C, 32, 32], task ids [B] and the mixup pairing (other task ids, lambda) or None."""
+        """One student batch: real task-t images and, for every other seen task, images from that task's expert
+        (replay; real training images of that task with student.replay_source=real or student.joint), in equal
+        shares; with student.mixup, each real image mixed with a replayed one. Returns images [B, C, 32, 32], task
+        ids [B] and the mixup pairing (other task ids, lambda) or None."""
         sc = self.cfg.student
         xs, tasks = [], []
+        real = not replays_generated(sc)
         for j, n in zip(seen, replay_counts(sc.batch_size, len(seen), sc.replay_share)):
-            if j == t:
-                xs.append(self.train_x[t][torch.randint(0, len(self.train_x[t]), (n,), generator=g)].to(self.device))
+            if j == t or real:
+                xs.append(self.train_x[j][torch.randint(0, len(self.train_x[j]), (n,), generator=g)].to(self.device))
             else:  # replay: the task's expert generates it (output-level distillation target)
                 xs.append(self.replay(j, n, g))
             tasks.append(torch.full((n,), j, dtype=torch.long))
@@ -146,7 +169,10 @@ class StudentLearner:
 
     def row_weights(self, task_ids: torch.Tensor, t: int) -> torch.Tensor:
         """Per-row weight [B]: 1 for the current task, and for a replayed task its expert's adaptive weight
-        (expert_weight of the expert's latest FID)."""
+        (expert_weight of the expert's latest FID); 1 on every row when the rows are real images
+        (student.replay_source=real, student.joint)."""
+        if not replays_generated(self.cfg.student):
+            return torch.ones(len(task_ids), device=self.device)
         kd, w = self.cfg.kd, {}
         for j in task_ids.unique().tolist():
             w[j] = 1.0 if j == t else expert_weight(self.pool.of_task(j).latest_fid, self.cfg.teacher.fid_threshold,
@@ -161,7 +187,8 @@ class StudentLearner:
                 "projections": self.projections.state_dict(), "num_projections": len(self.projections),
                 "opt_s": self.opt.state_dict(),
                 "previous": self.previous.state_dict() if self.previous is not None else None,
-                "previous_tasks": self.previous.num_tasks if self.previous is not None else 0}
+                "previous_tasks": self.previous.num_tasks if self.previous is not None else 0,
+                "student_began": self.began}
 
     def load(self, ckpt: dict) -> None:
         while self.student.num_tasks < ckpt["num_student_tasks"]:
@@ -170,6 +197,8 @@ class StudentLearner:
         while len(self.projections) < ckpt["num_projections"]:
             self.projections.append(self._projection())
         self.projections.load_state_dict(ckpt["projections"])
+        # (a checkpoint from before student.joint: the student had a prior for each task begun, no more)
+        self.began = ckpt.get("student_began", ckpt["num_student_tasks"] - 1)
         self.opt = self._optimizer()
         self.opt.load_state_dict(ckpt["opt_s"])
         if ckpt.get("previous") is not None:

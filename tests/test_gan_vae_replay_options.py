@@ -159,3 +159,96 @@ def test_a_run_saved_before_self_replay_existed_is_not_resumed_with_the_new_defa
         check_config_matches_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt", cfg, run_dir)
     same = load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs", "crosses"]), "student.self_replay=0"])
     check_config_matches_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt", same, run_dir)
+
+
+# The reference rows (issue 26): oracle replay from the real training images, and joint training
+# ---------------------------------------------------------------------------------------------------------------
+def test_oracle_replay_draws_earlier_tasks_from_their_real_training_images(domains, tmp_path):  # noqa: F811
+    """student.replay_source=real: task 0's replayed rows are its own training images, drawn by the step's seeded
+    generator exactly as the current task's rows are, each weighted 1 (no expert FID weight), and the copy from
+    before the task is still kept for self-distillation (kd.previous_weight=8 by default)."""
+    from gan_vae.experts import step_seed
+    run = _in_process_run(domains, tmp_path, ["discs", "crosses"], "student.replay_source=real")
+    run.train_student(0, 0)
+    seen = run.learner.begin_task(1)
+    assert seen == [0, 1] and run.learner.previous is not None
+    step = run.learner.step_inputs(1, seen, 0)
+    g = torch.Generator().manual_seed(step_seed(run.cfg.train.seed, 1, 1, 0))
+    old = run.train_x[0][torch.randint(0, len(run.train_x[0]), (8,), generator=g)]
+    new = run.train_x[1][torch.randint(0, len(run.train_x[1]), (8,), generator=g)]
+    assert torch.equal(step.x, torch.cat([old, new]))
+    assert step.task_ids.tolist() == [0] * 8 + [1] * 8 and step.replayed.sum() == 8
+    assert step.row_weight.tolist() == [1.0] * 16  # an expert at FID 240 would weigh its rows 1/2
+    generated = _in_process_run(domains, tmp_path, ["discs", "crosses"])  # the default: the expert's, weight 1/2
+    generated.train_student(0, 0)
+    step_g = generated.learner.step_inputs(1, generated.learner.begin_task(1), 0)
+    assert not torch.equal(step_g.x[:8], old) and step_g.row_weight[:8].tolist() == [0.5] * 8
+
+
+def test_joint_training_sees_every_task_from_the_first_step(domains, tmp_path):  # noqa: F811
+    """student.joint=true: in task 0's student phase the batch already holds real images of task 1 (equal shares,
+    the current task last), the student has both task priors, and task 1's rows, which have no expert yet
+    (expert_of -1), add nothing to the distillation terms (weight 0 there) but train the VAE term (weight 1)."""
+    run = _in_process_run(domains, tmp_path, ["discs", "crosses"], "student.joint=true")
+    run.pool.task_to_expert = [0]  # task 1's expert does not exist before task 1's teacher phase
+    seen = run.learner.begin_task(0)
+    assert seen == [1, 0] and run.learner.student.num_tasks == 2
+    step = run.learner.step_inputs(0, seen, 0)
+    assert step.task_ids.tolist() == [1] * 8 + [0] * 8
+    assert step.expert_of.tolist() == [-1] * 8 + [0] * 8 and step.taught_experts == [0]
+    assert step.row_weight.tolist() == [1.0] * 16 and step.distill_weight.tolist() == [0.0] * 8 + [1.0] * 8
+    assert torch.equal(step.critic_features[:8], torch.zeros_like(step.critic_features[:8]))
+    record = run.learner.update(0, seen, 0)
+    assert all(torch.isfinite(torch.tensor(v)) for v in record.values())
+    run.pool.task_to_expert = [0, 1]  # task 1: both tasks have experts; a new optimiser, the copy, no new prior
+    seen = run.learner.begin_task(1)
+    assert seen == [0, 1] and run.learner.student.num_tasks == 2 and run.learner.previous.num_tasks == 2
+    assert run.learner.step_inputs(1, seen, 0).expert_of.tolist() == [0] * 8 + [1] * 8
+
+
+def test_a_learner_resumed_within_a_joint_task_does_not_begin_it_again(domains, tmp_path):  # noqa: F811
+    """The learner records the last task it began (student_began): a joint student has every prior from task 0
+    on, so the prior count can no longer tell whether task 1 has begun. A checkpoint from before the record
+    counts its priors, as before."""
+    run = _in_process_run(domains, tmp_path, ["discs", "crosses"], "student.joint=true")
+    run.learner.begin_task(0)
+    state = run.learner.state()
+    assert state["student_began"] == 0
+    again = _in_process_run(domains, tmp_path, ["discs", "crosses"], "student.joint=true")
+    again.learner.load(state)
+    assert again.learner.began == 0
+    again.learner.begin_task(1)  # task 1 begins after the load: a copy is taken
+    assert again.learner.began == 1 and again.learner.previous is not None
+    resumed = _in_process_run(domains, tmp_path, ["discs", "crosses"], "student.joint=true")
+    resumed.learner.load(again.learner.state())
+    resumed.learner.begin_task(1)  # resuming within task 1: no new copy, the optimiser's state kept
+    assert resumed.learner.previous is not None and resumed.learner.opt.state_dict() == again.learner.opt.state_dict()
+    old = {k: v for k, v in state.items() if k != "student_began"}
+    sequential = _in_process_run(domains, tmp_path, ["discs", "crosses"])
+    sequential.learner.load(old)
+    assert sequential.learner.began == 1  # two priors: before the record, that meant task 1 had begun
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["student.replay_source=real", "student.self_replay=0"], "student.self_replay=0.0 (student.replay_source=real"),
+    (["student.replay_source=real", "kd.weight_floor=0.5"], "kd.weight_floor=0.5 (student.replay_source=real"),
+    (["student.joint=true", "student.replay_source=real"], "student.replay_source=real (student.joint=true"),
+    (["student.joint=true", "kd.weight_ceiling=0.9"], "kd.weight_ceiling=0.9 (student.joint=true"),
+])
+def test_the_generated_replays_keys_are_refused_in_the_reference_rows(domains, tmp_path, overrides, named):  # noqa: F811
+    with pytest.raises(UserError, match="A key that would do nothing is refused") as err:
+        validate(load_config(ContinualConfig, None, [*_args(domains, tmp_path, ["discs", "crosses"]), *overrides]))
+    assert named in str(err.value)
+
+
+def test_a_branch_cannot_turn_joint_training_on_or_off(domains, tmp_path):  # noqa: F811
+    """A joint run trains every task from the first one on: a new run from a sequential run's task checkpoint
+    cannot be one (student.joint is fixed across branches), while the oracle's student.replay_source may differ."""
+    from common.config import to_plain
+    from gan_vae.continual import changed_config_keys
+    args = _args(domains, tmp_path, ["discs", "crosses"])
+    saved = to_plain(load_config(ContinualConfig, None, args))
+    joint = load_config(ContinualConfig, None, [*args, "student.joint=true"])
+    oracle = load_config(ContinualConfig, None, [*args, "student.replay_source=real"])
+    assert [k for k, *_ in changed_config_keys(saved, joint, branching=True)] == ["student.joint"]
+    assert changed_config_keys(saved, oracle, branching=True) == []
