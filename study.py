@@ -97,10 +97,11 @@ def run_study(study, args) -> int:
     unknown = sorted(set(args.rows or ()) - set(study.rows))
     if unknown:
         raise UserError(f"--rows: {', '.join(unknown)} not in the study (rows: {', '.join(study.rows)})")
-    todo = [r for r in study.ordered_runs() if (not args.rows or r.row in args.rows)
-            and not study.finished(r) and not execute.in_flight(study, r)]
+    chosen = [r for r in study.ordered_runs() if not args.rows or r.row in args.rows]
+    todo = [r for r in chosen if not study.finished(r) and not execute.in_flight(study, r)]
     execute._check_resources(args.executor, study, todo)
-    print(f"[study] {study.name}: {len(study.runs)} runs, {len(study.runs) - len(todo)} finished or in flight, "
+    rows = f" ({len(chosen)} of them in --rows {' '.join(args.rows)})" if args.rows else ""
+    print(f"[study] {study.name}: {len(study.runs)} runs{rows}, {len(chosen) - len(todo)} finished or in flight, "
           f"{len(todo)} to run ({args.executor}); folder {study.folder}")
     execute.prepare_environment()
     if args.executor == "slurm":

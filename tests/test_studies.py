@@ -303,6 +303,17 @@ def test_the_repositorys_study_files_are_valid(tmp_path, shared_data):
             assert all(o.split(".")[0] in STUDENT_PHASE_SECTIONS for o in set(row.overrides) - default), row.name
 
 
+def test_the_start_line_counts_only_the_rows_chosen_by_rows(tmp_path, monkeypatch):
+    """--rows a: the runs of the other rows are neither finished nor in flight, so the start line does not count
+    them as such (it said "2 finished or in flight" for a study where nothing had run)."""
+    from studies import execute
+    monkeypatch.setattr(execute, "run_here", lambda *a, **k: [])  # submit nothing: only the start line matters
+    done = study_main(str(study_file(tmp_path)), "--out", str(tmp_path / "out"), "--rows", "a")
+    assert done.returncode == 0, done.stderr
+    line = next(s for s in done.stdout.splitlines() if s.startswith("[study] tiny:"))
+    assert "4 runs (2 of them in --rows a), 0 finished or in flight, 2 to run" in line, line
+
+
 def test_a_run_whose_local_job_is_gone_is_submitted_again(tmp_path):
     """A record without a live job (the study command was interrupted before the job started) is 'stopped', not
     in flight: the next command submits it again instead of waiting for it forever."""
