@@ -10,8 +10,8 @@
 
 Everything lands in <--out>/<name>/ (default runs/studies/<name>/): runs/<row>_s<seed>/ (each program's own run
 directory), logs/<run>.log, records/, submitit/, and the summary (summary.md, summary.csv, values.csv,
-summary.png). Running the command again continues the study: finished runs are never repeated, runs that stopped
-continue from their last checkpoint. The study file format is in studies/spec.py, the guide in docs/studies.md.
+summary.png, and gap.csv for a study with a gap:). Running the command again continues the study: finished runs
+are never repeated, runs that stopped continue from their last checkpoint. The study file format is in studies/spec.py, the guide in docs/studies.md.
 Exit codes: 0 all runs finished (or, on SLURM, submitted), 1 a run failed (its log is named), 2 a bad study file
 or option (nothing submitted).
 """

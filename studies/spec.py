@@ -6,6 +6,12 @@
     seeds: [0, 1, 2]                    # train.seed of each run of a row
     reference: kd                       # the row every other is paired with, seed by seed
     metrics: [test/acc1, train_samples] # results.json keys (or paths such as recon_mse[1][0]), or derived metrics
+                                        # (a name, or {name: metric}: the name is the metric's in the tables)
+    gap: {metric: forgetting, lower: noreplay, upper: oracle}   # optional (here a gan_vae study's): the column
+                                        # "gap closed on <metric>, <lower> → <upper> (%)", per row the mean ± sd
+                                        # over seeds s of 100·(L_s − X_s)/(L_s − U_s), X, L, U: the row's, the lower
+                                        # and the upper row's value; metric: a name in metrics; lower, upper: two
+                                        # reported rows (the table names them by label)
     resources: {threads: 1, gpus: 0, nodes: 1, time_min: 60}   # per run; a row may set its own
     slurm: {partition: gpu, account: lab}                      # defaults of --executor slurm
     rows:
@@ -25,7 +31,8 @@ Every run is the program with the configs, the study's and the row's overrides, 
 run.out_dir=<study folder>/runs run.name=<row>_s<seed>; each row is loaded and checked with the program's own config
 loader (load_config and its validate) here, once per row (the other seeds' train.seed against its range). Anything wrong (an unknown key, a row `after:` names that does not
 exist, a cycle of `after:`, an override the program refuses) is a UserError: `error: ...`, exit 2, nothing
-submitted.
+submitted. So is a `gap:` with another key, a metric not in metrics, a row that is not a reported row of the
+study, or lower = upper.
 """
 from __future__ import annotations
 
@@ -39,13 +46,15 @@ import yaml
 from common.config import schema_ranges
 from common.errors import UserError, user_error_message
 from studies.programs import PROGRAMS, Program, checkpoint_name_ok
+from studies.summary import Gap
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_KEYS = ("program", "configs", "overrides", "seeds", "reference", "metrics", "resources", "slurm", "rows",
-              "description")
+              "description", "gap")
 ROW_KEYS = ("program", "overrides", "configs", "seeds", "after", "label", "report", "resources")
 AFTER_KEYS = ("row", "checkpoint")
 SLURM_KEYS = ("partition", "account", "qos", "constraint", "signal_delay_s", "setup")
+GAP_KEYS = ("metric", "lower", "upper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +113,7 @@ class Study:
     rows: dict[str, Row]  # each with its program (the study's, unless the row names another)
     reference: str
     metrics: tuple[tuple[str, str], ...]  # (label, metric)
+    gap: Gap | None  # the gap column, its rows by label (as the values name them)
     slurm: dict
     folder: Path
     runs: dict[str, PlannedRun]
@@ -238,6 +248,34 @@ def _metrics(value, path: Path) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _gap(value, rows: dict[str, Row], metrics: tuple[tuple[str, str], ...], path: Path) -> Gap | None:
+    """`gap: {metric, lower, upper}`: one of the study's metrics (by its name) and two different reported rows (by
+    name); the Gap names the rows by label, as the values and tables do."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _fail(path, f"gap takes {{metric: <metric>, lower: <row>, upper: <row>}}, got {value!r}")
+    _unknown(value, GAP_KEYS, "in gap", path)
+    missing = [k for k in GAP_KEYS if k not in value]
+    if missing:
+        raise _fail(path, f"gap: missing key {', '.join(missing)} (it takes {', '.join(GAP_KEYS)})")
+    wrong = [f"{k}: {value[k]!r}" for k in GAP_KEYS if not isinstance(value[k], str)]
+    if wrong:
+        raise _fail(path, f"gap: metric, lower and upper are names, got {', '.join(wrong)}")
+    names = [name for name, _ in metrics]
+    if value["metric"] not in names:
+        raise _fail(path, f"gap: metric '{value['metric']}' is not one of the study's metrics ({', '.join(names)})")
+    for key in ("lower", "upper"):
+        if value[key] not in rows:
+            raise _fail(path, f"gap: {key} '{value[key]}' is not a row (rows: {', '.join(rows)})")
+        if not rows[value[key]].report:
+            raise _fail(path, f"gap: {key} row '{value[key]}' has report: false, so no values to measure the gap by")
+    lower, upper = rows[value["lower"]], rows[value["upper"]]
+    if lower.label == upper.label:
+        raise _fail(path, f"gap: lower and upper are the same row ('{lower.label}'); the gap lies between two rows")
+    return Gap(metric=value["metric"], lower=lower.label, upper=upper.label)
+
+
 def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -270,6 +308,8 @@ def load_study(path: str | Path, out: str | Path = "runs/studies") -> Study:
     _check_after(rows, path)
     if data["reference"] not in rows:
         raise _fail(path, f"reference '{data['reference']}' is not a row (rows: {', '.join(rows)})")
+    metrics = _metrics(data["metrics"], path)
+    gap = _gap(data.get("gap"), rows, metrics, path)
     slurm = data.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise _fail(path, f"slurm must be a mapping, got {slurm!r}")
@@ -278,7 +318,7 @@ def load_study(path: str | Path, out: str | Path = "runs/studies") -> Study:
     folder = (Path(out) / path.stem).resolve()
     runs = _plan(rows, folder, path)
     return Study(name=path.stem, path=path, digest=file_digest(path), program_name=data["program"], program=program,
-                 rows=rows, reference=data["reference"], metrics=_metrics(data["metrics"], path),
+                 rows=rows, reference=data["reference"], metrics=metrics, gap=gap,
                  slurm=slurm, folder=folder, runs=runs)
 
 

@@ -3,13 +3,16 @@ against the reference row with its 95% t interval; written as markdown, CSV and 
 
 `values.csv` holds every (row, seed, metric, value); the tables are computed from it alone (`summarize`), so the
 generated blocks of the docs (`<!-- study:NAME -->` ... `<!-- /study:NAME -->` in README.md or docs/*.md) are
-refreshed, and checked for staleness, from the committed docs/studies/<NAME>.csv.
+refreshed, and checked for staleness, from the committed docs/studies/<NAME>.csv. A study with a `gap:` adds a
+column computed from the same values (`gap_shares`); its metric and rows are published next to the values, in
+docs/studies/<NAME>.gap.json.
 
 Reading a run (results.json, sums over metrics.jsonl, its seed) is `read_run`; summarize.py uses it too.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -18,7 +21,7 @@ import statistics
 from pathlib import Path
 
 from common.errors import UserError
-from common.files import write_text_atomic
+from common.files import write_json, write_text_atomic
 from common.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +125,46 @@ def collect_values(study) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # Statistics (pure)
 # ----------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Gap:
+    """A study's `gap:`: the column of the share of the gap between a lower-bound and an upper-bound row on one
+    metric that each row closes. Metric and rows as the values name them (the metric's name, the rows' labels)."""
+    metric: str
+    lower: str
+    upper: str
+
+    @property
+    def column(self) -> str:
+        return f"gap closed on {self.metric}, {self.lower} → {self.upper} (%)"
+
+
+def per_seed(values: list[dict], row: str, metric: str) -> dict[int, float]:
+    """{seed: value} of one row and metric; a seed without a value (None) is left out."""
+    return {v["seed"]: v["value"] for v in values
+            if v["row"] == row and v["metric"] == metric and v["value"] is not None}
+
+
+def gap_shares(values: list[dict], metric: str, lower: str, upper: str) -> dict[str, dict[int, float]]:
+    """Per row (first-seen order) and seed s where the row, `lower` and `upper` all have a value of `metric`: the
+    share of the lower -> upper gap that the row closes, in percent,
+
+        share_s = 100 · (L_s − X_s) / (L_s − U_s)
+
+    with X_s, L_s, U_s the row's, the lower row's and the upper row's value on seed s: 0 for the lower row, 100 for
+    the upper row, below 0 beyond the lower bound, above 100 beyond the upper. A seed with L_s = U_s has no share
+    (left out; `gap_ties` names them)."""
+    low, up = per_seed(values, lower, metric), per_seed(values, upper, metric)
+    return {row: {s: 100 * (low[s] - x) / (low[s] - up[s]) + 0.0  # + 0.0: the lower row's -0.0 (L < U) reads 0
+                  for s, x in per_seed(values, row, metric).items() if s in low and s in up and low[s] != up[s]}
+            for row in dict.fromkeys(v["row"] for v in values)}
+
+
+def gap_ties(values: list[dict], metric: str, lower: str, upper: str) -> list[int]:
+    """The seeds on which the lower and the upper row have the same value of `metric` (no gap to close)."""
+    low, up = per_seed(values, lower, metric), per_seed(values, upper, metric)
+    return sorted(s for s in low if s in up and low[s] == up[s])
+
+
 def mean_sd(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (n - 1; None for one value)."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
@@ -139,23 +182,24 @@ def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, flo
     return mean, sd, mean - half, mean + half
 
 
-def summarize(values: list[dict]) -> list[dict]:
+def summarize(values: list[dict], gap: Gap | None = None) -> list[dict]:
     """Per row and metric (in first-seen order): n, mean, sd, the per-seed values, and against the reference row
-    (same metric, seeds both have): the paired mean difference, its sd, 95% t interval and number of pairs."""
+    (same metric, seeds both have): the paired mean difference, its sd, 95% t interval and number of pairs. With a
+    gap, last per row: the gap's column as a metric (`gap` true), mean and sd of its per-seed shares, no
+    difference."""
     rows = list(dict.fromkeys(v["row"] for v in values))
     metrics = list(dict.fromkeys(v["metric"] for v in values))
     reference = next((v["row"] for v in values if v["reference"]), None)
+    shares_of = {} if gap is None else gap_shares(values, gap.metric, gap.lower, gap.upper)
     table = []
     for row in rows:
         for metric in metrics:
-            mine = {v["seed"]: v["value"] for v in values if v["row"] == row and v["metric"] == metric
-                    and v["value"] is not None}  # None: no value on that seed (epochs_to_X never reached)
-            ref = {v["seed"]: v["value"] for v in values if v["row"] == reference and v["metric"] == metric
-                   and v["value"] is not None}
+            mine = per_seed(values, row, metric)  # without the seeds of no value (epochs_to_X never reached)
+            ref = per_seed(values, reference, metric)
             seeds_of_row = sorted({v["seed"] for v in values if v["row"] == row})
             entry = {"row": row, "metric": metric, "n": len(mine), "seeds": seeds_of_row, "mean": None, "sd": None,
                      "per_seed": mine, "diff_mean": None, "diff_sd": None, "ci_low": None, "ci_high": None,
-                     "pairs": 0, "reference": reference}
+                     "pairs": 0, "reference": reference, "gap": False}
             if mine:
                 entry["mean"], entry["sd"] = mean_sd(list(mine.values()))
             seeds = sorted(set(mine) & set(ref))
@@ -163,6 +207,14 @@ def summarize(values: list[dict]) -> list[dict]:
                 diffs = [mine[s] - ref[s] for s in seeds]
                 entry["diff_mean"], entry["diff_sd"], entry["ci_low"], entry["ci_high"] = paired_interval(diffs)
                 entry["pairs"] = len(seeds)
+            table.append(entry)
+        if gap is not None:
+            shares = shares_of[row]
+            entry = {"row": row, "metric": gap.column, "n": len(shares), "seeds": seeds_of_row, "mean": None,
+                     "sd": None, "per_seed": shares, "diff_mean": None, "diff_sd": None, "ci_low": None,
+                     "ci_high": None, "pairs": 0, "reference": reference, "gap": True}
+            if shares:
+                entry["mean"], entry["sd"] = mean_sd(list(shares.values()))
             table.append(entry)
     return table
 
@@ -218,11 +270,13 @@ def markdown_table(table: list[dict]) -> str:
     the 95% t interval. A pure function of summarize's table."""
     rows = list(dict.fromkeys(e["row"] for e in table))
     metrics = list(dict.fromkeys(e["metric"] for e in table))
+    gaps = {e["metric"] for e in table if e.get("gap")}  # a gap's column has no difference against the reference
     reference = table[0]["reference"] if table else None
     cell = {(e["row"], e["metric"]): e for e in table}
     decimals = {m: _decimals([e["mean"] for e in table if e["metric"] == m and e["mean"] is not None])
                 for m in metrics}
-    head = ["row", "seeds"] + [x for m in metrics for x in (m, f"Δ {m} vs {reference} [95% CI]")]
+    head = ["row", "seeds"] + [x for m in metrics
+                               for x in ((m,) if m in gaps else (m, f"Δ {m} vs {reference} [95% CI]"))]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         seeds = cell[(row, metrics[0])]["seeds"]
@@ -236,6 +290,8 @@ def markdown_table(table: list[dict]) -> str:
                 cells.append(_number(e["mean"], d) + missing)
             else:
                 cells.append(f"{_number(e['mean'], d)} ± {_number(e['sd'], d)}{missing}")
+            if m in gaps:
+                continue
             if row == reference or e["diff_mean"] is None:
                 cells.append("-")
             elif e["ci_low"] is None:
@@ -249,12 +305,27 @@ def markdown_table(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(values: list[dict], study_name: str) -> str:
+def markdown(values: list[dict], study_name: str, gap: Gap | None = None) -> str:
     """The text of a generated block: the table and what its cells are."""
-    table = summarize(values)
+    table = summarize(values, gap)
     return (markdown_table(table) + "\nMean ± sample sd over the seeds; Δ: the paired per-seed difference against "
             "the reference row,\nmean [95% t interval], from "
-            f"`python study.py configs/studies/{study_name}.yaml` (values: docs/studies/{study_name}.csv).\n")
+            f"`python study.py configs/studies/{study_name}.yaml` (values: docs/studies/{study_name}.csv)."
+            + ("" if gap is None else gap_note(values, gap)) + "\n")
+
+
+def gap_note(values: list[dict], gap: Gap) -> str:
+    """What the gap column is, and the seeds or rows it has no share of, if any."""
+    note = (f"\n{gap.column}: per seed s, 100·(L_s − X_s)/(L_s − U_s), with X_s, L_s and U_s the row's, "
+            f"{gap.lower}'s and {gap.upper}'s {gap.metric} on seed s (0: {gap.lower}, 100: {gap.upper}).")
+    for row in (gap.lower, gap.upper):
+        if not per_seed(values, row, gap.metric):
+            note += f" No share on any seed: {row} has no value of {gap.metric}."
+    ties = gap_ties(values, gap.metric, gap.lower, gap.upper)
+    if ties:
+        note += (f" Seed{'s' if len(ties) > 1 else ''} {', '.join(map(str, ties))} left out: {gap.lower} and "
+                 f"{gap.upper} have the same {gap.metric} there, no gap to close.")
+    return note
 
 
 def plot(table: list[dict], path: Path) -> None:
@@ -289,16 +360,30 @@ def plot(table: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def gap_values(values: list[dict], gap: Gap) -> list[dict]:
+    """The per-seed shares of `gap_shares` as values (metric: the gap's column), for gap.csv."""
+    reference = {v["row"]: v["reference"] for v in values}
+    return [{"row": row, "seed": seed, "metric": gap.column, "value": share, "reference": reference[row]}
+            for row, shares in gap_shares(values, gap.metric, gap.lower, gap.upper).items()
+            for seed, share in shares.items()]
+
+
 def write_summary(study) -> list[dict]:
-    """values.csv, summary.csv, summary.md and summary.png in the study folder, from its finished runs."""
+    """values.csv, summary.csv, summary.md and summary.png in the study folder, from its finished runs; with a gap,
+    its per-seed shares in gap.csv."""
     values = collect_values(study)
     if not values:
         return []
-    table = summarize(values)
+    table = summarize(values, study.gap)
     study.folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(study.folder / "values.csv", values_csv(values))
+    if study.gap is not None:
+        write_text_atomic(study.folder / "gap.csv", values_csv(gap_values(values, study.gap)))
+    else:
+        (study.folder / "gap.csv").unlink(missing_ok=True)  # of an earlier version of the study file
     write_text_atomic(study.folder / "summary.csv", summary_csv(table))
-    write_text_atomic(study.folder / "summary.md", f"# Study {study.name}\n\n" + markdown(values, study.name))
+    write_text_atomic(study.folder / "summary.md", f"# Study {study.name}\n\n"
+                      + markdown(values, study.name, study.gap))
     plot(table, study.folder / "summary.png")
     return table
 
@@ -321,7 +406,8 @@ def refresh_blocks(text: str, published: Path = PUBLISHED) -> tuple[str, list[st
             raise UserError(f"a generated block names study '{name}', but {source} does not exist: publish it "
                             f"with python study.py configs/studies/{name}.yaml --publish")
         names.append(name)
-        return match.group(1) + markdown(read_values_csv(source.read_text()), name) + match.group(4)
+        return match.group(1) + markdown(read_values_csv(source.read_text()), name, read_gap(published, name)) \
+            + match.group(4)
 
     return BLOCK.sub(body, text), names
 
@@ -338,12 +424,29 @@ def update_docs(root: Path = ROOT, published: Path = PUBLISHED) -> list[Path]:
     return changed
 
 
+def read_gap(published: Path, name: str) -> Gap | None:
+    """The gap published with docs/studies/<name>.csv (<name>.gap.json), if the study has one."""
+    path = published / f"{name}.gap.json"
+    if not path.is_file():
+        return None
+    try:
+        return Gap(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path}: not a gap ({{\"metric\", \"lower\", \"upper\"}}): {exc}; publish the study "
+                        f"again") from None
+
+
 def publish(study, published: Path = PUBLISHED) -> Path:
-    """Copy the study's values.csv to docs/studies/<name>.csv (committed; the blocks are generated from it)."""
+    """Copy the study's values.csv to docs/studies/<name>.csv (committed; the blocks are generated from it), and its
+    gap's metric and rows to <name>.gap.json (none without a gap)."""
     source = study.folder / "values.csv"
     if not source.is_file():
         raise UserError(f"{source} does not exist: no run of the study has finished (run it first)")
     published.mkdir(parents=True, exist_ok=True)
     target = published / f"{study.name}.csv"
     write_text_atomic(target, source.read_text())
+    if study.gap is not None:
+        write_json(published / f"{study.name}.gap.json", dataclasses.asdict(study.gap))
+    else:
+        (published / f"{study.name}.gap.json").unlink(missing_ok=True)
     return target

@@ -49,6 +49,20 @@ BAD = {
     "unknown reference": ({"reference": "c"}, "reference 'c' is not a row"),
     "bad checkpoint name": ({"rows": {"a": [], "b": {"after": {"row": "a", "checkpoint": "task_1_teacher"}}}},
                             "is not a checkpoint this program writes"),
+    "gap: unknown key": ({"gap": {"metric": "test/acc1", "lower": "a", "upper": "b", "uper": "b"}},
+                         "unknown key uper in gap"),
+    "gap: missing key": ({"gap": {"metric": "test/acc1", "lower": "a"}}, "gap: missing key upper"),
+    "gap: unknown row": ({"gap": {"metric": "test/acc1", "lower": "a", "upper": "c"}}, "gap: upper 'c' is not a row"),
+    "gap: unreported row": ({"rows": {"a": [], "b": {"report": False}}, "gap": {"metric": "test/acc1", "lower": "b",
+                                                                               "upper": "a"}},
+                            "gap: lower row 'b' has report: false"),
+    "gap: metric not in metrics": ({"gap": {"metric": "val/acc1", "lower": "a", "upper": "b"}},
+                                   "gap: metric 'val/acc1' is not one of the study's metrics"),
+    "gap: a metric's path, not its name": ({"metrics": [{"acc": "test/acc1"}],
+                                            "gap": {"metric": "test/acc1", "lower": "a", "upper": "b"}},
+                                           "gap: metric 'test/acc1' is not one of the study's metrics (acc)"),
+    "gap: lower = upper": ({"gap": {"metric": "test/acc1", "lower": "a", "upper": "a"}},
+                           "gap: lower and upper are the same row"),
 }
 
 
@@ -81,6 +95,81 @@ def test_summary_statistics_against_a_hand_computation():
     reach = [{"row": "ref", "seed": s, "metric": "epochs_to_70", "value": v, "reference": True}
              for s, v in [(0, 8), (1, None), (2, 10)]]
     assert "| ref | 0, 1, 2 | 9 ± 1.41 (2 of 3) | - |" in markdown_table(summarize(reach))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gap column (gap: {metric, lower, upper}), by hand
+# ---------------------------------------------------------------------------------------------------------------
+def forgetting_values(table: dict[str, list]) -> list[dict]:
+    return [{"row": row, "seed": seed, "metric": "forgetting", "value": value, "reference": row == "default"}
+            for row, seeds in table.items() for seed, value in enumerate(seeds)]
+
+
+# seed 2: the bounds are equal, no gap to close; `worse` is beyond the lower bound on seed 0, beyond the upper on 1
+GAP_VALUES = forgetting_values({"noreplay": [40.0, 42.0, 30.0], "oracle": [10.0, 12.0, 30.0],
+                                "default": [25.0, 27.0, 20.0], "worse": [46.0, 6.0, 35.0]})
+
+
+def test_gap_shares_against_a_hand_computation():
+    from studies.summary import gap_shares, gap_ties
+    shares = gap_shares(GAP_VALUES, "forgetting", "noreplay", "oracle")
+    # (L - X) / (L - U) * 100: (40 - 25) / 30 = 50%, (42 - 27) / 30 = 50%; (40 - 46) / 30 = -20%, (42 - 6) / 30 = 120%
+    assert shares == {"noreplay": {0: 0.0, 1: 0.0}, "oracle": {0: 100.0, 1: 100.0}, "default": {0: 50.0, 1: 50.0},
+                      "worse": {0: pytest.approx(-20.0), 1: pytest.approx(120.0)}}
+    assert str(shares["noreplay"][0]) == "0.0"  # not -0.0
+    assert gap_ties(GAP_VALUES, "forgetting", "noreplay", "oracle") == [2]
+
+
+def test_gap_column_in_the_markdown_table():
+    from studies.summary import Gap, markdown, summarize
+    gap = Gap(metric="forgetting", lower="noreplay", upper="oracle")
+    text = markdown(GAP_VALUES, "x", gap)
+    assert ("| row | seeds | forgetting | Δ forgetting vs default [95% CI] "
+            "| gap closed on forgetting, noreplay → oracle (%) |") in text
+    assert text.count(" (2 of 3) |\n") == 4  # every row: the shares of seeds 0 and 1
+    assert "| default | 0, 1, 2 | 24.00 ± 3.61 | - | 50.00 (2 of 3) |" in text
+    assert f"| 50.00 ± {statistics.stdev([-20, 120]):.2f} (2 of 3) |" in text  # worse: -20% and 120%
+    assert "| noreplay | 0, 1, 2 | 37.33 ± 6.43 | +13.33 [+6.16, +20.50] | 0.00 (2 of 3) |" in text
+    assert "Seed 2 left out: noreplay and oracle have the same forgetting there" in text
+    entry = next(e for e in summarize(GAP_VALUES, gap) if e["row"] == "worse" and e["gap"] is True)
+    assert (entry["n"], entry["mean"], entry["diff_mean"]) == (2, pytest.approx(50.0), None)
+    # without a tie, no word of one; without a gap, the table of before
+    no_tie = [v for v in GAP_VALUES if v["seed"] != 2]
+    assert "left out" not in markdown(no_tie, "x", gap) and "| 50.00 |" in markdown(no_tie, "x", gap)
+    assert "gap closed" not in markdown(GAP_VALUES, "x")
+
+
+def test_a_studys_gap_goes_into_its_summary_and_published_blocks(tmp_path):
+    """gap: in the study file -> gap.csv (per-seed shares), summary.csv and summary.md; --publish writes
+    <name>.gap.json next to <name>.csv, and the doc block is regenerated from those two alone."""
+    import csv
+
+    from studies.spec import load_study
+    from studies.summary import publish, refresh_blocks, write_summary
+    rows = {"low": [], "high": ["train.lr=0.003"], "mid": {"overrides": ["train.lr=0.002"], "label": "middle"}}
+    study = load_study(study_file(tmp_path, rows=rows, reference="low", metrics=[{"acc": "test/acc1"}],
+                                  gap={"metric": "acc", "lower": "low", "upper": "high"}), tmp_path / "out")
+    for (row, seed), acc in {("low", 0): 70.0, ("low", 1): 60.0, ("high", 0): 80.0, ("high", 1): 80.0,
+                             ("mid", 0): 72.5, ("mid", 1): 75.0}.items():  # mid: 25% and 75% of the gap
+        study.runs[f"{row}_s{seed}"].run_dir.mkdir(parents=True)
+        (study.runs[f"{row}_s{seed}"].run_dir / "results.json").write_text(json.dumps({"test/acc1": acc}))
+    write_summary(study)
+    column = "gap closed on acc, low → high (%)"
+    shares = [(r["row"], r["seed"], r["metric"], float(r["value"]))
+              for r in csv.DictReader((study.folder / "gap.csv").open())]
+    assert shares == [("low", "0", column, 0.0), ("low", "1", column, 0.0), ("high", "0", column, 100.0),
+                      ("high", "1", column, 100.0), ("middle", "0", column, 25.0), ("middle", "1", column, 75.0)]
+    summary = {(r["row"], r["metric"]): r for r in csv.DictReader((study.folder / "summary.csv").open())}
+    assert float(summary[("middle", column)]["mean"]) == 50.0
+    assert float(summary[("middle", column)]["sd"]) == pytest.approx(statistics.stdev([25.0, 75.0]))
+    assert "| middle | 0, 1 | 73.75 ± 1.77 | +8.75 [-70.66, +88.16] | 50.00 ± 35.36 |" in \
+        (study.folder / "summary.md").read_text()
+    published = tmp_path / "published"
+    publish(study, published)
+    assert json.loads((published / "tiny.gap.json").read_text()) == {"metric": "acc", "lower": "low",
+                                                                      "upper": "high"}
+    block, _ = refresh_blocks("<!-- study:tiny -->\n<!-- /study:tiny -->", published)
+    assert column in block and "| middle | 0, 1 | 73.75 ± 1.77 | +8.75 [-70.66, +88.16] | 50.00 ± 35.36 |" in block
 
 
 def test_generated_blocks_are_replaced_between_their_markers(tmp_path):
