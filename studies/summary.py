@@ -3,7 +3,9 @@ against the reference row with its 95% t interval; written as markdown, CSV and 
 
 `values.csv` holds every (row, seed, metric, value); the tables are computed from it alone (`summarize`), so the
 generated blocks of the docs (`<!-- study:NAME -->` ... `<!-- /study:NAME -->` in README.md or docs/*.md) are
-refreshed, and checked for staleness, from the committed docs/studies/<NAME>.csv. A study with a `gap:` adds a
+refreshed, and checked for staleness, from the committed docs/studies/<NAME>.csv. A block opened with
+`<!-- study:NAME metrics=A,B -->` is the compact form the README uses: one line per row, the named metrics' mean ± sd
+(`gap` names the gap column) and the first metric's paired difference against the reference. A study with a `gap:` adds a
 column computed from the same values (`gap_shares`); its metric and rows are published next to the values, in
 docs/studies/<NAME>.gap.json.
 
@@ -26,7 +28,8 @@ from common.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "docs" / "studies"
-BLOCK = re.compile(r"(<!-- study:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /study:(?P=name) -->)", re.S)
+BLOCK = re.compile(r"(<!-- study:(?P<name>[\w-]+)(?: metrics=(?P<metrics>[^ >]+))? -->\n)(?P<body>.*?)"
+                   r"(<!-- /study:(?P=name) -->)", re.S)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,6 +317,52 @@ def markdown(values: list[dict], study_name: str, gap: Gap | None = None) -> str
             + ("" if gap is None else gap_note(values, gap)) + "\n")
 
 
+def _mean_sd_cell(e: dict, decimals: int) -> str:
+    if e["mean"] is None:
+        return "-"
+    missing = f" ({e['n']} of {len(e['seeds'])})" if e["n"] < len(e["seeds"]) else ""
+    if e["sd"] is None or e["sd"] == 0:
+        return _number(e["mean"], decimals) + missing
+    return f"{_number(e['mean'], decimals)} ± {_number(e['sd'], decimals)}{missing}"
+
+
+def markdown_compact(values: list[dict], study_name: str, metrics: list[str], gap: Gap | None = None) -> str:
+    """The README's form of a study's table: one line per row, the mean ± sd of each of `metrics` (the values'
+    metric names; `gap` for the gap column), then the first metric's paired difference against the reference with
+    its 95% t interval. A metric the values do not hold is a UserError naming the ones they do."""
+    table = summarize(values, gap)
+    known = list(dict.fromkeys(e["metric"] for e in table if not e["gap"]))
+    names = [gap.column if (m == "gap" and gap is not None) else m for m in metrics]
+    wrong = [m for m, n in zip(metrics, names) if n not in known and not (gap is not None and n == gap.column)]
+    if wrong:
+        raise UserError(f"a <!-- study:{study_name} metrics=... --> block names {', '.join(wrong)}, which "
+                        f"docs/studies/{study_name}.csv does not hold; it holds {', '.join(known)}"
+                        + (", and gap" if gap is not None else ""))
+    cell = {(e["row"], e["metric"]): e for e in table}
+    rows = list(dict.fromkeys(e["row"] for e in table))
+    reference = table[0]["reference"] if table else None
+    decimals = {n: _decimals([e["mean"] for e in table if e["metric"] == n and e["mean"] is not None]) for n in names}
+    first = names[0]
+    head = ["row", *names, f"Δ {first} vs {reference} [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row] + [_mean_sd_cell(cell[(row, n)], decimals[n]) for n in names]
+        e, d = cell[(row, first)], decimals[first]
+        if row == reference or e["diff_mean"] is None:
+            cells.append("-")
+        elif e["ci_low"] is None:
+            cells.append(f"{_number(e['diff_mean'], d, True)} (1 pair)")
+        elif e["diff_sd"] == 0:
+            cells.append(f"{_number(e['diff_mean'], d, True)} (every pair)")
+        else:
+            cells.append(f"{_number(e['diff_mean'], d, True)} [{_number(e['ci_low'], d, True)}, "
+                         f"{_number(e['ci_high'], d, True)}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = sorted({v["seed"] for v in values})
+    return ("\n".join(lines) + f"\n\nMean ± sd over seeds {', '.join(map(str, seeds))} (values: "
+            f"docs/studies/{study_name}.csv),\nfrom `python study.py configs/studies/{study_name}.yaml`.\n")
+
+
 def gap_note(values: list[dict], gap: Gap) -> str:
     """What the gap column is, and the seeds or rows it has no share of, if any."""
     note = (f"\n{gap.column}: per seed s, 100·(L_s − X_s)/(L_s − U_s), with X_s, L_s and U_s the row's, "
@@ -406,8 +455,11 @@ def refresh_blocks(text: str, published: Path = PUBLISHED) -> tuple[str, list[st
             raise UserError(f"a generated block names study '{name}', but {source} does not exist: publish it "
                             f"with python study.py configs/studies/{name}.yaml --publish")
         names.append(name)
-        return match.group(1) + markdown(read_values_csv(source.read_text()), name, read_gap(published, name)) \
-            + match.group(4)
+        values, gap = read_values_csv(source.read_text()), read_gap(published, name)
+        if match.group("metrics"):
+            return match.group(1) + markdown_compact(values, name, match.group("metrics").split(","), gap) \
+                + match.group(5)
+        return match.group(1) + markdown(values, name, gap) + match.group(5)
 
     return BLOCK.sub(body, text), names
 

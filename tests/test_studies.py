@@ -432,3 +432,28 @@ def test_a_row_waits_for_its_parents_job_to_end_not_only_for_its_results(tmp_pat
     (parent / "results.json").write_text("{}")
     assert not parent_ready(study, study.runs["b_s0"], {"a_s0"})
     assert parent_ready(study, study.runs["b_s0"], set())
+
+
+def test_the_compact_block_holds_the_named_metrics_and_the_first_ones_paired_difference(tmp_path):
+    """<!-- study:x metrics=acc,gap --> (the README's form): one line per row, mean ± sd of each named metric,
+    then the first metric's paired difference against the reference, hand-computed here; an unknown metric stops
+    with the ones the values hold."""
+    from common.errors import UserError
+    from studies.summary import Gap, refresh_blocks, values_csv
+    values = [{"row": r, "seed": s, "metric": m, "value": v, "reference": r == "low"}
+              for r, s, m, v in [("low", 0, "acc", 70.0), ("low", 0, "loss", 1.0), ("low", 1, "acc", 60.0),
+                                 ("low", 1, "loss", 2.0), ("high", 0, "acc", 80.0), ("high", 0, "loss", 0.5),
+                                 ("high", 1, "acc", 80.0), ("high", 1, "loss", 0.5)]]
+    (tmp_path / "x.csv").write_text(values_csv(values))
+    (tmp_path / "x.gap.json").write_text(json.dumps({"metric": "acc", "lower": "low", "upper": "high"}))
+    new, names = refresh_blocks("<!-- study:x metrics=acc,gap -->\nold\n<!-- /study:x -->\n", tmp_path)
+    # low: 65 ± 7.07; high: 80 (sd 0, no ± shown); paired differences 10 and 20: mean 15, sd 7.071, t(0.975, 1) = 12.706
+    half = 12.7062047 * statistics.stdev([10.0, 20.0]) / 2 ** 0.5
+    assert names == ["x"]
+    assert new.splitlines()[1:5] == [
+        "| row | acc | gap closed on acc, low → high (%) | Δ acc vs low [95% CI] |", "|---|---|---|---|",
+        "| low | 65.00 ± 7.07 | 0.00 | - |",
+        f"| high | 80.00 | 100 | +15.00 [{-half + 15:+.2f}, {half + 15:+.2f}] |"]
+    assert "Mean ± sd over seeds 0, 1 (values: docs/studies/x.csv),\nfrom `python study.py configs/studies/x.yaml`" in new
+    with pytest.raises(UserError, match="names accuracy, which docs/studies/x.csv does not hold; it holds acc, loss"):
+        refresh_blocks("<!-- study:x metrics=accuracy -->\n<!-- /study:x -->", tmp_path)
