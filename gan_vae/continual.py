@@ -134,6 +134,11 @@ class StudentConfig:
                                    "Refused with student.replay=false, which replays "
                                    "nothing", ge=0, le=1,
                               before=0.0)  # issue 18: the experts alone replayed
+    replay_truncation: float = opt(0.0, "the truncation trick for the experts' replay (BigGAN, Brock et al. 2019): "
+                                        "their z drawn from N(0, I) truncated to [-psi, psi] in every coordinate, "
+                                        "trading diversity for fidelity; 0: no truncation. Only the replay the "
+                                        "student is trained on; the experts' FID and images sample untruncated",
+                                   ge=0)
     replay_source: str = opt("generated", "where replayed images come from: generated (the experts, and the "
                                           "student's copy by student.self_replay) or real (the earlier tasks' own "
                                           "training images, weight 1: a reference row, the oracle that bounds "
@@ -249,10 +254,10 @@ def validate(cfg, unread: bool = True) -> None:
 # the task and its self-distillation, the replayed experts' weights, mixup of real and replayed rows)
 REPLAY_ONLY_KEYS = ("student.replay_share", "student.self_replay", "student.mixup", "kd.previous_weight",
                     "kd.previous_posterior", "kd.weight_floor", "kd.weight_ceiling", "student.replay_source",
-                    "student.joint")
+                    "student.joint", "student.replay_truncation")
 # ... and what only generated replay reads (the copy's share, the replayed experts' FID weights): not the reference
 # rows whose rows are all real images (student.replay_source=real, student.joint)
-GENERATED_ONLY_KEYS = ("student.self_replay", "kd.weight_floor", "kd.weight_ceiling")
+GENERATED_ONLY_KEYS = ("student.self_replay", "kd.weight_floor", "kd.weight_ceiling", "student.replay_truncation")
 # ... and what only a later task reads (its extra steps, the finished tasks' priors, whether it replays at all)
 LATER_TASK_KEYS = ("student.replay", "student.steps_per_earlier_task", "student.freeze_old_priors")
 
@@ -264,7 +269,8 @@ def unread_student_keys(cfg) -> dict[str, str]:
     weighted, and the finished tasks' priors get no gradient (student.freeze_old_priors changes nothing); with
     kd.previous_weight=0 and student.self_replay=0 no copy from before the task is kept, so kd.previous_posterior
     has no self-distillation to shape; with real replayed rows (the reference rows student.replay_source=real and
-    student.joint=true) nothing is generated, so the copy's share and the experts' FID weights are unread. Then, whatever the tasks: the keys that only a loss term weighted 0 reads
+    student.joint=true) nothing is generated, so the copy's share, the experts' FID weights and the replay's
+    truncation are unread, and with student.self_replay=1 no expert draws replay to truncate. Then, whatever the tasks: the keys that only a loss term weighted 0 reads
     (gan_vae.losses.unread_at_weight_zero: student.contrastive_temperature with student.contrastive_weight=0, the
     relational temperature's keys with kd.relational_weight=0, ...)."""
     if len(cfg.data.tasks) == 1:
@@ -284,6 +290,9 @@ def unread_student_keys(cfg) -> dict[str, str]:
             why = ("student.replay_source=real: every replayed row is a real training image of its task, weighted 1, "
                    "so nothing is generated for replay")
             out = {key: why for key in GENERATED_ONLY_KEYS}
+        elif cfg.student.self_replay == 1:  # the copy from before the task draws every replayed row
+            out["student.replay_truncation"] = ("student.self_replay=1: the student's copy draws every replayed row, "
+                                                "so no expert samples replay to truncate")
         if cfg.kd.previous_weight == 0 and cfg.student.self_replay == 0:  # no copy from before the task is kept
             out["kd.previous_posterior"] = ("kd.previous_weight=0 and student.self_replay=0 keep no copy from before "
                                             "the task, so there is no self-distillation")

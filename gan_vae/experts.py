@@ -92,6 +92,18 @@ def step_seed(seed: int, task: int, phase: int, step: int) -> int:
     return ((seed * 1_000 + task) * 10 + phase) * 10_000_000 + step
 
 
+def draw_z(n: int, z_dim: int, generator: torch.Generator | None = None, truncation: float = 0.0) -> torch.Tensor:
+    """Generator noise [n, z_dim] on the CPU: z ~ N(0, I) (torch.randn, the stream every untruncated draw uses), or
+    with truncation psi > 0 the truncation trick of BigGAN (Brock, Donahue, Simonyan. Large Scale GAN Training for
+    High Fidelity Natural Image Synthesis. ICLR 2019): each coordinate from N(0, 1) conditioned on |z_i| <= psi
+    (torch.nn.init.trunc_normal_, inverse-CDF sampling from the same generator), so smaller psi trades the samples'
+    diversity for their fidelity."""
+    if truncation <= 0:
+        return torch.randn(n, z_dim, generator=generator)
+    return torch.nn.init.trunc_normal_(torch.empty(n, z_dim), 0.0, 1.0, -truncation, truncation,
+                                       generator=generator)
+
+
 class Expert:
     """One teacher: a generator with its own critic and optimisers, and the tasks it has learned."""
 
@@ -115,10 +127,12 @@ class Expert:
         unfreeze(self.critic)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, truncation: float = 0.0) -> torch.Tensor:
+        """n images from the generator in eval mode; z ~ N(0, I), or truncated to [-truncation, truncation] per
+        coordinate when truncation > 0 (draw_z)."""
         was = self.generator.training
         self.generator.eval()
-        z = torch.randn(n, self.z_dim, generator=generator).to(self.device)
+        z = draw_z(n, self.z_dim, generator, truncation).to(self.device)
         out = self.generator(z)
         self.generator.train(was)
         return out

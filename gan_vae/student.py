@@ -153,9 +153,9 @@ class StudentLearner:
         return x, task_ids, mix
 
     def replay(self, j: int, n: int, g: torch.Generator) -> torch.Tensor:
-        """n replayed images of earlier task j [n, C, 32, 32]: the expert's, except the first
-        round(n x student.self_replay), which the student's frozen copy from before the task generates from its
-        prior p(u | j)."""
+        """n replayed images of earlier task j [n, C, 32, 32]: the expert's (z truncated by
+        student.replay_truncation), except the first round(n x student.self_replay), which the student's frozen copy
+        from before the task generates from its prior p(u | j)."""
         knows = self.previous is not None and j < self.previous.num_tasks  # (a copy always knows its earlier tasks)
         n_self = round(n * self.cfg.student.self_replay) if knows else 0
         parts = []
@@ -164,7 +164,7 @@ class StudentLearner:
                 tasks = torch.full((n_self,), j, dtype=torch.long, device=self.device)
                 parts.append(self.previous.eval().sample(tasks, g))
         if n - n_self:
-            parts.append(self.pool.of_task(j).sample(n - n_self, g))
+            parts.append(self.pool.of_task(j).sample(n - n_self, g, self.cfg.student.replay_truncation))
         return torch.cat(parts)
 
     def row_weights(self, task_ids: torch.Tensor, t: int) -> torch.Tensor:

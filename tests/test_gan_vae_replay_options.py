@@ -234,6 +234,10 @@ def test_a_learner_resumed_within_a_joint_task_does_not_begin_it_again(domains, 
     (["student.replay_source=real", "kd.weight_floor=0.5"], "kd.weight_floor=0.5 (student.replay_source=real"),
     (["student.joint=true", "student.replay_source=real"], "student.replay_source=real (student.joint=true"),
     (["student.joint=true", "kd.weight_ceiling=0.9"], "kd.weight_ceiling=0.9 (student.joint=true"),
+    (["student.replay_source=real", "student.replay_truncation=1"],
+     "student.replay_truncation=1.0 (student.replay_source=real"),
+    (["student.self_replay=1", "student.replay_truncation=1"],
+     "student.replay_truncation=1.0 (student.self_replay=1: the student's copy draws every replayed row"),
 ])
 def test_the_generated_replays_keys_are_refused_in_the_reference_rows(domains, tmp_path, overrides, named):  # noqa: F811
     with pytest.raises(UserError, match="A key that would do nothing is refused") as err:
@@ -252,3 +256,32 @@ def test_a_branch_cannot_turn_joint_training_on_or_off(domains, tmp_path):  # no
     oracle = load_config(ContinualConfig, None, [*args, "student.replay_source=real"])
     assert [k for k, *_ in changed_config_keys(saved, joint, branching=True)] == ["student.joint"]
     assert changed_config_keys(saved, oracle, branching=True) == []
+
+
+def test_draw_z_truncates_every_coordinate_and_leaves_the_untruncated_stream_alone():
+    """psi = 0 is torch.randn's stream, bit for bit (runs without truncation keep their numbers); psi > 0 draws
+    from the same generator every coordinate within [-psi, psi], with the truncated normal's variance
+    1 - 2 psi phi(psi) / (2 Phi(psi) - 1) (0.2911 at psi = 1, by hand from phi(1) = 0.24197, Phi(1) = 0.84134)."""
+    from gan_vae.experts import draw_z
+    assert torch.equal(draw_z(5, 7, torch.Generator().manual_seed(3)),
+                       torch.randn(5, 7, generator=torch.Generator().manual_seed(3)))
+    z = draw_z(20_000, 8, torch.Generator().manual_seed(3), truncation=1.0)
+    assert z.abs().max() <= 1.0 and z.shape == (20_000, 8)
+    assert torch.equal(z, draw_z(20_000, 8, torch.Generator().manual_seed(3), truncation=1.0))
+    assert z.var().item() == pytest.approx(1 - 2 * 0.24197 / (2 * 0.84134 - 1), abs=0.005)
+    assert z.mean().item() == pytest.approx(0.0, abs=0.005)
+
+
+def test_replay_truncation_truncates_the_experts_replay_and_nothing_else(domains, tmp_path):  # noqa: F811
+    """student.replay_truncation=0.5: every z the expert's generator receives for the student's replay lies in
+    [-0.5, 0.5]; its other samples (FID, images) stay untruncated."""
+    run = _in_process_run(domains, tmp_path, ["discs", "crosses"], "student.self_replay=0",
+                          "student.replay_truncation=0.5")
+    seen = run.learner.begin_task(1)
+    zs = []
+    handle = run.pool.of_task(0).generator.register_forward_pre_hook(lambda m, args: zs.append(args[0].clone()))
+    run.learner.step_inputs(1, seen, 0)
+    assert len(zs) == 1 and len(zs[0]) == 8 and zs[0].abs().max() <= 0.5
+    run.pool.of_task(0).sample(256, torch.Generator().manual_seed(0))
+    handle.remove()
+    assert zs[1].abs().max() > 0.5

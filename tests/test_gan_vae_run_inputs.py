@@ -312,7 +312,7 @@ def test_a_key_the_run_does_not_read_is_refused(domains, tmp_path, overrides, fr
 REPLAY_ONLY = [["student.self_replay=0.0"], ["student.replay_share=0.5"], ["student.mixup=true"],
                ["student.replay_source=real"], ["student.joint=true"],
                ["kd.previous_weight=2.0"], ["kd.previous_posterior=kl"], ["kd.weight_floor=0.5"],
-               ["kd.weight_ceiling=0.9"], ["student.freeze_old_priors=true"]]
+               ["kd.weight_ceiling=0.9"], ["student.freeze_old_priors=true"], ["student.replay_truncation=1.0"]]
 
 
 @pytest.mark.parametrize("overrides", REPLAY_ONLY, ids=lambda o: o[0])
