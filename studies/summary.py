@@ -20,6 +20,7 @@ import json
 import math
 import re
 import statistics
+import textwrap
 from pathlib import Path
 
 from common.errors import UserError
@@ -311,10 +312,13 @@ def markdown_table(table: list[dict]) -> str:
 def markdown(values: list[dict], study_name: str, gap: Gap | None = None) -> str:
     """The text of a generated block: the table and what its cells are."""
     table = summarize(values, gap)
-    return (markdown_table(table) + "\nMean ± sample sd over the seeds; Δ: the paired per-seed difference against "
-            "the reference row,\nmean [95% t interval], from "
-            f"`python study.py configs/studies/{study_name}.yaml` (values: docs/studies/{study_name}.csv)."
-            + ("" if gap is None else gap_note(values, gap)) + "\n")
+    note = ("Mean ± sample sd over the seeds; Δ: the paired per-seed difference against the reference row, mean [95% "
+            f"t interval], from `python study.py configs/studies/{study_name}.yaml` (values: "
+            f"docs/studies/{study_name}.csv).")
+    paragraphs = [note] + ([] if gap is None else [gap_note(values, gap).strip()])
+    # prose lines of at most 120 characters (tests/test_docs.py), never broken inside a word or a path
+    return markdown_table(table) + "\n" + "\n".join(
+        textwrap.fill(x, 120, break_long_words=False, break_on_hyphens=False) for x in paragraphs) + "\n"
 
 
 def _mean_sd_cell(e: dict, decimals: int) -> str:

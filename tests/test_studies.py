@@ -130,7 +130,7 @@ def test_gap_column_in_the_markdown_table():
     assert "| default | 0, 1, 2 | 24.00 ± 3.61 | - | 50.00 (2 of 3) |" in text
     assert f"| 50.00 ± {statistics.stdev([-20, 120]):.2f} (2 of 3) |" in text  # worse: -20% and 120%
     assert "| noreplay | 0, 1, 2 | 37.33 ± 6.43 | +13.33 [+6.16, +20.50] | 0.00 (2 of 3) |" in text
-    assert "Seed 2 left out: noreplay and oracle have the same forgetting there" in text
+    assert "Seed 2 left out: noreplay and oracle have the same forgetting there" in " ".join(text.split())
     entry = next(e for e in summarize(GAP_VALUES, gap) if e["row"] == "worse" and e["gap"] is True)
     assert (entry["n"], entry["mean"], entry["diff_mean"]) == (2, pytest.approx(50.0), None)
     # without a tie, no word of one; without a gap, the table of before
@@ -457,3 +457,16 @@ def test_the_compact_block_holds_the_named_metrics_and_the_first_ones_paired_dif
     assert "Mean ± sd over seeds 0, 1 (values: docs/studies/x.csv),\nfrom `python study.py configs/studies/x.yaml`" in new
     with pytest.raises(UserError, match="names accuracy, which docs/studies/x.csv does not hold; it holds acc, loss"):
         refresh_blocks("<!-- study:x metrics=accuracy -->\n<!-- /study:x -->", tmp_path)
+
+
+def test_a_generated_blocks_prose_lines_are_at_most_120_characters():
+    """The note under a generated table is wrapped at 120 characters (tests/test_docs.py's limit for prose), even for
+    a long study name and a gap's note; the table lines themselves are not prose."""
+    from studies.summary import Gap, markdown
+    values = [{"row": r, "seed": s, "metric": "forgetting", "value": v, "reference": r == "default"}
+              for r, s, v in [("default", 0, 20.0), ("default", 1, 30.0), ("lower bound", 0, 50.0),
+                              ("lower bound", 1, 60.0), ("upper bound", 0, 2.0), ("upper bound", 1, 3.0)]]
+    text = markdown(values, "a_study_with_a_rather_long_name_ablation", Gap("forgetting", "lower bound", "upper bound"))
+    prose = [line for line in text.splitlines() if line and not line.startswith("|")]
+    assert len(prose) >= 3 and all(len(line) <= 120 for line in prose)
+    assert "docs/studies/a_study_with_a_rather_long_name_ablation.csv" in text  # a path is never broken
