@@ -269,6 +269,30 @@ def _number(x: float, decimals: int, sign: bool = False) -> str:
     return f"{x:+.{decimals}f}" if sign else f"{x:.{decimals}f}"
 
 
+def _mean_sd_cell(e: dict, decimals: int) -> str:
+    """A summary entry's "mean ± sd" (the mean alone for one seed or the same value on every seed), with "(n of N)"
+    when some seeds have no value (e.g. never reached X)."""
+    if e["mean"] is None:
+        return "-"
+    missing = f" ({e['n']} of {len(e['seeds'])})" if e["n"] < len(e["seeds"]) else ""
+    if e["sd"] is None or e["sd"] == 0:
+        return _number(e["mean"], decimals) + missing
+    return f"{_number(e['mean'], decimals)} ± {_number(e['sd'], decimals)}{missing}"
+
+
+def _difference_cell(e: dict, decimals: int, is_reference: bool) -> str:
+    """A summary entry's paired difference against the reference: "mean [95% CI]", "(1 pair)", "(every pair)" when
+    every pair differs by the same amount, "-" for the reference row or no pair."""
+    if is_reference or e["diff_mean"] is None:
+        return "-"
+    mean = _number(e["diff_mean"], decimals, True)
+    if e["ci_low"] is None:
+        return f"{mean} (1 pair)"
+    if e["diff_sd"] == 0:
+        return f"{mean} (every pair)"
+    return f"{mean} [{_number(e['ci_low'], decimals, True)}, {_number(e['ci_high'], decimals, True)}]"
+
+
 def markdown_table(table: list[dict]) -> str:
     """One line per row: each metric's mean ± sd (n seeds), and its paired difference against the reference with
     the 95% t interval. A pure function of summarize's table."""
@@ -287,24 +311,9 @@ def markdown_table(table: list[dict]) -> str:
         cells = [row, ", ".join(map(str, seeds))]
         for m in metrics:
             e, d = cell[(row, m)], decimals[m]
-            missing = f" ({e['n']} of {len(seeds)})" if e["n"] < len(seeds) else ""  # e.g. never reached X
-            if e["mean"] is None:
-                cells.append("-")
-            elif e["sd"] is None or e["sd"] == 0:  # one seed, or the same value on every seed
-                cells.append(_number(e["mean"], d) + missing)
-            else:
-                cells.append(f"{_number(e['mean'], d)} ± {_number(e['sd'], d)}{missing}")
-            if m in gaps:
-                continue
-            if row == reference or e["diff_mean"] is None:
-                cells.append("-")
-            elif e["ci_low"] is None:
-                cells.append(f"{_number(e['diff_mean'], d, True)} (1 pair)")
-            elif e["diff_sd"] == 0:
-                cells.append(f"{_number(e['diff_mean'], d, True)} (every pair)")
-            else:
-                cells.append(f"{_number(e['diff_mean'], d, True)} [{_number(e['ci_low'], d, True)}, "
-                             f"{_number(e['ci_high'], d, True)}]")
+            cells.append(_mean_sd_cell(e, d))
+            if m not in gaps:  # a gap's column has no difference against the reference
+                cells.append(_difference_cell(e, d, row == reference))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -319,15 +328,6 @@ def markdown(values: list[dict], study_name: str, gap: Gap | None = None) -> str
     # prose lines of at most 120 characters (tests/test_docs.py), never broken inside a word or a path
     return markdown_table(table) + "\n" + "\n".join(
         textwrap.fill(x, 120, break_long_words=False, break_on_hyphens=False) for x in paragraphs) + "\n"
-
-
-def _mean_sd_cell(e: dict, decimals: int) -> str:
-    if e["mean"] is None:
-        return "-"
-    missing = f" ({e['n']} of {len(e['seeds'])})" if e["n"] < len(e["seeds"]) else ""
-    if e["sd"] is None or e["sd"] == 0:
-        return _number(e["mean"], decimals) + missing
-    return f"{_number(e['mean'], decimals)} ± {_number(e['sd'], decimals)}{missing}"
 
 
 def markdown_compact(values: list[dict], study_name: str, metrics: list[str], gap: Gap | None = None) -> str:
@@ -351,16 +351,7 @@ def markdown_compact(values: list[dict], study_name: str, metrics: list[str], ga
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row] + [_mean_sd_cell(cell[(row, n)], decimals[n]) for n in names]
-        e, d = cell[(row, first)], decimals[first]
-        if row == reference or e["diff_mean"] is None:
-            cells.append("-")
-        elif e["ci_low"] is None:
-            cells.append(f"{_number(e['diff_mean'], d, True)} (1 pair)")
-        elif e["diff_sd"] == 0:
-            cells.append(f"{_number(e['diff_mean'], d, True)} (every pair)")
-        else:
-            cells.append(f"{_number(e['diff_mean'], d, True)} [{_number(e['ci_low'], d, True)}, "
-                         f"{_number(e['ci_high'], d, True)}]")
+        cells.append(_difference_cell(cell[(row, first)], decimals[first], row == reference))
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({v["seed"] for v in values})
     return ("\n".join(lines) + f"\n\nMean ± sd over seeds {', '.join(map(str, seeds))} (values: "
