@@ -18,6 +18,12 @@ each alike; it reports the median and the spread (min-max) of the repeats and ea
    copy (data.preprocessed=true) augmented in the loader, and the pre-decoded copy augmented on the device.
 6. gan_vae: WGAN-GP teacher steps and beta-VAE student steps per second, and one FID evaluation against cached
    real statistics (in teacher steps).
+7. End to end, cache included (--skip e2e leaves it out): a whole KD run with the online teacher, the eagerly built
+   cache (teacher.cache_fill=eager) and the lazily filled one (teacher.cache_fill=lazy), each from launch (the
+   Trainer built, teacher, data and a fresh cache included) to the end of epoch E for E in --e2e-epochs, as ratios to
+   the online run at the same E; one run of max(E) epochs gives every E (a shorter run is its prefix), each E with
+   the end of a run's teacher cost added (its validation and test accuracy). Also the time from launch to the first
+   training step. The student's validation is left out: it costs every mode the same.
 Writes <out>.json and <out>.md (machine, torch version and device in the header).
 
 --suite gpu measures instead what a GPU user needs, in images per second with the peak GPU memory of each item, at
@@ -143,6 +149,66 @@ def bench_kd(args, cache_dir: str) -> tuple[list[dict], dict[str, Trainer]]:
         rows.append({**row("teacher-cache build, with pooled features", [build_s], "s", floor, "label-only epoch"),
                      "note": "one build (pooled_hint)"})
     return rows, trainers
+
+
+# ---- 7: end to end, cache included -------------------------------------------------------------------------------
+E2E_MODES = {"online": ["kd.alpha=0", "teacher.mode=online"],
+             "eager cache": ["kd.alpha=0", "teacher.mode=cached", "teacher.cache_fill=eager"],
+             "lazy cache": ["kd.alpha=0", "teacher.mode=cached", "teacher.cache_fill=lazy"]}
+
+
+def bench_end_to_end(args, work: Path) -> list[dict]:
+    """Item 7: after a warm-up round (one epoch per mode), for each round one run per mode (interleaved, each with a
+    fresh cache folder), timed from launch to the end of every epoch in --e2e-epochs; rows per E as ratios to
+    online at that E, then launch -> first step."""
+    import shutil
+
+    from engine.report import teacher_accuracy
+    epochs = sorted(set(args.e2e_epochs))
+    last = epochs[-1]
+    ends = {name: {e: [] for e in epochs} for name in E2E_MODES}
+    first_step = {name: [] for name in E2E_MODES}
+    for rep in range(-1, args.e2e_repeats):  # round -1: a warm-up of one epoch per mode, not recorded
+        for name, extra in E2E_MODES.items():
+            folder = work / f"e2e_{rep}_{name.split()[0]}"
+            start = time.perf_counter()
+            run_epochs = 1 if rep < 0 else last
+            cfg = checked_config(Config, common_overrides(args, str(folder)) + [f"train.epochs={run_epochs}", *extra])
+            t = Trainer(cfg, DistInfo(device=device()), None)
+            if rep < 0:
+                t.train_epoch(0)
+                teacher_accuracy(t)
+                t.release_cache()
+                del t
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            first_step[name].append(time.perf_counter() - start)  # the first step starts now
+            report_s, report_first = 0.0, None
+            for epoch in range(last):
+                t.train_epoch(epoch)
+                if epoch + 1 in ends[name]:
+                    # a run of E epochs ends with the teacher's accuracy on validation and test: online, a teacher
+                    # pass; lazy, the evaluation views scored (the first call; later ones read them); eager, a read.
+                    # Every E gets the first call's cost, and no E pays an earlier E's.
+                    lap = time.perf_counter()
+                    teacher_accuracy(t)
+                    report_first = time.perf_counter() - lap if report_first is None else report_first
+                    ends[name][epoch + 1].append(lap - start - report_s + report_first)
+                    report_s += time.perf_counter() - lap
+            t.release_cache()
+            del t
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"end to end round {rep} {name}: first step after {first_step[name][-1]:.1f} s; "
+                  + ", ".join(f"E={e}: {v[-1]:.1f} s" for e, v in ends[name].items()), flush=True)
+    rows = []
+    for e in epochs:
+        floor = statistics.median(ends["online"][e])
+        rows += [{**row(f"end to end, E = {e}, {name}", ends[name][e], "s", floor, f"online run, E = {e}"),
+                  "note": "launch to the end of epoch E, cache included"} for name in E2E_MODES]
+    floor = statistics.median(first_step["online"])
+    rows += [{**row(f"launch to first step, {name}", first_step[name], "s", floor, "online run"),
+              "note": "teacher, data and cache ready"} for name in E2E_MODES]
+    return rows
 
 
 # ---- 3, 4: difficulty refresh and curriculum RL epochs -----------------------------------------------------------
@@ -493,6 +559,7 @@ def main() -> None:
     if args.quick:
         args.images_per_class, args.repeats, args.refresh_every = 12, 2, 2
         args.gan_images, args.gan_steps, args.fid_samples = 500, 4, 1000
+        args.e2e_epochs, args.e2e_repeats = [1, 2, 5], 1
     if "kd" in args.skip and "pipeline" not in args.skip:
         parser.error("the pipeline item measures against the label-only student of the kd item: do not skip kd")
 
@@ -509,6 +576,8 @@ def main() -> None:
             rows += bench_pipeline(args, work, trainers["label-only"])
         if "gan_vae" not in args.skip:
             rows += bench_gan_vae(args, work)
+        if "e2e" not in args.skip:
+            rows += bench_end_to_end(args, work)
     write_results({"machine": machine(), "args": vars(args), "rows": rows, "suite": "cpu"}, args.out)
 
 
@@ -542,7 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-methods", action="store_true",
                         help="KD item: only label-only, cached and online kd (not dkd, dist, logit standardisation, "
                              "pooled_hint, fitnet)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["kd", "curriculum", "pipeline", "gan_vae"],
+    parser.add_argument("--e2e-epochs", type=int, nargs="+", default=[1, 2, 5, 10, 20],
+                        help="end-to-end item: the run lengths E timed (one run of the longest per mode and round)")
+    parser.add_argument("--e2e-repeats", type=int, default=3, help="end-to-end item: rounds (each mode once per round)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["kd", "curriculum", "pipeline", "gan_vae", "e2e"],
                         help="items to leave out")
     parser.add_argument("--out", default="bench", help="output prefix for .json and .md")
     return parser

@@ -6,6 +6,7 @@ from training's random streams, and the steps that must not (loading data, build
 run under common.rng.rng_isolated there."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -103,16 +104,41 @@ def check_stages(cfg, model: nn.Module, what: str) -> None:
 def build_teacher_cache(cfg, teacher: nn.Module, splits: dict, spec: AugSpec, dist: DistInfo, autocast,
                         device_aug: bool) -> tuple:
     """teacher.mode=cached: the teacher's outputs on K views of every training image, built once and reused
-    (engine.teacher_cache). Returns (cache, info: built, build_s, path)."""
-    from engine.teacher_cache import build_or_load_cache
+    (engine.teacher_cache). Returns (cache, info: built, build_s, path, fill, filled_slots, slots, fill_role,
+    the SlotFiller that completes batches while the cache is not full, or None)."""
+    from engine.teacher_cache import build_or_load_cache, fill_lock_path, fill_remaining, open_filler, several_nodes
     cache_dir = Path(cfg.teacher.cache_dir or Path(cfg.run.out_dir) / "teacher_cache")
+    chunk = teacher_chunk(cfg)
+    fill = cfg.teacher.cache_fill
+    if fill == "auto":  # lazy writes one cache file from every rank: one machine only
+        fill = "eager" if several_nodes(dist) else "lazy"
     cache, info = build_or_load_cache(
-        teacher, splits, spec, cfg.teacher.cache_views, cfg.train.seed, cache_dir, dist, cfg.teacher.batch_size,
-        cfg.data.workers, autocast, device_aug, with_features=kd_methods.needs_teacher_features(cfg))
+        teacher, splits, spec, cfg.teacher.cache_views, cfg.train.seed, cache_dir, dist, chunk,
+        cfg.data.workers, autocast, device_aug, with_features=kd_methods.needs_teacher_features(cfg), fill=fill)
+    filler, role = open_filler(cache, teacher, chunk, dist, autocast, splits, spec, cfg.data.workers)
+    info["fill_role"] = role
+    if fill == "eager" and filler is not None and role == "fills" and not cache.complete:
+        # a cache a lazy run started (or a lazy run killed): finish it now, as eager promises
+        start = time.perf_counter()
+        fill_remaining(filler, splits["train"], spec, cfg.train.seed, dist, cfg.data.workers, device_aug)
+        info["filled_slots"], _ = cache.count_filled()
+        info["build_s"] += time.perf_counter() - start
+        filler = None if cache.complete else filler
     if dist.is_main:
         verb = f"built in {info['build_s']:.1f}s" if info["built"] else "reused"
-        print(f"teacher cache {verb}: {info['path']}")
-    return cache, info
+        filled = "" if filler is None else (
+            f"; {info['filled_slots']:,} of {info['slots']:,} training views scored, the rest "
+            + ("scored and written as training reaches them" if role == "fills" else
+               "scored by this run's teacher as training reaches them, not written (another run holds the fill "
+               f"lock {fill_lock_path(cache.root)}, or the folder is read-only)"))
+        print(f"teacher cache {verb} ({fill} fill): {info['path']}{filled}")
+    return cache, info, filler
+
+
+def teacher_chunk(cfg) -> int:
+    """Views per teacher forward when scoring the cache: teacher.batch_size, at most a training batch (the lazy
+    fill scores a batch's unfilled rows padded to this many, engine.teacher_cache.score_chunks)."""
+    return min(cfg.teacher.batch_size, cfg.train.batch_size)
 
 
 def build_loaders(cfg, dist: DistInfo, splits: dict, spec: AugSpec, cache, device_aug: bool, sampler=None):

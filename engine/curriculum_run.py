@@ -162,6 +162,7 @@ class CurriculumRun:
                                       note=self.action_note(action, info, record))
             obs = next_obs
         curriculum_log.close()
+        self.trainer.release_cache()
         if self.dist.is_main:
             plot_curriculum(self.run_dir)
 

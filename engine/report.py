@@ -13,6 +13,7 @@ from common.checkpoint import load_checkpoint, load_state_strict
 from common.config import to_plain
 from common.files import atomic_write, write_json
 from common.metrics import read_jsonl
+from engine.teacher_cache import teacher_acc1
 from common.plots import plot_curves
 from engine.evaluation import evaluate, measure_latency
 from models import count_params
@@ -39,8 +40,9 @@ def teacher_accuracy(t) -> dict:
     """Trainer `t`'s teacher on validation and test (from its cache when it has one); {} without a teacher."""
     if not t.uses_teacher:
         return {}
-    if t.cache is not None:
-        return {f"teacher/{s}_acc1": t.cache.meta[f"teacher/{s}_acc1"] for s in ("validation", "test")}
+    if t.cache is not None:  # the stored fp16 logits (a lazily filled cache scores them now, on first read)
+        return {f"teacher/{s}_acc1": teacher_acc1(t.cache.eval_logits(s), t.splits[s].labels)
+                for s in ("validation", "test")}
     return {f"teacher/{s}_acc1": evaluate(t.teacher, t.eval_loaders[s], t.device, t.channels_last, t.autocast,
                                           t.num_classes)["acc1"] for s in ("validation", "test")}
 

@@ -52,11 +52,11 @@ class TrainingRun(Protocol):
 # and pre-decoded folders, whose contents are fingerprinted), logging (log.*), loader processes (every view is a
 # pure function of seed, epoch and index), profiling, the latency report, the separate label-only baseline, and
 # train.compile (the same model, traced: it changes rounding only, and a run whose compile broke must be able to
-# continue eagerly).
+# continue eagerly), and teacher.cache_fill (lazy and eager fill the cache with the same bytes).
 # Everything else (train.epochs included: it sets the cosine schedule; train.device: it sets train.amp=auto) must
 # match the run's config.
 TRAIN_RESUME_SAFE_KEYS = (*RESUME_SAFE_KEYS, "data.workers", "data.preprocess_dir", "teacher.cache_dir",
-                          "train.profile", "train.compile", "eval.*", "kd.baseline")
+                          "teacher.cache_fill", "train.profile", "train.compile", "eval.*", "kd.baseline")
 
 
 def unread_teacher_patterns(cfg) -> tuple[str, ...]:

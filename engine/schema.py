@@ -70,7 +70,7 @@ class TeacherConfig:
     pretrained: bool = opt(True, "load the hub weights of teacher.name (ignored when teacher.checkpoint is set)")
     checkpoint: str = opt("", "local teacher weights (.pt, .pth or .safetensors; e.g. student.safetensors of a "
                               "kd.alpha=1 run) used instead of hub weights")
-    mode: str = opt("cached", "'cached': run the teacher once before training and replay its views; "
+    mode: str = opt("cached", "'cached': score K views per image once (teacher.cache_fill) and replay them; "
                               "'online': run it on every training batch", choices=("cached", "online"))
     cache_views: int = opt(10, "K: augmented views per training image stored in the teacher cache", ge=1)
     cache_features: bool = opt(True, "also store the teacher's pooled features of every cached view (fp16) when "
@@ -80,7 +80,13 @@ class TeacherConfig:
                            "student.safetensors); a stopped one is continued. configs/quickstart.yaml uses "
                            "configs/quickstart_teacher.yaml")
     cache_dir: str = opt("", "teacher cache location (default <run.out_dir>/teacher_cache)")
-    batch_size: int = opt(256, "images per teacher forward while building the cache", ge=1)
+    cache_fill: str = opt("auto", "when the cache's training views are scored: 'lazy' each the first time training "
+                                  "replays it (the same logits as 'eager'; until every view is filled an epoch costs "
+                                  "an online one, then a label-only one); 'eager' all before the first step; 'auto' "
+                                  "lazy on one machine, eager across several (where lazy is refused)",
+                          choices=("auto", "lazy", "eager"))
+    batch_size: int = opt(256, "views per teacher forward when scoring the cache (capped at train.batch_size; "
+                               "part of the cache's key, since it sets the rounding)", ge=1)
 
 
 @dataclass
@@ -171,7 +177,7 @@ class Config:
 
 
 # The teacher.* keys that only the teacher cache (teacher.mode=cached) reads.
-CACHE_ONLY_TEACHER_KEYS = ("cache_views", "cache_features", "cache_dir", "batch_size")
+CACHE_ONLY_TEACHER_KEYS = ("cache_views", "cache_features", "cache_dir", "cache_fill", "batch_size")
 
 
 def unread_teacher_keys(cfg) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The cached teacher: run the frozen teacher once, before training, and never during it.
+"""The cached teacher: the frozen teacher's outputs on K fixed views of every training image, stored once and replayed.
 
 For every training image the cache holds K augmentation records and the teacher's fp16 logits on exactly those
 views; the training loader replays one record per image per epoch (`augment.replay_view_index`), so the student sees
@@ -8,13 +8,29 @@ when the run augments on the device (`data.augment_on`), with the same tensor op
 logits on the evaluation view of every train, validation and test image (for difficulty scores and the teacher's
 reported accuracy).
 
-Layout: `<cache_dir>/<fingerprint>/<split>.npy`, one memory-mapped structured array per split, plus `meta.json`.
-It is built under the lock `<cache_dir>/.<fingerprint>.lock` into `<cache_dir>/.<fingerprint>.building-*`, with
-the arrays' space reserved first, and published by one rename (`locked_build`): a second run needing the same cache
-waits and reuses it, and a build that is killed or runs out of space leaves nothing a later run reads. The
-fingerprint hashes the teacher weights, class restriction and input normalisation (its own mean and std, which it
-sees whatever the student's are), the dataset (its content: `content_hash`), the view recipe and where views are
-made, K, the seed and the numerics the teacher ran in (device type, autocast dtype, TF32), so a changed input lands
+Two ways to fill it (teacher.cache_fill), with the same numbers:
+- eager: every view is scored before the first training step;
+- lazy: only the evaluation views are scored up front. A training slot (image, view) is scored the first time a
+  batch replays it, by the run itself (`SlotFiller`), written, and then marked filled in `train.filled.npy`; after K
+  epochs every slot is filled and an epoch costs what a label-only epoch costs.
+Both score through `score_chunks`: exactly `chunk` views per teacher forward, the last forward padded with zero
+images. On CPU oneDNN picks convolution and matmul kernels by batch size, which changes float32 rounding (measured:
+a resnet's logits differ in the last bit between batches of 8 and 16), so a view's logits must not depend on how
+many other views share its forward. With one shape per forward they depend on nothing else (tested at AVX2 and
+AVX-512), so a lazily filled slot equals the eagerly built one bit for bit, and `chunk` is part of the fingerprint.
+
+Layout: `<cache_dir>/<fingerprint>/<split>.npy`, one memory-mapped structured array per split, `train.filled.npy`
+(uint8 [N, K], 1 = that slot's logits are written and durable) and `meta.json`. The evaluation views (and, eagerly,
+every training view) are scored under the lock `<cache_dir>/.<fingerprint>.lock` into
+`<cache_dir>/.<fingerprint>.building-*`, with the arrays' space reserved first, and published by one rename
+(`locked_build`): a second run needing the same cache waits and reuses it, and a build that is killed or runs out of
+space leaves nothing a later run reads. A lazy run then fills slots while it holds `<cache_dir>/.<fingerprint>.fill
+.lock`; another run of the same cache that finds the fill lock taken does not wait: it reads the slots filled so far
+and scores the others with its own teacher without writing them (the same numbers). A slot is marked filled only
+after its logits are flushed (msync), so a kill between the two leaves it unfilled, never half-read. The fingerprint
+hashes the teacher weights, class restriction and input normalisation (its own mean and std, which it sees whatever
+the student's are), the dataset (its content: `content_hash`), the view recipe and where views are made, K, the seed
+and the numerics the teacher ran in (device type, autocast dtype, TF32, views per forward), so a changed input lands
 in a new directory; a directory whose meta or shapes disagree is rebuilt, never reused.
 """
 from __future__ import annotations
@@ -41,9 +57,14 @@ from imagedata.image_sources import SPLITS, ImageSource
 from imagedata.normalization import input_norm, normalize_batch
 from imagedata.predecode import PredecodedSource
 from imagedata.samplers import ShardSampler
-from imagedata.views import make_loader, unpack_raw
+from imagedata.views import collate_views, make_loader, unpack_raw
 
-CACHE_VERSION = 2  # 2: images decoded by image_sources.to_rgb (16-bit scaled to 8, alpha over white)
+CACHE_VERSION = 3  # 2: images decoded by image_sources.to_rgb (16-bit scaled to 8, alpha over white); 3: fixed-shape
+# teacher forwards (score_chunks) and per-slot filled flags (train.filled.npy)
+FILL_MODES = ("lazy", "eager")
+FILLED_FILE = "train.filled.npy"
+EVAL_DONE = "{split}.eval.done"  # written once a split's evaluation-view logits are flushed
+CACHE_WHAT, CACHE_KEY = "teacher cache", "teacher.cache_dir"
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -56,9 +77,10 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def teacher_numerics(autocast, device: torch.device) -> dict:
+def teacher_numerics(autocast, device: torch.device, chunk: int | None = None) -> dict:
     """What sets the rounding of the teacher's logits: the device type, the dtype autocast actually gives a
-    convolution (float32 when off), and on CUDA whether float32 convolutions and matmuls may run in TF32."""
+    convolution (float32 when off), on CUDA whether float32 convolutions and matmuls may run in TF32, and the
+    views per teacher forward (`chunk`, see `score_chunks`)."""
     probe = torch.ones(1, 1, 1, 1, device=device)
     with torch.no_grad(), autocast():
         dtype = torch.nn.functional.conv2d(probe, probe).dtype
@@ -66,6 +88,8 @@ def teacher_numerics(autocast, device: torch.device) -> dict:
     if device.type == "cuda":
         numerics["tf32"] = {"conv": bool(torch.backends.cudnn.allow_tf32),
                             "matmul": bool(torch.backends.cuda.matmul.allow_tf32)}
+    if chunk is not None:
+        numerics["views_per_forward"] = chunk
     return numerics
 
 
@@ -134,36 +158,107 @@ def batch_views(batch: dict, spec: AugSpec, device: torch.device) -> torch.Tenso
 
 
 class TeacherCache:
-    """Read access to a built cache. Memory maps open lazily, once per process (DataLoader workers included)."""
+    """Read access to a published cache, and with `write_slots` the lazy fill's writes. Memory maps open lazily,
+    once per process (DataLoader workers included)."""
 
     def __init__(self, root: Path, meta: dict):
         self.root, self.meta = Path(root), meta
         self.num_views, self.num_classes = meta["num_views"], meta["num_classes"]
         self.feature_dim = meta.get("feature_dim")
         self._arrays: dict[str, np.ndarray] = {}
+        self._writable: dict[str, np.ndarray] = {}
+        self._eval_memory: dict[str, np.ndarray] = {}
+        self.eval_filler = None  # split -> None (scored and written) or the logits (scored, not written)
+        self.complete = None  # set by `count_filled`; a complete cache is only read (no flag per item)
 
     def array(self, split: str) -> np.ndarray:
         if split not in self._arrays:
             self._arrays[split] = np.load(self.root / f"{split}.npy", mmap_mode="r")
         return self._arrays[split]
 
+    def filled(self) -> np.ndarray:
+        """uint8 [N, K]: 1 where the slot (image, view) holds the teacher's logits."""
+        if "filled" not in self._arrays:
+            self._arrays["filled"] = np.load(self.root / FILLED_FILE, mmap_mode="r")
+        return self._arrays["filled"]
+
+    def count_filled(self) -> tuple[int, int]:
+        """(filled slots, all slots); also sets `complete`."""
+        flags = np.asarray(self.filled())
+        done, total = int(flags.sum(dtype=np.int64)), int(flags.size)
+        self.complete = done == total
+        return done, total
+
     def __getstate__(self):  # memory maps are reopened in each worker, not pickled
-        return {"root": self.root, "meta": self.meta}
+        return {"root": self.root, "meta": self.meta, "complete": self.complete}
 
     def __setstate__(self, state):
         self.__init__(state["root"], state["meta"])
+        self.complete = state.get("complete")
+
+    def is_filled(self, index: int, view: int) -> bool:
+        return bool(self.complete) or bool(self.filled()[index, view])
 
     def train_view(self, index: int, view: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
         """(augmentation record float32 [R], {"teacher_logits": float16 [C]} plus "teacher_features": float16 [D]
-        when the cache holds features) of training view `view` of image `index`."""
+        when the cache holds features) of training view `view` of image `index`, a filled slot (`is_filled`)."""
         row = self.array("train")[index]
         teacher = {"teacher_logits": torch.from_numpy(np.array(row["view_logits"][view]))}
         if self.feature_dim:
             teacher["teacher_features"] = torch.from_numpy(np.array(row["view_features"][view]))
         return np.array(row["view_records"][view]), teacher
 
+    def unfilled_view(self) -> dict[str, torch.Tensor]:
+        """Zero placeholders of `train_view`'s teacher outputs for a slot not filled yet: the batch carries
+        teacher_filled = False for it, and `SlotFiller.complete` replaces them before any loss reads them."""
+        teacher = {"teacher_logits": torch.zeros(self.num_classes, dtype=torch.float16)}
+        if self.feature_dim:
+            teacher["teacher_features"] = torch.zeros(self.feature_dim, dtype=torch.float16)
+        return teacher
+
+    def write_slots(self, index: np.ndarray, view: np.ndarray, logits: np.ndarray, records: np.ndarray,
+                    features: np.ndarray | None) -> None:
+        """Store the teacher's outputs of training slots (index[i], view[i]), flush them to disk, and only then
+        mark the slots filled (and flush the flags): a kill between the two leaves a slot unfilled, never a flag
+        over logits that are not there."""
+        if "train" not in self._writable:
+            self._writable["train"] = np.load(self.root / "train.npy", mmap_mode="r+")
+            self._writable["filled"] = np.load(self.root / FILLED_FILE, mmap_mode="r+")
+        arr = self._writable["train"]
+        with write_errors(self.root.parent, CACHE_WHAT, CACHE_KEY):
+            arr["view_logits"][index, view] = logits  # field views of the memory map: written in place
+            arr["view_records"][index, view] = records
+            if features is not None:
+                arr["view_features"][index, view] = features
+            arr.flush()
+        self._mark_filled(index, view)
+
+    def _mark_filled(self, index: np.ndarray, view: np.ndarray) -> None:
+        """The second half of `write_slots`, once the slots' outputs are flushed."""
+        flags = self._writable["filled"]
+        with write_errors(self.root.parent, CACHE_WHAT, CACHE_KEY):
+            flags[index, view] = 1
+            flags.flush()
+
+    def eval_ready(self, split: str) -> bool:
+        """Whether `split`'s evaluation-view logits are stored (an eager build stores them all; a lazy cache scores
+        a split's the first time a run reads them)."""
+        return (self.root / EVAL_DONE.format(split=split)).exists()
+
     def eval_logits(self, split: str) -> np.ndarray:
-        """Teacher logits on the evaluation view of every image of `split`: float16 [N, C]."""
+        """Teacher logits on the evaluation view of every image of `split`: float16 [N, C]. A lazily filled cache
+        scores them here, on first read, through the `eval_filler` the run attached (`open_filler`); every rank of
+        a run calls this at the same point (it may hold collectives)."""
+        if split in self._eval_memory:
+            return self._eval_memory[split]
+        if not broadcast_object(self.eval_ready(split)):  # rank 0's view, so that every rank takes one branch
+            if self.eval_filler is None:
+                raise RuntimeError(f"teacher cache {self.root}: the {split} evaluation views are not scored and no "
+                                   "teacher is attached to score them")
+            logits = self.eval_filler(split)
+            if logits is not None:  # scored but not written (another run fills this cache): kept for this run
+                self._eval_memory[split] = logits
+                return logits
         return self.array(split)["eval_logits"]
 
 
@@ -187,6 +282,12 @@ def _valid(root: Path, fingerprint: dict, sources: dict[str, ImageSource], num_c
         if arr.shape != (len(src),) or arr.dtype != split_dtype(split, fingerprint["num_views"], num_classes,
                                                                 feature_dim):
             return None
+    try:
+        flags = np.load(root / FILLED_FILE, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if flags.shape != (len(sources["train"]), fingerprint["num_views"]) or flags.dtype != np.uint8:
+        return None
     return meta
 
 
@@ -212,8 +313,6 @@ def merge_shards(root: Path, world_size: int, chunk: int = 4096) -> None:
         out.flush()
         del out
 
-
-CACHE_WHAT, CACHE_KEY = "teacher cache", "teacher.cache_dir"
 
 
 def _all_ranks(step, dist: DistInfo) -> None:
@@ -241,6 +340,12 @@ def _all_ranks(step, dist: DistInfo) -> None:
                     "This rank stopped with it")
 
 
+def _new_flags(path: Path, rows: int, num_views: int) -> None:
+    """train.filled.npy: uint8 [rows, K], every slot unfilled."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows, num_views)).flush()
+    reserve(path, path.stat().st_size)
+
+
 def _new_array(path: Path, dtype: np.dtype, rows: int) -> None:
     """A .npy file of `rows` zeroed rows whose blocks are allocated now (see locked_build.reserve)."""
     np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows,)).flush()
@@ -249,13 +354,19 @@ def _new_array(path: Path, dtype: np.dtype, rows: int) -> None:
 
 def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int,
                         cache_dir: Path, dist: DistInfo, batch_size: int, workers: int,
-                        autocast, device_aug: bool = False, with_features: bool = False) -> tuple[TeacherCache, dict]:
+                        autocast, device_aug: bool = False, with_features: bool = False,
+                        fill: str = "eager") -> tuple[TeacherCache, dict]:
     """The cache for this teacher and data, built now if missing or stale. Returns (cache, info) where info says
     whether it was built and how long that took. Building is sharded over ranks; rank 0 holds the build lock
     (`locked_build`: another run building the same cache is waited for, then reused), checks the free space,
     merges the shards, writes the metadata and publishes the finished cache with one rename.
     `device_aug`: the run augments on its device (`views.TrainViews`), so the training views are made there too.
-    `with_features`: also store the teacher's pooled features of every training view (feature KD methods)."""
+    `with_features`: also store the teacher's pooled features of every training view (feature KD methods).
+    `batch_size`: views per teacher forward (`score_chunks`; part of the fingerprint).
+    `fill`: "eager" scores every training view now; "lazy" only the evaluation views, leaving the training slots to
+    `SlotFiller`. Either way a published cache is returned, and `count_filled` says how full it is."""
+    if fill not in FILL_MODES:
+        raise ValueError(f"fill={fill!r}: one of {FILL_MODES}")
     if device_aug and not isinstance(sources["train"], PredecodedSource):
         raise UserError("augmentation on the device needs the pre-decoded data path: set data.preprocessed=true")
     num_classes = len(sources["train"].class_names)
@@ -263,28 +374,32 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
     if with_features and not feature_dim:
         raise UserError("the teacher exposes no pooled features to cache (no forward_features / forward_head / "
                         "num_features); use a timm classifier as the teacher, or a logit KD method")
-    fingerprint = cache_fingerprint(teacher, sources, spec, num_views, seed, teacher_numerics(autocast, dist.device),
-                                    device_aug, feature_dim)
+    fingerprint = cache_fingerprint(teacher, sources, spec, num_views, seed,
+                                    teacher_numerics(autocast, dist.device, batch_size), device_aug, feature_dim)
     digest = broadcast_object(hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20])
     root = Path(cache_dir) / digest
     meta = broadcast_object(_valid(root, fingerprint, sources, num_classes, feature_dim) if dist.is_main else None)
     if meta is not None:  # published, so whole: no lock needed to read it (a read-only shared cache works)
-        return TeacherCache(root, meta), {"built": False, "path": str(root), "build_s": 0.0}
-
-    return _build_cache(teacher, sources, spec, num_views, seed, root, fingerprint, dist, batch_size, workers,
-                        autocast, device_aug, num_classes, feature_dim)
+        cache, info = TeacherCache(root, meta), {"built": False, "path": str(root), "build_s": 0.0}
+    else:
+        cache, info = _build_cache(teacher, sources, spec, num_views, seed, root, fingerprint, dist, batch_size,
+                                   workers, autocast, device_aug, num_classes, feature_dim, fill)
+    done, total = cache.count_filled()
+    return cache, {**info, "fill": fill, "filled_slots": done, "slots": total}
 
 
 def _build_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_views: int, seed: int, root: Path,
                  fingerprint: dict, dist: DistInfo, batch_size: int, workers: int, autocast, device_aug: bool,
-                 num_classes: int, feature_dim: int | None) -> tuple[TeacherCache, dict]:
+                 num_classes: int, feature_dim: int | None, fill: str) -> tuple[TeacherCache, dict]:
     """`build_or_load_cache` once no valid cache is published at `root`: under rank 0's build lock, reuse one
-    another run published meanwhile, or score every view into a fresh build directory and publish it."""
+    another run published meanwhile, or score the evaluation views (and with fill="eager" every training view)
+    into a fresh build directory and publish it."""
     import time
     dtypes = {split: split_dtype(split, num_views, num_classes, feature_dim) for split in SPLITS}
     sharded = dist.world_size > 1
     # the merged arrays, and while they are merged the ranks' shard files as well
-    need = sum(dtypes[s].itemsize * len(sources[s]) for s in SPLITS) * (2 if sharded else 1)
+    need = (sum(dtypes[s].itemsize * len(sources[s]) for s in SPLITS) * (2 if sharded else 1)
+            + len(sources["train"]) * num_views)  # + the filled flags
     lock, build_dir = contextlib.ExitStack(), None
     try:
         def prepare() -> tuple[dict | None, str | None]:
@@ -300,19 +415,21 @@ def _build_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_vi
             with write_errors(root.parent, CACHE_WHAT, CACHE_KEY, need):
                 for split, src in sources.items():
                     _new_array(build_dir / f"{split}.npy", dtypes[split], len(src))
+                _new_flags(build_dir / FILLED_FILE, len(sources["train"]), num_views)
             return None, str(build_dir)
 
         start = time.perf_counter()
         meta, path = on_main_rank(prepare, dist)
         if meta is not None:
             return TeacherCache(root, meta), {"built": False, "path": str(root), "build_s": 0.0}
-        _score_all(teacher, sources, spec, num_views, seed, Path(path), dist, batch_size, workers, autocast,
-                   device_aug, feature_dim, dtypes, need)
+        if fill == "eager":  # lazy: nothing is scored before training (SlotFiller, and eval_logits on first read)
+            _score_all(teacher, sources, spec, num_views, seed, Path(path), dist, batch_size, workers, autocast,
+                       device_aug, feature_dim, dtypes, need)
         meta = {"fingerprint": fingerprint, "num_views": num_views, "num_classes": num_classes,
                 "feature_dim": feature_dim}
 
-        meta = on_main_rank(lambda: _finish_build(build_dir, root, meta, sources, dist.world_size, need, start),
-                            dist)
+        meta = on_main_rank(lambda: _finish_build(build_dir, root, meta, sources, dist.world_size, need, start,
+                                                  fill == "eager"), dist)
     except BaseException:
         discard(build_dir)  # rank 0's unfinished build (None elsewhere): nothing partial stays
         raise
@@ -321,19 +438,29 @@ def _build_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_vi
     return TeacherCache(root, meta), {"built": True, "path": str(root), "build_s": meta["build_s"]}
 
 
+def teacher_acc1(eval_logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy (%) of the stored fp16 evaluation-view logits: what a cached run reports as the teacher's."""
+    return float((np.asarray(eval_logits, dtype=np.float32).argmax(1) == np.asarray(labels)).mean() * 100)
+
+
 def _finish_build(build_dir: Path, root: Path, meta: dict, sources: dict[str, ImageSource], world_size: int,
-                  need: int, start: float) -> dict:
-    """Rank 0, after every rank scored its shard: merge the shards, record the teacher's accuracy and the
-    metadata, publish."""
+                  need: int, start: float, all_views: bool) -> dict:
+    """Rank 0, after every rank scored its shard (`all_views`, the eager build: merge the shards, mark every slot
+    and evaluation split scored, record the teacher's accuracy) or straight away (lazy): write the metadata,
+    publish."""
     import time
     with write_errors(root.parent, CACHE_WHAT, CACHE_KEY, need):
-        if world_size > 1:
-            merge_shards(build_dir, world_size)
-        cache = TeacherCache(build_dir, meta)
-        for split in SPLITS:  # the teacher's accuracy on each split's evaluation view, for the record
-            pred = np.asarray(cache.eval_logits(split), dtype=np.float32).argmax(1)
-            meta[f"teacher/{split}_acc1"] = float((pred == sources[split].labels).mean() * 100)
-        del cache
+        if all_views:
+            if world_size > 1:
+                merge_shards(build_dir, world_size)
+            flags = np.load(build_dir / FILLED_FILE, mmap_mode="r+")
+            flags[:] = 1
+            flags.flush()
+            del flags
+            for split in SPLITS:  # the teacher's accuracy on each split's evaluation view, for the record
+                logits = np.load(build_dir / f"{split}.npy", mmap_mode="r")["eval_logits"]
+                meta[f"teacher/{split}_acc1"] = teacher_acc1(logits, sources[split].labels)
+                (build_dir / EVAL_DONE.format(split=split)).touch()
         meta["build_s"] = time.perf_counter() - start
         write_json(build_dir / "meta.json", meta)  # last: the completion mark
     publish(build_dir, root, CACHE_WHAT, CACHE_KEY)
@@ -371,34 +498,70 @@ def _score_all(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_view
     barrier()
 
 
+def forward_chunks(teacher, images: torch.Tensor, chunk: int, device: torch.device, autocast,
+                   with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's outputs on uint8 views [N, 3, S, S]: (logits [N, C], pooled features [N, D] with
+    `with_features`, else None), as the teacher computes them. The views run `chunk` at a time, the last forward
+    padded with zero images to `chunk`: every forward has one shape, so each view's numbers are the same whatever
+    views share its forward, which lets the lazy fill score any subset of slots and store what the eager build
+    stores."""
+    logits_out, features_out = [], []
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk]
+        rows = len(part)
+        if rows < chunk:
+            part = torch.cat([part, part.new_zeros((chunk - rows, *part.shape[1:]))])
+        with autocast():
+            x = normalize_batch(part, device, True, input_norm(teacher))
+            logits, features = teacher.logits_and_features(x) if with_features else (teacher(x), None)
+        logits_out.append(logits[:rows])
+        if features is not None:
+            features_out.append(features[:rows])
+    return torch.cat(logits_out), (torch.cat(features_out) if with_features else None)
+
+
+def score_chunks(teacher, images: torch.Tensor, chunk: int, device: torch.device, autocast,
+                 with_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """`forward_chunks` as the cache stores it: (fp16 logits [N, C], fp16 pooled features [N, D] or None)."""
+    logits, features = forward_chunks(teacher, images, chunk, device, autocast, with_features)
+    return (logits.float().cpu().numpy().astype(np.float16),
+            None if features is None else features.float().cpu().numpy().astype(np.float16))
+
+
 def _score_split(teacher, src: ImageSource, split: str, spec: AugSpec, k: int, seed: int, build_dir: Path,
                  out_path: Path, sampler: ShardSampler, dist: DistInfo, batch_size: int, workers: int, autocast,
                  device_aug: bool, feature_dim: int | None, need: int) -> None:
-    """This rank's shard of one split (`k` training views per image, 0 for validation and test) into `out_path`:
-    the merged array (one process) or this rank's shard file, with the image indices it scored beside it. No
+    """This rank's shard of one split into `out_path`: the merged array (one process) or this rank's shard file,
+    with the image indices it scored beside it. Two passes over the shard in the sampler's order: the evaluation
+    views (`batch_size` images per loader batch), then, when `k` > 0, the K training views (batch_size // K
+    images per loader batch); every view through `score_chunks` with `batch_size` views per forward. No
     collective."""
     device, sharded = dist.device, dist.world_size > 1
     with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
         out = np.load(out_path, mmap_mode="r+")
-    views = CacheViews(src, spec, seed, k, device_aug)
-    loader = make_loader(views, sampler, max(1, batch_size // (k + 1)), workers, device)
     scored = []  # the indices this rank scored, in order (KD_TRACE_DIR: tests check the ranks partition them)
-    for batch in tqdm(loader, desc=f"teacher cache [{split}]", disable=not dist.is_main, dynamic_ncols=True):
-        # rows of `out`: the images' own (one shared file) or the next ones of this rank's shard file
-        idx = np.arange(len(scored), len(scored) + len(batch["index"])) if sharded else batch["index"].numpy()
-        scored += batch["index"].tolist()
-        images = batch_views(batch, spec, device)  # [B, V, 3, S, S]
-        b, v = images.shape[:2]
-        with autocast():
-            x = normalize_batch(images.flatten(0, 1), device, True, input_norm(teacher))
-            logits, features = teacher.logits_and_features(x) if feature_dim and k else (teacher(x), None)
-        logits = logits.float().view(b, v, -1).cpu().numpy().astype(np.float16)
-        out["eval_logits"][idx] = logits[:, -1]
-        if k:
-            out["view_logits"][idx] = logits[:, :k]
+    for views_per_image in ((0, k) if k else (0,)):
+        views = CacheViews(src, spec, seed, views_per_image, device_aug)
+        loader = make_loader(views, sampler, max(1, batch_size // max(views_per_image, 1)), workers, device)
+        what = "training views" if views_per_image else "evaluation views"
+        position = 0
+        for batch in tqdm(loader, desc=f"teacher cache [{split}, {what}]", disable=not dist.is_main,
+                          dynamic_ncols=True):
+            # rows of `out`: the images' own (one shared file) or the next ones of this rank's shard file
+            n = len(batch["index"])
+            idx = np.arange(position, position + n) if sharded else batch["index"].numpy()
+            position += n
+            images = batch_views(batch, spec, device)  # [B, V, 3, S, S]: the training views, then the eval view
+            if not views_per_image:
+                scored += batch["index"].tolist()
+                out["eval_logits"][idx] = score_chunks(teacher, images[:, -1], batch_size, device, autocast)[0]
+                continue
+            logits, features = score_chunks(teacher, images[:, :k].flatten(0, 1), batch_size, device, autocast,
+                                            bool(feature_dim))
+            out["view_logits"][idx] = logits.reshape(n, k, -1)
             out["view_records"][idx] = batch["records"].numpy()
-        if features is not None:
-            out["view_features"][idx] = features.float().view(b, v, -1)[:, :k].cpu().numpy().astype(np.float16)
+            if features is not None:
+                out["view_features"][idx] = features.reshape(n, k, -1)
     with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
         out.flush()
     del out
@@ -410,3 +573,152 @@ def _score_split(teacher, src: ImageSource, split: str, spec: AugSpec, k: int, s
 def _save_index(path: Path, scored: list[int], need: int) -> None:
     with write_errors(path.parent.parent, CACHE_WHAT, CACHE_KEY, need):
         np.save(path, np.asarray(scored, dtype=np.int64))
+
+
+def several_nodes(dist: DistInfo) -> bool:
+    """Whether the ranks span several machines (torchrun's LOCAL_WORLD_SIZE: the ranks on this one)."""
+    import os
+    return dist.world_size > int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+
+
+def fill_lock_path(root: Path) -> Path:
+    return Path(root).with_name(f".{Path(root).name}.fill.lock")
+
+
+class SlotFiller:
+    """teacher.cache_fill=lazy while training: `complete(batch, views)` scores the rows of a batch whose slot is
+    not filled (batch["teacher_filled"] False), on the views the student trains on (uint8, the same pixels the
+    eager build scores: same record, same function, same device), puts their logits (and features) into the batch
+    as the stored fp16 values, and, when this run holds the fill lock (`writer`), writes them to the cache.
+
+    Every rank fills the rows of its own batches; ranks of one machine write disjoint rows of one file through its
+    page cache. Several machines are refused (`open_filler`): a shared filesystem such as NFS writes back whole
+    pages, which could undo another node's slots that share a page."""
+
+    def __init__(self, cache: TeacherCache, teacher, chunk: int, device: torch.device, autocast, writer: bool,
+                 lock=None):
+        self.cache, self.teacher, self.chunk, self.device, self.autocast = cache, teacher, chunk, device, autocast
+        self.writer, self.lock = writer, lock
+        self.scored = 0  # slots this process scored (written or not)
+
+    @torch.no_grad()
+    def complete(self, batch: dict, views: torch.Tensor) -> None:
+        filled = batch.get("teacher_filled")
+        if filled is None or bool(filled.all()):
+            return
+        rows = torch.nonzero(~filled).flatten()
+        logits, features = score_chunks(self.teacher, views[rows.to(views.device)], self.chunk, self.device,
+                                        self.autocast, bool(self.cache.feature_dim))
+        batch["teacher_logits"][rows] = torch.from_numpy(logits)
+        if features is not None:
+            batch["teacher_features"][rows] = torch.from_numpy(features)
+        self.scored += len(rows)
+        if self.writer:
+            self.cache.write_slots(batch["index"][rows].numpy(), batch["cache_view"][rows].numpy(), logits,
+                                   batch["record"][rows].numpy().astype(np.float32), features)
+
+    def close(self) -> None:
+        """Give the fill lock back (the end of training; a killed process's lock goes with it)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def fill_eval(cache: TeacherCache, teacher, source: ImageSource, split: str, spec: AugSpec, chunk: int,
+              dist: DistInfo, autocast, workers: int, writer: bool) -> np.ndarray | None:
+    """The evaluation-view logits of `split` for a lazily filled cache, scored the way the eager build scores them
+    (`score_chunks`, `chunk` views per forward). `writer`: every rank scores its shard into the cache file, then
+    rank 0 marks the split done (returns None; holds collectives, so every rank calls it). Otherwise this rank
+    scores the whole split alone and returns the fp16 logits [N, C] without writing."""
+    sampler = ShardSampler(len(source), dist.world_size if writer else 1, dist.rank if writer else 0)
+    loader = make_loader(CacheViews(source, spec, 0, 0), sampler, chunk, workers, dist.device)
+    out = np.zeros((len(source), cache.num_classes), dtype=np.float16)
+
+    def score() -> None:
+        target = np.load(cache.root / f"{split}.npy", mmap_mode="r+")["eval_logits"] if writer else out
+        with write_errors(cache.root.parent, CACHE_WHAT, CACHE_KEY):
+            for batch in tqdm(loader, desc=f"teacher cache [{split}, evaluation views]", dynamic_ncols=True,
+                              disable=not dist.is_main, leave=False):
+                images = batch_views(batch, spec, dist.device)[:, -1]
+                target[batch["index"].numpy()] = score_chunks(teacher, images, chunk, dist.device, autocast)[0]
+            if writer:
+                target.flush()
+
+    if not writer:
+        score()
+        return out
+    _all_ranks(score, dist)
+    barrier()
+    if dist.is_main:
+        with write_errors(cache.root.parent, CACHE_WHAT, CACHE_KEY):
+            (cache.root / EVAL_DONE.format(split=split)).touch()
+    barrier()
+    return None
+
+
+def fill_remaining(filler: SlotFiller, source: ImageSource, spec: AugSpec, seed: int, dist: DistInfo,
+                   workers: int, device_aug: bool) -> int:
+    """teacher.cache_fill=eager on a cache a lazy run started: score and write every slot still unfilled now, each
+    rank the images of its shard, through the same `score_chunks` (so the same bytes). Returns the slots this rank
+    scored. Holds collectives (every rank calls it)."""
+    flags = np.asarray(filler.cache.filled())
+    todo = np.flatnonzero(~flags.all(1))
+    sampler = ShardSampler(len(todo), dist.world_size, dist.rank)
+    chunk, k = filler.chunk, filler.cache.num_views
+    images = max(1, chunk // k)
+    scored = 0
+
+    def score() -> None:
+        nonlocal scored
+        positions = list(sampler)
+        for start in tqdm(range(0, len(positions), images), desc="teacher cache [train, unfilled views]",
+                          disable=not dist.is_main, dynamic_ncols=True):
+            index = todo[positions[start:start + images]]
+            views = CacheViews(source, spec, seed, k, device_aug)
+            batch = collate_views([views[int(i)] for i in index])
+            made = batch_views(batch, spec, dist.device)[:, :k]  # [B, K, 3, S, S]
+            rows, slots = np.nonzero(~flags[index].astype(bool))
+            flat = torch.from_numpy(rows * k + slots)
+            logits, features = score_chunks(filler.teacher, made.flatten(0, 1)[flat.to(made.device)], chunk,
+                                            dist.device, filler.autocast, bool(filler.cache.feature_dim))
+            filler.cache.write_slots(index[rows], slots, logits, batch["records"].numpy()[rows, slots], features)
+            scored += len(rows)
+
+    _all_ranks(score, dist)
+    barrier()
+    return scored
+
+
+def open_filler(cache: TeacherCache, teacher, chunk: int, dist: DistInfo, autocast, sources: dict | None = None,
+                spec: AugSpec | None = None, workers: int = 0) -> tuple[SlotFiller | None, str]:
+    """The SlotFiller of a lazily filled cache that has unfilled slots (None when it is complete), and what this
+    run does with it: "fills" (rank 0 took the fill lock for every rank of the run), or "reads" (another run holds
+    the lock, or the cache folder cannot be written: slots it lacks are scored by this run's teacher, not
+    written). With `sources`, also attaches the scorer of evaluation views not stored yet (`fill_eval`), which
+    `cache.eval_logits` calls on first read, writing them only when this run fills. Raises a UserError on several
+    machines."""
+    ready = all(cache.eval_ready(split) for split in SPLITS)
+    if cache.complete and ready:
+        return None, "reads"
+    if several_nodes(dist):
+        raise UserError(
+            f"teacher.cache_fill=lazy on {dist.world_size} ranks over several machines: every rank would write slots "
+            "into one cache file, which a shared filesystem (NFS, Lustre) writes back page by page, so one node "
+            "could undo another's slots. Build the cache up front with teacher.cache_fill=eager (each rank scores "
+            "its shard into a file of its own, merged by rank 0), or run on one machine")
+
+    def take():
+        from filelock import FileLock, Timeout
+        lock = FileLock(fill_lock_path(cache.root))
+        try:
+            lock.acquire(timeout=0)
+        except (Timeout, OSError):  # another run fills it, or a read-only cache folder: read and score, never write
+            return None
+        return lock
+    lock = take() if dist.is_main else None
+    writer = bool(broadcast_object(lock is not None))
+    if sources is not None:
+        cache.eval_filler = lambda split: fill_eval(cache, teacher, sources[split], split, spec, chunk, dist,
+                                                    autocast, workers, writer)
+    filler = SlotFiller(cache, teacher, chunk, dist.device, autocast, writer, lock)
+    return filler, ("fills" if writer else "reads")

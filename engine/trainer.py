@@ -75,7 +75,7 @@ class Trainer:
         self.spec = AugSpec.from_cfg(cfg.data)
         self.student = build_student(cfg, self.num_classes, self.device, self.channels_last)
         check_stages(cfg, self.student, "student")  # the method's declared stages, before any work reads them
-        self.teacher, self.cache, self.cache_info = None, None, {}
+        self.teacher, self.cache, self.cache_info, self.filler = None, None, {}, None
         if self.uses_teacher:
             with rng_isolated():
                 self.teacher = build_teacher(cfg, self.class_names, self.device, self.channels_last)
@@ -83,8 +83,8 @@ class Trainer:
                 if cfg.teacher.pretrained and not cfg.teacher.checkpoint:  # the hub's weights: a resume compares
                     self.inputs["teacher_hub_weights"] = weights_digest(self.teacher.model)
                 if cfg.teacher.mode == "cached":
-                    self.cache, self.cache_info = build_teacher_cache(cfg, self.teacher, self.splits, self.spec,
-                                                                      dist, self.autocast, self.device_aug)
+                    self.cache, self.cache_info, self.filler = build_teacher_cache(
+                        cfg, self.teacher, self.splits, self.spec, dist, self.autocast, self.device_aug)
         # the KD method and the module that trains (student + the method's own parts: DDP, compile, optimizer)
         self.method = build_method(cfg, self.student, self.teacher).to(self.device)
         self.distiller = Distiller(self.student, self.method)
@@ -132,7 +132,7 @@ class Trainer:
             self.scheduler.set_progress(epoch + step / steps)
             with timer.data_wait():  # only the time blocked on the loader
                 batch = next(it)
-            x = self.batch_images(batch)
+            x = self.batch_images(batch, self.filler)
             y = batch["label"].to(self.device, non_blocking=True)
             valid = batch["valid"]  # False marks a DDP padding duplicate (TrainBatchSampler); on the host
             timer.compute_begins()
@@ -175,13 +175,17 @@ class Trainer:
         terms, mean_loss, loss = masked_loss_terms(compute, valid, step_valid, self.dist.world_size)
         return outputs["logits"], terms, mean_loss, loss
 
-    def batch_images(self, batch: dict) -> torch.Tensor:
+    def batch_images(self, batch: dict, filler=None) -> torch.Tensor:
         """The batch's training views as normalised floats on the device (augmented here when data.augment_on
-        resolves to device)."""
+        resolves to device). With `filler` (a lazily filled teacher cache), the teacher first scores the rows whose
+        cached view is not filled yet, on these very views (engine.teacher_cache.SlotFiller)."""
         if "raw" in batch:
             views = apply_aug_records(unpack_raw(batch, self.device), batch["record"], self.spec)
-            return normalize_batch(views, self.device, self.channels_last, input_norm(self.student))
-        return normalize_batch(batch["image"], self.device, self.channels_last, input_norm(self.student))
+        else:
+            views = batch["image"]
+        if filler is not None:
+            filler.complete(batch, views)
+        return normalize_batch(views, self.device, self.channels_last, input_norm(self.student))
 
     def evaluate(self, split: str) -> dict:
         """Metrics of the current student on `split`, with rank 0's BatchNorm statistics on every rank (DDP syncs
@@ -227,9 +231,17 @@ class Trainer:
         barrier()
 
     def fit(self, logger: MetricLogger) -> None:
-        for epoch in range(self.start_epoch, self.cfg.train.epochs):
-            record, improved = self.train_and_validate(epoch)
-            self.finish_epoch(epoch, record, improved, logger)
+        try:
+            for epoch in range(self.start_epoch, self.cfg.train.epochs):
+                record, improved = self.train_and_validate(epoch)
+                self.finish_epoch(epoch, record, improved, logger)
+        finally:
+            self.release_cache()
+
+    def release_cache(self) -> None:
+        """Give back the teacher cache's fill lock (teacher.cache_fill=lazy), so another run may fill it."""
+        if self.filler is not None:
+            self.filler.close()
 
     def final_report(self) -> dict:
         """results.json's content (engine.report.final_report), written by rank 0."""

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from imagedata.augment import (AugSpec, apply_aug_record, eval_view, replay_view_index, sample_aug_record,
-                               train_record_rng)
+from imagedata.augment import (AugSpec, apply_aug_record, cache_record_rng, eval_view, replay_view_index,
+                               sample_aug_record, train_record_rng)
 from imagedata.image_sources import ImageSource
 from imagedata.predecode import PredecodedSource
 
@@ -39,7 +39,9 @@ def unpack_raw(batch: dict, device: torch.device) -> list[torch.Tensor]:
 
 class TrainViews(torch.utils.data.Dataset):
     """Training views. With `cache` (a TeacherCache), each item replays one of the K cached views and carries the
-    teacher logits computed on exactly that view; without, the view is drawn fresh from (seed, index, epoch).
+    teacher logits computed on exactly that view; without, the view is drawn fresh from (seed, index, epoch). A
+    cache that is still being filled (teacher.cache_fill=lazy) adds `teacher_filled` (False: zero placeholders
+    that engine.teacher_cache.SlotFiller replaces before the loss), `cache_view` and `record`.
 
     With `device_aug` (a PredecodedSource only), an item carries the stored image (`raw`, uint8 [3, H, W]) and its
     augmentation `record` instead of the view; the trainer applies the record on its device (`unpack_raw`, then
@@ -60,13 +62,21 @@ class TrainViews(torch.utils.data.Dataset):
         img = self.source.tensor(index) if self.device_aug else self.source.load(index)
         item = {"label": int(self.source.labels[index]), "index": index,
                 "valid": bool(key[2]) if len(key) > 2 else True}
+        height, width = (img.shape[1], img.shape[2]) if self.device_aug else (img.height, img.width)
         if self.cache is None:
-            height, width = (img.shape[1], img.shape[2]) if self.device_aug else (img.height, img.width)
             record = sample_aug_record(train_record_rng(self.seed, index, epoch), width, height, self.spec)
         else:
             view = replay_view_index(self.seed, index, epoch, self.cache.num_views)
-            record, teacher = self.cache.train_view(index, view)
+            filled = self.cache.is_filled(index, view)
+            if filled:
+                record, teacher = self.cache.train_view(index, view)
+            else:  # a lazily filled cache's empty slot: the record the eager build draws; the trainer scores it
+                record = sample_aug_record(cache_record_rng(self.seed, index, view), width, height, self.spec)
+                teacher = self.cache.unfilled_view()
             item.update(teacher)  # teacher_logits, and teacher_features when the cache holds them
+            if not self.cache.complete:  # fixed for the run: the keys SlotFiller needs
+                item.update(teacher_filled=filled, cache_view=view,
+                            record=torch.as_tensor(np.asarray(record, dtype=np.float32)))
         if self.device_aug:
             item["raw"], item["record"] = img, torch.as_tensor(np.asarray(record, dtype=np.float32))
         else:

@@ -649,10 +649,10 @@ def test_every_selected_sample_reaches_the_loss(tmp_path, monkeypatch, accountin
     seen: dict[int, list[int]] = {}
     real_batch_images = Trainer.batch_images
 
-    def spy(self, batch):  # the samples of each step that are meant to reach the loss
+    def spy(self, batch, filler=None):  # the samples of each step that are meant to reach the loss
         valid = batch.get("valid", torch.ones(len(batch["index"]), dtype=torch.bool))
         seen.setdefault(self.train_sampler.epoch, []).extend(batch["index"][valid].tolist())
-        return real_batch_images(self, batch)
+        return real_batch_images(self, batch, filler)
 
     monkeypatch.setattr(Trainer, "batch_images", spy)
     run_training(cfg, DistInfo(), Trainer if strategy == "train_student" else CurriculumRun)

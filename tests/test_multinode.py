@@ -100,7 +100,9 @@ def test_two_nodes_train_with_a_cache_built_across_both(tmp_path):
     # each rank wrote a shard file of its own, rank 0 merged them: none left over, no row unwritten (zeros)
     import numpy as np
     (cache_dir,) = [p for p in (tmp_path / "teacher_cache").iterdir() if p.is_dir()]
-    assert sorted(p.name for p in cache_dir.glob("*.npy")) == ["test.npy", "train.npy", "validation.npy"]
+    assert sorted(p.name for p in cache_dir.glob("*.npy")) == ["test.npy", "train.filled.npy", "train.npy",
+                                                                "validation.npy"]
+    assert np.load(cache_dir / "train.filled.npy").all()  # teacher.cache_fill=auto: eager across machines
     for split, n in sizes.items():
         rows = np.load(cache_dir / f"{split}.npy")
         assert len(rows) == n and (np.abs(rows["eval_logits"].astype(np.float32)).sum(1) > 0).all(), split

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, export_commit, start_script
+from conftest import ROOT, TINY, TINY_ONLINE, export_commit, start_script
 
 PRE_REFACTOR = "a338ef7"  # the last commit before issue 17
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -114,13 +114,20 @@ KD_CASES = {"kd": ["kd.method=kd", "kd.alpha=0.5"],
             "dist": ["kd.method=dist", "kd.dist.beta=2", "kd.dist.gamma=2"],  # the defaults since issue 18
             "pooled_hint": ["kd.method=pooled_hint"]}
 OLD_NAMES = {"pooled_hint": ["kd.method=fitnet"]}  # its name in the old tree (issue 18 renamed it)
+# pooled_hint runs with the online teacher on both sides: since cache version 3 (issue 28) the cache scores its views
+# in forwards of one fixed shape (engine.teacher_cache.score_chunks), where the old tree ran (K + 1) x b views per
+# forward, and oneDNN rounds some fp32 pooled features differently at another batch size, enough to move a few of
+# the fp16 values stored; the logit-only methods' stored fp16 logits happen to come out equal in this config.
+# The cached path of every method is held against the eager build by tests/test_lazy_cache.py instead.
+BOTH_SIDES = {"pooled_hint"}
 
 
 @pytest.mark.parametrize("method", sorted(KD_CASES))
 def test_train_student_is_bit_identical_to_the_code_before_the_refactor(tmp_path, method, pre_refactor_tree):
     runs = run_both(pre_refactor_tree, tmp_path, ["train_student.py"],
-                    lambda side: [*TINY, *(OLD_NAMES.get(method, KD_CASES[method]) if side.name == "before"
-                                           else KD_CASES[method])])
+                    lambda side: [*(TINY_ONLINE if method in BOTH_SIDES else TINY),
+                                  *(OLD_NAMES.get(method, KD_CASES[method]) if side.name == "before"
+                                    else KD_CASES[method])])
     renamed = {"kd/method": ("fitnet", "pooled_hint")} if method in OLD_NAMES else None
     assert_same_logs(runs, ("metrics.jsonl",), ("results.json",), lines=2, renamed=renamed)
     assert_same_weights(runs)

@@ -111,8 +111,8 @@ def test_precision_is_part_of_the_key(setup, tmp_path):
     assert info["built"]
     bf16, info = _build(setup, tmp_path, views=1, autocast=autocast_for("bf16", cpu))
     assert info["built"] and bf16.root != fp32.root
-    assert fp32.meta["fingerprint"]["numerics"] == {"device": "cpu", "autocast": "float32"}
-    assert bf16.meta["fingerprint"]["numerics"] == {"device": "cpu", "autocast": "bfloat16"}
+    assert fp32.meta["fingerprint"]["numerics"] == {"device": "cpu", "autocast": "float32", "views_per_forward": 8}
+    assert bf16.meta["fingerprint"]["numerics"] == {"device": "cpu", "autocast": "bfloat16", "views_per_forward": 8}
     logits = [np.asarray(c.eval_logits("test"), dtype=np.float32) for c in (fp32, bf16)]
     assert not np.array_equal(*logits)  # the reason: bf16 logits are not the fp32 ones
     again, info = _build(setup, tmp_path, views=1, autocast=autocast_for("auto", cpu))  # auto on CPU: fp32
@@ -144,8 +144,11 @@ def test_device_augmented_run_gets_teacher_views_equal_to_the_students(setup, tm
                                        batch_size=8, workers=0, autocast=contextlib.nullcontext, device_aug=True)
     finally:
         hook.remove()
-    n = len(sizes)
-    teacher_views = torch.cat(scored)[: n * (k + 1)].view(n, k + 1, 3, 32, 32)  # train split, index order
+    n, per = len(sizes), 8 // k  # the train split's forwards: its evaluation views (one forward of 8), then its
+    # training views, `per` images x k views per loader batch, each forward padded to 8 views
+    train_forwards = scored[1:1 + -(-n // per)]
+    teacher_views = torch.cat([f[:min(per, n - i * per) * k] for i, f in enumerate(train_forwards)]
+                              ).view(n, k, 3, 32, 32)  # index order
     views = TrainViews(splits["train"], spec, seed=0, cache=cache, device_aug=True)
     pil_differs = False
     for epoch in range(k):  # every cached view replayed once

@@ -12,7 +12,8 @@ def test_bench_runs_and_writes_json_and_markdown(tmp_path):
     proc = run_script("bench.py", "--teacher", "resnet10t", "--student", "test_resnet", "--image-size", "32",
                       "--classes", "3", "--images-per-class", "8", "--batch-size", "8", "--repeats", "1",
                       "--refresh-every", "2", "--cache-views", "2", "--jpeg-height", "48", "--preprocess-size", "40",
-                      "--gan-images", "120", "--gan-steps", "1", "--fid-samples", "60", "--out", str(out))
+                      "--gan-images", "120", "--gan-steps", "1", "--fid-samples", "60", "--e2e-epochs", "1", "3",
+                      "--e2e-repeats", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
     assert {"cpu", "cores", "torch", "device"} <= set(result["machine"])
@@ -27,6 +28,11 @@ def test_bench_runs_and_writes_json_and_markdown(tmp_path):
                  "gan_vae student (beta-VAE + distillation) steps", "gan_vae FID evaluation"):
         assert rows[item]["median"] > 0 and rows[item]["min"] <= rows[item]["median"] <= rows[item]["max"], item
     assert rows["curriculum epoch, RL ppo"]["n"] == 2 and rows["difficulty refresh"]["n"] == 1
+    for e in (1, 3):  # end to end: one row per mode and E, as a ratio to the online run of the same E
+        assert rows[f"end to end, E = {e}, online"]["ratio"] == 1.0
+        assert rows[f"end to end, E = {e}, lazy cache"]["median"] > 0 and rows[f"end to end, E = {e}, eager cache"]
+    assert rows["end to end, E = 3, lazy cache"]["median"] > rows["end to end, E = 1, lazy cache"]["median"]
+    assert rows["launch to first step, online"]["ratio"] == 1.0 and rows["launch to first step, eager cache"]
     markdown = out.with_suffix(".md").read_text()
     assert markdown.startswith("Machine: ") and "| input pipeline, pre-decoded, augment on device |" in markdown
 
