@@ -120,7 +120,7 @@ def build_teacher_cache(cfg, teacher: nn.Module, splits: dict, spec: AugSpec, di
     if fill == "eager" and filler is not None and role == "fills" and not cache.complete:
         # a cache a lazy run started (or a lazy run killed): finish it now, as eager promises
         start = time.perf_counter()
-        fill_remaining(filler, splits["train"], spec, cfg.train.seed, dist, cfg.data.workers, device_aug)
+        fill_remaining(filler, splits["train"], spec, cfg.train.seed, dist, device_aug)
         info["filled_slots"], _ = cache.count_filled()
         info["build_s"] += time.perf_counter() - start
         filler = None if cache.complete else filler

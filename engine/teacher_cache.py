@@ -657,7 +657,7 @@ def fill_eval(cache: TeacherCache, teacher, source: ImageSource, split: str, spe
 
 
 def fill_remaining(filler: SlotFiller, source: ImageSource, spec: AugSpec, seed: int, dist: DistInfo,
-                   workers: int, device_aug: bool) -> int:
+                   device_aug: bool) -> int:
     """teacher.cache_fill=eager on a cache a lazy run started: score and write every slot still unfilled now, each
     rank the images of its shard, through the same `score_chunks` (so the same bytes). Returns the slots this rank
     scored. Holds collectives (every rank calls it)."""
@@ -666,6 +666,7 @@ def fill_remaining(filler: SlotFiller, source: ImageSource, spec: AugSpec, seed:
     sampler = ShardSampler(len(todo), dist.world_size, dist.rank)
     chunk, k = filler.chunk, filler.cache.num_views
     images = max(1, chunk // k)
+    views = CacheViews(source, spec, seed, k, device_aug)
     scored = 0
 
     def score() -> None:
@@ -674,7 +675,6 @@ def fill_remaining(filler: SlotFiller, source: ImageSource, spec: AugSpec, seed:
         for start in tqdm(range(0, len(positions), images), desc="teacher cache [train, unfilled views]",
                           disable=not dist.is_main, dynamic_ncols=True):
             index = todo[positions[start:start + images]]
-            views = CacheViews(source, spec, seed, k, device_aug)
             batch = collate_views([views[int(i)] for i in index])
             made = batch_views(batch, spec, dist.device)[:, :k]  # [B, K, 3, S, S]
             rows, slots = np.nonzero(~flags[index].astype(bool))
