@@ -175,18 +175,12 @@ def bench_end_to_end(args, work: Path) -> list[dict]:
             run_epochs = 1 if rep < 0 else last
             cfg = checked_config(Config, common_overrides(args, str(folder)) + [f"train.epochs={run_epochs}", *extra])
             t = Trainer(cfg, DistInfo(device=device()), None)
-            if rep < 0:
-                t.train_epoch(0)
-                teacher_accuracy(t)
-                t.release_cache()
-                del t
-                shutil.rmtree(folder, ignore_errors=True)
-                continue
-            first_step[name].append(time.perf_counter() - start)  # the first step starts now
+            if rep >= 0:
+                first_step[name].append(time.perf_counter() - start)  # the first step starts now
             report_s, report_first = 0.0, None
-            for epoch in range(last):
+            for epoch in range(run_epochs):
                 t.train_epoch(epoch)
-                if epoch + 1 in ends[name]:
+                if rep >= 0 and epoch + 1 in ends[name]:
                     # a run of E epochs ends with the teacher's accuracy on validation and test: online, a teacher
                     # pass; lazy, the evaluation views scored (the first call; later ones read them); eager, a read.
                     # Every E gets the first call's cost, and no E pays an earlier E's.
@@ -195,11 +189,14 @@ def bench_end_to_end(args, work: Path) -> list[dict]:
                     report_first = time.perf_counter() - lap if report_first is None else report_first
                     ends[name][epoch + 1].append(lap - start - report_s + report_first)
                     report_s += time.perf_counter() - lap
+            if rep < 0:
+                teacher_accuracy(t)  # the warm-up's end of run
             t.release_cache()
             del t
             shutil.rmtree(folder, ignore_errors=True)
-            print(f"end to end round {rep} {name}: first step after {first_step[name][-1]:.1f} s; "
-                  + ", ".join(f"E={e}: {v[-1]:.1f} s" for e, v in ends[name].items()), flush=True)
+            if rep >= 0:
+                print(f"end to end round {rep} {name}: first step after {first_step[name][-1]:.1f} s; "
+                      + ", ".join(f"E={e}: {v[-1]:.1f} s" for e, v in ends[name].items()), flush=True)
     rows = []
     for e in epochs:
         floor = statistics.median(ends["online"][e])

@@ -10,9 +10,10 @@ reported accuracy).
 
 Two ways to fill it (teacher.cache_fill), with the same numbers:
 - eager: every view is scored before the first training step;
-- lazy: only the evaluation views are scored up front. A training slot (image, view) is scored the first time a
-  batch replays it, by the run itself (`SlotFiller`), written, and then marked filled in `train.filled.npy`; after K
-  epochs every slot is filled and an epoch costs what a label-only epoch costs.
+- lazy: nothing is scored up front. A training slot (image, view) is scored the first time a batch replays it, by
+  the run itself (`SlotFiller`), written, and then marked filled in `train.filled.npy`; after K epochs every slot is
+  filled and an epoch costs what a label-only epoch costs. A split's evaluation views are scored in one pass when a
+  run first reads them (`TeacherCache.eval_logits`, `fill_eval`), and marked by `<split>.eval.done`.
 Both score through `score_chunks`: exactly `chunk` views per teacher forward, the last forward padded with zero
 images. On CPU oneDNN picks convolution and matmul kernels by batch size, which changes float32 rounding (measured:
 a resnet's logits differ in the last bit between batches of 8 and 16), so a view's logits must not depend on how
@@ -20,8 +21,8 @@ many other views share its forward. With one shape per forward they depend on no
 AVX-512), so a lazily filled slot equals the eagerly built one bit for bit, and `chunk` is part of the fingerprint.
 
 Layout: `<cache_dir>/<fingerprint>/<split>.npy`, one memory-mapped structured array per split, `train.filled.npy`
-(uint8 [N, K], 1 = that slot's logits are written and durable) and `meta.json`. The evaluation views (and, eagerly,
-every training view) are scored under the lock `<cache_dir>/.<fingerprint>.lock` into
+(uint8 [N, K], 1 = that slot's logits are written and durable) and `meta.json`. Eagerly, every view is scored under
+the lock `<cache_dir>/.<fingerprint>.lock` into
 `<cache_dir>/.<fingerprint>.building-*`, with the arrays' space reserved first, and published by one rename
 (`locked_build`): a second run needing the same cache waits and reuses it, and a build that is killed or runs out of
 space leaves nothing a later run reads. A lazy run then fills slots while it holds `<cache_dir>/.<fingerprint>.fill
@@ -51,8 +52,8 @@ from common.files import write_json
 from common.locked_build import (build_lock, check_free_space, discard, new_build_dir, probe_writable, publish, reserve,
                                  write_errors)
 from common.rng import trace
-from imagedata.augment import (AUG_RECORD_LEN, AugSpec, apply_aug_record, apply_aug_records, cache_record_rng,
-                               eval_view, sample_aug_record)
+from imagedata.augment import (AUG_RECORD_LEN, AugSpec, apply_aug_record, apply_aug_records, cache_view_record,
+                               eval_view)
 from imagedata.image_sources import SPLITS, ImageSource
 from imagedata.normalization import input_norm, normalize_batch
 from imagedata.predecode import PredecodedSource
@@ -132,7 +133,7 @@ class CacheViews(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         img = self.source.load(index)
-        records = np.stack([sample_aug_record(cache_record_rng(self.seed, index, v), img.width, img.height, self.spec)
+        records = np.stack([cache_view_record(self.seed, index, v, img.width, img.height, self.spec)
                             for v in range(self.num_views)]) if self.num_views else np.zeros((0, AUG_RECORD_LEN),
                                                                                              np.float32)
         item = {"eval": eval_view(img, self.spec), "records": torch.from_numpy(records), "index": index}
@@ -363,8 +364,9 @@ def build_or_load_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec,
     `device_aug`: the run augments on its device (`views.TrainViews`), so the training views are made there too.
     `with_features`: also store the teacher's pooled features of every training view (feature KD methods).
     `batch_size`: views per teacher forward (`score_chunks`; part of the fingerprint).
-    `fill`: "eager" scores every training view now; "lazy" only the evaluation views, leaving the training slots to
-    `SlotFiller`. Either way a published cache is returned, and `count_filled` says how full it is."""
+    `fill`: "eager" scores every view now; "lazy" none, leaving the training slots to `SlotFiller` and the
+    evaluation views to `fill_eval`. Either way a published cache is returned, and `count_filled` says how full
+    it is."""
     if fill not in FILL_MODES:
         raise ValueError(f"fill={fill!r}: one of {FILL_MODES}")
     if device_aug and not isinstance(sources["train"], PredecodedSource):
@@ -392,8 +394,8 @@ def _build_cache(teacher, sources: dict[str, ImageSource], spec: AugSpec, num_vi
                  fingerprint: dict, dist: DistInfo, batch_size: int, workers: int, autocast, device_aug: bool,
                  num_classes: int, feature_dim: int | None, fill: str) -> tuple[TeacherCache, dict]:
     """`build_or_load_cache` once no valid cache is published at `root`: under rank 0's build lock, reuse one
-    another run published meanwhile, or score the evaluation views (and with fill="eager" every training view)
-    into a fresh build directory and publish it."""
+    another run published meanwhile, or make a fresh build directory, score every view into it when fill="eager"
+    (lazy: none), and publish it."""
     import time
     dtypes = {split: split_dtype(split, num_views, num_classes, feature_dim) for split in SPLITS}
     sharded = dist.world_size > 1
@@ -528,6 +530,17 @@ def score_chunks(teacher, images: torch.Tensor, chunk: int, device: torch.device
             None if features is None else features.float().cpu().numpy().astype(np.float16))
 
 
+def _eval_pass(teacher, src: ImageSource, spec: AugSpec, sampler, chunk: int, workers: int, dist: DistInfo,
+               autocast, desc: str):
+    """The evaluation views of `src` in `sampler`'s order, `chunk` images per loader batch, through `score_chunks`:
+    yields (image indices, fp16 logits [B, C]) per batch. The eager build and the lazy fill (`fill_eval`) both
+    score evaluation views here."""
+    loader = make_loader(CacheViews(src, spec, 0, 0), sampler, chunk, workers, dist.device)
+    for batch in tqdm(loader, desc=desc, disable=not dist.is_main, dynamic_ncols=True, leave=False):
+        images = batch_views(batch, spec, dist.device)[:, -1]
+        yield batch["index"].numpy(), score_chunks(teacher, images, chunk, dist.device, autocast)[0]
+
+
 def _score_split(teacher, src: ImageSource, split: str, spec: AugSpec, k: int, seed: int, build_dir: Path,
                  out_path: Path, sampler: ShardSampler, dist: DistInfo, batch_size: int, workers: int, autocast,
                  device_aug: bool, feature_dim: int | None, need: int) -> None:
@@ -540,23 +553,22 @@ def _score_split(teacher, src: ImageSource, split: str, spec: AugSpec, k: int, s
     with write_errors(build_dir.parent, CACHE_WHAT, CACHE_KEY, need):
         out = np.load(out_path, mmap_mode="r+")
     scored = []  # the indices this rank scored, in order (KD_TRACE_DIR: tests check the ranks partition them)
-    for views_per_image in ((0, k) if k else (0,)):
-        views = CacheViews(src, spec, seed, views_per_image, device_aug)
-        loader = make_loader(views, sampler, max(1, batch_size // max(views_per_image, 1)), workers, device)
-        what = "training views" if views_per_image else "evaluation views"
+    # rows of `out`: the images' own (one shared file) or the next ones of this rank's shard file, in sampler order
+    for index, logits in _eval_pass(teacher, src, spec, sampler, batch_size, workers, dist, autocast,
+                                    f"teacher cache [{split}, evaluation views]"):
+        out["eval_logits"][np.arange(len(scored), len(scored) + len(index)) if sharded else index] = logits
+        scored += index.tolist()
+    if k:
+        loader = make_loader(CacheViews(src, spec, seed, k, device_aug), sampler, max(1, batch_size // k), workers,
+                             device)
         position = 0
-        for batch in tqdm(loader, desc=f"teacher cache [{split}, {what}]", disable=not dist.is_main,
+        for batch in tqdm(loader, desc=f"teacher cache [{split}, training views]", disable=not dist.is_main,
                           dynamic_ncols=True):
-            # rows of `out`: the images' own (one shared file) or the next ones of this rank's shard file
             n = len(batch["index"])
             idx = np.arange(position, position + n) if sharded else batch["index"].numpy()
             position += n
-            images = batch_views(batch, spec, device)  # [B, V, 3, S, S]: the training views, then the eval view
-            if not views_per_image:
-                scored += batch["index"].tolist()
-                out["eval_logits"][idx] = score_chunks(teacher, images[:, -1], batch_size, device, autocast)[0]
-                continue
-            logits, features = score_chunks(teacher, images[:, :k].flatten(0, 1), batch_size, device, autocast,
+            images = batch_views(batch, spec, device)[:, :k]  # [B, K, 3, S, S]
+            logits, features = score_chunks(teacher, images.flatten(0, 1), batch_size, device, autocast,
                                             bool(feature_dim))
             out["view_logits"][idx] = logits.reshape(n, k, -1)
             out["view_records"][idx] = batch["records"].numpy()
@@ -631,16 +643,14 @@ def fill_eval(cache: TeacherCache, teacher, source: ImageSource, split: str, spe
     rank 0 marks the split done (returns None; holds collectives, so every rank calls it). Otherwise this rank
     scores the whole split alone and returns the fp16 logits [N, C] without writing."""
     sampler = ShardSampler(len(source), dist.world_size if writer else 1, dist.rank if writer else 0)
-    loader = make_loader(CacheViews(source, spec, 0, 0), sampler, chunk, workers, dist.device)
     out = np.zeros((len(source), cache.num_classes), dtype=np.float16)
 
     def score() -> None:
         target = np.load(cache.root / f"{split}.npy", mmap_mode="r+")["eval_logits"] if writer else out
         with write_errors(cache.root.parent, CACHE_WHAT, CACHE_KEY):
-            for batch in tqdm(loader, desc=f"teacher cache [{split}, evaluation views]", dynamic_ncols=True,
-                              disable=not dist.is_main, leave=False):
-                images = batch_views(batch, spec, dist.device)[:, -1]
-                target[batch["index"].numpy()] = score_chunks(teacher, images, chunk, dist.device, autocast)[0]
+            for index, logits in _eval_pass(teacher, source, spec, sampler, chunk, workers, dist, autocast,
+                                            f"teacher cache [{split}, evaluation views]"):
+                target[index] = logits
             if writer:
                 target.flush()
 

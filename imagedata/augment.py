@@ -102,6 +102,12 @@ def cache_record_rng(seed: int, index: int, view: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, view, 1])
 
 
+def cache_view_record(seed: int, index: int, view: int, width: int, height: int, spec) -> np.ndarray:
+    """The augmentation record of teacher-cache slot (index, view) of an image of `width` x `height`: what the
+    eager build scores and what a lazily filled slot is scored on."""
+    return sample_aug_record(cache_record_rng(seed, index, view), width, height, spec)
+
+
 def replay_view_index(seed: int, index: int, epoch: int, num_views: int) -> int:
     """Which of the K cached views `index` replays at `epoch`: each view once per K epochs, in a seeded order."""
     cycle, pos = divmod(epoch, num_views)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from imagedata.augment import (AugSpec, apply_aug_record, cache_record_rng, eval_view, replay_view_index,
+from imagedata.augment import (AugSpec, apply_aug_record, cache_view_record, eval_view, replay_view_index,
                                sample_aug_record, train_record_rng)
 from imagedata.image_sources import ImageSource
 from imagedata.predecode import PredecodedSource
@@ -71,7 +71,7 @@ class TrainViews(torch.utils.data.Dataset):
             if filled:
                 record, teacher = self.cache.train_view(index, view)
             else:  # a lazily filled cache's empty slot: the record the eager build draws; the trainer scores it
-                record = sample_aug_record(cache_record_rng(self.seed, index, view), width, height, self.spec)
+                record = cache_view_record(self.seed, index, view, width, height, self.spec)
                 teacher = self.cache.unfilled_view()
             item.update(teacher)  # teacher_logits, and teacher_features when the cache holds them
             if not self.cache.complete:  # fixed for the run: the keys SlotFiller needs
