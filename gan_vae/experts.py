@@ -104,8 +104,44 @@ def draw_z(n: int, z_dim: int, generator: torch.Generator | None = None, truncat
                                        generator=generator)
 
 
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay of the (updates + 1)-th update of an exponential moving average of weights, with the warm-up of
+    TensorFlow's ExponentialMovingAverage(num_updates):
+
+        d_n = min(decay, (1 + n) / (10 + n)),   n = updates before this one
+
+    so the first updates follow the trained weights closely (d_0 = 0.1) and the cap `decay` acts from
+    n = (10 decay - 1) / (1 - decay) on (n = 890 for 0.99, 8,990 for 0.999): a run of a few hundred generator steps
+    averages over roughly its last (10 + n) / 9 steps whatever the cap."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+def ema(average: torch.Tensor, value: torch.Tensor, decay: float) -> torch.Tensor:
+    """One step of an exponential moving average: decay * average + (1 - decay) * value.
+
+    For a generator's weights, sampled from instead of the trained weights: Yazici et al., "The Unusual
+    Effectiveness of Averaging in GAN Training", ICLR 2019; Karras et al., "Progressive Growing of GANs", ICLR 2018
+    (decay 0.999); Brock et al., BigGAN, ICLR 2019 (0.9999)."""
+    return decay * average + (1 - decay) * value
+
+
+@torch.no_grad()
+def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """`average`'s parameters <- ema(average's, model's, decay), name by name; its buffers (BatchNorm's running
+    statistics, spectral norm's power-iteration vectors) <- model's, as the averaged generators of ProGAN and StyleGAN
+    copy them."""
+    params = dict(model.named_parameters())
+    for name, p in average.named_parameters():
+        p.copy_(ema(p, params[name], decay))
+    buffers = dict(model.named_buffers())
+    for name, b in average.named_buffers():
+        b.copy_(buffers[name])
+
+
 class Expert:
-    """One teacher: a generator with its own critic and optimisers, and the tasks it has learned."""
+    """One teacher: a generator with its own critic and optimisers, the tasks it has learned, and with
+    teacher.ema_decay > 0 `ema`, the moving average of its generator's weights (update_average after every generator
+    step), which every sample is drawn from (`sampler`)."""
 
     def __init__(self, cfg, channels: int, device):
         t = cfg.teacher
@@ -116,7 +152,21 @@ class Expert:
         self.tasks: list[int] = []
         self.latest_fid = math.inf
         self.z_dim, self.device = t.z_dim, device
+        self.ema_decay = float(t.ema_decay)
+        self.ema = frozen_copy(self.generator) if self.ema_decay > 0 else None
+        self.ema_updates = 0  # generator steps averaged so far, over all of the expert's tasks
         self.freeze()
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator that samples: the weights' moving average with teacher.ema_decay > 0, else the generator."""
+        return self.ema if self.ema is not None else self.generator
+
+    def update_ema(self) -> None:
+        """After a generator step: the moving average takes it in, at decay ema_decay_at(teacher.ema_decay, n)."""
+        if self.ema is not None:
+            update_average(self.ema, self.generator, ema_decay_at(self.ema_decay, self.ema_updates))
+            self.ema_updates += 1
 
     def freeze(self) -> None:
         freeze(self.generator)
@@ -128,19 +178,21 @@ class Expert:
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, truncation: float = 0.0) -> torch.Tensor:
-        """n images from the generator in eval mode; z ~ N(0, I), or truncated to [-truncation, truncation] per
-        coordinate when truncation > 0 (draw_z)."""
-        was = self.generator.training
-        self.generator.eval()
+        """n images from the sampler (the generator, or its moving average) in eval mode; z ~ N(0, I), or truncated
+        to [-truncation, truncation] per coordinate when truncation > 0 (draw_z)."""
+        sampler = self.sampler
+        was = sampler.training
+        sampler.eval()
         z = draw_z(n, self.z_dim, generator, truncation).to(self.device)
-        out = self.generator(z)
-        self.generator.train(was)
+        out = sampler(z)
+        sampler.train(was)
         return out
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.state_dict(), "critic": self.critic.state_dict(),
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "tasks": list(self.tasks),
-                "latest_fid": self.latest_fid}
+                "latest_fid": self.latest_fid, "ema": self.ema.state_dict() if self.ema is not None else None,
+                "ema_updates": self.ema_updates}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.load_state_dict(state["generator"])
@@ -148,6 +200,9 @@ class Expert:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.tasks, self.latest_fid = list(state["tasks"]), state["latest_fid"]
+        if self.ema is not None:  # teacher.ema_decay is a fixed key: a checkpoint with it holds the average
+            self.ema.load_state_dict(state["ema"])
+            self.ema_updates = int(state["ema_updates"])
         self.freeze()
 
 
@@ -186,7 +241,7 @@ class ExpertPool:
         tqdm.write(f"task {t} ({cfg.data.tasks[t]}): FIDs of existing experts {[round(f, 2) for f in fids]} -> "
                    f"{action} expert {index}")
         expert = self.experts[index]
-        self.frozen = frozen_copy(expert.generator) if expert.tasks else None  # replay of its old tasks
+        self.frozen = frozen_copy(expert.sampler) if expert.tasks else None  # replay of its old tasks
 
     def decide(self, t: int, fids: list[float]) -> Expansion:
         """The decision of the rule teacher.expansion for task t, checked: the first task makes expert 0, a new
@@ -243,6 +298,7 @@ class ExpertPool:
         expert.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         expert.opt_g.step()
+        expert.update_ema()
         unfreeze(expert.critic)
         return {"teacher/loss_d": loss_d.item(), "teacher/loss_g": loss_g.item(),
                 "teacher/wasserstein": -loss_w.item(), "teacher/gp": gp.item()}
@@ -268,5 +324,5 @@ class ExpertPool:
             self.experts.append(expert)
         self.task_to_expert, self.decisions = list(ckpt["task_to_expert"]), list(ckpt["decisions"])
         if ckpt["frozen"] is not None:
-            self.frozen = frozen_copy(self.of_task(ckpt["progress"]["task"]).generator)
+            self.frozen = frozen_copy(self.of_task(ckpt["progress"]["task"]).sampler)
             self.frozen.load_state_dict(ckpt["frozen"])

@@ -697,6 +697,7 @@ def test_continual_bad_input_on_the_command_line(domains, tmp_path, override, fr
     ("data.tasks=[DOM/discs.npz:blur]", "cannot read 'blur'"),
     ("teacher.fid_threshold=0", "teacher.fid_threshold=0.0 must be > 0"),
     ("teacher.max_experts=0", "teacher.max_experts=0 must be >= 1"),
+    ("teacher.ema_decay=1", "teacher.ema_decay=1.0 must lie in [0, 1)"),
     ("fid.samples=2", "fid.samples=2"),
     ("data.test_fraction=1", "data.test_fraction=1.0 must lie in (0, 1)"),
     ("data.tasks=[DOM/discs.npz:classes=1] data.test_fraction=0.999", "a task needs at least 1 training and 3 test"),
