@@ -5,7 +5,8 @@ against the reference row with its 95% t interval; written as markdown, CSV and 
 generated blocks of the docs (`<!-- study:NAME -->` ... `<!-- /study:NAME -->` in README.md or docs/*.md) are
 refreshed, and checked for staleness, from the committed docs/studies/<NAME>.csv. A block opened with
 `<!-- study:NAME metrics=A,B -->` is the compact form the README uses: one line per row, the named metrics' mean ± sd
-(`gap` names the gap column) and the first metric's paired difference against the reference. A study with a `gap:` adds a
+(`gap` names the gap column) and the first metric's paired difference against the reference; `first=N` after the
+metrics keeps the study's first N rows, in the study file's order. A study with a `gap:` adds a
 column computed from the same values (`gap_shares`); its metric and rows are published next to the values, in
 docs/studies/<NAME>.gap.json.
 
@@ -23,14 +24,14 @@ import statistics
 import textwrap
 from pathlib import Path
 
-from common.errors import UserError
+from common.errors import UserError, check
 from common.files import write_json, write_text_atomic
 from common.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "docs" / "studies"
-BLOCK = re.compile(r"(<!-- study:(?P<name>[\w-]+)(?: metrics=(?P<metrics>[^ >]+))? -->\n)(?P<body>.*?)"
-                   r"(<!-- /study:(?P=name) -->)", re.S)
+BLOCK = re.compile(r"(?P<open><!-- study:(?P<name>[\w-]+)(?: metrics=(?P<metrics>[^ >]+))?"
+                   r"(?: first=(?P<first>\d+))? -->\n)(?P<body>.*?)(?P<close><!-- /study:(?P=name) -->)", re.S)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,10 +331,12 @@ def markdown(values: list[dict], study_name: str, gap: Gap | None = None) -> str
         textwrap.fill(x, 120, break_long_words=False, break_on_hyphens=False) for x in paragraphs) + "\n"
 
 
-def markdown_compact(values: list[dict], study_name: str, metrics: list[str], gap: Gap | None = None) -> str:
+def markdown_compact(values: list[dict], study_name: str, metrics: list[str], gap: Gap | None = None,
+                     first: int | None = None) -> str:
     """The README's form of a study's table: one line per row, the mean ± sd of each of `metrics` (the values'
     metric names; `gap` for the gap column), then the first metric's paired difference against the reference with
-    its 95% t interval. A metric the values do not hold is a UserError naming the ones they do."""
+    its 95% t interval; with `first`, only the first that many rows (the note says how many there are). A metric
+    the values do not hold is a UserError naming the ones they do."""
     table = summarize(values, gap)
     known = list(dict.fromkeys(e["metric"] for e in table if not e["gap"]))
     names = [gap.column if (m == "gap" and gap is not None) else m for m in metrics]
@@ -344,6 +347,10 @@ def markdown_compact(values: list[dict], study_name: str, metrics: list[str], ga
                         + (", and gap" if gap is not None else ""))
     cell = {(e["row"], e["metric"]): e for e in table}
     rows = list(dict.fromkeys(e["row"] for e in table))
+    every = len(rows)
+    if first is not None:
+        check(first >= 1, f"a <!-- study:{study_name} ... first={first} --> block keeps no row; use first=1 or more")
+        rows = rows[:first]
     reference = table[0]["reference"] if table else None
     decimals = {n: _decimals([e["mean"] for e in table if e["metric"] == n and e["mean"] is not None]) for n in names}
     first = names[0]
@@ -354,7 +361,8 @@ def markdown_compact(values: list[dict], study_name: str, metrics: list[str], ga
         cells.append(_difference_cell(cell[(row, first)], decimals[first], row == reference))
         lines.append("| " + " | ".join(cells) + " |")
     seeds = sorted({v["seed"] for v in values})
-    return ("\n".join(lines) + f"\n\nMean ± sd over seeds {', '.join(map(str, seeds))} (values: "
+    shown = f"The first {len(rows)} of {every} rows; mean" if len(rows) < every else "Mean"
+    return ("\n".join(lines) + f"\n\n{shown} ± sd over seeds {', '.join(map(str, seeds))} (values: "
             f"docs/studies/{study_name}.csv),\nfrom `python study.py configs/studies/{study_name}.yaml`.\n")
 
 
@@ -451,10 +459,14 @@ def refresh_blocks(text: str, published: Path = PUBLISHED) -> tuple[str, list[st
                             f"with python study.py configs/studies/{name}.yaml --publish")
         names.append(name)
         values, gap = read_values_csv(source.read_text()), read_gap(published, name)
+        if match.group("first") and not match.group("metrics"):
+            raise UserError(f"a <!-- study:{name} first=... --> block keeps the first rows of the compact form: name "
+                            f"its metrics too, <!-- study:{name} metrics=A,B first=N -->")
         if match.group("metrics"):
-            return match.group(1) + markdown_compact(values, name, match.group("metrics").split(","), gap) \
-                + match.group(5)
-        return match.group(1) + markdown(values, name, gap) + match.group(5)
+            first = int(match.group("first")) if match.group("first") else None
+            return match.group("open") + markdown_compact(values, name, match.group("metrics").split(","), gap,
+                                                          first) + match.group("close")
+        return match.group("open") + markdown(values, name, gap) + match.group("close")
 
     return BLOCK.sub(body, text), names
 

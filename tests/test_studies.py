@@ -457,6 +457,17 @@ def test_the_compact_block_holds_the_named_metrics_and_the_first_ones_paired_dif
     assert "Mean ± sd over seeds 0, 1 (values: docs/studies/x.csv),\nfrom `python study.py configs/studies/x.yaml`" in new
     with pytest.raises(UserError, match="names accuracy, which docs/studies/x.csv does not hold; it holds acc, loss"):
         refresh_blocks("<!-- study:x metrics=accuracy -->\n<!-- /study:x -->", tmp_path)
+    # first=N keeps the first N rows in the study's order and says how many there are
+    new, _ = refresh_blocks("<!-- study:x metrics=acc first=1 -->\nold\n<!-- /study:x -->\n", tmp_path)
+    assert new.splitlines()[1:5] == ["| row | acc | Δ acc vs low [95% CI] |", "|---|---|---|",
+                                     "| low | 65.00 ± 7.07 | - |", ""]
+    assert "The first 1 of 2 rows; mean ± sd over seeds 0, 1" in new and new.endswith("<!-- /study:x -->\n")
+    new, _ = refresh_blocks("<!-- study:x metrics=acc first=2 -->\nold\n<!-- /study:x -->\n", tmp_path)
+    assert "| high |" in new and "Mean ± sd over seeds 0, 1" in new
+    with pytest.raises(UserError, match="keeps no row"):
+        refresh_blocks("<!-- study:x metrics=acc first=0 -->\n<!-- /study:x -->", tmp_path)
+    with pytest.raises(UserError, match="name its metrics too"):
+        refresh_blocks("<!-- study:x first=1 -->\n<!-- /study:x -->", tmp_path)
 
 
 def test_a_generated_blocks_prose_lines_are_at_most_120_characters():
