@@ -250,6 +250,13 @@ def run_here(kind: str, study: Study, runs: list[PlannedRun], max_cores: int | N
                 need = run.resources.threads * run.resources.tasks_per_node
                 if active and used + need > budget:
                     continue
+                # another study command, started after this one planned, may have taken the run since: two jobs
+                # would then write one run directory
+                state = run_state(study, run)[0]
+                if state in ("done", "running", "queued"):
+                    waiting.remove(run)
+                    say(f"[study] {run.name}: {state} by another study command; not started here")
+                    continue
                 executor.update_parameters(**_parameters(kind, study, run, None))
                 job = executor.submit(_job(study, run))
                 _record(study, run, kind, job.job_id)

@@ -421,6 +421,34 @@ def test_a_run_whose_local_job_is_gone_is_submitted_again(tmp_path):
     assert run_state(study, run) == ("queued", 0) and in_flight(study, run)
 
 
+def test_a_run_another_study_command_took_after_this_one_planned_is_not_started_again(tmp_path):
+    """Two study commands on one folder (a second one started for some rows while the first waits for cores): a run
+    the first planned but the second has submitted since (its controller alive, the job queued or running) is not
+    submitted a second time into the same run directory; nor is one that has finished meanwhile."""
+    import subprocess
+    import sys
+
+    from studies.execute import _record, run_here
+    from studies.spec import load_study
+    study = load_study(study_file(tmp_path, seeds=[0, 1], rows={"a": []}), tmp_path / "out")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the other command, alive
+    try:
+        _record(study, study.runs["a_s0"], "local", str(other.pid))
+        done = study.runs["a_s1"].run_dir
+        done.mkdir(parents=True)
+        (done / "results.json").write_text("{}")
+        said = []
+        failures = run_here("local", study, [study.runs["a_s0"], study.runs["a_s1"]], max_cores=1,
+                            say=said.append)
+    finally:
+        other.kill()
+        other.wait()
+    assert failures == []
+    assert said == ["[study] a_s0: queued by another study command; not started here",
+                    "[study] a_s1: done by another study command; not started here"]
+    assert not study.runs["a_s0"].run_dir.exists() and (done / "results.json").read_text() == "{}"
+
+
 def test_a_row_waits_for_its_parents_job_to_end_not_only_for_its_results(tmp_path):
     """train_student.py writes results.json before student.safetensors: a row distilling from a teacher row must
     not start while the teacher's job still runs."""
