@@ -1,6 +1,7 @@
 """Shared helpers: run the scripts the way a user does (a subprocess in the repository root), tiny configs."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -90,28 +91,55 @@ def pytest_xdist_auto_num_workers(config):
 
 
 _FORK_SERVER = None
+_OWN_SERVERS: list = []  # fork servers of the running test (fork_server_with), tried before the worker's
 
 
 def start_script(argv: list[str], env: dict, stdout, stderr, cwd: Path = ROOT):
     """`python *argv` in `cwd` (the repository root), as subprocess.Popen does it, or forked from this worker's fork
     server (tests/forkserver.py: the libraries imported once, the script run in a new process of its own) when the
-    environment allows it. KD_TEST_FRESH_PROCESSES=1: always a fresh interpreter."""
+    environment allows it, or from the running test's own server (fork_server_with) when it was started with that
+    environment. KD_TEST_FRESH_PROCESSES=1: always a fresh interpreter."""
     global _FORK_SERVER
     if os.environ.get("KD_TEST_FRESH_PROCESSES") != "1":
         import forkserver
-        if _FORK_SERVER is None:
-            import atexit
-            _FORK_SERVER = forkserver.ForkServer(sys.executable)
-            atexit.register(_FORK_SERVER.close)
-        if forkserver.eligible(_FORK_SERVER.env, env):
+        server = next((s for s in _OWN_SERVERS if forkserver.eligible(s.env, env)), None)
+        if server is None:
+            if _FORK_SERVER is None:
+                import atexit
+                _FORK_SERVER = forkserver.ForkServer(sys.executable)
+                atexit.register(_FORK_SERVER.close)
+            if forkserver.eligible(_FORK_SERVER.env, env):
+                server = _FORK_SERVER
+        if server is not None:
             with open(os.devnull) as null, open(os.devnull, "w") as sink:
                 fds = [sink.fileno() if f == subprocess.DEVNULL else f if isinstance(f, int) else f.fileno()
                        for f in (stdout, stderr)]
                 if stderr == subprocess.STDOUT:
                     fds[1] = fds[0]
-                return _FORK_SERVER.spawn(argv, str(cwd), env, null.fileno(), *fds)
+                return server.spawn(argv, str(cwd), env, null.fileno(), *fds)
     return subprocess.Popen([sys.executable, *argv], cwd=cwd, stdin=subprocess.DEVNULL, stdout=stdout,
                             stderr=stderr, env=env)
+
+
+@contextlib.contextmanager
+def fork_server_with(env: dict):
+    """A fork server of the test's own for the block, started with this environment updated by `env`. A variable
+    that a library reads when it is imported (HF_HUB_OFFLINE, ...) makes a run ineligible for the worker's server
+    (forkserver.eligible), so each such run would start a fresh interpreter; a test that starts several runs with
+    the same such `env` pays that start-up (the imports) once here instead. The server imported its libraries
+    under `env`, so its children see exactly what a fresh interpreter with `env` sees; runs with another
+    environment go on as before. KD_TEST_FRESH_PROCESSES=1: no server, every run a fresh interpreter."""
+    if os.environ.get("KD_TEST_FRESH_PROCESSES") == "1":
+        yield
+        return
+    import forkserver
+    server = forkserver.ForkServer(sys.executable, {**os.environ, **env})
+    _OWN_SERVERS.append(server)
+    try:
+        yield
+    finally:
+        _OWN_SERVERS.remove(server)
+        server.close()
 
 
 def runs_documented_command(*commands: str):

@@ -17,8 +17,10 @@ those libraries (never a module of this repository), then forks a child per run:
 
 What cannot be reset falls back to a fresh process (conftest decides, `eligible`): an environment that differs from
 the server's in a variable read when a library is imported (HF_*, ATEN_CPU_CAPABILITY, PYTHONPATH, ...), a launcher
-such as torchrun. The hash seed of str is the server's for all its children (PYTHONHASHSEED cannot change in a running
-interpreter); KD_TEST_FRESH_PROCESSES=1 turns the server off and runs every script in a fresh interpreter.
+such as torchrun; a test that starts several runs with such a variable may open a server of its own started with
+their environment (conftest.fork_server_with), which forks them. The hash seed of str is the server's for all its
+children (PYTHONHASHSEED cannot change in a running interpreter); KD_TEST_FRESH_PROCESSES=1 turns the servers off
+and runs every script in a fresh interpreter.
 
 Protocol (AF_UNIX stream): the client sends one JSON line {"argv", "cwd", "env"} with three file descriptors
 (stdin, stdout, stderr) attached; the server forks a monitor, which forks the child, sends "pid N\\n", waits for
@@ -168,13 +170,13 @@ if __name__ == "__main__":
 
 # ---- client ------------------------------------------------------------------------------------------------------
 class ForkServer:
-    """The client side: one server process, started on first use with this process's environment."""
+    """The client side: one server process, started on first use with this process's environment (or `env`)."""
 
-    def __init__(self, python: str):
+    def __init__(self, python: str, env: dict | None = None):
         import subprocess
         import tempfile
         import time
-        self.env = dict(os.environ)
+        self.env = dict(os.environ if env is None else env)
         self.dir = tempfile.mkdtemp(prefix="kd-forkserver-")
         self.path = os.path.join(self.dir, "socket")
         self.proc = subprocess.Popen([python, os.path.abspath(__file__), self.path], env=self.env,

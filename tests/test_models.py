@@ -1,7 +1,7 @@
 """Teacher and student construction, logit restriction, the frozen teacher, weight files."""
 import pytest
 import torch
-from conftest import TINY, assert_clean_error, run_script
+from conftest import TINY, assert_clean_error, fork_server_with, run_script
 
 import imagedata.label_alignment
 from common.config import load_config
@@ -90,15 +90,20 @@ def test_unknown_model_name():
 
 
 def test_unreachable_hub_weights_and_dataset(tmp_path):
-    proc = run_script("train_student.py", *TINY, "teacher.pretrained=true", f"run.out_dir={tmp_path}",
-                      env=OFFLINE)
-    assert_clean_error(proc, "cannot get pretrained weights for teacher 'resnet10t'", "teacher.checkpoint=PATH")
-    proc = run_script("train_student.py", "data.name=timm/mini-imagenet", f"run.out_dir={tmp_path}", env=OFFLINE)
-    assert_clean_error(proc, "cannot load dataset 'timm/mini-imagenet'", "data.path=")
-    # plain `python train_student.py` (the defaults; only the output folder moved) offline names both ways forward: a local copy and the offline quickstart
-    proc = run_script("train_student.py", f"run.out_dir={tmp_path}", env=OFFLINE)
-    assert_clean_error(proc, "cannot load dataset 'timm/mini-imagenet'", "data.path=mini-imagenet",
-                       "python train_student.py --config configs/quickstart.yaml")
+    # the three offline runs: forked from one server started offline (the variables are read when huggingface_hub
+    # and datasets are imported), one interpreter start-up instead of three
+    with fork_server_with(OFFLINE):
+        proc = run_script("train_student.py", *TINY, "teacher.pretrained=true", f"run.out_dir={tmp_path}",
+                          env=OFFLINE)
+        assert_clean_error(proc, "cannot get pretrained weights for teacher 'resnet10t'", "teacher.checkpoint=PATH")
+        proc = run_script("train_student.py", "data.name=timm/mini-imagenet", f"run.out_dir={tmp_path}",
+                          env=OFFLINE)
+        assert_clean_error(proc, "cannot load dataset 'timm/mini-imagenet'", "data.path=")
+        # plain `python train_student.py` (the defaults; only the output folder moved) offline names both ways
+        # forward: a local copy and the offline quickstart
+        proc = run_script("train_student.py", f"run.out_dir={tmp_path}", env=OFFLINE)
+        assert_clean_error(proc, "cannot load dataset 'timm/mini-imagenet'", "data.path=mini-imagenet",
+                           "python train_student.py --config configs/quickstart.yaml")
     proc = run_script("train_student.py", f"data.path={tmp_path}", f"run.out_dir={tmp_path}")
     assert_clean_error(proc, "is not a dataset")
 

@@ -3,8 +3,8 @@ import json
 import sys
 
 import pytest
-from conftest import (TINY, TINY_LABEL_ONLY, TINY_LOCAL_TEACHER, TINY_ONLINE, assert_clean_error, read_metrics,
-                      run_and_sigkill, run_script, runs_documented_command)
+from conftest import (ROOT, TINY, TINY_LABEL_ONLY, TINY_LOCAL_TEACHER, TINY_ONLINE, assert_clean_error,
+                      read_metrics, run_and_sigkill, run_main, run_script, runs_documented_command)
 
 TIME_KEYS = ("time/",)
 
@@ -174,7 +174,7 @@ def test_corrupt_image_in_a_worker_is_named_without_traceback(tmp_path):
 
 
 @runs_documented_command("python train_student.py --config configs/quickstart.yaml")
-def test_teacher_prepare_trains_the_teacher_once_then_reuses_it(tmp_path):
+def test_teacher_prepare_trains_the_teacher_once_then_reuses_it(tmp_path, monkeypatch):
     """configs/quickstart.yaml's one-command route, at tiny size (the file, then TINY's data, models and epochs and a
     tiny teacher config): teacher.prepare trains the teacher first when teacher.checkpoint is missing, a second run
     reuses it, and a teacher run that would write elsewhere is refused."""
@@ -205,9 +205,13 @@ def test_teacher_prepare_trains_the_teacher_once_then_reuses_it(tmp_path):
     second = run_script("train_student.py", *args, "run.name=second")
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"teacher: reusing {checkpoint}" in second.stdout and checkpoint.stat().st_mtime_ns == stamp
-    elsewhere = run_script("train_student.py", *args, f"teacher.checkpoint={tmp_path / 'other.safetensors'}",
-                           "run.name=third")
+    # refused while the teacher run's config is checked, before any work: in this process (run_main), in the
+    # repository root as the scripts run (--config configs/quickstart.yaml is relative)
+    monkeypatch.chdir(ROOT)
+    elsewhere = run_main("train_student.py", *args, f"teacher.checkpoint={tmp_path / 'other.safetensors'}",
+                         "run.name=third")
     assert_clean_error(elsewhere, f"writes {checkpoint}", "agree")
+    assert not (tmp_path / "third").exists()
 
 
 def test_loss_curve_keys_are_every_logged_loss_term():
