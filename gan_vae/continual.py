@@ -370,8 +370,8 @@ RESULT_NEUTRAL_KEYS = ("run.*", "log.*", "fid.cache_dir", "fid.inception_path", 
 # what finished tasks were built and measured with: never changes within a run or in a branch of it
 # (student.joint: a joint run trains every task from the first on, so a branch of a sequential run cannot be one)
 FIXED_KEYS = {"data.tasks", "data.channels", "data.test_fraction", "teacher.z_dim", "teacher.width",
-              "teacher.attention", "teacher.ema_decay", "student.z_dim", "student.u_dim", "student.width", "fid.backend", "fid.samples",
-              "fid.classifier_epochs", "train.seed", "student.joint"}
+              "teacher.attention", "teacher.ema_decay", "student.z_dim", "student.u_dim", "student.width",
+              "fid.backend", "fid.samples", "fid.classifier_epochs", "train.seed", "student.joint"}
 
 # what the student phase reads: a branch from the start of a student phase may change these
 STUDENT_PHASE_SECTIONS = ("student", "kd")

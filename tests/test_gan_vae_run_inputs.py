@@ -188,6 +188,7 @@ def test_resume_and_evaluate_refuse_other_fid_features(stopped, finished, tmp_pa
     (["train.seed=1"], ["train.seed = 1 (the run's config.yaml: 0)"]),
     (["data.test_fraction=0.5"], ["data.test_fraction = 0.5 (the run's config.yaml: 0.2)"]),
     (["student.width=16"], ["student.width = 16"]),
+    (["teacher.ema_decay=0.9"], ["teacher.ema_decay = 0.9"]),  # which weights the experts sampled from
     (["fid.samples=20", "kd.previous_weight=2"], ["fid.samples = 20", "kd.previous_weight = 2.0"]),
     (["log.every_steps=3"], ["log.every_steps = 3"]),  # does nothing in an evaluation: refused, not ignored
     (["run.name=other"], ["run.name = \"other\""]),
