@@ -114,3 +114,37 @@ def test_bench_times_only_configs_the_scripts_accept(tmp_path):
     assert (online.teacher.name, online.teacher.cache_views) == ("resnet10t", TeacherConfig.cache_views)
     with pytest.raises(UserError, match="train.warmup_epochs=3.0 is not below train.epochs=2"):
         bench.checked_config(Config, [*base, "kd.alpha=0", "train.epochs=2", "train.warmup_epochs=3"])
+
+
+def test_forgetting_against_the_experts_fid_draws_only_rows_with_experts_of_their_own(tmp_path):
+    """scripts/forgetting_vs_expert_fid.py on a hand-made study: the reference row and the row whose expert FID
+    differs are drawn, the branch row (the reference's experts) is not; Pearson's r by hand."""
+    import importlib.util
+    import math
+
+    from studies.summary import values_csv
+    spec = importlib.util.spec_from_file_location("fve", os.path.join(os.path.dirname(__file__), "..", "scripts",
+                                                                      "forgetting_vs_expert_fid.py"))
+    fve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fve)
+    table = {("default", 0): (10.0, 20.0), ("default", 1): (12.0, 18.0), ("branch", 0): (10.0, 5.0),
+             ("branch", 1): (12.0, 4.0), ("longer", 0): (6.0, 9.0), ("longer", 1): (8.0, None)}
+    values = [{"row": row, "seed": seed, "metric": m, "value": v, "reference": row == "default"}
+              for (row, seed), pair in table.items() for m, v in zip(("expert_fid", "forgetting"), pair)]
+    assert fve.own_expert_rows(values, "expert_fid") == ["default", "longer"]
+    drawn = fve.points(values, ["default", "longer"], "expert_fid", "forgetting")
+    assert drawn == {"default": [(0, 10.0, 20.0), (1, 12.0, 18.0)], "longer": [(0, 6.0, 9.0)]}  # seed 1: no y
+    # x = 10, 12, 6 (mean 28/3), y = 20, 18, 9 (mean 47/3): sxy = 94/3, sxx = 56/3, syy = 206/3
+    assert fve.pearson([(10, 20), (12, 18), (6, 9)]) == pytest.approx(94 / math.sqrt(56 * 206))
+    assert fve.pearson([(1, 2), (3, 4)]) is None and fve.pearson([(1, 2), (1, 3), (1, 4)]) is None
+    path = tmp_path / "study.csv"
+    path.write_text(values_csv(values))
+    out = tmp_path / "figures" / "f.png"
+    proc = run_script("scripts/forgetting_vs_expert_fid.py", "--csv", str(path), "--out", str(out),
+                      "--x", "expert_fid")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.stat().st_size > 0
+    assert "| longer | 0 | 6.00 | +9.00 |" in proc.stdout and "branch" not in proc.stdout
+    assert f"Pearson r over 3 runs: {94 / math.sqrt(56 * 206):.3f}" in proc.stdout
+    missing = run_script("scripts/forgetting_vs_expert_fid.py", "--csv", str(tmp_path / "none.csv"))
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
