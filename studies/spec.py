@@ -20,15 +20,16 @@
         overrides: [kd.method=dkd]
         configs: [...]                  # instead of the study's configs
         seeds: [0]                      # instead of the study's seeds
-        after: {row: kd, checkpoint: last}   # start from that row's run (same seed) checkpoint; without
-                                             # `checkpoint`, only wait for that run to finish
+        after: {row: kd, checkpoint: last}   # start from that row's run (same seed) checkpoint, with that
+                                             # row's overrides, then this row's own; without `checkpoint`,
+                                             # only wait for that run to finish
         label: "DKD (Zhao et al.)"      # the row's name in the tables
         program: train_student          # instead of the study's (e.g. a teacher the other rows distil from)
         report: false                   # leave the row out of the summary (e.g. a teacher the others need)
         resources: {threads: 2}
 
-Every run is the program with the configs, the study's and the row's overrides, then train.seed=<seed>
-run.out_dir=<study folder>/runs run.name=<row>_s<seed>; each row is loaded and checked with the program's own config
+Every run is the program with the configs, the study's and the row's overrides (a branch row's: its parent's,
+then its own), then train.seed=<seed> run.out_dir=<study folder>/runs run.name=<row>_s<seed>; each row is loaded and checked with the program's own config
 loader (load_config and its validate) here, once per row (the other seeds' train.seed against its range). Anything wrong (an unknown key, a row `after:` names that does not
 exist, a cycle of `after:`, an override the program refuses) is a UserError: `error: ...`, exit 2, nothing
 submitted. So is a `gap:` with another key, a metric not in metrics, a row that is not a reported row of the
@@ -207,6 +208,18 @@ def _row(name, value, study: dict, path: Path) -> Row:
                                                                        "of the study", path), f"of row {name}", path))
 
 
+def _inherit_overrides(rows: dict[str, Row], shared: int) -> dict[str, Row]:
+    """A branch row (after: with a checkpoint) continues its parent row's run, so it runs with the parent's
+    overrides (the study's, each ancestor's own) and then its own; the first `shared` of every row's overrides are
+    the study's. A row that only waits (after: without a checkpoint) keeps its own."""
+    out = dict(rows)
+    for name in _row_order(rows):
+        row = rows[name]
+        if row.after is not None and row.checkpoint is not None:
+            out[name] = dataclasses.replace(row, overrides=out[row.after].overrides + row.overrides[shared:])
+    return out
+
+
 def _row_order(rows: dict[str, Row]) -> list[str]:
     """Rows with every row after the row it names in `after:` (file order otherwise)."""
     order: list[str] = []
@@ -306,6 +319,7 @@ def load_study(path: str | Path, out: str | Path = "runs/studies") -> Study:
         raise _fail(path, f"unknown program '{data['program']}'; one of {', '.join(PROGRAMS)}")
     rows = {name: _row(name, value, data, path) for name, value in data["rows"].items()}
     _check_after(rows, path)
+    rows = _inherit_overrides(rows, len(data.get("overrides") or []))
     if data["reference"] not in rows:
         raise _fail(path, f"reference '{data['reference']}' is not a row (rows: {', '.join(rows)})")
     metrics = _metrics(data["metrics"], path)

@@ -297,6 +297,26 @@ def test_a_preempted_local_job_is_requeued_and_equals_an_uninterrupted_run(tmp_p
 # ---------------------------------------------------------------------------------------------------------------
 # A branch row (gan_vae: from the parent's task_1_teacher.pt), on the debug executor
 # ---------------------------------------------------------------------------------------------------------------
+def test_a_branch_row_runs_with_its_parents_overrides_then_its_own(tmp_path):
+    """A branch continues its parent's run, so it inherits the parent's keys (a branch of a row with overrides was
+    refused by the program before: `... changes its keys teacher.steps`); a row that only waits keeps its own."""
+    from studies.spec import load_study
+    rows = {"a": [], "t": ["train.lr=0.003"],
+            "b": {"overrides": ["train.weight_decay=0.001"], "after": {"row": "t", "checkpoint": "last"}},
+            "bb": {"overrides": ["train.lr=0.004"], "after": {"row": "b", "checkpoint": "last"}},
+            "wait": {"overrides": ["train.weight_decay=0.002"], "after": {"row": "t"}},
+            "plain": {"overrides": ["train.weight_decay=0.003"], "after": {"row": "a", "checkpoint": "last"}}}
+    study = load_study(study_file(tmp_path, rows=rows, seeds=[0]), tmp_path / "out")
+
+    def keys(run):  # the overrides after the study's own (FAST), before train.seed
+        args = study.runs[run].args
+        return list(args[len(FAST):args.index("train.seed=0")])
+    assert keys("b_s0") == ["train.lr=0.003", "train.weight_decay=0.001"]
+    assert keys("bb_s0") == ["train.lr=0.003", "train.weight_decay=0.001", "train.lr=0.004"]
+    assert keys("wait_s0") == ["train.weight_decay=0.002"]
+    assert keys("plain_s0") == ["train.weight_decay=0.003"]  # a parent without overrides: as before
+
+
 def test_a_branch_row_equals_the_same_run_made_by_hand(tmp_path):
     import numpy as np
     from test_gan_vae import _domain
