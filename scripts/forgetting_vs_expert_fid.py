@@ -5,8 +5,8 @@
     python scripts/forgetting_vs_expert_fid.py --csv docs/studies/gan_vae_ablation.csv --out /tmp/f.png
 
 Only the rows that train experts of their own are drawn: the reference row and every row whose `expert_fid_mnist`
-differs from the reference's on some seed (longer GAN training, averaged generators, ...). A branch row shares the
-reference's experts, so its points would only repeat the reference's x values. Pearson's r over all drawn points is
+is not that of a row drawn before it (longer GAN training, averaged generators, ...). A branch row shares its trunk's
+experts, so its points would only repeat the trunk's x values. Pearson's r over all drawn points is
 printed and shown: with a few points per row it describes these runs, it is no test.
 """
 from __future__ import annotations
@@ -21,19 +21,24 @@ sys.path.insert(0, str(ROOT))
 
 
 def own_expert_rows(values: list[dict], x: str) -> list[str]:
-    """The reference row and the rows whose metric `x` (the expert's FID) differs from the reference's on a seed
-    both have, in first-seen order."""
+    """The reference row, then every row whose metric `x` (the expert's FID) is not, on every seed, that of a row
+    already taken (a branch shares its trunk's experts, and the trunk comes first), in first-seen order."""
     reference = next((v["row"] for v in values if v["reference"]), None)
     if reference is None:
         raise SystemExit("error: the values name no reference row (column `reference`)")
-    ref = {v["seed"]: v["value"] for v in values if v["row"] == reference and v["metric"] == x}
-    if not ref:
+
+    def of(row):
+        return {v["seed"]: v["value"] for v in values
+                if v["row"] == row and v["metric"] == x and v["value"] is not None}
+    if not of(reference):
         raise SystemExit(f"error: the reference row '{reference}' has no metric '{x}'")
     rows = [reference]
-    for v in values:
-        if (v["metric"] == x and v["row"] not in rows and v["seed"] in ref and v["value"] is not None
-                and v["value"] != ref[v["seed"]]):
-            rows.append(v["row"])
+    for row in dict.fromkeys(v["row"] for v in values):
+        mine = of(row)
+        if row in rows or not mine:
+            continue
+        if not any(all(taken.get(s) == value for s, value in mine.items()) for taken in map(of, rows)):
+            rows.append(row)
     return rows
 
 

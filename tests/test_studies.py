@@ -405,11 +405,14 @@ def test_the_repositorys_study_files_are_valid(tmp_path, shared_data):
     studies = {p.stem: load_study(p, tmp_path) for p in sorted((ROOT / "configs" / "studies").glob("*.yaml"))}
     assert {"kd_methods", "curriculum_a", "curriculum_b", "curriculum_c", "gan_vae_ablation"} <= set(studies)
     ablation = studies["gan_vae_ablation"]
-    default = set(ablation.rows["default"].overrides)
+    trunks = {"teacher600", "teacher1200"}  # the reference (the former default) and the default
+    assert ablation.reference == "teacher600" and not any(ablation.rows[t].after for t in trunks)
     for row in ablation.rows.values():
         if row.after is not None:
-            assert (row.after, row.checkpoint) == ("default", "task_1_teacher")
-            assert all(o.split(".")[0] in STUDENT_PHASE_SECTIONS for o in set(row.overrides) - default), row.name
+            assert row.after in trunks and row.checkpoint == "task_1_teacher", row.name
+            trunk = set(ablation.rows[row.after].overrides)
+            assert trunk <= set(row.overrides), row.name  # a branch runs with its trunk's keys
+            assert all(o.split(".")[0] in STUDENT_PHASE_SECTIONS for o in set(row.overrides) - trunk), row.name
 
 
 def test_the_start_line_counts_only_the_rows_chosen_by_rows(tmp_path, monkeypatch):

@@ -118,7 +118,7 @@ def test_bench_times_only_configs_the_scripts_accept(tmp_path):
 
 def test_forgetting_against_the_experts_fid_draws_only_rows_with_experts_of_their_own(tmp_path):
     """scripts/forgetting_vs_expert_fid.py on a hand-made study: the reference row and the row whose expert FID
-    differs are drawn, the branch row (the reference's experts) is not; Pearson's r by hand."""
+    differs are drawn, the branch rows (the reference's experts, or the other row's) are not; Pearson's r by hand."""
     import importlib.util
     import math
 
@@ -128,7 +128,8 @@ def test_forgetting_against_the_experts_fid_draws_only_rows_with_experts_of_thei
     fve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fve)
     table = {("default", 0): (10.0, 20.0), ("default", 1): (12.0, 18.0), ("branch", 0): (10.0, 5.0),
-             ("branch", 1): (12.0, 4.0), ("longer", 0): (6.0, 9.0), ("longer", 1): (8.0, None)}
+             ("branch", 1): (12.0, 4.0), ("longer", 0): (6.0, 9.0), ("longer", 1): (8.0, None),
+             ("longer_branch", 0): (6.0, 1.0), ("longer_branch", 1): (8.0, 2.0)}
     values = [{"row": row, "seed": seed, "metric": m, "value": v, "reference": row == "default"}
               for (row, seed), pair in table.items() for m, v in zip(("expert_fid", "forgetting"), pair)]
     assert fve.own_expert_rows(values, "expert_fid") == ["default", "longer"]
