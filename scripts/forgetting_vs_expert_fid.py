@@ -23,13 +23,13 @@ sys.path.insert(0, str(ROOT))
 def own_expert_rows(values: list[dict], x: str) -> list[str]:
     """The reference row, then every row whose metric `x` (the expert's FID) is not, on every seed, that of a row
     already taken (a branch shares its trunk's experts, and the trunk comes first), in first-seen order."""
+    from studies.summary import per_seed
     reference = next((v["row"] for v in values if v["reference"]), None)
     if reference is None:
         raise SystemExit("error: the values name no reference row (column `reference`)")
 
     def of(row):
-        return {v["seed"]: v["value"] for v in values
-                if v["row"] == row and v["metric"] == x and v["value"] is not None}
+        return per_seed(values, row, x)
     if not of(reference):
         raise SystemExit(f"error: the reference row '{reference}' has no metric '{x}'")
     rows = [reference]
@@ -44,10 +44,10 @@ def own_expert_rows(values: list[dict], x: str) -> list[str]:
 
 def points(values: list[dict], rows: list[str], x: str, y: str) -> dict[str, list[tuple[int, float, float]]]:
     """Per row: (seed, x, y) of every seed that has both metrics."""
+    from studies.summary import per_seed
     out = {}
     for row in rows:
-        xs = {v["seed"]: v["value"] for v in values if v["row"] == row and v["metric"] == x and v["value"] is not None}
-        ys = {v["seed"]: v["value"] for v in values if v["row"] == row and v["metric"] == y and v["value"] is not None}
+        xs, ys = per_seed(values, row, x), per_seed(values, row, y)
         out[row] = [(s, xs[s], ys[s]) for s in sorted(set(xs) & set(ys))]
     return out
 
