@@ -36,6 +36,11 @@ if not os.environ.get("KD_TEST_HOME"):
     os.environ.update({"KD_TEST_HOME": _test_home, "HOME": _test_home,
                        "XDG_CACHE_HOME": str(Path(_test_home) / ".cache")})
 
+# The FID domain classifier of the tiny gan_vae runs (test_gan_vae.py `_tiny`): one cache for the whole session, which
+# its lock lets every worker share (the first run of a task list trains it, the others load it), and one per ATen
+# CPU capability (test_cpu_capabilities.py runs tests again under another, in this same KD_TEST_HOME)
+GAN_VAE_FID_CACHE = (Path(os.environ["KD_TEST_HOME"])
+                     / f"gan_vae_fid_{os.environ.get('ATEN_CPU_CAPABILITY') or 'native'}")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))

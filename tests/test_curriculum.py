@@ -450,8 +450,8 @@ def test_difficulty_tracks_the_true_difficulty(tmp_path):
     from imagedata.synthetic_data import make_synthetic_dataset
     data = ["data.name=synthetic", "data.synthetic.num_classes=6", "data.image_size=32", "data.crop_scale_min=0.35",
             "data.workers=0", "train.batch_size=32", "eval.latency=false", f"run.out_dir={tmp_path}"]
-    teacher = run_script("train_student.py", *data, "data.synthetic.images_per_class=150", "data.synthetic.seed=1",
-                         "student.name=resnet10t", "kd.alpha=1", "train.epochs=4", "run.name=teacher")
+    teacher = run_script("train_student.py", *data, "data.synthetic.images_per_class=100", "data.synthetic.seed=1",
+                         "student.name=resnet10t", "kd.alpha=1", "train.epochs=3", "run.name=teacher")
     assert teacher.returncode == 0, teacher.stderr[-3000:]
     rl = run_script("train_student_rl.py", *data, "data.synthetic.images_per_class=50", "teacher.name=resnet10t",
                     f"teacher.checkpoint={tmp_path / 'teacher' / 'student.safetensors'}", "student.name=test_resnet",

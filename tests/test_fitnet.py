@@ -204,7 +204,7 @@ def _strip_time(records):
 
 
 def test_sigkill_after_epoch_1_then_resume_matches_the_uninterrupted_run(tmp_path):
-    args = [*FITNET, "train.epochs=4", f"run.out_dir={tmp_path}"]
+    args = [*FITNET, "train.epochs=3", f"run.out_dir={tmp_path}"]
     env = {"OMP_NUM_THREADS": "1"}
     full = run_script("train_student.py", *args, "run.name=full", env=env)
     assert full.returncode == 0, full.stderr[-3000:]
@@ -216,12 +216,12 @@ def test_sigkill_after_epoch_1_then_resume_matches_the_uninterrupted_run(tmp_pat
     assert optimised == len(student_params) + 3  # the student's parameters and the regressor's conv, BN weight, bias
 
     assert run_and_sigkill("train_student.py", *args, "run.name=killed", watch=tmp_path / "killed" / "metrics.jsonl",
-                           after_lines=1, env=env, written=tmp_path / "killed" / "checkpoints" / "last.pt") < 4
+                           after_lines=1, env=env, written=tmp_path / "killed" / "checkpoints" / "last.pt") < 3
     resumed = run_script("train_student.py", *args, "run.name=killed", "run.resume=auto", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "killed")
-    assert [r["epoch"] for r in b] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in b] == [0, 1, 2]
     assert _strip_time(a) == _strip_time(b)
     ra, rb = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("full", "killed"))
     for key in ("test/acc1", "test/acc5", "test/acc1_last", "val/acc1_best", "test/loss"):

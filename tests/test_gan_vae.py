@@ -1,6 +1,7 @@
 """gan_vae: losses against closed forms, FID, expert decisions, forgetting, and the continual script end to end."""
 import json
 import math
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,8 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import (assert_clean_error, fork_server_with, run_and_sigkill, run_main, run_script,
-                      runs_documented_command)
+from conftest import (GAN_VAE_FID_CACHE, assert_clean_error, fork_server_with, run_and_sigkill, run_main,
+                      run_script, runs_documented_command)
 
 from gan_vae import forgetting
 from gan_vae.experts import decide_expert
@@ -366,24 +367,36 @@ def _domain(kind: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def domains(tmp_path_factory):
-    root = tmp_path_factory.mktemp("domains")
-    for kind in ("discs", "crosses"):
-        x, y = _domain(kind, 240, 0 if kind == "discs" else 1)
-        np.savez(root / f"{kind}.npz", images=x, labels=y)
-    np.savez(root / "wrong_keys.npz", pictures=x, labels=y)
-    np.savez(root / "wrong_shape.npz", images=np.zeros((5, 32, 32), np.uint8), labels=np.zeros(5))
+def domains():
+    """The tiny domains' task files, in one folder of the test session that every worker shares: the same task
+    paths in every test, so that the tiny runs' FID domain classifier (keyed by them) is trained once per task list
+    in the session's cache (GAN_VAE_FID_CACHE), not once per test. Tests read these files; one that changes a task
+    file works on a copy."""
+    from filelock import FileLock
+    root = Path(os.environ["KD_TEST_HOME"]) / "gan_vae_domains"
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        if not (root / "complete").is_file():
+            for kind in ("discs", "crosses"):
+                x, y = _domain(kind, 240, 0 if kind == "discs" else 1)
+                np.savez(root / f"{kind}.npz", images=x, labels=y)
+            np.savez(root / "wrong_keys.npz", pictures=x, labels=y)
+            np.savez(root / "wrong_shape.npz", images=np.zeros((5, 32, 32), np.uint8), labels=np.zeros(5))
+            (root / "complete").write_text("")
     return root
 
 
 def _tiny(domains, tmp_path, tasks, *extra):
-    # tasks: "discs", "crosses", or "inverted" (the discs, inverted: white background) -> npz task specs
+    # tasks: "discs", "crosses", or "inverted" (the discs, inverted: white background) -> npz task specs. The FID
+    # classifier comes from the session's cache, unless `extra` names a fid.cache_dir of the test's own (a test
+    # that changes the cached file must: another worker may be reading the shared one)
     specs = [str(domains / "discs.npz") + ":invert" if t == "inverted" else str(domains / f"{t}.npz") for t in tasks]
+    own_cache = any(a.startswith("fid.cache_dir=") for a in extra)
     return ["data.tasks=[" + ",".join(specs) + "]", "teacher.steps=40", "teacher.lr=5e-3",
             "student.steps=30", "teacher.width=8", "student.width=8", "teacher.batch_size=32",
             "student.batch_size=32", "fid.samples=48", "fid.classifier_epochs=2", "teacher.fid_threshold=FIDTHR",
             "log.every_steps=10", "log.sample_every=30", "run.checkpoint_every=20", f"run.out_dir={tmp_path}",
-            f"fid.cache_dir={tmp_path / 'fid'}", *extra]
+            *([] if own_cache else [f"fid.cache_dir={GAN_VAE_FID_CACHE}"]), *extra]
 
 
 # between the in-domain and cross-domain FIDs of these tiny experts in test_repeated_domain_...: 115.17 and 220.17 on

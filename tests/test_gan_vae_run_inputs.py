@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Killed, assert_clean_error, call_main, read_metrics
+from conftest import GAN_VAE_FID_CACHE, Killed, assert_clean_error, call_main, read_metrics
 from test_gan_vae import _args, domains  # noqa: F401 - a fixture
 
 import gan_vae.continual as continual
@@ -21,8 +21,10 @@ STOP_AT = (1, "teacher", 3)  # (task, phase, step) of the last line logged befor
 
 
 def _run(data, out, name, *extra):
-    """gan_vae.continual in this process on the copies of the task files in `data`."""
-    return call_main(continual.main, [*_args(data, out, ["discs", "crosses"]), *TINY_RUN, f"run.name={name}", *extra])
+    """gan_vae.continual in this process on the copies of the task files in `data`, with a FID classifier cache of
+    this module's own (a test changes the cached file)."""
+    tiny = _args(data, out, ["discs", "crosses"], f"fid.cache_dir={out / 'fid'}")
+    return call_main(continual.main, [*tiny, *TINY_RUN, f"run.name={name}", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +295,8 @@ def test_a_folder_at_the_fid_classifier_cache_file_is_refused_before_training(tm
 @pytest.mark.parametrize("overrides,fragment", [
     (["data.root=elsewhere"], "data.root=elsewhere (only mnist and fashion_mnist tasks read it"),
     (["fid.inception_path=WEIGHTS"], "fid.inception_path=WEIGHTS (fid.backend=domain does not read it"),
-    (["fid.backend=inception", "fid.inception_path=WEIGHTS"], "fid.cache_dir=TMP/fid (fid.backend=inception does not"),
+    (["fid.backend=inception", "fid.inception_path=WEIGHTS"],
+     "fid.cache_dir=FIDCACHE (fid.backend=inception does not"),
     (["fid.backend=inception", "fid.inception_path=WEIGHTS"], "fid.classifier_epochs=2 (fid.backend=inception"),
 ])
 def test_a_key_the_run_does_not_read_is_refused(domains, tmp_path, overrides, fragment):  # noqa: F811
@@ -305,7 +308,7 @@ def test_a_key_the_run_does_not_read_is_refused(domains, tmp_path, overrides, fr
     cfg = load_config(continual.ContinualConfig, None, [*_args(domains, tmp_path, ["discs"]), *overrides])
     with pytest.raises(UserError) as err:
         continual.validate(cfg)
-    assert fragment.replace("WEIGHTS", str(weights)).replace("TMP", str(tmp_path)) in str(err.value)
+    assert fragment.replace("WEIGHTS", str(weights)).replace("FIDCACHE", str(GAN_VAE_FID_CACHE)) in str(err.value)
     assert "A key that would do nothing is refused" in str(err.value)
 
 
