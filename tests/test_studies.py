@@ -398,14 +398,15 @@ def test_a_multi_gpu_task_gets_torchruns_variables(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 def test_the_repositorys_study_files_are_valid(tmp_path, shared_data):
     """Every configs/studies/*.yaml passes the checks a submission makes (each run through its program's config
-    loader), and every branch row of the gan_vae ablation changes only what a branch at task_1_teacher may change
-    (the student phase's sections), as gan_vae.continual checks when the run starts."""
+    loader), every branch row of the gan_vae ablation changes only what a branch at task_1_teacher may change
+    (the student phase's sections), as gan_vae.continual checks when the run starts, and every full run of it names
+    its experts' steps and critic steps."""
     from gan_vae.continual import STUDENT_PHASE_SECTIONS
     from studies.spec import load_study
     studies = {p.stem: load_study(p, tmp_path) for p in sorted((ROOT / "configs" / "studies").glob("*.yaml"))}
     assert {"kd_methods", "curriculum_a", "curriculum_b", "curriculum_c", "gan_vae_ablation"} <= set(studies)
     ablation = studies["gan_vae_ablation"]
-    trunks = {"teacher600", "teacher1200"}  # the reference (the former default) and the default
+    trunks = {"teacher600", "teacher1200", "ncrit3"}  # the reference, the default of 2026-12-07, the default
     assert ablation.reference == "teacher600" and not any(ablation.rows[t].after for t in trunks)
     for row in ablation.rows.values():
         if row.after is not None:
@@ -413,6 +414,8 @@ def test_the_repositorys_study_files_are_valid(tmp_path, shared_data):
             trunk = set(ablation.rows[row.after].overrides)
             assert trunk <= set(row.overrides), row.name  # a branch runs with its trunk's keys
             assert all(o.split(".")[0] in STUDENT_PHASE_SECTIONS for o in set(row.overrides) - trunk), row.name
+        else:  # a full run names the experts' budget, so that a change of the default leaves it what was measured
+            assert {"teacher.steps", "teacher.n_critic"} <= {o.split("=")[0] for o in row.overrides}, row.name
 
 
 def test_the_start_line_counts_only_the_rows_chosen_by_rows(tmp_path, monkeypatch):
