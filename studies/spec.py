@@ -30,10 +30,11 @@
 
 Every run is the program with the configs, the study's and the row's overrides (a branch row's: its parent's,
 then its own), then train.seed=<seed> run.out_dir=<study folder>/runs run.name=<row>_s<seed>; each row is loaded
-and checked with the program's own config loader (load_config and its validate) here, once per row (the other seeds' train.seed against its range). Anything wrong (an unknown key, a row `after:` names that does not
-exist, a cycle of `after:`, an override the program refuses) is a UserError: `error: ...`, exit 2, nothing
-submitted. So is a `gap:` with another key, a metric not in metrics, a row that is not a reported row of the
-study, or lower = upper.
+and checked with the program's own config loader (load_config and its validate) here, once per row (the other
+seeds' train.seed against its range). Anything wrong (an unknown key, a row `after:` names that does not exist, a
+cycle of `after:`, an override the program refuses) is a UserError: `error: ...`, exit 2, nothing submitted. So
+is a `gap:` with another key, a metric not in metrics, a row that is not a reported row of the study, or lower =
+upper.
 """
 from __future__ import annotations
 
